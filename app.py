@@ -1,0 +1,14 @@
+"""LayerLab: router and the shared sidebar (model choice)."""
+
+import streamlit as st
+
+from ui.sidebar import model_sidebar
+
+st.set_page_config(page_title="LayerLab", layout="wide")
+
+PAGES = [
+    st.Page("pages/model.py", title="Model", default=True),
+]
+
+model_sidebar()
+st.navigation(PAGES).run()
