@@ -8,6 +8,7 @@ st.set_page_config(page_title="LayerLab", layout="wide")
 
 PAGES = [
     st.Page("pages/model.py", title="Model", default=True),
+    st.Page("pages/redundancy.py", title="Layer redundancy"),
 ]
 
 model_sidebar()

@@ -50,3 +50,13 @@ def progress_callback(label: str):
 def computed_on(loaded: LoadedModel, data_label: str) -> str:
     """Caption stating what a chart or number was computed on."""
     return f"Model {loaded.source} ({loaded.card['dtype']}, fingerprint {loaded.fingerprint}); data {data_label}."
+
+
+def chart_with_csv(fig, table, name: str, caption: str) -> None:
+    """A Plotly chart, its caption, and a CSV download of the table behind it."""
+    st.plotly_chart(fig, key=f"chart_{name}")
+    st.caption(caption)
+    st.download_button(
+        f"Download {name}.csv", table.to_csv(index=table.index.name is not None).encode(),
+        file_name=f"{name}.csv", mime="text/csv", key=f"csv_{name}",
+    )
