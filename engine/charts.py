@@ -35,10 +35,17 @@ def position_table(scores: LayerRedundancy) -> pd.DataFrame:
     return frame
 
 
-def lr_position_heatmap(scores: LayerRedundancy, subtitle: str) -> go.Figure:
-    """Heatmap of per-token cosine: layer × token position (mean over windows)."""
+def lr_position_heatmap(scores: LayerRedundancy, subtitle: str, robust: bool = False) -> go.Figure:
+    """Heatmap of per-token cosine: layer × token position (mean over windows).
+
+    ``robust`` starts the colour scale at the 10th percentile of the cells, so
+    the differences among the many similar layers stay visible when one or two
+    layers (typically layer 0) sit near 0; such cells then share one colour.
+    """
+    cells = sorted(v for row in scores.position_cos for v in row)
+    zmin = cells[len(cells) // 10] if robust else min(0.0, cells[0])
     fig = go.Figure(go.Heatmap(
-        z=scores.position_cos, colorscale="Viridis", zmin=min(0.0, min(map(min, scores.position_cos))),
+        z=scores.position_cos, colorscale="Viridis", zmin=zmin,
         zmax=1.0, colorbar={"title": "cosine"},
         hovertemplate="layer %{y}<br>position %{x}<br>cosine %{z:.4f}<extra></extra>",
     ))

@@ -53,7 +53,9 @@ st.markdown(
 
 left, right = st.columns(2)
 with left:
-    chart_with_csv(charts.lr_position_heatmap(lr, lr.data_label), charts.position_table(lr),
+    robust = st.toggle("Robust colour scale (from the 10th percentile; hover for exact values)", value=True,
+                       key="scores_robust")
+    chart_with_csv(charts.lr_position_heatmap(lr, lr.data_label, robust), charts.position_table(lr),
                    "lr_by_position", on_data)
 with right:
     chart_with_csv(charts.outlier_heatmap(zd, "weights only"), charts.outlier_table(zd),
