@@ -207,6 +207,20 @@ def weights_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) 
     return digest.hexdigest()[:16]
 
 
+def model_size(model: torch.nn.Module) -> dict[str, int]:
+    """Parameter count and bytes of a model's unique parameters (tied weights counted once)."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    return {
+        "params": sum(p.numel() for p in unique),
+        "bytes": sum(p.numel() * p.element_size() for p in unique),
+    }
+
+
+def dense_size_metrics(model: torch.nn.Module) -> dict:
+    """Size metrics of an uncompressed model, in the form compressed runs report them."""
+    return {**model_size(model), "param_fraction": 1.0, "size_fraction": 1.0}
+
+
 def model_card(loaded: LoadedModel) -> dict:
     """Facts shown on the Model page."""
     config = loaded.model.config
@@ -215,7 +229,7 @@ def model_card(loaded: LoadedModel) -> dict:
         "architecture": config.model_type,
         "layers": loaded.num_layers,
         "hidden size": config.hidden_size,
-        "parameters": sum(p.numel() for p in loaded.model.parameters()),
+        "parameters": model_size(loaded.model)["params"],
         "vocabulary": config.vocab_size,
         "max sequence length": loaded.max_seqlen,
         "dtype": str(loaded.dtype).replace("torch.", ""),

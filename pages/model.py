@@ -4,6 +4,7 @@ import streamlit as st
 
 from engine.data import DataError, token_windows
 from engine.evaluate import perplexity
+from engine.models import dense_size_metrics
 from engine.store import Timer
 from ui.session import require_model, results_store
 from ui.widgets import computed_on, data_spec_controls, progress_callback
@@ -33,7 +34,7 @@ if spec is not None and st.button("Measure baseline perplexity", type="primary")
         store.add_run(
             model=loaded.source, model_fingerprint=loaded.fingerprint, method="dense",
             config={}, data={**spec.to_dict(), "n_windows": windows.n_windows},
-            metrics=result.to_metrics(), duration_s=timer.seconds,
+            metrics={**result.to_metrics(), **dense_size_metrics(loaded.model)}, duration_s=timer.seconds,
         )
         st.metric("Perplexity", f"{result.ppl:.3f}", help=f"95% interval {result.ci_low:.2f}–{result.ci_high:.2f}")
         st.caption(computed_on(loaded, windows.label()) + f" Took {timer.seconds:.1f} s.")
