@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench install clean-venv
+.PHONY: run test bench install chromium clean-venv
 
 install: $(STAMP)
 
@@ -19,8 +19,12 @@ $(STAMP): requirements.txt requirements-test.txt
 run: $(STAMP)
 	$(PY) -m streamlit run app.py
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest
+
+# Browser tests drive Debian's Chromium; no test tool downloads a browser of its own.
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
 bench: $(STAMP)
 	$(PY) -m bench
