@@ -2,10 +2,8 @@
 
 import streamlit as st
 
-from engine.data import DataError, token_windows
-from engine.evaluate import perplexity
-from engine.models import dense_size_metrics
-from engine.store import Timer
+from engine.data import DataError
+from engine.experiments import EvalPlan, run_dense
 from ui.session import require_model, results_store
 from ui.widgets import computed_on, data_spec_controls, progress_callback
 
@@ -25,19 +23,13 @@ st.caption(
 spec = data_spec_controls("baseline", "evaluation", loaded)
 if spec is not None and st.button("Measure baseline perplexity", type="primary"):
     try:
-        windows = token_windows(spec, loaded.tokenizer, loaded.max_seqlen)
-        with Timer() as timer:
-            result = perplexity(loaded.model, windows, progress=progress_callback("Evaluating"))
+        outcome = run_dense(store, loaded, EvalPlan(spec), progress=progress_callback("Baseline"))
     except DataError as err:
         st.error(str(err))
     else:
-        store.add_run(
-            model=loaded.source, model_fingerprint=loaded.fingerprint, method="dense",
-            config={}, data={**spec.to_dict(), "n_windows": windows.n_windows},
-            metrics={**result.to_metrics(), **dense_size_metrics(loaded.model)}, duration_s=timer.seconds,
-        )
-        st.metric("Perplexity", f"{result.ppl:.3f}", help=f"95% interval {result.ci_low:.2f}–{result.ci_high:.2f}")
-        st.caption(computed_on(loaded, windows.label()) + f" Took {timer.seconds:.1f} s.")
+        m = outcome.metrics
+        st.metric("Perplexity", f"{m['ppl']:.3f}", help=f"95% interval {m['ci_low']:.2f}–{m['ci_high']:.2f}")
+        st.caption(computed_on(loaded, outcome.data["label"]) + f" Stored as run {outcome.run_id}.")
 
 st.subheader("Earlier results for this model")
 history = store.runs_frame(model=loaded.source)

@@ -3,8 +3,9 @@
 import streamlit as st
 
 from engine import charts
-from engine.data import DataError, token_windows
-from engine.scores import LayerRedundancy, WeightOutliers, cached_layer_redundancy, cached_weight_outliers
+from engine.data import DataError
+from engine.experiments import compute_scores
+from engine.scores import LayerRedundancy, WeightOutliers
 from ui.session import require_model, results_store
 from ui.widgets import chart_with_csv, computed_on, data_spec_controls, progress_callback
 
@@ -24,13 +25,10 @@ k = st.number_input("Outlier threshold k (|z| > k)", 1.0, 20.0, 3.0, 0.5, key="s
 
 if spec is not None and st.button("Compute scores", type="primary"):
     try:
-        windows = token_windows(spec, loaded.tokenizer, loaded.max_seqlen)
+        lr, zd, lr_hit = compute_scores(store, loaded, spec, k, progress=progress_callback("Scores"))
     except DataError as err:
         st.error(str(err))
     else:
-        lr, lr_hit = cached_layer_redundancy(store, loaded.model, loaded.architecture, loaded.fingerprint,
-                                             windows, progress=progress_callback("Scoring windows"))
-        zd, _ = cached_weight_outliers(store, loaded.model, loaded.architecture, loaded.fingerprint, k)
         st.session_state[STATE] = {"fingerprint": loaded.fingerprint, "lr": lr.to_dict(), "zd": zd.to_dict()}
         if lr_hit:
             st.toast("Scores loaded from the cache (same model, data, windows and seqlen).")

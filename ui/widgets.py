@@ -38,11 +38,11 @@ def data_spec_controls(
 
 
 def progress_callback(label: str):
-    """A Streamlit progress bar and a ``(done, total)`` callback that moves it."""
+    """A Streamlit progress bar and a ``(stage, done, total)`` callback that moves it."""
     bar = st.progress(0.0, text=label)
 
-    def update(done: int, total: int) -> None:
-        bar.progress(min(1.0, done / max(total, 1)), text=f"{label}: {done}/{total}")
+    def update(stage: str, done: int, total: int) -> None:
+        bar.progress(min(1.0, done / max(total, 1)), text=f"{label} · {stage}: {done}/{total}")
 
     return update
 
