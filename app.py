@@ -9,6 +9,8 @@ st.set_page_config(page_title="LayerLab", layout="wide")
 PAGES = [
     st.Page("pages/model.py", title="Model", default=True),
     st.Page("pages/redundancy.py", title="Layer redundancy"),
+    st.Page("pages/slicing.py", title="Slicing"),
+    st.Page("pages/quantization.py", title="Quantization"),
     st.Page("pages/results.py", title="Results"),
 ]
 

@@ -22,7 +22,10 @@ class Architecture:
     """Attribute paths of one decoder-only architecture.
 
     Paths under ``model`` start at the causal-LM object; paths under a layer
-    start at one decoder layer.  ``linears`` maps a short display name
+    start at one decoder layer.  ``norm_eps_attr`` names the epsilon attribute
+    of the norm modules; ``attn_residual_dropout`` / ``mlp_residual_dropout``
+    name dropouts a layer applies to a block's output before adding it to the
+    residual (``None`` if it has none).  ``linears`` maps a short display name
     (``"q"``, ``"gate"``, ...) to the path of that linear inside a layer, in
     the order they run.
     """
@@ -42,6 +45,9 @@ class Architecture:
     attention: str = "self_attn"
     mlp: str = "mlp"
     norm_kind: str = "rms"
+    norm_eps_attr: str = "variance_epsilon"
+    attn_residual_dropout: str | None = None
+    mlp_residual_dropout: str | None = None
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The model's decoder layers, in order."""
@@ -99,6 +105,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         },
         attn_inputs=("self_attn.qkv_proj",),
         mlp_inputs=("mlp.gate_up_proj",),
+        attn_residual_dropout="resid_attn_dropout",
+        mlp_residual_dropout="resid_mlp_dropout",
     ),
 }
 

@@ -142,3 +142,55 @@ def token_cosine_histogram(scores: LayerRedundancy, layer: int, subtitle: str) -
     ))
     return _titled(fig, f"Layer {layer}: per-token cosine distribution", subtitle,
                    xaxis_title="cosine(input, output)", yaxis_title="tokens")
+
+
+def _with_secondary_line(fig: go.Figure, values: list[float], name: str, axis_title: str) -> go.Figure:
+    fig.add_trace(go.Scatter(x=list(range(len(values))), y=values, mode="lines+markers", name=name,
+                             yaxis="y2", hovertemplate="layer %{x}<br>" + name + " %{y:.4f}<extra></extra>"))
+    fig.update_layout(yaxis2={"title": axis_title, "overlaying": "y", "side": "right", "showgrid": False},
+                      legend={"orientation": "h", "y": -0.2})
+    return fig
+
+
+def schedule_table(fractions: list[float], dims: list[int], hidden_size: int, lr: list[float] | None) -> pd.DataFrame:
+    """Per layer: requested slicing fraction, kept dims, achieved fraction, LR."""
+    frame = pd.DataFrame({
+        "layer": range(len(fractions)), "fraction": fractions, "kept_dims": dims,
+        "achieved_fraction": [1 - d / hidden_size for d in dims],
+    })
+    if lr is not None:
+        frame["lr"] = lr
+    return frame
+
+
+def schedule_chart(table: pd.DataFrame, subtitle: str) -> go.Figure:
+    """Bars of each layer's slicing fraction (after rounding), with the LR profile if known."""
+    fig = go.Figure(go.Bar(
+        x=table["layer"], y=table["achieved_fraction"], name="slicing fraction (rounded)",
+        customdata=table[["fraction", "kept_dims"]],
+        hovertemplate="layer %{x}<br>sliced %{y:.3f} (asked %{customdata[0]:.3f})<br>"
+        "keeps %{customdata[1]} dims<extra></extra>",
+    ))
+    if "lr" in table:
+        _with_secondary_line(fig, table["lr"].tolist(), "LR", "LR cosine")
+    return _titled(fig, "Per-layer slicing schedule", subtitle, xaxis_title="layer",
+                   yaxis_title="fraction of residual dims removed")
+
+
+def bit_map_table(bits: list[int], importance: list[float] | None, label: str) -> pd.DataFrame:
+    """Per layer: allocated code bits and the importance score that ordered them."""
+    frame = pd.DataFrame({"layer": range(len(bits)), "bits": bits})
+    if importance is not None:
+        frame[label] = importance
+    return frame
+
+
+def bit_map_chart(table: pd.DataFrame, subtitle: str) -> go.Figure:
+    """Bars of each layer's bit level, with the importance score as a line."""
+    fig = go.Figure(go.Bar(x=table["layer"], y=table["bits"], name="bits",
+                           marker={"color": table["bits"], "colorscale": "Viridis"},
+                           hovertemplate="layer %{x}<br>%{y} bits<extra></extra>"))
+    if len(table.columns) > 2:
+        label = table.columns[2]
+        _with_secondary_line(fig, table[label].tolist(), label, f"{label} (higher = more important)")
+    return _titled(fig, "Per-layer bit allocation", subtitle, xaxis_title="layer", yaxis_title="code bits")

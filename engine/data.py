@@ -74,7 +74,7 @@ class DataSpec:
         """Short human description for chart captions."""
         count = "all" if self.n_windows is None else self.n_windows
         name = Path(self.path).name if self.source == "file" else self.source
-        return f"{name} {self.split}, {count} × {self.seqlen} tokens"
+        return f"{name} {self.split}, {count} windows × {self.seqlen} tokens"
 
 
 @dataclass(frozen=True)

@@ -243,8 +243,13 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    device_map: str | None = None,
 ) -> LoadedModel:
-    """Load a causal LM by hub id, local path, or the built-in name ``smollm2-135m``."""
+    """Load a causal LM by hub id, local path, or the built-in name ``smollm2-135m``.
+
+    ``device_map="auto"`` lets accelerate spread a large model over all GPUs
+    (and CPU memory); otherwise the whole model goes to ``device``.
+    """
     source = (source or "").strip()
     if not source:
         raise ModelLoadError(f"Enter a model id or path, or use the built-in '{BUILTIN_NAME}'.")
@@ -258,7 +263,7 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-            use_safetensors=True, local_files_only=local_only,
+            use_safetensors=True, local_files_only=local_only, device_map=device_map,
         )
         tokenizer = AutoTokenizer.from_pretrained(
             path, trust_remote_code=trust_remote_code, local_files_only=local_only
@@ -268,7 +273,9 @@ def load_model(
             f"'{source}' has a config but its weights or tokenizer could not be loaded "
             f"(LayerLab reads safetensors only): {err}"
         ) from err
-    model.to(torch_device).eval()
+    if device_map is None:
+        model.to(torch_device)
+    model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     loaded = LoadedModel(

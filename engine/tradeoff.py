@@ -12,6 +12,9 @@ import plotly.graph_objects as go
 
 SIZE_AXES = {
     "metrics.param_fraction": "parameters (fraction of dense)",
+    "metrics.achieved_fraction": "average slicing fraction (after rounding)",
+    "config.low_fraction": "fraction of layers at the low bit level",
+    "metrics.avg_bits": "average code bits per layer",
     "metrics.size_fraction": "size in bytes (fraction of dense)",
     "metrics.bytes": "size (bytes)",
     "metrics.params": "parameters",
@@ -60,7 +63,9 @@ def pareto_mask(x: list[float], y: list[float], lower_is_better: bool) -> list[b
 
 def tradeoff_figure(frame: pd.DataFrame, x: str, y: str, subtitle: str) -> go.Figure:
     """Scatter+lines of ``y`` vs ``x`` per series; dense baseline line; Pareto frontier."""
-    frame = with_labels(frame).dropna(subset=[x, y]).sort_values(x)
+    frame = with_labels(frame)
+    dense = frame[frame["method"] == "dense"]
+    frame = frame.dropna(subset=[x, y]).sort_values(x)
     lower = y in LOWER_IS_BETTER
     fig = go.Figure()
     for series, group in frame.groupby("series", sort=True):
@@ -69,9 +74,8 @@ def tradeoff_figure(frame: pd.DataFrame, x: str, y: str, subtitle: str) -> go.Fi
             x=group[x], y=group[y], mode="lines+markers", name=str(series), text=settings,
             hovertemplate="%{text}<br>" + f"{SIZE_AXES.get(x, x)}: %{{x:.4g}}<br>{y}: %{{y:.4g}}<extra></extra>",
         ))
-    dense = frame[frame["method"] == "dense"]
-    if not dense.empty:
-        fig.add_hline(y=float(dense[y].iloc[-1]), line_dash="dot", annotation_text="dense baseline")
+    if not dense.empty and y in dense and dense[y].notna().any():
+        fig.add_hline(y=float(dense[y].dropna().iloc[0]), line_dash="dot", annotation_text="dense baseline")
     if len(frame) > 1:
         mask = pareto_mask(frame[x].tolist(), frame[y].tolist(), lower)
         front = frame[mask]

@@ -60,3 +60,43 @@ def chart_with_csv(fig, table, name: str, caption: str) -> None:
         f"Download {name}.csv", table.to_csv(index=table.index.name is not None).encode(),
         file_name=f"{name}.csv", mime="text/csv", key=f"csv_{name}",
     )
+
+
+def calibration_and_evaluation(key: str, loaded: LoadedModel):
+    """Two data choosers: calibration (scores, PCA, GPTQ) and evaluation (perplexity)."""
+    with st.expander("Calibration and evaluation data", expanded=False):
+        st.caption("Calibration text (scores, PCA, GPTQ) and evaluation text never overlap.")
+        calibration = data_spec_controls(f"{key}_calib", "calibration", loaded, windows=16, seqlen=256)
+        evaluation = data_spec_controls(f"{key}_eval", "evaluation", loaded, windows=8, seqlen=256)
+    return calibration, evaluation
+
+
+def show_outcome(outcome, loaded: LoadedModel) -> None:
+    """Headline numbers of a finished run and what it was computed on."""
+    m = outcome.metrics
+    cols = st.columns(4)
+    cols[0].metric("Perplexity", f"{m['ppl']:.2f}", help=f"95% interval {m['ci_low']:.2f}–{m['ci_high']:.2f}")
+    cols[1].metric("Parameters vs dense", f"{m['param_fraction']:.3f}")
+    cols[2].metric("Bytes vs dense", f"{m['size_fraction']:.3f}")
+    cols[3].metric("Compression time", f"{m['compress_s']:.1f} s")
+    st.caption(computed_on(loaded, outcome.data["label"]) + f" Stored as run {outcome.run_id}.")
+
+
+def method_tradeoff(store, loaded: LoadedModel, method: str, evaluation_label: str, axes: dict[str, str]) -> None:
+    """Trade-off chart of this model's stored runs of one method (plus dense) on one evaluation set."""
+    from engine.tradeoff import tradeoff_figure, with_labels
+
+    runs = store.runs_frame(model=loaded.source)
+    if runs.empty or "data.label" not in runs:
+        st.caption("No stored runs yet.")
+        return
+    runs = with_labels(runs)
+    runs = runs[runs["method"].isin([method, "dense"]) & (runs["data.label"] == evaluation_label)]
+    available = {k: v for k, v in axes.items() if k in runs and runs[k].notna().any()}
+    if runs[runs["method"] == method].empty or not available:
+        st.caption(f"No {method} runs evaluated on {evaluation_label} yet.")
+        return
+    x = st.radio("x axis", list(available), format_func=available.get, horizontal=True, key=f"{method}_x")
+    subtitle = f"{loaded.source}; perplexity on {evaluation_label}"
+    st.plotly_chart(tradeoff_figure(runs, x, "metrics.ppl", subtitle), key=f"{method}_tradeoff")
+    st.caption(f"Computed on: {subtitle}. Circled points are Pareto-optimal.")

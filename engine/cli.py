@@ -1,0 +1,194 @@
+"""Headless CLI: ``python -m engine <command>``, writing to the store the dashboard reads.
+
+Commands: ``score``, ``evaluate``, ``slice``, ``quantize``, ``sweep-slicing``,
+``sweep-quantization``.  Bad arguments or inputs print one clear line and exit
+with status 2.  For multi-GPU servers, ``--device-map auto``
+spreads the model over the GPUs with accelerate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from engine.compression_runs import ORDERINGS, SCHEDULES, QuantPlan, SlicingPlan, run_quantization, run_slicing
+from engine.data import SOURCES, DataSpec
+from engine.experiments import EvalPlan, compute_scores, grid, run_dense
+from engine.models import BUILTIN_NAME, load_model
+from engine.store import ResultsStore
+
+
+class CliError(Exception):
+    """A bad argument found after parsing (exit status 2)."""
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def _common(parser: argparse.ArgumentParser, calibration: bool = True, evaluation: bool = True) -> None:
+    parser.add_argument("--model", default=BUILTIN_NAME, help="hub id, local folder, or the built-in name")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--device-map", default=None, help="'auto' spreads a large model over all GPUs (accelerate)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--trust-remote-code", action="store_true", help="run code from the model repository")
+    parser.add_argument("--store", default=None, help="results database (default: cache/results.sqlite)")
+    parser.add_argument("--data", default="wiki-offline", choices=SOURCES)
+    parser.add_argument("--text-file", default=None, help="text file for --data file")
+    if calibration:
+        parser.add_argument("--calib-windows", type=int, default=32)
+        parser.add_argument("--calib-seqlen", type=int, default=256)
+    if evaluation:
+        parser.add_argument("--eval-windows", type=int, default=32)
+        parser.add_argument("--eval-seqlen", type=int, default=256)
+        parser.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (zero-shot)")
+        parser.add_argument("--limit", type=int, default=None, help="items per zero-shot task")
+
+
+def _slicing_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
+    if sweep:
+        parser.add_argument("--targets", type=_floats, default=[0.1, 0.2, 0.3], help="e.g. 0,0.1,0.2,0.3")
+        parser.add_argument("--bases", type=_floats, default=[0.0, 0.1], help="dynamic slicing bases")
+        parser.add_argument("--schedules", default="constant,dynamic")
+    else:
+        parser.add_argument("--schedule", choices=SCHEDULES, default="dynamic")
+        parser.add_argument("--target", type=float, default=0.25, help="average slicing fraction SP")
+        parser.add_argument("--basis", type=float, default=0.10, help="slicing basis SB (dynamic)")
+        parser.add_argument("--fractions", type=_floats, default=[], help="custom per-layer fractions")
+        parser.add_argument("--save", default=None, help="folder to save the sliced model")
+    parser.add_argument("--round-to", type=int, default=8)
+    parser.add_argument("--final-rotation", action="store_true")
+
+
+def _quant_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
+    parser.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--high-bits", type=int, default=4)
+    if sweep:
+        parser.add_argument("--low-bits", type=_ints, default=[2, 3])
+        parser.add_argument("--low-fractions", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+        parser.add_argument("--orderings", default="lim,zd,random")
+    else:
+        parser.add_argument("--low-bits", type=int, default=2)
+        parser.add_argument("--low-fraction", type=float, default=0.25)
+        parser.add_argument("--target-bits", type=float, default=None, help="average bits instead of a fraction")
+        parser.add_argument("--ordering", choices=ORDERINGS, default="lim")
+        parser.add_argument("--custom-order", type=_ints, default=[], help="layers, least important first")
+        parser.add_argument("--save", default=None, help="folder to save the quantized model")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    score = commands.add_parser("score", help="LR and ZD layer scores (cached)")
+    _common(score, evaluation=False)
+    score.add_argument("--k", type=float, default=3.0, help="outlier threshold |z| > k")
+    _common(commands.add_parser("evaluate", help="perplexity and zero-shot accuracy of the dense model"),
+            calibration=False)
+    for name, sweep in (("slice", False), ("sweep-slicing", True)):
+        sub = commands.add_parser(name, help="SliceGPT (constant / LR-dynamic)" + (" grid" if sweep else ""))
+        _common(sub)
+        _slicing_options(sub, sweep)
+    for name, sweep in (("quantize", False), ("sweep-quantization", True)):
+        sub = commands.add_parser(name, help="layer-wise mixed-precision quantization" + (" grid" if sweep else ""))
+        _common(sub)
+        _quant_options(sub, sweep)
+    return parser
+
+
+def _specs(args) -> tuple[DataSpec | None, EvalPlan | None]:
+    path = args.text_file
+    calibration = evaluation = None
+    if hasattr(args, "calib_windows"):
+        calibration = DataSpec(args.data, "calibration", args.calib_seqlen, args.calib_windows, path)
+    if hasattr(args, "eval_windows"):
+        tasks = tuple(t for t in args.tasks.split(",") if t)
+        evaluation = EvalPlan(DataSpec(args.data, "evaluation", args.eval_seqlen, args.eval_windows, path),
+                              tasks, args.limit)
+    return calibration, evaluation
+
+
+def _print_run(kind: str, outcome) -> None:
+    shown = {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float)) and not k.startswith("acc_n")}
+    print(json.dumps({"run": outcome.run_id, "kind": kind, **{k: round(v, 5) for k, v in shown.items()}}))
+
+
+def _progress(stage: str, done: int, total: int) -> None:
+    print(f"\r{stage}: {done}/{total}", end="\n" if done >= total else "", file=sys.stderr, flush=True)
+
+
+def run(args) -> None:
+    store = ResultsStore(args.store)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                        device_map=args.device_map)
+    calibration, evaluation = _specs(args)
+    if args.command == "score":
+        lr, zd, hit = compute_scores(store, loaded, calibration, args.k, progress=_progress)
+        print(json.dumps({"cached": hit, "data": lr.data_label, "lr": lr.lr, "zd": zd.zd_layer}))
+    elif args.command == "evaluate":
+        _print_run("dense", run_dense(store, loaded, evaluation, _progress))
+    elif args.command == "slice":
+        plan = SlicingPlan(args.schedule, args.target, args.basis, tuple(args.fractions), args.round_to,
+                           args.final_rotation)
+        _print_run("slicing", run_slicing(store, loaded, plan, calibration, evaluation, args.save, _progress))
+    elif args.command == "quantize":
+        plan = QuantPlan(args.quantizer, args.group_size, args.high_bits, args.low_bits, args.low_fraction,
+                         args.target_bits, args.ordering, tuple(args.custom_order), args.seed)
+        _print_run("quantization", run_quantization(store, loaded, plan, calibration, evaluation, args.save, _progress))
+    elif args.command == "sweep-slicing":
+        _sweep_slicing(args, store, loaded, calibration, evaluation)
+    else:
+        _sweep_quantization(args, store, loaded, calibration, evaluation)
+
+
+def _sweep_slicing(args, store, loaded, calibration, evaluation) -> None:
+    schedules = [s for s in args.schedules.split(",") if s]
+    if not set(schedules) <= {"constant", "dynamic"}:
+        raise CliError(f"--schedules takes constant and/or dynamic, got '{args.schedules}'")
+    _print_run("dense", run_dense(store, loaded, evaluation, _progress))
+    for schedule, target, basis in grid(schedules, args.targets, args.bases):
+        if schedule == "constant" and basis != args.bases[0]:
+            continue  # the basis does not apply to constant slicing
+        if schedule == "dynamic" and basis > target:
+            continue  # SB must not exceed SP
+        plan = SlicingPlan(schedule, target, basis, (), args.round_to, args.final_rotation)
+        _print_run("slicing", run_slicing(store, loaded, plan, calibration, evaluation, None, _progress))
+
+
+def _sweep_quantization(args, store, loaded, calibration, evaluation) -> None:
+    orderings = [o for o in args.orderings.split(",") if o]
+    if not set(orderings) <= set(ORDERINGS) - {"custom"}:
+        raise CliError(f"--orderings takes lim, zd, random, reversed-lim; got '{args.orderings}'")
+    _print_run("dense", run_dense(store, loaded, evaluation, _progress))
+    for low_bits, ordering, fraction in grid(args.low_bits, orderings, args.low_fractions):
+        plan = QuantPlan(args.quantizer, args.group_size, args.high_bits, low_bits, fraction, None, ordering,
+                         (), args.seed)
+        _print_run("quantization", run_quantization(store, loaded, plan, calibration, evaluation, None, _progress))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stderr carries our progress and errors only
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, CliError) as err:  # every engine input error is a ValueError subclass
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

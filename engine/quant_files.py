@@ -1,0 +1,152 @@
+"""Storage of quantized weights: bit-packing and checked, atomic safetensors files (no pickle).
+
+Codes are bit-packed at every width 2-8 (:func:`pack_codes`, little-endian
+bit stream over the row-major ``[out, in]`` codes, so 3 bits really take 3
+bits); scales and zeros stay fp16; act-order GPTQ adds an int32 ``g_idx``.
+
+Every file carries, in its safetensors metadata, a SHA-256 over its tensor
+names and bytes; :func:`read_checked` recomputes it and raises
+:class:`CorruptFileError` on any mismatch or unreadable file, so callers can
+treat a damaged cache entry as a miss.  Writes go to a temporary file in the
+same folder, then ``os.replace``: a crash leaves the old file or none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from engine.quantizers import QuantizationError, QuantizedWeight
+
+FORMAT = "layerlab-quant"
+FORMAT_VERSION = "1"
+
+
+class CorruptFileError(QuantizationError):
+    """A quantized-weights file is unreadable or fails its checksum."""
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over sorted names, dtypes, shapes and raw bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def write_checked(path: Path, tensors: dict[str, torch.Tensor], info: dict) -> None:
+    """Write ``tensors`` (CPU, contiguous) with ``info`` (JSON) and a checksum, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata = {"format": FORMAT, "version": FORMAT_VERSION, "info": json.dumps(info, sort_keys=True),
+                "sha256": tensors_checksum(tensors)}
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, temp, metadata=metadata)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+def read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and ``info`` of a file written by :func:`write_checked`, verified."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        if metadata.get("format") != FORMAT:
+            raise CorruptFileError(f"{path} is not a LayerLab quantized-weights file.")
+        if metadata.get("version") != FORMAT_VERSION:
+            raise CorruptFileError(f"{path} has format version {metadata.get('version')}; "
+                                   f"this LayerLab reads version {FORMAT_VERSION}. Quantize again.")
+        if tensors_checksum(tensors) != metadata.get("sha256"):
+            raise CorruptFileError(f"{path} fails its checksum: the file is damaged. Quantize again.")
+        return tensors, json.loads(metadata["info"])
+    except CorruptFileError:
+        raise
+    except Exception as err:  # safetensors raises several types on damaged headers
+        raise CorruptFileError(f"{path} cannot be read ({err}). Quantize again.") from err
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Bit-pack integer codes (any shape, row-major) into uint8 ``[ceil(n·bits/8)]``, little-endian."""
+    flat = codes.reshape(-1).to(torch.uint8)
+    shifts = torch.arange(bits, dtype=torch.uint8, device=flat.device)
+    stream = ((flat.unsqueeze(1) >> shifts) & 1).reshape(-1)
+    stream = torch.nn.functional.pad(stream, (0, (-stream.numel()) % 8))
+    byte_shifts = torch.arange(8, dtype=torch.uint8, device=flat.device)
+    return (stream.reshape(-1, 8) << byte_shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: uint8 ``[count]`` codes."""
+    if packed.dtype != torch.uint8 or packed.numel() != (count * bits + 7) // 8:
+        raise CorruptFileError("Packed weights do not match their recorded shape and bits: the data is damaged.")
+    byte_shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    stream = ((packed.unsqueeze(1) >> byte_shifts) & 1).reshape(-1)[: count * bits]
+    shifts = torch.arange(bits, dtype=torch.uint8, device=packed.device)
+    return (stream.reshape(count, bits) << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def weight_config(weight: QuantizedWeight) -> dict:
+    """JSON description needed to read :func:`weight_to_tensors` back."""
+    return {"shape": list(weight.shape), "bits": weight.bits, "group_size": weight.group_size,
+            "method": weight.method, "act_order": weight.g_idx is not None}
+
+
+def weight_to_tensors(weight: QuantizedWeight, prefix: str) -> dict[str, torch.Tensor]:
+    """Storage form: ``prefix.qweight`` (packed uint8), ``.scales``, ``.zeros`` (fp16) [+ ``.g_idx``]."""
+    tensors = {
+        f"{prefix}.qweight": pack_codes(weight.codes.cpu(), weight.bits),
+        f"{prefix}.scales": weight.scales.cpu().contiguous(),
+        f"{prefix}.zeros": weight.zeros.cpu().contiguous(),
+    }
+    if weight.g_idx is not None:
+        tensors[f"{prefix}.g_idx"] = weight.g_idx.cpu().contiguous()
+    return tensors
+
+
+def weight_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, config: dict) -> QuantizedWeight:
+    """Inverse of :func:`weight_to_tensors`."""
+    try:
+        out, inp = (int(v) for v in config["shape"])
+        bits, group_size = int(config["bits"]), int(config["group_size"])
+        codes = unpack_codes(tensors[f"{prefix}.qweight"], bits, out * inp).reshape(out, inp)
+        scales, zeros = tensors[f"{prefix}.scales"], tensors[f"{prefix}.zeros"]
+        g_idx = tensors.get(f"{prefix}.g_idx")
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorruptFileError(f"Quantized weight '{prefix}' is missing data ({err}).") from err
+    groups = -(-inp // group_size)
+    if scales.shape != (out, groups) or zeros.shape != (out, groups) or (g_idx is not None and g_idx.shape != (inp,)):
+        raise CorruptFileError(f"Quantized weight '{prefix}' has scales/zeros of the wrong shape.")
+    if g_idx is None and groups > 1 and group_size * (groups - 1) >= inp:
+        raise CorruptFileError(f"Quantized weight '{prefix}' has an impossible group size.")
+    return QuantizedWeight(codes=codes, scales=scales, zeros=zeros, bits=bits, group_size=group_size,
+                           method=str(config.get("method", "rtn")), g_idx=g_idx)
+
+
+def layer_to_tensors(weights: dict[str, QuantizedWeight]) -> tuple[dict[str, torch.Tensor], dict]:
+    """One layer's quantized linears -> (tensors, JSON config per linear)."""
+    tensors: dict[str, torch.Tensor] = {}
+    config = {}
+    for name, weight in weights.items():
+        tensors.update(weight_to_tensors(weight, name))
+        config[name] = weight_config(weight)
+    return tensors, config
+
+
+def layer_from_tensors(tensors: dict[str, torch.Tensor], config: dict) -> dict[str, QuantizedWeight]:
+    """Inverse of :func:`layer_to_tensors`."""
+    return {name: weight_from_tensors(tensors, name, cfg) for name, cfg in config.items()}

@@ -1,0 +1,358 @@
+"""Weight quantizers: pure tensor math, no model wiring (METHODS.md section 4).
+
+Two methods share one grid, asymmetric and group-wise along the input
+dimension (as in GPTQ's reference quantizer):
+
+- each group of ``group_size`` consecutive input columns of one output row has
+  an fp16 ``scale`` and an integer-valued ``zero`` point (stored as fp16);
+  ``range = [min(w, 0), max(w, 0)]``, ``scale = range / (2**bits - 1)`` rounded
+  *up* to the next fp16 value, ``zero = round(-min / scale)``;
+- ``code = clamp(round(w / scale + zero), 0, 2**bits - 1)`` and the weight used
+  by the model is exactly ``dequantize = (code - zero) * scale`` (in fp32, then
+  cast to the model's dtype).
+
+``rtn_quantize`` rounds every weight to its nearest grid point, so
+``|w - dequantize| <= scale / 2``.  ``gptq_quantize`` (Frantar et al. 2022)
+quantizes one column at a time and spreads each column's error over the
+not-yet-quantized columns with the inverse Hessian ``H = 2/n · Σ x xᵀ`` of the
+linear's calibration inputs; group parameters are taken when a group starts,
+from the already-updated weights; optional activation ordering processes
+columns by decreasing ``diag(H)`` (then groups follow that order and a
+per-column group index ``g_idx`` is stored).  When ``in_features`` is not a
+multiple of ``group_size`` the last group is simply shorter.
+
+Storage (bit-packed codes, safetensors) lives in ``engine.quant_files``.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+METHODS = ("rtn", "gptq")
+MIN_BITS, MAX_BITS = 2, 8
+FP16_BITS = 16
+GIDX_BITS = 32  # int32 group index per input column (act-order GPTQ only)
+
+
+class QuantizationError(ValueError):
+    """A quantization request is invalid or cannot be met; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class QuantizerSpec:
+    """How to quantize one linear weight.
+
+    ``bits``: code width, 2-8.  ``group_size``: input columns sharing one scale
+    and zero (``None`` = one group per output row).  ``act_order`` and ``damp``
+    (fraction of ``mean(diag H)`` added to the Hessian diagonal) are GPTQ-only.
+    """
+
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int | None = 128
+    act_order: bool = False
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise QuantizationError(f"Unknown quantizer '{self.method}'. Choose 'rtn' or 'gptq'.")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
+            raise QuantizationError(
+                f"{self.bits!r} bits is not supported: choose an integer from {MIN_BITS} to {MAX_BITS} "
+                "(keep a layer dense instead of quantizing it above 8 bits)."
+            )
+        gs = self.group_size
+        if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs < 1):
+            raise QuantizationError(
+                f"Group size {gs!r} is invalid: use a positive number of input columns "
+                "(128 is usual) or None for one scale per output row."
+            )
+        if self.act_order and self.method != "gptq":
+            raise QuantizationError("Activation ordering only applies to GPTQ; turn it off for RTN.")
+        if not 0.0 < float(self.damp) <= 1.0:
+            raise QuantizationError(f"GPTQ damping {self.damp!r} must be in (0, 1]; 0.01 is usual.")
+
+    def with_bits(self, bits: int) -> "QuantizerSpec":
+        """The same quantizer at another bit width (validated)."""
+        return replace(self, bits=bits)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def label(self) -> str:
+        group = "per-row" if self.group_size is None else f"g{self.group_size}"
+        extra = ", act-order" if self.act_order else ""
+        return f"{self.method.upper()} {self.bits}-bit {group}{extra}"
+
+
+def weight_storage_bits(out_features: int, in_features: int, bits: int, group_size: int | None,
+                        act_order: bool = False) -> int:
+    """Bits needed to store one quantized ``[out, in]`` weight.
+
+    Codes ``out·in·bits`` + fp16 scale and fp16 zero per group and row
+    (+ int32 ``g_idx`` per input column with activation ordering).
+    4 bits with group 128 gives 4 + 32/128 = 4.25 bits per weight.
+    """
+    groups = 1 if group_size is None else math.ceil(in_features / group_size)
+    total = out_features * in_features * bits + out_features * groups * 2 * FP16_BITS
+    if act_order and groups > 1:
+        total += in_features * GIDX_BITS
+    return total
+
+
+@dataclass
+class QuantizedWeight:
+    """One quantized linear weight as stored.
+
+    ``codes``: uint8 ``[out, in]`` in ``[0, 2**bits - 1]`` (unpacked in memory);
+    ``scales`` / ``zeros``: fp16 ``[out, n_groups]``; ``g_idx``: int32 ``[in]``
+    group of each input column, or ``None`` for consecutive groups of
+    ``group_size`` columns.  ``group_size`` is the effective size (``in`` for
+    one group per row).
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+    group_size: int
+    method: str = "rtn"
+    g_idx: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.scales.shape[1])
+
+    def group_index(self) -> torch.Tensor:
+        """Group of every input column, int64 ``[in]``."""
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        return torch.arange(self.shape[1], device=self.codes.device) // self.group_size
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the model uses: ``(code - zero) * scale``, ``[out, in]``."""
+        index = self.group_index()
+        scales = self.scales.float()[:, index]
+        zeros = self.zeros.float()[:, index]
+        return ((self.codes.float() - zeros) * scales).to(dtype)
+
+    def storage_bits(self) -> int:
+        out, inp = self.shape
+        return weight_storage_bits(out, inp, self.bits, None if self.n_groups == 1 else self.group_size,
+                                   self.g_idx is not None)
+
+    def bits_per_weight(self) -> float:
+        return self.storage_bits() / (self.shape[0] * self.shape[1])
+
+    def nbytes_in_memory(self) -> int:
+        extra = 0 if self.g_idx is None else self.g_idx.numel() * 4
+        return self.codes.numel() + (self.scales.numel() + self.zeros.numel()) * 2 + extra
+
+
+# --- the grid ---------------------------------------------------------------
+
+def _round_up_fp16(values: torch.Tensor) -> torch.Tensor:
+    """Smallest fp16 value >= each fp32 value (so the grid still covers the range)."""
+    tiny = torch.finfo(torch.float16).tiny
+    values = values.clamp_min(tiny)
+    half = values.to(torch.float16)
+    low = half.float() < values
+    if low.any():
+        half = torch.where(low, torch.nextafter(half, torch.full_like(half, math.inf)), half)
+    if torch.isinf(half).any():
+        raise QuantizationError("A weight group spans more than fp16 scales can hold; this weight cannot be quantized.")
+    return half
+
+
+def grid_params(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (fp16, rounded up) and integer zero (fp16) per row of ``weight [rows, k]``.
+
+    Both are returned as ``[rows]`` fp16 tensors.
+    """
+    maxq = 2**bits - 1
+    w = weight.float()
+    xmin = w.min(dim=1).values.clamp(max=0)
+    xmax = w.max(dim=1).values.clamp(min=0)
+    scale = (xmax - xmin) / maxq
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale16 = _round_up_fp16(scale)
+    zero = torch.round(-xmin / scale16.float()).clamp(0, maxq)
+    return scale16, zero.to(torch.float16)
+
+
+def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes (float, integer-valued) of ``w`` on the grid; scale/zero broadcast against ``w``."""
+    return torch.clamp(torch.round(w / scale.float() + zero.float()), 0, 2**bits - 1)
+
+
+def dequantize_grid(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (codes - zero.float()) * scale.float()
+
+
+# --- RTN --------------------------------------------------------------------
+
+def effective_group_size(in_features: int, group_size: int | None) -> int:
+    return in_features if group_size is None else min(group_size, in_features)
+
+
+def rtn_quantize(weight: torch.Tensor, spec: QuantizerSpec) -> QuantizedWeight:
+    """Round-to-nearest group-wise quantization of ``weight [out, in]``."""
+    if weight.dim() != 2:
+        raise QuantizationError(f"Expected a 2-D linear weight, got shape {tuple(weight.shape)}.")
+    out, inp = weight.shape
+    gs = effective_group_size(inp, spec.group_size)
+    groups = math.ceil(inp / gs)
+    w = weight.detach().float()
+    padded = torch.nn.functional.pad(w, (0, groups * gs - inp))  # zero padding: inside every range
+    grouped = padded.reshape(out * groups, gs)
+    scale, zero = grid_params(grouped, spec.bits)
+    codes = quantize_to_grid(grouped, scale[:, None], zero[:, None], spec.bits)
+    codes = codes.reshape(out, groups * gs)[:, :inp].to(torch.uint8)
+    return QuantizedWeight(codes=codes.contiguous(), scales=scale.reshape(out, groups),
+                           zeros=zero.reshape(out, groups), bits=spec.bits, group_size=gs, method="rtn")
+
+
+# --- GPTQ -------------------------------------------------------------------
+
+class HessianAccumulator:
+    """Running ``H = 2/n · Σ x xᵀ`` (fp32, ``[in, in]``) over calibration inputs."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.count = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        """Add inputs ``[..., in]`` (every leading position is one token)."""
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+        self.sum.addmm_(x.t(), x)
+        self.count += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        if self.count == 0:
+            raise QuantizationError("GPTQ saw no calibration tokens for a linear; give it calibration windows.")
+        return self.sum * (2.0 / self.count)
+
+
+@dataclass
+class PreparedHessian:
+    """Upper Cholesky factor of the damped inverse Hessian, in processing order."""
+
+    hinv: torch.Tensor
+    perm: torch.Tensor | None
+
+
+def prepare_hessian(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = False) -> PreparedHessian:
+    """Dead inputs (zero diagonal) get 1, activation order permutes, damping, Cholesky inverse.
+
+    Retries with 10× more damping (up to 3 times) if the matrix is not positive definite.
+    """
+    h = hessian.detach().float().clone()
+    diag = torch.diagonal(h)
+    dead = diag == 0
+    diag[dead] = 1.0  # weights of never-active inputs are kept and rounded like RTN
+    perm = torch.argsort(diag, descending=True) if act_order else None
+    if perm is not None:
+        h = h[perm][:, perm]
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    mean_diag = float(torch.diagonal(h).mean())
+    for attempt in range(4):
+        damped = h + eye * (damp * 10**attempt * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                return PreparedHessian(hinv=upper, perm=perm)
+    raise QuantizationError("The calibration Hessian is not positive definite even with heavy damping; "
+                            "use more calibration windows or a larger damping.")
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, spec: QuantizerSpec,
+                  block_size: int = 128) -> QuantizedWeight:
+    """GPTQ of ``weight [out, in]`` given its inputs' Hessian ``[in, in]`` (or a prepared one).
+
+    The same grid as :func:`rtn_quantize`; errors are compensated on the columns
+    still to be quantized.  ``block_size`` is rounded to a multiple of the
+    group size so that each group's parameters are taken from fully updated
+    weights.
+    """
+    if weight.dim() != 2:
+        raise QuantizationError(f"Expected a 2-D linear weight, got shape {tuple(weight.shape)}.")
+    prepared = hessian if isinstance(hessian, PreparedHessian) else prepare_hessian(hessian, spec.damp, spec.act_order)
+    out, inp = weight.shape
+    if prepared.hinv.shape != (inp, inp):
+        raise QuantizationError(f"Hessian {tuple(prepared.hinv.shape)} does not match weight {tuple(weight.shape)}.")
+    gs = effective_group_size(inp, spec.group_size)
+    groups = math.ceil(inp / gs)
+    block = gs * max(1, block_size // gs)
+    w = weight.detach().float().to(prepared.hinv.device)
+    if prepared.perm is not None:
+        w = w[:, prepared.perm]
+    wt = w.t().contiguous()  # [in, out]: one input column per contiguous row, fast on CPU
+    hinv = prepared.hinv
+    codes = torch.zeros_like(wt)
+    scales = torch.empty(groups, out, dtype=torch.float16, device=w.device)
+    zeros = torch.empty_like(scales)
+    maxq = 2**spec.bits - 1
+    with _one_thread_on_cpu(w.device):
+        for i1 in range(0, inp, block):
+            i2 = min(i1 + block, inp)
+            w1 = wt[i1:i2].clone()
+            err1 = torch.zeros_like(w1)
+            h1 = hinv[i1:i2, i1:i2]
+            diag = torch.diagonal(h1).tolist()
+            for i in range(i2 - i1):
+                col = i1 + i
+                if col % gs == 0:
+                    g = col // gs
+                    scales[g], zeros[g] = grid_params(w1[i : i + gs].t(), spec.bits)
+                    scale, zero = scales[g].float(), zeros[g].float()
+                x, q, err = w1[i], codes[col], err1[i]
+                # q = clamp(round(x / scale + zero)); err = (x - (q - zero) * scale) / d
+                torch.div(x, scale, out=q).add_(zero).round_().clamp_(0, maxq)
+                torch.addcmul(x, q - zero, scale, value=-1.0, out=err).div_(diag[i])
+                w1[i:].addr_(h1[i, i:], err, alpha=-1.0)
+            wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1.0)
+    codes = codes.t()
+    scales, zeros = scales.t().contiguous(), zeros.t().contiguous()
+    g_idx = None
+    if prepared.perm is not None:
+        inverse = torch.argsort(prepared.perm)
+        codes = codes[:, inverse]
+        if groups > 1:
+            g_idx = (inverse // gs).to(torch.int32)
+    return QuantizedWeight(codes=codes.to(torch.uint8).contiguous(), scales=scales, zeros=zeros,
+                           bits=spec.bits, group_size=gs, method="gptq", g_idx=g_idx)
+
+
+@contextmanager
+def _one_thread_on_cpu(device: torch.device):
+    """GPTQ's column loop is thousands of small ops: one CPU thread is faster and
+    does not stall when other processes share the cores."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def quantize_weight(weight: torch.Tensor, spec: QuantizerSpec,
+                    hessian: torch.Tensor | PreparedHessian | None = None) -> QuantizedWeight:
+    """Dispatch on ``spec.method``; GPTQ needs the inputs' Hessian."""
+    if spec.method == "rtn":
+        return rtn_quantize(weight, spec)
+    if hessian is None:
+        raise QuantizationError("GPTQ needs calibration data (a Hessian of the layer inputs).")
+    return gptq_quantize(weight, hessian, spec)

@@ -1,0 +1,44 @@
+"""AppTest of the Quantization page: bit map preview, refusals, preview run and sweep chart."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.apptest import open_app
+
+pytestmark = pytest.mark.slow
+
+
+def _small_data(at):
+    for key, value in (("quant_calib_windows", 2), ("quant_calib_seqlen", 32),
+                       ("quant_eval_windows", 2), ("quant_eval_seqlen", 32)):
+        at.number_input(key=key).set_value(value)
+    return at.run()
+
+
+def _bits_caption(at) -> str:
+    return next(c.value for c in at.caption if c.value.startswith("Average"))
+
+
+def test_bit_map_follows_the_sliders_and_bad_levels_are_refused():
+    at = _small_data(open_app("quantization"))
+    assert not at.exception and not at.error
+    assert "Per-layer bit allocation" in at.get("plotly_chart")[0].proto.spec
+    assert _bits_caption(at).startswith("Average 3.467 code bits")  # 25% of 30 layers -> 8 at 2 bits
+    at.slider(key="quant_fraction").set_value(50).run()
+    assert _bits_caption(at).startswith("Average 3.000 code bits")
+    at.radio(key="quant_mode").set_value("average").run()
+    assert _bits_caption(at).startswith("Average 3.200")  # 3.25 target: 18 layers at 4, 12 at 2
+    at.select_slider(key="quant_low").set_value(6).run()  # low above high
+    assert not at.exception
+    assert "must not exceed the high level" in at.error[0].value or "unreachable" in at.error[0].value
+
+
+def test_preview_run_is_stored_and_charted():
+    at = _small_data(open_app("quantization"))
+    at.select_slider(key="quant_low").set_value(3).run()
+    next(b for b in at.button if b.label.startswith("Preview")).click().run()
+    assert not at.exception and not at.error, at.error
+    assert at.metric[0].label == "Perplexity" and float(at.metric[0].value) > 1
+    assert any("Stored as run" in c.value for c in at.caption)
+    assert any("ppl vs fraction of layers at the low bit level" in c.proto.spec for c in at.get("plotly_chart"))

@@ -1,0 +1,45 @@
+"""AppTest of the Slicing page: live schedule preview, refusals, a run on the trade-off chart."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.apptest import open_app
+
+pytestmark = pytest.mark.slow
+
+
+def _small_data(at):
+    for key, value in (("slicing_calib_windows", 2), ("slicing_calib_seqlen", 32),
+                       ("slicing_eval_windows", 2), ("slicing_eval_seqlen", 32)):
+        at.number_input(key=key).set_value(value)
+    return at.run()
+
+
+def test_schedule_preview_follows_sliders_and_refuses_impossible_schedules():
+    at = _small_data(open_app("slicing"))
+    assert not at.exception and not at.error
+    preview = at.get("plotly_chart")[0]
+    assert "Per-layer slicing schedule" in preview.proto.spec
+    caption = next(c.value for c in at.caption if "Achieved mean slicing" in c.value)
+    assert "asked 0.2500" in caption
+    at.slider(key="slicing_target").set_value(10).run()
+    assert "asked 0.1000" in next(c.value for c in at.caption if "Achieved mean slicing" in c.value)
+    at.radio(key="slicing_schedule").set_value("custom").run()
+    at.session_state["slicing_custom"] = {"edited_rows": {3: {"fraction": 1.2}}, "added_rows": [],
+                                          "deleted_rows": []}
+    at.run()
+    assert not at.exception
+    assert "layer 3" in at.error[0].value
+    assert not [b for b in at.button if b.label == "Run slicing"]  # nothing to run
+
+
+def test_run_slicing_stores_and_charts_the_result():
+    at = _small_data(open_app("slicing"))
+    at.slider(key="slicing_target").set_value(10).run()
+    at.button[0].click().run()  # "Run slicing"
+    assert not at.exception and not at.error, at.error
+    assert [m.label for m in at.metric][:2] == ["Perplexity", "Parameters vs dense"]
+    assert any("Stored as run" in c.value for c in at.caption)
+    charts = [c.proto.spec for c in at.get("plotly_chart")]
+    assert any("ppl vs average slicing fraction" in spec for spec in charts)
