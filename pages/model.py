@@ -4,6 +4,7 @@ import streamlit as st
 
 from engine.data import DataError
 from engine.experiments import EvalPlan, run_dense
+from engine.models import weights_fingerprint
 from ui.session import require_model, results_store
 from ui.widgets import computed_on, data_spec_controls, progress_callback
 
@@ -14,6 +15,12 @@ st.title("Model")
 if loaded.note:
     st.info(loaded.note)
 st.table({"property": list(loaded.card), "value": [str(v) for v in loaded.card.values()]})
+
+if st.button("Verify weights", help="Recompute the weight fingerprint and compare it with the one taken at load."):
+    if weights_fingerprint(loaded.model) == loaded.fingerprint:
+        st.success(f"Weights unchanged since load (fingerprint {loaded.fingerprint}).")
+    else:
+        st.error("The loaded weights changed since load. Reload the model from the sidebar.")
 
 st.subheader("Baseline perplexity")
 st.caption(

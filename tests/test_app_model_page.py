@@ -18,7 +18,7 @@ def test_model_page_shows_builtin_card_and_measures_perplexity():
     at.number_input(key="baseline_windows").set_value(2)
     at.number_input(key="baseline_seqlen").set_value(64)
     before = len(ResultsStore().runs())
-    at.button[0].click().run()
+    next(b for b in at.button if b.label == "Measure baseline perplexity").click().run()
     assert not at.exception and not at.error, at.error
     assert at.metric[0].label == "Perplexity"
     assert float(at.metric[0].value) > 1
@@ -53,4 +53,10 @@ def test_seqlen_beyond_model_maximum_is_refused():
     at.number_input(key="baseline_seqlen").set_value(9000)
     at.run()
     assert "longer than this model allows" in at.error[0].value
-    assert not at.button  # nothing to run with an impossible seqlen
+    assert [b.label for b in at.button] == ["Verify weights"]  # nothing to run with an impossible seqlen
+
+
+def test_verify_weights_confirms_an_untouched_model():
+    at = open_app()
+    next(b for b in at.button if b.label == "Verify weights").click().run()
+    assert "Weights unchanged since load" in at.success[0].value

@@ -37,7 +37,7 @@ def test_schedule_preview_follows_sliders_and_refuses_impossible_schedules():
 def test_run_slicing_stores_and_charts_the_result():
     at = _small_data(open_app("slicing"))
     at.slider(key="slicing_target").set_value(10).run()
-    at.button[0].click().run()  # "Run slicing"
+    next(b for b in at.button if b.label == "Run slicing").click().run()
     assert not at.exception and not at.error, at.error
     assert [m.label for m in at.metric][:2] == ["Perplexity", "Parameters vs dense"]
     assert any("Stored as run" in c.value for c in at.caption)
