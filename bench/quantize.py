@@ -1,6 +1,7 @@
 """Layer-wise mixed-precision quantization on the built-in model (METHODS.md section 4).
 
     python -m bench.quantize [--quick] [--eval-windows N] [--seqlen S] [--gptq-sweep]
+                             [--group-size 128] [--zero-point integer|float]
 
 (a) ``quantize_speed``: seconds to see a new allocation's perplexity, from
     scratch (deep copy + quantize every layer [+ GPTQ calibration] + evaluate)
@@ -92,6 +93,9 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=None)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--gptq-sweep", action="store_true", help="also sweep with GPTQ (default without --quick)")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--zero-point", choices=["integer", "float"], default="integer",
+                        help="float + group 32 reproduces the built-in's Q4_1 weights exactly at 4 bits")
     args = parser.parse_args()
     from engine.scores import layer_redundancy, weight_outliers, zd_importance
 
@@ -111,8 +115,8 @@ def main() -> None:
     n = loaded.num_layers
     orders = {"LIM": layer_order(n, "importance", lim), "ZD": layer_order(n, "importance", zd),
               "random": layer_order(n, "random", seed=0)}
-    rtn = QuantizerSpec(method="rtn", group_size=128)
-    gptq = QuantizerSpec(method="gptq", group_size=128)
+    rtn = QuantizerSpec(method="rtn", group_size=args.group_size, zero_point=args.zero_point)
+    gptq = QuantizerSpec(method="gptq", group_size=args.group_size, zero_point=args.zero_point)
     _, dense = _ppl(loaded.model, windows)
     meta = {"model": loaded.source, "layers": n, "eval": windows.label(), "score_calibration": score_windows.label(),
             "gptq_calibration": gptq_windows.label(), "rtn": rtn.label(), "gptq": gptq.label() + ", damp 0.01",
@@ -120,12 +124,13 @@ def main() -> None:
             "order_LIM_least_first": orders["LIM"], "order_ZD_least_first": orders["ZD"],
             "gptq_warning": calibration_warning(loaded, gptq_windows) or "none",
             "signals": "GPTQ calibrated on dense-model signals (layer results independent of allocation)"}
-    report("quantize_speed", speed_rows(loaded, [rtn, gptq], gptq_windows, windows, orders), meta)
+    suffix = "" if (args.group_size, args.zero_point) == (128, "integer") else f"_g{args.group_size}_{args.zero_point}"
+    report("quantize_speed" + suffix, speed_rows(loaded, [rtn, gptq], gptq_windows, windows, orders), meta)
     specs = [rtn] + ([gptq] if args.gptq_sweep or not quick else [])
     rows = []
     for spec in specs:
         rows += sweep_rows(loaded, spec, gptq_windows, windows, orders, fractions, dense.ppl)
-    report("quantize_sweep", rows, meta)
+    report("quantize_sweep" + suffix, rows, meta)
 
 
 if __name__ == "__main__":

@@ -81,29 +81,36 @@ def read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Bit-pack integer codes (any shape, row-major) into uint8 ``[ceil(n·bits/8)]``, little-endian."""
-    flat = codes.reshape(-1).to(torch.uint8)
-    shifts = torch.arange(bits, dtype=torch.uint8, device=flat.device)
-    stream = ((flat.unsqueeze(1) >> shifts) & 1).reshape(-1)
-    stream = torch.nn.functional.pad(stream, (0, (-stream.numel()) % 8))
-    byte_shifts = torch.arange(8, dtype=torch.uint8, device=flat.device)
-    return (stream.reshape(-1, 8) << byte_shifts).sum(dim=1, dtype=torch.uint8)
+    """Bit-pack integer codes (any shape, row-major) into uint8 ``[ceil(n·bits/8)]``.
+
+    Little-endian bit stream: code ``j`` occupies bits ``j·bits .. (j+1)·bits - 1``.
+    Eight codes fill exactly ``bits`` bytes, so they go through one int64 word.
+    """
+    flat = codes.reshape(-1).to(torch.int64)
+    count = flat.numel()
+    flat = torch.nn.functional.pad(flat, (0, (-count) % 8)).view(-1, 8)
+    shifts = torch.arange(8, device=flat.device, dtype=torch.int64)
+    word = (flat << (shifts * bits)).sum(dim=1, keepdim=True)  # disjoint bits: sum == or
+    packed = ((word >> (shifts[:bits] * 8)) & 0xFF).to(torch.uint8)
+    return packed.reshape(-1)[: (count * bits + 7) // 8].clone()
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: uint8 ``[count]`` codes."""
-    if packed.dtype != torch.uint8 or packed.numel() != (count * bits + 7) // 8:
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (count * bits + 7) // 8:
         raise CorruptFileError("Packed weights do not match their recorded shape and bits: the data is damaged.")
-    byte_shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    stream = ((packed.unsqueeze(1) >> byte_shifts) & 1).reshape(-1)[: count * bits]
-    shifts = torch.arange(bits, dtype=torch.uint8, device=packed.device)
-    return (stream.reshape(count, bits) << shifts).sum(dim=1, dtype=torch.uint8)
+    words = -(-count // 8)
+    padded = torch.nn.functional.pad(packed, (0, words * bits - packed.numel())).view(words, bits)
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int64)
+    word = (padded.to(torch.int64) << (shifts[:bits] * 8)).sum(dim=1, keepdim=True)
+    codes = ((word >> (shifts * bits)) & (2**bits - 1)).to(torch.uint8)
+    return codes.reshape(-1)[:count].clone()
 
 
 def weight_config(weight: QuantizedWeight) -> dict:
     """JSON description needed to read :func:`weight_to_tensors` back."""
     return {"shape": list(weight.shape), "bits": weight.bits, "group_size": weight.group_size,
-            "method": weight.method, "act_order": weight.g_idx is not None}
+            "method": weight.method, "act_order": weight.g_idx is not None, "zero_point": weight.zero_point}
 
 
 def weight_to_tensors(weight: QuantizedWeight, prefix: str) -> dict[str, torch.Tensor]:
@@ -133,8 +140,11 @@ def weight_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, config: d
         raise CorruptFileError(f"Quantized weight '{prefix}' has scales/zeros of the wrong shape.")
     if g_idx is None and groups > 1 and group_size * (groups - 1) >= inp:
         raise CorruptFileError(f"Quantized weight '{prefix}' has an impossible group size.")
+    zero_point = str(config.get("zero_point", "integer"))
+    if zero_point not in ("integer", "float"):
+        raise CorruptFileError(f"Quantized weight '{prefix}' has an unknown zero point '{zero_point}'.")
     return QuantizedWeight(codes=codes, scales=scales, zeros=zeros, bits=bits, group_size=group_size,
-                           method=str(config.get("method", "rtn")), g_idx=g_idx)
+                           method=str(config.get("method", "rtn")), g_idx=g_idx, zero_point=zero_point)
 
 
 def layer_to_tensors(weights: dict[str, QuantizedWeight]) -> tuple[dict[str, torch.Tensor], dict]:

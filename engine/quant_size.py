@@ -89,8 +89,9 @@ def size_report(model: nn.Module, arch: Architecture, bits: Sequence[int], spec:
             unquantized["biases"] += nbytes
         else:
             unquantized["other"] += nbytes
-    notes = ["codes are bit-packed at every width (3-bit included)",
-             "zero points are integers stored as fp16 and counted at 16 bits",
+    zero_note = ("zero points are integers stored as fp16 and counted at 16 bits" if spec.zero_point == "integer"
+                 else "each group stores its fp16 minimum as the zero point (16 bits)")
+    notes = ["codes are bit-packed at every width (3-bit included)", zero_note,
              f"unquantized parameters stay {str(next(model.parameters()).dtype).replace('torch.', '')}"]
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         notes.append("head is tied to the embedding and stored once")

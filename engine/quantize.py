@@ -177,7 +177,8 @@ def _to_device(weight: QuantizedWeight, device: torch.device) -> QuantizedWeight
         return weight
     return QuantizedWeight(codes=weight.codes.to(device), scales=weight.scales.to(device),
                            zeros=weight.zeros.to(device), bits=weight.bits, group_size=weight.group_size,
-                           method=weight.method, g_idx=None if weight.g_idx is None else weight.g_idx.to(device))
+                           method=weight.method, g_idx=None if weight.g_idx is None else weight.g_idx.to(device),
+                           zero_point=weight.zero_point)
 
 
 @torch.no_grad()

@@ -11,6 +11,12 @@ dimension (as in GPTQ's reference quantizer):
   by the model is exactly ``dequantize = (code - zero) * scale`` (in fp32, then
   cast to the model's dtype).
 
+Option ``zero_point="float"`` (the GGUF Q4_1 "scale + min" grid): the range
+is ``[min(w), max(w)]``, ``zeros`` holds the fp16 minimum ``m`` (rounded down),
+``code = clamp(round((w - m) / scale))`` and ``dequantize = code * scale + m``.
+It reproduces an already Q4_1-quantized model exactly at 4 bits with group
+32, which the integer grid cannot (its grid points are multiples of scale).
+
 ``rtn_quantize`` rounds every weight to its nearest grid point, so
 ``|w - dequantize| <= scale / 2``.  ``gptq_quantize`` (Frantar et al. 2022)
 quantizes one column at a time and spreads each column's error over the
@@ -33,6 +39,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 METHODS = ("rtn", "gptq")
+ZERO_POINTS = ("integer", "float")
 MIN_BITS, MAX_BITS = 2, 8
 FP16_BITS = 16
 GIDX_BITS = 32  # int32 group index per input column (act-order GPTQ only)
@@ -49,6 +56,7 @@ class QuantizerSpec:
     ``bits``: code width, 2-8.  ``group_size``: input columns sharing one scale
     and zero (``None`` = one group per output row).  ``act_order`` and ``damp``
     (fraction of ``mean(diag H)`` added to the Hessian diagonal) are GPTQ-only.
+    ``zero_point``: ``integer`` (GPTQ convention) or ``float`` (fp16 group minimum).
     """
 
     method: str = "rtn"
@@ -56,6 +64,7 @@ class QuantizerSpec:
     group_size: int | None = 128
     act_order: bool = False
     damp: float = 0.01
+    zero_point: str = "integer"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -73,6 +82,8 @@ class QuantizerSpec:
             )
         if self.act_order and self.method != "gptq":
             raise QuantizationError("Activation ordering only applies to GPTQ; turn it off for RTN.")
+        if self.zero_point not in ZERO_POINTS:
+            raise QuantizationError(f"Unknown zero point '{self.zero_point}'. Choose 'integer' or 'float'.")
         if not 0.0 < float(self.damp) <= 1.0:
             raise QuantizationError(f"GPTQ damping {self.damp!r} must be in (0, 1]; 0.01 is usual.")
 
@@ -85,7 +96,7 @@ class QuantizerSpec:
 
     def label(self) -> str:
         group = "per-row" if self.group_size is None else f"g{self.group_size}"
-        extra = ", act-order" if self.act_order else ""
+        extra = (", act-order" if self.act_order else "") + (", float zero" if self.zero_point == "float" else "")
         return f"{self.method.upper()} {self.bits}-bit {group}{extra}"
 
 
@@ -109,7 +120,8 @@ class QuantizedWeight:
     """One quantized linear weight as stored.
 
     ``codes``: uint8 ``[out, in]`` in ``[0, 2**bits - 1]`` (unpacked in memory);
-    ``scales`` / ``zeros``: fp16 ``[out, n_groups]``; ``g_idx``: int32 ``[in]``
+    ``scales`` / ``zeros``: fp16 ``[out, n_groups]`` (``zeros``: integer zero
+    points, or the group minimum with ``zero_point="float"``); ``g_idx``: int32 ``[in]``
     group of each input column, or ``None`` for consecutive groups of
     ``group_size`` columns.  ``group_size`` is the effective size (``in`` for
     one group per row).
@@ -122,6 +134,7 @@ class QuantizedWeight:
     group_size: int
     method: str = "rtn"
     g_idx: torch.Tensor | None = None
+    zero_point: str = "integer"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -138,11 +151,24 @@ class QuantizedWeight:
         return torch.arange(self.shape[1], device=self.codes.device) // self.group_size
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight the model uses: ``(code - zero) * scale``, ``[out, in]``."""
-        index = self.group_index()
-        scales = self.scales.float()[:, index]
-        zeros = self.zeros.float()[:, index]
-        return ((self.codes.float() - zeros) * scales).to(dtype)
+        """The weight the model uses, ``[out, in]``, computed in fp32 then cast to ``dtype``.
+
+        ``(code - zero) * scale`` (integer zero points) or ``code * scale + zero`` (float).
+        """
+        scales, zeros = self.scales.float(), self.zeros.float()
+        weight = self.codes.float()
+        if self.g_idx is not None:
+            index = self.g_idx.long()
+            return _apply_grid(weight, scales[:, index], zeros[:, index], self.zero_point).to(dtype)
+        out, inp = self.shape
+        gs = self.group_size
+        full = (inp // gs) * gs  # whole groups as a [out, groups, gs] view, then a shorter last group
+        if full:
+            body = weight[:, :full].view(out, full // gs, gs)
+            _apply_grid(body, scales[:, : full // gs, None], zeros[:, : full // gs, None], self.zero_point)
+        if full < inp:
+            _apply_grid(weight[:, full:], scales[:, -1:], zeros[:, -1:], self.zero_point)
+        return weight.to(dtype)
 
     def storage_bits(self) -> int:
         out, inp = self.shape
@@ -159,6 +185,13 @@ class QuantizedWeight:
 
 # --- the grid ---------------------------------------------------------------
 
+def _apply_grid(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, zero_point: str) -> torch.Tensor:
+    """In place on float ``codes``: ``(codes - zero) * scale`` or ``codes * scale + zero``."""
+    if zero_point == "integer":
+        return codes.sub_(zero).mul_(scale)
+    return codes.mul_(scale).add_(zero)
+
+
 def _round_up_fp16(values: torch.Tensor) -> torch.Tensor:
     """Smallest fp16 value >= each fp32 value (so the grid still covers the range)."""
     tiny = torch.finfo(torch.float16).tiny
@@ -172,13 +205,36 @@ def _round_up_fp16(values: torch.Tensor) -> torch.Tensor:
     return half
 
 
-def grid_params(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale (fp16, rounded up) and integer zero (fp16) per row of ``weight [rows, k]``.
+def _round_down_fp16(values: torch.Tensor) -> torch.Tensor:
+    """Largest fp16 value <= each fp32 value."""
+    half = values.to(torch.float16)
+    high = half.float() > values
+    if high.any():
+        half = torch.where(high, torch.nextafter(half, torch.full_like(half, -math.inf)), half)
+    if torch.isinf(half).any():
+        raise QuantizationError("A weight is beyond the fp16 range; this weight cannot be quantized.")
+    return half
 
-    Both are returned as ``[rows]`` fp16 tensors.
+
+def grid_params(weight: torch.Tensor, bits: int, zero_point: str = "integer") -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (fp16, rounded up) and zero (fp16) per row of ``weight [rows, k]``, each ``[rows]``.
+
+    Integer zero points: range ``[min(w, 0), max(w, 0)]``, ``zero = round(-min / scale)``.
+    Float: range ``[m, max(w)]`` with ``m`` = min(w) rounded down to fp16, ``zero = m``,
+    scale rounded to the nearest fp16.
     """
     maxq = 2**bits - 1
     w = weight.float()
+    if zero_point == "float":
+        offset = _round_down_fp16(w.min(dim=1).values)
+        scale = (w.max(dim=1).values - offset.float()) / maxq
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        # nearest fp16 is safe here: (max - m) / scale16 <= maxq + 0.25, so clamping costs < scale / 2;
+        # and an fp16 scale that was already exact (a Q4_1 model) is kept exactly
+        scale16 = scale.clamp_min(torch.finfo(torch.float16).tiny).to(torch.float16)
+        if torch.isinf(scale16).any():
+            raise QuantizationError("A weight group spans more than fp16 scales can hold; it cannot be quantized.")
+        return scale16, offset
     xmin = w.min(dim=1).values.clamp(max=0)
     xmax = w.max(dim=1).values.clamp(min=0)
     scale = (xmax - xmin) / maxq
@@ -188,13 +244,12 @@ def grid_params(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
     return scale16, zero.to(torch.float16)
 
 
-def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                     zero_point: str = "integer") -> torch.Tensor:
     """Codes (float, integer-valued) of ``w`` on the grid; scale/zero broadcast against ``w``."""
-    return torch.clamp(torch.round(w / scale.float() + zero.float()), 0, 2**bits - 1)
-
-
-def dequantize_grid(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return (codes - zero.float()) * scale.float()
+    if zero_point == "integer":
+        return torch.clamp(torch.round(w / scale.float() + zero.float()), 0, 2**bits - 1)
+    return torch.clamp(torch.round((w - zero.float()) / scale.float()), 0, 2**bits - 1)
 
 
 # --- RTN --------------------------------------------------------------------
@@ -211,13 +266,14 @@ def rtn_quantize(weight: torch.Tensor, spec: QuantizerSpec) -> QuantizedWeight:
     gs = effective_group_size(inp, spec.group_size)
     groups = math.ceil(inp / gs)
     w = weight.detach().float()
-    padded = torch.nn.functional.pad(w, (0, groups * gs - inp))  # zero padding: inside every range
+    padded = torch.cat([w, w[:, -1:].expand(out, groups * gs - inp)], dim=1)  # repeats stay in range
     grouped = padded.reshape(out * groups, gs)
-    scale, zero = grid_params(grouped, spec.bits)
-    codes = quantize_to_grid(grouped, scale[:, None], zero[:, None], spec.bits)
+    scale, zero = grid_params(grouped, spec.bits, spec.zero_point)
+    codes = quantize_to_grid(grouped, scale[:, None], zero[:, None], spec.bits, spec.zero_point)
     codes = codes.reshape(out, groups * gs)[:, :inp].to(torch.uint8)
     return QuantizedWeight(codes=codes.contiguous(), scales=scale.reshape(out, groups),
-                           zeros=zero.reshape(out, groups), bits=spec.bits, group_size=gs, method="rtn")
+                           zeros=zero.reshape(out, groups), bits=spec.bits, group_size=gs, method="rtn",
+                           zero_point=spec.zero_point)
 
 
 # --- GPTQ -------------------------------------------------------------------
@@ -302,6 +358,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
     scales = torch.empty(groups, out, dtype=torch.float16, device=w.device)
     zeros = torch.empty_like(scales)
     maxq = 2**spec.bits - 1
+    integer_zero = spec.zero_point == "integer"
     with _one_thread_on_cpu(w.device):
         for i1 in range(0, inp, block):
             i2 = min(i1 + block, inp)
@@ -313,12 +370,15 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
                 col = i1 + i
                 if col % gs == 0:
                     g = col // gs
-                    scales[g], zeros[g] = grid_params(w1[i : i + gs].t(), spec.bits)
+                    scales[g], zeros[g] = grid_params(w1[i : i + gs].t(), spec.bits, spec.zero_point)
                     scale, zero = scales[g].float(), zeros[g].float()
                 x, q, err = w1[i], codes[col], err1[i]
-                # q = clamp(round(x / scale + zero)); err = (x - (q - zero) * scale) / d
-                torch.div(x, scale, out=q).add_(zero).round_().clamp_(0, maxq)
-                torch.addcmul(x, q - zero, scale, value=-1.0, out=err).div_(diag[i])
+                if integer_zero:  # q = clamp(round(x / scale + zero)); err = (x - (q - zero) * scale) / d
+                    torch.div(x, scale, out=q).add_(zero).round_().clamp_(0, maxq)
+                    torch.addcmul(x, q - zero, scale, value=-1.0, out=err).div_(diag[i])
+                else:  # q = clamp(round((x - zero) / scale)); err = (x - (q * scale + zero)) / d
+                    torch.sub(x, zero, out=q).div_(scale).round_().clamp_(0, maxq)
+                    torch.sub(x, q * scale + zero, out=err).div_(diag[i])
                 w1[i:].addr_(h1[i, i:], err, alpha=-1.0)
             wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1.0)
     codes = codes.t()
@@ -330,7 +390,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
         if groups > 1:
             g_idx = (inverse // gs).to(torch.int32)
     return QuantizedWeight(codes=codes.to(torch.uint8).contiguous(), scales=scales, zeros=zeros,
-                           bits=spec.bits, group_size=gs, method="gptq", g_idx=g_idx)
+                           bits=spec.bits, group_size=gs, method="gptq", g_idx=g_idx, zero_point=spec.zero_point)
 
 
 @contextmanager

@@ -9,6 +9,7 @@ Both have cached variants keyed by model fingerprint and inputs.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -100,10 +101,16 @@ def _token_cos(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 class _LayerHooks:
-    """Hooks on one decoder layer that feed the accumulator; outputs untouched."""
+    """Hooks on one decoder layer that feed the accumulator; outputs untouched.
+
+    The model may be shared (one cached copy serves every dashboard session),
+    so the hooks act only on forwards run by the thread that installed them:
+    another session's concurrent forward passes through them unseen.
+    """
 
     def __init__(self, index: int, layer: torch.nn.Module, arch: Architecture, acc: _Accumulator):
         self.index, self.acc = index, acc
+        self.thread = threading.get_ident()
         self.batch_mask: torch.Tensor | None = None
         self.first_window = 0
         self._x = self._attn_out = None
@@ -113,13 +120,20 @@ class _LayerHooks:
             layer.register_forward_hook(self._on_output),
         ]
 
+    def _mine(self) -> bool:
+        return threading.get_ident() == self.thread
+
     def _on_input(self, _module, args, kwargs):
-        self._x = args[0] if args else kwargs["hidden_states"]
+        if self._mine():
+            self._x = args[0] if args else kwargs["hidden_states"]
 
     def _on_attention(self, _module, _args, output):
-        self._attn_out = output[0] if isinstance(output, tuple) else output
+        if self._mine():
+            self._attn_out = output[0] if isinstance(output, tuple) else output
 
     def _on_output(self, _module, _args, output):
+        if not self._mine():
+            return
         y = output[0] if isinstance(output, tuple) else output
         mid = self._x.float() + self._attn_out.float()
         mask = self.batch_mask.to(y.device, torch.float64)

@@ -12,7 +12,7 @@ from engine.quantize import size_report
 from engine.quantizers import QuantizerSpec
 from engine.scores import zd_importance
 from ui.session import require_model, results_store
-from ui.widgets import calibration_and_evaluation, method_tradeoff, progress_callback, show_outcome
+from ui.widgets import calibration_and_evaluation, cancel_button, method_tradeoff, progress_callback, show_outcome
 
 ORDER_LABELS = {"lim": "LIM (layer input modification)", "zd": "ZD (weight z-scores)", "random": "random (seeded)",
                 "reversed-lim": "reversed LIM", "custom": "custom order"}
@@ -78,6 +78,8 @@ st.caption(
 )
 
 left, mid, right = st.columns(3)
+with right:
+    cancel_button("quantization")
 preview_plan = EvalPlan(replace(evaluation, n_windows=min(PREVIEW_WINDOWS, evaluation.n_windows)))
 if left.button(f"Preview ({PREVIEW_WINDOWS} windows)", type="primary"):
     try:

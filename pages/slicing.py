@@ -9,7 +9,7 @@ from engine.experiments import EvalPlan, grid
 from engine.paths import cache_root
 from engine.slicing import achieved_fraction, schedule_dims
 from ui.session import require_model, results_store
-from ui.widgets import calibration_and_evaluation, method_tradeoff, progress_callback, show_outcome
+from ui.widgets import calibration_and_evaluation, cancel_button, method_tradeoff, progress_callback, show_outcome
 
 loaded = require_model()
 store = results_store()
@@ -58,6 +58,8 @@ st.caption(
 plan_eval = EvalPlan(evaluation)
 left, right = st.columns(2)
 save = left.checkbox("Save the sliced model under cache/sliced/", key="slicing_save")
+with right:
+    cancel_button("slicing")
 if left.button("Run slicing", type="primary"):
     name = f"{loaded.fingerprint}-{plan.series().replace(' ', '_')}-{target:g}"
     folder = str(cache_root() / "sliced" / name) if save else None

@@ -44,16 +44,32 @@ def _weight(out=24, inp=100, seed=0):
 
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("group_size", [32, 40, None])  # 40 does not divide 100: last group is shorter
-def test_rtn_error_is_at_most_half_a_step(bits, group_size):
+@pytest.mark.parametrize("zero_point", ["integer", "float"])
+def test_rtn_error_is_at_most_half_a_step(bits, group_size, zero_point):
     w = _weight()
-    q = rtn_quantize(w, QuantizerSpec(bits=bits, group_size=group_size))
+    q = rtn_quantize(w, QuantizerSpec(bits=bits, group_size=group_size, zero_point=zero_point))
     assert q.codes.dtype == torch.uint8 and int(q.codes.max()) <= 2**bits - 1
     assert q.scales.dtype == torch.float16 and q.zeros.dtype == torch.float16
-    assert torch.equal(q.zeros.float(), q.zeros.float().round())
+    if zero_point == "integer":
+        assert torch.equal(q.zeros.float(), q.zeros.float().round())
     assert q.n_groups == (1 if group_size is None else math.ceil(100 / group_size))
     step = q.scales.float()[:, q.group_index()]
     err = (w - q.dequantize()).abs()
     assert bool((err <= step / 2 * (1 + 1e-5) + 1e-8).all())
+
+
+def test_float_zero_points_reproduce_a_q4_1_model_exactly():
+    # GGUF Q4_1: blocks of 32 inputs, w = d * q + m with fp16 d and m, codes 0..15 (both ends used)
+    generator = torch.Generator().manual_seed(5)
+    d = (torch.rand(16, 4, 1, generator=generator) * 0.01 + 1e-3).half().float()
+    m = (-torch.rand(16, 4, 1, generator=generator) * 0.1).half().float()
+    q = torch.randint(0, 16, (16, 4, 32), generator=generator).float()
+    q[..., 0], q[..., 1] = 0, 15
+    w = (d * q + m).reshape(16, 128)
+    float_zero = rtn_quantize(w, QuantizerSpec(bits=4, group_size=32, zero_point="float"))
+    assert torch.equal(float_zero.dequantize(), w)
+    integer_zero = rtn_quantize(w, QuantizerSpec(bits=4, group_size=32))
+    assert not torch.equal(integer_zero.dequantize(), w)  # its grid points are multiples of the scale
 
 
 def test_more_bits_means_less_error():
@@ -75,6 +91,7 @@ def test_more_bits_means_less_error():
         ({"method": "awq"}, "rtn' or 'gptq"),
         ({"act_order": True}, "only applies to GPTQ"),
         ({"method": "gptq", "damp": 0.0}, "damping"),
+        ({"zero_point": "symmetric"}, "'integer' or 'float'"),
     ],
 )
 def test_bad_specs_are_refused_with_advice(kwargs, words):
@@ -91,15 +108,16 @@ def _correlated_inputs(n=1024, inp=100, seed=1):
 
 
 @pytest.mark.parametrize("bits, act_order", [(3, False), (4, False), (2, True), (3, True), (4, True)])
-def test_gptq_reconstructs_outputs_better_than_rtn(bits, act_order):
+@pytest.mark.parametrize("zero_point", ["integer", "float"])
+def test_gptq_reconstructs_outputs_better_than_rtn(bits, act_order, zero_point):
     # (2 bits without act-order is about even with RTN on this synthetic layer: 166 vs 164)
     w, x = _weight(), _correlated_inputs()
     acc = HessianAccumulator(100)
     for chunk in x.split(300):
         acc.add(chunk)
-    spec = QuantizerSpec(method="gptq", bits=bits, group_size=32, act_order=act_order)
+    spec = QuantizerSpec(method="gptq", bits=bits, group_size=32, act_order=act_order, zero_point=zero_point)
     gptq = gptq_quantize(w, acc.hessian(), spec)
-    rtn = rtn_quantize(w, QuantizerSpec(bits=bits, group_size=32))
+    rtn = rtn_quantize(w, QuantizerSpec(bits=bits, group_size=32, zero_point=zero_point))
     gptq_err = float(((w - gptq.dequantize()) @ x.T).norm())
     rtn_err = float(((w - rtn.dequantize()) @ x.T).norm())
     assert gptq_err < rtn_err
@@ -118,16 +136,23 @@ def test_gptq_grid_is_the_rtn_grid_and_storage_round_trips():
     assert torch.equal(deq, expected)
     back = weight_from_tensors(weight_to_tensors(q, "x"), "x", weight_config(q))
     assert torch.equal(back.dequantize(), deq) and torch.equal(back.g_idx, q.g_idx)
+    f = rtn_quantize(w, QuantizerSpec(bits=3, group_size=40, zero_point="float"))
+    expected = f.codes.float() * f.scales.float()[:, f.group_index()] + f.zeros.float()[:, f.group_index()]
+    assert torch.equal(f.dequantize(), expected)
+    back = weight_from_tensors(weight_to_tensors(f, "x"), "x", weight_config(f))
+    assert back.zero_point == "float" and torch.equal(back.dequantize(), expected)
     # each group's codes use the grid of that group: the ranges include zero
     assert bool((q.zeros.float() >= 0).all() and (q.zeros.float() <= 7).all())
 
 
 @pytest.mark.parametrize("group_size", [32, None])
-def test_gptq_with_a_diagonal_hessian_is_rtn(group_size):
+@pytest.mark.parametrize("zero_point", ["integer", "float"])
+def test_gptq_with_a_diagonal_hessian_is_rtn(group_size, zero_point):
     w = _weight()
     hessian = torch.diag(torch.rand(100) + 0.5)  # uncorrelated inputs: no error to spread
-    gptq = gptq_quantize(w, hessian, QuantizerSpec(method="gptq", bits=3, group_size=group_size))
-    rtn = rtn_quantize(w, QuantizerSpec(bits=3, group_size=group_size))
+    gptq = gptq_quantize(w, hessian, QuantizerSpec(method="gptq", bits=3, group_size=group_size,
+                                                   zero_point=zero_point))
+    rtn = rtn_quantize(w, QuantizerSpec(bits=3, group_size=group_size, zero_point=zero_point))
     assert torch.equal(gptq.codes, rtn.codes) and torch.equal(gptq.scales, rtn.scales)
     assert torch.equal(gptq.zeros, rtn.zeros)
 

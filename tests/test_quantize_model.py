@@ -15,7 +15,7 @@ from engine.models import LoadedModel, weights_fingerprint
 from engine.paths import cache_root
 from engine.quant_save import load_quantized, save_quantized
 from engine.quantize import clear_memory_cache, prepare_levels, quantize_model, size_report
-from engine.quantizers import QuantizationError, QuantizerSpec
+from engine.quantizers import QuantizationError, QuantizerSpec, rtn_quantize
 from tests.tiny_models import TINY_FACTORIES
 
 RTN = QuantizerSpec(method="rtn", group_size=32)
@@ -147,7 +147,10 @@ def test_progress_reaches_the_total():
     assert calls and calls[-1][0] == calls[-1][1] and [c[0] for c in calls] == sorted(c[0] for c in calls)
 
 
-@pytest.mark.parametrize("name, spec", [("llama-tied", RTN), ("phi3", GPTQ), ("qwen2", RTN)])
+FLOAT_RTN = QuantizerSpec(method="rtn", group_size=16, zero_point="float")
+
+
+@pytest.mark.parametrize("name, spec", [("llama-tied", RTN), ("phi3", GPTQ), ("qwen2", FLOAT_RTN)])
 def test_save_and_load_give_identical_logits(tmp_path, name, spec):
     loaded = _loaded(TINY_FACTORIES[name]())
     qm = quantize_model(loaded, [2, 3, 4], spec, _windows(), use_cache=False)
@@ -180,6 +183,14 @@ def test_size_report_on_the_builtin_shapes(builtin):
     assert report.unquantized["norms"] == (2 * 30 + 1) * 576 * 4
     assert report.dense_bytes == sum(p.numel() * 4 for p in builtin.model.parameters())
     assert any("tied" in note for note in report.notes)
+
+
+def test_builtin_q4_1_weights_are_reproduced_exactly_by_float_zero_points(builtin):
+    """The built-in was shipped as GGUF Q4_1: 4 bits, group 32, fp16 scale + min reproduce it bit for bit."""
+    arch, spec = builtin.architecture, QuantizerSpec(bits=4, group_size=32, zero_point="float")
+    for index in (0, 15, 29):
+        for linear in arch.layer_linears(arch.decoder_layers(builtin.model)[index]).values():
+            assert torch.equal(rtn_quantize(linear.weight, spec).dequantize(), linear.weight)
 
 
 @pytest.mark.slow

@@ -141,3 +141,33 @@ def test_cache_hit_returns_identical_values_without_recomputing(store):
     zd, hit = cached_weight_outliers(store, model, arch, "fp-1")
     zd_again, hit_again = cached_weight_outliers(store, model, arch, "fp-1")
     assert (hit, hit_again) == (False, True) and zd_again == zd
+
+
+def test_concurrent_forward_from_another_thread_does_not_disturb_scoring():
+    import threading
+
+    model = TINY_FACTORIES["llama"]()
+    arch = architecture_for("llama")
+    windows = _windows(n=6)
+    alone = layer_redundancy(model, arch, windows, batch_size=1)
+    other_input = torch.randint(0, 128, (2, 40))
+    stop, errors = threading.Event(), []
+
+    def hammer():
+        try:
+            while not stop.is_set():
+                with torch.no_grad():
+                    model(other_input)
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    try:
+        together = layer_redundancy(model, arch, windows, batch_size=1)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors
+    assert together.lr == pytest.approx(alone.lr, abs=1e-6)
+    assert together.n_tokens == alone.n_tokens

@@ -100,3 +100,12 @@ def method_tradeoff(store, loaded: LoadedModel, method: str, evaluation_label: s
     subtitle = f"{loaded.source}; perplexity on {evaluation_label}"
     st.plotly_chart(tradeoff_figure(runs, x, "metrics.ppl", subtitle), key=f"{method}_tradeoff")
     st.caption(f"Computed on: {subtitle}. Circled points are Pareto-optimal.")
+
+
+def cancel_button(key: str) -> None:
+    """A button that stops a running computation: clicking it reruns the page, which interrupts the run.
+
+    Runs write to the store only when they finish, so a cancelled run leaves nothing behind.
+    """
+    if st.button("Cancel run", key=f"cancel_{key}", help="Stops a running job; nothing half-done is stored."):
+        st.info("Cancelled. Nothing from the interrupted run was stored.")
