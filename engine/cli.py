@@ -75,6 +75,7 @@ def _slicing_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
 def _quant_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
     parser.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn")
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--zero-point", choices=["integer", "float"], default="integer")
     parser.add_argument("--high-bits", type=int, default=4)
     if sweep:
         parser.add_argument("--low-bits", type=_ints, default=[2, 3])
@@ -123,6 +124,8 @@ def _specs(args) -> tuple[DataSpec | None, EvalPlan | None]:
 
 
 def _print_run(kind: str, outcome) -> None:
+    for warning in outcome.config.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
     shown = {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float)) and not k.startswith("acc_n")}
     print(json.dumps({"run": outcome.run_id, "kind": kind, **{k: round(v, 5) for k, v in shown.items()}}))
 
@@ -147,7 +150,7 @@ def run(args) -> None:
         _print_run("slicing", run_slicing(store, loaded, plan, calibration, evaluation, args.save, _progress))
     elif args.command == "quantize":
         plan = QuantPlan(args.quantizer, args.group_size, args.high_bits, args.low_bits, args.low_fraction,
-                         args.target_bits, args.ordering, tuple(args.custom_order), args.seed)
+                         args.target_bits, args.ordering, tuple(args.custom_order), args.seed, args.zero_point)
         _print_run("quantization", run_quantization(store, loaded, plan, calibration, evaluation, args.save, _progress))
     elif args.command == "sweep-slicing":
         _sweep_slicing(args, store, loaded, calibration, evaluation)
@@ -176,7 +179,7 @@ def _sweep_quantization(args, store, loaded, calibration, evaluation) -> None:
     _print_run("dense", run_dense(store, loaded, evaluation, _progress))
     for low_bits, ordering, fraction in grid(args.low_bits, orderings, args.low_fractions):
         plan = QuantPlan(args.quantizer, args.group_size, args.high_bits, low_bits, fraction, None, ordering,
-                         (), args.seed)
+                         (), args.seed, args.zero_point)
         _print_run("quantization", run_quantization(store, loaded, plan, calibration, evaluation, None, _progress))
 
 

@@ -104,9 +104,15 @@ class QuantPlan:
     ordering: str = "lim"
     custom_order: tuple[int, ...] = ()
     seed: int = 0
+    zero_point: str = "integer"
 
     def series(self) -> str:
         return f"{self.ordering} {self.high_bits}/{self.low_bits}-bit {self.quantizer}"
+
+    def spec(self) -> QuantizerSpec:
+        """The underlying per-weight quantizer (at the high level)."""
+        return QuantizerSpec(method=self.quantizer, bits=self.high_bits, group_size=self.group_size,
+                             zero_point=self.zero_point)
 
 
 def allocation_for(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, calibration: DataSpec,
@@ -133,7 +139,7 @@ def run_quantization(
 ) -> RunOutcome:
     """Quantize a copy layer-wise, evaluate, store (and save if ``save_to``)."""
     allocation = allocation_for(store, loaded, plan, calibration, progress)
-    spec = QuantizerSpec(method=plan.quantizer, bits=plan.high_bits, group_size=plan.group_size)
+    spec = plan.spec()
     windows = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen) if plan.quantizer == "gptq" else None
     with Timer() as timer:
         quantized = quantize_model(loaded, allocation, spec, windows, progress=_stage(progress, "quantizing"))
@@ -150,6 +156,7 @@ def run_quantization(
         "series": plan.series(), "quantizer": plan.quantizer, "group_size": plan.group_size,
         "high_bits": plan.high_bits, "low_bits": plan.low_bits, "low_fraction": plan.low_fraction,
         "target_bits": plan.target_bits, "ordering": plan.ordering, "bits": list(allocation.bits),
+        "zero_point": plan.zero_point, "warnings": quantized.warnings,
         "calibration": windows.label() if windows is not None else None,
     }
     if save_to:

@@ -45,6 +45,7 @@ class RunOutcome:
     metrics: dict
     data: dict
     model: torch.nn.Module
+    config: dict
 
 
 def evaluate_model(
@@ -77,7 +78,7 @@ def run_dense(
     metrics.update(dense_size_metrics(loaded.model))
     run_id = store.add_run(model=loaded.source, model_fingerprint=loaded.fingerprint, method="dense",
                            config={"series": "dense"}, data=data, metrics=metrics, duration_s=timer.seconds)
-    return RunOutcome(run_id, metrics, data, loaded.model)
+    return RunOutcome(run_id, metrics, data, loaded.model, {"series": "dense"})
 
 
 def compute_scores(
@@ -103,7 +104,7 @@ def store_compressed(
     metrics["compress_s"] = seconds
     run_id = store.add_run(model=loaded.source, model_fingerprint=loaded.fingerprint, method=method,
                            config=config, data=data, metrics=metrics, duration_s=seconds + timer.seconds)
-    return RunOutcome(run_id, metrics, data, model)
+    return RunOutcome(run_id, metrics, data, model, config)
 
 
 def grid(*axes: Sequence) -> list[tuple]:

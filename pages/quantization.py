@@ -9,7 +9,6 @@ from engine.compression_runs import QuantPlan, allocation_for, run_quantization
 from engine.data import DataError
 from engine.experiments import EvalPlan, compute_scores, grid
 from engine.quantize import size_report
-from engine.quantizers import QuantizerSpec
 from engine.scores import zd_importance
 from ui.session import require_model, results_store
 from ui.widgets import calibration_and_evaluation, cancel_button, method_tradeoff, progress_callback, show_outcome
@@ -34,6 +33,8 @@ cols = st.columns(4)
 quantizer = cols[0].selectbox("Quantizer", ["rtn", "gptq"], key="quant_method",
                               format_func={"rtn": "round-to-nearest", "gptq": "GPTQ (calibrated)"}.get)
 group_size = cols[0].selectbox("Group size", [32, 64, 128, 256], index=2, key="quant_group")
+zero_point = cols[0].radio("Zero point", ["integer", "float"], key="quant_zero", horizontal=True,
+                           help="integer: GPTQ-style grid; float: fp16 group minimum (Q4_1 style).")
 high_bits = cols[1].select_slider("High bits", list(range(2, 9)), 4, key="quant_high")
 low_bits = cols[1].select_slider("Low bits", list(range(2, 9)), 2, key="quant_low")
 mode = cols[2].radio("Allocate by", ["fraction", "average"], key="quant_mode",
@@ -50,14 +51,15 @@ if ordering == "custom":
     table = st.data_editor({"position (least important first)": list(range(n_layers)), "layer": list(range(n_layers))},
                            disabled=["position (least important first)"], key="quant_custom", hide_index=True)
     custom = tuple(int(v) for v in table["layer"])
-plan = QuantPlan(quantizer, group_size, high_bits, low_bits, low_fraction, target_bits, ordering, custom, int(seed))
+plan = QuantPlan(quantizer, group_size, high_bits, low_bits, low_fraction, target_bits, ordering, custom, int(seed),
+                 zero_point)
 
 if calibration is None or evaluation is None:
     st.stop()
 st.subheader("Bit map preview")
 try:
     allocation = allocation_for(store, loaded, plan, calibration, progress_callback("Importance scores"))
-    spec = QuantizerSpec(quantizer, high_bits, group_size)
+    spec = plan.spec()
 except (DataError, ValueError) as err:
     st.error(str(err))
     st.stop()
@@ -81,18 +83,18 @@ left, mid, right = st.columns(3)
 with right:
     cancel_button("quantization")
 preview_plan = EvalPlan(replace(evaluation, n_windows=min(PREVIEW_WINDOWS, evaluation.n_windows)))
-if left.button(f"Preview ({PREVIEW_WINDOWS} windows)", type="primary"):
+preview = left.button(f"Preview ({PREVIEW_WINDOWS} windows)", type="primary")
+full = mid.button("Full evaluation")
+if preview or full:
     try:
-        show_outcome(run_quantization(store, loaded, plan, calibration, preview_plan, None,
-                                      progress_callback("Quantizing")), loaded)
+        outcome = run_quantization(store, loaded, plan, calibration, preview_plan if preview else EvalPlan(evaluation),
+                                   None, progress_callback("Quantizing"))
     except (DataError, ValueError) as err:
         st.error(str(err))
-if mid.button("Full evaluation"):
-    try:
-        show_outcome(run_quantization(store, loaded, plan, calibration, EvalPlan(evaluation), None,
-                                      progress_callback("Quantizing")), loaded)
-    except (DataError, ValueError) as err:
-        st.error(str(err))
+    else:
+        for warning in outcome.config.get("warnings", []):
+            st.warning(warning)
+        show_outcome(outcome, loaded)
 
 with right.popover("Ordering sweep (the paper's chart)"):
     fractions = st.multiselect("Layers at low bits %", [0, 10, 25, 50, 75, 100], [0, 25, 50, 75, 100], key="qs_f")
@@ -101,7 +103,7 @@ with right.popover("Ordering sweep (the paper's chart)"):
         points = grid(orders, fractions)
         bar = progress_callback("Sweep")
         for done, (order, fraction) in enumerate(points):
-            sweep_plan = QuantPlan(quantizer, group_size, high_bits, low_bits, fraction / 100, None, order, (), int(seed))
+            sweep_plan = replace(plan, low_fraction=fraction / 100, target_bits=None, ordering=order)
             run_quantization(store, loaded, sweep_plan, calibration, EvalPlan(evaluation))
             bar("runs", done + 1, len(points))
 
