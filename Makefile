@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench install chromium clean-venv
+.PHONY: run test install chromium clean-venv
 
 install: $(STAMP)
 
@@ -25,9 +25,6 @@ test: $(STAMP) chromium
 # Browser tests drive Debian's Chromium; no test tool downloads a browser of its own.
 chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
-
-bench: $(STAMP)
-	$(PY) -m bench
 
 clean-venv:
 	rm -rf $(VENV)

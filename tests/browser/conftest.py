@@ -46,15 +46,11 @@ def _wait_healthy(url: str, process: subprocess.Popen, timeout_s: float = 120) -
     raise TimeoutError("streamlit did not become healthy")
 
 
-@pytest.fixture(scope="session")
-def server():
-    """Base URL of a dashboard started on a free localhost port (isolated cache)."""
-    if not os.path.exists(CHROMIUM):
-        pytest.fail("Debian chromium is missing: `make test` installs it with apt-get.")
-    shutil.rmtree(ARTIFACTS, ignore_errors=True)
-    ARTIFACTS.mkdir(parents=True)
+def start_server(log_name: str) -> tuple[subprocess.Popen, str]:
+    """Start the dashboard on a free localhost port (the test session's cache); wait until healthy."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    log = open(ARTIFACTS / "streamlit-server.log", "w")
+    log = open(ARTIFACTS / log_name, "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
          "--server.address", "127.0.0.1", "--server.headless", "true"],
@@ -63,14 +59,31 @@ def server():
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, process)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+    except Exception:
+        stop_server(process)
+        raise
+    return process, url
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def server():
+    """Base URL of a dashboard started on a free localhost port (isolated cache)."""
+    if not os.path.exists(CHROMIUM):
+        pytest.fail("Debian chromium is missing: `make test` installs it with apt-get.")
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    ARTIFACTS.mkdir(parents=True)
+    process, url = start_server("streamlit-server.log")
+    yield url
+    stop_server(process)
 
 
 @pytest.fixture(scope="session")
@@ -108,7 +121,7 @@ def page(browser, request):
     page = context.new_page()
     console: list[str] = []
     page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
-    page.set_default_timeout(180_000)
+    page.set_default_timeout(90_000)
     yield page
     failed = getattr(request.node, "rep_call", None)
     if failed is not None and failed.failed:

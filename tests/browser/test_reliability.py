@@ -1,0 +1,167 @@
+"""Bad input, concurrent sessions, cancelling and crashing, in a real browser."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from engine.compression_runs import QuantPlan, run_quantization
+from engine.data import DataSpec
+from engine.experiments import EvalPlan
+from engine.paths import cache_root
+from engine.store import ResultsStore
+from tests.browser.conftest import start_server, stop_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+
+def _set(page, label: str, value, nth: int = 0) -> None:
+    box = page.get_by_label(label, exact=True).nth(nth)
+    box.fill(str(value))
+    box.press("Enter")
+    page.wait_for_timeout(400)
+
+
+def _small_data(page, calib_windows: int = 2, calib_seqlen: int = 32) -> None:
+    page.get_by_text("Calibration and evaluation data").click()
+    _set(page, "Windows", calib_windows, 0)
+    _set(page, "Seqlen (tokens)", calib_seqlen, 0)
+    _set(page, "Windows", 2, 1)
+    _set(page, "Seqlen (tokens)", 32, 1)
+
+
+def _verify_weights(page, server) -> None:
+    page.goto(server)
+    page.get_by_role("button", name="Verify weights").click()
+    page.get_by_text("Weights unchanged since load").wait_for()
+
+
+def test_bad_inputs_show_messages_and_change_nothing(page, steps, server, tmp_path):
+    rows = [r.id for r in ResultsStore().runs()]
+    page.goto(server)
+    page.get_by_text("Baseline perplexity", exact=True).wait_for()
+    source = page.get_by_role("textbox", name="Hugging Face id or local path")
+    source.fill("nobody/no-such-model")
+    source.press("Enter")  # submits the sidebar form
+    page.get_by_text("Model not loaded").wait_for()
+    page.get_by_text("Still using smollm2-135m.").wait_for()
+    steps.shot("missing-model")
+
+    text_source = page.get_by_test_id("stMain").get_by_test_id("stSelectbox").first
+    text_source.click()
+    page.keyboard.type("file")
+    page.keyboard.press("Enter")
+    empty, binary = tmp_path / "empty.txt", tmp_path / "image.bin"
+    empty.write_bytes(b"")
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    page.locator("input[type=file]").set_input_files(str(empty))
+    page.get_by_text("is empty").wait_for()
+    steps.shot("empty-upload")
+    page.locator("input[type=file]").set_input_files(str(binary))
+    page.get_by_text("looks binary").wait_for()
+    steps.shot("binary-upload")
+
+    page.goto(server)
+    _set(page, "Seqlen (tokens)", 9000)
+    page.get_by_text("longer than this model allows").wait_for()
+    steps.shot("seqlen-too-long")
+
+    page.goto(f"{server}/quantization")
+    page.get_by_text("Bit map preview").wait_for()
+    _small_data(page)
+    low = page.get_by_role("slider").nth(1)  # low bits
+    low.focus()
+    for _ in range(6):
+        page.keyboard.press("ArrowRight")
+    page.get_by_text("must not exceed the high level").wait_for()
+    steps.shot("low-above-high-bits")
+    assert [r.id for r in ResultsStore().runs()] == rows
+    _verify_weights(page, server)
+
+
+def _start_preview(page, server, low_bits_presses: int) -> None:
+    page.goto(f"{server}/quantization")
+    page.get_by_text("Bit map preview").wait_for()
+    _small_data(page)
+    low = page.get_by_role("slider").nth(1)
+    low.focus()
+    for _ in range(low_bits_presses):
+        page.keyboard.press("ArrowRight")
+    page.get_by_text(f"at {2 + low_bits_presses} bits").first.wait_for()
+
+
+def test_two_sessions_compress_at_once_with_independent_results(browser, server, builtin, steps, page):
+    first, second = page, browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+    second.set_default_timeout(90_000)
+    _start_preview(first, server, 0)   # 4/2 bits
+    _start_preview(second, server, 1)  # 4/3 bits
+    before = {r.id for r in ResultsStore().runs()}
+    first.get_by_role("button", name="Preview (4 windows)").click()
+    second.get_by_role("button", name="Preview (4 windows)").click()
+    first.get_by_text("Stored as run").wait_for()
+    second.get_by_text("Stored as run").wait_for()
+    steps.shot("first-session")
+    new = [r for r in ResultsStore().runs() if r.id not in before]
+    assert sorted(r.config["low_bits"] for r in new) == [2, 3]
+    for run in new:  # each equals the same plan run alone, in this process
+        plan = QuantPlan(low_bits=run.config["low_bits"], low_fraction=0.25)
+        alone = run_quantization(ResultsStore(cache_root() / "alone.sqlite"), builtin, plan,
+                                 DataSpec(split="calibration", seqlen=32, n_windows=2),
+                                 EvalPlan(DataSpec(split="evaluation", seqlen=32, n_windows=2)))
+        assert run.metrics["ppl"] == pytest.approx(alone.metrics["ppl"], rel=1e-5)
+    second.context.close()
+    _verify_weights(first, server)
+
+
+def _no_partial_files() -> list[Path]:
+    return [p for p in cache_root().rglob("*") if p.suffix == ".tmp" or p.name.startswith(".tmp")]
+
+
+def test_cancel_leaves_nothing_half_written(page, steps, server):
+    page.goto(f"{server}/slicing")
+    page.get_by_text("Schedule preview").wait_for()
+    _small_data(page, calib_windows=24, calib_seqlen=256)
+    page.get_by_text("Achieved mean slicing").wait_for()
+    before = [r.id for r in ResultsStore().runs()]
+    page.get_by_role("button", name="Run slicing").click()
+    page.get_by_text("Slicing · slicing:").wait_for()
+    steps.shot("running")
+    page.get_by_role("button", name="Cancel run").click()
+    page.get_by_text("Cancelled. Nothing from the interrupted run was stored.").wait_for()
+    steps.shot("cancelled")
+    page.wait_for_timeout(3000)
+    assert [r.id for r in ResultsStore().runs()] == before
+    assert not _no_partial_files()
+
+
+def test_killing_the_app_mid_run_loses_no_result(browser, steps):
+    process, url = start_server("killed-server.log")
+    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+    page.set_default_timeout(90_000)
+    try:
+        before = [r.id for r in ResultsStore().runs()]
+        page.goto(f"{url}/slicing")
+        page.get_by_text("Schedule preview").wait_for()
+        _small_data(page, calib_windows=24, calib_seqlen=256)
+        page.get_by_role("button", name="Run slicing").click()
+        page.get_by_text("Slicing · slicing:").wait_for()
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        stop_server(process)
+    with sqlite3.connect(ResultsStore().path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert [r.id for r in ResultsStore().runs()] == before
+    process, url = start_server("restarted-server.log")
+    try:
+        page.goto(f"{url}/results")
+        page.get_by_role("heading", name="Results").wait_for()
+        steps.shot("after-restart")
+        assert not _no_partial_files()
+    finally:
+        page.context.close()
+        stop_server(process)
