@@ -16,7 +16,7 @@ def _set_number(page, label: str, value: int) -> None:
 def test_builtin_model_loads_and_scores_render(page, steps, server):
     page.goto(server)
     page.get_by_text("Baseline perplexity", exact=True).wait_for()
-    page.get_by_text("4-bit (Q4_1)").wait_for()
+    page.get_by_text("as a 4-bit (Q4_1").wait_for()
     steps.shot("model-page")
 
     page.get_by_role("link", name="Layer redundancy").click()
