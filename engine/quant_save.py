@@ -17,15 +17,13 @@ reloaded model gives the same logits as the in-memory quantized copy.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from engine.architectures import architecture_for
+from engine.paths import atomic_folder
 from engine.quant_files import read_checked, weight_config, weight_from_tensors, weight_to_tensors, write_checked
 from engine.quantize import QuantizedModel, QuantizeStats, apply_weights
 from engine.quantizers import QuantizationError, QuantizerSpec
@@ -66,19 +64,13 @@ def save_quantized(qm: QuantizedModel, folder: str | Path, tokenizer=None, overw
             "attn_implementation": getattr(qm.model.config, "_attn_implementation", None),
             "quantizer": qm.spec.to_dict(), "bits": list(qm.bits), "linears": linears,
             "calibration": qm.calibration, "size": qm.size().to_dict()}
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as staging:
         write_checked(staging / WEIGHTS_FILE, tensors, {"linears": linears})
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2))
         qm.model.config.save_pretrained(staging)
         tokenizer = tokenizer if tokenizer is not None else qm.tokenizer
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 

@@ -33,10 +33,11 @@ Storage (bit-packed codes, safetensors) lives in ``engine.quant_files``.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
 import torch
+
+from engine.cpu import single_cpu_thread
 
 METHODS = ("rtn", "gptq")
 ZERO_POINTS = ("integer", "float")
@@ -359,7 +360,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
     zeros = torch.empty_like(scales)
     maxq = 2**spec.bits - 1
     integer_zero = spec.zero_point == "integer"
-    with _one_thread_on_cpu(w.device):
+    with single_cpu_thread(w.device):
         for i1 in range(0, inp, block):
             i2 = min(i1 + block, inp)
             w1 = wt[i1:i2].clone()
@@ -391,21 +392,6 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
             g_idx = (inverse // gs).to(torch.int32)
     return QuantizedWeight(codes=codes.to(torch.uint8).contiguous(), scales=scales, zeros=zeros,
                            bits=spec.bits, group_size=gs, method="gptq", g_idx=g_idx, zero_point=spec.zero_point)
-
-
-@contextmanager
-def _one_thread_on_cpu(device: torch.device):
-    """GPTQ's column loop is thousands of small ops: one CPU thread is faster and
-    does not stall when other processes share the cores."""
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def quantize_weight(weight: torch.Tensor, spec: QuantizerSpec,

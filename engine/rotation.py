@@ -19,12 +19,12 @@ fp64 matmuls would double the cost of slicing on CPU.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from engine.architectures import Architecture, get_submodule
+from engine.cpu import single_cpu_thread
 
 
 class NormFusionError(ValueError):
@@ -206,25 +206,6 @@ class Covariance:
         self.tokens += int(x.shape[0])
 
 
-@contextmanager
-def _single_cpu_thread(tensor: torch.Tensor):
-    """Run a CPU LAPACK call single-threaded, restoring the thread count afterwards.
-
-    On a busy CPU a multi-threaded ``eigh`` of a few-hundred-wide matrix can be
-    40× slower than a single-threaded one (measured: 576×576, 2 threads 2.7 s,
-    1 thread 0.07 s).  Other devices are left alone.
-    """
-    if tensor.device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def pca_basis(covariance: torch.Tensor, damping: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues ``[D]`` (decreasing) and eigenvectors ``[D, D]`` (columns) of ``H``.
 
@@ -233,7 +214,7 @@ def pca_basis(covariance: torch.Tensor, damping: float = 0.01) -> tuple[torch.Te
     """
     h = covariance.to(torch.float64).clone()
     h.diagonal().add_(damping * h.diagonal().mean())
-    with _single_cpu_thread(h):
+    with single_cpu_thread(h.device):
         values, vectors = torch.linalg.eigh(h)
     order = torch.argsort(values, descending=True)
     return values[order], vectors[:, order]

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from engine.architectures import Architecture, architecture_for, get_submodule
+from engine.paths import atomic_folder
 from engine.rotation import fuse_norms, set_linear_weight, untie_head
 
 WEIGHTS_FILE = "model.safetensors"
@@ -210,9 +211,7 @@ def save_sliced_folder(model: nn.Module, folder: str | Path, meta: dict) -> Path
     anything else JSON-serialisable is kept as is.  Returns the folder.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -220,7 +219,9 @@ def save_sliced_folder(model: nn.Module, folder: str | Path, meta: dict) -> Path
         "base_config": model.config.to_dict(),
         **meta,
     }
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
+    with atomic_folder(folder) as staging:  # an interrupted save leaves no half-written model
+        save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
     return folder
 
 
