@@ -5,8 +5,9 @@ import streamlit as st
 from engine.data import DataError
 from engine.experiments import EvalPlan, run_dense
 from engine.models import weights_fingerprint
+from engine.zeroshot import TaskUnavailableError
 from ui.session import require_model, results_store
-from ui.widgets import computed_on, data_spec_controls, progress_callback
+from ui.widgets import computed_on, data_spec_controls, progress_callback, show_accuracies, zero_shot_controls
 
 loaded = require_model()
 store = results_store()
@@ -28,14 +29,16 @@ st.caption(
     "95% interval by bootstrap over windows. Evaluation text never overlaps calibration text."
 )
 spec = data_spec_controls("baseline", "evaluation", loaded)
+zero_shot = zero_shot_controls("baseline")
 if spec is not None and st.button("Measure baseline perplexity", type="primary"):
     try:
-        outcome = run_dense(store, loaded, EvalPlan(spec), progress=progress_callback("Baseline"))
-    except DataError as err:
+        outcome = run_dense(store, loaded, EvalPlan(spec, **zero_shot), progress=progress_callback("Baseline"))
+    except (DataError, TaskUnavailableError) as err:
         st.error(str(err))
     else:
         m = outcome.metrics
         st.metric("Perplexity", f"{m['ppl']:.3f}", help=f"95% interval {m['ci_low']:.2f}–{m['ci_high']:.2f}")
+        show_accuracies(m)
         st.caption(computed_on(loaded, outcome.data["label"]) + f" Stored as run {outcome.run_id}.")
 
 st.subheader("Earlier results for this model")

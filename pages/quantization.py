@@ -28,7 +28,7 @@ st.caption(
 )
 if loaded.note:
     st.caption("The built-in model was distributed at 4 bits: 3- and 2-bit levels are the informative ones.")
-calibration, evaluation = calibration_and_evaluation("quant", loaded)
+calibration, evaluation, zero_shot = calibration_and_evaluation("quant", loaded)
 cols = st.columns(4)
 quantizer = cols[0].selectbox("Quantizer", ["rtn", "gptq"], key="quant_method",
                               format_func={"rtn": "round-to-nearest", "gptq": "GPTQ (calibrated)"}.get)
@@ -82,12 +82,13 @@ st.caption(
 left, mid, right = st.columns(3)
 with right:
     cancel_button("quantization")
+full_plan = EvalPlan(evaluation, **zero_shot)
 preview_plan = EvalPlan(replace(evaluation, n_windows=min(PREVIEW_WINDOWS, evaluation.n_windows)))
 preview = left.button(f"Preview ({PREVIEW_WINDOWS} windows)", type="primary")
 full = mid.button("Full evaluation")
 if preview or full:
     try:
-        outcome = run_quantization(store, loaded, plan, calibration, preview_plan if preview else EvalPlan(evaluation),
+        outcome = run_quantization(store, loaded, plan, calibration, preview_plan if preview else full_plan,
                                    None, progress_callback("Quantizing"))
     except (DataError, ValueError) as err:
         st.error(str(err))
@@ -104,7 +105,7 @@ with right.popover("Ordering sweep (the paper's chart)"):
         bar = progress_callback("Sweep")
         for done, (order, fraction) in enumerate(points):
             sweep_plan = replace(plan, low_fraction=fraction / 100, target_bits=None, ordering=order)
-            run_quantization(store, loaded, sweep_plan, calibration, EvalPlan(evaluation))
+            run_quantization(store, loaded, sweep_plan, calibration, full_plan)
             bar("runs", done + 1, len(points))
 
 st.subheader("Trade-off")

@@ -22,7 +22,7 @@ st.caption(
     "calibration text) and drop the least important dimensions. Dynamic slicing gives redundant layers "
     "(high LR) more slicing: FS_i = SB + (SP − SB)·v_i / mean(v), v = min-max normalised LR."
 )
-calibration, evaluation = calibration_and_evaluation("slicing", loaded)
+calibration, evaluation, zero_shot = calibration_and_evaluation("slicing", loaded)
 cols = st.columns(4)
 source = cols[0].radio("Schedule", ["dynamic", "constant", "custom"], key="slicing_schedule",
                        format_func={"dynamic": "LR dynamic", "constant": "constant", "custom": "custom table"}.get)
@@ -55,7 +55,7 @@ st.caption(
     f"(asked {schedule.target:.4f}). LR from {calibration.label()} on {loaded.source}."
 )
 
-plan_eval = EvalPlan(evaluation)
+plan_eval = EvalPlan(evaluation, **zero_shot)
 left, right = st.columns(2)
 save = left.checkbox("Save the sliced model under cache/sliced/", key="slicing_save")
 with right:

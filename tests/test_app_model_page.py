@@ -60,3 +60,18 @@ def test_verify_weights_confirms_an_untouched_model():
     at = open_app()
     next(b for b in at.button if b.label == "Verify weights").click().run()
     assert "Weights unchanged since load" in at.success[0].value
+
+
+def test_zero_shot_task_from_the_model_page_is_stored_with_its_metric():
+    at = open_app()
+    at.number_input(key="baseline_windows").set_value(1)
+    at.number_input(key="baseline_seqlen").set_value(32)
+    at.multiselect(key="baseline_tasks").set_value(["layerlab_wiki_lastword"])
+    at.number_input(key="baseline_task_limit").set_value(5).run()
+    next(b for b in at.button if b.label == "Measure baseline perplexity").click().run()
+    assert not at.exception and not at.error, at.error
+    assert [m.label for m in at.metric] == ["Perplexity", "layerlab_wiki_lastword (acc)"]
+    (run,) = ResultsStore().runs()[:1]
+    assert run.metrics["acc_n.layerlab_wiki_lastword"] == 5
+    assert 0 <= run.metrics["acc.layerlab_wiki_lastword"] <= 1
+    assert run.data["tasks"] == ["layerlab_wiki_lastword"]

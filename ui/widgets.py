@@ -68,7 +68,8 @@ def calibration_and_evaluation(key: str, loaded: LoadedModel):
         st.caption("Calibration text (scores, PCA, GPTQ) and evaluation text never overlap.")
         calibration = data_spec_controls(f"{key}_calib", "calibration", loaded, windows=16, seqlen=256)
         evaluation = data_spec_controls(f"{key}_eval", "evaluation", loaded, windows=8, seqlen=256)
-    return calibration, evaluation
+        zero_shot = zero_shot_controls(key)
+    return calibration, evaluation, zero_shot
 
 
 def show_outcome(outcome, loaded: LoadedModel) -> None:
@@ -79,6 +80,7 @@ def show_outcome(outcome, loaded: LoadedModel) -> None:
     cols[1].metric("Parameters vs dense", f"{m['param_fraction']:.3f}")
     cols[2].metric("Bytes vs dense", f"{m['size_fraction']:.3f}")
     cols[3].metric("Compression time", f"{m['compress_s']:.1f} s")
+    show_accuracies(m)
     st.caption(computed_on(loaded, outcome.data["label"]) + f" Stored as run {outcome.run_id}.")
 
 
@@ -109,3 +111,27 @@ def cancel_button(key: str) -> None:
     """
     if st.button("Cancel run", key=f"cancel_{key}", help="Stops a running job; nothing half-done is stored."):
         st.info("Cancelled. Nothing from the interrupted run was stored.")
+
+
+def zero_shot_controls(key: str) -> dict:
+    """Optional zero-shot tasks run on every evaluated model: ``{"tasks": (...), "task_limit": n}``."""
+    from engine.tasks import OFFLINE_TASKS
+    from engine.zeroshot import STANDARD_TASKS
+
+    cols = st.columns([3, 1])
+    tasks = cols[0].multiselect(
+        "Zero-shot tasks (lm-eval, optional)", OFFLINE_TASKS + STANDARD_TASKS, key=f"{key}_tasks",
+        help="The layerlab_wiki_* tasks work offline (built from wiki-offline evaluation articles); "
+        "standard tasks need their datasets cached or the hub reachable.",
+    )
+    limit = cols[1].number_input("Items per task", 5, 5000, 100, key=f"{key}_task_limit")
+    return {"tasks": tuple(tasks), "task_limit": int(limit)}
+
+
+def show_accuracies(metrics: dict) -> None:
+    """Zero-shot accuracies of a run, if any were measured."""
+    tasks = [k.removeprefix("acc.") for k in metrics if k.startswith("acc.")]
+    for task, col in zip(tasks, st.columns(max(len(tasks), 1))):
+        stderr = metrics.get(f"acc_stderr.{task}")
+        col.metric(f"{task} ({metrics[f'acc_metric.{task}']})", f"{metrics[f'acc.{task}']:.3f}",
+                   help=f"± {stderr:.3f} (stderr), n = {metrics[f'acc_n.{task}']}" if stderr else None)
