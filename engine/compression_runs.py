@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from engine.allocation import Allocation, allocate_average, allocate_fraction, layer_order
 from engine.data import DataSpec, token_windows
-from engine.experiments import EvalPlan, RunOutcome, StageProgress, _stage, compute_scores, store_compressed
+from engine.experiments import EvalPlan, RunOutcome, StageProgress, compute_scores, stage_callback, store_compressed
 from engine.models import LoadedModel, model_size
 from engine.quant_save import save_quantized
 from engine.quantize import quantize_model
@@ -69,7 +69,7 @@ def run_slicing(
     windows = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen)
     with Timer() as timer:
         result = slice_model(loaded.model, loaded.architecture, windows, schedule, round_to=plan.round_to,
-                             final_rotation=plan.final_rotation, progress=_stage(progress, "slicing"),
+                             final_rotation=plan.final_rotation, progress=stage_callback(progress, "slicing"),
                              source=loaded.source)
     report, dense = result.report, model_size(loaded.model)
     sample = windows.input_ids[:1]
@@ -142,7 +142,7 @@ def run_quantization(
     spec = plan.spec()
     windows = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen) if plan.quantizer == "gptq" else None
     with Timer() as timer:
-        quantized = quantize_model(loaded, allocation, spec, windows, progress=_stage(progress, "quantizing"))
+        quantized = quantize_model(loaded, allocation, spec, windows, progress=stage_callback(progress, "quantizing"))
     size = quantized.size()
     dense = model_size(loaded.model)
     metrics = {

@@ -23,7 +23,8 @@ from engine.zeroshot import zero_shot
 StageProgress = Callable[[str, int, int], None]
 
 
-def _stage(progress: StageProgress | None, name: str):
+def stage_callback(progress: StageProgress | None, name: str):
+    """A ``(done, total)`` callback reporting to ``progress`` under the stage ``name``."""
     return None if progress is None else (lambda done, total: progress(name, done, total))
 
 
@@ -53,11 +54,11 @@ def evaluate_model(
 ) -> tuple[dict, dict]:
     """(metrics, data) of ``model``: perplexity, its interval, and zero-shot accuracies."""
     windows = token_windows(plan.data, loaded.tokenizer, loaded.max_seqlen)
-    result = perplexity(model, windows, batch_size=plan.batch_size, progress=_stage(progress, "perplexity"))
+    result = perplexity(model, windows, batch_size=plan.batch_size, progress=stage_callback(progress, "perplexity"))
     metrics = result.to_metrics()
     if plan.tasks:
         for score in zero_shot(model, loaded.tokenizer, list(plan.tasks), limit=plan.task_limit,
-                               progress=_stage(progress, "zero-shot")):
+                               progress=stage_callback(progress, "zero-shot")):
             metrics[f"acc.{score.task}"] = score.value
             metrics[f"acc_stderr.{score.task}"] = score.stderr
             metrics[f"acc_n.{score.task}"] = score.n
@@ -88,7 +89,7 @@ def compute_scores(
     """LR (cached per model, data, windows, seqlen) and ZD scores; the bool says LR was cached."""
     windows = token_windows(spec, loaded.tokenizer, loaded.max_seqlen)
     lr, hit = cached_layer_redundancy(store, loaded.model, loaded.architecture, loaded.fingerprint,
-                                      windows, progress=_stage(progress, "scoring"))
+                                      windows, progress=stage_callback(progress, "scoring"))
     zd, _ = cached_weight_outliers(store, loaded.model, loaded.architecture, loaded.fingerprint, k)
     return lr, zd, hit
 

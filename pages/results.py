@@ -39,8 +39,7 @@ figure = tradeoff_figure(on_data, x, y, subtitle)
 st.plotly_chart(figure, key="results_tradeoff")
 st.caption(f"Computed on: {subtitle}. Circled points are Pareto-optimal; the dotted line is the dense baseline.")
 
-saved = [c for c in ("config.saved_to",) if c in shown]
-if saved and shown["config.saved_to"].notna().any():
+if "config.saved_to" in shown and shown["config.saved_to"].notna().any():
     st.subheader("Saved compressed models")
     st.dataframe(shown[shown["config.saved_to"].notna()][["id", "method", "series", "config.saved_to"]],
                  hide_index=True)

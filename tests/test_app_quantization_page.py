@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.apptest import open_app
+from tests.apptest import open_app, use_small_data
 
 pytestmark = pytest.mark.slow
-
-
-def _small_data(at):
-    for key, value in (("quant_calib_windows", 2), ("quant_calib_seqlen", 32),
-                       ("quant_eval_windows", 2), ("quant_eval_seqlen", 32)):
-        at.number_input(key=key).set_value(value)
-    return at.run()
 
 
 def _bits_caption(at) -> str:
@@ -21,7 +14,7 @@ def _bits_caption(at) -> str:
 
 
 def test_bit_map_follows_the_sliders_and_bad_levels_are_refused():
-    at = _small_data(open_app("quantization"))
+    at = use_small_data(open_app("quantization"), "quant")
     assert not at.exception and not at.error
     assert "Per-layer bit allocation" in at.get("plotly_chart")[0].proto.spec
     assert _bits_caption(at).startswith("Average 3.467 code bits")  # 25% of 30 layers -> 8 at 2 bits
@@ -35,7 +28,7 @@ def test_bit_map_follows_the_sliders_and_bad_levels_are_refused():
 
 
 def test_preview_run_is_stored_and_charted():
-    at = _small_data(open_app("quantization"))
+    at = use_small_data(open_app("quantization"), "quant")
     at.select_slider(key="quant_low").set_value(3).run()
     next(b for b in at.button if b.label.startswith("Preview")).click().run()
     assert not at.exception and not at.error, at.error

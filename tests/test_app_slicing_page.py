@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.apptest import open_app
+from tests.apptest import open_app, use_small_data
 
 pytestmark = pytest.mark.slow
 
 
-def _small_data(at):
-    for key, value in (("slicing_calib_windows", 2), ("slicing_calib_seqlen", 32),
-                       ("slicing_eval_windows", 2), ("slicing_eval_seqlen", 32)):
-        at.number_input(key=key).set_value(value)
-    return at.run()
-
-
 def test_schedule_preview_follows_sliders_and_refuses_impossible_schedules():
-    at = _small_data(open_app("slicing"))
+    at = use_small_data(open_app("slicing"), "slicing")
     assert not at.exception and not at.error
     preview = at.get("plotly_chart")[0]
     assert "Per-layer slicing schedule" in preview.proto.spec
@@ -35,7 +28,7 @@ def test_schedule_preview_follows_sliders_and_refuses_impossible_schedules():
 
 
 def test_run_slicing_stores_and_charts_the_result():
-    at = _small_data(open_app("slicing"))
+    at = use_small_data(open_app("slicing"), "slicing")
     at.slider(key="slicing_target").set_value(10).run()
     next(b for b in at.button if b.label == "Run slicing").click().run()
     assert not at.exception and not at.error, at.error

@@ -9,7 +9,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from engine.store import ResultsStore
-from tests.apptest import open_app
+from tests.apptest import open_app, use_small_data
 from tests.tiny_models import TINY_FACTORIES
 
 pytestmark = pytest.mark.slow
@@ -44,13 +44,6 @@ def _sidebar_with(source: str) -> AppTest:
     return at.sidebar.button[0].click().run()
 
 
-def _small(at, prefix):
-    for key, value in ((f"{prefix}_calib_windows", 2), (f"{prefix}_calib_seqlen", 32),
-                       (f"{prefix}_eval_windows", 2), (f"{prefix}_eval_seqlen", 32)):
-        at.number_input(key=key).set_value(value)
-    return at.run()
-
-
 def test_bad_inputs_then_real_runs_keep_store_and_base_model_intact(tmp_path, builtin):
     open_app()  # loads the shared model into the process-wide cache
     base = _shared_model()
@@ -81,22 +74,22 @@ def test_bad_inputs_then_real_runs_keep_store_and_base_model_intact(tmp_path, bu
     at.number_input(key="baseline_seqlen").set_value(9000).run()
     assert "longer than this model allows" in at.error[0].value
 
-    at = _small(open_app("slicing"), "slicing")
+    at = use_small_data(open_app("slicing"), "slicing")
     at.radio(key="slicing_schedule").set_value("custom").run()
     at.session_state["slicing_custom"] = {"edited_rows": {0: {"fraction": -0.5}}, "added_rows": [],
                                           "deleted_rows": []}
     at.run()
     assert at.error and not at.exception
 
-    at = _small(open_app("quantization"), "quant")
+    at = use_small_data(open_app("quantization"), "quant")
     at.select_slider(key="quant_low").set_value(8).run()
     assert "must not exceed the high level" in at.error[0].value
     assert [r.id for r in ResultsStore().runs()] == before_rows
 
-    at = _small(open_app("slicing"), "slicing")
+    at = use_small_data(open_app("slicing"), "slicing")
     at.slider(key="slicing_target").set_value(10).run()
     next(b for b in at.button if b.label == "Run slicing").click().run()
-    at = _small(open_app("quantization"), "quant")
+    at = use_small_data(open_app("quantization"), "quant")
     next(b for b in at.button if b.label.startswith("Preview")).click().run()
     assert not at.exception and not at.error
     assert len(ResultsStore().runs()) == len(before_rows) + 2
