@@ -41,6 +41,11 @@ plan = SlicingPlan(source, target, basis, fractions, int(round_to), final_rotati
 if calibration is None or evaluation is None:
     st.stop()
 st.subheader("Schedule preview")
+if calibration.n_windows * calibration.seqlen < hidden:
+    st.warning(
+        f"Calibration has {calibration.n_windows * calibration.seqlen} tokens, fewer than the hidden size "
+        f"({hidden}): the PCA is rank-deficient and sliced models lose much more. Use more windows."
+    )
 try:
     schedule = slicing_schedule(store, loaded, plan, calibration, progress_callback("LR scores"))
     dims = schedule_dims(schedule, hidden, int(round_to))

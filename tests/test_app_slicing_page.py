@@ -12,6 +12,7 @@ pytestmark = pytest.mark.slow
 def test_schedule_preview_follows_sliders_and_refuses_impossible_schedules():
     at = use_small_data(open_app("slicing"), "slicing")
     assert not at.exception and not at.error
+    assert "rank-deficient" in at.warning[0].value  # 2 × 32 calibration tokens < hidden size 576
     preview = at.get("plotly_chart")[0]
     assert "Per-layer slicing schedule" in preview.proto.spec
     caption = next(c.value for c in at.caption if "Achieved mean slicing" in c.value)
