@@ -23,11 +23,10 @@ import torch
 from bench.common import report
 from engine.data import DataSpec, TokenWindows, token_windows
 from engine.evaluate import perplexity
-from engine.models import load_model
+from engine.models import load_model, model_size
 from engine.slicing import (
     ScheduleError,
     compare_latency,
-    count_parameters,
     schedule_constant,
     schedule_dynamic,
     slice_model,
@@ -125,7 +124,7 @@ def main() -> None:
     started = time.perf_counter()
     lr = lr_scores(loaded, cal)
     lr_s = time.perf_counter() - started
-    dense_params = count_parameters(loaded.model)
+    dense_params = model_size(loaded.model)["params"]
     rows = [{"schedule": "dense", "SP": 0.0, "SB": None, "achieved": 0.0, "min_dim": loaded.model.config.hidden_size,
              "max_dim": loaded.model.config.hidden_size, "sel_ppl": perplexity(loaded.model, sel).ppl,
              "ppl": perplexity(loaded.model, ev).ppl, "params_M": dense_params / 1e6, "shortcut_M": 0.0,

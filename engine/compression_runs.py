@@ -116,9 +116,10 @@ class QuantPlan:
 
 
 def allocation_for(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, calibration: DataSpec,
-                   progress: StageProgress | None = None) -> Allocation:
-    """Bits per layer: the plan's ordering, then its low-bit fraction or target average."""
-    n = loaded.num_layers
+                   progress: StageProgress | None = None) -> tuple[Allocation, list[float] | None]:
+    """Bits per layer (the plan's ordering, then its low-bit fraction or target average),
+    and the importance scores that ordered them (None for random and custom orders)."""
+    n, importance = loaded.num_layers, None
     if plan.ordering in ("lim", "zd", "reversed-lim"):
         lr, zd, _hit = compute_scores(store, loaded, calibration, progress=progress)
         importance = zd_importance(zd.zd_layer) if plan.ordering == "zd" else lr.lim
@@ -129,8 +130,8 @@ def allocation_for(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, ca
     else:
         order = layer_order(n, "custom", permutation=plan.custom_order)
     if plan.target_bits is not None:
-        return allocate_average(order, [plan.high_bits, plan.low_bits], plan.target_bits)
-    return allocate_fraction(order, plan.high_bits, plan.low_bits, plan.low_fraction or 0.0)
+        return allocate_average(order, [plan.high_bits, plan.low_bits], plan.target_bits), importance
+    return allocate_fraction(order, plan.high_bits, plan.low_bits, plan.low_fraction or 0.0), importance
 
 
 def run_quantization(
@@ -138,7 +139,7 @@ def run_quantization(
     save_to: str | None = None, progress: StageProgress | None = None,
 ) -> RunOutcome:
     """Quantize a copy layer-wise, evaluate, store (and save if ``save_to``)."""
-    allocation = allocation_for(store, loaded, plan, calibration, progress)
+    allocation, _importance = allocation_for(store, loaded, plan, calibration, progress)
     spec = plan.spec()
     windows = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen) if plan.quantizer == "gptq" else None
     with Timer() as timer:

@@ -200,11 +200,11 @@ def weights_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) 
 
 
 def model_size(model: torch.nn.Module) -> dict[str, int]:
-    """Parameter count and bytes of a model's unique parameters (tied weights counted once)."""
-    unique = {id(p): p for p in model.parameters()}.values()
+    """Parameter count and bytes (``parameters()`` yields tied weights once)."""
+    params = list(model.parameters())
     return {
-        "params": sum(p.numel() for p in unique),
-        "bytes": sum(p.numel() * p.element_size() for p in unique),
+        "params": sum(p.numel() for p in params),
+        "bytes": sum(p.numel() * p.element_size() for p in params),
     }
 
 

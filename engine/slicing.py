@@ -38,6 +38,7 @@ from torch import nn
 from engine.architectures import Architecture, architecture_for, get_submodule
 from engine.data import TokenWindows
 from engine.evaluate import model_device
+from engine.models import model_size
 from engine.rotation import fuse_norms, untie_head
 from engine.slicegpt import ProgressFn, rotate_and_slice
 from engine.sliced_layers import load_sliced_folder, save_sliced_folder
@@ -255,11 +256,6 @@ class SlicingResult:
     meta: dict = field(default_factory=dict)
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (tied weights counted once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
 def shortcut_parameters(model: nn.Module, architecture: Architecture) -> int:
     """Entries of all shortcut matrices of a sliced model."""
     total = 0
@@ -339,7 +335,7 @@ def slice_model(
     report = SlicingReport(
         hidden_size=hidden_size, dims=dims, round_to=round_to,
         nominal_fraction=schedule.target, achieved_fraction=achieved_fraction(dims, hidden_size),
-        params_dense=count_parameters(model), params_sliced=count_parameters(sliced),
+        params_dense=model_size(model)["params"], params_sliced=model_size(sliced)["params"],
         shortcut_params=shortcut_parameters(sliced, architecture), seconds=time.perf_counter() - started,
         final_rotation=final_rotation, calibration=calibration.label(), calibration_tokens=tokens,
     )

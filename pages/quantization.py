@@ -7,9 +7,8 @@ import streamlit as st
 from engine import charts
 from engine.compression_runs import QuantPlan, allocation_for, run_quantization
 from engine.data import DataError
-from engine.experiments import EvalPlan, compute_scores, grid
+from engine.experiments import EvalPlan, grid
 from engine.quantize import size_report
-from engine.scores import zd_importance
 from ui.session import require_model, results_store
 from ui.widgets import calibration_and_evaluation, cancel_button, method_tradeoff, progress_callback, show_outcome
 
@@ -58,15 +57,11 @@ if calibration is None or evaluation is None:
     st.stop()
 st.subheader("Bit map preview")
 try:
-    allocation = allocation_for(store, loaded, plan, calibration, progress_callback("Importance scores"))
+    allocation, importance = allocation_for(store, loaded, plan, calibration, progress_callback("Importance scores"))
     spec = plan.spec()
 except (DataError, ValueError) as err:
     st.error(str(err))
     st.stop()
-importance = None
-if ordering in ("lim", "zd", "reversed-lim"):
-    lr, zd, _ = compute_scores(store, loaded, calibration)
-    importance = zd_importance(zd.zd_layer) if ordering == "zd" else lr.lim
 bit_table = charts.bit_map_table(list(allocation.bits), importance, "−ZD" if ordering == "zd" else "LIM")
 st.plotly_chart(charts.bit_map_chart(bit_table, f"{loaded.source}; order {ORDER_LABELS[ordering]}"),
                 key="quant_preview")

@@ -48,8 +48,10 @@ st.subheader("Report")
 loaded = current_model()
 cards = {loaded.source: loaded.card} if loaded is not None and loaded.source in models else {}
 table = on_data[["id", "method", "series", x, y]].rename(columns=lambda c: c.removeprefix("metrics."))
-report = build_report(
-    "LayerLab report", cards, [ReportSection(f"{y} vs {size_axes[x]}", figure, subtitle, table)], shown,
+st.download_button(  # built only when clicked: inlining plotly.js is too heavy for every rerun
+    "Download HTML report",
+    lambda: build_report("LayerLab report", cards, [ReportSection(f"{y} vs {size_axes[x]}", figure, subtitle, table)],
+                         shown).encode(),
+    "layerlab-report.html", "text/html",
 )
-st.download_button("Download HTML report", report.encode(), "layerlab-report.html", "text/html")
 st.caption(f"{len(shown)} runs; generated {pd.Timestamp.now(tz='UTC'):%Y-%m-%d %H:%M} UTC; opens offline.")
