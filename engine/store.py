@@ -145,10 +145,6 @@ class ResultsStore:
             records.append(record)
         return pd.DataFrame.from_records(records)
 
-    def delete_run(self, run_id: int) -> None:
-        with closing(self._connect()) as conn, conn:
-            conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
-
     def put_cached(self, key: str, kind: str, payload: dict) -> None:
         """Store a JSON payload under ``key`` (replacing any older one)."""
         text = json.dumps(payload)
