@@ -1,18 +1,14 @@
 """LayerLab: router and the shared sidebar (model choice)."""
 
 import streamlit as st
-from streamlit.runtime.pages_manager import PagesManager
 
+from ui.navigation import start_in_navigation_mode
 from ui.sidebar import model_sidebar
+from ui.state import restore_widget_state, save_widget_state
 
 st.set_page_config(page_title="LayerLab", layout="wide")
-
-# Because a pages/ folder exists, Streamlit runs the very first script run of a server in its
-# legacy multipage mode; widget ids of that run differ from later st.navigation runs, so the
-# first session's first sidebar input would be lost. Switch to st.navigation mode and rerun.
-if PagesManager.uses_pages_directory:
-    PagesManager.uses_pages_directory = False
-    st.rerun()
+start_in_navigation_mode()
+restore_widget_state()
 
 PAGES = [
     st.Page("pages/model.py", title="Model", default=True),
@@ -23,4 +19,8 @@ PAGES = [
 ]
 
 model_sidebar()
-st.navigation(PAGES).run()
+page = st.navigation(PAGES)
+try:
+    page.run()
+finally:  # pages stop early with st.stop(); settings are saved either way
+    save_widget_state()

@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 
 from bench.common import report
-from engine.data import DataSpec, token_windows
-from engine.evaluate import perplexity
-from engine.models import load_model
-from engine.store import Timer
+from engine.core.data import DataSpec, token_windows
+from engine.evaluation.perplexity import perplexity
+from engine.core.models import load_model
+from engine.core.progress import Timer
 
 
 def main() -> None:

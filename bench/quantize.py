@@ -19,12 +19,17 @@ import argparse
 import time
 
 from bench.common import report
-from engine.allocation import allocate_fraction, layer_order
-from engine.data import DataSpec, token_windows
-from engine.evaluate import perplexity
-from engine.models import load_model
-from engine.quantize import calibration_warning, clear_memory_cache, prepare_levels, quantize_model
-from engine.quantizers import QuantizerSpec
+from engine.quant.allocation import allocate_fraction, layer_order
+from engine.core.data import DataSpec, token_windows
+from engine.evaluation.perplexity import perplexity
+from engine.core.models import load_model
+from engine.quant.quantize_model import (
+    calibration_warning,
+    clear_memory_cache,
+    prepare_levels,
+    quantize_model,
+)
+from engine.quant.grid import QuantizerSpec
 
 
 def _ppl(model, windows) -> tuple[float, object]:
@@ -43,7 +48,7 @@ def speed_rows(loaded, specs, calibration, windows, orders) -> list[dict]:
     for spec in specs:
         calib = calibration if spec.method == "gptq" else None
         clear_memory_cache()
-        scratch = quantize_model(loaded, first, spec, calib, use_cache=False)
+        scratch = quantize_model(loaded, first, calib, spec=spec, use_cache=False)
         eval_s, _ = _ppl(scratch.model, windows)
         base = scratch.stats.seconds + eval_s
         rows.append({"method": spec.method, "path": "scratch", "quantize_s": scratch.stats.seconds,
@@ -56,7 +61,7 @@ def speed_rows(loaded, specs, calibration, windows, orders) -> list[dict]:
         for label, alloc, clear in (("memory cache", second, False), ("disk cache", third, True)):
             if clear:
                 clear_memory_cache()
-            qm = quantize_model(loaded, alloc, spec, calib, into=copy_model)
+            qm = quantize_model(loaded, alloc, calib, spec=spec, into=copy_model)
             eval_s, _ = _ppl(qm.model, windows)
             rows.append({"method": spec.method, "path": label, "quantize_s": qm.stats.seconds, "eval_s": eval_s,
                          "total_s": qm.stats.seconds + eval_s,
@@ -74,7 +79,7 @@ def sweep_rows(loaded, spec, calibration, windows, orders, fractions, dense_ppl)
             for fraction in fractions:
                 alloc = allocate_fraction(order, 4, low, fraction)
                 if alloc.bits not in seen:
-                    qm = quantize_model(loaded, alloc, spec, calib, into=copy_model)
+                    qm = quantize_model(loaded, alloc, calib, spec=spec, into=copy_model)
                     copy_model = qm.model
                     _, result = _ppl(qm.model, windows)
                     seen[alloc.bits] = (result, qm.size())
@@ -97,7 +102,9 @@ def main() -> None:
     parser.add_argument("--zero-point", choices=["integer", "float"], default="integer",
                         help="float + group 32 reproduces the built-in's Q4_1 weights exactly at 4 bits")
     args = parser.parse_args()
-    from engine.scores import layer_redundancy, weight_outliers, zd_importance
+    from engine.scores.redundancy import layer_redundancy
+    from engine.scores.outliers import weight_outliers
+    from engine.scores.ranking import zd_importance
 
     quick = args.quick
     eval_n = args.eval_windows or (4 if quick else 16)

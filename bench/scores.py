@@ -16,10 +16,11 @@ import statistics
 import torch
 
 from bench.common import report
-from engine.data import DataSpec, token_windows
-from engine.models import load_model
-from engine.scores import layer_redundancy, weight_outliers
-from engine.store import Timer
+from engine.core.data import DataSpec, token_windows
+from engine.core.models import load_model
+from engine.scores.redundancy import layer_redundancy
+from engine.scores.outliers import weight_outliers
+from engine.core.progress import Timer
 
 
 def max_rss_mib() -> float:

@@ -21,16 +21,12 @@ import time
 import torch
 
 from bench.common import report
-from engine.data import DataSpec, TokenWindows, token_windows
-from engine.evaluate import perplexity
-from engine.models import load_model, model_size
-from engine.slicing import (
-    ScheduleError,
-    compare_latency,
-    schedule_constant,
-    schedule_dynamic,
-    slice_model,
-)
+from engine.core.data import DataSpec, TokenWindows, token_windows
+from engine.evaluation.perplexity import perplexity
+from engine.core.models import load_model, model_size
+from engine.slicing.schedules import ScheduleError, schedule_constant, schedule_dynamic
+from engine.evaluation.latency import compare_latency
+from engine.slicing.slice_model import slice_model
 
 FULL = dict(targets=[0.10, 0.20, 0.25, 0.30], bases=[0.0, 0.05, 0.10, 0.15, 0.20], cal=32, sel=4, eval=16, seqlen=256)
 QUICK = dict(targets=[0.10, 0.25], bases=[0.0, 0.10], cal=16, sel=2, eval=8, seqlen=256)
@@ -69,7 +65,7 @@ class PeakRSS:
 
 def lr_scores(loaded, windows: TokenWindows) -> list[float]:
     """LR per layer from the engine's scorer (hooks on decoder layers, METHODS §1)."""
-    from engine.scores import layer_redundancy
+    from engine.scores.redundancy import layer_redundancy
 
     return layer_redundancy(loaded.model, loaded.architecture, windows).lr
 
@@ -77,7 +73,7 @@ def lr_scores(loaded, windows: TokenWindows) -> list[float]:
 def run_one(loaded, cal, sel, ev, schedule, label: str, probe: torch.Tensor) -> dict:
     """Slice, then measure selection and evaluation perplexity, parameters, time, memory, latency."""
     with PeakRSS() as memory:
-        result = slice_model(loaded.model, loaded.architecture, cal, schedule)
+        result = slice_model(loaded, schedule, cal)
     rep = result.report
     row = {
         "schedule": label, "SP": schedule.target, "SB": schedule.basis,

@@ -13,15 +13,22 @@ import json
 import sys
 from collections.abc import Sequence
 
-from engine.compression_runs import ORDERINGS, SCHEDULES, QuantPlan, SlicingPlan, run_quantization, run_slicing
-from engine.data import SOURCES, DataSpec
-from engine.experiments import EvalPlan, compute_scores, grid, run_dense
-from engine.models import BUILTIN_NAME, load_model
-from engine.store import ResultsStore
-
-
-class CliError(Exception):
-    """A bad argument found after parsing (exit status 2)."""
+from engine.core.data import SOURCES, DataSpec
+from engine.core.models import BUILTIN_NAME, load_model
+from engine.runs.plans import (
+    DEFAULT_CALIB_SEQLEN,
+    DEFAULT_CALIB_WINDOWS,
+    DEFAULT_EVAL_SEQLEN,
+    DEFAULT_EVAL_WINDOWS,
+    ORDERINGS,
+    SCHEDULES,
+    EvalPlan,
+    QuantPlan,
+    SlicingPlan,
+)
+from engine.runs.runner import compute_scores, run_dense, run_quantization, run_slicing
+from engine.runs.store import ResultsStore
+from engine.runs.sweeps import quantization_sweep, run_sweep, slicing_sweep
 
 
 def _floats(text: str) -> list[float]:
@@ -48,11 +55,11 @@ def _common(parser: argparse.ArgumentParser, calibration: bool = True, evaluatio
     parser.add_argument("--data", default="wiki-offline", choices=SOURCES)
     parser.add_argument("--text-file", default=None, help="text file for --data file")
     if calibration:
-        parser.add_argument("--calib-windows", type=int, default=32)
-        parser.add_argument("--calib-seqlen", type=int, default=256)
+        parser.add_argument("--calib-windows", type=int, default=DEFAULT_CALIB_WINDOWS)
+        parser.add_argument("--calib-seqlen", type=int, default=DEFAULT_CALIB_SEQLEN)
     if evaluation:
-        parser.add_argument("--eval-windows", type=int, default=32)
-        parser.add_argument("--eval-seqlen", type=int, default=256)
+        parser.add_argument("--eval-windows", type=int, default=DEFAULT_EVAL_WINDOWS)
+        parser.add_argument("--eval-seqlen", type=int, default=DEFAULT_EVAL_SEQLEN)
         parser.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (zero-shot)")
         parser.add_argument("--limit", type=int, default=None, help="items per zero-shot task")
 
@@ -76,6 +83,7 @@ def _quant_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
     parser.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--zero-point", choices=["integer", "float"], default="integer")
+    parser.add_argument("--act-order", action="store_true", help="GPTQ: process columns by decreasing activation")
     parser.add_argument("--high-bits", type=int, default=4)
     if sweep:
         parser.add_argument("--low-bits", type=_ints, default=[2, 3])
@@ -147,11 +155,14 @@ def run(args) -> None:
     elif args.command == "slice":
         plan = SlicingPlan(args.schedule, args.target, args.basis, tuple(args.fractions), args.round_to,
                            args.final_rotation)
-        _print_run("slicing", run_slicing(store, loaded, plan, calibration, evaluation, args.save, _progress))
+        _print_run("slicing", run_slicing(store, loaded, plan, calibration, evaluation, save_to=args.save,
+                                          progress=_progress))
     elif args.command == "quantize":
         plan = QuantPlan(args.quantizer, args.group_size, args.high_bits, args.low_bits, args.low_fraction,
-                         args.target_bits, args.ordering, tuple(args.custom_order), args.seed, args.zero_point)
-        _print_run("quantization", run_quantization(store, loaded, plan, calibration, evaluation, args.save, _progress))
+                         args.target_bits, args.ordering, tuple(args.custom_order), args.seed, args.zero_point,
+                         args.act_order)
+        _print_run("quantization", run_quantization(store, loaded, plan, calibration, evaluation,
+                                                    save_to=args.save, progress=_progress))
     elif args.command == "sweep-slicing":
         _sweep_slicing(args, store, loaded, calibration, evaluation)
     else:
@@ -161,26 +172,29 @@ def run(args) -> None:
 def _sweep_slicing(args, store, loaded, calibration, evaluation) -> None:
     schedules = [s for s in args.schedules.split(",") if s]
     if not set(schedules) <= {"constant", "dynamic"}:
-        raise CliError(f"--schedules takes constant and/or dynamic, got '{args.schedules}'")
-    _print_run("dense", run_dense(store, loaded, evaluation, _progress))
-    for schedule, target, basis in grid(schedules, args.targets, args.bases):
-        if schedule == "constant" and basis != args.bases[0]:
-            continue  # the basis does not apply to constant slicing
-        if schedule == "dynamic" and basis > target:
-            continue  # SB must not exceed SP
-        plan = SlicingPlan(schedule, target, basis, (), args.round_to, args.final_rotation)
-        _print_run("slicing", run_slicing(store, loaded, plan, calibration, evaluation, None, _progress))
+        raise ValueError(f"--schedules takes constant and/or dynamic, got '{args.schedules}'")
+    base = SlicingPlan(round_to=args.round_to, final_rotation=args.final_rotation)
+    plans = slicing_sweep(base, args.targets, args.bases, schedules)
+    _run_sweep(plans, lambda plan: run_slicing(store, loaded, plan, calibration, evaluation, progress=_progress),
+               "slicing", store, loaded, evaluation)
 
 
 def _sweep_quantization(args, store, loaded, calibration, evaluation) -> None:
-    orderings = [o for o in args.orderings.split(",") if o]
-    if not set(orderings) <= set(ORDERINGS) - {"custom"}:
-        raise CliError(f"--orderings takes lim, zd, random, reversed-lim; got '{args.orderings}'")
+    base = QuantPlan(args.quantizer, args.group_size, args.high_bits, seed=args.seed, zero_point=args.zero_point,
+                     act_order=args.act_order)
+    plans = quantization_sweep(base, args.low_bits, [o for o in args.orderings.split(",") if o], args.low_fractions)
+    _run_sweep(plans, lambda plan: run_quantization(store, loaded, plan, calibration, evaluation, progress=_progress),
+               "quantization", store, loaded, evaluation)
+
+
+def _run_sweep(plans, run_one, kind: str, store, loaded, evaluation) -> None:
+    """Dense first (the reference on the same windows), then every point; failed points are reported, not fatal."""
     _print_run("dense", run_dense(store, loaded, evaluation, _progress))
-    for low_bits, ordering, fraction in grid(args.low_bits, orderings, args.low_fractions):
-        plan = QuantPlan(args.quantizer, args.group_size, args.high_bits, low_bits, fraction, None, ordering,
-                         (), args.seed, args.zero_point)
-        _print_run("quantization", run_quantization(store, loaded, plan, calibration, evaluation, None, _progress))
+    result = run_sweep(plans, run_one)
+    for outcome in result.outcomes:
+        _print_run(kind, outcome)
+    for plan, message in result.errors:
+        print(f"warning: skipped {plan}: {message}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -191,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args)
-    except (ValueError, CliError) as err:  # every engine input error is a ValueError subclass
+    except ValueError as err:  # every engine input error is a ValueError subclass
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -2,10 +2,11 @@
 
 import streamlit as st
 
-from engine.data import DataError
-from engine.experiments import EvalPlan, run_dense
-from engine.models import weights_fingerprint
-from engine.zeroshot import TaskUnavailableError
+from engine.core.data import DataError
+from engine.core.models import weights_fingerprint
+from engine.runs.plans import EvalPlan
+from engine.runs.runner import find_dense, run_dense
+from engine.runs.summary import compact_table, run_warnings
 from ui.session import require_model, results_store
 from ui.widgets import computed_on, data_spec_controls, progress_callback, show_accuracies, zero_shot_controls
 
@@ -26,24 +27,37 @@ if st.button("Verify weights", help="Recompute the weight fingerprint and compar
 st.subheader("Baseline perplexity")
 st.caption(
     "Token perplexity in the GPTQ/SliceGPT convention: non-overlapping windows, no stride, "
-    "95% interval by bootstrap over windows. Evaluation text never overlaps calibration text."
+    "95% interval by bootstrap over windows. Evaluation text never overlaps calibration text. "
+    "The same evaluation settings are used on every page, so compressed runs compare with this baseline."
 )
-spec = data_spec_controls("baseline", "evaluation", loaded)
-zero_shot = zero_shot_controls("baseline")
-if spec is not None and st.button("Measure baseline perplexity", type="primary"):
-    try:
-        outcome = run_dense(store, loaded, EvalPlan(spec, **zero_shot), progress=progress_callback("Baseline"))
-    except (DataError, TaskUnavailableError) as err:
-        st.error(str(err))
-    else:
-        m = outcome.metrics
-        st.metric("Perplexity", f"{m['ppl']:.3f}", help=f"95% interval {m['ci_low']:.2f}–{m['ci_high']:.2f}")
-        show_accuracies(m)
-        st.caption(computed_on(loaded, outcome.data["label"]) + f" Stored as run {outcome.run_id}.")
+spec = data_spec_controls("evaluation", loaded)
+zero_shot = zero_shot_controls()
+if spec is not None:
+    plan = EvalPlan(spec, **zero_shot)
+    existing = find_dense(store, loaded, plan)
+    again = st.checkbox("Measure again", key="baseline_again", disabled=existing is None,
+                        help="A baseline on these windows is stored already; tick to store a new measurement.")
+    if st.button("Measure baseline perplexity", type="primary"):
+        try:
+            if existing is not None and not again:
+                record = existing
+                st.info(f"Already measured on these windows (run {record.id}); shown below, nothing stored twice.")
+            else:
+                record = run_dense(store, loaded, plan, progress=progress_callback("Baseline")).record
+        except DataError as err:
+            st.error(str(err))
+        else:
+            m = record.metrics
+            st.metric("Perplexity", f"{m['ppl']:.3f}", help=f"95% interval {m['ci_low']:.2f}–{m['ci_high']:.2f}")
+            st.caption(f"95% interval {m['ci_low']:.2f}–{m['ci_high']:.2f}.")
+            show_accuracies(m)
+            for warning in run_warnings(record):
+                st.warning(warning)
+            st.caption(computed_on(loaded, record.data_label) + f" Stored as run {record.id}.")
 
 st.subheader("Earlier results for this model")
 history = store.runs_frame(model=loaded.source)
 if history.empty:
     st.caption("No stored results yet.")
 else:
-    st.dataframe(history, hide_index=True)
+    st.dataframe(compact_table(history), hide_index=True)

@@ -4,17 +4,18 @@ from dataclasses import replace
 
 import streamlit as st
 
-from engine import charts
-from engine.compression_runs import QuantPlan, allocation_for, run_quantization
-from engine.data import DataError
-from engine.experiments import EvalPlan, grid
-from engine.quantize import size_report
+from engine.core.data import DataError
+from engine.quant.size import describe_size, size_report
+from engine.runs.plans import PREVIEW_WINDOWS, EvalPlan, QuantPlan
+from engine.runs.runner import ScoresNotComputed, allocation_for, compute_scores, run_quantization, scoring_estimate
+from engine.runs.sweeps import quantization_sweep, run_sweep
+from engine.viz import charts
 from ui.session import require_model, results_store
-from ui.widgets import calibration_and_evaluation, cancel_button, method_tradeoff, progress_callback, show_outcome
+from ui.state import kept
+from ui.widgets import calibration_and_evaluation, cancel_button, method_tradeoff, progress_callback, show_chart, show_outcome
 
 ORDER_LABELS = {"lim": "LIM (layer input modification)", "zd": "ZD (weight z-scores)", "random": "random (seeded)",
                 "reversed-lim": "reversed LIM", "custom": "custom order"}
-PREVIEW_WINDOWS = 4
 
 loaded = require_model()
 store = results_store()
@@ -27,85 +28,86 @@ st.caption(
 )
 if loaded.note:
     st.caption("The built-in model was distributed at 4 bits: 3- and 2-bit levels are the informative ones.")
-calibration, evaluation, zero_shot = calibration_and_evaluation("quant", loaded)
+calibration, evaluation, zero_shot = calibration_and_evaluation(loaded)
 cols = st.columns(4)
-quantizer = cols[0].selectbox("Quantizer", ["rtn", "gptq"], key="quant_method",
+quantizer = cols[0].selectbox("Quantizer", ["rtn", "gptq"], key=kept("quant_method"),
                               format_func={"rtn": "round-to-nearest", "gptq": "GPTQ (calibrated)"}.get)
-group_size = cols[0].selectbox("Group size", [32, 64, 128, 256], index=2, key="quant_group")
-zero_point = cols[0].radio("Zero point", ["integer", "float"], key="quant_zero", horizontal=True,
+act_order = cols[0].checkbox("GPTQ act-order", value=True, key=kept("quant_act_order"), disabled=quantizer != "gptq",
+                             help="Quantize columns by decreasing activation energy, group scales fixed in the "
+                             "original column order ('static' groups). Helps most on models whose weights were "
+                             "quantized before (like the built-in one).")
+group_size = cols[0].selectbox("Group size", [32, 64, 128, 256], index=2, key=kept("quant_group"))
+zero_point = cols[0].radio("Zero point", ["integer", "float"], key=kept("quant_zero"), horizontal=True,
                            help="integer: GPTQ-style grid; float: fp16 group minimum (Q4_1 style).")
-high_bits = cols[1].select_slider("High bits", list(range(2, 9)), 4, key="quant_high")
-low_bits = cols[1].select_slider("Low bits", list(range(2, 9)), 2, key="quant_low")
-mode = cols[2].radio("Allocate by", ["fraction", "average"], key="quant_mode",
+high_bits = cols[1].select_slider("High bits", list(range(2, 9)), 4, key=kept("quant_high"))
+low_bits = cols[1].select_slider("Low bits", list(range(2, 9)), 2, key=kept("quant_low"))
+mode = cols[2].radio("Allocate by", ["fraction", "average"], key=kept("quant_mode"),
                      format_func={"fraction": "fraction of layers at low bits", "average": "target average bits"}.get)
 low_fraction = target_bits = None
 if mode == "fraction":
-    low_fraction = cols[2].slider("Layers at low bits %", 0, 100, 25, key="quant_fraction") / 100
+    low_fraction = cols[2].slider("Layers at low bits %", 0, 100, 25, key=kept("quant_fraction")) / 100
 else:
-    target_bits = cols[2].number_input("Target average bits", 2.0, 8.0, 3.25, 0.125, key="quant_target")
-ordering = cols[3].selectbox("Ordering", list(ORDER_LABELS), format_func=ORDER_LABELS.get, key="quant_order")
-seed = cols[3].number_input("Random seed", 0, 10_000, 0, key="quant_seed", disabled=ordering != "random")
+    target_bits = cols[2].number_input("Target average bits", 2.0, 8.0, 3.25, 0.125, key=kept("quant_target"))
+ordering = cols[3].selectbox("Ordering", list(ORDER_LABELS), format_func=ORDER_LABELS.get, key=kept("quant_order"))
+seed = cols[3].number_input("Random seed", 0, 10_000, 0, key=kept("quant_seed"), disabled=ordering != "random")
 custom = ()
 if ordering == "custom":
     table = st.data_editor({"position (least important first)": list(range(n_layers)), "layer": list(range(n_layers))},
                            disabled=["position (least important first)"], key="quant_custom", hide_index=True)
     custom = tuple(int(v) for v in table["layer"])
 plan = QuantPlan(quantizer, group_size, high_bits, low_bits, low_fraction, target_bits, ordering, custom, int(seed),
-                 zero_point)
+                 zero_point, act_order)
 
 if calibration is None or evaluation is None:
     st.stop()
 st.subheader("Bit map preview")
 try:
-    allocation, importance = allocation_for(store, loaded, plan, calibration, progress_callback("Importance scores"))
+    allocation, importance = allocation_for(store, loaded, plan, calibration, compute=False)
     spec = plan.spec()
+except ScoresNotComputed:
+    st.info("This ordering needs importance scores on the calibration text (not computed yet).")
+    if st.button(f"Compute importance scores ({scoring_estimate(loaded, calibration)})", type="primary"):
+        compute_scores(store, loaded, calibration, progress=progress_callback("Importance scores"))
+        st.rerun()
+    st.stop()
 except (DataError, ValueError) as err:
     st.error(str(err))
     st.stop()
 bit_table = charts.bit_map_table(list(allocation.bits), importance, "−ZD" if ordering == "zd" else "LIM")
-st.plotly_chart(charts.bit_map_chart(bit_table, f"{loaded.source}; order {ORDER_LABELS[ordering]}"),
-                key="quant_preview")
 size = size_report(loaded.model, loaded.architecture, allocation.bits, spec)
-st.caption(
-    f"Average {allocation.average_bits:.3f} code bits per layer ({allocation.note}); "
-    f"{size.bits_per_weight:.3f} bits per quantized weight with scales and zeros; model "
-    f"{size.total_bytes / 2**20:.1f} MiB = {size.compression:.3f} of dense, of which "
-    f"{size.unquantized_bytes / 2**20:.1f} MiB stay unquantized ({', '.join(k for k, v in size.unquantized.items() if v)}). "
-    f"Scores from {calibration.label()}."
-)
+show_chart(charts.bit_map_chart(bit_table, f"{loaded.source}; order {ORDER_LABELS[ordering]}"), "bit_map",
+           f"Average {allocation.average_bits:.3f} code bits per layer ({allocation.note}); {describe_size(size)} "
+           f"Scores from {calibration.label()}.", bit_table)
 
 left, mid, right = st.columns(3)
 with right:
     cancel_button("quantization")
 full_plan = EvalPlan(evaluation, **zero_shot)
-preview_plan = EvalPlan(replace(evaluation, n_windows=min(PREVIEW_WINDOWS, evaluation.n_windows)))
-preview = left.button(f"Preview ({PREVIEW_WINDOWS} windows)", type="primary")
-full = mid.button("Full evaluation")
+preview_plan = EvalPlan(replace(evaluation, n_windows=min(PREVIEW_WINDOWS, evaluation.n_windows)), preview=True)
+preview = left.button(f"Preview ({PREVIEW_WINDOWS} windows)", type="primary",
+                      help="A quick, noisy look: stored and drawn as a preview, with dense on the same windows.")
+full = mid.button(f"Full evaluation ({evaluation.n_windows} windows)")
 if preview or full:
     try:
         outcome = run_quantization(store, loaded, plan, calibration, preview_plan if preview else full_plan,
-                                   None, progress_callback("Quantizing"))
+                                   allocation=allocation, progress=progress_callback("Quantizing"))
     except (DataError, ValueError) as err:
         st.error(str(err))
     else:
-        for warning in outcome.config.get("warnings", []):
-            st.warning(warning)
         show_outcome(outcome, loaded)
 
 with right.popover("Ordering sweep (the paper's chart)"):
-    fractions = st.multiselect("Layers at low bits %", [0, 10, 25, 50, 75, 100], [0, 25, 50, 75, 100], key="qs_f")
-    orders = st.multiselect("Orderings", ["lim", "zd", "random"], ["lim", "zd", "random"], key="qs_o")
+    fractions = st.multiselect("Layers at low bits %", [0, 10, 25, 50, 75, 100], [0, 25, 50, 75, 100],
+                               key=kept("qs_f"))
+    orders = st.multiselect("Orderings", ["lim", "zd", "random"], ["lim", "zd", "random"], key=kept("qs_o"))
     if st.button("Run sweep", key="qs_run"):
-        points = grid(orders, fractions)
-        bar = progress_callback("Sweep")
-        for done, (order, fraction) in enumerate(points):
-            sweep_plan = replace(plan, low_fraction=fraction / 100, target_bits=None, ordering=order)
-            run_quantization(store, loaded, sweep_plan, calibration, full_plan)
-            bar("runs", done + 1, len(points))
+        compute_scores(store, loaded, calibration, progress=progress_callback("Importance scores"))
+        plans = quantization_sweep(plan, [low_bits], orders, [f / 100 for f in fractions])
+        result = run_sweep(plans, lambda p: run_quantization(store, loaded, p, calibration, full_plan),
+                           progress_callback(f"Sweep of {len(plans)} runs"))
+        st.success(f"{len(result.outcomes)} runs stored.")
+        for failed, message in result.errors:
+            st.warning(f"{failed.series()}: {message}")
 
 st.subheader("Trade-off")
-method_tradeoff(store, loaded, "quantization", evaluation.label(), {
-    "config.low_fraction": "fraction of layers at the low bit level",
-    "metrics.size_fraction": "bytes (fraction of dense)",
-    "metrics.avg_bits": "average code bits per layer",
-})
+method_tradeoff(store, loaded, "quantization", evaluation, "quantization_tradeoff")

@@ -2,14 +2,13 @@
 
 import streamlit as st
 
-from engine import charts
-from engine.data import DataError
-from engine.experiments import compute_scores
-from engine.scores import LayerRedundancy, WeightOutliers
+from engine.core.data import DataError
+from engine.runs.runner import compute_scores, scores_if_cached, scoring_estimate
+from engine.scores.findings import redundancy_findings
+from engine.viz import charts
 from ui.session import require_model, results_store
-from ui.widgets import chart_with_csv, computed_on, data_spec_controls, progress_callback
-
-STATE = "redundancy_scores"
+from ui.state import kept
+from ui.widgets import cancel_button, computed_on, data_spec_controls, progress_callback, show_chart
 
 loaded = require_model()
 store = results_store()
@@ -18,57 +17,62 @@ st.title("Layer redundancy")
 st.caption(
     "LR = mean cosine between a decoder layer's input and output hidden states (taken with hooks, "
     "fp32, padding masked): near 1 means the layer barely changes the residual stream. "
-    "LIM = −LR. ZD = fraction of a layer's linear weights with z > 1; outlier counts use |z| > k."
+    "LIM = −LR. ZD = fraction of a layer's linear weights with z > 1; outliers use |z| > k."
 )
-spec = data_spec_controls("scores", "calibration", loaded)
-k = st.number_input("Outlier threshold k (|z| > k)", 1.0, 20.0, 3.0, 0.5, key="scores_k")
-
-if spec is not None and st.button("Compute scores", type="primary"):
-    try:
-        lr, zd, lr_hit = compute_scores(store, loaded, spec, k, progress=progress_callback("Scores"))
-    except DataError as err:
-        st.error(str(err))
-    else:
-        st.session_state[STATE] = {"fingerprint": loaded.fingerprint, "lr": lr.to_dict(), "zd": zd.to_dict()}
-        if lr_hit:
-            st.toast("Scores loaded from the cache (same model, data, windows and seqlen).")
-
-saved = st.session_state.get(STATE)
-if not saved or saved["fingerprint"] != loaded.fingerprint:
-    st.info("Choose data and press **Compute scores** (cached per model, data, windows and seqlen).")
+spec = data_spec_controls("calibration", loaded)
+k = st.number_input("Outlier threshold k (|z| > k)", 1.0, 20.0, 3.0, 0.5, key=kept("scores_k"))
+if spec is None:
     st.stop()
 
-lr, zd = LayerRedundancy(**saved["lr"]), WeightOutliers(**saved["zd"])
+try:
+    found = scores_if_cached(store, loaded, spec, k)
+    estimate = scoring_estimate(loaded, spec)
+except DataError as err:
+    st.error(str(err))
+    st.stop()
+if found is None:
+    left, right = st.columns([1, 3])
+    if left.button(f"Compute scores ({estimate})", type="primary"):
+        with right:
+            cancel_button("scores")
+        try:
+            lr, zd, _hit = compute_scores(store, loaded, spec, k, progress=progress_callback("Scores"))
+        except DataError as err:
+            st.error(str(err))
+            st.stop()
+    else:
+        st.info("Scores for these windows are not computed yet. Press **Compute scores** "
+                "(one forward pass; cached per model, data, windows and seqlen).")
+        st.stop()
+else:
+    lr, zd = found
+    st.caption("Scores loaded from the cache (same model, data, windows and seqlen).")
+
 on_data = computed_on(loaded, lr.data_label)
 on_weights = computed_on(loaded, "weights only")
-most = sorted(range(len(lr.lr)), key=lambda i: -lr.lr[i])[:5]
-st.markdown(
-    "**Most redundant layers** (highest LR): "
-    + ", ".join(f"{i} ({lr.lr[i]:.3f})" for i in most)
-    + f" · least redundant: layer {min(range(len(lr.lr)), key=lambda i: lr.lr[i])}"
-    + f" · {lr.n_tokens:,} tokens scored"
-)
+st.subheader("What this says")
+st.markdown("\n".join(f"- {line}" for line in redundancy_findings(lr, zd)) + f"\n- {lr.n_tokens:,} tokens scored.")
 
 left, right = st.columns(2)
 with left:
     robust = st.toggle("Robust colour scale (from the 10th percentile; hover for exact values)", value=True,
-                       key="scores_robust")
-    chart_with_csv(charts.lr_position_heatmap(lr, lr.data_label, robust), charts.position_table(lr),
-                   "lr_by_position", on_data)
+                       key=kept("scores_robust"))
+    show_chart(charts.lr_position_heatmap(lr, lr.data_label, robust), "lr_by_position", on_data,
+               charts.position_table(lr))
 with right:
-    chart_with_csv(charts.outlier_heatmap(zd, "weights only"), charts.outlier_table(zd),
-                   "weight_outliers", on_weights)
+    show_chart(charts.outlier_heatmap(zd, "weights only"), "weight_outliers", on_weights, charts.outlier_table(zd))
 left, right = st.columns(2)
 with left:
-    chart_with_csv(charts.lr_profile_chart(lr, lr.data_label), charts.lr_table(lr), "lr_per_layer", on_data)
+    zoom = st.toggle("Zoom to the bulk of the layers (outliers named on the chart)", value=True,
+                     key=kept("scores_zoom"))
+    show_chart(charts.lr_profile_chart(lr, lr.data_label, zoom), "lr_per_layer", on_data, charts.lr_table(lr))
 with right:
-    chart_with_csv(charts.zd_chart(zd, "weights only"), charts.outlier_table(zd), "zd_per_layer", on_weights)
+    show_chart(charts.zd_chart(zd, "weights only"), "zd_per_layer", on_weights, charts.outlier_table(zd))
 left, right = st.columns(2)
 with left:
-    chart_with_csv(charts.rank_scatter(lr, zd, lr.data_label), charts.rank_table(lr, zd),
-                   "lim_vs_zd_ranks", on_data)
+    show_chart(charts.rank_scatter(lr, zd, lr.data_label), "lim_vs_zd_ranks", on_data, charts.rank_table(lr, zd))
 with right:
     layer = st.selectbox("Layer", range(len(lr.lr)), format_func=lambda i: f"layer {i} (LR {lr.lr[i]:.3f})",
                          key="scores_layer")
-    chart_with_csv(charts.token_cosine_histogram(lr, layer, lr.data_label),
-                   charts.histogram_table(lr, layer), f"token_cosines_layer_{layer}", on_data)
+    show_chart(charts.token_cosine_histogram(lr, layer, lr.data_label), f"token_cosines_layer_{layer}", on_data,
+               charts.histogram_table(lr, layer))

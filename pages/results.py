@@ -1,11 +1,15 @@
-"""Results page: every stored run, trade-off curves, exports."""
+"""Results page: every stored run, trade-off curves, the report builder and exports."""
 
 import pandas as pd
 import streamlit as st
 
-from engine.report import ReportSection, build_report
-from engine.tradeoff import SIZE_AXES, quality_axes, tradeoff_figure, with_labels
+from engine.runs.summary import compact_table, executive_summary
+from engine.viz.report import ReportItem, build_report
+from engine.viz.tradeoff import filter_runs, quality_axes, size_axes, tradeoff_figure
+from ui.report_pins import PINS, pinned
 from ui.session import current_model, results_store
+from ui.state import kept
+from ui.widgets import show_chart
 
 store = results_store()
 st.title("Results")
@@ -14,30 +18,41 @@ if runs.empty:
     st.info("No stored runs yet. Measure a baseline on the Model page, or run a compression.")
     st.stop()
 
-runs = with_labels(runs)
 cols = st.columns(3)
-models = cols[0].multiselect("Models", sorted(runs["model"].unique()), default=sorted(runs["model"].unique()))
-methods = cols[1].multiselect("Methods", sorted(runs["method"].unique()), default=sorted(runs["method"].unique()))
-data_choices = sorted(runs["data_label"].unique())
-chosen_data = cols[2].selectbox("Evaluation data (charts never mix windows)", data_choices, key="results_data")
-shown = runs[runs["model"].isin(models) & runs["method"].isin(methods)]
-st.dataframe(shown, hide_index=True)
+all_models, all_methods = sorted(runs["model"].unique()), sorted(runs["method"].unique())
+models = cols[0].multiselect("Models", all_models, default=all_models)
+methods = cols[1].multiselect("Methods", all_methods, default=all_methods)
+shown = filter_runs(runs, models, methods)
+with_compressed = shown[shown["method"] != "dense"]["data_label"].value_counts()
+data_choices = list(with_compressed.index) + sorted(set(shown["data_label"]) - set(with_compressed.index))
+if not data_choices:
+    st.info("No runs match these filters.")
+    st.stop()
+chosen_data = cols[2].selectbox("Evaluation data (charts never mix windows)", data_choices, key="results_data",
+                                help="Listed by how many compressed runs each holds; runs on different windows or "
+                                "different files are never drawn together.")
+st.dataframe(compact_table(shown), hide_index=True)
+with st.expander(f"Every column ({shown.shape[1]})"):
+    st.dataframe(shown, hide_index=True)
 st.download_button("Download runs.csv", shown.to_csv(index=False).encode(), "runs.csv", "text/csv")
 
 st.subheader("Trade-off curves")
-on_data = shown[shown["data_label"] == chosen_data]
-size_axes = {k: v for k, v in SIZE_AXES.items() if k in on_data and on_data[k].notna().any()}
-quality = quality_axes(on_data)
-if not size_axes or not quality:
-    st.info("No runs with both a size and a quality metric on this data yet.")
+on_data = filter_runs(shown, data_label=chosen_data)
+x_axes, quality = size_axes(on_data[on_data["method"] != "dense"]), quality_axes(on_data)
+if not x_axes or not quality:
+    st.info("No compressed runs with both a size and a quality metric on this data yet.")
     st.stop()
-cols = st.columns(2)
-x = cols[0].selectbox("Size axis", list(size_axes), format_func=size_axes.get, key="results_x")
-y = cols[1].selectbox("Quality axis", list(quality), format_func=quality.get, key="results_y")
+cols = st.columns(3)
+x = cols[0].selectbox("Size axis", list(x_axes), format_func=x_axes.get, key=kept("results_x"))
+y = cols[1].selectbox("Quality axis", list(quality), format_func=quality.get, key=kept("results_y"))
+scale = cols[2].radio("Quality scale", ["auto", "linear", "log"], horizontal=True, key=kept("results_scale"),
+                      help="auto: log only when the values span a decade.")
 subtitle = f"models {', '.join(models)}; evaluated on {chosen_data}"
-figure = tradeoff_figure(on_data, x, y, subtitle)
-st.plotly_chart(figure, key="results_tradeoff")
-st.caption(f"Computed on: {subtitle}. Circled points are Pareto-optimal; the dotted line is the dense baseline.")
+figure = tradeoff_figure(on_data, x, y, subtitle, log_y=None if scale == "auto" else scale == "log")
+show_chart(figure, "results_tradeoff",
+           f"Computed on: {subtitle}. Dense (black star, dotted line) on the same windows; previews hollow and "
+           "dashed; grey band: Pareto frontier; bars: 95% intervals.",
+           on_data[["id", "method", "series", "preview", x, y]])
 
 if "config.saved_to" in shown and shown["config.saved_to"].notna().any():
     st.subheader("Saved compressed models")
@@ -45,13 +60,26 @@ if "config.saved_to" in shown and shown["config.saved_to"].notna().any():
                  hide_index=True)
 
 st.subheader("Report")
+summary = executive_summary(on_data, chosen_data)
+st.markdown("\n".join(f"- {line}" for line in summary))
+items = pinned()
+st.caption(f"{len(items)} pinned chart(s): pin any chart with its **Add to report** button on any page. "
+           "The trade-off chart above is included when nothing is pinned.")
+for number, item in enumerate(items):
+    left, right = st.columns([5, 1])
+    left.markdown(f"{number + 1}. **{item.title}**" + (f" — {item.note}" if item.note else ""))
+    if right.button("Remove", key=f"unpin_{number}"):
+        st.session_state[PINS] = [i for i in items if i is not item]
+        st.rerun()
 loaded = current_model()
 cards = {loaded.source: loaded.card} if loaded is not None and loaded.source in models else {}
-table = on_data[["id", "method", "series", x, y]].rename(columns=lambda c: c.removeprefix("metrics."))
+report_items = items or [ReportItem(figure.layout.title.text.split("<br>")[0], figure, subtitle,
+                                    on_data[["id", "method", "series", x, y]])]
 st.download_button(  # built only when clicked: inlining plotly.js is too heavy for every rerun
     "Download HTML report",
-    lambda: build_report("LayerLab report", cards, [ReportSection(f"{y} vs {size_axes[x]}", figure, subtitle, table)],
-                         shown).encode(),
+    lambda: build_report("LayerLab report", cards, report_items, shown, summary,
+                         compact_table(on_data)).encode(),
     "layerlab-report.html", "text/html",
 )
-st.caption(f"{len(shown)} runs; generated {pd.Timestamp.now(tz='UTC'):%Y-%m-%d %H:%M} UTC; opens offline.")
+st.caption(f"{len(shown)} runs; generated {pd.Timestamp.now(tz='UTC'):%Y-%m-%d %H:%M} UTC; opens offline; "
+           "each chart's camera button saves a PNG.")

@@ -1,4 +1,4 @@
-"""Starting the dashboard under ``streamlit.testing``."""
+"""Starting the dashboard under ``streamlit.testing``: with the tiny model (fast tier) or the built-in one."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ APP = str(Path(__file__).resolve().parent.parent / "app.py")
 
 
 def open_app(page: str | None = None, timeout: float = 300) -> AppTest:
-    """Run the app (built-in model loads), optionally switch to ``pages/<page>.py``."""
+    """Run the app (the default model loads), optionally switch to ``pages/<page>.py``.
+
+    The default model is the built-in one, or the tiny one when the test uses the ``tiny_app`` fixture.
+    """
     at = AppTest.from_file(APP, default_timeout=timeout)
     at.run()
     assert not at.exception, at.exception
@@ -20,9 +23,14 @@ def open_app(page: str | None = None, timeout: float = 300) -> AppTest:
     return at
 
 
-def use_small_data(at: AppTest, prefix: str) -> AppTest:
-    """Set a page's calibration and evaluation data to 2 windows × 32 tokens and rerun."""
-    for key, value in ((f"{prefix}_calib_windows", 2), (f"{prefix}_calib_seqlen", 32),
-                       (f"{prefix}_eval_windows", 2), (f"{prefix}_eval_seqlen", 32)):
+def use_small_data(at: AppTest, windows: int = 2, seqlen: int = 32) -> AppTest:
+    """Set calibration and evaluation data (shared by every page) to ``windows`` × ``seqlen`` and rerun."""
+    for key, value in (("keep.calib_windows", windows), ("keep.calib_seqlen", seqlen),
+                       ("keep.eval_windows", windows), ("keep.eval_seqlen", seqlen)):
         at.number_input(key=key).set_value(value)
     return at.run()
+
+
+def click(at: AppTest, label_start: str) -> AppTest:
+    """Click the first button whose label starts with ``label_start`` and rerun."""
+    return next(b for b in at.button if b.label.startswith(label_start)).click().run()

@@ -30,13 +30,56 @@ def tiny_model(request):
 @pytest.fixture(scope="session")
 def builtin():
     """The built-in SmolLM2-135M, loaded once per test session."""
-    from engine.models import load_model
+    from engine.core.models import load_model
 
     return load_model("smollm2-135m")
 
 
 @pytest.fixture
 def store(tmp_path):
-    from engine.store import ResultsStore
+    from engine.runs.store import ResultsStore
 
     return ResultsStore(tmp_path / "results.sqlite")
+
+
+@pytest.fixture(autouse=True)
+def _apptest_in_navigation_mode(monkeypatch):
+    """Run AppTests the way a real server runs after its first run: in ``st.navigation`` mode.
+
+    AppTest resets ``PagesManager.uses_pages_directory`` before *every* run, so
+    with a ``pages/`` folder each run after the first would execute the page
+    file alone (legacy mode), skipping ``app.py``'s router, sidebar and
+    settings.  A real server flips the flag once (``ui.navigation``) and keeps it.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    original = PagesManager.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = False
+
+    monkeypatch.setattr(PagesManager, "__init__", init)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder():
+    """A saved tiny Llama with the built-in tokenizer (see ``tiny_model_folder``), made once per session."""
+    from tests.tiny_models import tiny_model_folder
+
+    return tiny_model_folder(_SESSION_CACHE / "tiny-llama")
+
+
+@pytest.fixture
+def tiny_app(tiny_folder, monkeypatch):
+    """AppTests in this test start with the tiny model instead of the built-in one."""
+    monkeypatch.setenv("LAYERLAB_DEFAULT_MODEL", tiny_folder)
+    return tiny_folder
+
+
+@pytest.fixture
+def tiny_loaded(tiny_folder):
+    """The tiny model loaded through the normal path."""
+    from engine.core.models import load_model
+
+    return load_model(tiny_folder)

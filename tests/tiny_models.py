@@ -40,3 +40,28 @@ TINY_FACTORIES = {
     "qwen2": lambda: _build(Qwen2Config(**COMMON)),
     "phi3": lambda: _build(Phi3Config(**{**COMMON, "num_key_value_heads": 4}, pad_token_id=0)),
 }
+
+
+def tiny_model_folder(folder) -> str:
+    """A tiny random Llama (4 layers, hidden 64) saved with the built-in model's real tokenizer.
+
+    It loads through the normal ``load_model(path)`` path, and tokenizes the
+    same text as the built-in model, so pages and runs work end to end in a
+    fraction of the time.
+    """
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from engine.core.models import builtin_model_dir
+
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return str(folder)
+    tokenizer = AutoTokenizer.from_pretrained(builtin_model_dir())
+    config = LlamaConfig(**{**COMMON, "vocab_size": len(tokenizer), "num_hidden_layers": 4,
+                            "max_position_embeddings": 2048, "tie_word_embeddings": True})
+    model = _build(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

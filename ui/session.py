@@ -7,11 +7,14 @@ session remembers which model it chose in ``st.session_state``.
 
 from __future__ import annotations
 
+import os
+
 import streamlit as st
 
-from engine.models import BUILTIN_NAME, LoadedModel, ModelLoadError, load_model
-from engine.store import ResultsStore
+from engine.core.models import BUILTIN_NAME, LoadedModel, ModelLoadError, load_model
+from engine.runs.store import ResultsStore
 
+DEFAULT_MODEL_ENV = "LAYERLAB_DEFAULT_MODEL"
 MODEL_KEY = "loaded_model_key"
 LOAD_ERROR = "model_load_error"
 
@@ -39,10 +42,15 @@ def request_model(source: str, device: str, dtype: str, trust_remote_code: bool)
     st.session_state.pop(LOAD_ERROR, None)
 
 
+def default_source() -> str:
+    """The model a new session starts with: ``$LAYERLAB_DEFAULT_MODEL`` if set, else the built-in one."""
+    return os.environ.get(DEFAULT_MODEL_ENV) or BUILTIN_NAME
+
+
 def current_model() -> LoadedModel | None:
-    """The model this session loaded, loading the built-in one on first use."""
+    """The model this session loaded, loading the default one on first use."""
     if MODEL_KEY not in st.session_state and LOAD_ERROR not in st.session_state:
-        request_model(BUILTIN_NAME, "auto", "auto", False)
+        request_model(default_source(), "auto", "auto", False)
     key = st.session_state.get(MODEL_KEY)
     return _cached_model(*key) if key else None
 

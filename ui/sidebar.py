@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from engine.models import BUILTIN_NAME
-from ui.session import current_model, request_model
+from engine.core.models import BUILTIN_NAME
+from ui.session import current_model, default_source, request_model
 
 
 def model_sidebar() -> None:
@@ -14,7 +14,7 @@ def model_sidebar() -> None:
         st.header("Model")
         with st.form("model_form"):
             source = st.text_input(
-                "Hugging Face id or local path", value=BUILTIN_NAME,
+                "Hugging Face id or local path", value=default_source(),
                 help=f"'{BUILTIN_NAME}' is the built-in offline model.",
             )
             device = st.selectbox("Device", ["auto", "cpu", "cuda", "mps"])

@@ -1,28 +1,45 @@
-"""Widgets several pages share: data choice, progress, captions."""
+"""Widgets several pages share: data choice, progress, outcome, trade-off chart, cancel."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from engine.data import SOURCES, DataError, DataSpec, save_upload
-from engine.models import LoadedModel
+from engine.core.data import SOURCES, DataError, DataSpec, save_upload, token_windows
+from engine.core.models import LoadedModel
+from engine.runs.plans import DEFAULT_CALIB_SEQLEN, DEFAULT_CALIB_WINDOWS, DEFAULT_EVAL_SEQLEN, DEFAULT_EVAL_WINDOWS
+from engine.runs.record import accuracy_tasks, acc_metric_key, acc_n_key, acc_stderr_key, acc_key
+from engine.runs.summary import run_warnings
+from engine.viz.tradeoff import filter_runs, size_axes, tradeoff_figure
+from ui.report_pins import pin_button
+from ui.state import kept
+
+DEFAULTS = {"calibration": (DEFAULT_CALIB_WINDOWS, DEFAULT_CALIB_SEQLEN),
+            "evaluation": (DEFAULT_EVAL_WINDOWS, DEFAULT_EVAL_SEQLEN)}
+PREFIX = {"calibration": "calib", "evaluation": "eval"}
 
 
-def data_spec_controls(
-    key: str, split: str, loaded: LoadedModel, windows: int = 16, seqlen: int = 256
-) -> DataSpec | None:
-    """Source, windows and seqlen widgets; None (with a message shown) if unusable."""
+def data_spec_controls(split: str, loaded: LoadedModel) -> DataSpec | None:
+    """Source, windows and seqlen for the ``calibration`` or ``evaluation`` split, shared by every page.
+
+    Shows how many windows will really be used; returns None (with a message shown) if unusable.
+    """
+    prefix = PREFIX[split]
+    windows, seqlen = DEFAULTS[split]
+    st.markdown(f"**{split.capitalize()} text** · " + (
+        "scores, PCA and GPTQ are computed on it" if split == "calibration" else
+        "perplexity is measured on it (dense and compressed on the same windows)"))
     cols = st.columns(3)
     source = cols[0].selectbox(
-        "Text", SOURCES, key=f"{key}_source",
+        f"{split.capitalize()} source", SOURCES, key=kept(f"{prefix}_source"),
         help="wiki-offline: Wikipedia sample bundled with gensim (works offline). "
         "wikitext2: needs the dataset cached or the hub reachable. file: your own UTF-8 text.",
     )
-    n_windows = cols[1].number_input("Windows", 1, 4096, windows, key=f"{key}_windows")
-    seq = cols[2].number_input("Seqlen (tokens)", 16, 32768, seqlen, step=16, key=f"{key}_seqlen")
+    n_windows = cols[1].number_input(f"{split.capitalize()} windows", 1, 4096, windows, key=kept(f"{prefix}_windows"))
+    seq = cols[2].number_input(f"{split.capitalize()} seqlen (tokens)", 16, 32768, seqlen, step=16,
+                               key=kept(f"{prefix}_seqlen"))
     path = None
     if source == "file":
-        upload = st.file_uploader("Text file (UTF-8)", type=None, key=f"{key}_upload")
+        upload = st.file_uploader(f"{split.capitalize()} text file (UTF-8)", type=None, key=f"{prefix}_upload")
         if upload is None:
             st.info("Upload a plain-text file to use it.")
             return None
@@ -34,7 +51,24 @@ def data_spec_controls(
     if seq > loaded.max_seqlen:
         st.error(f"Seqlen {seq} is longer than this model allows ({loaded.max_seqlen}). Choose less.")
         return None
-    return DataSpec(source=source, split=split, seqlen=int(seq), n_windows=int(n_windows), path=path)
+    spec = DataSpec(source=source, split=split, seqlen=int(seq), n_windows=int(n_windows), path=path)
+    try:
+        cut = token_windows(spec, loaded.tokenizer, loaded.max_seqlen)
+    except DataError as err:
+        st.error(str(err))
+        return None
+    st.caption(f"Uses {cut.usage()} windows of {cut.seqlen} tokens ({cut.input_ids.numel():,} tokens): {cut.label()}.")
+    return spec
+
+
+def calibration_and_evaluation(loaded: LoadedModel, evaluation: bool = True):
+    """Labelled calibration and evaluation choosers plus zero-shot tasks: ``(calibration, evaluation, zero_shot)``."""
+    with st.expander("Calibration and evaluation data (calibration and evaluation text never overlap)"):
+        calibration = data_spec_controls("calibration", loaded)
+        st.divider()
+        spec = data_spec_controls("evaluation", loaded) if evaluation else None
+        zero_shot = zero_shot_controls() if evaluation else {}
+    return calibration, spec, zero_shot
 
 
 def progress_callback(label: str):
@@ -52,86 +86,95 @@ def computed_on(loaded: LoadedModel, data_label: str) -> str:
     return f"Model {loaded.source} ({loaded.card['dtype']}, fingerprint {loaded.fingerprint}); data {data_label}."
 
 
-def chart_with_csv(fig, table, name: str, caption: str) -> None:
-    """A Plotly chart, its caption, and a CSV download of the table behind it."""
-    st.plotly_chart(fig, key=f"chart_{name}")
+def show_chart(fig, name: str, caption: str, table=None) -> None:
+    """A Plotly chart with the project's own colours (no Streamlit theme), its caption, CSV and a report pin."""
+    st.plotly_chart(fig, key=f"chart_{name}", theme=None, use_container_width=True)
     st.caption(caption)
-    st.download_button(
-        f"Download {name}.csv", table.to_csv(index=table.index.name is not None).encode(),
-        file_name=f"{name}.csv", mime="text/csv", key=f"csv_{name}",
-    )
-
-
-def calibration_and_evaluation(key: str, loaded: LoadedModel):
-    """Two data choosers: calibration (scores, PCA, GPTQ) and evaluation (perplexity)."""
-    with st.expander("Calibration and evaluation data", expanded=False):
-        st.caption("Calibration text (scores, PCA, GPTQ) and evaluation text never overlap.")
-        calibration = data_spec_controls(f"{key}_calib", "calibration", loaded, windows=16, seqlen=256)
-        evaluation = data_spec_controls(f"{key}_eval", "evaluation", loaded, windows=8, seqlen=256)
-        zero_shot = zero_shot_controls(key)
-    return calibration, evaluation, zero_shot
+    cols = st.columns([1, 1, 3])
+    if table is not None:
+        cols[0].download_button(
+            f"{name}.csv", table.to_csv(index=table.index.name is not None).encode(),
+            file_name=f"{name}.csv", mime="text/csv", key=f"csv_{name}", help="The data behind this chart",
+        )
+    with cols[1]:
+        pin_button(fig, name, caption, table)
 
 
 def show_outcome(outcome, loaded: LoadedModel) -> None:
-    """Headline numbers of a finished run and what it was computed on."""
-    m = outcome.metrics
+    """Headline numbers of a finished run against dense on the same windows, and its warnings."""
+    record = outcome.record
+    m = record.metrics
     cols = st.columns(4)
-    cols[0].metric("Perplexity", f"{m['ppl']:.2f}", help=f"95% interval {m['ci_low']:.2f}–{m['ci_high']:.2f}")
-    cols[1].metric("Parameters vs dense", f"{m['param_fraction']:.3f}")
-    cols[2].metric("Bytes vs dense", f"{m['size_fraction']:.3f}")
+    change = m.get("ppl_change")
+    cols[0].metric("Perplexity", f"{m['ppl']:.2f}",
+                   delta=None if change is None else f"{change:+.1%} vs dense {m['dense_ppl']:.2f}",
+                   delta_color="inverse",
+                   help=f"95% interval {m['ci_low']:.2f}–{m['ci_high']:.2f}; dense measured on the same windows "
+                   f"(run {m.get('dense_run')}).")
+    cols[1].metric("Size vs dense (16-bit bytes)", f"{m['size_fraction']:.3f}")
+    cols[2].metric("Parameters vs dense", f"{m['param_fraction']:.3f}")
     cols[3].metric("Compression time", f"{m['compress_s']:.1f} s")
     show_accuracies(m)
-    st.caption(computed_on(loaded, outcome.data["label"]) + f" Stored as run {outcome.run_id}.")
+    for warning in run_warnings(record):
+        st.warning(warning)
+    kind = "Preview" if record.is_preview else "Run"
+    st.caption(computed_on(loaded, record.data_label) + f" {kind} stored as run {record.id}.")
 
 
-def method_tradeoff(store, loaded: LoadedModel, method: str, evaluation_label: str, axes: dict[str, str]) -> None:
-    """Trade-off chart of this model's stored runs of one method (plus dense) on one evaluation set."""
-    from engine.tradeoff import tradeoff_figure, with_labels
-
+def method_tradeoff(store, loaded: LoadedModel, method: str, evaluation: DataSpec, name: str) -> None:
+    """Trade-off chart of this model's runs of one method plus dense; full evaluations or previews."""
+    evaluation_label = token_windows(evaluation, loaded.tokenizer, loaded.max_seqlen).label()
     runs = store.runs_frame(model=loaded.source)
-    if runs.empty or "data.label" not in runs:
+    if runs.empty:
         st.caption("No stored runs yet.")
         return
-    runs = with_labels(runs)
-    runs = runs[runs["method"].isin([method, "dense"]) & (runs["data.label"] == evaluation_label)]
-    available = {k: v for k, v in axes.items() if k in runs and runs[k].notna().any()}
-    if runs[runs["method"] == method].empty or not available:
-        st.caption(f"No {method} runs evaluated on {evaluation_label} yet.")
+    runs = runs[runs["fingerprint"] == loaded.fingerprint]
+    own = filter_runs(runs, methods=[method])
+    labels = list(dict.fromkeys([evaluation_label] + own["data_label"].tolist()))
+    label = st.selectbox("Evaluation windows", labels, key=f"{method}_tradeoff_data",
+                         help="Runs on different windows are never drawn together; previews use fewer windows.")
+    shown = filter_runs(runs, methods=[method, "dense"], data_label=label)
+    axes = size_axes(shown[shown["method"] == method])
+    if shown[shown["method"] == method].empty or not axes:
+        st.caption(f"No {method} runs evaluated on {label} yet.")
         return
-    x = st.radio("x axis", list(available), format_func=available.get, horizontal=True, key=f"{method}_x")
-    subtitle = f"{loaded.source}; perplexity on {evaluation_label}"
-    st.plotly_chart(tradeoff_figure(runs, x, "metrics.ppl", subtitle), key=f"{method}_tradeoff")
-    st.caption(f"Computed on: {subtitle}. Circled points are Pareto-optimal.")
+    x = st.radio("x axis", list(axes), format_func=axes.get, horizontal=True, key=f"{method}_x")
+    subtitle = f"{loaded.source}; perplexity on {label}"
+    show_chart(tradeoff_figure(shown, x, "metrics.ppl", subtitle), name,
+               f"Computed on: {subtitle}. Dense (black star, dotted line) measured on the same windows; "
+               "hollow dashed points are previews; the grey band is the Pareto frontier; bars are 95% intervals.",
+               shown[["id", "method", "series", "preview", x, "metrics.ppl", "metrics.ci_low", "metrics.ci_high"]])
 
 
 def cancel_button(key: str) -> None:
     """A button that stops a running computation: clicking it reruns the page, which interrupts the run.
 
-    Runs write to the store only when they finish, so a cancelled run leaves nothing behind.
+    Runs write to the store only when they finish, and no computation restarts on its own, so a
+    cancelled run leaves nothing behind and stays stopped.
     """
     if st.button("Cancel run", key=f"cancel_{key}", help="Stops a running job; nothing half-done is stored."):
         st.info("Cancelled. Nothing from the interrupted run was stored.")
 
 
-def zero_shot_controls(key: str) -> dict:
+def zero_shot_controls() -> dict:
     """Optional zero-shot tasks run on every evaluated model: ``{"tasks": (...), "task_limit": n}``."""
-    from engine.tasks import OFFLINE_TASKS
-    from engine.zeroshot import STANDARD_TASKS
+    from engine.evaluation.tasks import OFFLINE_TASKS
+    from engine.evaluation.zeroshot import STANDARD_TASKS
 
     cols = st.columns([3, 1])
     tasks = cols[0].multiselect(
-        "Zero-shot tasks (lm-eval, optional)", OFFLINE_TASKS + STANDARD_TASKS, key=f"{key}_tasks",
+        "Zero-shot tasks (lm-eval, optional)", OFFLINE_TASKS + STANDARD_TASKS, key=kept("tasks"),
         help="The layerlab_wiki_* tasks work offline (built from wiki-offline evaluation articles); "
         "standard tasks need their datasets cached or the hub reachable.",
     )
-    limit = cols[1].number_input("Items per task", 5, 5000, 100, key=f"{key}_task_limit")
+    limit = cols[1].number_input("Items per task", 5, 5000, 100, key=kept("task_limit"))
     return {"tasks": tuple(tasks), "task_limit": int(limit)}
 
 
 def show_accuracies(metrics: dict) -> None:
     """Zero-shot accuracies of a run, if any were measured."""
-    tasks = [k.removeprefix("acc.") for k in metrics if k.startswith("acc.")]
+    tasks = accuracy_tasks(metrics)
     for task, col in zip(tasks, st.columns(max(len(tasks), 1))):
-        stderr = metrics.get(f"acc_stderr.{task}")
-        col.metric(f"{task} ({metrics[f'acc_metric.{task}']})", f"{metrics[f'acc.{task}']:.3f}",
-                   help=f"± {stderr:.3f} (stderr), n = {metrics[f'acc_n.{task}']}" if stderr else None)
+        stderr = metrics.get(acc_stderr_key(task))
+        col.metric(f"{task} ({metrics[acc_metric_key(task)]})", f"{metrics[acc_key(task)]:.3f}",
+                   help=f"± {stderr:.3f} (stderr), n = {metrics[acc_n_key(task)]}" if stderr else None)

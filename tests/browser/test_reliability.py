@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from engine.compression_runs import QuantPlan, run_quantization
-from engine.data import DataSpec
-from engine.experiments import EvalPlan
-from engine.paths import cache_root
-from engine.store import ResultsStore
+from engine.runs.plans import QuantPlan
+
+from engine.runs.runner import run_quantization
+from engine.core.data import DataSpec
+from engine.runs.plans import EvalPlan
+from engine.core.paths import cache_root
+from engine.runs.store import ResultsStore
 from tests.browser.conftest import start_server, stop_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]

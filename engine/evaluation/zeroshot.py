@@ -1,0 +1,126 @@
+"""Zero-shot accuracy with lm-eval on the in-memory (possibly compressed) model.
+
+``zero_shot`` wraps the model object in lm-eval's ``HFLM`` (no save/reload),
+runs ``simple_evaluate`` 0-shot, and returns one :class:`TaskScore` per task
+with the metric SliceGPT reports (``acc_norm``; ``acc`` for winogrande and
+the last-word task), its standard error and the number of items.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+
+from engine.core.models import hub_reachable
+from engine.evaluation.tasks import CONTINUATION_TASK, LASTWORD_TASK, OFFLINE_TASKS, build_offline_tasks
+
+STANDARD_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "mmlu")
+REPORTED_METRIC = {"winogrande": "acc", LASTWORD_TASK: "acc", "mmlu": "acc"}
+ProgressFn = Callable[[int, int], None]
+
+
+class TaskUnavailableError(ValueError):
+    """A standard task's dataset is neither cached nor reachable."""
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    """Accuracy of one task: metric name, value in [0, 1], standard error, items."""
+
+    task: str
+    metric: str
+    value: float
+    stderr: float | None
+    n: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def _datasets_offline_unless_reachable() -> Iterator[None]:
+    """Make ``datasets`` fail fast instead of retrying a hub it cannot reach."""
+    if hub_reachable():
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    os.environ.update({"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _progress_lm(model: torch.nn.Module, tokenizer, batch_size: int, progress: ProgressFn | None):
+    """An ``HFLM`` around the model object that reports (done, total) requests."""
+    from lm_eval.models.huggingface import HFLM
+
+    class ProgressHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            total, done = len(requests), 0
+            results = []
+            chunk = max(batch_size * 8, 1)
+            for start in range(0, total, chunk):
+                results.extend(super().loglikelihood(requests[start : start + chunk], disable_tqdm=True))
+                done = min(start + chunk, total)
+                if progress is not None:
+                    progress(done, total)
+            return results
+
+    return ProgressHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                        device=str(next(model.parameters()).device))
+
+
+def _task_score(task: str, metrics: dict, n: int) -> TaskScore:
+    metric = REPORTED_METRIC.get(task, "acc_norm")
+    if f"{metric},none" not in metrics:
+        metric = "acc"
+    stderr = metrics.get(f"{metric}_stderr,none")
+    stderr = float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None
+    return TaskScore(task, metric, float(metrics[f"{metric},none"]), stderr, n)
+
+
+def zero_shot(
+    model: torch.nn.Module,
+    tokenizer,
+    tasks: list[str] = (CONTINUATION_TASK,),
+    limit: int | None = None,
+    batch_size: int = 8,
+    progress: ProgressFn | None = None,
+) -> list[TaskScore]:
+    """0-shot accuracy of ``model`` on ``tasks`` (offline or standard lm-eval tasks)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    unknown = [t for t in tasks if t not in OFFLINE_TASKS + STANDARD_TASKS]
+    if unknown:
+        raise TaskUnavailableError(
+            f"Unknown task(s): {', '.join(unknown)}. Choose from {', '.join(OFFLINE_TASKS + STANDARD_TASKS)}."
+        )
+    manager = TaskManager(include_path=str(build_offline_tasks()), verbosity="ERROR")
+    lm = _progress_lm(model, tokenizer, batch_size, progress)
+    try:
+        with _datasets_offline_unless_reachable():
+            output = lm_eval.simple_evaluate(
+                model=lm, tasks=list(tasks), num_fewshot=0, limit=limit, task_manager=manager,
+                log_samples=False, bootstrap_iters=1000, verbosity="ERROR",
+            )
+    except Exception as err:  # lm-eval/datasets raise many types for a missing dataset
+        if set(tasks) <= set(OFFLINE_TASKS):
+            raise
+        raise TaskUnavailableError(
+            f"Could not load the data of {', '.join(t for t in tasks if t not in OFFLINE_TASKS)}: "
+            f"it is not cached and the Hugging Face hub cannot be reached ({type(err).__name__}). "
+            f"Use the offline task '{CONTINUATION_TASK}' (or '{LASTWORD_TASK}') instead."
+        ) from err
+    results, counts = output["results"], output.get("n-samples", {})
+    return [_task_score(t, results[t], int(counts.get(t, {}).get("effective", 0))) for t in tasks if t in results]

@@ -1,0 +1,276 @@
+"""Weight quantizers: pure tensor math, no model wiring (METHODS.md section 4).
+
+Two methods share one grid, asymmetric and group-wise along the input
+dimension (as in GPTQ's reference quantizer):
+
+- each group of ``group_size`` consecutive input columns of one output row has
+  an fp16 ``scale`` and an integer-valued ``zero`` point (stored as fp16);
+  ``range = [min(w, 0), max(w, 0)]``, ``scale = range / (2**bits - 1)`` rounded
+  *up* to the next fp16 value, ``zero = round(-min / scale)``;
+- ``code = clamp(round(w / scale + zero), 0, 2**bits - 1)`` and the weight used
+  by the model is exactly ``dequantize = (code - zero) * scale`` (in fp32, then
+  cast to the model's dtype).
+
+Option ``zero_point="float"`` (the GGUF Q4_1 "scale + min" grid): the range
+is ``[min(w), max(w)]``, ``zeros`` holds the fp16 minimum ``m`` (rounded down),
+``code = clamp(round((w - m) / scale))`` and ``dequantize = code * scale + m``.
+It reproduces an already Q4_1-quantized model exactly at 4 bits with group
+32, which the integer grid cannot (its grid points are multiples of scale).
+
+``rtn_quantize`` rounds every weight to its nearest grid point, so
+``|w - dequantize| <= scale / 2``.  ``gptq_quantize`` (Frantar et al. 2022)
+quantizes one column at a time and spreads each column's error over the
+not-yet-quantized columns with the inverse Hessian ``H = 2/n · Σ x xᵀ`` of the
+linear's calibration inputs; group parameters are taken when a group starts,
+from the already-updated weights; optional activation ordering processes
+columns by decreasing ``diag(H)`` (then groups follow that order and a
+per-column group index ``g_idx`` is stored).  When ``in_features`` is not a
+multiple of ``group_size`` the last group is simply shorter.
+
+Storage (bit-packed codes, safetensors) lives in ``engine.quant_files``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+
+METHODS = ("rtn", "gptq")
+ZERO_POINTS = ("integer", "float")
+MIN_BITS, MAX_BITS = 2, 8
+FP16_BITS = 16
+GIDX_BITS = 32  # int32 group index per input column (act-order GPTQ only)
+
+
+class QuantizationError(ValueError):
+    """A quantization request is invalid or cannot be met; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class QuantizerSpec:
+    """How to quantize one linear weight.
+
+    ``bits``: code width, 2-8.  ``group_size``: input columns sharing one scale
+    and zero (``None`` = one group per output row).  ``act_order`` and ``damp``
+    (fraction of ``mean(diag H)`` added to the Hessian diagonal) are GPTQ-only.
+    ``zero_point``: ``integer`` (GPTQ convention) or ``float`` (fp16 group minimum).
+    """
+
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int | None = 128
+    act_order: bool = False
+    damp: float = 0.01
+    zero_point: str = "integer"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise QuantizationError(f"Unknown quantizer '{self.method}'. Choose 'rtn' or 'gptq'.")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
+            raise QuantizationError(
+                f"{self.bits!r} bits is not supported: choose an integer from {MIN_BITS} to {MAX_BITS} "
+                "(keep a layer dense instead of quantizing it above 8 bits)."
+            )
+        gs = self.group_size
+        if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs < 1):
+            raise QuantizationError(
+                f"Group size {gs!r} is invalid: use a positive number of input columns "
+                "(128 is usual) or None for one scale per output row."
+            )
+        if self.act_order and self.method != "gptq":
+            raise QuantizationError("Activation ordering only applies to GPTQ; turn it off for RTN.")
+        if self.zero_point not in ZERO_POINTS:
+            raise QuantizationError(f"Unknown zero point '{self.zero_point}'. Choose 'integer' or 'float'.")
+        if not 0.0 < float(self.damp) <= 1.0:
+            raise QuantizationError(f"GPTQ damping {self.damp!r} must be in (0, 1]; 0.01 is usual.")
+
+    def with_bits(self, bits: int) -> "QuantizerSpec":
+        """The same quantizer at another bit width (validated)."""
+        return replace(self, bits=bits)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def label(self) -> str:
+        group = "per-row" if self.group_size is None else f"g{self.group_size}"
+        extra = (", act-order" if self.act_order else "") + (", float zero" if self.zero_point == "float" else "")
+        return f"{self.method.upper()} {self.bits}-bit {group}{extra}"
+
+
+def weight_storage_bits(out_features: int, in_features: int, bits: int, group_size: int | None,
+                        act_order: bool = False) -> int:
+    """Bits needed to store one quantized ``[out, in]`` weight.
+
+    Codes ``out·in·bits`` + fp16 scale and fp16 zero per group and row
+    (+ int32 ``g_idx`` per input column with activation ordering).
+    4 bits with group 128 gives 4 + 32/128 = 4.25 bits per weight.
+    """
+    groups = 1 if group_size is None else math.ceil(in_features / group_size)
+    total = out_features * in_features * bits + out_features * groups * 2 * FP16_BITS
+    if act_order and groups > 1:
+        total += in_features * GIDX_BITS
+    return total
+
+
+@dataclass
+class QuantizedWeight:
+    """One quantized linear weight as stored.
+
+    ``codes``: uint8 ``[out, in]`` in ``[0, 2**bits - 1]`` (unpacked in memory);
+    ``scales`` / ``zeros``: fp16 ``[out, n_groups]`` (``zeros``: integer zero
+    points, or the group minimum with ``zero_point="float"``); ``g_idx``: int32 ``[in]``
+    group of each input column, or ``None`` for consecutive groups of
+    ``group_size`` columns.  ``group_size`` is the effective size (``in`` for
+    one group per row).
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+    group_size: int
+    method: str = "rtn"
+    g_idx: torch.Tensor | None = None
+    zero_point: str = "integer"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.scales.shape[1])
+
+    def group_index(self) -> torch.Tensor:
+        """Group of every input column, int64 ``[in]``."""
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        return torch.arange(self.shape[1], device=self.codes.device) // self.group_size
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the model uses, ``[out, in]``, computed in fp32 then cast to ``dtype``.
+
+        ``(code - zero) * scale`` (integer zero points) or ``code * scale + zero`` (float).
+        """
+        scales, zeros = self.scales.float(), self.zeros.float()
+        weight = self.codes.float()
+        if self.g_idx is not None:
+            index = self.g_idx.long()
+            return _apply_grid(weight, scales[:, index], zeros[:, index], self.zero_point).to(dtype)
+        out, inp = self.shape
+        gs = self.group_size
+        full = (inp // gs) * gs  # whole groups as a [out, groups, gs] view, then a shorter last group
+        if full:
+            body = weight[:, :full].view(out, full // gs, gs)
+            _apply_grid(body, scales[:, : full // gs, None], zeros[:, : full // gs, None], self.zero_point)
+        if full < inp:
+            _apply_grid(weight[:, full:], scales[:, -1:], zeros[:, -1:], self.zero_point)
+        return weight.to(dtype)
+
+    def storage_bits(self) -> int:
+        out, inp = self.shape
+        return weight_storage_bits(out, inp, self.bits, None if self.n_groups == 1 else self.group_size,
+                                   self.g_idx is not None)
+
+    def bits_per_weight(self) -> float:
+        return self.storage_bits() / (self.shape[0] * self.shape[1])
+
+    def nbytes_in_memory(self) -> int:
+        extra = 0 if self.g_idx is None else self.g_idx.numel() * 4
+        return self.codes.numel() + (self.scales.numel() + self.zeros.numel()) * 2 + extra
+
+
+# --- the grid ---------------------------------------------------------------
+
+def _apply_grid(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, zero_point: str) -> torch.Tensor:
+    """In place on float ``codes``: ``(codes - zero) * scale`` or ``codes * scale + zero``."""
+    if zero_point == "integer":
+        return codes.sub_(zero).mul_(scale)
+    return codes.mul_(scale).add_(zero)
+
+
+def _round_up_fp16(values: torch.Tensor) -> torch.Tensor:
+    """Smallest fp16 value >= each fp32 value (so the grid still covers the range)."""
+    tiny = torch.finfo(torch.float16).tiny
+    values = values.clamp_min(tiny)
+    half = values.to(torch.float16)
+    low = half.float() < values
+    if low.any():
+        half = torch.where(low, torch.nextafter(half, torch.full_like(half, math.inf)), half)
+    if torch.isinf(half).any():
+        raise QuantizationError("A weight group spans more than fp16 scales can hold; this weight cannot be quantized.")
+    return half
+
+
+def _round_down_fp16(values: torch.Tensor) -> torch.Tensor:
+    """Largest fp16 value <= each fp32 value."""
+    half = values.to(torch.float16)
+    high = half.float() > values
+    if high.any():
+        half = torch.where(high, torch.nextafter(half, torch.full_like(half, -math.inf)), half)
+    if torch.isinf(half).any():
+        raise QuantizationError("A weight is beyond the fp16 range; this weight cannot be quantized.")
+    return half
+
+
+def grid_params(weight: torch.Tensor, bits: int, zero_point: str = "integer") -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (fp16, rounded up) and zero (fp16) per row of ``weight [rows, k]``, each ``[rows]``.
+
+    Integer zero points: range ``[min(w, 0), max(w, 0)]``, ``zero = round(-min / scale)``.
+    Float: range ``[m, max(w)]`` with ``m`` = min(w) rounded down to fp16, ``zero = m``,
+    scale rounded to the nearest fp16.
+    """
+    maxq = 2**bits - 1
+    w = weight.float()
+    if zero_point == "float":
+        offset = _round_down_fp16(w.min(dim=1).values)
+        scale = (w.max(dim=1).values - offset.float()) / maxq
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        # nearest fp16 is safe here: (max - m) / scale16 <= maxq + 0.25, so clamping costs < scale / 2;
+        # and an fp16 scale that was already exact (a Q4_1 model) is kept exactly
+        scale16 = scale.clamp_min(torch.finfo(torch.float16).tiny).to(torch.float16)
+        if torch.isinf(scale16).any():
+            raise QuantizationError("A weight group spans more than fp16 scales can hold; it cannot be quantized.")
+        return scale16, offset
+    xmin = w.min(dim=1).values.clamp(max=0)
+    xmax = w.max(dim=1).values.clamp(min=0)
+    scale = (xmax - xmin) / maxq
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale16 = _round_up_fp16(scale)
+    zero = torch.round(-xmin / scale16.float()).clamp(0, maxq)
+    return scale16, zero.to(torch.float16)
+
+
+def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                     zero_point: str = "integer") -> torch.Tensor:
+    """Codes (float, integer-valued) of ``w`` on the grid; scale/zero broadcast against ``w``."""
+    if zero_point == "integer":
+        return torch.clamp(torch.round(w / scale.float() + zero.float()), 0, 2**bits - 1)
+    return torch.clamp(torch.round((w - zero.float()) / scale.float()), 0, 2**bits - 1)
+
+
+# --- RTN --------------------------------------------------------------------
+
+def effective_group_size(in_features: int, group_size: int | None) -> int:
+    return in_features if group_size is None else min(group_size, in_features)
+
+
+def rtn_quantize(weight: torch.Tensor, spec: QuantizerSpec) -> QuantizedWeight:
+    """Round-to-nearest group-wise quantization of ``weight [out, in]``."""
+    if weight.dim() != 2:
+        raise QuantizationError(f"Expected a 2-D linear weight, got shape {tuple(weight.shape)}.")
+    out, inp = weight.shape
+    gs = effective_group_size(inp, spec.group_size)
+    groups = math.ceil(inp / gs)
+    w = weight.detach().float()
+    padded = torch.cat([w, w[:, -1:].expand(out, groups * gs - inp)], dim=1)  # repeats stay in range
+    grouped = padded.reshape(out * groups, gs)
+    scale, zero = grid_params(grouped, spec.bits, spec.zero_point)
+    codes = quantize_to_grid(grouped, scale[:, None], zero[:, None], spec.bits, spec.zero_point)
+    codes = codes.reshape(out, groups * gs)[:, :inp].to(torch.uint8)
+    return QuantizedWeight(codes=codes.contiguous(), scales=scale.reshape(out, groups),
+                           zeros=zero.reshape(out, groups), bits=spec.bits, group_size=gs, method="rtn",
+                           zero_point=spec.zero_point)

@@ -1,0 +1,82 @@
+"""Plans: what a user sets with sliders or CLI flags, as frozen dataclasses.
+
+A plan says *what* to do; :mod:`engine.runs.runner` turns it into a
+schedule / allocation, compresses a copy, evaluates and stores it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.core.data import DataSpec
+from engine.quant.grid import QuantizerSpec
+
+SCHEDULES = ("dynamic", "constant", "custom")
+ORDERINGS = ("lim", "zd", "random", "reversed-lim", "custom")
+DEFAULT_EVAL_WINDOWS = 16
+"""Evaluation windows every page and the CLI start from, so dense and compressed runs share windows."""
+DEFAULT_EVAL_SEQLEN = 256
+DEFAULT_CALIB_WINDOWS = 16
+DEFAULT_CALIB_SEQLEN = 256
+PREVIEW_WINDOWS = 4
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """What to measure on every model: perplexity data, zero-shot tasks; ``preview`` marks quick looks."""
+
+    data: DataSpec
+    tasks: tuple[str, ...] = ()
+    task_limit: int | None = None
+    batch_size: int = 4
+    preview: bool = False
+
+
+@dataclass(frozen=True)
+class SlicingPlan:
+    """Slicing settings: schedule kind, target SP, basis SB, custom fractions, rounding."""
+
+    schedule: str = "dynamic"
+    target: float = 0.25
+    basis: float = 0.10
+    fractions: tuple[float, ...] = ()
+    round_to: int = 8
+    final_rotation: bool = False
+
+    def series(self) -> str:
+        """Curve label on trade-off charts."""
+        return f"dynamic SB={self.basis:g}" if self.schedule == "dynamic" else self.schedule
+
+    def name(self) -> str:
+        """A file-name-safe name, e.g. ``dynamic_SB=0.1-0.25``."""
+        return f"{self.series().replace(' ', '_')}-{self.target:g}"
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """Layer-wise quantization settings (METHODS.md §4)."""
+
+    quantizer: str = "rtn"
+    group_size: int | None = 128
+    high_bits: int = 4
+    low_bits: int = 2
+    low_fraction: float | None = 0.25
+    target_bits: float | None = None
+    ordering: str = "lim"
+    custom_order: tuple[int, ...] = ()
+    seed: int = 0
+    zero_point: str = "integer"
+    act_order: bool = False
+
+    def series(self) -> str:
+        """Curve label on trade-off charts."""
+        return f"{self.ordering} {self.high_bits}/{self.low_bits}-bit {self.quantizer}"
+
+    def name(self) -> str:
+        share = f"{self.target_bits:g}avg" if self.target_bits is not None else f"{self.low_fraction or 0:g}low"
+        return f"{self.series().replace(' ', '_').replace('/', '-')}-{share}"
+
+    def spec(self) -> QuantizerSpec:
+        """The underlying per-weight quantizer (at the high level)."""
+        return QuantizerSpec(method=self.quantizer, bits=self.high_bits, group_size=self.group_size,
+                             zero_point=self.zero_point, act_order=self.act_order and self.quantizer == "gptq")

@@ -1,0 +1,320 @@
+"""Runs: plan -> schedule / allocation -> compressed copy -> evaluation -> one stored record.
+
+Pages and the CLI call only these functions.  Every ``run_*`` evaluates
+perplexity on ``evaluation`` (and optional zero-shot tasks), adds size metrics
+and the change against the dense model measured on the *same* windows
+(measured once and reused), and writes exactly one record at the very end, so
+an interrupted run leaves nothing behind.  Progress goes to
+``progress(stage, done, total)``.  The shared base model is never modified:
+every compression works on a copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.core.data import DataSpec, TokenWindows, token_windows
+from engine.core.models import LoadedModel, dense_size_metrics, model_size
+from engine.core.paths import cache_root, unused_folder
+from engine.core.progress import StageProgress, Timer, stage_callback
+from engine.evaluation.latency import compare_latency, describe_seconds, estimate_seconds
+from engine.evaluation.perplexity import perplexity
+from engine.evaluation.zeroshot import TaskUnavailableError, zero_shot
+from engine.quant.allocation import Allocation, allocate_average, allocate_fraction, layer_order
+from engine.quant.quantize_model import quantize_model
+from engine.quant.save import save_quantized
+from engine.runs.cached_scores import cached_layer_redundancy, cached_weight_outliers
+from engine.runs.plans import EvalPlan, QuantPlan, SlicingPlan
+from engine.runs.record import PPL, RunRecord, task_metrics
+from engine.runs.store import ResultsStore
+from engine.scores.outliers import WeightOutliers
+from engine.scores.ranking import zd_importance
+from engine.scores.redundancy import LayerRedundancy
+from engine.slicing.schedules import SlicingSchedule, schedule_constant, schedule_custom, schedule_dynamic
+from engine.slicing.slice_model import save_sliced, slice_model
+
+
+@dataclass
+class RunOutcome:
+    """A stored run: its record and the model that was evaluated."""
+
+    record: RunRecord
+    model: torch.nn.Module
+
+    @property
+    def run_id(self) -> int:
+        return self.record.id
+
+    @property
+    def metrics(self) -> dict:
+        return self.record.metrics
+
+    @property
+    def config(self) -> dict:
+        return self.record.config
+
+    @property
+    def data(self) -> dict:
+        return self.record.data
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def evaluate_model(loaded: LoadedModel, model: torch.nn.Module, plan: EvalPlan,
+                   progress: StageProgress | None = None) -> tuple[dict, dict]:
+    """(metrics, data) of ``model``: perplexity, its interval, and zero-shot accuracies."""
+    windows = token_windows(plan.data, loaded.tokenizer, loaded.max_seqlen)
+    result = perplexity(model, windows, batch_size=plan.batch_size, progress=stage_callback(progress, "perplexity"))
+    metrics = result.to_metrics()
+    task_error = None
+    if plan.tasks:
+        try:
+            for score in zero_shot(model, loaded.tokenizer, list(plan.tasks), limit=plan.task_limit,
+                                   progress=stage_callback(progress, "zero-shot")):
+                metrics.update(task_metrics(score.task, score.value, score.stderr, score.n, score.metric))
+        except TaskUnavailableError as err:  # keep the perplexity already measured; say why accuracy is missing
+            task_error = str(err)
+    data = {**plan.data.to_dict(), "n_windows": windows.n_windows, "available_windows": windows.available,
+            "label": windows.label()}
+    if plan.tasks:
+        data["tasks"] = [t for t in plan.tasks if task_error is None]
+        data["task_limit"] = plan.task_limit
+    if task_error:
+        data["task_error"] = task_error
+    return metrics, data
+
+
+def _store(store: ResultsStore, loaded: LoadedModel, method: str, config: dict, data: dict, metrics: dict,
+           seconds: float) -> RunRecord:
+    run_id = store.add_run(model=loaded.source, model_fingerprint=loaded.fingerprint, method=method,
+                           config=config, data=data, metrics=metrics, duration_s=seconds)
+    return store.get_run(run_id)
+
+
+def find_dense(store: ResultsStore, loaded: LoadedModel, plan: EvalPlan) -> RunRecord | None:
+    """The newest stored dense run of this exact model on the same windows with every task of ``plan``."""
+    label = token_windows(plan.data, loaded.tokenizer, loaded.max_seqlen).label()
+    for run in store.runs(model=loaded.source, method="dense"):
+        if run.model_fingerprint == loaded.fingerprint and run.data_label == label \
+                and (set(plan.tasks) <= set(run.data.get("tasks", [])) or run.data.get("task_error")):
+            return run
+    return None
+
+
+def run_dense(store: ResultsStore, loaded: LoadedModel, plan: EvalPlan,
+              progress: StageProgress | None = None) -> RunOutcome:
+    """Evaluate the uncompressed model and store it as method ``dense``."""
+    with Timer() as timer:
+        metrics, data = evaluate_model(loaded, loaded.model, plan, progress)
+    metrics.update(dense_size_metrics(loaded.model))
+    config = {"series": "dense", "preview": plan.preview}
+    return RunOutcome(_store(store, loaded, "dense", config, data, metrics, timer.seconds), loaded.model)
+
+
+def ensure_dense(store: ResultsStore, loaded: LoadedModel, plan: EvalPlan,
+                 progress: StageProgress | None = None) -> RunRecord:
+    """The dense run on ``plan``'s windows: the stored one, or measured now (once) and stored."""
+    found = find_dense(store, loaded, plan)
+    return found if found is not None else run_dense(store, loaded, plan, progress).record
+
+
+def compare_with_dense(metrics: dict, dense: RunRecord) -> dict:
+    """Change against dense on the same windows: ``dense_run``, ``dense_ppl``, ``ppl_change`` (fraction)."""
+    out = {"dense_run": dense.id, "dense_ppl": dense.metrics.get(PPL)}
+    if metrics.get(PPL) is not None and dense.metrics.get(PPL):
+        out["ppl_change"] = metrics[PPL] / dense.metrics[PPL] - 1.0
+        out["ci_overlaps_dense"] = bool(metrics.get("ci_low", metrics[PPL]) <= dense.metrics.get("ci_high", 0.0))
+    return out
+
+
+def store_compressed(store: ResultsStore, loaded: LoadedModel, model: torch.nn.Module, method: str, config: dict,
+                     size_metrics: dict, plan: EvalPlan, seconds: float,
+                     progress: StageProgress | None = None) -> RunOutcome:
+    """Evaluate a compressed copy (and dense on the same windows, if missing) and store it."""
+    dense = ensure_dense(store, loaded, plan, progress)
+    with Timer() as timer:
+        metrics, data = evaluate_model(loaded, model, plan, progress)
+    metrics.update(size_metrics)
+    metrics.update(compare_with_dense(metrics, dense))
+    metrics["compress_s"] = seconds
+    config = {**config, "preview": plan.preview}
+    record = _store(store, loaded, method, config, data, metrics, seconds + timer.seconds)
+    return RunOutcome(record, model)
+
+
+# ---------------------------------------------------------------- scores
+
+
+def compute_scores(store: ResultsStore, loaded: LoadedModel, spec: DataSpec, k: float = 3.0,
+                   progress: StageProgress | None = None) -> tuple[LayerRedundancy, WeightOutliers, bool]:
+    """LR (cached per model, data, windows, seqlen) and ZD scores; the bool says LR was cached."""
+    windows = token_windows(spec, loaded.tokenizer, loaded.max_seqlen)
+    lr, hit = cached_layer_redundancy(store, loaded.model, loaded.architecture, loaded.fingerprint,
+                                      windows, progress=stage_callback(progress, "scoring"))
+    zd, _ = cached_weight_outliers(store, loaded.model, loaded.architecture, loaded.fingerprint, k)
+    return lr, zd, hit
+
+
+def scores_if_cached(store: ResultsStore, loaded: LoadedModel, spec: DataSpec,
+                     k: float = 3.0) -> tuple[LayerRedundancy, WeightOutliers] | None:
+    """The LR and ZD scores when LR for these windows is already cached, else None (nothing is computed)."""
+    windows = token_windows(spec, loaded.tokenizer, loaded.max_seqlen)
+    lr, _hit = cached_layer_redundancy(store, loaded.model, loaded.architecture, loaded.fingerprint, windows,
+                                       compute=False)
+    if lr is None:
+        return None
+    zd, _ = cached_weight_outliers(store, loaded.model, loaded.architecture, loaded.fingerprint, k)
+    return lr, zd
+
+
+def needs_scores(plan: SlicingPlan | QuantPlan) -> bool:
+    """Whether a plan's schedule / ordering is computed from LR or ZD scores."""
+    if isinstance(plan, SlicingPlan):
+        return plan.schedule == "dynamic"
+    return plan.ordering in ("lim", "zd", "reversed-lim")
+
+
+def scoring_estimate(loaded: LoadedModel, spec: DataSpec) -> str:
+    """Rough time of one LR scoring pass over ``spec``'s windows (text for the button)."""
+    windows = token_windows(spec, loaded.tokenizer, loaded.max_seqlen)
+    return describe_seconds(estimate_seconds(loaded.model, windows.input_ids.numel()))
+
+
+# ---------------------------------------------------------------- slicing
+
+
+class ScoresNotComputed(LookupError):
+    """A preview needs LR / ZD scores that are not cached yet (compute them on a button)."""
+
+
+def _scores(store: ResultsStore, loaded: LoadedModel, calibration: DataSpec, compute: bool,
+            progress: StageProgress | None) -> tuple[LayerRedundancy, WeightOutliers]:
+    if compute:
+        lr, zd, _hit = compute_scores(store, loaded, calibration, progress=progress)
+        return lr, zd
+    found = scores_if_cached(store, loaded, calibration)
+    if found is None:
+        raise ScoresNotComputed(f"LR scores on {calibration.label()} are not computed yet.")
+    return found
+
+
+def slicing_schedule(store: ResultsStore, loaded: LoadedModel, plan: SlicingPlan, calibration: DataSpec,
+                     progress: StageProgress | None = None, compute: bool = True) -> SlicingSchedule:
+    """The per-layer schedule a plan asks for (dynamic uses the LR scores of ``calibration``).
+
+    ``compute=False`` (previews): raise :class:`ScoresNotComputed` instead of scoring.
+    """
+    if plan.schedule == "constant":
+        return schedule_constant(plan.target, loaded.num_layers)
+    if plan.schedule == "custom":
+        return schedule_custom(plan.fractions)
+    lr, _zd = _scores(store, loaded, calibration, compute, progress)
+    return schedule_dynamic(lr.lr, plan.target, plan.basis)
+
+
+def default_save_folder(loaded: LoadedModel, method: str, plan: SlicingPlan | QuantPlan) -> Path:
+    """A new folder under ``cache/<method>/`` named after the model and plan (never an existing one)."""
+    kind = "sliced" if method == "slicing" else "quantized"
+    return unused_folder(cache_root() / kind / f"{loaded.fingerprint}-{plan.name()}")
+
+
+def run_slicing(store: ResultsStore, loaded: LoadedModel, plan: SlicingPlan, calibration: DataSpec,
+                evaluation: EvalPlan, *, schedule: SlicingSchedule | None = None, save_to: str | Path | None = None,
+                progress: StageProgress | None = None) -> RunOutcome:
+    """Slice a copy with SliceGPT, evaluate, store (and save if ``save_to``).
+
+    ``schedule``: the one the user previewed (computed from ``plan`` if None).
+    """
+    if schedule is None:
+        schedule = slicing_schedule(store, loaded, plan, calibration, progress)
+    windows = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen)
+    with Timer() as timer:
+        result = slice_model(loaded, schedule, windows, round_to=plan.round_to, final_rotation=plan.final_rotation,
+                             progress=stage_callback(progress, "slicing"))
+    report = result.report
+    latency = compare_latency(loaded.model, result.model, windows.input_ids[:1], repeats=3)
+    size = {
+        "params": report.params_sliced, "param_fraction": report.param_ratio,
+        "bytes": model_size(result.model)["bytes"], "shortcut_params": report.shortcut_params,
+        "achieved_fraction": report.achieved_fraction, "nominal_fraction": report.nominal_fraction,
+        **{f"latency_{k}": v for k, v in latency.items()},
+    }
+    size["bytes_16bit"] = 2 * report.params_sliced
+    size["size_fraction"] = report.param_ratio  # bytes at 16 bits vs dense at 16 bits
+    config = {
+        "series": plan.series(), "schedule": plan.schedule, "target": plan.target,
+        "basis": plan.basis if plan.schedule == "dynamic" else None, "round_to": plan.round_to,
+        "final_rotation": plan.final_rotation, "dims": result.dims, "calibration": windows.label(),
+    }
+    if save_to:
+        config["saved_to"] = str(save_sliced(result, save_to))
+    return store_compressed(store, loaded, result.model, "slicing", config, size, evaluation, timer.seconds, progress)
+
+
+# ---------------------------------------------------------------- quantization
+
+
+def allocation_for(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, calibration: DataSpec,
+                   progress: StageProgress | None = None,
+                   compute: bool = True) -> tuple[Allocation, list[float] | None]:
+    """Bits per layer (the plan's ordering, then its low-bit fraction or target average),
+    and the importance scores that ordered them (None for random and custom orders).
+
+    ``compute=False`` (previews): raise :class:`ScoresNotComputed` instead of scoring.
+    """
+    n, importance = loaded.num_layers, None
+    if plan.ordering in ("lim", "zd", "reversed-lim"):
+        lr, zd = _scores(store, loaded, calibration, compute, progress)
+        importance = zd_importance(zd.zd_layer) if plan.ordering == "zd" else lr.lim
+        kind = "reversed" if plan.ordering == "reversed-lim" else "importance"
+        order = layer_order(n, kind, importance)
+    elif plan.ordering == "random":
+        order = layer_order(n, "random", seed=plan.seed)
+    else:
+        order = layer_order(n, "custom", permutation=plan.custom_order)
+    if plan.target_bits is not None:
+        return allocate_average(order, [plan.high_bits, plan.low_bits], plan.target_bits), importance
+    return allocate_fraction(order, plan.high_bits, plan.low_bits, plan.low_fraction or 0.0), importance
+
+
+def run_quantization(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, calibration: DataSpec,
+                     evaluation: EvalPlan, *, allocation: Allocation | None = None,
+                     save_to: str | Path | None = None, progress: StageProgress | None = None) -> RunOutcome:
+    """Quantize a copy layer-wise, evaluate, store (and save if ``save_to``).
+
+    ``allocation``: the bit map the user previewed (computed from ``plan`` if None).
+    """
+    if allocation is None:
+        allocation, _importance = allocation_for(store, loaded, plan, calibration, progress)
+    spec = plan.spec()
+    windows: TokenWindows | None = None
+    if plan.quantizer == "gptq":
+        windows = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen)
+    with Timer() as timer:
+        quantized = quantize_model(loaded, allocation, windows, spec=spec,
+                                   progress=stage_callback(progress, "quantizing"))
+    size = quantized.size()
+    dense = model_size(loaded.model)
+    metrics = {
+        "bytes": size.total_bytes, "bytes_16bit": size.total_bytes_16bit, "size_fraction": size.compression_16bit,
+        "params": dense["params"],
+        "param_fraction": 1.0, "avg_bits": allocation.average_bits, "bits_per_weight": size.bits_per_weight,
+        "unquantized_bytes": size.unquantized_bytes, "unquantized_fraction": size.unquantized_fraction,
+        "cache_computed": quantized.stats.computed,
+        "cache_hits": quantized.stats.memory_hits + quantized.stats.disk_hits,
+    }
+    config = {
+        "series": plan.series(), "quantizer": plan.quantizer, "group_size": plan.group_size,
+        "high_bits": plan.high_bits, "low_bits": plan.low_bits, "low_fraction": allocation.low_fraction(plan.low_bits),
+        "target_bits": plan.target_bits, "ordering": plan.ordering, "bits": list(allocation.bits),
+        "zero_point": plan.zero_point, "act_order": spec.act_order, "warnings": quantized.warnings,
+        "calibration": windows.label() if windows is not None else None,
+    }
+    if save_to:
+        config["saved_to"] = str(save_quantized(quantized, save_to, tokenizer=loaded.tokenizer))
+    return store_compressed(store, loaded, quantized.model, "quantization", config, metrics, evaluation,
+                            timer.seconds, progress)

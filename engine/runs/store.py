@@ -1,0 +1,154 @@
+"""Results store: every run and every cached score table, in SQLite under ``cache/``.
+
+Each write is one transaction, so a crash leaves either the whole row or
+nothing.  Cached payloads carry a SHA-256 checksum that is verified on read; a
+corrupt entry is treated as a miss and removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sqlite3
+from contextlib import closing
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from engine.core.paths import cache_root
+from engine.runs.record import RunRecord
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at TEXT NOT NULL,
+    model TEXT NOT NULL,
+    model_fingerprint TEXT NOT NULL,
+    method TEXT NOT NULL,
+    config_json TEXT NOT NULL,
+    data_json TEXT NOT NULL,
+    metrics_json TEXT NOT NULL,
+    duration_s REAL NOT NULL,
+    versions_json TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cache_entries (
+    key TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    checksum TEXT NOT NULL,
+    payload TEXT NOT NULL
+);
+"""
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that can change a result: Python, torch, transformers."""
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def cache_key(**parts) -> str:
+    """Stable key from keyword parts (JSON-serialisable values)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class ResultsStore:
+    """SQLite-backed store of runs and cached score payloads."""
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path else cache_root() / "results.sqlite"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with closing(self._connect()) as conn, conn:
+            conn.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        return conn
+
+    def add_run(
+        self,
+        *,
+        model: str,
+        model_fingerprint: str,
+        method: str,
+        config: dict,
+        data: dict,
+        metrics: dict,
+        duration_s: float,
+    ) -> int:
+        """Store one result atomically and return its id."""
+        row = (
+            _now(), model, model_fingerprint, method,
+            json.dumps(config, sort_keys=True), json.dumps(data, sort_keys=True),
+            json.dumps(metrics, sort_keys=True), float(duration_s), json.dumps(library_versions()),
+        )
+        with closing(self._connect()) as conn, conn:
+            cursor = conn.execute(
+                "INSERT INTO runs (created_at, model, model_fingerprint, method, config_json,"
+                " data_json, metrics_json, duration_s, versions_json) VALUES (?,?,?,?,?,?,?,?,?)",
+                row,
+            )
+            return int(cursor.lastrowid)
+
+    def runs(self, model: str | None = None, method: str | None = None) -> list[RunRecord]:
+        """Stored runs, newest first, optionally filtered by model and method."""
+        query, args = "SELECT id, created_at, model, model_fingerprint, method, config_json, data_json," \
+            " metrics_json, duration_s, versions_json FROM runs WHERE 1=1", []
+        if model is not None:
+            query, args = query + " AND model = ?", args + [model]
+        if method is not None:
+            query, args = query + " AND method = ?", args + [method]
+        with closing(self._connect()) as conn:
+            rows = conn.execute(query + " ORDER BY id DESC", args).fetchall()
+        return [_record(r) for r in rows]
+
+    def get_run(self, run_id: int) -> RunRecord:
+        """One stored run by id (KeyError if there is none)."""
+        with closing(self._connect()) as conn:
+            row = conn.execute("SELECT id, created_at, model, model_fingerprint, method, config_json, data_json,"
+                               " metrics_json, duration_s, versions_json FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"No stored run {run_id}.")
+        return _record(row)
+
+    def runs_frame(self, model: str | None = None, method: str | None = None) -> pd.DataFrame:
+        """Runs as a DataFrame; config, data and metrics keys become prefixed columns."""
+        return pd.DataFrame.from_records([run.to_row() for run in self.runs(model, method)])
+
+    def put_cached(self, key: str, kind: str, payload: dict) -> None:
+        """Store a JSON payload under ``key`` (replacing any older one)."""
+        text = json.dumps(payload)
+        checksum = hashlib.sha256(text.encode()).hexdigest()
+        with closing(self._connect()) as conn, conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO cache_entries (key, kind, created_at, checksum, payload)"
+                " VALUES (?,?,?,?,?)",
+                (key, kind, _now(), checksum, text),
+            )
+
+    def get_cached(self, key: str) -> dict | None:
+        """The payload under ``key``, or None if absent or failing its checksum."""
+        with closing(self._connect()) as conn:
+            row = conn.execute("SELECT checksum, payload FROM cache_entries WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        checksum, text = row
+        if hashlib.sha256(text.encode()).hexdigest() != checksum:
+            with closing(self._connect()) as conn, conn:
+                conn.execute("DELETE FROM cache_entries WHERE key = ?", (key,))
+            return None
+        return json.loads(text)
+
+
+def _record(row: tuple) -> RunRecord:
+    return RunRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), json.loads(row[6]),
+                     json.loads(row[7]), row[8], json.loads(row[9]))

@@ -1,0 +1,1 @@
+"""Per-layer scores: LR cosines (redundancy), ZD outliers (weights), ranks."""

@@ -1,0 +1,277 @@
+"""Plotly figures and the tables behind them (no streamlit: the report export reuses them).
+
+Every ``*_table`` returns the exact data its figure draws, so a chart can be
+downloaded as CSV; every figure takes a ``subtitle`` that states what it was
+computed on.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from engine.scores.redundancy import HIST_BINS, LayerRedundancy
+
+from engine.scores.outliers import WeightOutliers
+
+from engine.scores.ranking import ranks, spearman, zd_importance
+from engine.viz.style import PALETTE, padded_range, styled
+
+
+def _titled(fig: go.Figure, title: str, subtitle: str, **layout) -> go.Figure:
+    return styled(fig, title, subtitle, **layout)
+
+
+def robust_range(values: list[float], pad: float = 0.1) -> tuple[list[float], list[int]]:
+    """Axis range over the bulk of ``values`` and the indices left below it.
+
+    Values below ``Q1 − 3·IQR`` (e.g. layer 0's LR of 0.004 when the others sit
+    at 0.93–0.98) are excluded so the differences among the rest stay visible.
+    """
+    ordered = sorted(values)
+    n = len(ordered)
+    q1, q3 = ordered[n // 4], ordered[(3 * n) // 4]
+    floor = q1 - 3 * (q3 - q1)
+    low_out = [i for i, v in enumerate(values) if v < floor]
+    kept = [v for v in values if v >= floor] or values
+    return padded_range(kept, pad=pad), low_out
+
+
+def lr_table(scores: LayerRedundancy) -> pd.DataFrame:
+    """Per layer: LR, attention and MLP cosines, LIM and BI."""
+    return pd.DataFrame({
+        "layer": range(len(scores.lr)), "lr": scores.lr, "attn_cos": scores.attn_cos,
+        "mlp_cos": scores.mlp_cos, "lim": scores.lim, "bi": scores.bi,
+    })
+
+
+def position_table(scores: LayerRedundancy) -> pd.DataFrame:
+    """Mean cosine per layer (rows) × token position (columns)."""
+    frame = pd.DataFrame(scores.position_cos)
+    frame.index.name = "layer"
+    return frame
+
+
+def lr_position_heatmap(scores: LayerRedundancy, subtitle: str, robust: bool = False) -> go.Figure:
+    """Heatmap of per-token cosine: layer × token position (mean over windows).
+
+    ``robust`` starts the colour scale at the 10th percentile of the cells, so
+    the differences among the many similar layers stay visible when one or two
+    layers (typically layer 0) sit near 0; such cells then share one colour.
+    """
+    cells = sorted(v for row in scores.position_cos for v in row)
+    zmin = cells[len(cells) // 10] if robust else min(0.0, cells[0])
+    fig = go.Figure(go.Heatmap(
+        z=scores.position_cos, colorscale="Viridis", zmin=zmin,
+        zmax=1.0, colorbar={"title": "cosine"},
+        hovertemplate="layer %{y}<br>position %{x}<br>cosine %{z:.4f}<extra></extra>",
+    ))
+    return _titled(fig, "LR cosine per layer × token position", subtitle,
+                   xaxis_title="token position", yaxis_title="layer", height=520)
+
+
+def lr_profile_chart(scores: LayerRedundancy, subtitle: str, zoom: bool = True) -> go.Figure:
+    """LR per layer with the attention-only and MLP-only cosines.
+
+    ``zoom``: the y axis spans the bulk of the values; layers far below it
+    (typically layer 0, which rewrites the embedding) are named in an
+    annotation at the bottom edge instead of flattening the rest.
+    """
+    layers = list(range(len(scores.lr)))
+    fig = go.Figure()
+    for (name, values), colour in zip((("layer (LR)", scores.lr), ("attention block", scores.attn_cos),
+                                       ("MLP block", scores.mlp_cos)), PALETTE):
+        fig.add_trace(go.Scatter(x=layers, y=values, mode="lines+markers", name=name, line={"color": colour},
+                                 marker={"color": colour},
+                                 hovertemplate="layer %{x}<br>%{y:.4f}<extra>" + name + "</extra>"))
+    _titled(fig, "Layer redundancy: cosine(input, output) per layer", subtitle,
+            xaxis_title="layer", yaxis_title="mean cosine (1 = layer changes nothing)")
+    if zoom:
+        y_range, below = robust_range(scores.lr + scores.attn_cos + scores.mlp_cos)
+        fig.update_yaxes(range=y_range)
+        shown = sorted({i % len(layers) for i in below})
+        if shown:
+            text = "below the axis: " + ", ".join(f"layer {i} LR {scores.lr[i]:.3f}" for i in shown
+                                                  if scores.lr[i] < y_range[0])
+            fig.add_annotation(x=shown[0], y=y_range[0], text=text, showarrow=True, arrowhead=2, ax=40, ay=-30,
+                               xanchor="left", font={"size": 11}, bgcolor="rgba(255,255,255,0.8)")
+    fig.update_xaxes(range=padded_range(layers, pad=0.02))
+    return fig
+
+
+def outlier_table(outliers: WeightOutliers) -> pd.DataFrame:
+    """Per layer × module: ZD fraction, |z| > k count and fraction of the module's weights."""
+    rows = []
+    k = f"{outliers.k:g}"
+    sizes = outliers.sizes or [[None] * len(outliers.modules) for _ in outliers.zd]
+    for layer, (zd_row, count_row, size_row) in enumerate(zip(outliers.zd, outliers.outliers, sizes)):
+        for module, zd, count, size in zip(outliers.modules, zd_row, count_row, size_row):
+            rows.append({"layer": layer, "module": module, "zd": zd, f"count_abs_z_gt_{k}": count,
+                         f"fraction_abs_z_gt_{k}": count / size if size else None, "weights": size})
+        total = sum(v for v in size_row if v) or None
+        rows.append({"layer": layer, "module": "layer (pooled)", "zd": outliers.zd_layer[layer],
+                     f"count_abs_z_gt_{k}": outliers.outliers_layer[layer],
+                     f"fraction_abs_z_gt_{k}": outliers.outliers_layer[layer] / total if total else None,
+                     "weights": total})
+    return pd.DataFrame(rows)
+
+
+OUTLIER_COLOURS = "Blues"  # sequential, light = few outliers, dark = many: monotone in the value
+
+
+def outlier_heatmap(outliers: WeightOutliers, subtitle: str) -> go.Figure:
+    """Heatmap of the fraction of each module's weights with |z| > k: layer × linear module.
+
+    Fractions, not counts, so small k/v matrices compare with the large MLP ones.
+    """
+    fractions = outliers.fractions()
+    fig = go.Figure(go.Heatmap(
+        z=[[100 * v for v in row] for row in fractions], x=outliers.modules, colorscale=OUTLIER_COLOURS,
+        zmin=0, colorbar={"title": "% of weights"}, customdata=outliers.outliers,
+        hovertemplate="layer %{y} · %{x}<br>|z| > " + f"{outliers.k:g}" +
+        ": %{z:.3f}% of weights (%{customdata} weights)<extra></extra>",
+    ))
+    return _titled(fig, f"Weight outliers: % of each module's weights with |z| > {outliers.k:g}", subtitle,
+                   xaxis_title="module", yaxis_title="layer", height=520)
+
+
+def zd_chart(outliers: WeightOutliers, subtitle: str) -> go.Figure:
+    """ZD (fraction of weights with z > 1, pooled per layer) per layer, on an axis that shows the differences."""
+    layers = list(range(len(outliers.zd_layer)))
+    fig = go.Figure(go.Scatter(
+        x=layers, y=outliers.zd_layer, mode="lines+markers", name="ZD",
+        line={"color": PALETTE[3]}, marker={"color": PALETTE[3], "size": 8},
+        hovertemplate="layer %{x}<br>ZD %{y:.4f}<extra></extra>",
+    ))
+    _titled(fig, "ZD score per layer (smaller = more important)", subtitle,
+            xaxis_title="layer", yaxis_title="fraction of weights with z > 1 (axis not from 0)")
+    fig.update_yaxes(range=padded_range(outliers.zd_layer, pad=0.15))
+    fig.update_xaxes(range=padded_range(layers, pad=0.02))
+    return fig
+
+
+def rank_table(scores: LayerRedundancy, outliers: WeightOutliers) -> pd.DataFrame:
+    """Importance ranks by LIM and by ZD (1 = least important)."""
+    return pd.DataFrame({
+        "layer": range(len(scores.lr)), "lim": scores.lim, "zd": outliers.zd_layer,
+        "lim_rank": ranks(scores.lim), "zd_rank": ranks(zd_importance(outliers.zd_layer)),
+    })
+
+
+def rank_scatter(scores: LayerRedundancy, outliers: WeightOutliers, subtitle: str) -> go.Figure:
+    """LIM rank vs ZD rank per layer, with their Spearman correlation and what it means."""
+    table = rank_table(scores, outliers)
+    rho = spearman(scores.lim, zd_importance(outliers.zd_layer))
+    fig = go.Figure(go.Scatter(
+        x=table["lim_rank"], y=table["zd_rank"], mode="markers+text", text=table["layer"],
+        textposition="top center", marker={"color": PALETTE[0], "size": 9},
+        hovertemplate="layer %{text}<br>LIM rank %{x}<br>ZD rank %{y}<extra></extra>",
+    ))
+    n = len(table)
+    fig.add_trace(go.Scatter(x=[1, n], y=[1, n], mode="lines", name="perfect agreement",
+                             line={"color": "#999", "dash": "dot"}, hoverinfo="skip"))
+    _titled(fig, f"Importance ranks: LIM vs ZD (Spearman ρ = {rho:.2f}: {agreement_words(rho)})", subtitle,
+            xaxis_title="LIM rank (1 = least important)", yaxis_title="ZD rank (1 = least important)",
+            showlegend=False)
+    fig.update_xaxes(range=padded_range([1, n], pad=0.05))
+    fig.update_yaxes(range=padded_range([1, n], pad=0.08))
+    return fig
+
+
+def agreement_words(rho: float) -> str:
+    """Plain words for a rank correlation: 1 same order, 0 unrelated, −1 opposite."""
+    size = abs(rho)
+    strength = ("no" if size < 0.1 else "weak" if size < 0.3 else "moderate" if size < 0.6
+                else "strong" if size < 0.9 else "near-perfect")
+    if strength == "no":
+        return "the two orders are unrelated"
+    return f"{strength} {'agreement' if rho > 0 else 'disagreement (opposite orders)'}"
+
+
+def histogram_table(scores: LayerRedundancy, layer: int) -> pd.DataFrame:
+    """Token counts per cosine bin for one layer."""
+    width = 2.0 / HIST_BINS
+    return pd.DataFrame({
+        "bin_start": [-1.0 + i * width for i in range(HIST_BINS)],
+        "bin_end": [-1.0 + (i + 1) * width for i in range(HIST_BINS)],
+        "tokens": scores.histogram[layer],
+    })
+
+
+def token_cosine_histogram(scores: LayerRedundancy, layer: int, subtitle: str) -> go.Figure:
+    """Distribution of one layer's per-token cosines (bins of 0.01, empty tails trimmed)."""
+    table = histogram_table(scores, layer)
+    filled = table[table["tokens"] > 0]
+    if not filled.empty:
+        table = table.loc[filled.index.min(): filled.index.max()]
+    fig = go.Figure(go.Bar(
+        x=(table["bin_start"] + table["bin_end"]) / 2, y=table["tokens"], width=2.0 / HIST_BINS,
+        marker={"color": PALETTE[0]},
+        hovertemplate="cosine ≈ %{x:.3f}<br>%{y} tokens<extra></extra>",
+    ))
+    return _titled(fig, f"Layer {layer}: per-token cosine distribution", subtitle,
+                   xaxis_title="cosine(input, output)", yaxis_title="tokens")
+
+
+def _with_secondary_line(fig: go.Figure, values: list[float], name: str, axis_title: str) -> go.Figure:
+    colour = "#222222"
+    fig.add_trace(go.Scatter(x=list(range(len(values))), y=values, mode="lines+markers", name=name,
+                             yaxis="y2", line={"color": colour}, marker={"color": colour, "size": 5},
+                             hovertemplate="layer %{x}<br>" + name + " %{y:.4f}<extra></extra>"))
+    y_range, _below = robust_range(values)
+    fig.update_layout(yaxis2={"title": axis_title, "overlaying": "y", "side": "right", "showgrid": False,
+                              "range": y_range})
+    return fig
+
+
+def schedule_table(fractions: list[float], dims: list[int], hidden_size: int, lr: list[float] | None) -> pd.DataFrame:
+    """Per layer: requested slicing fraction, kept dims, achieved fraction, LR."""
+    frame = pd.DataFrame({
+        "layer": range(len(fractions)), "fraction": fractions, "kept_dims": dims,
+        "achieved_fraction": [1 - d / hidden_size for d in dims],
+    })
+    if lr is not None:
+        frame["lr"] = lr
+    return frame
+
+
+def schedule_chart(table: pd.DataFrame, subtitle: str) -> go.Figure:
+    """Bars of each layer's slicing fraction (after rounding), with the LR profile if known."""
+    fig = go.Figure(go.Bar(
+        x=table["layer"], y=table["achieved_fraction"], name="slicing fraction (rounded)",
+        marker={"color": PALETTE[0]}, customdata=table[["fraction", "kept_dims"]],
+        hovertemplate="layer %{x}<br>sliced %{y:.3f} (asked %{customdata[0]:.3f})<br>"
+        "keeps %{customdata[1]} dims<extra></extra>",
+    ))
+    if "lr" in table:
+        _with_secondary_line(fig, table["lr"].tolist(), "LR", "LR cosine (zoomed)")
+    _titled(fig, "Per-layer slicing schedule", subtitle, xaxis_title="layer",
+            yaxis_title="fraction of residual dims removed")
+    fig.update_yaxes(range=[0, max(0.05, float(table["achieved_fraction"].max()) * 1.15)])
+    return fig
+
+
+def bit_map_table(bits: list[int], importance: list[float] | None, label: str) -> pd.DataFrame:
+    """Per layer: allocated code bits and the importance score that ordered them."""
+    frame = pd.DataFrame({"layer": range(len(bits)), "bits": bits})
+    if importance is not None:
+        frame[label] = importance
+    return frame
+
+
+BIT_COLOURS = {2: "#B2182B", 3: "#EF8A62", 4: "#67A9CF", 5: "#2166AC", 6: "#1B7837", 7: "#5AAE61", 8: "#542788"}
+
+
+def bit_map_chart(table: pd.DataFrame, subtitle: str) -> go.Figure:
+    """Bars of each layer's bit level (one colour and legend entry per level), importance as a line."""
+    fig = go.Figure()
+    for bits, group in table.groupby("bits"):
+        fig.add_trace(go.Bar(x=group["layer"], y=group["bits"], name=f"{bits} bits",
+                             marker={"color": BIT_COLOURS.get(int(bits), "#777777")},
+                             hovertemplate="layer %{x}<br>%{y} bits<extra></extra>"))
+    if len(table.columns) > 2:
+        label = table.columns[2]
+        _with_secondary_line(fig, table[label].tolist(), label, f"{label} (higher = more important)")
+    _titled(fig, "Per-layer bit allocation", subtitle, xaxis_title="layer", yaxis_title="code bits", barmode="overlay")
+    fig.update_yaxes(range=[0, max(table["bits"]) + 0.5], dtick=1)
+    return fig

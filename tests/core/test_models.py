@@ -1,0 +1,104 @@
+"""Model loading: the architecture table, local folders, and every bad source."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+from engine.core.architectures import ARCHITECTURES, UnsupportedArchitectureError, architecture_for
+from engine.core.models import (
+    ModelLoadError,
+    NotCausalLMError,
+    UnsupportedModelError,
+    load_model,
+    resolve_dtype,
+    weights_fingerprint,
+)
+from tests.tiny_models import TINY_FACTORIES
+
+
+def test_table_finds_every_part(tiny_model):
+    arch = architecture_for(tiny_model.config.model_type)
+    layers = arch.decoder_layers(tiny_model)
+    assert len(layers) == tiny_model.config.num_hidden_layers
+    hidden = tiny_model.config.hidden_size
+    for layer in layers:
+        linears = arch.layer_linears(layer)
+        assert list(linears) == arch.linear_names
+        for path in arch.attn_inputs + arch.mlp_inputs:
+            assert layer.get_submodule(path).in_features == hidden
+        assert layer.get_submodule(arch.attn_output).out_features == hidden
+        assert layer.get_submodule(arch.mlp_output).out_features == hidden
+
+
+def test_every_listed_architecture_has_a_tiny_test_model():
+    tested = {factory().config.model_type for factory in TINY_FACTORIES.values()}
+    assert tested == set(ARCHITECTURES)
+
+
+def test_unknown_model_type_names_the_supported_ones():
+    with pytest.raises(UnsupportedArchitectureError, match="llama, mistral, phi3, qwen2"):
+        architecture_for("gpt_neox")
+
+
+def _save_with_tokenizer(model, folder, builtin):
+    model.save_pretrained(folder)
+    builtin.tokenizer.save_pretrained(folder)
+
+
+def test_load_local_tiny_llama_folder(tmp_path, builtin):
+    model = TINY_FACTORIES["llama"]()
+    _save_with_tokenizer(model, tmp_path, builtin)
+    loaded = load_model(str(tmp_path), device="cpu", dtype="float32")
+    assert loaded.card["layers"] == 3 and loaded.card["hidden size"] == 64
+    ids = torch.tensor([[1, 2, 3, 4]])
+    torch.testing.assert_close(loaded.model(ids).logits, model(ids).logits)
+    assert loaded.fingerprint == weights_fingerprint(model)
+
+
+def test_fingerprint_changes_with_weights():
+    model = TINY_FACTORIES["llama"]()
+    before = weights_fingerprint(model)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(0.5)
+    assert weights_fingerprint(model) != before
+
+
+def test_unsupported_architecture_folder(tmp_path, builtin):
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    _save_with_tokenizer(model, tmp_path, builtin)
+    with pytest.raises(UnsupportedModelError, match="not supported"):
+        load_model(str(tmp_path))
+
+
+def test_non_causal_model_is_refused(tmp_path, builtin):
+    model = BertForMaskedLM(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                                       intermediate_size=64, vocab_size=64))
+    _save_with_tokenizer(model, tmp_path, builtin)
+    with pytest.raises(NotCausalLMError, match="not a causal"):
+        load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("source, message", [
+    ("", "Enter a model id"),
+    ("/no/such/folder/anywhere", "Could not find a model"),
+    ("nobody/no-such-model-xyz", "cannot be reached"),
+])
+def test_bad_sources_give_clear_errors(source, message):
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(source)
+
+
+def test_folder_without_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_bad_dtype_and_device():
+    with pytest.raises(ModelLoadError, match="Unknown dtype"):
+        resolve_dtype("float8", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="no CUDA GPU"):
+            load_model("smollm2-135m", device="cuda")

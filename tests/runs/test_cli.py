@@ -1,0 +1,73 @@
+"""The headless CLI: help, bad arguments, and a sweep that the Results page shows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine.cli import build_parser, main
+from engine.runs.store import ResultsStore
+from tests.apptest import open_app
+
+TINY = ["--calib-windows", "2", "--calib-seqlen", "32", "--eval-windows", "2", "--eval-seqlen", "32"]
+
+
+@pytest.mark.parametrize("command", ["score", "evaluate", "slice", "quantize", "sweep-slicing",
+                                     "sweep-quantization"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "--model" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["slice", "--target", "abc"], "invalid float value"),
+    (["sweep-quantization", "--low-bits", "2,x"], "comma-separated integers"),
+    (["quantize", "--ordering", "alphabetical"], "invalid choice"),
+    (["bogus"], "invalid choice"),
+])
+def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["slice", "--schedule", "dynamic", "--target", "0.1", "--basis", "0.3", *TINY], "basis"),
+    (["quantize", "--low-bits", "1", *TINY], "Bit levels [1] are out of range"),
+    (["evaluate", "--model", "/no/such/model"], "Could not find a model"),
+    (["evaluate", "--eval-seqlen", "99999"], "longer than this model allows"),
+    (["sweep-slicing", "--schedules", "wavy", *TINY], "--schedules"),
+])
+def test_bad_inputs_exit_2_and_store_nothing(argv, message, capsys, tmp_path):
+    store_path = tmp_path / "cli.sqlite"
+    assert main([*argv, "--store", str(store_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: ") and message in err and "Traceback" not in err
+    assert ResultsStore(store_path).runs() == []
+
+
+@pytest.mark.slow
+def test_cli_sweep_shows_up_in_results_page(capsys):
+    before = len(ResultsStore().runs())
+    argv = ["sweep-slicing", "--targets", "0.1", "--bases", "0", "--schedules", "constant", *TINY]
+    assert main(argv) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["kind"] for line in lines] == ["dense", "slicing"]
+    assert lines[1]["ppl"] > lines[0]["ppl"] * 0.9
+    assert len(ResultsStore().runs()) == before + 2
+    at = open_app("results")
+    at.selectbox(key="results_data").set_value("wiki-offline evaluation, 2 × 32").run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert {lines[0]["run"], lines[1]["run"]} <= set(table["id"])
+    assert len(at.get("plotly_chart")) == 1
+
+
+def test_parser_builds_all_commands():
+    parser = build_parser()
+    args = parser.parse_args(["sweep-quantization", "--low-bits", "2,3", "--low-fractions", "0,0.5"])
+    assert args.low_bits == [2, 3] and args.low_fractions == [0.0, 0.5]

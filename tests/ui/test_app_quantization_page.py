@@ -1,0 +1,54 @@
+"""AppTest of the Quantization page: bit map preview, refusals, preview run and its chart."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.runs.store import ResultsStore
+from tests.apptest import click, open_app, use_small_data
+
+
+def _bits_caption(at) -> str:
+    return next(c.value for c in at.caption if c.value.startswith("Average"))
+
+
+def _ready():
+    at = use_small_data(open_app("quantization"))
+    if any(b.label.startswith("Compute importance scores") for b in at.button):  # not cached by another test
+        click(at, "Compute importance scores")
+    assert not at.exception and not at.error, at.error
+    return at
+
+
+def test_bit_map_follows_the_sliders_and_bad_levels_are_refused(tiny_app):
+    at = _ready()
+    assert "Per-layer bit allocation" in at.get("plotly_chart")[0].proto.spec
+    assert _bits_caption(at).startswith("Average 3.500 code bits")  # 25% of 4 layers -> 1 at 2 bits
+    at.slider(key="keep.quant_fraction").set_value(50).run()
+    assert _bits_caption(at).startswith("Average 3.000 code bits")
+    assert "of the dense model at 16 bits" in _bits_caption(at)
+    at.radio(key="keep.quant_mode").set_value("average").run()
+    assert _bits_caption(at).startswith("Average 3.000")  # 3.25 target rounds down to 2 of 4 layers at 2 bits
+    at.select_slider(key="keep.quant_low").set_value(6).run()  # low above high
+    assert not at.exception
+    assert "must not exceed the high level" in at.error[0].value or "unreachable" in at.error[0].value
+
+
+def test_preview_run_is_stored_marked_and_charted(tiny_app):
+    at = _ready()
+    at.select_slider(key="keep.quant_low").set_value(3).run()
+    click(at, "Preview")
+    assert not at.exception and not at.error, at.error
+    assert at.metric[0].label == "Perplexity" and float(at.metric[0].value) > 1
+    assert any("Preview on 2 windows" in w.value for w in at.warning)
+    run = ResultsStore().runs()[0]
+    assert run.is_preview and run.metrics["dense_ppl"] > 1
+    specs = [c.proto.spec for c in at.get("plotly_chart")]
+    assert any("(preview)" in spec and "ppl vs size" in spec for spec in specs)
+
+
+@pytest.mark.slow
+def test_builtin_bit_map_counts_layers():
+    at = use_small_data(open_app("quantization"))
+    click(at, "Compute importance scores")
+    assert _bits_caption(at).startswith("Average 3.467 code bits")  # 25% of 30 layers -> 8 at 2 bits

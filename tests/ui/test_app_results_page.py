@@ -1,0 +1,80 @@
+"""AppTest of the Results page: runs, trade-off chart, report builder; runs on different files kept apart."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+
+import plotly.io
+
+from engine.runs.store import ResultsStore
+from tests.apptest import click, open_app
+
+DATA = {"source": "wiki-offline", "split": "evaluation", "n_windows": 3, "seqlen": 48,
+        "label": "wiki-offline evaluation, 3 windows × 48 tokens"}
+
+
+def _figure(at):
+    return plotly.io.from_json(at.get("plotly_chart")[0].proto.spec)
+
+
+def _values(array):
+    """Plotly JSON stores numeric arrays as base64 typed arrays (``{"dtype", "bdata"}``)."""
+    if isinstance(array, dict) and "bdata" in array:
+        return np.frombuffer(base64.b64decode(array["bdata"]), dtype=array["dtype"]).tolist()
+    return list(array)
+
+
+def _add(store, method, series, data, fraction, ppl):
+    store.add_run(model="tiny", model_fingerprint="x", method=method,
+                  config={"series": series, "preview": False}, data=data,
+                  metrics={"ppl": ppl, "ci_low": ppl * 0.9, "ci_high": ppl * 1.1, "size_fraction": fraction,
+                           "param_fraction": fraction}, duration_s=0.5)
+
+
+def test_results_page_lists_runs_draws_tradeoff_and_builds_the_report(tiny_app):
+    store = ResultsStore()
+    _add(store, "dense", "dense", DATA, 1.0, 20.0)
+    for fraction, ppl in ((0.9, 26.0), (0.8, 35.0)):
+        _add(store, "slicing", "constant", DATA, fraction, ppl)
+    at = open_app("results")
+    assert not at.exception
+    at.selectbox(key="results_data").set_value(DATA["label"]).run()
+    assert not at.exception
+    assert len(at.dataframe[0].value) >= 3
+    fig = _figure(at)
+    names = [t.name for t in fig.data]
+    assert "constant" in names and any(n and n.startswith("dense") for n in names)
+    assert fig.layout.yaxis.type == "linear"  # 20..35 spans less than a decade
+    labels = [d.proto.label for d in at.get("download_button")]
+    assert "Download runs.csv" in labels and "Download HTML report" in labels
+    summary = " ".join(m.value for m in at.markdown)
+    assert "Dense model: perplexity 20.00" in summary
+
+
+def test_runs_on_two_uploaded_files_are_never_one_series(tiny_app, tmp_path):
+    from engine.core.data import DataSpec
+
+    store = ResultsStore()
+    first, second = tmp_path / "a" / "notes.txt", tmp_path / "b" / "notes.txt"  # same name, different text
+    for path, text in ((first, "alpha " * 50), (second, "beta " * 50)):
+        path.parent.mkdir()
+        path.write_text(text)
+    labels = []
+    for path, ppl in ((first, 30.0), (second, 40.0)):
+        spec = DataSpec("file", "evaluation", 48, 3, str(path))
+        labels.append(spec.label())
+        data = {**spec.to_dict(), "n_windows": 3}  # no stored label: the record builds it from the path
+        _add(store, "slicing", "constant", data, 0.9, ppl)
+        _add(store, "slicing", "constant", data, 0.8, ppl * 1.2)
+    assert labels[0] != labels[1] and "notes.txt#" in labels[0]
+    frame = store.runs_frame()
+    assert set(labels) <= set(frame["data_label"].unique())
+    at = open_app("results")
+    assert set(labels) <= set(at.selectbox(key="results_data").options)
+    at.selectbox(key="results_data").set_value(labels[0]).run()
+    fig = _figure(at)
+    points = [float(y) for t in fig.data if t.name == "constant" for y in _values(t.y)]
+    assert sorted(points) == [30.0, 36.0]  # only the first file's runs

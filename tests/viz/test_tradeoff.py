@@ -1,0 +1,108 @@
+"""Trade-off figures: honest axes on linear and log scales, fixed colours, previews, Pareto direction."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from engine.viz.style import series_colour, series_colours
+from engine.viz.tradeoff import pareto_mask, quality_axes, tradeoff_figure
+
+DATA = {"source": "wiki-offline", "split": "evaluation", "n_windows": 4, "seqlen": 128,
+        "label": "wiki-offline evaluation, 4 windows × 128 tokens"}
+
+
+def _frame(store, points, preview=False):
+    for method, series, fraction, ppl in points:
+        store.add_run(model="m", model_fingerprint="f", method=method,
+                      config={"series": series or method, "preview": preview, "low_fraction": 1 - fraction},
+                      data=DATA, metrics={"ppl": ppl, "ci_low": ppl * 0.95, "ci_high": ppl * 1.05,
+                                          "size_fraction": fraction, "acc.layerlab_wiki_lastword": 1 / ppl},
+                      duration_s=1.0)
+    return store.runs_frame()
+
+
+BASIC = [("dense", None, 1.0, 20.0), ("slicing", "constant", 0.9, 30.0), ("slicing", "constant", 0.8, 45.0),
+         ("slicing", "dynamic SB=0.1", 0.8, 40.0), ("slicing", "dynamic SB=0.1", 0.9, 33.0)]
+
+
+def _axis_range(fig, axis):
+    return list(fig.layout[axis].range)
+
+
+def _inside(fig, axis: str, values, log: bool) -> bool:
+    low, high = _axis_range(fig, axis)
+    return all(low <= (math.log10(v) if log else v) <= high for v in values if v is not None)
+
+
+def test_pareto_mask_respects_which_way_is_smaller():
+    assert pareto_mask([1, 2, 3, 2], [10, 5, 1, 6], lower_is_better=True) == [True, True, True, False]
+    assert pareto_mask([1, 2, 3], [0.5, 0.4, 0.6], lower_is_better=False) == [True, False, True]
+    # x = fraction of layers at low bits: larger x is a *smaller* model
+    assert pareto_mask([0.25, 0.5, 0.75], [25, 30, 28], True, larger_is_bigger=False) == [True, False, True]
+
+
+def test_linear_axis_spans_the_data_with_padding_and_dense(store):
+    frame = _frame(store, BASIC)
+    assert set(quality_axes(frame)) == {"metrics.ppl", "metrics.acc.layerlab_wiki_lastword"}
+    fig = tradeoff_figure(frame, "metrics.size_fraction", "metrics.ppl", "test data")
+    assert fig.layout.yaxis.type == "linear"  # 19..47 is less than a decade
+    low, high = _axis_range(fig, "yaxis")
+    assert low < 20 * 0.95 and high > 45 * 1.05 and high < 60  # data plus padding, no runaway range
+    for trace in fig.data:
+        assert _inside(fig, "yaxis", trace.y, False), trace.name
+        assert _inside(fig, "xaxis", trace.x, False), trace.name
+    names = [t.name for t in fig.data]
+    assert {"constant", "dynamic SB=0.1", "Pareto frontier"} <= set(names) and "dense (20)" in names
+    front = fig.data[names.index("Pareto frontier")]
+    assert sorted(zip(front.x, front.y)) == [(0.8, 40.0), (0.9, 30.0)]
+    assert "test data" in fig.layout.title.text
+
+
+def test_log_axis_keeps_every_trace_and_annotation_inside(store):
+    frame = _frame(store, [("dense", None, 1.0, 25.0), ("quantization", "lim 4/2-bit rtn", 0.5, 2000.0),
+                           ("quantization", "lim 4/2-bit rtn", 0.4, 20000.0)])
+    fig = tradeoff_figure(frame, "config.low_fraction", "metrics.ppl", "test data")
+    assert fig.layout.yaxis.type == "log"
+    low, high = _axis_range(fig, "yaxis")
+    assert low < math.log10(25 * 0.95) and high > math.log10(21000) and high < 6  # in decades, not 10^24
+    for trace in fig.data:
+        assert _inside(fig, "yaxis", trace.y, True), trace.name
+    for note in fig.layout.annotations:
+        if note.yref == "y":
+            assert low <= note.y <= high
+
+
+def test_single_point_gets_a_sane_range(store):
+    frame = _frame(store, [("dense", None, 1.0, 20.0), ("slicing", "constant", 0.9, 30.0)])
+    fig = tradeoff_figure(frame, "metrics.size_fraction", "metrics.ppl", "t")
+    low, high = _axis_range(fig, "xaxis")
+    assert 0.8 < low < 0.9 and 1.0 < high < 1.1
+
+
+def test_previews_are_hollow_and_dashed(store):
+    _frame(store, BASIC)
+    frame = _frame(store, [("slicing", "constant", 0.85, 36.0)], preview=True)
+    fig = tradeoff_figure(frame, "metrics.size_fraction", "metrics.ppl", "t")
+    preview = next(t for t in fig.data if t.name == "constant (preview)")
+    assert preview.line.dash == "dash" and preview.marker.color == "white"
+    front = next(t for t in fig.data if t.name == "Pareto frontier")
+    assert 36.0 not in front.y  # previews never define the frontier
+
+
+def test_colours_are_explicit_distinct_and_stable(store):
+    fig = tradeoff_figure(_frame(store, BASIC), "metrics.size_fraction", "metrics.ppl", "t")
+    colours = {t.name: t.line.color for t in fig.data if t.name in ("constant", "dynamic SB=0.1")}
+    assert all(c and c.startswith("#") for c in colours.values())
+    assert len(set(colours.values())) == 2
+    assert colours["constant"] == series_colour("constant")
+    many = series_colours([f"series {i}" for i in range(12)])
+    assert len(set(many.values())) == 12
+
+
+@pytest.mark.parametrize("x", ["metrics.size_fraction", "config.low_fraction"])
+def test_every_point_has_an_error_bar(store, x):
+    fig = tradeoff_figure(_frame(store, BASIC), x, "metrics.ppl", "t")
+    constant = next(t for t in fig.data if t.name == "constant")
+    assert list(constant.error_y.array) == pytest.approx([v * 0.05 for v in constant.y])
