@@ -57,7 +57,7 @@ def data_spec_controls(split: str, loaded: LoadedModel) -> DataSpec | None:
     except DataError as err:
         st.error(str(err))
         return None
-    st.caption(f"Uses {cut.usage()} windows of {cut.seqlen} tokens ({cut.input_ids.numel():,} tokens): {cut.label()}.")
+    st.caption(f"Uses {cut.usage()} = {cut.input_ids.numel():,} tokens of {spec.source} {split} text.")
     return spec
 
 
@@ -131,7 +131,7 @@ def method_tradeoff(store, loaded: LoadedModel, method: str, evaluation: DataSpe
     runs = runs[runs["fingerprint"] == loaded.fingerprint]
     own = filter_runs(runs, methods=[method])
     labels = list(dict.fromkeys([evaluation_label] + own["data_label"].tolist()))
-    label = st.selectbox("Evaluation windows", labels, key=f"{method}_tradeoff_data",
+    label = st.selectbox("Windows shown on the chart", labels, key=f"{method}_tradeoff_data",
                          help="Runs on different windows are never drawn together; previews use fewer windows.")
     shown = filter_runs(runs, methods=[method, "dense"], data_label=label)
     axes = size_axes(shown[shown["method"] == method])

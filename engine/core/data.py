@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from engine.core.paths import cache_root
+from engine.core.paths import atomic_file, cache_root
 
 SOURCES = ("wiki-offline", "wikitext2", "file")
 SPLITS = ("calibration", "evaluation")
@@ -96,10 +96,10 @@ class TokenWindows:
         return describe_data(self.spec.source, self.spec.split, self.n_windows, self.seqlen, self.spec.path)
 
     def usage(self) -> str:
-        """How many windows were used of those asked for and available, e.g. ``"16 of 16 asked (2,189 available)"``."""
+        """Windows used, asked for and available, e.g. ``"2,189 windows of 512 tokens (4,096 asked, 2,189 available)"``."""
         asked = "all" if self.spec.n_windows is None else f"{self.spec.n_windows:,}"
-        available = "" if self.available is None else f" ({self.available:,} available)"
-        return f"{self.n_windows:,} of {asked} asked{available}"
+        available = "" if self.available is None else f", {self.available:,} available"
+        return f"{self.n_windows:,} windows of {self.seqlen:,} tokens ({asked} asked{available})"
 
 
 def file_identity(path: str) -> str:
@@ -215,9 +215,8 @@ def save_upload(raw: bytes, name: str) -> Path:
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(name).stem)[:40] or "upload"
     target = folder / f"{stem}-{hashlib.sha256(raw).hexdigest()[:12]}.txt"
     if not target.exists():
-        staging = target.with_suffix(".tmp")
-        staging.write_bytes(raw)
-        staging.replace(target)
+        with atomic_file(target) as temp:
+            temp.write_bytes(raw)
     return target
 
 

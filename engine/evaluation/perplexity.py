@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.core.data import TokenWindows
+from engine.core.progress import ProgressFn
 
-ProgressFn = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ import torch
 
 from engine.core.models import hub_reachable
 from engine.evaluation.tasks import CONTINUATION_TASK, LASTWORD_TASK, OFFLINE_TASKS, build_offline_tasks
+from engine.core.progress import ProgressFn
 
 STANDARD_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "mmlu")
 REPORTED_METRIC = {"winogrande": "acc", LASTWORD_TASK: "acc", "mmlu": "acc"}
-ProgressFn = Callable[[int, int], None]
 
 
 class TaskUnavailableError(ValueError):

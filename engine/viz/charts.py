@@ -25,13 +25,14 @@ def _titled(fig: go.Figure, title: str, subtitle: str, **layout) -> go.Figure:
 def robust_range(values: list[float], pad: float = 0.1) -> tuple[list[float], list[int]]:
     """Axis range over the bulk of ``values`` and the indices left below it.
 
-    Values below ``Q1 − 3·IQR`` (e.g. layer 0's LR of 0.004 when the others sit
-    at 0.93–0.98) are excluded so the differences among the rest stay visible.
+    Values far below the rest (under ``Q1 − 10·IQR``: e.g. layer 0's LR of 0.004
+    when the others sit at 0.76–0.98) are excluded so the differences among
+    the rest stay visible.
     """
     ordered = sorted(values)
     n = len(ordered)
     q1, q3 = ordered[n // 4], ordered[(3 * n) // 4]
-    floor = q1 - 3 * (q3 - q1)
+    floor = q1 - 10 * (q3 - q1)
     low_out = [i for i, v in enumerate(values) if v < floor]
     kept = [v for v in values if v >= floor] or values
     return padded_range(kept, pad=pad), low_out
@@ -220,7 +221,7 @@ def _with_secondary_line(fig: go.Figure, values: list[float], name: str, axis_ti
                              hovertemplate="layer %{x}<br>" + name + " %{y:.4f}<extra></extra>"))
     y_range, _below = robust_range(values)
     fig.update_layout(yaxis2={"title": axis_title, "overlaying": "y", "side": "right", "showgrid": False,
-                              "range": y_range})
+                              "range": y_range, "tickformat": ".2f"})
     return fig
 
 
@@ -247,7 +248,7 @@ def schedule_chart(table: pd.DataFrame, subtitle: str) -> go.Figure:
         _with_secondary_line(fig, table["lr"].tolist(), "LR", "LR cosine (zoomed)")
     _titled(fig, "Per-layer slicing schedule", subtitle, xaxis_title="layer",
             yaxis_title="fraction of residual dims removed")
-    fig.update_yaxes(range=[0, max(0.05, float(table["achieved_fraction"].max()) * 1.15)])
+    fig.update_layout(yaxis_range=[0, max(0.05, float(table["achieved_fraction"].max()) * 1.15)])
     return fig
 
 
@@ -273,5 +274,5 @@ def bit_map_chart(table: pd.DataFrame, subtitle: str) -> go.Figure:
         label = table.columns[2]
         _with_secondary_line(fig, table[label].tolist(), label, f"{label} (higher = more important)")
     _titled(fig, "Per-layer bit allocation", subtitle, xaxis_title="layer", yaxis_title="code bits", barmode="overlay")
-    fig.update_yaxes(range=[0, max(table["bits"]) + 0.5], dtick=1)
+    fig.update_layout(yaxis={"range": [0, max(table["bits"]) + 0.5], "dtick": 1})
     return fig

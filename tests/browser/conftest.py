@@ -7,6 +7,7 @@ also leaves its page screenshot and console log there.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -109,9 +110,22 @@ class Steps:
     def __init__(self, page, name: str) -> None:
         self.page, self.name, self.count = page, name, 0
 
-    def shot(self, label: str) -> None:
+    def path(self, label: str):
+        """The next numbered screenshot path of this test."""
         self.count += 1
-        self.page.screenshot(path=str(ARTIFACTS / f"{self.name}-{self.count:02d}-{label}.png"), full_page=True)
+        return ARTIFACTS / f"{self.name}-{self.count:02d}-{label}.png"
+
+    def shot(self, label: str) -> None:
+        """Screenshot of the whole page: Streamlit scrolls inside its main block, so the viewport is
+        stretched to that block's height for the shot."""
+        size = self.page.viewport_size
+        height = self.page.evaluate(
+            "() => Math.max(...[...document.querySelectorAll('[data-testid=stMain], [data-testid=stMainBlockContainer]')]"
+            ".map(e => e.scrollHeight), 0)")
+        self.page.set_viewport_size({"width": size["width"], "height": int(min(max(size["height"], height + 80), 8000))})
+        self.page.wait_for_timeout(500)
+        self.page.screenshot(path=str(self.path(label)), full_page=True)
+        self.page.set_viewport_size(size)
 
 
 @pytest.fixture
@@ -133,3 +147,30 @@ def page(browser, request):
 @pytest.fixture
 def steps(page, request) -> Steps:
     return Steps(page, request.node.name)
+
+
+def scores_ready(page, preview: str) -> None:
+    """Press the page's 'Compute ... scores' button if the scores are not cached, then wait for the preview."""
+    page.wait_for_timeout(2000)  # let the rerun after the last input finish
+    compute = page.get_by_role("button", name=re.compile("^Compute"))
+    ready = page.get_by_text(re.compile(preview)).first
+    compute.first.or_(ready).first.wait_for()
+    if compute.count():
+        compute.first.click()
+    ready.wait_for(timeout=180_000)
+    page.wait_for_timeout(1000)
+
+
+def set_slider(page, slider, target: int) -> None:
+    """Move a Streamlit slider to ``target`` with the keyboard, re-reading its value (reruns can eat keys)."""
+    for _ in range(80):
+        value = int(float(slider.get_attribute("aria-valuenow")))
+        if value == target:
+            page.wait_for_timeout(800)
+            if int(float(slider.get_attribute("aria-valuenow"))) == target:
+                return
+            continue
+        slider.focus()
+        page.keyboard.press("ArrowRight" if value < target else "ArrowLeft")
+        page.wait_for_timeout(250)
+    raise AssertionError(f"slider stuck at {slider.get_attribute('aria-valuenow')}, wanted {target}")

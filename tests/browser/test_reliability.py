@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from engine.runs.plans import QuantPlan
-
-from engine.runs.runner import run_quantization
 from engine.core.data import DataSpec
-from engine.runs.plans import EvalPlan
 from engine.core.paths import cache_root
+from engine.runs.plans import EvalPlan, QuantPlan
+from engine.runs.runner import run_quantization
 from engine.runs.store import ResultsStore
-from tests.browser.conftest import start_server, stop_server
+from tests.browser.conftest import scores_ready, set_slider, start_server, stop_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -30,10 +28,10 @@ def _set(page, label: str, value, nth: int = 0) -> None:
 
 def _small_data(page, calib_windows: int = 2, calib_seqlen: int = 32) -> None:
     page.get_by_text("Calibration and evaluation data").click()
-    _set(page, "Windows", calib_windows, 0)
-    _set(page, "Seqlen (tokens)", calib_seqlen, 0)
-    _set(page, "Windows", 2, 1)
-    _set(page, "Seqlen (tokens)", 32, 1)
+    _set(page, "Calibration windows", calib_windows)
+    _set(page, "Calibration seqlen (tokens)", calib_seqlen)
+    _set(page, "Evaluation windows", 2)
+    _set(page, "Evaluation seqlen (tokens)", 32)
 
 
 def _verify_weights(page, server) -> None:
@@ -68,17 +66,15 @@ def test_bad_inputs_show_messages_and_change_nothing(page, steps, server, tmp_pa
     steps.shot("binary-upload")
 
     page.goto(server)
-    _set(page, "Seqlen (tokens)", 9000)
+    _set(page, "Evaluation seqlen (tokens)", 9000)
     page.get_by_text("longer than this model allows").wait_for()
     steps.shot("seqlen-too-long")
 
     page.goto(f"{server}/quantization")
-    page.get_by_text("Bit map preview").wait_for()
+    page.get_by_role("heading", name="Bit map preview").wait_for()
     _small_data(page)
-    low = page.get_by_role("slider").nth(1)  # low bits
-    low.focus()
-    for _ in range(6):
-        page.keyboard.press("ArrowRight")
+    scores_ready(page, r"^Average [0-9]")
+    set_slider(page, page.get_by_role("slider").nth(1), 8)  # low bits above the high level
     page.get_by_text("must not exceed the high level").wait_for()
     steps.shot("low-above-high-bits")
     assert [r.id for r in ResultsStore().runs()] == rows
@@ -87,12 +83,10 @@ def test_bad_inputs_show_messages_and_change_nothing(page, steps, server, tmp_pa
 
 def _start_preview(page, server, low_bits_presses: int) -> None:
     page.goto(f"{server}/quantization")
-    page.get_by_text("Bit map preview").wait_for()
+    page.get_by_role("heading", name="Bit map preview").wait_for()
     _small_data(page)
-    low = page.get_by_role("slider").nth(1)
-    low.focus()
-    for _ in range(low_bits_presses):
-        page.keyboard.press("ArrowRight")
+    scores_ready(page, r"^Average [0-9]")
+    set_slider(page, page.get_by_role("slider").nth(1), 2 + low_bits_presses)
     page.get_by_text(f"at {2 + low_bits_presses} bits").first.wait_for()
 
 
@@ -107,13 +101,13 @@ def test_two_sessions_compress_at_once_with_independent_results(browser, server,
     first.get_by_text("Stored as run").wait_for()
     second.get_by_text("Stored as run").wait_for()
     steps.shot("first-session")
-    new = [r for r in ResultsStore().runs() if r.id not in before]
+    new = [r for r in ResultsStore().runs() if r.id not in before and r.method == "quantization"]
     assert sorted(r.config["low_bits"] for r in new) == [2, 3]
     for run in new:  # each equals the same plan run alone, in this process
         plan = QuantPlan(low_bits=run.config["low_bits"], low_fraction=0.25)
         alone = run_quantization(ResultsStore(cache_root() / "alone.sqlite"), builtin, plan,
                                  DataSpec(split="calibration", seqlen=32, n_windows=2),
-                                 EvalPlan(DataSpec(split="evaluation", seqlen=32, n_windows=2)))
+                                 EvalPlan(DataSpec(split="evaluation", seqlen=32, n_windows=2), preview=True))
         assert run.metrics["ppl"] == pytest.approx(alone.metrics["ppl"], rel=1e-5)
     second.context.close()
     _verify_weights(first, server)
@@ -127,7 +121,7 @@ def test_cancel_leaves_nothing_half_written(page, steps, server):
     page.goto(f"{server}/slicing")
     page.get_by_text("Schedule preview").wait_for()
     _small_data(page, calib_windows=24, calib_seqlen=256)
-    page.get_by_text("Achieved mean slicing").wait_for()
+    scores_ready(page, "Achieved mean slicing")
     before = [r.id for r in ResultsStore().runs()]
     page.get_by_role("button", name="Run slicing").click()
     page.get_by_text("Slicing · slicing:").wait_for()
@@ -149,6 +143,7 @@ def test_killing_the_app_mid_run_loses_no_result(browser, steps):
         page.goto(f"{url}/slicing")
         page.get_by_text("Schedule preview").wait_for()
         _small_data(page, calib_windows=24, calib_seqlen=256)
+        scores_ready(page, "Achieved mean slicing")
         page.get_by_role("button", name="Run slicing").click()
         page.get_by_text("Slicing · slicing:").wait_for()
         os.kill(process.pid, signal.SIGKILL)

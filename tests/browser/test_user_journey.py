@@ -1,83 +1,138 @@
-"""What a user does, in a real browser: load, score, compress, compare."""
+"""What a user does, in a real browser: load, score, compress with two methods, compare, export a report.
+
+Every step leaves a screenshot in ``test-artifacts/browser/`` (look at them).
+"""
 
 from __future__ import annotations
 
+import math
+import re
+
 import pytest
 
+from tests.browser.conftest import scores_ready, set_slider
+
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+CALIB, EVAL = (8, 128), (4, 128)
 
 
 def _set_number(page, label: str, value: int) -> None:
     box = page.get_by_label(label, exact=True)
     box.fill(str(value))
     box.press("Enter")
+    page.wait_for_timeout(600)
 
 
-def test_builtin_model_loads_and_scores_render(page, steps, server):
+def _open_data(page) -> None:
+    page.get_by_text("Calibration and evaluation data").click()
+
+
+PLOT_DATA = """(index) => {
+    const plots = [...document.querySelectorAll('.js-plotly-plot')];
+    const plot = plots.at(index);
+    return {
+        data: plot.data.map(t => ({name: t.name, y: Array.from(t.y || []), text: t.text || []})),
+        range: plot._fullLayout.yaxis.range,
+        type: plot._fullLayout.yaxis.type,
+    };
+}"""
+
+
+def _plot_data(page, index: int = -1):
+    return page.evaluate(PLOT_DATA, index)
+
+
+def _assert_inside(plot) -> None:
+    low, high = plot["range"]
+    for trace in plot["data"]:
+        for y in trace["y"]:
+            value = math.log10(y) if plot["type"] == "log" else y
+            assert low <= value <= high, (trace["name"], y, plot["range"])
+
+
+def test_score_compress_compare_and_report(page, steps, server, tmp_path):
     page.goto(server)
     page.get_by_text("Baseline perplexity", exact=True).wait_for()
     page.get_by_text("as a 4-bit (Q4_1").wait_for()
-    steps.shot("model-page")
+    _set_number(page, "Evaluation windows", EVAL[0])
+    _set_number(page, "Evaluation seqlen (tokens)", EVAL[1])
+    page.get_by_role("button", name="Measure baseline perplexity").click()
+    page.get_by_text("Stored as run").wait_for()
+    steps.shot("model-page-baseline")
 
     page.get_by_role("link", name="Layer redundancy").click()
-    page.get_by_role("button", name="Compute scores").wait_for()
-    _set_number(page, "Windows", 2)
-    _set_number(page, "Seqlen (tokens)", 32)
-    page.get_by_role("button", name="Compute scores").click()
-    page.get_by_text("Most redundant layers").wait_for()
-    page.locator(".js-plotly-plot").first.wait_for()
+    _set_number(page, "Calibration windows", CALIB[0])
+    _set_number(page, "Calibration seqlen (tokens)", CALIB[1])
+    scores_ready(page, "Most redundant layers")
+    page.locator(".js-plotly-plot").nth(5).wait_for()
     steps.shot("redundancy-page")
     plots = page.locator(".js-plotly-plot")
     assert plots.count() == 6
-    heatmap = plots.nth(0)
-    assert heatmap.locator(".heatmaplayer image").count() == 1  # rendered, not only declared
+    assert plots.nth(0).locator(".heatmaplayer image").count() == 1  # rendered, not only declared
     rows = page.evaluate("() => document.querySelectorAll('.js-plotly-plot')[0].data[0].z.length")
     assert rows == 30  # one row per layer of the built-in model
+    profile = _plot_data(page, 2)
+    assert profile["range"][0] > 0.5  # zoomed to the bulk: layer 0 (LR ≈ 0) is named, not plotted into the axis
+    page.get_by_role("button", name="Add to report").nth(2).click()
+    page.get_by_role("button", name="Pin this chart").click()
+    page.get_by_text("Pinned").wait_for()
+    page.keyboard.press("Escape")
 
-
-def _small_data(page) -> None:
-    """Open the data expander and use 2 windows × 32 tokens for calibration and evaluation."""
-    page.get_by_text("Calibration and evaluation data").click()
-    for index in range(2):
-        for label, value in (("Windows", 2), ("Seqlen (tokens)", 32)):
-            box = page.get_by_label(label, exact=True).nth(index)
-            box.fill(str(value))
-            box.press("Enter")
-            page.wait_for_timeout(500)
-
-
-def _preview_caption(page) -> str:
-    return page.get_by_text("Achieved mean slicing").inner_text()
-
-
-def test_slider_preview_run_tradeoff_and_results(page, steps, server):
-    page.goto(f"{server}/slicing")
-    page.get_by_text("Schedule preview").wait_for()
-    _small_data(page)
-    page.get_by_text("asked 0.2500").wait_for()
+    page.get_by_role("link", name="Slicing").click()
+    page.get_by_role("heading", name="Schedule preview").wait_for()
+    _open_data(page)
+    assert page.get_by_label("Evaluation windows", exact=True).input_value() == str(EVAL[0])  # kept across pages
+    scores_ready(page, "asked 0.2500")
     steps.shot("slicing-preview")
     slider = page.get_by_role("slider").first  # target average slicing %
-    slider.focus()
-    for _ in range(15):
-        page.keyboard.press("ArrowLeft")
-    page.get_by_text("asked 0.1000").wait_for()
-    steps.shot("slicing-preview-after-slider")
+    for target in (10, 20):  # dynamic at 10%, then at 20%
+        set_slider(page, slider, target)
+        page.get_by_text(f"asked 0.{target}00").wait_for()
+        page.get_by_role("button", name="Run slicing").click()
+        page.get_by_text("Stored as run").wait_for()
+        page.get_by_text("ppl vs size").first.wait_for()
+    steps.shot("slicing-two-runs")
+    tradeoff = _plot_data(page, -1)
+    names = [t["name"] for t in tradeoff["data"]]
+    assert any(n and n.startswith("dense") for n in names) and "dynamic SB=0.1" in names
+    _assert_inside(tradeoff)
 
-    page.get_by_role("button", name="Run slicing").click()
+    page.get_by_role("link", name="Quantization").click()
+    page.get_by_role("heading", name="Bit map preview").wait_for()
+    scores_ready(page, r"^Average [0-9]")
+    set_slider(page, page.get_by_role("slider").nth(1), 3)  # low level 3 bits
+    page.get_by_text("at 3 bits").first.wait_for()
+    page.get_by_role("button", name=re.compile("Preview")).click()
     page.get_by_text("Stored as run").wait_for()
-    page.get_by_text("ppl vs average slicing fraction").first.wait_for()
-    steps.shot("slicing-run-done")
-    run_id = int(page.get_by_text("Stored as run").inner_text().split("Stored as run ")[1].rstrip("."))
-    points = page.evaluate(
-        "() => [...document.querySelectorAll('.js-plotly-plot')].flatMap(p => p.data)"
-        ".filter(t => t.name && t.name.startsWith('constant') || t.name && t.name.startsWith('dynamic'))"
-        ".flatMap(t => t.text || [])"
-    )
-    assert any(f"run {run_id} " in text for text in points)
+    page.get_by_role("button", name=re.compile("Full evaluation")).click()
+    page.get_by_text("Stored as run").wait_for()
+    page.locator(".js-plotly-plot").nth(1).wait_for()
+    steps.shot("quantization-preview-and-full")
 
     page.get_by_role("link", name="Results").click()
     page.get_by_text("Trade-off curves").wait_for()
     page.locator(".js-plotly-plot").first.wait_for()
-    steps.shot("results-page")
-    texts = page.evaluate("() => document.querySelectorAll('.js-plotly-plot')[0].data.flatMap(t => t.text || [])")
-    assert any(f"run {run_id} " in text for text in texts)
+    steps.shot("results-linear")
+    _assert_inside(_plot_data(page, 0))
+    page.get_by_text("log", exact=True).click()
+    page.wait_for_timeout(1500)
+    log_plot = _plot_data(page, 0)
+    assert log_plot["type"] == "log"
+    _assert_inside(log_plot)
+    steps.shot("results-log")
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download HTML report").click()
+    report = tmp_path / "report.html"
+    download.value.save_as(report)
+    html = report.read_text()
+    assert not re.search(r"<(script|link|img|iframe)[^>]+(src|href)\s*=\s*[\"']?(https?:)?//", html)
+    assert "Executive summary" in html
+    viewer = page.context.new_page()
+    viewer.set_viewport_size({"width": 1200, "height": 900})
+    viewer.goto(report.as_uri())
+    viewer.locator(".js-plotly-plot").first.wait_for()
+    viewer.screenshot(path=str(steps.path("report")), full_page=True)
+    assert viewer.evaluate("() => document.documentElement.scrollWidth") <= 1200  # no horizontal scrolling
+    assert viewer.locator(".js-plotly-plot").count() >= 1
+    viewer.close()

@@ -20,7 +20,7 @@ def test_measures_perplexity_once_per_windows(tiny_app):
     at = open_app()
     at.number_input(key="keep.eval_windows").set_value(2)
     at.number_input(key="keep.eval_seqlen").set_value(64).run()
-    assert "Uses 2 of 2 asked" in " ".join(c.value for c in at.caption)
+    assert "Uses 2 windows of 64 tokens (2 asked" in " ".join(c.value for c in at.caption)
     before = len(ResultsStore().runs())
     click(at, "Measure baseline perplexity")
     assert not at.exception and not at.error, at.error

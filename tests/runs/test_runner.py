@@ -1,0 +1,76 @@
+"""Runs through the one runner (tiny model): dense once per windows, change vs dense, plans passed in, sweeps."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from engine.core.data import DataSpec
+from engine.core.paths import FolderExistsError
+from engine.runs.plans import EvalPlan, QuantPlan, SlicingPlan
+from engine.runs.runner import (
+    ScoresNotComputed,
+    allocation_for,
+    default_save_folder,
+    ensure_dense,
+    run_quantization,
+    run_slicing,
+    slicing_schedule,
+)
+from engine.runs.sweeps import quantization_sweep, run_sweep, slicing_sweep
+from engine.slicing.schedules import schedule_custom
+
+CALIB = DataSpec("wiki-offline", "calibration", 32, 2)
+EVAL = EvalPlan(DataSpec("wiki-offline", "evaluation", 32, 2))
+
+
+def test_dense_is_measured_once_per_windows_and_compared(store, tiny_loaded):
+    first = ensure_dense(store, tiny_loaded, EVAL)
+    assert ensure_dense(store, tiny_loaded, EVAL).id == first.id
+    other = ensure_dense(store, tiny_loaded, replace(EVAL, data=replace(EVAL.data, n_windows=1)))
+    assert other.id != first.id
+    outcome = run_quantization(store, tiny_loaded, QuantPlan(ordering="random", low_bits=3), CALIB, EVAL)
+    m = outcome.metrics
+    assert m["dense_run"] == first.id and m["ppl_change"] == pytest.approx(m["ppl"] / m["dense_ppl"] - 1)
+    assert [r.method for r in store.runs()].count("dense") == 2
+
+
+def test_the_previewed_schedule_is_the_one_that_runs(store, tiny_loaded):
+    schedule = schedule_custom([0.25, 0.0, 0.5, 0.125])
+    outcome = run_slicing(store, tiny_loaded, SlicingPlan("custom", fractions=schedule.fractions, round_to=8),
+                          CALIB, EVAL, schedule=schedule)
+    assert outcome.config["dims"] == [48, 64, 32, 56]
+    assert outcome.record.data_label == "wiki-offline evaluation, 2 windows × 32 tokens"
+
+
+def test_previews_never_score_on_their_own(store, tiny_loaded):
+    with pytest.raises(ScoresNotComputed):
+        slicing_schedule(store, tiny_loaded, SlicingPlan("dynamic"), CALIB, compute=False)
+    with pytest.raises(ScoresNotComputed):
+        allocation_for(store, tiny_loaded, QuantPlan(ordering="lim"), CALIB, compute=False)
+    allocation, importance = allocation_for(store, tiny_loaded, QuantPlan(ordering="random"), CALIB, compute=False)
+    assert importance is None and len(allocation.bits) == 4
+
+
+def test_saves_never_overwrite(store, tiny_loaded):
+    plan = SlicingPlan("constant", 0.25)
+    folder = default_save_folder(tiny_loaded, "slicing", plan)
+    outcome = run_slicing(store, tiny_loaded, plan, CALIB, EVAL, save_to=folder)
+    assert outcome.config["saved_to"] == str(folder)
+    assert default_save_folder(tiny_loaded, "slicing", plan) != folder  # the next one gets a new name
+    with pytest.raises(FolderExistsError):
+        run_slicing(store, tiny_loaded, plan, CALIB, EVAL, save_to=folder)
+
+
+def test_sweeps_are_generated_in_one_place_and_keep_going_after_an_error(store, tiny_loaded):
+    plans = slicing_sweep(SlicingPlan(), [0.1, 0.2], [0.0, 0.15])
+    assert [(p.schedule, p.target, p.basis) for p in plans] == [
+        ("constant", 0.1, 0.1), ("constant", 0.2, 0.2), ("dynamic", 0.1, 0.0), ("dynamic", 0.2, 0.0),
+        ("dynamic", 0.2, 0.15)]
+    with pytest.raises(ValueError, match="wavy"):
+        slicing_sweep(SlicingPlan(), [0.1], [0.0], ["wavy"])
+    quant = quantization_sweep(QuantPlan(), [3], ["random"], [0.0, 0.5, 2.0])  # 2.0: an impossible fraction
+    result = run_sweep(quant, lambda p: run_quantization(store, tiny_loaded, p, CALIB, EVAL))
+    assert len(result.outcomes) == 2 and len(result.errors) == 1
+    assert result.errors[0][0].low_fraction == 2.0

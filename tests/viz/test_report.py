@@ -1,0 +1,61 @@
+"""The HTML report: summary and compact table first, pinned charts with notes, no external loads, laptop width."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+
+from engine.runs.summary import compact_table, executive_summary
+from engine.viz.report import MAX_WIDTH_PX, ReportItem, build_report
+from engine.viz.tradeoff import tradeoff_figure
+
+DATA = {"source": "wiki-offline", "split": "evaluation", "n_windows": 4, "seqlen": 128,
+        "label": "wiki-offline evaluation, 4 windows × 128 tokens"}
+
+
+def _runs(store):
+    for method, series, size, ppl, overlaps in (("dense", "dense", 1.0, 20.0, None),
+                                                 ("slicing", "constant", 0.9, 30.0, False),
+                                                 ("slicing", "constant", 0.7, 45.0, False),
+                                                 ("quantization", "lim 4/3-bit rtn", 0.3, 21.0, True)):
+        metrics = {"ppl": ppl, "ci_low": ppl * 0.9, "ci_high": ppl * 1.1, "size_fraction": size}
+        if method != "dense":
+            metrics.update({"ppl_change": ppl / 20 - 1, "ci_overlaps_dense": overlaps, "dense_ppl": 20.0})
+        store.add_run(model="m", model_fingerprint="f", method=method, config={"series": series, "preview": False},
+                      data=DATA, metrics=metrics, duration_s=1.0)
+    return store.runs_frame()
+
+
+def test_report_with_three_pinned_charts_is_self_contained_and_fits_a_laptop(store):
+    runs = _runs(store)
+    figure = tradeoff_figure(runs, "metrics.size_fraction", "metrics.ppl", "test data")
+    items = [ReportItem(f"chart {i}", figure, "test data", pd.DataFrame({"x": [1.0]}), note=f"note {i}")
+             for i in range(3)]
+    summary = executive_summary(runs, DATA["label"])
+    html = build_report("Report", {"m": {"layers": 30}}, items, runs, summary, compact_table(runs))
+    assert html.startswith("<!DOCTYPE html>")
+    assert html.count("Plotly.newPlot") >= 3 and html.count("plotly.js v") <= 2  # bundle inlined once
+    assert not re.search(r"<(script|link|img|iframe)[^>]+(src|href)\s*=\s*[\"']?(https?:)?//", html)
+    assert f"max-width:{MAX_WIDTH_PX}px" in html and MAX_WIDTH_PX <= 1200
+    assert html.index("Executive summary") < html.index("Runs at a glance") < html.index("chart 0")
+    assert "note 2" in html and "layerlab-runs.csv" in html and "data:text/csv;base64," in html
+    assert "None" not in html.split("Runs at a glance")[1].split("</table>")[0]
+    assert "1.5679e+08" not in html
+
+
+def test_executive_summary_is_written_from_the_numbers(store):
+    lines = executive_summary(_runs(store), DATA["label"])
+    assert lines[0].startswith("Dense model: perplexity 20.00")
+    at_half = next(line for line in lines if line.startswith("At ≤ 50%"))
+    assert "quantization best is lim 4/3-bit rtn" in at_half and "+5.0% vs dense" in at_half
+    assert "slicing" not in at_half  # no slicing run is that small
+    assert any(line.startswith("Recommended at ≤ 90%") and "quantization" in line for line in lines)
+    assert "overlap the dense interval" in lines[-1]
+
+
+def test_compact_table_puts_stakeholder_columns_first(store):
+    table = compact_table(_runs(store))
+    assert list(table.columns[:6]) == ["run", "method", "series", "preview", "size vs dense (16-bit bytes)",
+                                       "perplexity"]
+    assert table.shape[1] <= 12
