@@ -7,7 +7,14 @@ import streamlit as st
 from engine.core.data import DataError
 from engine.quant.size import describe_size, size_report
 from engine.runs.plans import PREVIEW_WINDOWS, EvalPlan, QuantPlan
-from engine.runs.runner import ScoresNotComputed, allocation_for, compute_scores, run_quantization, scoring_estimate
+from engine.runs.runner import (
+    ScoresNotComputed,
+    allocation_for,
+    compute_scores,
+    run_estimate,
+    run_quantization,
+    scoring_estimate,
+)
 from engine.runs.sweeps import quantization_sweep, run_sweep
 from engine.viz import charts
 from ui.session import require_model, results_store
@@ -84,9 +91,12 @@ with right:
     cancel_button("quantization")
 full_plan = EvalPlan(evaluation, **zero_shot)
 preview_plan = EvalPlan(replace(evaluation, n_windows=min(PREVIEW_WINDOWS, evaluation.n_windows)), preview=True)
-preview = left.button(f"Preview ({PREVIEW_WINDOWS} windows)", type="primary",
+cost = f"quantization-{quantizer}"
+preview = left.button(f"Preview ({PREVIEW_WINDOWS} windows, {run_estimate(loaded, cost, calibration, preview_plan, store)})",
+                      type="primary",
                       help="A quick, noisy look: stored and drawn as a preview, with dense on the same windows.")
-full = mid.button(f"Full evaluation ({evaluation.n_windows} windows)")
+full = mid.button(f"Full evaluation ({evaluation.n_windows} windows, "
+                  f"{run_estimate(loaded, cost, calibration, full_plan, store)})")
 if preview or full:
     try:
         outcome = run_quantization(store, loaded, plan, calibration, preview_plan if preview else full_plan,

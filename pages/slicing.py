@@ -8,6 +8,7 @@ from engine.runs.runner import (
     ScoresNotComputed,
     compute_scores,
     default_save_folder,
+    run_estimate,
     run_slicing,
     scoring_estimate,
     slicing_schedule,
@@ -84,7 +85,7 @@ left, right = st.columns(2)
 save = left.checkbox("Save the sliced model under cache/sliced/", key=kept("slicing_save"))
 with right:
     cancel_button("slicing")
-if left.button("Run slicing", type="primary",
+if left.button(f"Run slicing ({run_estimate(loaded, 'slicing', calibration, plan_eval, store)})", type="primary",
                help="Slices a copy (the loaded model is never changed), then measures it and dense on the same windows."):
     folder = default_save_folder(loaded, "slicing", plan) if save else None
     try:

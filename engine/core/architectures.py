@@ -54,8 +54,14 @@ class Architecture:
         return get_submodule(model, self.layers)
 
     def layer_linears(self, layer: nn.Module) -> dict[str, nn.Linear]:
-        """Short name -> linear module of one decoder layer."""
-        return {name: get_submodule(layer, path) for name, path in self.linears.items()}
+        """Short name -> linear module of one decoder layer (a block dropped from the layer has none)."""
+        found = {}
+        for name, path in self.linears.items():
+            try:
+                found[name] = get_submodule(layer, path)
+            except AttributeError:
+                continue
+        return found
 
     @property
     def linear_names(self) -> list[str]:

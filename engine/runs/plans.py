@@ -80,3 +80,24 @@ class QuantPlan:
         """The underlying per-weight quantizer (at the high level)."""
         return QuantizerSpec(method=self.quantizer, bits=self.high_bits, group_size=self.group_size,
                              zero_point=self.zero_point, act_order=self.act_order and self.quantizer == "gptq")
+
+
+@dataclass(frozen=True)
+class DropPlan:
+    """Layer dropping (METHODS.md §8): what to drop (``layer``, ``attention`` or ``mlp`` blocks), how many,
+    ranked by what (``lr``, ``attention``, ``mlp`` cosine, or a ``custom`` list), once from the dense
+    model's scores."""
+
+    block: str = "layer"
+    count: int = 4
+    by: str = "lr"
+    protect_ends: bool = True
+    custom: tuple[int, ...] = ()
+
+    def series(self) -> str:
+        """Curve label on trade-off charts."""
+        what = {"layer": "layers", "attention": "attention blocks", "mlp": "MLP blocks"}[self.block]
+        return f"drop {what} by {self.by}"
+
+    def name(self) -> str:
+        return f"drop-{self.block}-{self.by}-{self.count}"

@@ -27,7 +27,7 @@ from engine.quant.allocation import Allocation, allocate_average, allocate_fract
 from engine.quant.quantize_model import quantize_model
 from engine.quant.save import save_quantized
 from engine.runs.cached_scores import cached_layer_redundancy, cached_weight_outliers
-from engine.runs.plans import EvalPlan, QuantPlan, SlicingPlan
+from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, SlicingPlan
 from engine.runs.record import PPL, RunRecord, task_metrics
 from engine.runs.store import ResultsStore
 from engine.scores.outliers import WeightOutliers
@@ -35,6 +35,8 @@ from engine.scores.ranking import zd_importance
 from engine.scores.redundancy import LayerRedundancy
 from engine.slicing.schedules import SlicingSchedule, schedule_constant, schedule_custom, schedule_dynamic
 from engine.slicing.slice_model import save_sliced, slice_model
+from engine.dropping.choose import check_drop, choose_layers
+from engine.dropping.drop_model import drop_model, save_dropped
 
 
 @dataclass
@@ -171,11 +173,33 @@ def scores_if_cached(store: ResultsStore, loaded: LoadedModel, spec: DataSpec,
     return lr, zd
 
 
-def needs_scores(plan: SlicingPlan | QuantPlan) -> bool:
-    """Whether a plan's schedule / ordering is computed from LR or ZD scores."""
+def needs_scores(plan: SlicingPlan | QuantPlan | DropPlan) -> bool:
+    """Whether a plan's schedule / ordering / choice is computed from LR or ZD scores."""
     if isinstance(plan, SlicingPlan):
         return plan.schedule == "dynamic"
+    if isinstance(plan, DropPlan):
+        return plan.by != "custom"
     return plan.ordering in ("lim", "zd", "reversed-lim")
+
+
+RUN_PASSES = {"slicing": 3.0, "quantization-rtn": 0.5, "quantization-gptq": 4.0, "dropping": 0.1}
+"""Rough cost of compressing, in forward passes over the calibration tokens (PCA / Hessians included)."""
+
+
+def run_estimate(loaded: LoadedModel, method: str, calibration: DataSpec, evaluation: EvalPlan,
+                 store: ResultsStore | None = None) -> str:
+    """Rough wall time of one run (compression, plus dense and compressed evaluation), for button labels.
+
+    ``method``: ``slicing``, ``quantization-rtn`` or ``quantization-gptq``.  Dense is counted only when
+    no dense run on these windows is stored yet.
+    """
+    calib = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen).input_ids.numel()
+    evaluated = token_windows(evaluation.data, loaded.tokenizer, loaded.max_seqlen).input_ids.numel()
+    dense_needed = store is None or find_dense(store, loaded, evaluation) is None
+    passes_eval = 1 + int(dense_needed)
+    seconds = estimate_seconds(loaded.model, calib, RUN_PASSES[method]) + estimate_seconds(
+        loaded.model, evaluated, passes_eval)
+    return describe_seconds(seconds) + (" + zero-shot tasks" if evaluation.tasks else "")
 
 
 def scoring_estimate(loaded: LoadedModel, spec: DataSpec) -> str:
@@ -216,9 +240,9 @@ def slicing_schedule(store: ResultsStore, loaded: LoadedModel, plan: SlicingPlan
     return schedule_dynamic(lr.lr, plan.target, plan.basis)
 
 
-def default_save_folder(loaded: LoadedModel, method: str, plan: SlicingPlan | QuantPlan) -> Path:
+def default_save_folder(loaded: LoadedModel, method: str, plan: SlicingPlan | QuantPlan | DropPlan) -> Path:
     """A new folder under ``cache/<method>/`` named after the model and plan (never an existing one)."""
-    kind = "sliced" if method == "slicing" else "quantized"
+    kind = {"slicing": "sliced", "quantization": "quantized", "dropping": "dropped"}.get(method, method)
     return unused_folder(cache_root() / kind / f"{loaded.fingerprint}-{plan.name()}")
 
 
@@ -318,3 +342,99 @@ def run_quantization(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, 
         config["saved_to"] = str(save_quantized(quantized, save_to, tokenizer=loaded.tokenizer))
     return store_compressed(store, loaded, quantized.model, "quantization", config, metrics, evaluation,
                             timer.seconds, progress)
+
+
+# ---------------------------------------------------------------- dropping
+
+
+def dropped_layers(store: ResultsStore, loaded: LoadedModel, plan: DropPlan, calibration: DataSpec,
+                   progress: StageProgress | None = None, compute: bool = True) -> list[int]:
+    """The layers whose ``plan.block`` goes (ranked by the dense model's scores on ``calibration``).
+
+    ``compute=False`` (previews): raise :class:`ScoresNotComputed` instead of scoring.
+    """
+    scores = None
+    if plan.by != "custom":
+        scores, _zd = _scores(store, loaded, calibration, compute, progress)
+    layers = choose_layers(scores, loaded.num_layers, plan.count, plan.by, plan.protect_ends, plan.custom)
+    check_drop(loaded.num_layers, plan.block, layers, plan.protect_ends)
+    return layers
+
+
+def _size_metrics(loaded: LoadedModel, model: torch.nn.Module, params: int) -> dict:
+    """Size of a model with real parameters removed or added, against dense (16-bit bytes)."""
+    dense = model_size(loaded.model)["params"]
+    return {"params": params, "param_fraction": params / dense, "bytes": model_size(model)["bytes"],
+            "bytes_16bit": 2 * params, "size_fraction": params / dense}
+
+
+def run_dropping(store: ResultsStore, loaded: LoadedModel, plan: DropPlan, calibration: DataSpec,
+                 evaluation: EvalPlan, *, layers: list[int] | None = None, save_to: str | Path | None = None,
+                 progress: StageProgress | None = None) -> RunOutcome:
+    """Drop layers or blocks from a copy, evaluate, store (and save if ``save_to``).
+
+    ``layers``: the ones the user previewed (chosen from ``plan`` if None).
+    """
+    if layers is None:
+        layers = dropped_layers(store, loaded, plan, calibration, progress)
+    windows = token_windows(evaluation.data, loaded.tokenizer, loaded.max_seqlen)
+    with Timer() as timer:
+        dropped = drop_model(loaded, plan.block, layers, plan.protect_ends)
+    size = _size_metrics(loaded, dropped.model, dropped.report.params_dropped)
+    latency = compare_latency(loaded.model, dropped.model, windows.input_ids[:1], repeats=3)
+    size.update({f"latency_{k}": v for k, v in latency.items()})
+    config = {"series": plan.series(), "block": plan.block, "by": plan.by, "count": len(layers),
+              "layers": layers, "protect_ends": plan.protect_ends, "choice": "at once from the dense model's scores",
+              "calibration": calibration.label() if plan.by != "custom" else None}
+    if save_to:
+        config["saved_to"] = str(save_dropped(dropped, save_to, tokenizer=loaded.tokenizer))
+    return store_compressed(store, loaded, dropped.model, "dropping", config, size, evaluation, timer.seconds,
+                            progress)
+
+
+# ---------------------------------------------------------------- stacking
+
+
+def run_stacked(store: ResultsStore, loaded: LoadedModel, first: SlicingPlan | DropPlan, then: QuantPlan,
+                calibration: DataSpec, evaluation: EvalPlan, *,
+                progress: StageProgress | None = None) -> RunOutcome:
+    """Compress twice: slice or drop, then quantize the result (every stage's plan is stored in the record).
+
+    The second stage sees the first stage's model as its base (its own fingerprint, so quantization caches
+    never mix); sizes are against the *dense* model at 16 bits.
+    """
+    if not isinstance(then, QuantPlan):
+        raise ValueError("Stacking ends with quantization: slice or drop first, then quantize.")
+    windows = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen)
+    with Timer() as timer:
+        if isinstance(first, SlicingPlan):
+            schedule = slicing_schedule(store, loaded, first, calibration, progress)
+            stage = slice_model(loaded, schedule, windows, round_to=first.round_to,
+                                final_rotation=first.final_rotation, progress=stage_callback(progress, "slicing"))
+            stage_config = {"method": "slicing", "series": first.series(), "target": first.target,
+                            "schedule": first.schedule, "dims": stage.dims}
+        elif isinstance(first, DropPlan):
+            layers = dropped_layers(store, loaded, first, calibration, progress)
+            stage = drop_model(loaded, first.block, layers, first.protect_ends)
+            stage_config = {"method": "dropping", "series": first.series(), "block": first.block, "layers": layers}
+        else:
+            raise ValueError("The first stage of a stack is slicing or dropping.")
+        middle = LoadedModel.from_model(stage.model, loaded.tokenizer, source=f"{loaded.source} ({stage_config['series']})")
+        # slicing keeps every layer (ranked by the dense model's scores); a dropped model is scored anew
+        ranked_on = loaded if isinstance(first, SlicingPlan) else middle
+        allocation, _ = allocation_for(store, ranked_on, then, calibration, progress)
+        quantized = quantize_model(middle, allocation, windows if then.quantizer == "gptq" else None,
+                                   spec=then.spec(), use_cache=False, progress=stage_callback(progress, "quantizing"))
+    qsize = quantized.size()
+    dense_params = model_size(loaded.model)["params"]
+    size = {"params": model_size(quantized.model)["params"], "bytes": qsize.total_bytes,
+            "bytes_16bit": qsize.total_bytes_16bit, "size_fraction": qsize.total_bytes_16bit / (2 * dense_params),
+            "param_fraction": model_size(quantized.model)["params"] / dense_params,
+            "avg_bits": allocation.average_bits, "bits_per_weight": qsize.bits_per_weight}
+    quant_config = {"method": "quantization", "series": then.series(), "bits": list(allocation.bits),
+                    "quantizer": then.quantizer, "group_size": then.group_size, "ordering": then.ordering,
+                    "ranked_on": "dense model" if ranked_on is loaded else "dropped model"}
+    config = {"series": f"{stage_config['series']} + {then.series()}", "stages": [stage_config, quant_config],
+              "calibration": windows.label()}
+    return store_compressed(store, loaded, quantized.model, "stacked", config, size, evaluation, timer.seconds,
+                            progress)

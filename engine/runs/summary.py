@@ -115,3 +115,45 @@ def run_warnings(record) -> list[str]:
     if record.data.get("task_error"):
         warnings.append(f"Zero-shot accuracy was not measured: {record.data['task_error']}")
     return warnings
+
+
+def quantization_vs_dropping(runs: pd.DataFrame, tolerance: float = 0.02) -> str:
+    """The layer-wise quantization paper's claim, tested on these runs (one model, one evaluation set):
+    "at equal size, quantizing to lower bits beats dropping, unless the quantization is 2-bit".
+
+    For every dropping run, the best quantization run at most ``tolerance`` larger is compared with it.
+    """
+    final = runs[~runs["preview"].astype(bool)] if "preview" in runs else runs
+    if "metrics.size_fraction" not in final or "metrics.ppl" not in final:
+        return "Not enough runs to test the claim: run dropping and quantization at similar sizes."
+    final = final.dropna(subset=["metrics.size_fraction", "metrics.ppl"])
+    dropping = final[final["method"] == "dropping"]
+    quant = final[final["method"] == "quantization"]
+    if dropping.empty or quant.empty:
+        return "Not enough runs to test the claim: run dropping and quantization at similar sizes."
+    two_bit = quant.get("config.low_bits", pd.Series(index=quant.index, dtype=float)) == 2
+    wins, losses, ties = [], [], []
+    for _, drop in dropping.iterrows():
+        near = quant[quant["metrics.size_fraction"] <= drop["metrics.size_fraction"] + tolerance]
+        if near.empty:
+            continue
+        best = near.sort_values("metrics.ppl").iloc[0]
+        entry = (drop["metrics.size_fraction"], best, drop)
+        (wins if best["metrics.ppl"] < drop["metrics.ppl"] else losses).append(entry)
+        if bool(two_bit.get(best.name, False)):
+            ties.append(entry)
+    if not wins and not losses:
+        return "Not enough runs at matched sizes: no quantization run is as small as a dropping run."
+    if not losses:
+        return (f"Holds here: at all {len(wins)} matched sizes quantization beats dropping "
+                f"(e.g. {_pair(wins[0])}).")
+    non_two_bit_losses = [e for e in losses if e not in ties]
+    verdict = "Does not hold here" if non_two_bit_losses else "Holds except with 2-bit quantization"
+    return (f"{verdict}: dropping wins at {len(losses)} of {len(wins) + len(losses)} matched sizes "
+            f"(e.g. {_pair(losses[0])}).")
+
+
+def _pair(entry) -> str:
+    size, quant, drop = entry
+    return (f"at {size:.0%} of dense bytes, {quant['series']} {quant['metrics.ppl']:.1f} vs "
+            f"{drop['series']} {drop['metrics.ppl']:.1f}")

@@ -8,6 +8,7 @@ ordering, low-bit fraction).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -69,3 +70,102 @@ def run_sweep(plans: Sequence, run_one: Callable[[object], RunOutcome],
         if progress is not None:
             progress("runs", done, len(plans))
     return result
+
+
+# ---------------------------------------------------------------- every method at matched sizes
+
+
+@dataclass(frozen=True)
+class MatchedPoint:
+    """One planned run of the all-methods sweep: the method, its plan and the size it should land at."""
+
+    method: str
+    plan: object
+    target: float
+    predicted_size: float
+
+
+def _drop_points(loaded, targets: Sequence[float]) -> list[MatchedPoint]:
+    """Drop whole layers / attention / MLP blocks: how many of each come closest to each size (at or below)."""
+    from engine.core.architectures import get_submodule
+    from engine.runs.plans import DropPlan
+
+    arch = loaded.architecture
+    layer = arch.decoder_layers(loaded.model)[0]
+    dense = sum(p.numel() for p in loaded.model.parameters())
+    unit = {"layer": sum(p.numel() for p in layer.parameters()),
+            "attention": sum(p.numel() for p in get_submodule(layer, arch.attention).parameters())
+            + sum(p.numel() for p in get_submodule(layer, arch.attn_norm).parameters()),
+            "mlp": sum(p.numel() for p in get_submodule(layer, arch.mlp).parameters())
+            + sum(p.numel() for p in get_submodule(layer, arch.mlp_norm).parameters())}
+    points, droppable = [], loaded.num_layers - 2  # first and last protected
+    for block, size in unit.items():
+        by = "lr" if block == "layer" else block
+        for target in targets:
+            count = math.ceil((1 - target) * dense / size - 1e-9)
+            if 0 < count <= droppable:
+                points.append(MatchedPoint("dropping", DropPlan(block, count, by), target, 1 - count * size / dense))
+    return points
+
+
+def _quant_points(loaded, targets: Sequence[float], base: QuantPlan) -> list[MatchedPoint]:
+    """Two-level LIM allocations: for each size, the mix with the most bits that still fits (sizes at 16 bits)."""
+    from engine.quant.allocation import allocate_fraction
+    from engine.quant.size import size_report
+
+    n = loaded.num_layers
+    order = list(range(n))  # sizes do not depend on which layers are low, only on how many
+    candidates = []
+    for high, low in ((8, 6), (8, 4), (6, 4), (4, 3), (4, 2), (3, 2)):
+        for n_low in range(n + 1):
+            allocation = allocate_fraction(order, high, low, n_low / n)
+            size = size_report(loaded.model, loaded.architecture, allocation.bits, base.spec()).compression_16bit
+            candidates.append((allocation.average_bits, high, low, n_low / n, size))
+    points = []
+    for target in targets:
+        fitting = [c for c in candidates if c[4] <= target + 1e-9]
+        best = max(fitting, key=lambda c: (c[0], c[4])) if fitting else None
+        if best is not None:
+            _bits, high, low, fraction, size = best
+            plan = replace(base, high_bits=high, low_bits=low, low_fraction=fraction, target_bits=None, ordering="lim")
+            points.append(MatchedPoint("quantization", plan, target, size))
+    return points
+
+
+def parse_sizes(text: str) -> list[float]:
+    """``"0.9, 0.75, 60%"`` -> ``[0.9, 0.75, 0.6]`` (largest first); a clear ValueError for anything else."""
+    sizes = []
+    for part in (p.strip() for p in text.replace(";", ",").split(",")):
+        if not part:
+            continue
+        try:
+            value = float(part[:-1]) / 100 if part.endswith("%") else float(part)
+        except ValueError:
+            raise ValueError(f"'{part}' is not a size: give fractions of the dense model like 0.9, 0.75 or 60%.")
+        if not 0 < value < 1:
+            raise ValueError(f"Size {part} is outside (0, 1): give fractions of the dense model's bytes.")
+        sizes.append(value)
+    if not sizes:
+        raise ValueError("Give at least one size, e.g. 0.9, 0.75, 0.6, 0.5.")
+    return sorted(set(sizes), reverse=True)
+
+
+def matched_size_sweep(loaded, targets: Sequence[float], quant_base: QuantPlan = QuantPlan(quantizer="rtn"),
+                       methods: Sequence[str] = ("dropping", "quantization")) -> list[MatchedPoint]:
+    """Plans that land each method at (or just below) each size target, as a fraction of dense 16-bit bytes.
+
+    Slicing is not planned here: on small models the shortcut matrices and the untied head make sliced
+    models larger than dense up to ~25% slicing, so its sizes cannot be matched; its stored runs still
+    appear on the comparison chart.
+    """
+    if not targets or any(not 0 < t < 1 for t in targets):
+        raise ValueError(f"Size targets are fractions of the dense model's bytes in (0, 1); got {list(targets)}.")
+    points = []
+    if "dropping" in methods:
+        points += _drop_points(loaded, targets)
+    if "quantization" in methods:
+        points += _quant_points(loaded, targets, quant_base)
+    unique: dict[tuple, MatchedPoint] = {}
+    for point in points:  # e.g. 8 bits everywhere is the largest quantized model: several targets share it
+        unique.setdefault((point.method, point.plan), point)
+    return list(unique.values())

@@ -276,3 +276,24 @@ def bit_map_chart(table: pd.DataFrame, subtitle: str) -> go.Figure:
     _titled(fig, "Per-layer bit allocation", subtitle, xaxis_title="layer", yaxis_title="code bits", barmode="overlay")
     fig.update_layout(yaxis={"range": [0, max(table["bits"]) + 0.5], "dtick": 1})
     return fig
+
+
+def drop_preview_table(values: list[float], dropped: list[int], label: str) -> pd.DataFrame:
+    """Per layer: the ranking score and whether the layer (or its block) is dropped."""
+    return pd.DataFrame({"layer": range(len(values)), label: values, "dropped": [i in set(dropped) for i in
+                                                                                 range(len(values))]})
+
+
+def drop_preview_chart(table: pd.DataFrame, subtitle: str) -> go.Figure:
+    """The ranking score per layer, the layers that go marked in red (kept ones grey)."""
+    label = table.columns[1]
+    fig = go.Figure()
+    for dropped, colour, name in ((False, "#9E9E9E", "kept"), (True, "#D55E00", "dropped")):
+        part = table[table["dropped"] == dropped]
+        fig.add_trace(go.Bar(x=part["layer"], y=part[label], name=name, marker={"color": colour},
+                             hovertemplate="layer %{x}<br>" + label + " %{y:.4f}<extra>" + name + "</extra>"))
+    _titled(fig, f"Which layers go: {label} per layer (higher = more redundant)", subtitle,
+            xaxis_title="layer", yaxis_title=f"{label} (zoomed)", barmode="overlay")
+    y_range, _below = robust_range(table[label].tolist())
+    fig.update_layout(yaxis_range=y_range)
+    return fig

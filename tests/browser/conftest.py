@@ -162,15 +162,22 @@ def scores_ready(page, preview: str) -> None:
 
 
 def set_slider(page, slider, target: int) -> None:
-    """Move a Streamlit slider to ``target`` with the keyboard, re-reading its value (reruns can eat keys)."""
+    """Move a Streamlit slider to ``target`` with the keyboard, re-reading its value (reruns can eat keys).
+
+    Select-sliders report the option's index in ``aria-valuenow`` and the option in ``aria-valuetext``.
+    """
+    def value() -> int:
+        text = slider.get_attribute("aria-valuetext") or slider.get_attribute("aria-valuenow")
+        return int(float(text))
+
     for _ in range(80):
-        value = int(float(slider.get_attribute("aria-valuenow")))
-        if value == target:
+        current = value()
+        if current == target:
             page.wait_for_timeout(800)
-            if int(float(slider.get_attribute("aria-valuenow"))) == target:
+            if value() == target:
                 return
             continue
         slider.focus()
-        page.keyboard.press("ArrowRight" if value < target else "ArrowLeft")
+        page.keyboard.press("ArrowRight" if current < target else "ArrowLeft")
         page.wait_for_timeout(250)
     raise AssertionError(f"slider stuck at {slider.get_attribute('aria-valuenow')}, wanted {target}")

@@ -9,7 +9,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from engine.runs.store import ResultsStore
-from tests.apptest import open_app, use_small_data
+from tests.apptest import click, open_app, use_small_data
 from tests.tiny_models import TINY_FACTORIES
 
 pytestmark = pytest.mark.slow
@@ -71,26 +71,30 @@ def test_bad_inputs_then_real_runs_keep_store_and_base_model_intact(tmp_path, bu
     assert "safetensors" in messages["pickle only"]
 
     at = open_app()
-    at.number_input(key="baseline_seqlen").set_value(9000).run()
+    at.number_input(key="keep.eval_seqlen").set_value(9000).run()
     assert "longer than this model allows" in at.error[0].value
 
-    at = use_small_data(open_app("slicing"), "slicing")
-    at.radio(key="slicing_schedule").set_value("custom").run()
+    at = use_small_data(open_app("slicing"))
+    at.radio(key="keep.slicing_schedule").set_value("custom").run()
     at.session_state["slicing_custom"] = {"edited_rows": {0: {"fraction": -0.5}}, "added_rows": [],
                                           "deleted_rows": []}
     at.run()
     assert at.error and not at.exception
 
-    at = use_small_data(open_app("quantization"), "quant")
-    at.select_slider(key="quant_low").set_value(8).run()
+    at = use_small_data(open_app("quantization"))
+    if any(b.label.startswith("Compute") for b in at.button):
+        click(at, "Compute")
+    at.select_slider(key="keep.quant_low").set_value(8).run()
     assert "must not exceed the high level" in at.error[0].value
     assert [r.id for r in ResultsStore().runs()] == before_rows
 
-    at = use_small_data(open_app("slicing"), "slicing")
-    at.slider(key="slicing_target").set_value(10).run()
-    next(b for b in at.button if b.label == "Run slicing").click().run()
-    at = use_small_data(open_app("quantization"), "quant")
-    next(b for b in at.button if b.label.startswith("Preview")).click().run()
+    at = use_small_data(open_app("slicing"))
+    at.radio(key="keep.slicing_schedule").set_value("constant").run()
+    at.slider(key="keep.slicing_target").set_value(10).run()
+    click(at, "Run slicing")
+    at = use_small_data(open_app("quantization"))
+    click(at, "Preview")
     assert not at.exception and not at.error
-    assert len(ResultsStore().runs()) == len(before_rows) + 2
+    new = [r for r in ResultsStore().runs() if r.id not in before_rows]
+    assert sorted(r.method for r in new) == ["dense", "quantization", "slicing"]  # dense once, same windows
     assert _shared_model() is base and _full_hash(base) == before_hash

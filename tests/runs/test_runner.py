@@ -74,3 +74,26 @@ def test_sweeps_are_generated_in_one_place_and_keep_going_after_an_error(store, 
     result = run_sweep(quant, lambda p: run_quantization(store, tiny_loaded, p, CALIB, EVAL))
     assert len(result.outcomes) == 2 and len(result.errors) == 1
     assert result.errors[0][0].low_fraction == 2.0
+
+
+def test_dropping_runs_store_honest_sizes_and_stacks_reload(store, tiny_loaded):
+    from engine.runs.plans import DropPlan
+    from engine.runs.runner import dropped_layers, run_dropping, run_stacked
+
+    plan = DropPlan(block="layer", count=1, by="lr")
+    layers = dropped_layers(store, tiny_loaded, plan, CALIB)
+    assert len(layers) == 1 and layers[0] not in (0, 3)  # first and last protected
+    outcome = run_dropping(store, tiny_loaded, plan, CALIB, EVAL, layers=layers)
+    m = outcome.metrics
+    assert m["param_fraction"] < 1 and m["size_fraction"] == pytest.approx(m["param_fraction"])
+    assert outcome.config["layers"] == layers and outcome.record.method == "dropping"
+    stacked = run_stacked(store, tiny_loaded, DropPlan(block="mlp", count=1, by="mlp"),
+                          QuantPlan(ordering="lim", low_bits=3, low_fraction=0.5), CALIB, EVAL)
+    stored = store.get_run(stacked.run_id)
+    assert [s["method"] for s in stored.config["stages"]] == ["dropping", "quantization"]
+    # the tiny model is mostly its (16-bit) embedding, so quantizing the rest saves less than it would at scale
+    assert stored.metrics["size_fraction"] < m["size_fraction"] and stored.metrics["dense_run"]
+    sliced = run_stacked(store, tiny_loaded, SlicingPlan("constant", 0.25), QuantPlan(ordering="lim"), CALIB, EVAL)
+    assert sliced.config["stages"][0]["method"] == "slicing" and sliced.metrics["ppl"] > 1
+    with pytest.raises(ValueError, match="first stage"):
+        run_stacked(store, tiny_loaded, QuantPlan(), QuantPlan(), CALIB, EVAL)

@@ -33,7 +33,7 @@ def test_schedule_preview_follows_sliders_and_refuses_impossible_schedules(tiny_
     at.run()
     assert not at.exception
     assert "layer 1" in at.error[0].value
-    assert not [b for b in at.button if b.label == "Run slicing"]  # nothing to run
+    assert not [b for b in at.button if b.label.startswith("Run slicing")]  # nothing to run
 
 
 def test_run_slicing_stores_against_dense_and_charts_the_result(tiny_app):

@@ -1,0 +1,95 @@
+"""Dropping page: remove whole layers, or only attention or MLP blocks, ranked by redundancy scores."""
+
+import streamlit as st
+
+from engine.core.data import DataError
+from engine.dropping.choose import ranking_scores
+from engine.runs.plans import DropPlan, EvalPlan
+from engine.runs.runner import (
+    ScoresNotComputed,
+    compute_scores,
+    default_save_folder,
+    dropped_layers,
+    run_dropping,
+    run_estimate,
+    scores_if_cached,
+    scoring_estimate,
+)
+from engine.viz import charts
+from ui.session import require_model, results_store
+from ui.state import kept
+from ui.widgets import calibration_and_evaluation, cancel_button, method_tradeoff, progress_callback, show_chart, show_outcome
+
+BLOCKS = {"layer": "whole layers (ShortGPT)", "attention": "attention blocks only (LLM-Drop)",
+          "mlp": "MLP blocks only (LLM-Drop)"}
+RANKINGS = {"lr": "LR (= lowest Block Influence)", "attention": "attention-block cosine",
+            "mlp": "MLP-block cosine", "custom": "custom list"}
+
+loaded = require_model()
+store = results_store()
+n_layers = loaded.num_layers
+
+st.title("Dropping")
+st.caption(
+    "Remove the most redundant decoder layers (ShortGPT: highest LR = lowest Block Influence), or only their "
+    "attention or MLP blocks (LLM-Drop: highest block cosine). The dropped model is a real smaller model: the "
+    "modules are removed, so parameters, bytes and latency are honest. Layers are chosen at once from the dense "
+    "model's scores on the calibration text."
+)
+calibration, evaluation, zero_shot = calibration_and_evaluation(loaded)
+cols = st.columns(4)
+block = cols[0].radio("Drop", list(BLOCKS), format_func=BLOCKS.get, key=kept("drop_block"))
+count = cols[1].slider("How many", 0, n_layers - 1, min(4, n_layers - 2), key=kept("drop_count"))
+by = cols[2].selectbox("Ranked by", list(RANKINGS), format_func=RANKINGS.get, key=kept("drop_by"))
+protect = cols[3].checkbox("Protect first and last layer", value=True, key=kept("drop_protect"),
+                           help="Layer 0 rewrites the embedding and the last layer prepares the head.")
+custom = ()
+if by == "custom":
+    custom = tuple(st.multiselect("Layers to drop", list(range(n_layers)), key="drop_custom"))
+plan = DropPlan(block, count, by, protect, custom)
+if calibration is None or evaluation is None:
+    st.stop()
+
+st.subheader("Preview")
+try:
+    layers = dropped_layers(store, loaded, plan, calibration, compute=False)
+except ScoresNotComputed:
+    st.info("Ranking needs LR scores on this calibration text (not computed yet).")
+    if st.button(f"Compute LR scores ({scoring_estimate(loaded, calibration)})", type="primary"):
+        compute_scores(store, loaded, calibration, progress=progress_callback("LR scores"))
+        st.rerun()
+    st.stop()
+except (DataError, ValueError) as err:
+    st.error(str(err))
+    st.stop()
+found = scores_if_cached(store, loaded, calibration)
+if found is not None:
+    lr, _zd = found
+    label = "LR" if by in ("lr", "custom") else f"{by} cosine"
+    table = charts.drop_preview_table(ranking_scores(lr, "lr" if by == "custom" else by), layers, label)
+    show_chart(charts.drop_preview_chart(table, f"{loaded.source}; scores from {calibration.label()}"),
+               "drop_preview", f"{len(layers)} {BLOCKS[block]} go: layers {layers or 'none'}. "
+               f"Scores from {calibration.label()} on {loaded.source}.", table)
+else:
+    st.caption(f"Dropping layers {layers or 'none'}.")
+
+plan_eval = EvalPlan(evaluation, **zero_shot)
+left, right = st.columns(2)
+save = left.checkbox("Save the dropped model under cache/dropped/", key=kept("drop_save"))
+with right:
+    cancel_button("dropping")
+if left.button(f"Run dropping ({run_estimate(loaded, 'dropping', calibration, plan_eval, store)})", type="primary",
+               help="Drops from a copy (the loaded model is never changed), then measures it and dense on the same windows."):
+    folder = default_save_folder(loaded, "dropping", plan) if save else None
+    try:
+        outcome = run_dropping(store, loaded, plan, calibration, plan_eval, layers=layers, save_to=folder,
+                               progress=progress_callback("Dropping"))
+    except (DataError, ValueError) as err:
+        st.error(str(err))
+    else:
+        show_outcome(outcome, loaded)
+        if outcome.config.get("saved_to"):
+            st.success(f"Saved to {outcome.config['saved_to']}.")
+
+st.subheader("Trade-off")
+method_tradeoff(store, loaded, "dropping", evaluation, "dropping_tradeoff")

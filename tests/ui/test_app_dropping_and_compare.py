@@ -1,0 +1,45 @@
+"""AppTests of the Dropping and Compare pages (tiny model)."""
+
+from __future__ import annotations
+
+import plotly.io
+
+from engine.runs.store import ResultsStore
+from tests.apptest import click, open_app, use_small_data
+
+
+def _ready(page: str):
+    at = use_small_data(open_app(page), windows=2, seqlen=40)
+    if any(b.label.startswith("Compute LR scores") for b in at.button):
+        click(at, "Compute LR scores")
+    assert not at.exception and not at.error, at.error
+    return at
+
+
+def test_dropping_preview_refusals_and_run(tiny_app):
+    at = _ready("dropping")
+    assert "Which layers go" in at.get("plotly_chart")[0].proto.spec
+    at.slider(key="keep.drop_count").set_value(3).run()  # 4 layers, first and last protected: only 2 can go
+    assert "Only 2 layers can be dropped" in at.error[0].value
+    at.slider(key="keep.drop_count").set_value(1).run()
+    at.radio(key="keep.drop_block").set_value("attention").run()
+    click(at, "Run dropping")
+    assert not at.exception and not at.error, at.error
+    run = ResultsStore().runs()[0]
+    assert run.method == "dropping" and run.config["block"] == "attention" and run.metrics["param_fraction"] < 1
+    assert any("ppl vs size" in c.proto.spec for c in at.get("plotly_chart"))
+
+
+def test_compare_page_plans_a_sweep_and_draws_every_method(tiny_app):
+    at = _ready("compare")
+    at.text_input(key="keep.cmp_sizes").set_value("0.5, x").run()
+    assert "is not a size" in at.error[0].value
+    at.text_input(key="keep.cmp_sizes").set_value("0.99").run()  # the tiny model is mostly its embedding
+    planned = next(c.value for c in at.caption if c.value.startswith("Planned:"))
+    assert "dropping" in planned and "quantization" in planned
+    click(at, "Run the sweep")
+    assert not at.exception and not at.error, at.error
+    names = {t.name for t in plotly.io.from_json(at.get("plotly_chart")[0].proto.spec).data}
+    assert {"drop layers by lr", "quantization · lim 8/6-bit rtn"} <= names
+    said = " ".join(m.value for m in at.markdown)
+    assert "quantization beats dropping" in said and "Dense model: perplexity" in said
