@@ -8,7 +8,14 @@ from engine.runs.plans import EvalPlan
 from engine.runs.runner import find_dense, run_dense
 from engine.runs.summary import compact_table, run_warnings
 from ui.session import require_model, results_store
-from ui.widgets import computed_on, data_spec_controls, progress_callback, show_accuracies, zero_shot_controls
+from ui.widgets import (
+    computed_on,
+    data_spec_controls,
+    progress_callback,
+    show_accuracies,
+    show_runs_table,
+    zero_shot_controls,
+)
 
 loaded = require_model()
 store = results_store()
@@ -60,4 +67,4 @@ history = store.runs_frame(model=loaded.source)
 if history.empty:
     st.caption("No stored results yet.")
 else:
-    st.dataframe(compact_table(history), hide_index=True)
+    show_runs_table(compact_table(history))

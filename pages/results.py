@@ -9,7 +9,7 @@ from engine.viz.tradeoff import filter_runs, quality_axes, size_axes, tradeoff_f
 from ui.report_pins import PINS, pinned
 from ui.session import current_model, results_store
 from ui.state import kept
-from ui.widgets import show_chart
+from ui.widgets import show_chart, show_runs_table
 
 store = results_store()
 st.title("Results")
@@ -31,7 +31,7 @@ if not data_choices:
 chosen_data = cols[2].selectbox("Evaluation data (charts never mix windows)", data_choices, key="results_data",
                                 help="Listed by how many compressed runs each holds; runs on different windows or "
                                 "different files are never drawn together.")
-st.dataframe(compact_table(shown), hide_index=True)
+show_runs_table(compact_table(shown))
 with st.expander(f"Every column ({shown.shape[1]})"):
     st.dataframe(shown, hide_index=True)
 st.download_button("Download runs.csv", shown.to_csv(index=False).encode(), "runs.csv", "text/csv")

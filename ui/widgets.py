@@ -90,7 +90,7 @@ def show_chart(fig, name: str, caption: str, table=None) -> None:
     """A Plotly chart with the project's own colours (no Streamlit theme), its caption, CSV and a report pin."""
     st.plotly_chart(fig, key=f"chart_{name}", theme=None, use_container_width=True)
     st.caption(caption)
-    cols = st.columns([1, 1, 3])
+    cols = st.columns(2)
     if table is not None:
         cols[0].download_button(
             f"{name}.csv", table.to_csv(index=table.index.name is not None).encode(),
@@ -178,3 +178,12 @@ def show_accuracies(metrics: dict) -> None:
         stderr = metrics.get(acc_stderr_key(task))
         col.metric(f"{task} ({metrics[acc_metric_key(task)]})", f"{metrics[acc_key(task)]:.3f}",
                    help=f"± {stderr:.3f} (stderr), n = {metrics[acc_n_key(task)]}" if stderr else None)
+
+
+def show_runs_table(table) -> None:
+    """The compact run table (``engine.runs.summary.compact_table``) with readable number formats."""
+    number = st.column_config.NumberColumn
+    st.dataframe(table, hide_index=True, column_config={
+        "size vs dense (16-bit bytes)": number(format="%.3f"), "perplexity": number(format="%.2f"),
+        "change vs dense": number(format="percent"), "speed vs dense": number(format="%.2f×"),
+    })

@@ -25,16 +25,17 @@ def _titled(fig: go.Figure, title: str, subtitle: str, **layout) -> go.Figure:
 def robust_range(values: list[float], pad: float = 0.1) -> tuple[list[float], list[int]]:
     """Axis range over the bulk of ``values`` and the indices left below it.
 
-    Values far below the rest (under ``Q1 − 10·IQR``: e.g. layer 0's LR of 0.004
-    when the others sit at 0.76–0.98) are excluded so the differences among
-    the rest stay visible.
+    Values far from the rest (below ``Q1 − 10·IQR`` or above ``Q3 + 10·IQR``:
+    e.g. layer 0's LR of 0.004 when the others sit at 0.76–0.98) are excluded so
+    the differences among the rest stay visible; the indices returned are the
+    ones below (those above simply leave the top of the plot).
     """
     ordered = sorted(values)
     n = len(ordered)
     q1, q3 = ordered[n // 4], ordered[(3 * n) // 4]
-    floor = q1 - 10 * (q3 - q1)
+    floor, ceiling = q1 - 10 * (q3 - q1), q3 + 10 * (q3 - q1)
     low_out = [i for i, v in enumerate(values) if v < floor]
-    kept = [v for v in values if v >= floor] or values
+    kept = [v for v in values if floor <= v <= ceiling] or values
     return padded_range(kept, pad=pad), low_out
 
 
@@ -171,7 +172,8 @@ def rank_scatter(scores: LayerRedundancy, outliers: WeightOutliers, subtitle: st
     n = len(table)
     fig.add_trace(go.Scatter(x=[1, n], y=[1, n], mode="lines", name="perfect agreement",
                              line={"color": "#999", "dash": "dot"}, hoverinfo="skip"))
-    _titled(fig, f"Importance ranks: LIM vs ZD (Spearman ρ = {rho:.2f}: {agreement_words(rho)})", subtitle,
+    _titled(fig, f"Importance ranks: LIM vs ZD (Spearman ρ = {rho:.2f})",
+            f"ρ = {rho:.2f}: {agreement_words(rho)}<br>{subtitle}",
             xaxis_title="LIM rank (1 = least important)", yaxis_title="ZD rank (1 = least important)",
             showlegend=False)
     fig.update_xaxes(range=padded_range([1, n], pad=0.05))

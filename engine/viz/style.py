@@ -84,6 +84,15 @@ def padded_range(values: Iterable[float], log: bool = False, pad: float = 0.08,
     return [low - pad * span, high + pad * span]
 
 
+def log_ticks(axis_range: list[float]) -> tuple[list[float], list[str]]:
+    """Clean tick values on a log axis whose range is in log10 units: 1-2-5 steps (1-10 steps past 3 decades)."""
+    low, high = axis_range
+    steps = (1,) if high - low > 3 else (1, 2, 5)
+    values = [m * 10**e for e in range(math.floor(low), math.ceil(high) + 1) for m in steps]
+    shown = [v for v in values if low <= math.log10(v) <= high]
+    return shown, [f"{v:,.0f}" if v >= 1 else f"{v:g}" for v in shown]
+
+
 def styled(fig: go.Figure, title: str, subtitle: str, height: int = 460, **layout) -> go.Figure:
     """Title with a 'computed on' subtitle, the project's template and font, legend below the plot."""
     fig.update_layout(

@@ -13,7 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from engine.runs.record import ACC_PREFIX
-from engine.viz.style import DENSE_COLOUR, PARETO_COLOUR, padded_range, series_colours, styled, wants_log
+from engine.viz.style import DENSE_COLOUR, PARETO_COLOUR, log_ticks, padded_range, series_colours, styled, wants_log
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,11 @@ def tradeoff_figure(frame: pd.DataFrame, x: str, y: str, subtitle: str, log_y: b
     styled(fig, f"{quality} vs {axis.label}", subtitle, xaxis_title=axis.label,
            yaxis_title=quality + (" (log scale)" if log else ""))
     fig.update_xaxes(range=padded_range(xs), zeroline=False)
-    fig.update_yaxes(type="log" if log else "linear", range=padded_range(ys, log=log), zeroline=False)
+    y_range = padded_range(ys, log=log)
+    fig.update_yaxes(type="log" if log else "linear", range=y_range, zeroline=False)
+    if log:
+        values, labels = log_ticks(y_range)
+        fig.update_yaxes(tickvals=values, ticktext=labels)
     if not axis.larger_is_bigger:
         fig.add_annotation(text="smaller model →", xref="paper", yref="paper", x=1, y=1.02, showarrow=False,
                            font={"size": 11, "color": "#666"}, xanchor="right")

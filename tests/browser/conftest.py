@@ -181,3 +181,25 @@ def set_slider(page, slider, target: int) -> None:
         page.keyboard.press("ArrowRight" if current < target else "ArrowLeft")
         page.wait_for_timeout(250)
     raise AssertionError(f"slider stuck at {slider.get_attribute('aria-valuenow')}, wanted {target}")
+
+
+def wait_for_run(page, method: str, before: set[int], timeout_s: float = 300) -> int:
+    """Wait until the store holds a new run of ``method`` (ids not in ``before``) and the page shows it."""
+    import time
+
+    from engine.runs.store import ResultsStore
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        new = [r.id for r in ResultsStore().runs(method=method) if r.id not in before]
+        if new:
+            page.get_by_text(f"stored as run {max(new)}").wait_for()
+            return max(new)
+        page.wait_for_timeout(1000)
+    raise AssertionError(f"no new {method} run within {timeout_s} s")
+
+
+def run_ids() -> set[int]:
+    from engine.runs.store import ResultsStore
+
+    return {r.id for r in ResultsStore().runs()}

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from tests.browser.conftest import scores_ready, set_slider
+from tests.browser.conftest import run_ids, scores_ready, set_slider, wait_for_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -89,8 +89,9 @@ def test_score_compress_compare_and_report(page, steps, server, tmp_path):
     for target in (10, 20):  # dynamic at 10%, then at 20%
         set_slider(page, slider, target)
         page.get_by_text(f"asked 0.{target}00").wait_for()
+        before = run_ids()
         page.get_by_role("button", name="Run slicing").click()
-        page.get_by_text("Stored as run").wait_for()
+        wait_for_run(page, "slicing", before)
         page.get_by_text("ppl vs size").first.wait_for()
     steps.shot("slicing-two-runs")
     tradeoff = _plot_data(page, -1)
@@ -103,10 +104,12 @@ def test_score_compress_compare_and_report(page, steps, server, tmp_path):
     scores_ready(page, r"^Average [0-9]")
     set_slider(page, page.get_by_role("slider").nth(1), 3)  # low level 3 bits
     page.get_by_text("at 3 bits").first.wait_for()
+    before = run_ids()
     page.get_by_role("button", name=re.compile("Preview")).click()
-    page.get_by_text("Stored as run").wait_for()
+    wait_for_run(page, "quantization", before)
+    before = run_ids()
     page.get_by_role("button", name=re.compile("Full evaluation")).click()
-    page.get_by_text("Stored as run").wait_for()
+    wait_for_run(page, "quantization", before)
     page.locator(".js-plotly-plot").nth(1).wait_for()
     steps.shot("quantization-preview-and-full")
 

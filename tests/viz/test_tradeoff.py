@@ -106,3 +106,13 @@ def test_every_point_has_an_error_bar(store, x):
     fig = tradeoff_figure(_frame(store, BASIC), x, "metrics.ppl", "t")
     constant = next(t for t in fig.data if t.name == "constant")
     assert list(constant.error_y.array) == pytest.approx([v * 0.05 for v in constant.y])
+
+
+def test_log_axis_ticks_are_clean_1_2_5_values_inside_the_range(store):
+    frame = _frame(store, [("dense", None, 1.0, 18.7), ("slicing", "constant", 1.1, 74.0),
+                           ("slicing", "constant", 1.2, 220.0)])
+    fig = tradeoff_figure(frame, "metrics.size_fraction", "metrics.ppl", "t")
+    low, high = fig.layout.yaxis.range
+    values = list(fig.layout.yaxis.tickvals)
+    assert values == [20, 50, 100, 200] and list(fig.layout.yaxis.ticktext) == ["20", "50", "100", "200"]
+    assert all(low <= math.log10(v) <= high for v in values)
