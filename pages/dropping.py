@@ -2,23 +2,26 @@
 
 import streamlit as st
 
-from engine.core.data import DataError
 from engine.dropping.choose import ranking_scores
 from engine.runs.plans import DropPlan, EvalPlan
 from engine.runs.runner import (
-    ScoresNotComputed,
-    compute_scores,
     default_save_folder,
     dropped_layers,
     run_dropping,
     run_estimate,
     scores_if_cached,
-    scoring_estimate,
 )
 from engine.viz import charts
 from ui.session import require_model, results_store
 from ui.state import kept
-from ui.widgets import calibration_and_evaluation, cancel_button, method_tradeoff, progress_callback, show_chart, show_outcome
+from ui.widgets import (
+    calibration_and_evaluation,
+    preview_or_stop,
+    method_tradeoff,
+    progress_callback,
+    run_controls,
+    show_chart,
+)
 
 BLOCKS = {"layer": "whole layers (ShortGPT)", "attention": "attention blocks only (LLM-Drop)",
           "mlp": "MLP blocks only (LLM-Drop)"}
@@ -51,17 +54,8 @@ if calibration is None or evaluation is None:
     st.stop()
 
 st.subheader("Preview")
-try:
-    layers = dropped_layers(store, loaded, plan, calibration, compute=False)
-except ScoresNotComputed:
-    st.info("Ranking needs LR scores on this calibration text (not computed yet).")
-    if st.button(f"Compute LR scores ({scoring_estimate(loaded, calibration)})", type="primary"):
-        compute_scores(store, loaded, calibration, progress=progress_callback("LR scores"))
-        st.rerun()
-    st.stop()
-except (DataError, ValueError) as err:
-    st.error(str(err))
-    st.stop()
+layers = preview_or_stop(lambda: dropped_layers(store, loaded, plan, calibration, compute=False),
+                         store, loaded, calibration, "Ranking the layers")
 found = scores_if_cached(store, loaded, calibration)
 if found is not None:
     lr, _zd = found
@@ -74,22 +68,11 @@ else:
     st.caption(f"Dropping layers {layers or 'none'}.")
 
 plan_eval = EvalPlan(evaluation, **zero_shot)
-left, right = st.columns(2)
-save = left.checkbox("Save the dropped model under cache/dropped/", key=kept("drop_save"))
-with right:
-    cancel_button("dropping")
-if left.button(f"Run dropping ({run_estimate(loaded, 'dropping', calibration, plan_eval, store)})", type="primary",
-               help="Drops from a copy (the loaded model is never changed), then measures it and dense on the same windows."):
-    folder = default_save_folder(loaded, "dropping", plan) if save else None
-    try:
-        outcome = run_dropping(store, loaded, plan, calibration, plan_eval, layers=layers, save_to=folder,
-                               progress=progress_callback("Dropping"))
-    except (DataError, ValueError) as err:
-        st.error(str(err))
-    else:
-        show_outcome(outcome, loaded)
-        if outcome.config.get("saved_to"):
-            st.success(f"Saved to {outcome.config['saved_to']}.")
+run_controls(loaded, "dropping", run_estimate(loaded, "dropping", calibration, plan_eval, store),
+             "Save the dropped model under cache/dropped/",
+             lambda save: run_dropping(store, loaded, plan, calibration, plan_eval, layers=layers,
+                                       save_to=default_save_folder(loaded, "dropping", plan) if save else None,
+                                       progress=progress_callback("Dropping")))
 
 st.subheader("Trade-off")
 method_tradeoff(store, loaded, "dropping", evaluation, "dropping_tradeoff")

@@ -8,18 +8,24 @@ from engine.core.data import DataError
 from engine.quant.size import describe_size, size_report
 from engine.runs.plans import PREVIEW_WINDOWS, EvalPlan, QuantPlan
 from engine.runs.runner import (
-    ScoresNotComputed,
     allocation_for,
     compute_scores,
     run_estimate,
     run_quantization,
-    scoring_estimate,
 )
 from engine.runs.sweeps import quantization_sweep, run_sweep
 from engine.viz import charts
 from ui.session import require_model, results_store
 from ui.state import kept
-from ui.widgets import calibration_and_evaluation, cancel_button, method_tradeoff, progress_callback, show_chart, show_outcome
+from ui.widgets import (
+    calibration_and_evaluation,
+    cancel_button,
+    preview_or_stop,
+    method_tradeoff,
+    progress_callback,
+    show_chart,
+    show_outcome,
+)
 
 ORDER_LABELS = {"lim": "LIM (layer input modification)", "zd": "ZD (weight z-scores)", "random": "random (seeded)",
                 "reversed-lim": "reversed LIM", "custom": "custom order"}
@@ -68,18 +74,9 @@ plan = QuantPlan(quantizer, group_size, high_bits, low_bits, low_fraction, targe
 if calibration is None or evaluation is None:
     st.stop()
 st.subheader("Bit map preview")
-try:
-    allocation, importance = allocation_for(store, loaded, plan, calibration, compute=False)
-    spec = plan.spec()
-except ScoresNotComputed:
-    st.info("This ordering needs importance scores on the calibration text (not computed yet).")
-    if st.button(f"Compute importance scores ({scoring_estimate(loaded, calibration)})", type="primary"):
-        compute_scores(store, loaded, calibration, progress=progress_callback("Importance scores"))
-        st.rerun()
-    st.stop()
-except (DataError, ValueError) as err:
-    st.error(str(err))
-    st.stop()
+allocation, importance = preview_or_stop(lambda: allocation_for(store, loaded, plan, calibration, compute=False),
+                                         store, loaded, calibration, "This ordering")
+spec = preview_or_stop(plan.spec, store, loaded, calibration, "")
 bit_table = charts.bit_map_table(list(allocation.bits), importance, "−ZD" if ordering == "zd" else "LIM")
 size = size_report(loaded.model, loaded.architecture, allocation.bits, spec)
 show_chart(charts.bit_map_chart(bit_table, f"{loaded.source}; order {ORDER_LABELS[ordering]}"), "bit_map",

@@ -2,15 +2,11 @@
 
 import streamlit as st
 
-from engine.core.data import DataError
 from engine.runs.plans import EvalPlan, SlicingPlan
 from engine.runs.runner import (
-    ScoresNotComputed,
-    compute_scores,
     default_save_folder,
     run_estimate,
     run_slicing,
-    scoring_estimate,
     slicing_schedule,
 )
 from engine.runs.sweeps import run_sweep, slicing_sweep
@@ -19,7 +15,14 @@ from engine.slicing.slice_model import pca_rank_warning
 from engine.viz import charts
 from ui.session import require_model, results_store
 from ui.state import kept
-from ui.widgets import calibration_and_evaluation, cancel_button, method_tradeoff, progress_callback, show_chart, show_outcome
+from ui.widgets import (
+    calibration_and_evaluation,
+    preview_or_stop,
+    method_tradeoff,
+    progress_callback,
+    run_controls,
+    show_chart,
+)
 
 loaded = require_model()
 store = results_store()
@@ -58,22 +61,9 @@ st.subheader("Schedule preview")
 warning = pca_rank_warning(calibration.n_windows * calibration.seqlen, hidden)
 if warning:
     st.warning(warning)
-try:
-    schedule = slicing_schedule(store, loaded, plan, calibration, compute=False)
-except ScoresNotComputed:
-    st.info("The dynamic schedule needs LR scores on this calibration text (not computed yet).")
-    if st.button(f"Compute LR scores ({scoring_estimate(loaded, calibration)})", type="primary"):
-        compute_scores(store, loaded, calibration, progress=progress_callback("LR scores"))
-        st.rerun()
-    st.stop()
-except (DataError, ValueError) as err:
-    st.error(str(err))
-    st.stop()
-try:
-    dims = schedule_dims(schedule, hidden, int(round_to))
-except ValueError as err:
-    st.error(str(err))
-    st.stop()
+schedule = preview_or_stop(lambda: slicing_schedule(store, loaded, plan, calibration, compute=False),
+                           store, loaded, calibration, "The dynamic schedule")
+dims = preview_or_stop(lambda: schedule_dims(schedule, hidden, int(round_to)), store, loaded, calibration, "")
 lr = list(schedule.lr_scores) if schedule.lr_scores else None
 preview = charts.schedule_table(list(schedule.fractions), dims, hidden, lr)
 show_chart(charts.schedule_chart(preview, f"{loaded.source}; LR from {calibration.label()}"), "slicing_schedule",
@@ -81,24 +71,13 @@ show_chart(charts.schedule_chart(preview, f"{loaded.source}; LR from {calibratio
            f"(asked {schedule.target:.4f}). LR from {calibration.label()} on {loaded.source}.", preview)
 
 plan_eval = EvalPlan(evaluation, **zero_shot)
-left, right = st.columns(2)
-save = left.checkbox("Save the sliced model under cache/sliced/", key=kept("slicing_save"))
-with right:
-    cancel_button("slicing")
-if left.button(f"Run slicing ({run_estimate(loaded, 'slicing', calibration, plan_eval, store)})", type="primary",
-               help="Slices a copy (the loaded model is never changed), then measures it and dense on the same windows."):
-    folder = default_save_folder(loaded, "slicing", plan) if save else None
-    try:
-        outcome = run_slicing(store, loaded, plan, calibration, plan_eval, schedule=schedule, save_to=folder,
-                              progress=progress_callback("Slicing"))
-    except (DataError, ValueError) as err:
-        st.error(str(err))
-    else:
-        show_outcome(outcome, loaded)
-        if outcome.config.get("saved_to"):
-            st.success(f"Saved to {outcome.config['saved_to']}.")
+run_controls(loaded, "slicing", run_estimate(loaded, "slicing", calibration, plan_eval, store),
+             "Save the sliced model under cache/sliced/",
+             lambda save: run_slicing(store, loaded, plan, calibration, plan_eval, schedule=schedule,
+                                      save_to=default_save_folder(loaded, "slicing", plan) if save else None,
+                                      progress=progress_callback("Slicing")))
 
-with right.popover("Sweep a grid"):
+with st.popover("Sweep a grid"):
     targets = st.multiselect("Targets %", [5, 10, 15, 20, 25, 30, 40], [10, 20, 30], key=kept("sweep_targets"))
     bases = st.multiselect("Dynamic bases SB %", [0, 2, 5, 10, 15, 20], [0, 10], key=kept("sweep_bases"))
     if st.button("Run sweep (constant + dynamic)", key="sweep_run"):

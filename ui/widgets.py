@@ -187,3 +187,50 @@ def show_runs_table(table) -> None:
         "size vs dense (16-bit bytes)": number(format="%.3f"), "perplexity": number(format="%.2f"),
         "change vs dense": number(format="percent"), "speed vs dense": number(format="%.2f×"),
     })
+
+
+def compute_scores_prompt(store, loaded: LoadedModel, calibration: DataSpec, need: str) -> None:
+    """When a preview needs scores that are not cached: say so, offer the button (with its estimate), stop."""
+    from engine.runs.runner import compute_scores, scoring_estimate
+
+    st.info(f"{need} needs LR scores on this calibration text (not computed yet).")
+    if st.button(f"Compute LR scores ({scoring_estimate(loaded, calibration)})", type="primary"):
+        compute_scores(store, loaded, calibration, progress=progress_callback("LR scores"))
+        st.rerun()
+    st.stop()
+
+
+def preview_or_stop(preview, store, loaded: LoadedModel, calibration: DataSpec, need: str):
+    """``preview()`` (a schedule, an allocation, a layer choice); on missing scores the compute prompt, on bad
+    input its message, and the page stops there."""
+    from engine.runs.runner import ScoresNotComputed
+
+    try:
+        return preview()
+    except ScoresNotComputed:
+        compute_scores_prompt(store, loaded, calibration, need)
+    except (DataError, ValueError) as err:
+        st.error(str(err))
+        st.stop()
+
+
+def run_controls(loaded: LoadedModel, name: str, estimate: str, save_label: str, run) -> None:
+    """Save option, Run button (with its time estimate), Cancel; ``run(save: bool)`` returns the outcome.
+
+    Input errors are shown as messages; the outcome is shown against dense.
+    """
+    left, right = st.columns(2)
+    save = left.checkbox(save_label, key=kept(f"{name}_save"))
+    with right:
+        cancel_button(name)
+    if left.button(f"Run {name} ({estimate})", type="primary",
+                   help="Works on a copy (the loaded model is never changed), then measures it and dense on the "
+                   "same windows."):
+        try:
+            outcome = run(save)
+        except (DataError, ValueError) as err:
+            st.error(str(err))
+        else:
+            show_outcome(outcome, loaded)
+            if outcome.config.get("saved_to"):
+                st.success(f"Saved to {outcome.config['saved_to']}.")

@@ -8,7 +8,6 @@ ppl = exp(mean token NLL over all windows).  A bootstrap over windows gives a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch

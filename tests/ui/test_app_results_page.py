@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import base64
-import json
 
 import numpy as np
 
 import plotly.io
 
 from engine.runs.store import ResultsStore
-from tests.apptest import click, open_app
+from tests.apptest import open_app
 
 DATA = {"source": "wiki-offline", "split": "evaluation", "n_windows": 3, "seqlen": 48,
         "label": "wiki-offline evaluation, 3 windows × 48 tokens"}

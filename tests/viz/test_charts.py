@@ -15,7 +15,6 @@ from tests.tiny_models import TINY_FACTORIES
 
 
 def _scores(lr: list[float]) -> LayerRedundancy:
-    n = len(lr)
     return LayerRedundancy(lr=lr, attn_cos=[v + 0.01 for v in lr], mlp_cos=[v - 0.01 for v in lr],
                            position_cos=[[v] * 4 for v in lr], window_cos=[[v] for v in lr],
                            histogram=[[0] * 200 for _ in lr], n_tokens=100, n_windows=1, seqlen=4,
