@@ -3,14 +3,14 @@
 import streamlit as st
 
 from engine.core.data import DataError, token_windows
-from engine.runs.plans import EvalPlan, QuantPlan
-from engine.runs.runner import compute_scores, run_dropping, run_quantization
+from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, SlicingPlan
+from engine.runs.runner import compute_scores, run_dropping, run_quantization, run_stacked
 from engine.runs.summary import executive_summary, quantization_vs_dropping
 from engine.runs.sweeps import matched_size_sweep, parse_sizes, run_sweep
 from engine.viz.tradeoff import filter_runs, quality_axes, tradeoff_figure
 from ui.session import require_model, results_store
 from ui.state import kept
-from ui.widgets import calibration_and_evaluation, cancel_button, progress_callback, show_chart
+from ui.widgets import calibration_and_evaluation, cancel_button, progress_callback, show_chart, show_outcome
 
 SIZES = [0.9, 0.75, 0.6, 0.5]
 
@@ -58,6 +58,29 @@ with st.expander("Sweep every method at matched sizes"):
             st.success(f"{len(result.outcomes)} runs stored.")
             for failed, message in result.errors:
                 st.warning(f"{failed.method} {failed.plan.series()}: {message}")
+
+with st.expander("Stack two methods: slice or drop, then quantize"):
+    cols = st.columns(3)
+    first_kind = cols[0].radio("First", ["slice", "drop layers"], key=kept("stack_first"),
+                               help="SliceGPT's final rotation is meant to help later quantization.")
+    if first_kind == "slice":
+        first = SlicingPlan("constant", cols[1].slider("Slicing SP %", 5, 40, 20, key=kept("stack_sp")) / 100,
+                            final_rotation=cols[1].checkbox("Final random rotation", True, key=kept("stack_rot")))
+    else:
+        first = DropPlan("layer", cols[1].slider("Layers to drop", 1, loaded.num_layers - 2, 4,
+                                                 key=kept("stack_drop")))
+    high = cols[2].select_slider("Then quantize: high bits", list(range(2, 9)), 4, key=kept("stack_high"))
+    low = cols[2].select_slider("low bits", list(range(2, 9)), 4, key=kept("stack_low"))
+    fraction = cols[2].slider("layers at low bits %", 0, 100, 0, key=kept("stack_fraction")) / 100
+    then = QuantPlan("rtn", 128, high, low, fraction, ordering="lim")
+    if st.button("Run the stack", help="Both stages work on copies; the record stores each stage's plan."):
+        try:
+            outcome = run_stacked(store, loaded, first, then, calibration, plan_eval,
+                                  progress=progress_callback("Stack"))
+        except (DataError, ValueError) as err:
+            st.error(str(err))
+        else:
+            show_outcome(outcome, loaded)
 
 label = token_windows(evaluation, loaded.tokenizer, loaded.max_seqlen).label()
 runs = store.runs_frame(model=loaded.source)

@@ -43,3 +43,13 @@ def test_compare_page_plans_a_sweep_and_draws_every_method(tiny_app):
     assert {"drop layers by lr", "quantization · lim 8/6-bit rtn"} <= names
     said = " ".join(m.value for m in at.markdown)
     assert "quantization beats dropping" in said and "Dense model: perplexity" in said
+
+
+def test_compare_page_stacks_drop_then_quantize(tiny_app):
+    at = _ready("compare")
+    at.radio(key="keep.stack_first").set_value("drop layers").run()
+    at.slider(key="keep.stack_drop").set_value(1).run()
+    click(at, "Run the stack")
+    assert not at.exception and not at.error, at.error
+    run = ResultsStore().runs(method="stacked")[0]
+    assert [stage["method"] for stage in run.config["stages"]] == ["dropping", "quantization"]
