@@ -7,7 +7,7 @@ from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, SlicingPlan
 from engine.runs.runner import compute_scores, run_dropping, run_quantization, run_stacked
 from engine.runs.summary import executive_summary, quantization_vs_dropping
 from engine.runs.sweeps import matched_size_sweep, parse_sizes, run_sweep
-from engine.viz.tradeoff import filter_runs, quality_axes, tradeoff_figure
+from engine.viz.tradeoff import filter_runs, quality_axes, tradeoff_figure, with_method_series
 from ui.session import require_model, results_store
 from ui.state import kept
 from ui.widgets import calibration_and_evaluation, cancel_button, progress_callback, show_chart, show_outcome
@@ -84,12 +84,11 @@ with st.expander("Stack two methods: slice or drop, then quantize"):
 
 label = token_windows(evaluation, loaded.tokenizer, loaded.max_seqlen).label()
 runs = store.runs_frame(model=loaded.source)
-runs = filter_runs(runs[runs["fingerprint"] == loaded.fingerprint], data_label=label) if not runs.empty else runs
+runs = filter_runs(runs, data_label=label, fingerprint=loaded.fingerprint)
 if runs.empty or runs[runs["method"] != "dense"].empty:
     st.info(f"No compressed runs on {label} yet: run the sweep above, or compress on the method pages.")
     st.stop()
-runs = runs.assign(series=[f"{m} · {s}" if m not in ("dense",) and not s.startswith(("drop", "dense")) else s
-                           for m, s in zip(runs["method"], runs["series"])])
+runs = with_method_series(runs)
 quality = quality_axes(runs)
 y = st.selectbox("Quality", list(quality), format_func=quality.get, key=kept("cmp_y"))
 subtitle = f"{loaded.source}; {label}"

@@ -2,7 +2,6 @@
 
 import streamlit as st
 
-from engine.dropping.choose import ranking_scores
 from engine.runs.plans import DropPlan, EvalPlan
 from engine.runs.runner import (
     default_save_folder,
@@ -59,8 +58,7 @@ layers = preview_or_stop(lambda: dropped_layers(store, loaded, plan, calibration
 found = scores_if_cached(store, loaded, calibration)
 if found is not None:
     lr, _zd = found
-    label = "LR" if by in ("lr", "custom") else f"{by} cosine"
-    table = charts.drop_preview_table(ranking_scores(lr, "lr" if by == "custom" else by), layers, label)
+    table = charts.drop_preview_table(lr, by, layers)
     show_chart(charts.drop_preview_chart(table, f"{loaded.source}; scores from {calibration.label()}"),
                "drop_preview", f"{len(layers)} {BLOCKS[block]} go: layers {layers or 'none'}. "
                f"Scores from {calibration.label()} on {loaded.source}.", table)

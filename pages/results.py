@@ -5,7 +5,7 @@ import streamlit as st
 
 from engine.runs.summary import compact_table, executive_summary
 from engine.viz.report import ReportItem, build_report
-from engine.viz.tradeoff import filter_runs, quality_axes, size_axes, tradeoff_figure
+from engine.viz.tradeoff import data_labels_by_use, filter_runs, quality_axes, size_axes, tradeoff_figure
 from ui.report_pins import PINS, pinned
 from ui.session import current_model, results_store
 from ui.state import kept
@@ -23,8 +23,7 @@ all_models, all_methods = sorted(runs["model"].unique()), sorted(runs["method"].
 models = cols[0].multiselect("Models", all_models, default=all_models)
 methods = cols[1].multiselect("Methods", all_methods, default=all_methods)
 shown = filter_runs(runs, models, methods)
-with_compressed = shown[shown["method"] != "dense"]["data_label"].value_counts()
-data_choices = list(with_compressed.index) + sorted(set(shown["data_label"]) - set(with_compressed.index))
+data_choices = data_labels_by_use(shown) if not shown.empty else []
 if not data_choices:
     st.info("No runs match these filters.")
     st.stop()

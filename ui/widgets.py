@@ -128,7 +128,7 @@ def method_tradeoff(store, loaded: LoadedModel, method: str, evaluation: DataSpe
     if runs.empty:
         st.caption("No stored runs yet.")
         return
-    runs = runs[runs["fingerprint"] == loaded.fingerprint]
+    runs = filter_runs(runs, fingerprint=loaded.fingerprint)
     own = filter_runs(runs, methods=[method])
     labels = list(dict.fromkeys([evaluation_label] + own["data_label"].tolist()))
     label = st.selectbox("Windows shown on the chart", labels, key=f"{method}_tradeoff_data",

@@ -280,10 +280,12 @@ def bit_map_chart(table: pd.DataFrame, subtitle: str) -> go.Figure:
     return fig
 
 
-def drop_preview_table(values: list[float], dropped: list[int], label: str) -> pd.DataFrame:
-    """Per layer: the ranking score and whether the layer (or its block) is dropped."""
-    return pd.DataFrame({"layer": range(len(values)), label: values, "dropped": [i in set(dropped) for i in
-                                                                                 range(len(values))]})
+def drop_preview_table(scores: LayerRedundancy, by: str, dropped: list[int]) -> pd.DataFrame:
+    """Per layer: the score the drop is ranked by (LR for custom lists) and whether the layer (block) goes."""
+    label = {"attention": "attention cosine", "mlp": "MLP cosine"}.get(by, "LR")
+    values = {"attention": scores.attn_cos, "mlp": scores.mlp_cos}.get(by, scores.lr)
+    return pd.DataFrame({"layer": range(len(values)), label: values,
+                         "dropped": [i in set(dropped) for i in range(len(values))]})
 
 
 def drop_preview_chart(table: pd.DataFrame, subtitle: str) -> go.Figure:

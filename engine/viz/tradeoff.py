@@ -51,11 +51,13 @@ def quality_axes(frame: pd.DataFrame) -> dict[str, str]:
 
 
 def filter_runs(frame: pd.DataFrame, models=None, methods=None, data_label: str | None = None,
-                include_previews: bool = True) -> pd.DataFrame:
-    """Rows of ``frame`` matching the given models, methods and evaluation data (None = any)."""
+                include_previews: bool = True, fingerprint: str | None = None) -> pd.DataFrame:
+    """Rows of ``frame`` matching the given models, methods, evaluation data and weights (None = any)."""
     if frame.empty:
         return frame
     keep = pd.Series(True, index=frame.index)
+    if fingerprint is not None:
+        keep &= frame["fingerprint"] == fingerprint
     if models is not None:
         keep &= frame["model"].isin(list(models))
     if methods is not None:
@@ -65,6 +67,20 @@ def filter_runs(frame: pd.DataFrame, models=None, methods=None, data_label: str 
     if not include_previews and "preview" in frame:
         keep &= ~frame["preview"].astype(bool)
     return frame[keep]
+
+
+def data_labels_by_use(frame: pd.DataFrame) -> list[str]:
+    """Evaluation-data labels, those holding the most compressed runs first (then dense-only ones)."""
+    counts = frame[frame["method"] != "dense"]["data_label"].value_counts()
+    return list(counts.index) + sorted(set(frame["data_label"]) - set(counts.index))
+
+
+def with_method_series(frame: pd.DataFrame) -> pd.DataFrame:
+    """Series named ``"<method> · <series>"`` so runs of different methods never share a curve."""
+    def name(method: str, series: str) -> str:
+        return series if method == "dense" or series.startswith(("drop", method)) else f"{method} · {series}"
+
+    return frame.assign(series=[name(m, s) for m, s in zip(frame["method"], frame["series"])])
 
 
 def pareto_mask(x: list[float], y: list[float], lower_is_better: bool, larger_is_bigger: bool = True) -> list[bool]:
