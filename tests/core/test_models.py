@@ -102,3 +102,10 @@ def test_bad_dtype_and_device():
     if not torch.cuda.is_available():
         with pytest.raises(ModelLoadError, match="no CUDA GPU"):
             load_model("smollm2-135m", device="cuda")
+
+
+def test_cache_root_is_the_project_cache_folder(monkeypatch):
+    from engine.core.paths import PROJECT_ROOT, cache_root
+
+    monkeypatch.delenv("LAYERLAB_CACHE", raising=False)
+    assert (PROJECT_ROOT / "app.py").exists() and cache_root() == PROJECT_ROOT / "cache"
