@@ -13,8 +13,11 @@ restore_widget_state()
 PAGES = [
     st.Page("pages/model.py", title="Model", default=True),
     st.Page("pages/redundancy.py", title="Layer redundancy"),
+    st.Page("pages/sensitivity.py", title="Sensitivity"),
     st.Page("pages/slicing.py", title="Slicing"),
     st.Page("pages/quantization.py", title="Quantization"),
+    st.Page("pages/dropping.py", title="Dropping"),
+    st.Page("pages/compare.py", title="Compare methods"),
     st.Page("pages/results.py", title="Results"),
 ]
 

@@ -1,7 +1,7 @@
 """Headless CLI: ``python -m engine <command>``, writing to the store the dashboard reads.
 
 Commands: ``score``, ``evaluate``, ``slice``, ``quantize``, ``sweep-slicing``,
-``sweep-quantization``.  Bad arguments or inputs print one clear line and exit
+``sweep-quantization``, ``sensitivity``, ``drop``, ``stack``, ``sweep-methods``.  Bad arguments or inputs print one clear line and exit
 with status 2.  For multi-GPU servers, ``--device-map auto``
 spreads the model over the GPUs with accelerate.
 """
@@ -22,13 +22,28 @@ from engine.runs.plans import (
     DEFAULT_EVAL_WINDOWS,
     ORDERINGS,
     SCHEDULES,
+    DropPlan,
     EvalPlan,
     QuantPlan,
     SlicingPlan,
 )
-from engine.runs.runner import compute_scores, run_dense, run_quantization, run_slicing
+from engine.runs.runner import (
+    compute_scores,
+    ensure_dense,
+    run_dense,
+    run_dropping,
+    run_quantization,
+    run_slicing,
+    run_stacked,
+)
+from engine.runs.summary import quantization_vs_dropping, run_warnings
 from engine.runs.store import ResultsStore
-from engine.runs.sweeps import quantization_sweep, run_sweep, slicing_sweep
+from engine.runs.sweeps import matched_size_sweep, parse_sizes, quantization_sweep, run_sweep, slicing_sweep
+from engine.core.paths import atomic_file
+from engine.sensitivity.actions import parse_actions
+from engine.sensitivity.errors import ActionSpecError
+from engine.sensitivity.cached import cached_agreement, measure_sensitivity, sensitivity_summary
+from engine.sensitivity.findings import sensitivity_finding
 
 
 def _floats(text: str) -> list[float]:
@@ -43,6 +58,13 @@ def _ints(text: str) -> list[int]:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def _actions(text: str) -> list:
+    try:
+        return parse_actions(text)
+    except ActionSpecError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _common(parser: argparse.ArgumentParser, calibration: bool = True, evaluation: bool = True) -> None:
@@ -99,6 +121,14 @@ def _quant_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def _drop_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--blocks", choices=["layer", "attention", "mlp"], default="layer", help="what of each layer goes")
+    parser.add_argument("--count", type=int, default=4, help="how many layers / blocks to drop")
+    parser.add_argument("--by", choices=["lr", "attention", "mlp", "custom"], default="lr", help="ranking")
+    parser.add_argument("--layers", type=_ints, default=[], help="the layers to drop with --by custom")
+    parser.add_argument("--no-protect", action="store_true", help="allow dropping the first and last layer")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,6 +146,30 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help="layer-wise mixed-precision quantization" + (" grid" if sweep else ""))
         _common(sub)
         _quant_options(sub, sweep)
+    drop = commands.add_parser("drop", help="drop decoder layers, or attention / MLP blocks (ShortGPT, LLM-Drop)")
+    _common(drop)
+    _drop_options(drop)
+    drop.add_argument("--save", default=None, help="folder to save the dropped model")
+    stack = commands.add_parser("stack", help="slice or drop, then quantize the result")
+    _common(stack)
+    first = stack.add_mutually_exclusive_group(required=True)
+    first.add_argument("--slice", type=float, help="constant slicing fraction SP of the first stage")
+    first.add_argument("--drop-layers", type=int, help="whole layers (ranked by LR) dropped in the first stage")
+    stack.add_argument("--quantize-bits", type=int, default=4, help="RTN bits of the second stage (group 128)")
+    sweep = commands.add_parser("sweep-methods", help="every method at matched sizes (fractions of dense bytes)")
+    _common(sweep)
+    sweep.add_argument("--sizes", default="0.9,0.75,0.6,0.5", help="fractions of the dense model's 16-bit bytes")
+    sweep.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn")
+    sweep.add_argument("--json", default=None, help="write every run and the verdict here")
+    sensitivity = commands.add_parser("sensitivity", help="measured per-layer damage of actions, and how well "
+                                      "LR / LIM / ZD predict it (cached)")
+    _common(sensitivity, evaluation=False)
+    sensitivity.add_argument("--actions", type=_actions, default="quant:3,slice:0.25,drop",
+                             help="comma-separated: quant:3 (RTN), gptq:3, quant:3/g64, slice:0.25, drop, drop-attn, "
+                             "drop-mlp")
+    sensitivity.add_argument("--k", type=float, default=3.0, help="outlier threshold |z| > k")
+    sensitivity.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward")
+    sensitivity.add_argument("--json", default=None, help="write the per-layer matrix and the agreement table here")
     return parser
 
 
@@ -132,10 +186,14 @@ def _specs(args) -> tuple[DataSpec | None, EvalPlan | None]:
 
 
 def _print_run(kind: str, outcome) -> None:
-    for warning in outcome.config.get("warnings", []):
+    """One JSON line per stored run (a ``RunOutcome`` or a ``RunRecord``), warnings on stderr."""
+    record = getattr(outcome, "record", outcome)
+    for warning in run_warnings(record):
         print(f"warning: {warning}", file=sys.stderr)
-    shown = {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float)) and not k.startswith("acc_n")}
-    print(json.dumps({"run": outcome.run_id, "kind": kind, **{k: round(v, 5) for k, v in shown.items()}}))
+    shown = {k: v for k, v in record.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+             and not k.startswith("acc_n")}
+    print(json.dumps({"run": record.id, "kind": kind, "series": record.series,
+                      **{k: round(v, 5) for k, v in shown.items()}}))
 
 
 def _progress(stage: str, done: int, total: int) -> None:
@@ -165,6 +223,19 @@ def run(args) -> None:
                                                     save_to=args.save, progress=_progress))
     elif args.command == "sweep-slicing":
         _sweep_slicing(args, store, loaded, calibration, evaluation)
+    elif args.command == "sensitivity":
+        _sensitivity(args, store, loaded, calibration)
+    elif args.command == "drop":
+        plan = DropPlan(args.blocks, args.count, args.by, not args.no_protect, tuple(args.layers))
+        _print_run("dropping", run_dropping(store, loaded, plan, calibration, evaluation, save_to=args.save,
+                                            progress=_progress))
+    elif args.command == "stack":
+        first = (SlicingPlan("constant", args.slice, final_rotation=True) if args.slice is not None
+                 else DropPlan("layer", args.drop_layers))
+        then = QuantPlan("rtn", 128, args.quantize_bits, args.quantize_bits, 0.0)
+        _print_run("stacked", run_stacked(store, loaded, first, then, calibration, evaluation, progress=_progress))
+    elif args.command == "sweep-methods":
+        _sweep_methods(args, store, loaded, calibration, evaluation)
     else:
         _sweep_quantization(args, store, loaded, calibration, evaluation)
 
@@ -187,9 +258,42 @@ def _sweep_quantization(args, store, loaded, calibration, evaluation) -> None:
                "quantization", store, loaded, evaluation)
 
 
+def _sweep_methods(args, store, loaded, calibration, evaluation) -> None:
+    """Dense, then dropping and quantization at each size; prints every run and the verdict on the papers' claim."""
+    points = matched_size_sweep(loaded, parse_sizes(args.sizes), QuantPlan(quantizer=args.quantizer))
+    runners = {"dropping": run_dropping, "quantization": run_quantization}
+    compute_scores(store, loaded, calibration, progress=_progress)
+    _run_sweep(points, lambda p: runners[p.method](store, loaded, p.plan, calibration, evaluation, progress=_progress),
+               "sweep", store, loaded, evaluation)
+    label = ensure_dense(store, loaded, evaluation).data_label
+    runs = store.runs_frame(model=loaded.source)
+    verdict = quantization_vs_dropping(runs[(runs["fingerprint"] == loaded.fingerprint) & (runs["data_label"] == label)])
+    print(json.dumps({"verdict": verdict}))
+    if args.json:
+        rows = [{"method": p.method, "plan": p.plan.series(), "target": p.target, "predicted_size": p.predicted_size}
+                for p in points]
+        with atomic_file(args.json) as temp:
+            temp.write_text(json.dumps({"data": label, "planned": rows, "verdict": verdict}, indent=2))
+
+
+def _sensitivity(args, store, loaded, calibration) -> None:
+    """Measure (or load) every action on every layer, score agreement, print the finding, write ``--json``."""
+    actions = args.actions
+    matrix = measure_sensitivity(store, loaded, calibration, actions, batch_size=args.batch_size, progress=_progress)
+    lr, zd, _hit = compute_scores(store, loaded, calibration, args.k, progress=_progress)
+    rows = cached_agreement(store, loaded, matrix, lr, zd)
+    summary = sensitivity_summary(loaded, matrix, rows, sensitivity_finding(rows, actions))
+    if args.json:
+        with atomic_file(args.json) as temp:
+            temp.write_text(json.dumps(summary, indent=2))
+    print(json.dumps({"finding": summary["finding"], "data": summary["data"], "json": args.json,
+                      "cached": {d.spec.key: hit for d, hit in zip(matrix.damages, matrix.cached)},
+                      "kl": {d.spec.key: [round(v, 6) for v in d.kl] for d in matrix.damages}}))
+
+
 def _run_sweep(plans, run_one, kind: str, store, loaded, evaluation) -> None:
     """Dense first (the reference on the same windows), then every point; failed points are reported, not fatal."""
-    _print_run("dense", run_dense(store, loaded, evaluation, _progress))
+    _print_run("dense", ensure_dense(store, loaded, evaluation, _progress))  # stored once per windows
     result = run_sweep(plans, run_one)
     for outcome in result.outcomes:
         _print_run(kind, outcome)

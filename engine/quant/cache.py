@@ -1,8 +1,10 @@
 """Caches of quantized layers: in memory (LRU, bounded) and on disk (checked safetensors).
 
 Entries are keyed by model fingerprint, architecture, quantizer spec (with
-its bits) and, for GPTQ, the calibration windows and device; one file per
-layer under ``cache_root()/quant/<key>/layer_NNN.safetensors``.  A damaged
+its bits) and, for GPTQ, the calibration windows and device; for sequential
+GPTQ also by the allocation prefix (the bits of every earlier layer, which
+shaped the layer's calibration signals).  One file per layer under
+``cache_root()/quant/<key>/layer_NNN.safetensors``.  A damaged
 file is a miss: it is deleted and recomputed.
 """
 
@@ -28,7 +30,7 @@ from engine.quant.grid import QuantizedWeight, QuantizerSpec
 from engine.runs.store import cache_key
 
 LayerWeights = dict[str, QuantizedWeight]  # short linear name -> stored weight
-QUANT_VERSION = 1
+QUANT_VERSION = 2  # 2: static-group GPTQ, sequential propagation, fp64 Hessians
 MEMORY_CACHE_BYTES = 1536 * 2**20
 
 _memory: OrderedDict[tuple[str, int], LayerWeights] = OrderedDict()
@@ -78,12 +80,18 @@ def calibration_id(windows: TokenWindows | None, batch_size: int) -> dict | None
             "ids_sha256": digest, "batch_size": batch_size, "label": windows.label()}
 
 
-def quant_cache_key(loaded: LoadedModel, spec: QuantizerSpec, calibration: dict | None) -> str:
-    """Cache folder name for one model, one quantizer spec (with bits) and one calibration."""
+def quant_cache_key(loaded: LoadedModel, spec: QuantizerSpec, calibration: dict | None,
+                    prefix: tuple[int, ...] | None = None) -> str:
+    """Cache folder name for one model, one quantizer spec (with bits) and one calibration.
+
+    ``prefix``: bits of the layers before the cached one, for results that
+    depend on them (sequential GPTQ); ``None`` for independent results.
+    """
     gptq = spec.method == "gptq"
+    extra = {} if prefix is None else {"prefix": [int(b) for b in prefix]}
     return cache_key(kind="quant_layers", version=QUANT_VERSION, fingerprint=loaded.fingerprint,
                      model_type=loaded.architecture.model_type, spec=spec.to_dict(),
-                     calibration=calibration if gptq else None, device=loaded.device.type if gptq else None)
+                     calibration=calibration if gptq else None, device=loaded.device.type if gptq else None, **extra)
 
 
 def _disk_path(key: str, layer: int):

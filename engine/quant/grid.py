@@ -18,13 +18,15 @@ It reproduces an already Q4_1-quantized model exactly at 4 bits with group
 32, which the integer grid cannot (its grid points are multiples of scale).
 
 ``rtn_quantize`` rounds every weight to its nearest grid point, so
-``|w - dequantize| <= scale / 2``.  ``gptq_quantize`` (Frantar et al. 2022)
-quantizes one column at a time and spreads each column's error over the
-not-yet-quantized columns with the inverse Hessian ``H = 2/n · Σ x xᵀ`` of the
-linear's calibration inputs; group parameters are taken when a group starts,
-from the already-updated weights; optional activation ordering processes
-columns by decreasing ``diag(H)`` (then groups follow that order and a
-per-column group index ``g_idx`` is stored).  When ``in_features`` is not a
+``|w - dequantize| <= scale / 2``.  ``engine.quant.gptq`` (Frantar et al.
+2022) uses the same grid but chooses the codes column by column, spreading
+each column's rounding error over the columns still to be quantized.  Its
+options live in :class:`QuantizerSpec`: activation ordering (``act_order``),
+where group scales and zeros come from (``group_params``: ``static`` = from
+the original weights, the RTN grid, no group index stored; ``dynamic`` = from
+the already-updated weights when a group starts in processing order, which
+with act-order needs a per-column group index ``g_idx``), and which signals
+calibrate each layer (``propagation``).  When ``in_features`` is not a
 multiple of ``group_size`` the last group is simply shorter.
 
 Storage (bit-packed codes, safetensors) lives in ``engine.quant_files``.
@@ -40,6 +42,8 @@ import torch
 
 METHODS = ("rtn", "gptq")
 ZERO_POINTS = ("integer", "float")
+GROUP_PARAMS = ("static", "dynamic")
+PROPAGATIONS = ("sequential", "dense")
 MIN_BITS, MAX_BITS = 2, 8
 FP16_BITS = 16
 GIDX_BITS = 32  # int32 group index per input column (act-order GPTQ only)
@@ -54,9 +58,25 @@ class QuantizerSpec:
     """How to quantize one linear weight.
 
     ``bits``: code width, 2-8.  ``group_size``: input columns sharing one scale
-    and zero (``None`` = one group per output row).  ``act_order`` and ``damp``
-    (fraction of ``mean(diag H)`` added to the Hessian diagonal) are GPTQ-only.
-    ``zero_point``: ``integer`` (GPTQ convention) or ``float`` (fp16 group minimum).
+    and zero (``None`` = one group per output row).  ``zero_point``:
+    ``integer`` (GPTQ convention) or ``float`` (fp16 group minimum).
+
+    GPTQ only:
+    - ``act_order``: quantize columns by decreasing ``diag(H)`` (activation energy).
+    - ``group_params``: ``static`` (default) fixes every group's scale and zero
+      from the original, unpermuted weights before GPTQ starts (llm-compressor's
+      "static" act-order; the groups are the RTN groups, no ``g_idx``);
+      ``dynamic`` takes them when a group starts in processing order from the
+      already-updated weights (the GPTQ paper; with act-order the groups follow
+      the permuted order and a per-column ``g_idx`` is stored).
+      ``QuantizerSpec(method="gptq", act_order=True)`` is static act-order.
+    - ``damp``: fraction of ``mean(diag H)`` added to the Hessian diagonal.
+    - ``propagation``: ``sequential`` (default) calibrates every linear on the
+      signals of the already-quantized model (earlier layers, and within a layer
+      q/k/v -> o -> gate/up -> down), so a layer's result depends on the bits of
+      all earlier layers; ``dense`` calibrates on the dense model's signals, so
+      each (layer, bits) result is independent and cacheable on its own (fast
+      what-ifs, a little less accurate).
     """
 
     method: str = "rtn"
@@ -65,6 +85,8 @@ class QuantizerSpec:
     act_order: bool = False
     damp: float = 0.01
     zero_point: str = "integer"
+    group_params: str = "static"
+    propagation: str = "sequential"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -86,6 +108,20 @@ class QuantizerSpec:
             raise QuantizationError(f"Unknown zero point '{self.zero_point}'. Choose 'integer' or 'float'.")
         if not 0.0 < float(self.damp) <= 1.0:
             raise QuantizationError(f"GPTQ damping {self.damp!r} must be in (0, 1]; 0.01 is usual.")
+        if self.group_params not in GROUP_PARAMS:
+            raise QuantizationError(f"Unknown group parameters '{self.group_params}'. Choose 'static' or 'dynamic'.")
+        if self.propagation not in PROPAGATIONS:
+            raise QuantizationError(f"Unknown propagation '{self.propagation}'. Choose 'sequential' or 'dense'.")
+
+    @property
+    def stores_group_index(self) -> bool:
+        """Whether quantized weights carry a per-column group index (dynamic-group act-order GPTQ)."""
+        return self.method == "gptq" and self.act_order and self.group_params == "dynamic"
+
+    @property
+    def sequential(self) -> bool:
+        """Whether a layer's result depends on the bits of the layers before it (sequential GPTQ)."""
+        return self.method == "gptq" and self.propagation == "sequential"
 
     def with_bits(self, bits: int) -> "QuantizerSpec":
         """The same quantizer at another bit width (validated)."""
@@ -96,21 +132,26 @@ class QuantizerSpec:
 
     def label(self) -> str:
         group = "per-row" if self.group_size is None else f"g{self.group_size}"
-        extra = (", act-order" if self.act_order else "") + (", float zero" if self.zero_point == "float" else "")
+        extra = ""
+        if self.method == "gptq":
+            extra += (", act-order" if self.act_order else "") + (", dynamic groups" if self.group_params == "dynamic"
+                                                                  else "")
+            extra += ", dense signals" if self.propagation == "dense" else ""
+        extra += ", float zero" if self.zero_point == "float" else ""
         return f"{self.method.upper()} {self.bits}-bit {group}{extra}"
 
 
 def weight_storage_bits(out_features: int, in_features: int, bits: int, group_size: int | None,
-                        act_order: bool = False) -> int:
+                        group_index: bool = False) -> int:
     """Bits needed to store one quantized ``[out, in]`` weight.
 
     Codes ``out·in·bits`` + fp16 scale and fp16 zero per group and row
-    (+ int32 ``g_idx`` per input column with activation ordering).
-    4 bits with group 128 gives 4 + 32/128 = 4.25 bits per weight.
+    (+ int32 ``g_idx`` per input column when ``group_index``: dynamic-group
+    act-order GPTQ).  4 bits with group 128 gives 4 + 32/128 = 4.25 bits per weight.
     """
     groups = 1 if group_size is None else math.ceil(in_features / group_size)
     total = out_features * in_features * bits + out_features * groups * 2 * FP16_BITS
-    if act_order and groups > 1:
+    if group_index and groups > 1:
         total += in_features * GIDX_BITS
     return total
 
@@ -159,15 +200,15 @@ class QuantizedWeight:
         weight = self.codes.float()
         if self.g_idx is not None:
             index = self.g_idx.long()
-            return _apply_grid(weight, scales[:, index], zeros[:, index], self.zero_point).to(dtype)
+            return apply_grid(weight, scales[:, index], zeros[:, index], self.zero_point).to(dtype)
         out, inp = self.shape
         gs = self.group_size
         full = (inp // gs) * gs  # whole groups as a [out, groups, gs] view, then a shorter last group
         if full:
             body = weight[:, :full].view(out, full // gs, gs)
-            _apply_grid(body, scales[:, : full // gs, None], zeros[:, : full // gs, None], self.zero_point)
+            apply_grid(body, scales[:, : full // gs, None], zeros[:, : full // gs, None], self.zero_point)
         if full < inp:
-            _apply_grid(weight[:, full:], scales[:, -1:], zeros[:, -1:], self.zero_point)
+            apply_grid(weight[:, full:], scales[:, -1:], zeros[:, -1:], self.zero_point)
         return weight.to(dtype)
 
     def storage_bits(self) -> int:
@@ -185,8 +226,11 @@ class QuantizedWeight:
 
 # --- the grid ---------------------------------------------------------------
 
-def _apply_grid(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, zero_point: str) -> torch.Tensor:
-    """In place on float ``codes``: ``(codes - zero) * scale`` or ``codes * scale + zero``."""
+def apply_grid(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, zero_point: str) -> torch.Tensor:
+    """In place on float ``codes`` (returned): ``(codes - zero) * scale`` or ``codes * scale + zero``.
+
+    ``scale`` / ``zero`` broadcast against ``codes``; the result is the weight value of each code.
+    """
     if zero_point == "integer":
         return codes.sub_(zero).mul_(scale)
     return codes.mul_(scale).add_(zero)
@@ -244,12 +288,24 @@ def grid_params(weight: torch.Tensor, bits: int, zero_point: str = "integer") ->
     return scale16, zero.to(torch.float16)
 
 
-def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int | torch.Tensor,
                      zero_point: str = "integer") -> torch.Tensor:
-    """Codes (float, integer-valued) of ``w`` on the grid; scale/zero broadcast against ``w``."""
+    """Codes (``w``'s float dtype, integer-valued) of ``w`` on the grid: the nearest grid point.
+
+    ``scale`` / ``zero`` (fp16 or float) broadcast against ``w``; ``bits`` is
+    one width or a tensor of widths broadcasting against ``w`` (rows of
+    several bit widths quantized together).
+    """
+    dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+    if scale.dtype != dtype or zero.dtype != dtype:
+        scale, zero = scale.to(dtype), zero.to(dtype)
     if zero_point == "integer":
-        return torch.clamp(torch.round(w / scale.float() + zero.float()), 0, 2**bits - 1)
-    return torch.clamp(torch.round((w - zero.float()) / scale.float()), 0, 2**bits - 1)
+        codes = torch.round(w / scale + zero)
+    else:
+        codes = torch.round((w - zero) / scale)
+    if isinstance(bits, torch.Tensor):
+        return codes.clamp_min_(0).minimum(2**bits - 1)
+    return codes.clamp_(0, 2**bits - 1)
 
 
 # --- RTN --------------------------------------------------------------------

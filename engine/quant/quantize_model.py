@@ -3,28 +3,42 @@
 ``quantize_model(loaded, allocation, calibration, spec=spec)`` returns a
 :class:`QuantizedModel`: a deep copy of the dense model whose decoder-layer
 linears hold ``dequantize(stored)`` and the stored codes/scales/zeros.  The
-input model is never modified (GPTQ's hooks run on the copy).
+input model is never modified, not even temporarily: every hook and every
+stubbed layer lives on the copy.
 
-What-if speed: the quantized weights of one layer at one bit level do not
-depend on the other layers' levels, because GPTQ is calibrated on the
-*dense* model's signals (each layer's linears see the inputs the unquantized
-model gives them; no error feedback from earlier quantized layers).  That is
-a deliberate *choice*: it costs a little accuracy against fully sequential
-GPTQ but lets every (layer, bits) result be computed once and cached, in
-memory (LRU, bounded) and on disk under ``cache_root()/quant/<key>/``, keyed by
-model fingerprint, quantizer spec and calibration windows.  A new allocation
-then only dequantizes cached codes into a copy and evaluates.
+Which signals calibrate GPTQ (``QuantizerSpec.propagation``):
 
-Calibration (GPTQ): the dense copy is run once over the windows with its
-decoder layers replaced by recorders (catching each layer's arguments:
-masks, rotary tables), then layer by layer: hooks on the linears accumulate
-``H = 2/n Σ x xᵀ`` (q/k/v share one, gate/up share one) while the layer
-computes the next layer's input.  Memory: one layer's Hessians plus the
-windows' hidden states.  GPTQ needs several times more calibration tokens
-than a linear has inputs, or it overfits the calibration text
-(:func:`calibration_warning`).
+- ``sequential`` (default, as GPTQ and llm-compressor do): layer ``i`` is
+  calibrated on the outputs of the *already quantized* layers ``0..i-1``,
+  and inside a layer the linears are quantized in the order they run
+  (q/k/v, then o on the outputs of the quantized q/k/v, then gate/up, then
+  down: "true sequential"), so later linears see, and compensate, the error
+  of earlier ones.  A layer's result then depends on the bits of every
+  earlier layer: the cache key holds that allocation prefix, and a new
+  allocation recomputes every layer from the first one whose prefix changed.
+- ``dense``: every linear is calibrated on the dense model's signals.  Then
+  one (layer, bits) result does not depend on the other layers' levels and
+  is computed once and cached: a new allocation only dequantizes cached
+  codes into a copy (fast what-ifs, somewhat less accurate).
 
-Saving and loading whole quantized models lives in ``engine.quant_save``;
+RTN needs no signals: its (layer, bits) results are always independent.
+
+Caches: in memory (LRU, bounded) and on disk under
+``cache_root()/quant/<key>/``, keyed by model fingerprint, quantizer spec,
+calibration windows (and the allocation prefix for sequential GPTQ).
+
+Calibration (GPTQ): :func:`engine.core.capture.capture_layer_inputs` records
+the first layer's input and every layer's keyword arguments (masks, rotary
+tables) on the work copy; then layer by layer, forward pre-hooks on the first
+linear of each group that reads one input accumulate ``H = 2/n Σ x xᵀ``.
+Sequential GPTQ runs each layer *once* over all calibration windows (one
+batch) and quantizes each group inside its hook, just before the group
+runs; with a smaller ``batch_size`` (less memory) it makes one pass per
+group instead, stopping each pass at that group.  GPTQ needs several times
+more calibration tokens than a linear has inputs, or it overfits the
+calibration text (:func:`calibration_warning`).
+
+Saving and loading whole quantized models lives in ``engine.quant.save``;
 byte accounting in :func:`size_report`.
 """
 
@@ -32,7 +46,8 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +55,7 @@ from torch import nn
 
 from engine.quant.allocation import Allocation
 from engine.core.architectures import Architecture
+from engine.core.capture import LayerInputs, capture_layer_inputs
 from engine.core.data import TokenWindows
 from engine.core.models import LoadedModel
 from engine.quant.cache import (
@@ -53,12 +69,15 @@ from engine.quant.cache import (
     quant_cache_key,
 )
 from engine.quant.size import SizeReport, check_bits, size_report
-from engine.quant.gptq import HessianAccumulator, prepare_hessian, quantize_weight
-from engine.quant.grid import QuantizationError, QuantizedWeight, QuantizerSpec
+from engine.quant.gptq import HessianAccumulator, gptq_quantize_shared
+from engine.quant.grid import QuantizationError, QuantizedWeight, QuantizerSpec, rtn_quantize
 
 ProgressFn = Callable[[int, int], None]
+DEFAULT_BATCH = 4  # calibration windows per forward, unless sequential GPTQ takes them all at once
+SEQUENTIAL_BATCH_TOKENS = 32768  # sequential GPTQ runs up to this many calibration tokens in one forward
 __all__ = ["QuantizeStats", "QuantizedModel", "SizeReport", "size_report", "clear_memory_cache", "layer_weights",
-           "prepare_levels", "apply_weights", "quantize_model", "calibration_warning"]
+           "allocation_weights", "linear_stages", "prepare_levels", "apply_weights", "quantize_model",
+           "calibration_warning", "resolve_batch_size"]
 
 
 @dataclass
@@ -96,74 +115,23 @@ class QuantizedModel:
         return size_report(self.model, self.architecture, self.bits, self.spec)
 
 
-# --- computing layers ---------------------------------------------------------
+# --- the linears of a layer -------------------------------------------------------
 
-class _LayerRecorder(nn.Module):
-    """Stands in for a decoder layer: records its arguments and passes the hidden state through."""
+def linear_stages(arch: Architecture) -> list[tuple[str, ...]]:
+    """A layer's linears grouped by the input they read, in the order they run.
 
-    def __init__(self, index: int, sink: dict) -> None:
-        super().__init__()
-        self.index, self.sink = index, sink
-
-    def forward(self, *args, **kwargs):
-        if args:
-            hidden, rest = args[0], args[1:]
-        else:
-            hidden, rest = kwargs.pop("hidden_states"), ()
-        self.sink.setdefault(self.index, []).append((rest, kwargs))
-        if self.index == 0:
-            self.sink.setdefault("hidden", []).append(hidden)
-        return hidden
-
-
-def _record_layer_inputs(model: nn.Module, arch: Architecture, windows: TokenWindows, batch_size: int) -> dict:
-    """Layer-0 hidden states per batch and every layer's call arguments per batch."""
-    layers = arch.decoder_layers(model)
-    originals = list(layers)
-    sink: dict = {}
-    device = next(model.parameters()).device
-    try:
-        for i in range(len(layers)):
-            layers[i] = _LayerRecorder(i, sink)
-        for start in range(0, windows.n_windows, batch_size):
-            batch = windows.input_ids[start : start + batch_size].to(device)
-            model(input_ids=batch, use_cache=False, logits_to_keep=1)
-    finally:
-        for i, layer in enumerate(originals):
-            layers[i] = layer
-    return sink
-
-
-def _hessian_groups(arch: Architecture) -> dict[str, str]:
-    """Short linear name -> name of the linear whose input Hessian it uses (shared inputs)."""
-    groups = {}
+    Llama-like: ``[("q", "k", "v"), ("o",), ("gate", "up"), ("down",)]``;
+    Phi-3: ``[("qkv",), ("o",), ("gate_up",), ("down",)]``.  The linears of
+    one group share a Hessian and are quantized together.
+    """
+    stages: list[list[str]] = []
     for name, path in arch.linears.items():
-        for shared in (arch.attn_inputs, arch.mlp_inputs):
-            if path in shared:
-                first = next(n for n, p in arch.linears.items() if p in shared)
-                groups[name] = first
-                break
+        shared = next((group for group in (arch.attn_inputs, arch.mlp_inputs) if path in group), ())
+        if stages and arch.linears[stages[-1][0]] in shared:
+            stages[-1].append(name)
         else:
-            groups[name] = name
-    return groups
-
-
-def _quantize_layer(linears: dict[str, nn.Linear], spec: QuantizerSpec, levels: list[int],
-                    hessians: dict[str, torch.Tensor] | None) -> dict[int, LayerWeights]:
-    """One layer's linears at each level; each Hessian prepared once for all levels. Results on CPU."""
-    results: dict[int, LayerWeights] = {b: {} for b in levels}
-    prepared_by_id: dict[int, object] = {}
-    for name, linear in linears.items():
-        prepared = None
-        if hessians is not None:
-            hessian = hessians[name]  # linears reading the same input share one tensor
-            if id(hessian) not in prepared_by_id:
-                prepared_by_id[id(hessian)] = prepare_hessian(hessian, spec.damp, spec.act_order)
-            prepared = prepared_by_id[id(hessian)]
-        for b in levels:
-            weight = quantize_weight(linear.weight, spec.with_bits(b), prepared)
-            results[b][name] = _to_device(weight, torch.device("cpu"))
-    return results
+            stages.append([name])
+    return [tuple(stage) for stage in stages]
 
 
 def _to_device(weight: QuantizedWeight, device: torch.device) -> QuantizedWeight:
@@ -175,50 +143,201 @@ def _to_device(weight: QuantizedWeight, device: torch.device) -> QuantizedWeight
                            zero_point=weight.zero_point)
 
 
+def _rtn_layer(linears: dict[str, nn.Linear], spec: QuantizerSpec, levels: Sequence[int]) -> dict[int, LayerWeights]:
+    """RTN of one layer's linears at each level; results on CPU."""
+    cpu = torch.device("cpu")
+    return {b: {name: _to_device(rtn_quantize(linear.weight, spec.with_bits(b)), cpu)
+                for name, linear in linears.items()} for b in levels}
+
+
+def _gptq_stage(linears: dict[str, nn.Linear], names: Sequence[str], hessian: torch.Tensor, spec: QuantizerSpec,
+                levels: Sequence[int]) -> dict[int, LayerWeights]:
+    """GPTQ of the linears ``names`` (one input, Hessian ``[in, in]``) at every level, in one column loop.
+
+    Results on CPU: ``{bits: {name: weight}}``.
+    """
+    pairs = [(b, name) for b in levels for name in names]
+    results = gptq_quantize_shared([linears[name].weight for _, name in pairs], hessian,
+                                   [spec.with_bits(b) for b, _ in pairs])
+    out: dict[int, LayerWeights] = {b: {} for b in levels}
+    for (b, name), weight in zip(pairs, results):
+        out[b][name] = _to_device(weight, torch.device("cpu"))
+    return out
+
+
 @torch.no_grad()
-def _compute(loaded: LoadedModel, work: nn.Module, spec: QuantizerSpec, needs: dict[int, list[int]],
-             calibration: TokenWindows | None, batch_size: int, progress: ProgressFn | None) -> dict:
-    """Quantize the needed (layer, bits) pairs of the dense ``work`` copy: {(layer, bits): LayerWeights}."""
+def _write(linears: dict[str, nn.Linear], weights: LayerWeights) -> None:
+    """Set each named linear's weight to ``dequantize(stored)`` (in place, on a copy)."""
+    for name, stored in weights.items():
+        linear = linears[name]
+        linear.weight.copy_(_to_device(stored, linear.weight.device).dequantize(linear.weight.dtype))
+
+
+@torch.no_grad()
+def _restore_dense(loaded: LoadedModel, model: nn.Module, layers: Iterable[int]) -> None:
+    """Copy the dense weights of ``layers``' linears from ``loaded.model`` (only read) into the copy ``model``."""
+    arch = loaded.architecture
+    source, target = arch.decoder_layers(loaded.model), arch.decoder_layers(model)
+    for i in layers:
+        dense = arch.layer_linears(source[i])
+        for name, linear in arch.layer_linears(target[i]).items():
+            linear.weight.copy_(dense[name].weight)
+
+
+# --- running layers over the calibration signals -----------------------------------
+
+class _StopLayer(Exception):
+    """Raised by a hook once a layer pass has what it needs."""
+
+
+@contextmanager
+def _pre_hooks(hooks: dict[nn.Module, Callable[[torch.Tensor], None]]) -> Iterator[None]:
+    """Call ``hooks[module](input)`` before each ``module`` runs; removed on exit."""
+    def pre_hook(fn: Callable[[torch.Tensor], None]):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            fn(args[0])  # returns nothing: the module runs on its own input
+        return hook
+
+    handles = [module.register_forward_pre_hook(pre_hook(fn)) for module, fn in hooks.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _output(result) -> torch.Tensor:
+    return result[0] if isinstance(result, tuple) else result
+
+
+def _run_layer(layer: nn.Module, index: int, signals: list[torch.Tensor], inputs: LayerInputs,
+               keep: bool = True) -> None:
+    """Run ``layer`` over every batch; with ``keep`` its outputs replace ``signals`` (the next layer's inputs)."""
+    for b, hidden in enumerate(signals):
+        try:
+            out = _output(layer(hidden, **inputs.layer_kwargs[index][b]))
+        except _StopLayer:
+            continue
+        if keep:
+            signals[b] = out
+
+
+def _gptq_layer_dense(layer: nn.Module, index: int, arch: Architecture, spec: QuantizerSpec, levels: list[int],
+                      signals: list[torch.Tensor], inputs: LayerInputs) -> dict[int, LayerWeights]:
+    """GPTQ of one layer at each level on dense signals; ``signals`` move on to the dense layer's outputs."""
+    linears = arch.layer_linears(layer)
+    stages = linear_stages(arch)
+    accumulators = {stage: HessianAccumulator(linears[stage[0]].in_features, linears[stage[0]].weight.device)
+                    for stage in stages}
+    with _pre_hooks({linears[stage[0]]: accumulators[stage].add for stage in stages}):
+        _run_layer(layer, index, signals, inputs)
+    out: dict[int, LayerWeights] = {b: {} for b in levels}
+    for stage in stages:
+        for b, weights in _gptq_stage(linears, stage, accumulators[stage].hessian(), spec, levels).items():
+            out[b].update(weights)
+    return out
+
+
+def _gptq_layer_sequential(layer: nn.Module, index: int, arch: Architecture, spec: QuantizerSpec,
+                           signals: list[torch.Tensor], inputs: LayerInputs) -> LayerWeights:
+    """True-sequential GPTQ of one layer, in place; ``signals`` move on to the quantized layer's outputs.
+
+    Each group of linears is calibrated on the inputs produced by the
+    already-quantized groups before it.  One batch: a single forward, each
+    group quantized in its first linear's pre-hook (before it runs).
+    Several batches: one pass per group, each stopped at that group, then a
+    last pass for the outputs.
+    """
+    linears = arch.layer_linears(layer)
+    result: LayerWeights = {}
+
+    def quantize(stage: tuple[str, ...], acc: HessianAccumulator) -> None:
+        weights = _gptq_stage(linears, stage, acc.hessian(), spec, [spec.bits])[spec.bits]
+        _write(linears, weights)
+        result.update(weights)
+
+    def accumulator(stage: tuple[str, ...]) -> HessianAccumulator:
+        return HessianAccumulator(linears[stage[0]].in_features, linears[stage[0]].weight.device)
+
+    def quantize_on_arrival(stage: tuple[str, ...]) -> Callable[[torch.Tensor], None]:
+        acc = accumulator(stage)
+
+        def hook(x: torch.Tensor) -> None:
+            acc.add(x)
+            quantize(stage, acc)
+        return hook
+
+    def accumulate_and_stop(acc: HessianAccumulator) -> Callable[[torch.Tensor], None]:
+        def hook(x: torch.Tensor) -> None:
+            acc.add(x)
+            raise _StopLayer
+        return hook
+
+    if len(signals) == 1:
+        with _pre_hooks({linears[stage[0]]: quantize_on_arrival(stage) for stage in linear_stages(arch)}):
+            _run_layer(layer, index, signals, inputs)
+        return result
+    for stage in linear_stages(arch):
+        acc = accumulator(stage)
+        with _pre_hooks({linears[stage[0]]: accumulate_and_stop(acc)}):
+            _run_layer(layer, index, signals, inputs, keep=False)
+        quantize(stage, acc)
+    _run_layer(layer, index, signals, inputs)
+    return result
+
+
+def _capture(work: nn.Module, arch: Architecture, calibration: TokenWindows, batch_size: int) -> LayerInputs:
+    device = next(work.parameters()).device
+    return capture_layer_inputs(work, arch, calibration.input_ids, batch_size=batch_size, device=device)
+
+
+# --- independent (layer, bits) results: RTN and dense-signal GPTQ -------------------
+
+@torch.no_grad()
+def _compute_independent(loaded: LoadedModel, work: nn.Module, spec: QuantizerSpec, needs: dict[int, list[int]],
+                         calibration: TokenWindows | None, batch_size: int,
+                         progress: ProgressFn | None) -> dict[tuple[int, int], LayerWeights]:
+    """Quantize the needed (layer, bits) pairs; ``work`` is a copy holding dense weights (GPTQ hooks it)."""
     arch = loaded.architecture
     layers = arch.decoder_layers(work)
     out: dict[tuple[int, int], LayerWeights] = {}
     if spec.method == "rtn":
         for done, i in enumerate(sorted(needs), start=1):
-            for b, weights in _quantize_layer(arch.layer_linears(layers[i]), spec, needs[i], None).items():
+            for b, weights in _rtn_layer(arch.layer_linears(layers[i]), spec, needs[i]).items():
                 out[(i, b)] = weights
             if progress:
                 progress(done, len(needs))
         return out
-    if calibration is None:
-        raise QuantizationError("GPTQ needs calibration windows; pass calibration=token_windows(...).")
-    sink = _record_layer_inputs(work, arch, calibration, batch_size)
-    hidden = sink["hidden"]
-    groups = _hessian_groups(arch)
+    inputs = _capture(work, arch, calibration, batch_size)
+    signals = list(inputs.hidden)
     last = max(needs)
     for i in range(last + 1):
-        layer = layers[i]
-        linears = arch.layer_linears(layer)
-        accumulators, handles = {}, []
         if i in needs:
-            for name in set(groups.values()):
-                acc = HessianAccumulator(linears[name].in_features, linears[name].weight.device)
-                accumulators[name] = acc
-                handles.append(linears[name].register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0])))
-        try:
-            for b, (rest, kwargs) in enumerate(sink[i]):
-                result = layer(hidden[b], *rest, **kwargs)
-                hidden[b] = result[0] if isinstance(result, tuple) else result
-        finally:
-            for handle in handles:
-                handle.remove()
-        if i in needs:
-            shared = {name: acc.hessian() for name, acc in accumulators.items()}
-            hessians = {name: shared[groups[name]] for name in linears}
-            for b, weights in _quantize_layer(linears, spec, needs[i], hessians).items():
+            for b, weights in _gptq_layer_dense(layers[i], i, arch, spec, needs[i], signals, inputs).items():
                 out[(i, b)] = weights
+        else:
+            _run_layer(layers[i], i, signals, inputs)
         if progress:
             progress(i + 1, last + 1)
     return out
+
+
+def _cached(key: str, layer: int, stats: QuantizeStats) -> LayerWeights | None:
+    """A layer's weights from memory, else disk (then kept in memory), else ``None``; counted in ``stats``."""
+    weights = memory_get(key, layer)
+    if weights is not None:
+        stats.memory_hits += 1
+        return weights
+    weights = disk_get(key, layer)
+    if weights is not None:
+        stats.disk_hits += 1
+        memory_put(key, layer, weights)
+    return weights
+
+
+def _store(key: str, layer: int, weights: LayerWeights, spec: QuantizerSpec) -> None:
+    memory_put(key, layer, weights)
+    disk_put(key, layer, weights, spec)
 
 
 def layer_weights(
@@ -228,61 +347,166 @@ def layer_weights(
     calibration: TokenWindows | None = None,
     *,
     use_cache: bool = True,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     progress: ProgressFn | None = None,
     work: nn.Module | None = None,
     stats: QuantizeStats | None = None,
 ) -> dict[tuple[int, int], LayerWeights]:
     """Quantized linears for each ``needs[layer] = [bits, ...]``: ``{(layer, bits): {name: weight}}``.
 
+    Only for results that do not depend on other layers' bits (RTN and
+    dense-signal GPTQ); sequential GPTQ goes through :func:`allocation_weights`.
     Served from memory, then disk, then computed (and stored) unless
-    ``use_cache`` is false.  ``work`` is a dense copy GPTQ may run hooks on
-    (deep-copied from ``loaded.model`` when needed and not given); it must
-    still hold the dense weights.
+    ``use_cache`` is false.  ``work`` is a copy GPTQ may hook and overwrite
+    (deep-copied from ``loaded.model`` when needed and not given); the needed
+    layers' dense weights are restored in it first.
     """
+    if spec.sequential:
+        raise QuantizationError("Sequential GPTQ results depend on the bits of earlier layers: quantize whole "
+                                "allocations (allocation_weights / quantize_model), or use propagation='dense'.")
     stats = stats if stats is not None else QuantizeStats()
+    batch_size = resolve_batch_size(spec, calibration, batch_size)
     calib = calibration_id(calibration, batch_size) if spec.method == "gptq" else None
     found: dict[tuple[int, int], LayerWeights] = {}
     missing: dict[int, list[int]] = {}
     for layer, levels in needs.items():
         for b in sorted(set(levels)):
             key = quant_cache_key(loaded, spec.with_bits(b), calib)
-            weights = memory_get(key, layer) if use_cache else None
-            if weights is not None:
-                stats.memory_hits += 1
-            elif use_cache and (weights := disk_get(key, layer)) is not None:
-                stats.disk_hits += 1
-                memory_put(key, layer, weights)
+            weights = _cached(key, layer, stats) if use_cache else None
             if weights is None:
                 missing.setdefault(layer, []).append(b)
             else:
                 found[(layer, b)] = weights
-    if missing:
-        if spec.method == "rtn":
-            work = loaded.model  # RTN only reads the dense weights
-        elif work is None:
-            work = copy.deepcopy(loaded.model)
-        computed = _compute(loaded, work, spec, missing, calibration, batch_size, progress)
-        for (layer, b), weights in computed.items():
-            stats.computed += 1
-            found[(layer, b)] = weights
-            if use_cache:
-                key = quant_cache_key(loaded, spec.with_bits(b), calib)
-                memory_put(key, layer, weights)
-                disk_put(key, layer, weights, spec.with_bits(b))
-    elif progress:
-        progress(1, 1)
+    if not missing:
+        if progress:
+            progress(1, 1)
+        return found
+    if spec.method == "rtn":
+        work = loaded.model  # RTN only reads the dense weights
+    else:
+        if calibration is None:
+            raise QuantizationError("GPTQ needs calibration windows; pass calibration=token_windows(...).")
+        work = work if work is not None else copy.deepcopy(loaded.model)
+        _restore_dense(loaded, work, range(max(missing) + 1))
+    for (layer, b), weights in _compute_independent(loaded, work, spec, missing, calibration, batch_size,
+                                                    progress).items():
+        stats.computed += 1
+        found[(layer, b)] = weights
+        if use_cache:
+            _store(quant_cache_key(loaded, spec.with_bits(b), calib), layer, weights, spec.with_bits(b))
     return found
 
 
+# --- sequential GPTQ: results depend on the allocation prefix -----------------------
+
+@torch.no_grad()
+def _sequential_weights(loaded: LoadedModel, work: nn.Module, spec: QuantizerSpec, bits: tuple[int, ...],
+                        calibration: TokenWindows, batch_size: int, use_cache: bool, stats: QuantizeStats,
+                        progress: ProgressFn | None) -> list[LayerWeights]:
+    """Every layer's weights for ``bits``, layer ``i`` calibrated on the quantized layers ``0..i-1``.
+
+    Cached layers are reused; the missing ones are computed in order on
+    ``work`` (a copy, overwritten: afterwards its layers up to the last
+    computed one hold the quantized weights), propagating calibration
+    signals through the cached layers before them.
+    """
+    arch = loaded.architecture
+    calib = calibration_id(calibration, batch_size)
+    keys = [quant_cache_key(loaded, spec.with_bits(b), calib, prefix=bits[:i]) for i, b in enumerate(bits)]
+    weights: list[LayerWeights | None] = [_cached(key, i, stats) if use_cache else None for i, key in enumerate(keys)]
+    missing = [i for i, w in enumerate(weights) if w is None]
+    if not missing:
+        if progress:
+            progress(1, 1)
+        return weights
+    layers = arch.decoder_layers(work)
+    last = missing[-1]
+    _restore_dense(loaded, work, missing)
+    for i in range(last):
+        if weights[i] is not None:
+            _write(arch.layer_linears(layers[i]), weights[i])
+    inputs = _capture(work, arch, calibration, batch_size)
+    signals = list(inputs.hidden)
+    for i in range(last + 1):
+        if weights[i] is None:
+            layer_spec = spec.with_bits(bits[i])
+            weights[i] = _gptq_layer_sequential(layers[i], i, arch, layer_spec, signals, inputs)
+            stats.computed += 1
+            if use_cache:
+                _store(keys[i], i, weights[i], layer_spec)
+        elif i < last:
+            _run_layer(layers[i], i, signals, inputs)
+        if progress:
+            progress(i + 1, last + 1)
+    return weights
+
+
+def resolve_batch_size(spec: QuantizerSpec, calibration: TokenWindows | None, batch_size: int | None) -> int:
+    """Calibration windows per forward.
+
+    As given; else, for sequential GPTQ, as many windows as fit in
+    :data:`SEQUENTIAL_BATCH_TOKENS` (all of them in the usual setups: then each
+    layer runs once); else :data:`DEFAULT_BATCH`.
+    """
+    if batch_size is not None:
+        if batch_size < 1:
+            raise QuantizationError(f"Batch size {batch_size} is invalid: use at least 1 window per forward.")
+        return batch_size
+    if spec.sequential and calibration is not None:
+        return max(1, min(calibration.n_windows, SEQUENTIAL_BATCH_TOKENS // calibration.seqlen))
+    return DEFAULT_BATCH
+
+
+def allocation_weights(
+    loaded: LoadedModel,
+    spec: QuantizerSpec,
+    bits: Sequence[int],
+    calibration: TokenWindows | None = None,
+    *,
+    use_cache: bool = True,
+    batch_size: int | None = None,
+    progress: ProgressFn | None = None,
+    work: nn.Module | None = None,
+    stats: QuantizeStats | None = None,
+) -> list[LayerWeights]:
+    """Quantized linears of every layer for the allocation ``bits`` (layer ``i`` at ``bits[i]``).
+
+    ``work``: a copy of ``loaded.model`` GPTQ may hook and overwrite
+    (deep-copied when needed and not given).
+    """
+    bits = tuple(int(b) for b in bits)
+    check_bits(bits, loaded.num_layers)
+    stats = stats if stats is not None else QuantizeStats()
+    if spec.method == "gptq" and calibration is None:
+        raise QuantizationError("GPTQ needs calibration windows; pass calibration=token_windows(...).")
+    if spec.sequential:
+        work = work if work is not None else copy.deepcopy(loaded.model)
+        return _sequential_weights(loaded, work, spec, bits, calibration,
+                                   resolve_batch_size(spec, calibration, batch_size), use_cache, stats, progress)
+    found = layer_weights(loaded, spec, {i: [b] for i, b in enumerate(bits)}, calibration, use_cache=use_cache,
+                          batch_size=batch_size, progress=progress, work=work, stats=stats)
+    return [found[(i, b)] for i, b in enumerate(bits)]
+
+
 def prepare_levels(loaded: LoadedModel, spec: QuantizerSpec, levels: Sequence[int],
-                   calibration: TokenWindows | None = None, *, batch_size: int = 4,
+                   calibration: TokenWindows | None = None, *, batch_size: int | None = None,
                    progress: ProgressFn | None = None) -> QuantizeStats:
-    """Fill the caches with every layer at every level (for what-if sweeps)."""
+    """Fill the caches for what-if sweeps.
+
+    Independent results (RTN, dense-signal GPTQ): every layer at every level.
+    Sequential GPTQ: the uniform allocation of each level (its prefixes are
+    what mixed allocations that start with that level reuse).
+    """
     stats = QuantizeStats()
     start = time.perf_counter()
-    needs = {i: list(levels) for i in range(loaded.num_layers)}
-    layer_weights(loaded, spec, needs, calibration, batch_size=batch_size, progress=progress, stats=stats)
+    if spec.sequential:
+        work = copy.deepcopy(loaded.model)
+        for b in levels:
+            allocation_weights(loaded, spec, [b] * loaded.num_layers, calibration, batch_size=batch_size,
+                               progress=progress, work=work, stats=stats)
+    else:
+        needs = {i: list(levels) for i in range(loaded.num_layers)}
+        layer_weights(loaded, spec, needs, calibration, batch_size=batch_size, progress=progress, stats=stats)
     stats.seconds = time.perf_counter() - start
     return stats
 
@@ -314,9 +538,7 @@ def calibration_warning(loaded: LoadedModel, windows: TokenWindows | None) -> st
 def apply_weights(model: nn.Module, arch: Architecture, weights: Sequence[LayerWeights]) -> None:
     """Write ``dequantize(stored)`` into ``model``'s layer linears, in place (use on copies only)."""
     for layer, layer_weights_ in zip(arch.decoder_layers(model), weights):
-        for name, linear in arch.layer_linears(layer).items():
-            stored = _to_device(layer_weights_[name], linear.weight.device)
-            linear.weight.copy_(stored.dequantize(linear.weight.dtype))
+        _write(arch.layer_linears(layer), layer_weights_)
 
 
 def quantize_model(
@@ -327,7 +549,7 @@ def quantize_model(
     spec: QuantizerSpec = QuantizerSpec(),
     into: nn.Module | None = None,
     use_cache: bool = True,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     progress: ProgressFn | None = None,
 ) -> QuantizedModel:
     """A quantized copy of ``loaded.model`` with layer ``i`` at ``allocation[i]`` code bits.
@@ -335,6 +557,8 @@ def quantize_model(
     ``into``: an earlier copy of the same model (e.g. a previous
     ``QuantizedModel.model``) to overwrite instead of deep-copying again; it
     must not be ``loaded.model``.  ``calibration`` is required for GPTQ.
+    ``batch_size``: calibration windows per forward (default: see
+    :func:`resolve_batch_size`); part of the GPTQ cache key.
     """
     start = time.perf_counter()
     bits = tuple(int(b) for b in (allocation.bits if isinstance(allocation, Allocation) else allocation))
@@ -347,11 +571,10 @@ def quantize_model(
         raise QuantizationError("Refusing to quantize the loaded model in place: pass a copy (or nothing) as 'into'.")
     target = into if into is not None else copy.deepcopy(loaded.model)
     stats = QuantizeStats()
-    # a fresh copy is still dense, so GPTQ may calibrate on it; an earlier copy is not
-    found = layer_weights(loaded, spec, {i: [b] for i, b in enumerate(bits)}, calibration,
-                          use_cache=use_cache, batch_size=batch_size, progress=progress,
-                          work=target if into is None else None, stats=stats)
-    weights = [found[(i, b)] for i, b in enumerate(bits)]
+    batch_size = resolve_batch_size(spec, calibration, batch_size)
+    # GPTQ works on the target copy itself (dense weights are restored where it needs them)
+    weights = allocation_weights(loaded, spec, bits, calibration, use_cache=use_cache, batch_size=batch_size,
+                                 progress=progress, work=target, stats=stats)
     apply_weights(target, loaded.architecture, weights)
     target.eval()
     stats.seconds = time.perf_counter() - start

@@ -80,7 +80,7 @@ def size_report(model: nn.Module, arch: Architecture, bits: Sequence[int], spec:
         layer_bits = layer_weights = 0
         for linear in arch.layer_linears(layer).values():
             out, inp = linear.weight.shape
-            layer_bits += weight_storage_bits(out, inp, b, spec.group_size, spec.act_order)
+            layer_bits += weight_storage_bits(out, inp, b, spec.group_size, spec.stores_group_index)
             layer_weights += out * inp
             quantized_ids.add(id(linear.weight))
         per_layer.append(layer_bits / layer_weights)
@@ -110,8 +110,8 @@ def size_report(model: nn.Module, arch: Architecture, bits: Sequence[int], spec:
              f"unquantized parameters stay {str(next(model.parameters()).dtype).replace('torch.', '')}"]
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         notes.append("head is tied to the embedding and stored once")
-    if spec.act_order:
-        notes.append("act-order GPTQ stores an int32 group index per input column")
+    if spec.stores_group_index:
+        notes.append("dynamic-group act-order GPTQ stores an int32 group index per input column")
     return SizeReport(dense_bytes=dense, quantized_weights=n_weights, quantized_bytes=q_bits / 8,
                       bits_per_weight=q_bits / n_weights, code_bits_per_weight=code_bits / n_weights,
                       unquantized=unquantized, per_layer_bits_per_weight=per_layer, notes=notes,

@@ -4,11 +4,10 @@
 fused (:func:`engine.rotation.fuse_norms`) and whose head is untied; callers
 pass a copy (see :func:`engine.slicing.slice_model`).
 
-1. Every decoder layer is stubbed out (identity) for one pass over the
-   calibration windows, recording the first layer's input (the embedding
-   output) and the keyword arguments the model passes each layer (masks,
-   rotary position embeddings), so any architecture's per-layer masks are
-   reproduced exactly.  Signals live on CPU.
+1. :func:`engine.core.capture.capture_layer_inputs` records the first
+   layer's input (the embedding output) and the keyword arguments the model
+   passes each layer (masks, rotary position embeddings), so any
+   architecture's per-layer masks are reproduced exactly.  Signals live on CPU.
 2. PCA of the embedding output gives ``Q_0``; the embedding is rotated and
    sliced to ``d_0``.
 3. For each layer in turn (moved to the work device, then back): rotate the
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from engine.core.architectures import Architecture, get_submodule
+from engine.core.capture import LayerInputs, capture_layer_inputs, move_to
 from engine.slicing.rotation import (
     Covariance,
     pca_basis,
@@ -41,77 +41,6 @@ from engine.slicing.sliced_layers import LayerWidths, layer_widths, make_sliced_
 
 ProgressFn = Callable[[int, int], None]
 
-# ---------------------------------------------------------------- calibration capture
-
-
-class _StopForward(Exception):
-    """Raised by the last layer's stub: the capture needs nothing past it."""
-
-
-def _move(obj, device: torch.device, memo: dict):
-    """Tensors inside ``obj`` (nested tuples / lists / dicts) moved to ``device``, shared ones once."""
-    if isinstance(obj, torch.Tensor):
-        if id(obj) not in memo:
-            memo[id(obj)] = obj.detach().to(device)
-        return memo[id(obj)]
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_move(o, device, memo) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _move(v, device, memo) for k, v in obj.items()}
-    return obj
-
-
-@dataclass
-class _Calibration:
-    """Per batch: first-layer inputs ``[b, T, D]`` (CPU), token masks ``[b, T]``, and per layer its kwargs."""
-
-    inputs: list[torch.Tensor]
-    masks: list[torch.Tensor | None]
-    layer_kwargs: list[list[dict]]
-
-
-@torch.no_grad()
-def _capture(model, architecture, input_ids, attention_mask, batch_size) -> _Calibration:
-    """Run the model with every decoder layer stubbed out (identity) to record what it is given."""
-    layers = architecture.decoder_layers(model)
-    device = get_submodule(model, architecture.embedding).weight.device
-    cal = _Calibration([], [], [[] for _ in layers])
-    memo: dict = {}
-
-    def stub(index):
-        def forward(hidden_states, *args, **kwargs):
-            if args:
-                raise TypeError("Slicing expects decoder layers to be called with keyword arguments only.")
-            if index == 0:
-                cal.inputs.append(hidden_states.detach().cpu())
-            cal.layer_kwargs[index].append(_move(kwargs, torch.device("cpu"), memo))
-            if index == len(layers) - 1:
-                raise _StopForward
-            return hidden_states
-        return forward
-
-    own_forwards = [layer.__dict__.get("forward") for layer in layers]  # e.g. accelerate hooks
-    for index, layer in enumerate(layers):
-        layer.forward = stub(index)
-    try:
-        for start in range(0, input_ids.shape[0], batch_size):
-            memo.clear()
-            ids = input_ids[start : start + batch_size]
-            mask = None if attention_mask is None else attention_mask[start : start + batch_size]
-            cal.masks.append(mask)
-            try:
-                model(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device),
-                      use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        for layer, own in zip(layers, own_forwards):
-            del layer.forward
-            if own is not None:
-                layer.forward = own
-    return cal
-
-
 # ---------------------------------------------------------------- rotate and slice
 
 
@@ -120,7 +49,7 @@ class _Context:
     """What every slicing step needs: work device, calibration, rotation generator."""
 
     device: torch.device
-    cal: _Calibration
+    cal: LayerInputs
     generator: torch.Generator | None
     tokens: int = 0
 
@@ -137,12 +66,12 @@ def _sliced_basis(cov: Covariance, width: int, ctx: _Context) -> torch.Tensor:
 
 def _embed(model, architecture, width: int, ctx: _Context) -> tuple[list[torch.Tensor], torch.Tensor]:
     """PCA of the embedding outputs, rotate and slice the embedding; returns signals ``[b, T, d_0]``."""
-    cov = Covariance(ctx.cal.inputs[0].shape[-1], ctx.device)
-    for x, mask in zip(ctx.cal.inputs, ctx.cal.masks):
+    cov = Covariance(ctx.cal.hidden[0].shape[-1], ctx.device)
+    for x, mask in zip(ctx.cal.hidden, ctx.cal.masks):
         cov.add(x, mask)
     basis = _sliced_basis(cov, width, ctx)
     rotate_embedding(get_submodule(model, architecture.embedding), basis)
-    inputs, ctx.cal.inputs = ctx.cal.inputs, []  # handed over: rotated in place
+    inputs, ctx.cal.hidden = ctx.cal.hidden, []  # handed over: rotated in place
     return _change_basis(inputs, basis, ctx.device), basis
 
 
@@ -157,7 +86,7 @@ def _run_half(half, signals, layer_kwargs, masks, device, width: int):
     """Run one half of a layer over all batches: outputs (CPU) and their covariance."""
     outputs, cov = [], Covariance(width, device)
     for b, x in enumerate(signals):
-        kwargs = _move(layer_kwargs[b], device, {}) if layer_kwargs is not None else {}
+        kwargs = move_to(layer_kwargs[b], device) if layer_kwargs is not None else {}
         y = half(x.to(device), **kwargs)
         cov.add(y, masks[b])
         outputs.append(y.cpu())
@@ -209,7 +138,8 @@ def rotate_and_slice(
     matrix drawn from it.
     """
     hidden_size = int(get_submodule(model, architecture.embedding).weight.shape[1])
-    ctx = _Context(device, _capture(model, architecture, input_ids, attention_mask, batch_size), generator)
+    cal = capture_layer_inputs(model, architecture, input_ids, attention_mask, batch_size=batch_size, device="cpu")
+    ctx = _Context(device, cal, generator)
     signals, basis = _embed(model, architecture, dims[0], ctx)
     layers = architecture.decoder_layers(model)
     for index, (layer, widths) in enumerate(zip(layers, layer_widths(dims, hidden_size))):

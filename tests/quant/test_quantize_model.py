@@ -14,12 +14,19 @@ from engine.evaluation.perplexity import perplexity
 from engine.core.models import LoadedModel, weights_fingerprint
 from engine.core.paths import FolderExistsError, cache_root
 from engine.quant.save import load_quantized, save_quantized
-from engine.quant.quantize_model import clear_memory_cache, prepare_levels, quantize_model, size_report
+from engine.quant.quantize_model import (
+    clear_memory_cache,
+    layer_weights,
+    prepare_levels,
+    quantize_model,
+    size_report,
+)
 from engine.quant.grid import QuantizationError, QuantizerSpec, rtn_quantize
 from tests.tiny_models import TINY_FACTORIES
 
 RTN = QuantizerSpec(method="rtn", group_size=32)
-GPTQ = QuantizerSpec(method="gptq", group_size=40, act_order=True)  # 40 does not divide 64 or 96
+GPTQ = QuantizerSpec(method="gptq", group_size=40, act_order=True)  # 40 does not divide 64 or 96; sequential
+DENSE_GPTQ = QuantizerSpec(method="gptq", group_size=40, act_order=True, propagation="dense")
 
 
 def _loaded(model) -> LoadedModel:
@@ -92,6 +99,40 @@ def test_cached_and_uncached_paths_give_identical_models():
     # another calibration set is another cache entry
     other = quantize_model(loaded, [3, 2, 4], _windows(seed=4), spec=GPTQ)
     assert other.stats.computed == 3
+
+
+def test_sequential_gptq_reuses_the_layers_whose_prefix_is_unchanged():
+    loaded = _loaded(TINY_FACTORIES["llama"]())
+    calibration, ids = _windows(), _windows(2, 16, seed=9).input_ids
+    clear_memory_cache()
+    first = quantize_model(loaded, [3, 4, 4], calibration, spec=GPTQ)
+    runs = []
+    for bits, hits in (([3, 4, 2], 2), ([2, 4, 2], 0)):  # the same copy reused, each time overwritten
+        qm = quantize_model(loaded, bits, calibration, spec=GPTQ, into=first.model)
+        assert (qm.stats.memory_hits, qm.stats.computed) == (hits, 3 - hits)
+        scratch = quantize_model(loaded, bits, calibration, spec=GPTQ, use_cache=False)
+        assert torch.equal(_logits(qm.model, ids), _logits(scratch.model, ids))  # cached = from scratch
+        runs.append(qm)
+    # layer 1 at 4 bits depends on layer 0's bits
+    assert not torch.equal(runs[0].weights[1]["o"].codes, runs[1].weights[1]["o"].codes)
+
+
+def test_dense_signal_gptq_results_are_per_layer_and_prepared_once():
+    loaded = _loaded(TINY_FACTORIES["qwen2"]())
+    calibration = _windows()
+    clear_memory_cache()
+    prepared = prepare_levels(loaded, DENSE_GPTQ, [2, 4], calibration)
+    assert prepared.computed == 6
+    qm = quantize_model(loaded, [4, 2, 4], calibration, spec=DENSE_GPTQ)
+    assert (qm.stats.memory_hits, qm.stats.computed) == (3, 0)
+    fresh = quantize_model(loaded, [4, 2, 4], calibration, spec=DENSE_GPTQ, use_cache=False)
+    ids = _windows(2, 16, seed=9).input_ids
+    assert torch.equal(_logits(qm.model, ids), _logits(fresh.model, ids))
+    with pytest.raises(QuantizationError, match="earlier layers"):
+        layer_weights(loaded, GPTQ, {0: [4]}, calibration)
+    sequential = prepare_levels(loaded, GPTQ, [2, 4], calibration)  # the uniform allocations of each level
+    assert sequential.computed == 6
+    assert quantize_model(loaded, [2, 2, 2], calibration, spec=GPTQ).stats.memory_hits == 3
 
 
 def test_damaged_cache_file_is_a_miss():

@@ -93,6 +93,8 @@ def test_more_bits_means_less_error():
         ({"act_order": True}, "only applies to GPTQ"),
         ({"method": "gptq", "damp": 0.0}, "damping"),
         ({"zero_point": "symmetric"}, "'integer' or 'float'"),
+        ({"method": "gptq", "group_params": "per-row"}, "'static' or 'dynamic'"),
+        ({"method": "gptq", "propagation": "layerwise"}, "'sequential' or 'dense'"),
     ],
 )
 def test_bad_specs_are_refused_with_advice(kwargs, words):
@@ -110,27 +112,30 @@ def _correlated_inputs(n=1024, inp=100, seed=1):
 
 @pytest.mark.parametrize("bits, act_order", [(3, False), (4, False), (2, True), (3, True), (4, True)])
 @pytest.mark.parametrize("zero_point", ["integer", "float"])
-def test_gptq_reconstructs_outputs_better_than_rtn(bits, act_order, zero_point):
+@pytest.mark.parametrize("group_params", ["static", "dynamic"])
+def test_gptq_reconstructs_outputs_better_than_rtn(bits, act_order, zero_point, group_params):
     # (2 bits without act-order is about even with RTN on this synthetic layer: 166 vs 164)
     w, x = _weight(), _correlated_inputs()
     acc = HessianAccumulator(100)
     for chunk in x.split(300):
         acc.add(chunk)
-    spec = QuantizerSpec(method="gptq", bits=bits, group_size=32, act_order=act_order, zero_point=zero_point)
+    spec = QuantizerSpec(method="gptq", bits=bits, group_size=32, act_order=act_order, zero_point=zero_point,
+                         group_params=group_params)
     gptq = gptq_quantize(w, acc.hessian(), spec)
     rtn = rtn_quantize(w, QuantizerSpec(bits=bits, group_size=32, zero_point=zero_point))
     gptq_err = float(((w - gptq.dequantize()) @ x.T).norm())
     rtn_err = float(((w - rtn.dequantize()) @ x.T).norm())
     assert gptq_err < rtn_err
     assert int(gptq.codes.max()) <= 2**bits - 1 and gptq.scales.shape == rtn.scales.shape
-    assert (gptq.g_idx is not None) == act_order
+    assert (gptq.g_idx is not None) == (act_order and group_params == "dynamic") == spec.stores_group_index
 
 
 def test_gptq_grid_is_the_rtn_grid_and_storage_round_trips():
     w, x = _weight(), _correlated_inputs()
     acc = HessianAccumulator(100)
     acc.add(x)
-    q = gptq_quantize(w, acc.hessian(), QuantizerSpec(method="gptq", bits=3, group_size=40, act_order=True))
+    q = gptq_quantize(w, acc.hessian(), QuantizerSpec(method="gptq", bits=3, group_size=40, act_order=True,
+                                                      group_params="dynamic"))
     deq = q.dequantize()
     index = q.group_index()
     expected = (q.codes.float() - q.zeros.float()[:, index]) * q.scales.float()[:, index]
@@ -148,11 +153,12 @@ def test_gptq_grid_is_the_rtn_grid_and_storage_round_trips():
 
 @pytest.mark.parametrize("group_size", [32, None])
 @pytest.mark.parametrize("zero_point", ["integer", "float"])
-def test_gptq_with_a_diagonal_hessian_is_rtn(group_size, zero_point):
+@pytest.mark.parametrize("act_order", [False, True])  # static groups: act-order only changes the column order
+def test_gptq_with_a_diagonal_hessian_is_rtn(group_size, zero_point, act_order):
     w = _weight()
     hessian = torch.diag(torch.rand(100) + 0.5)  # uncorrelated inputs: no error to spread
     gptq = gptq_quantize(w, hessian, QuantizerSpec(method="gptq", bits=3, group_size=group_size,
-                                                   zero_point=zero_point))
+                                                   zero_point=zero_point, act_order=act_order))
     rtn = rtn_quantize(w, QuantizerSpec(bits=3, group_size=group_size, zero_point=zero_point))
     assert torch.equal(gptq.codes, rtn.codes) and torch.equal(gptq.scales, rtn.scales)
     assert torch.equal(gptq.zeros, rtn.zeros)
@@ -192,7 +198,7 @@ def test_storage_bits_include_scales_and_zeros():
     assert weight_storage_bits(8, 256, 2, 128) / (8 * 256) == 2.25
     assert weight_storage_bits(8, 256, 4, None) / (8 * 256) == 4 + 32 / 256
     assert weight_storage_bits(8, 576, 4, 128) / (8 * 576) == 4 + 5 * 32 / 576  # 576 = 4.5 groups -> 5
-    assert weight_storage_bits(8, 256, 4, 128, act_order=True) == 8 * 256 * 4.25 + 256 * 32
+    assert weight_storage_bits(8, 256, 4, 128, group_index=True) == 8 * 256 * 4.25 + 256 * 32
     q = rtn_quantize(torch.randn(8, 256), QuantizerSpec(bits=4, group_size=128))
     assert q.bits_per_weight() == 4.25
 

@@ -13,7 +13,8 @@ from tests.apptest import open_app
 TINY = ["--calib-windows", "2", "--calib-seqlen", "32", "--eval-windows", "2", "--eval-seqlen", "32"]
 
 
-@pytest.mark.parametrize("command", ["score", "evaluate", "slice", "quantize", "sweep-slicing",
+@pytest.mark.parametrize("command", ["score", "evaluate", "slice", "quantize", "sweep-slicing", "drop", "stack",
+                                     "sweep-methods",
                                      "sweep-quantization"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -72,3 +73,17 @@ def test_parser_builds_all_commands():
     parser = build_parser()
     args = parser.parse_args(["sweep-quantization", "--low-bits", "2,3", "--low-fractions", "0,0.5"])
     assert args.low_bits == [2, 3] and args.low_fractions == [0.0, 0.5]
+
+
+def test_drop_stack_and_sweep_methods_on_the_tiny_model(capsys, tmp_path, tiny_folder):
+    store = ["--store", str(tmp_path / "cli.sqlite"), "--model", tiny_folder]
+    assert main(["drop", "--blocks", "attention", "--count", "1", "--by", "attention", *TINY, *store]) == 0
+    assert main(["stack", "--drop-layers", "1", "--quantize-bits", "4", *TINY, *store]) == 0
+    out = tmp_path / "methods.json"
+    assert main(["sweep-methods", "--sizes", "0.99", "--json", str(out), *TINY, *store]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["kind"] for line in lines[:2]] == ["dropping", "stacked"]
+    assert "verdict" in lines[-1] and json.loads(out.read_text())["planned"]
+    runs = ResultsStore(tmp_path / "cli.sqlite").runs()
+    assert [r.method for r in runs].count("dense") == 1  # dense measured once for the same windows
+    assert main(["drop", "--count", "9", *TINY, *store]) == 2  # more than the tiny model has

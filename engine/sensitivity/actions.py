@@ -1,0 +1,181 @@
+"""What can be done to one decoder layer: quantize, slice, drop it, drop its attention or its MLP.
+
+An :class:`Action` is a frozen value with a stable ``key`` (cache keys, CSV
+columns, CLI) and a human ``label`` (charts).  Text forms, as the CLI takes
+them (comma-separated in ``--actions``):
+
+==================  ==============================================================
+``quant:3``         round-to-nearest (RTN) at 3 bits (same as ``rtn:3``)
+``gptq:3``          GPTQ at 3 bits (static act-order, Hessians from the dense layer's inputs)
+``slice:0.25``      slice 25% of the layer's residual width (SliceGPT on this layer only)
+``drop``            remove the layer (its output is its input)
+``drop-attn``       remove only its attention block
+``drop-mlp``        remove only its MLP block
+==================  ==============================================================
+
+Bits are integers in ``MIN_BITS..MAX_BITS`` (2-8); quantization is group-wise
+(``group_size`` input columns per scale, 128 by default) with integer zero
+points, the grid of :mod:`engine.quant.grid`.  A slicing fraction ``f`` keeps
+``d = D·(1 − f)`` residual dimensions rounded to a multiple of
+``SLICE_ROUND_TO`` (the Slicing page's default rounding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from engine.core.architectures import Architecture
+from engine.quant.grid import MAX_BITS, MIN_BITS, QuantizationError, QuantizerSpec
+from engine.sensitivity.errors import ActionSpecError, UnsupportedActionError
+from engine.slicing.schedules import DEFAULT_ROUND_TO, round_dim
+
+QUANT_KINDS = ("rtn", "gptq")
+DROP_KINDS = ("drop", "drop-attn", "drop-mlp")
+KINDS = (*QUANT_KINDS, "slice", *DROP_KINDS)
+SLICE_ROUND_TO = DEFAULT_ROUND_TO
+DEFAULT_GROUP_SIZE = 128
+_DROP_LABELS = {"drop": "drop layer", "drop-attn": "drop attention", "drop-mlp": "drop MLP"}
+
+
+@dataclass(frozen=True)
+class Action:
+    """One thing done to one layer.
+
+    ``kind``: one of :data:`KINDS`.  ``bits`` (quantization only): code width.
+    ``group_size`` (quantization only): input columns per scale (``None`` = one per row).
+    ``fraction`` (slicing only): share of the residual width removed, in (0, 1).
+    """
+
+    kind: str
+    bits: int | None = None
+    fraction: float | None = None
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ActionSpecError(f"Unknown action '{self.kind}'. Choose one of: {', '.join(KINDS)} "
+                                  "(e.g. quant:3, gptq:3, slice:0.25, drop, drop-attn, drop-mlp).")
+        if self.kind in QUANT_KINDS:
+            bits = self.bits
+            if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+                raise ActionSpecError(f"Bit level {bits!r} is out of range: choose an integer from {MIN_BITS} "
+                                      f"to {MAX_BITS} (e.g. quant:3).")
+            if self.group_size is None:
+                object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE)
+            self.quantizer()  # validates the group size with the quantizer's own message
+        elif self.bits is not None:
+            raise ActionSpecError(f"'{self.kind}' takes no bit level; bits belong to quant:/gptq: actions.")
+        if self.kind == "slice":
+            fraction = self.fraction
+            if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 < fraction < 1.0:
+                raise ActionSpecError(f"Slicing fraction {fraction!r} is out of range: give the share of the "
+                                      "residual width to remove, between 0 and 1 (e.g. slice:0.25).")
+            object.__setattr__(self, "fraction", float(fraction))
+        elif self.fraction is not None:
+            raise ActionSpecError(f"'{self.kind}' takes no fraction; fractions belong to slice: actions.")
+
+    @property
+    def key(self) -> str:
+        """Stable short name: ``rtn3-g128``, ``gptq3-g128``, ``slice0.25``, ``drop``, ``drop-attn``, ``drop-mlp``."""
+        if self.kind in QUANT_KINDS:
+            group = "row" if self.group_size is None else self.group_size
+            return f"{self.kind}{self.bits}-g{group}"
+        if self.kind == "slice":
+            return f"slice{self.fraction:g}"
+        return self.kind
+
+    @property
+    def label(self) -> str:
+        """Chart label: ``RTN 3-bit``, ``GPTQ 3-bit``, ``slice 25%``, ``drop layer``..."""
+        if self.kind in QUANT_KINDS:
+            group = "" if self.group_size == DEFAULT_GROUP_SIZE else f" g{self.group_size or 'row'}"
+            return f"{self.kind.upper()} {self.bits}-bit{group}"
+        if self.kind == "slice":
+            return f"slice {100 * self.fraction:g}%"
+        return _DROP_LABELS[self.kind]
+
+    @property
+    def cost_word(self) -> str:
+        """How findings name this action's cost: ``3-bit RTN``, ``25% slicing``, ``dropping the layer``..."""
+        if self.kind in QUANT_KINDS:
+            return f"{self.bits}-bit {self.kind.upper()}"
+        if self.kind == "slice":
+            return f"{100 * self.fraction:g}% slicing"
+        return {"drop": "layer-drop", "drop-attn": "attention-drop", "drop-mlp": "MLP-drop"}[self.kind]
+
+    def quantizer(self) -> QuantizerSpec:
+        """The per-weight quantizer (GPTQ: static act-order, calibrated on the dense layer's own inputs)."""
+        try:
+            return QuantizerSpec(method=self.kind, bits=self.bits, group_size=self.group_size,
+                                 act_order=self.kind == "gptq", propagation="dense")
+        except QuantizationError as err:
+            raise ActionSpecError(str(err)) from None
+
+    def kept_dims(self, hidden_size: int) -> int:
+        """Residual dimensions a slicing action keeps (of ``hidden_size``); refuses a no-op or an empty layer."""
+        kept = round_dim(hidden_size * (1.0 - self.fraction), SLICE_ROUND_TO, hidden_size)
+        if kept >= hidden_size or kept <= 0:
+            raise ActionSpecError(
+                f"Slicing {100 * self.fraction:g}% of {hidden_size} dimensions keeps {kept} after rounding to a "
+                f"multiple of {SLICE_ROUND_TO}: {'nothing is removed' if kept >= hidden_size else 'nothing is left'}. "
+                "Pick a fraction between "
+                f"{SLICE_ROUND_TO / hidden_size:.2f} and {1 - SLICE_ROUND_TO / hidden_size:.2f}.")
+        return kept
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Action":
+        return cls(**data)
+
+
+def parse_action(text: str) -> Action:
+    """One action from its text form (see the module docstring); ``quant`` means RTN."""
+    name, _, value = text.strip().partition(":")
+    name = {"quant": "rtn", "quantize": "rtn", "drop-attention": "drop-attn"}.get(name.strip().lower(),
+                                                                                  name.strip().lower())
+    value = value.strip()
+    if name in QUANT_KINDS:
+        bits, _, group = value.partition("/g")
+        if not (bits.isdigit() and (not group or group.isdigit())):
+            raise ActionSpecError(f"'{text}' needs an integer bit level from {MIN_BITS} to {MAX_BITS}, e.g. "
+                                  f"{name}:3 (or {name}:3/g64 for group size 64).")
+        return Action(name, bits=int(bits), group_size=int(group) if group else None)
+    if name == "slice":
+        try:
+            fraction = float(value)
+        except ValueError:
+            raise ActionSpecError(f"'{text}' needs a slicing fraction between 0 and 1, e.g. slice:0.25.") from None
+        return Action("slice", fraction=fraction)
+    if value:
+        raise ActionSpecError(f"'{text}': {name} takes no value (write just '{name}').")
+    return Action(name)
+
+
+def parse_actions(text: str) -> list[Action]:
+    """Comma-separated actions, duplicates dropped, order kept; at least one."""
+    actions = list(dict.fromkeys(parse_action(part) for part in text.split(",") if part.strip()))
+    if not actions:
+        raise ActionSpecError("No action given: name at least one, e.g. quant:3,slice:0.25,drop.")
+    return actions
+
+
+def check_supported(action: Action, architecture: Architecture, hidden_size: int) -> None:
+    """Refuse actions this architecture cannot do, before any computation.
+
+    Slicing relies on RMSNorm: the RMS of a projected signal equals SliceGPT's
+    weightless norm of its kept coordinates (with the original width as the
+    divisor), which does not hold for LayerNorm without centring.
+    """
+    if action.kind == "slice":
+        if architecture.norm_kind != "rms":
+            raise UnsupportedActionError(
+                f"Slicing needs RMSNorm layers; {architecture.model_type} uses '{architecture.norm_kind}' norms, "
+                "whose SliceGPT variant (centred embeddings) LayerLab does not implement. Measure quant:/drop "
+                "actions on this model instead.")
+        action.kept_dims(hidden_size)
+    if action.kind in ("drop-attn", "drop-mlp") and not (architecture.attention and architecture.mlp):
+        raise UnsupportedActionError(
+            f"{architecture.model_type} layers have no separate attention and MLP blocks to drop one of; "
+            "measure 'drop' (the whole layer) instead.")

@@ -1,0 +1,129 @@
+"""Sensitivity page: what each action really costs on each layer, and how well LR, LIM and ZD predict it."""
+
+import re
+
+import streamlit as st
+
+from engine.core.data import DataError
+from engine.quant.grid import MAX_BITS, MIN_BITS
+from engine.runs.runner import compute_scores, scores_if_cached
+from engine.sensitivity.actions import DEFAULT_GROUP_SIZE, QUANT_KINDS, Action
+from engine.sensitivity.agreement import RESAMPLES, layer_scores
+from engine.sensitivity.cached import (
+    cached_agreement,
+    check_actions,
+    measure_sensitivity,
+    scan_estimate,
+    sensitivity_if_cached,
+)
+from engine.sensitivity.errors import SensitivityError
+from engine.sensitivity.findings import score_names, sensitivity_finding
+from engine.viz import sensitivity_charts as charts
+from ui.session import require_model, results_store
+from ui.state import kept
+from ui.widgets import cancel_button, computed_on, data_spec_controls, progress_callback, show_chart
+
+ACTION_KINDS = {"rtn": "quantize (RTN)", "gptq": "quantize (GPTQ)", "slice": "slice", "drop": "drop layer",
+                "drop-attn": "drop attention", "drop-mlp": "drop MLP"}
+
+loaded = require_model()
+store = results_store()
+
+st.title("Sensitivity")
+st.caption(
+    "Apply one action to one layer at a time, everything else dense, and measure the damage on calibration "
+    "text: KL divergence of the next-token distribution to the dense model's (nats per token, primary) and "
+    "the change in mean NLL. Then see how well the layer scores (LR, LIM, ZD, outlier counts, block cosines) "
+    "rank that measured cost: Spearman ρ with a bootstrap 95% interval over windows."
+)
+spec = data_spec_controls("calibration", loaded)
+cols = st.columns([3, 2, 2, 2])
+kinds = cols[0].multiselect("Actions (each on one layer at a time)", list(ACTION_KINDS), ["rtn", "slice", "drop"],
+                            format_func=ACTION_KINDS.get, key=kept("sens_actions"))
+bits = cols[1].multiselect("Bit levels (RTN / GPTQ)", list(range(MIN_BITS, MAX_BITS + 1)), [3],
+                           key=kept("sens_bits"), disabled=not set(kinds) & set(QUANT_KINDS))
+group_size = cols[1].number_input("Group size", 8, 8192, DEFAULT_GROUP_SIZE, 8, key=kept("sens_group"),
+                                  disabled=not set(kinds) & set(QUANT_KINDS))
+fraction = cols[2].slider("Slicing fraction %", 5, 90, 25, 5, key=kept("sens_slice"),
+                          disabled="slice" not in kinds) / 100
+k = cols[3].number_input("Outlier threshold k (|z| > k)", 1.0, 20.0, 3.0, 0.5, key=kept("scores_k"))
+if spec is None:
+    st.stop()
+
+try:
+    if set(kinds) & set(QUANT_KINDS) and not bits:
+        raise SensitivityError("Pick at least one bit level for the quantization actions.")
+    actions = []
+    for kind in kinds:
+        if kind in QUANT_KINDS:
+            actions += [Action(kind, bits=int(b), group_size=int(group_size)) for b in sorted(bits)]
+        else:
+            actions.append(Action(kind, fraction=fraction) if kind == "slice" else Action(kind))
+    check_actions(loaded, actions)
+    matrix = sensitivity_if_cached(store, loaded, spec, actions)
+    scores = scores_if_cached(store, loaded, spec, k)
+    estimate = scan_estimate(store, loaded, spec, actions)
+except (DataError, SensitivityError) as err:
+    st.error(str(err))
+    st.stop()
+
+if matrix is None or scores is None:
+    extra = "" if scores is not None else " + one scoring pass"
+    st.markdown(f"**Cost estimate**: {estimate.text()}{extra}; {estimate.cached} of {len(actions)} actions cached. "
+                f"One action over all {loaded.num_layers} layers costs about "
+                + ", ".join(f"{v:.1f}" for v in estimate.per_action.values())
+                + " forward-equivalents (each layer re-runs only the layers after it).")
+    left, right = st.columns([1, 3])
+    if left.button(f"Measure sensitivity ({estimate.text()})", type="primary"):
+        with right:
+            cancel_button("sensitivity")
+        progress = progress_callback("Sensitivity")
+        try:
+            matrix = measure_sensitivity(store, loaded, spec, actions, progress=progress)
+            lr, outliers, _hit = compute_scores(store, loaded, spec, k, progress=progress)
+        except (DataError, SensitivityError) as err:
+            st.error(str(err))
+            st.stop()
+    else:
+        st.info("Nothing heavy runs until you press **Measure sensitivity** (each action is cached per model, "
+                "data, windows and seqlen once every layer is measured).")
+        st.stop()
+else:
+    lr, outliers = scores
+    st.caption("Measurements and scores loaded from the cache (same model, data, windows and seqlen).")
+
+rows = cached_agreement(store, loaded, matrix, lr, outliers)
+subtitle = f"{loaded.source}; {matrix.data_label}"
+on_data = computed_on(loaded, matrix.data_label)
+st.subheader("What this says")
+st.markdown(sensitivity_finding(rows, matrix.actions))
+
+show_chart(charts.sensitivity_heatmap(matrix.damages, subtitle), "sensitivity_heatmap",
+           on_data + " KL and ΔNLL in nats per token over every position with a next token; colour on a log scale.",
+           charts.damage_table(matrix.damages))
+st.markdown("**Score → predicts which action, how well**")
+st.dataframe(charts.compact_table(rows), hide_index=True)
+show_chart(charts.agreement_heatmap(rows, subtitle), "sensitivity_agreement",
+           on_data + " ρ between each score's predicted cost and the measured KL per layer; intervals from "
+           f"{RESAMPLES} bootstrap resamples of the windows (scores held fixed).",
+           charts.agreement_frame(rows))
+
+st.subheader("Scores against measurements")
+chosen = st.selectbox("Action", range(len(matrix.damages)), format_func=lambda i: matrix.damages[i].spec.label,
+                      key="sens_scatter_action")
+damage = matrix.damages[chosen]
+by_score = {(r.score, r.action): r for r in rows}
+names = score_names(rows)
+distinct = [s for s in layer_scores(lr, outliers) if s.same_as is None]
+for index, score in enumerate(distinct):
+    if index % 2 == 0:
+        columns = st.columns(2)
+    with columns[index % 2]:
+        slug = re.sub(r"[^a-z0-9]+", "_", score.name.lower()).strip("_")
+        show_chart(charts.score_scatter(score, damage, by_score[score.name, damage.spec.key], subtitle, index),
+                   f"sensitivity_{slug}_vs_{damage.spec.key}",
+                   on_data + f" Scores: {names[score.name]}, {score.reading}.", charts.scatter_table(score, damage))
+
+st.caption("Cost per action (forward-equivalents = dense forwards over the sample; the dense reference pass is "
+           "shared): " + "; ".join(f"{d.spec.label} {d.forward_equivalents:.1f} in {d.seconds:.0f} s"
+                                   for d in matrix.damages) + ".")

@@ -1,0 +1,43 @@
+"""AppTest of the Sensitivity page (tiny model)."""
+
+from __future__ import annotations
+
+from tests.apptest import click, open_app
+
+
+def _page(windows: int, seqlen: int):  # each test its own windows: the store is shared by the session
+    at = open_app("sensitivity")
+    assert at.title[0].value == "Sensitivity"
+    at.number_input(key="keep.calib_windows").set_value(windows)
+    at.number_input(key="keep.calib_seqlen").set_value(seqlen).run()
+    assert not at.exception
+    return at
+
+
+def test_page_measures_on_a_button_and_shows_heatmap_scatters_table_and_finding(tiny_app):
+    at = _page(4, 32)
+    assert not at.get("plotly_chart")  # nothing heavy starts without the button
+    assert any("Cost estimate" in m.value for m in at.markdown)
+    at = click(at, "Measure sensitivity")
+    assert not at.exception and not at.error
+    charts = at.get("plotly_chart")
+    assert len(charts) >= 4  # damage heatmap, agreement heatmap, one scatter per distinct score ranking
+    text = " ".join(m.value for m in at.markdown)
+    assert "ρ = " in text and " cost " in text  # the finding, written from the numbers
+    captions = " ".join(c.value for c in at.caption)
+    assert "4 windows × 32 tokens" in captions and "fingerprint" in captions
+    downloads = [d.proto.label for d in at.get("download_button")]
+    assert "sensitivity_heatmap.csv" in downloads and "sensitivity_agreement.csv" in downloads
+    assert any(label.startswith("sensitivity_lr_vs_") for label in downloads)
+    assert len(at.dataframe) == 1
+    at.run()  # a rerun finds everything in the cache
+    assert any("loaded from the cache" in c.value for c in at.caption)
+    assert len(at.get("plotly_chart")) == len(charts)
+    click(at, "Pin this chart")  # every chart has its report pin
+    assert len(at.session_state["report_pins"]) == 1
+
+
+def test_too_few_windows_are_refused_with_what_to_do(tiny_app):
+    at = _page(2, 32)
+    assert any("at least 4" in e.value for e in at.error)
+    assert not any(b.label.startswith("Measure sensitivity") for b in at.button)
