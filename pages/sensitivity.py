@@ -69,10 +69,11 @@ except (DataError, SensitivityError) as err:
 
 if matrix is None or scores is None:
     extra = "" if scores is not None else " + one scoring pass"
-    st.markdown(f"**Cost estimate**: {estimate.text()}{extra}; {estimate.cached} of {len(actions)} actions cached. "
-                f"One action over all {loaded.num_layers} layers costs about "
-                + ", ".join(f"{v:.1f}" for v in estimate.per_action.values())
-                + " forward-equivalents (each layer re-runs only the layers after it).")
+    labels = {a.key: a.label for a in actions}
+    per_action = ", ".join(f"{labels[key]} {value:.1f}" for key, value in estimate.per_action.items())
+    st.markdown(f"**Cost estimate**: {estimate.text()}{extra}; {estimate.cached} of {len(actions)} actions cached."
+                + (f" Forward-equivalents per action over all {loaded.num_layers} layers (each layer re-runs only "
+                   f"the layers after it): {per_action}." if per_action else ""))
     left, right = st.columns([1, 3])
     if left.button(f"Measure sensitivity ({estimate.text()})", type="primary"):
         with right:
