@@ -61,10 +61,11 @@ def executive_summary(runs: pd.DataFrame, data_label: str, targets=SIZE_TARGETS)
         lines.append("No compressed runs on these windows yet.")
         return lines
     best_overall = None
+    per_target: dict[str, list[float]] = {}
     for target in targets:
         fitting = compressed[compressed["metrics.size_fraction"] <= target + 1e-9]
         if fitting.empty:
-            lines.append(f"At ≤ {target:.0%} of dense bytes: no run yet.")
+            per_target.setdefault("no run yet", []).append(target)
             continue
         parts = []
         for method, group in fitting.groupby("method"):
@@ -74,7 +75,9 @@ def executive_summary(runs: pd.DataFrame, data_label: str, targets=SIZE_TARGETS)
         winner = fitting.sort_values("metrics.ppl").iloc[0]
         if best_overall is None:
             best_overall = (target, winner)
-        lines.append(f"At ≤ {target:.0%} of dense bytes: " + "; ".join(parts) + ".")
+        per_target.setdefault("; ".join(parts), []).append(target)
+    for text, sizes in per_target.items():  # targets with the same best runs share one line
+        lines.append(f"At ≤ {', '.join(f'{t:.0%}' for t in sizes)} of dense bytes: {text}.")
     if best_overall is not None:
         target, winner = best_overall
         lines.append(f"Recommended at ≤ {target:.0%} of dense size: {winner['method']} · {winner['series']} "

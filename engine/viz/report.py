@@ -31,13 +31,22 @@ class ReportItem:
     note: str = ""
 
 
+PERCENT_COLUMNS = ("change vs dense",)
+
+
 def _table_html(frame: pd.DataFrame) -> str:
     def fmt(value):
         if isinstance(value, float):
+            if value != value:  # NaN: not measured
+                return "–"
             return f"{value:.4g}" if abs(value) < 1e6 else f"{value:,.0f}"
         return value
 
-    shown = frame.map(fmt) if not frame.empty else frame
+    shown = frame.copy()
+    for column in PERCENT_COLUMNS:
+        if column in shown:
+            shown[column] = [f"{v:+.1%}" if isinstance(v, float) and v == v else v for v in shown[column]]
+    shown = shown.map(fmt) if not shown.empty else shown
     return shown.to_html(index=False, border=0, classes="data", na_rep="–")
 
 
