@@ -1,1 +1,1 @@
-"""core"""
+"""What everything stands on: architectures table, model loading, data windows, paths, progress, layer capture."""

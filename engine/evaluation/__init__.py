@@ -1,1 +1,1 @@
-"""evaluation"""
+"""Measuring models: perplexity, latency and time estimates, zero-shot accuracy, offline tasks."""

@@ -1,1 +1,1 @@
-"""quant"""
+"""Layer-wise quantization: the grid and RTN, GPTQ, bit allocations, model wiring, cache, files, sizes."""
