@@ -60,7 +60,7 @@ def test_cli_sweep_shows_up_in_results_page(capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["kind"] for line in lines] == ["dense", "slicing"]
     assert lines[1]["ppl"] > lines[0]["ppl"] * 0.9
-    assert len(ResultsStore().runs()) == before + 2
+    assert len(ResultsStore().runs()) in (before + 1, before + 2)  # dense is reused when already on these windows
     at = open_app("results")
     at.selectbox(key="results_data").set_value("wiki-offline evaluation, 2 windows × 32 tokens").run()
     assert not at.exception

@@ -50,5 +50,6 @@ def test_preview_run_is_stored_marked_and_charted(tiny_app):
 @pytest.mark.slow
 def test_builtin_bit_map_counts_layers():
     at = use_small_data(open_app("quantization"))
-    click(at, "Compute LR scores")
+    if any(b.label.startswith("Compute LR scores") for b in at.button):
+        click(at, "Compute LR scores")
     assert _bits_caption(at).startswith("Average 3.467 code bits")  # 25% of 30 layers -> 8 at 2 bits
