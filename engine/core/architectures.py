@@ -1,20 +1,41 @@
-"""Where each supported architecture keeps its parts.
+"""Where each architecture keeps its parts.
 
-One table (``ARCHITECTURES``) maps a Hugging Face ``model_type`` to an
-:class:`Architecture`: dotted attribute paths from the causal-LM object to its
-embedding, decoder layers, norms, attention and MLP linears, final norm and
-head.  Every other module asks this table instead of testing ``model_type``.
+An :class:`Architecture` holds dotted attribute paths from the causal-LM
+object to its embedding, decoder layers, norms, attention and MLP linears,
+final norm and head.  Every other module asks it instead of testing
+``model_type``.
+
+Two sources: the table ``ARCHITECTURES`` (explicit entries, kept only where
+discovery needs help, e.g. OPT's MLP that is no submodule) and
+:mod:`engine.core.discovery`, which reads the same facts off the module tree
+of any other decoder-only causal LM.  :func:`architecture_of` picks one for a
+model; :func:`architecture_for` looks up the table alone.  Features a model's
+layout cannot support are listed in :attr:`Architecture.unavailable` with the
+reason (the other features keep working).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field, replace
 
+import torch
 from torch import nn
 
 
 class UnsupportedArchitectureError(ValueError):
-    """The model's ``model_type`` has no entry in :data:`ARCHITECTURES`."""
+    """The model has no table entry and its layout cannot be discovered; the message says what was found."""
+
+
+# Feature keys of Architecture.unavailable (feature -> reason shown to the user).
+FEATURES = {
+    "sublayer": "attention / MLP sublayer cosines",
+    "quantization": "layer-wise quantization (RTN)",
+    "gptq": "GPTQ quantization",
+    "drop-attention": "dropping attention blocks",
+    "drop-mlp": "dropping MLP blocks",
+    "slicing": "slicing (SliceGPT)",
+}
 
 
 @dataclass(frozen=True)
@@ -48,6 +69,31 @@ class Architecture:
     norm_eps_attr: str = "variance_epsilon"
     attn_residual_dropout: str | None = None
     mlp_residual_dropout: str | None = None
+    source: str = "table"
+    extra_embeddings: tuple[str, ...] = ()
+    parallel_blocks: bool = False
+    mlp_steps: tuple[str, ...] = ()
+    residual_multiplier: str | None = None
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+    # Further fields: ``source`` is ``"table"`` or ``"discovered"``;
+    # ``extra_embeddings`` are other embeddings added to the token embedding
+    # (OPT's learned positions), rotated with it when slicing;
+    # ``parallel_blocks``: attention and MLP read the same normed input and
+    # both add to the residual (Phi-2; ``mlp_norm`` is then ``attn_norm``);
+    # ``mlp_steps``: when ``mlp`` is ``""`` the MLP is these layer attributes
+    # applied in order (OPT: ``fc1``, ``activation_fn``, ``fc2``);
+    # ``residual_multiplier``: a layer attribute (float) multiplying each
+    # block's output before the residual add (Granite); ``unavailable``:
+    # feature key (:data:`FEATURES`) -> why this model cannot do it.
+
+    def reason(self, feature: str) -> str | None:
+        """Why ``feature`` (a :data:`FEATURES` key) is unavailable for this model, or ``None`` if it works."""
+        return self.unavailable.get(feature)
+
+    def with_unavailable(self, unavailable: dict[str, str]) -> "Architecture":
+        """A copy with ``unavailable`` replaced."""
+        return replace(self, unavailable=dict(unavailable))
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The model's decoder layers, in order."""
@@ -58,8 +104,8 @@ class Architecture:
         found = {}
         for name, path in self.linears.items():
             try:
-                found[name] = get_submodule(layer, path)
-            except AttributeError:
+                found[name] = resolve_linear(layer, path)
+            except (AttributeError, IndexError):
                 continue
         return found
 
@@ -75,6 +121,58 @@ def get_submodule(root: nn.Module, dotted_path: str) -> nn.Module:
     for part in dotted_path.split("."):
         module = getattr(module, part)
     return module
+
+
+class ExpertLinear:
+    """One expert of a fused mixture-of-experts tensor, seen as a linear layer.
+
+    Transformers 5 stores a layer's experts as one parameter ``[E, out, in]``
+    (e.g. Mixtral's ``experts.gate_up_proj``); expert ``e`` computes
+    ``x @ parameter[e].T``.  ``weight`` is the ``[out, in]`` view of that
+    expert (writing into it writes the fused tensor), so weight-only code
+    (ZD, RTN, size accounting) treats it like an ``nn.Linear``.  It is not a
+    module: it cannot carry forward hooks (GPTQ needs them).
+    """
+
+    def __init__(self, parameter: nn.Parameter, index: int) -> None:
+        self.parameter = parameter
+        self.index = int(index)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``[out, in]`` view of expert ``index`` (shares memory with the fused parameter)."""
+        return self.parameter.data[self.index]
+
+    @property
+    def bias(self) -> None:
+        return None
+
+    @property
+    def in_features(self) -> int:
+        return int(self.parameter.shape[2])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.parameter.shape[1])
+
+
+_EXPERT_PATH = re.compile(r"^(?P<path>.+)\[(?P<index>\d+)\]$")
+
+
+def resolve_linear(layer: nn.Module, path: str) -> nn.Linear | ExpertLinear:
+    """The linear at ``path`` inside ``layer``; ``"mlp.experts.down_proj[3]"`` is expert 3 of a fused tensor."""
+    match = _EXPERT_PATH.match(path)
+    if match is None:
+        return get_submodule(layer, path)
+    parent, _, name = match["path"].rpartition(".")
+    owner = get_submodule(layer, parent) if parent else layer
+    parameter = getattr(owner, name)
+    if not isinstance(parameter, torch.Tensor) or parameter.dim() != 3:
+        raise AttributeError(f"'{match['path']}' is not a fused expert tensor [experts, out, in].")
+    index = int(match["index"])
+    if index >= parameter.shape[0]:
+        raise IndexError(f"'{match['path']}' has {parameter.shape[0]} experts, not {index + 1}.")
+    return ExpertLinear(parameter, index)
 
 
 _SEPARATE_LINEARS = {
@@ -97,7 +195,36 @@ def _llama_like(model_type: str) -> Architecture:
     )
 
 
+# OPT's MLP is no submodule (fc1 -> activation -> fc2 sit on the layer), so
+# discovery cannot tell its order: it needs a table entry.
+_OPT = Architecture(
+    model_type="opt",
+    linears={
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "o": "self_attn.out_proj",
+        "fc1": "fc1",
+        "fc2": "fc2",
+    },
+    attn_inputs=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    mlp_inputs=("fc1",),
+    attn_output="self_attn.out_proj",
+    mlp_output="fc2",
+    embedding="model.decoder.embed_tokens",
+    layers="model.decoder.layers",
+    final_norm="model.decoder.final_layer_norm",
+    attn_norm="self_attn_layer_norm",
+    mlp_norm="final_layer_norm",
+    mlp="",
+    mlp_steps=("fc1", "activation_fn", "fc2"),
+    norm_kind="layer",
+    norm_eps_attr="eps",
+    extra_embeddings=("model.decoder.embed_positions",),
+)
+
 ARCHITECTURES: dict[str, Architecture] = {
+    "opt": _OPT,
     "llama": _llama_like("llama"),
     "mistral": _llama_like("mistral"),
     "qwen2": _llama_like("qwen2"),
@@ -118,16 +245,36 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 
 def supported_model_types() -> list[str]:
-    """Model types LayerLab can analyse and compress."""
+    """Model types with an explicit table entry (others are discovered from the module tree)."""
     return sorted(ARCHITECTURES)
 
 
 def architecture_for(model_type: str) -> Architecture:
-    """Look up the adapter for ``model_type`` or explain what is supported."""
+    """The table entry for ``model_type`` (no model needed); raises if the table has none.
+
+    Use :func:`architecture_of` when the model is at hand: it also discovers
+    architectures the table does not list.
+    """
     try:
         return ARCHITECTURES[model_type]
     except KeyError:
         raise UnsupportedArchitectureError(
-            f"Architecture '{model_type}' is not supported. "
-            f"Supported: {', '.join(supported_model_types())}."
+            f"Architecture '{model_type}' has no table entry (table: {', '.join(supported_model_types())}); "
+            "other decoder-only causal LMs are discovered from the loaded model's module tree."
         ) from None
+
+
+def architecture_of(model: nn.Module) -> Architecture:
+    """The architecture of ``model``: its table entry, else discovered from its module tree.
+
+    Either way, :attr:`Architecture.unavailable` is filled in for this model
+    (e.g. slicing refused for a layout without computational invariance).
+    Raises :class:`UnsupportedArchitectureError` naming what was found when no
+    decoder-layer stack can be identified.
+    """
+    from engine.core.discovery import discover_architecture, table_architecture
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in ARCHITECTURES:
+        return table_architecture(model, ARCHITECTURES[model_type])
+    return discover_architecture(model)

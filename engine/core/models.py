@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
 
-from engine.core.architectures import Architecture, UnsupportedArchitectureError, architecture_for
+from engine.core.architectures import FEATURES, Architecture, UnsupportedArchitectureError, architecture_of
+from engine.core.discovery import encoder_decoder_message
 from engine.core.paths import atomic_folder, cache_root
 
 BUILTIN_NAME = "smollm2-135m"
@@ -31,6 +32,7 @@ BUILTIN_NOTE = (
     "exactly, other 4-bit grids re-round them; 3 and 2 bits are the informative levels."
 )
 
+LAYOUT_SOURCES = {"table": "table (explicit entry)", "discovered": "discovered (read off the module tree)"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -43,7 +45,7 @@ class NotCausalLMError(ModelLoadError):
 
 
 class UnsupportedModelError(ModelLoadError, UnsupportedArchitectureError):
-    """The checkpoint is a causal LM of an architecture LayerLab has no adapter for."""
+    """The checkpoint's module tree has no layout LayerLab can use (no single decoder stack, no head, ...)."""
 
 
 @dataclass
@@ -72,7 +74,7 @@ class LoadedModel:
     @classmethod
     def from_model(cls, model: PreTrainedModel, tokenizer: object = None, source: str = "in-memory") -> "LoadedModel":
         """Wrap a model already in memory (tests, notebooks): architecture and fingerprint are computed."""
-        return cls(model=model, tokenizer=tokenizer, architecture=architecture_for(model.config.model_type),
+        return cls(model=model, tokenizer=tokenizer, architecture=architecture_of(model),
                    source=source, device=next(model.parameters()).device, dtype=next(model.parameters()).dtype,
                    fingerprint=weights_fingerprint(model))
 
@@ -175,17 +177,53 @@ def _load_config(source: str, trust_remote_code: bool, local_only: bool):
         ) from err
 
 
-def check_causal_lm(config) -> Architecture:
-    """Refuse non-causal checkpoints and architectures without an adapter."""
+def _nested_text_model(config) -> str | None:
+    """``model_type`` of a nested text model (vision-language / multimodal configs), else ``None``."""
+    text = getattr(config, "text_config", None)
+    others = [n for n in ("vision_config", "audio_config", "vision_tower_config") if getattr(config, n, None)]
+    if text is not None and others:
+        return str(getattr(text, "model_type", None) or "?")
+    return None
+
+
+def check_causal_lm(config) -> None:
+    """Refuse encoder-decoder, nested multimodal and other non-causal checkpoints from their config.
+
+    Whether the layout itself is usable is decided once the module tree
+    exists (:func:`engine.core.architectures.architecture_of`).
+    """
     names = list(getattr(config, "architectures", None) or [])
+    if getattr(config, "is_encoder_decoder", False):
+        raise NotCausalLMError(encoder_decoder_message(config))
+    text_type = _nested_text_model(config)
+    if text_type is not None:
+        raise NotCausalLMError(
+            f"This checkpoint is a multimodal model ({', '.join(names) or config.model_type}) whose text part "
+            f"(model_type '{text_type}') is nested inside it next to a vision / audio tower. LayerLab analyses "
+            "decoder-only causal LMs: load the text model alone (a checkpoint of its language model)."
+        )
     causal_suffixes = ("ForCausalLM", "LMHeadModel")
     if names and not any(name.endswith(causal_suffixes) for name in names):
         raise NotCausalLMError(
             f"This checkpoint is a {', '.join(names)}, not a causal (decoder-only) language "
-            "model. LayerLab analyses causal LMs such as Llama, Mistral, Qwen2 or Phi-3."
+            "model. LayerLab analyses causal LMs such as Llama, Mistral, Qwen, Gemma, Phi, OPT or Granite."
         )
+
+
+def check_layout(config, trust_remote_code: bool = False) -> None:
+    """Discover the layout on an empty (meta-device) model built from ``config``, before any weight is read.
+
+    Raises :class:`UnsupportedModelError` naming what was found when the
+    module tree has no usable decoder stack.  A config that transformers
+    cannot instantiate here is left to the real load to report.
+    """
     try:
-        return architecture_for(config.model_type)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - the real load reports it with its own message
+        return
+    try:
+        architecture_of(skeleton)
     except UnsupportedArchitectureError as err:
         raise UnsupportedModelError(str(err)) from None
 
@@ -231,6 +269,7 @@ def model_card(loaded: LoadedModel) -> dict:
     return {
         "source": loaded.source,
         "architecture": config.model_type,
+        "layout": LAYOUT_SOURCES.get(loaded.architecture.source, loaded.architecture.source),
         "layers": loaded.num_layers,
         "hidden size": config.hidden_size,
         "parameters": model_size(loaded.model)["params"],
@@ -239,6 +278,7 @@ def model_card(loaded: LoadedModel) -> dict:
         "dtype": str(loaded.dtype).replace("torch.", ""),
         "device": str(loaded.device),
         "fingerprint": loaded.fingerprint,
+        **{f"unavailable: {FEATURES[key]}": reason for key, reason in loaded.architecture.unavailable.items()},
     }
 
 
@@ -263,7 +303,8 @@ def load_model(
     path = str(builtin_model_dir()) if is_builtin else source
     local_only = is_builtin or Path(path).exists() or not hub_reachable()
     config = _load_config(path, trust_remote_code, local_only)
-    architecture = check_causal_lm(config)
+    check_causal_lm(config)
+    check_layout(config, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
@@ -282,6 +323,10 @@ def load_model(
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    try:
+        architecture = architecture_of(model)
+    except UnsupportedArchitectureError as err:
+        raise UnsupportedModelError(str(err)) from None
     loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.core.architectures import Architecture, architecture_for, get_submodule
+from engine.core.architectures import Architecture, architecture_of, get_submodule
 from engine.core.models import LoadedModel
 from engine.core.paths import atomic_folder
 from engine.dropping.choose import check_drop
@@ -150,7 +150,7 @@ def load_dropped(folder: str | Path, device: str | torch.device = "cpu") -> Drop
     folder = Path(folder)
     info = json.loads((folder / INFO_FILE).read_text())
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").to(device).eval()
-    arch = architecture_for(model.config.model_type)
+    arch = architecture_of(model)
     if info["block"] != "layer":
         _skip_blocks(model, arch, info["layers"], info["block"])
     report = DropReport(info["block"], info["layers"], info["params_dense"], info["params_dropped"])

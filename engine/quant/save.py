@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from engine.core.architectures import architecture_for
+from engine.core.architectures import architecture_of
 from engine.core.paths import atomic_folder
 from engine.quant.files import (
     read_checked,
@@ -88,10 +88,10 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> Qu
         raise QuantizationError(f"'{folder}' has an unknown format ({info.get('format')} v{info.get('version')}).")
     tensors, _ = read_checked(folder / WEIGHTS_FILE)
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    arch = architecture_for(config.model_type)
     dtype = getattr(torch, info["dtype"])
     kwargs = {"attn_implementation": info["attn_implementation"]} if info.get("attn_implementation") else {}
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    arch = architecture_of(model)
     bits = tuple(int(b) for b in info["bits"])
     weights = []
     for i in range(len(bits)):

@@ -118,17 +118,59 @@ def untie_head(model: nn.Module, architecture: Architecture) -> None:
         model.config.tie_word_embeddings = False
 
 
-def _fold_scale_into_readers(norm: nn.Module, readers: list[nn.Linear]) -> None:
-    """``W ← W diag(g)`` for every linear reading the norm's output.
+def _norm_scale(norm: nn.Module, kind: str) -> torch.Tensor | None:
+    """The per-dimension scale ``[D]`` a norm applies: ``w`` (``rms``, ``layer``), ``1 + w`` (``rms_offset``)."""
+    weight = getattr(norm, "weight", None)
+    if weight is None:
+        return None
+    return weight.data.float() + 1.0 if kind == "rms_offset" else weight.data
 
-    One product per entry: computed in fp32 (fp64 for fp64 weights), it is
-    correctly rounded, so fp64 would give the same result at twice the cost.
+
+def _fold_scale_into_readers(norm: nn.Module, readers: list[nn.Linear], kind: str = "rms") -> None:
+    """``W ← W diag(g)`` (and ``b ← b + W β`` for a norm with bias ``β``) for every linear reading the norm.
+
+    ``g`` is the norm's scale (:func:`_norm_scale`).  One product per entry:
+    computed in fp32 (fp64 for fp64 weights), it is correctly rounded, so
+    fp64 would give the same result at twice the cost.  A reader without a
+    bias gets one when the norm has a bias.
     """
+    scale_ = _norm_scale(norm, kind)
+    shift = getattr(norm, "bias", None)
     for linear in readers:
         weight = linear.weight.data
         compute = compute_dtype(weight.dtype)
-        scale = norm.weight.data.to(weight.device, compute)
-        set_linear_weight(linear, (weight.to(compute) * scale).to(weight.dtype))
+        bias = None
+        if shift is not None:
+            old = linear.bias.data.to(compute) if linear.bias is not None else torch.zeros(
+                weight.shape[0], dtype=compute, device=weight.device)
+            bias = (old + weight.to(compute) @ shift.data.to(weight.device, compute)).to(weight.dtype)
+        scaled = weight if scale_ is None else (weight.to(compute) * scale_.to(weight.device, compute)).to(weight.dtype)
+        set_linear_weight(linear, scaled, bias)
+
+
+def _give_bias(linear: nn.Linear) -> None:
+    """Add a (zero) bias ``[out]`` to a linear that has none (shape only; weights are loaded later)."""
+    if linear.bias is None:
+        weight = linear.weight
+        linear.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),
+                                   requires_grad=weight.requires_grad)
+
+
+def _centre_rows(weight: torch.Tensor) -> torch.Tensor:
+    """Each row ``[.., D]`` minus its mean over ``D`` (computed in at least fp32)."""
+    work = weight.to(compute_dtype(weight.dtype))
+    return (work - work.mean(dim=-1, keepdim=True)).to(weight.dtype)
+
+
+def _bake_mean(linear: nn.Linear) -> None:
+    """Make a linear that writes the residual stream write mean-zero vectors: ``W ← C W``, ``b ← C b``.
+
+    ``C = I - 11ᵀ/D`` removes the mean over the ``D`` outputs (METHODS §3 "bake the mean").
+    """
+    weight = linear.weight.data
+    work = weight.to(compute_dtype(weight.dtype))
+    bias = None if linear.bias is None else _centre_rows(linear.bias.data)
+    set_linear_weight(linear, (work - work.mean(dim=0, keepdim=True)).to(weight.dtype), bias)
 
 
 def _replace_module(root: nn.Module, dotted_path: str, module: nn.Module) -> None:
@@ -137,33 +179,74 @@ def _replace_module(root: nn.Module, dotted_path: str, module: nn.Module) -> Non
     setattr(parent, name, module)
 
 
-def _weightless_like(norm: nn.Module, architecture: Architecture, hidden_size: int) -> WeightlessRMSNorm:
+def _weightless_like(norm: nn.Module, architecture: Architecture, hidden_size: int,
+                     device: torch.device) -> WeightlessRMSNorm:
     eps = getattr(norm, architecture.norm_eps_attr)
-    return WeightlessRMSNorm(hidden_size, eps).to(norm.weight.device)
+    return WeightlessRMSNorm(hidden_size, eps).to(device)
 
 
 def _norm_sites(model: nn.Module, architecture: Architecture) -> list[tuple[nn.Module, str, list[nn.Linear]]]:
-    """(root, norm path under root, linears reading it) for every norm in the model."""
+    """(root, norm path under root, linears reading it) for every norm in the model.
+
+    A layer with parallel blocks (Phi-2) has one norm read by the attention
+    and the MLP inputs.
+    """
     sites = []
     for layer in architecture.decoder_layers(model):
-        sites.append((layer, architecture.attn_norm, [get_submodule(layer, p) for p in architecture.attn_inputs]))
-        sites.append((layer, architecture.mlp_norm, [get_submodule(layer, p) for p in architecture.mlp_inputs]))
+        attn_readers = [get_submodule(layer, p) for p in architecture.attn_inputs]
+        mlp_readers = [get_submodule(layer, p) for p in architecture.mlp_inputs]
+        if architecture.parallel_blocks:
+            sites.append((layer, architecture.attn_norm, attn_readers + mlp_readers))
+        else:
+            sites.append((layer, architecture.attn_norm, attn_readers))
+            sites.append((layer, architecture.mlp_norm, mlp_readers))
     sites.append((model, architecture.final_norm, [get_submodule(model, architecture.head)]))
     return sites
 
 
-def _fuse_rms_norms(model: nn.Module, architecture: Architecture, hidden_size: int, fold: bool) -> None:
+def _residual_writers(model: nn.Module, architecture: Architecture) -> list[nn.Linear]:
+    """Every linear that adds to the residual stream (attention and MLP outputs of every layer)."""
+    return [get_submodule(layer, path) for layer in architecture.decoder_layers(model)
+            for path in (architecture.attn_output, architecture.mlp_output)]
+
+
+def _embeddings(model: nn.Module, architecture: Architecture) -> list[nn.Embedding]:
+    return [get_submodule(model, p) for p in (architecture.embedding, *architecture.extra_embeddings)]
+
+
+def _fuse_sites(model: nn.Module, architecture: Architecture, hidden_size: int, fold: bool) -> None:
+    """Fold each norm into its readers (``fold``) and replace it by a weightless RMSNorm of width ``D``."""
     for root, path, readers in _norm_sites(model, architecture):
         norm = get_submodule(root, path)
         if fold:
-            _fold_scale_into_readers(norm, readers)
-        _replace_module(root, path, _weightless_like(norm, architecture, hidden_size))
+            _fold_scale_into_readers(norm, readers, architecture.norm_kind)
+        elif getattr(norm, "bias", None) is not None:
+            for linear in readers:
+                _give_bias(linear)
+        _replace_module(root, path, _weightless_like(norm, architecture, hidden_size, readers[0].weight.device))
 
 
-# Norm kind -> fuser(model, architecture, hidden_size, fold).  A LayerNorm adapter
-# would centre the embeddings, bake the mean into writing linears and fold the bias.
+def _fuse_layer_norms(model: nn.Module, architecture: Architecture, hidden_size: int, fold: bool) -> None:
+    """LayerNorm models (OPT, Phi-2): centre the stream, then fuse as RMSNorm.
+
+    The embeddings' rows are centred and every residual writer bakes the
+    mean out of its outputs, so the residual stream is mean-zero everywhere
+    and ``LayerNorm(x) = x / rms(x) · g + β``: ``g`` and ``β`` fold into the
+    readers, leaving a weightless RMSNorm over ``D`` (METHODS §3 step 1).
+    """
+    if fold:
+        for embedding in _embeddings(model, architecture):
+            embedding.weight.data = _centre_rows(embedding.weight.data)
+        for linear in _residual_writers(model, architecture):
+            _bake_mean(linear)
+    _fuse_sites(model, architecture, hidden_size, fold)
+
+
+# Norm kind -> fuser(model, architecture, hidden_size, fold).
 NORM_FUSERS: dict[str, Callable[[nn.Module, Architecture, int, bool], None]] = {
-    "rms": _fuse_rms_norms,
+    "rms": _fuse_sites,
+    "rms_offset": _fuse_sites,  # Gemma: x / rms(x) · (1 + w), folded as the scale 1 + w
+    "layer": _fuse_layer_norms,
 }
 
 

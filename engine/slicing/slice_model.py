@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.core.architectures import Architecture, architecture_for, get_submodule
+from engine.core.architectures import Architecture, architecture_of, get_submodule
 from engine.core.data import TokenWindows
 from engine.core.models import LoadedModel, model_size
 from engine.core.progress import ProgressFn
@@ -49,6 +49,10 @@ from engine.slicing.schedules import (
 )
 from engine.slicing.slicegpt import rotate_and_slice
 from engine.slicing.sliced_layers import load_sliced_folder, save_sliced_folder
+
+
+class SlicingUnsupportedError(ValueError):
+    """This model's layout cannot be sliced exactly; the message says why (other features still work)."""
 
 
 def pca_rank_warning(calibration_tokens: int, hidden_size: int) -> str | None:
@@ -163,6 +167,9 @@ def slice_model(
     is called after each layer.  Raises :class:`ScheduleError` for bad plans.
     """
     model, architecture = base.model, base.architecture
+    refusal = architecture.reason("slicing")
+    if refusal:
+        raise SlicingUnsupportedError(f"{architecture.model_type} cannot be sliced: {refusal}")
     started = time.perf_counter()
     if attention_mask is not None and attention_mask.shape != calibration.input_ids.shape:
         raise ValueError(
@@ -218,7 +225,7 @@ def load_sliced(folder: str | Path, device: str | torch.device = "cpu") -> Slici
         dims=[int(d) for d in config["dims"]],
         schedule=SlicingSchedule.from_dict(config["schedule"]),
         report=SlicingReport.from_dict(config["report"]),
-        architecture=architecture_for(config["model_type"]),
+        architecture=architecture_of(model),
         source=config.get("source", ""),
         meta=config.get("meta", {}),
     )

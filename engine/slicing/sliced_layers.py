@@ -9,7 +9,14 @@ becomes ``residual @ S + block(x)`` with a shortcut matrix ``S``:
 
 ``attn_shortcut`` is ``Q_inᵀ Q_mid`` ``[d_in, d_mid]`` and ``mlp_shortcut`` is
 ``Q_midᵀ Q_out`` ``[d_mid, d_out]`` (sliced).  A shortcut of ``None`` is the
-identity.
+identity.  A layer with parallel blocks (Phi-2) has one shortcut
+``Q_inᵀ Q_out`` ``[d_in, d_out]`` in ``attn_shortcut``:
+
+    out = x @ attn_shortcut + attention(norm(x)) + mlp(norm(x))
+
+A block's update is multiplied by the layer's residual multiplier where the
+architecture names one (Granite), and an MLP that is no submodule (OPT) is
+run as its ``mlp_steps``.
 
 The sliced layer *is* the Hugging Face layer with its class switched to a
 subclass (``Sliced<LayerClass>``) whose ``forward`` adds the shortcuts: the
@@ -29,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from engine.core.architectures import Architecture, architecture_for, get_submodule
+from engine.core.architectures import Architecture, architecture_of, get_submodule
 from engine.core.paths import atomic_folder
 from engine.slicing.rotation import fuse_norms, set_linear_weight, untie_head
 
@@ -96,6 +103,12 @@ class SlicedLayerMixin:
         **kwargs,
     ) -> torch.Tensor:
         """``[batch, seq, d_in]`` -> ``[batch, seq, d_out]``; same signature as transformers 5 layers."""
+        if self.slicing_architecture.parallel_blocks:
+            return self.parallel_forward(
+                hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings,
+                **kwargs,
+            )
         mid = self.attention_half(
             hidden_states,
             attention_mask=attention_mask,
@@ -107,24 +120,46 @@ class SlicedLayerMixin:
         )
         return self.mlp_half(mid)
 
-    def attention_half(self, hidden_states: torch.Tensor, **attention_kwargs) -> torch.Tensor:
-        """Residual after attention: ``[..., d_in]`` -> ``[..., d_mid]``."""
+    def _scaled(self, update: torch.Tensor) -> torch.Tensor:
+        multiplier = self.slicing_architecture.residual_multiplier
+        return update if multiplier is None else update * getattr(self, multiplier)
+
+    def _attention_update(self, normed: torch.Tensor, **attention_kwargs) -> torch.Tensor:
         arch = self.slicing_architecture
-        residual = _shortcut(hidden_states, self.attn_shortcut)
-        normed = get_submodule(self, arch.attn_norm)(hidden_states)
         update, _ = get_submodule(self, arch.attention)(hidden_states=normed, **attention_kwargs)
         if arch.attn_residual_dropout:
             update = get_submodule(self, arch.attn_residual_dropout)(update)
-        return residual + update
+        return self._scaled(update)
+
+    def _mlp_update(self, normed: torch.Tensor) -> torch.Tensor:
+        arch = self.slicing_architecture
+        if arch.mlp:
+            update = get_submodule(self, arch.mlp)(normed)
+        else:
+            update = normed
+            for step in arch.mlp_steps:
+                update = get_submodule(self, step)(update)
+        if arch.mlp_residual_dropout:
+            update = get_submodule(self, arch.mlp_residual_dropout)(update)
+        return self._scaled(update)
+
+    def attention_half(self, hidden_states: torch.Tensor, **attention_kwargs) -> torch.Tensor:
+        """Residual after attention: ``[..., d_in]`` -> ``[..., d_mid]``."""
+        residual = _shortcut(hidden_states, self.attn_shortcut)
+        normed = get_submodule(self, self.slicing_architecture.attn_norm)(hidden_states)
+        return residual + self._attention_update(normed, **attention_kwargs)
 
     def mlp_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Residual after the MLP: ``[..., d_mid]`` -> ``[..., d_out]``."""
-        arch = self.slicing_architecture
         residual = _shortcut(hidden_states, self.mlp_shortcut)
-        update = get_submodule(self, arch.mlp)(get_submodule(self, arch.mlp_norm)(hidden_states))
-        if arch.mlp_residual_dropout:
-            update = get_submodule(self, arch.mlp_residual_dropout)(update)
-        return residual + update
+        normed = get_submodule(self, self.slicing_architecture.mlp_norm)(hidden_states)
+        return residual + self._mlp_update(normed)
+
+    def parallel_forward(self, hidden_states: torch.Tensor, **attention_kwargs) -> torch.Tensor:
+        """Parallel blocks on one normed input (Phi-2): ``[..., d_in]`` -> ``[..., d_out]``."""
+        residual = _shortcut(hidden_states, self.attn_shortcut)
+        normed = get_submodule(self, self.slicing_architecture.attn_norm)(hidden_states)
+        return residual + self._attention_update(normed, **attention_kwargs) + self._mlp_update(normed)
 
 
 _SLICED_CLASSES: dict[type, type] = {}
@@ -168,18 +203,22 @@ def _empty_linear(linear: nn.Linear, out_features: int, in_features: int) -> Non
 
 
 def _shape_layer(layer: nn.Module, arch: Architecture, widths: LayerWidths) -> None:
+    parallel = arch.parallel_blocks  # attention and MLP both read d_in and write d_out
     for path in arch.attn_inputs:
         linear = get_submodule(layer, path)
         _empty_linear(linear, linear.out_features, widths.d_in)
     out = get_submodule(layer, arch.attn_output)
-    _empty_linear(out, widths.d_mid, out.in_features)
+    _empty_linear(out, widths.d_out if parallel else widths.d_mid, out.in_features)
     for path in arch.mlp_inputs:
         linear = get_submodule(layer, path)
-        _empty_linear(linear, linear.out_features, widths.d_mid)
+        _empty_linear(linear, linear.out_features, widths.d_in if parallel else widths.d_mid)
     down = get_submodule(layer, arch.mlp_output)
     _empty_linear(down, widths.d_out, down.in_features)
     make_sliced_layer(layer, arch)
     like = out.weight
+    if parallel:
+        set_shortcut(layer, "attn_shortcut", torch.empty(widths.d_in, widths.d_out), like)
+        return
     set_shortcut(layer, "attn_shortcut", torch.empty(widths.d_in, widths.d_mid), like)
     set_shortcut(layer, "mlp_shortcut", torch.empty(widths.d_mid, widths.d_out), like)
 
@@ -193,9 +232,11 @@ def shape_sliced_model(model: nn.Module, architecture: Architecture, dims: list[
     hidden_size = int(embedding.weight.shape[1])
     untie_head(model, architecture)
     fuse_norms(model, architecture, hidden_size, fold=False)
-    like = embedding.weight
-    embedding.weight = nn.Parameter(torch.empty(like.shape[0], dims[0], dtype=like.dtype, device=like.device))
-    embedding.embedding_dim = dims[0]
+    for path in (architecture.embedding, *architecture.extra_embeddings):
+        table = get_submodule(model, path)
+        like = table.weight
+        table.weight = nn.Parameter(torch.empty(like.shape[0], dims[0], dtype=like.dtype, device=like.device))
+        table.embedding_dim = dims[0]
     for layer, widths in zip(architecture.decoder_layers(model), layer_widths(dims, hidden_size)):
         _shape_layer(layer, architecture, widths)
     return model
@@ -255,13 +296,13 @@ def load_sliced_folder(folder: str | Path, device: str | torch.device = "cpu") -
 
     folder = Path(folder)
     config = read_sliced_config(folder)
-    architecture = architecture_for(config["model_type"])
     base = dict(config["base_config"])
     base.pop("model_type", None)
     base["tie_word_embeddings"] = False
     hf_config = AutoConfig.for_model(config["model_type"], **base)
     dtype = getattr(torch, config["dtype"])
     model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    architecture = architecture_of(model)
     shape_sliced_model(model, architecture, [int(d) for d in config["dims"]])
     state = load_file(str(folder / WEIGHTS_FILE))
     try:

@@ -70,7 +70,8 @@ def _embed(model, architecture, width: int, ctx: _Context) -> tuple[list[torch.T
     for x, mask in zip(ctx.cal.hidden, ctx.cal.masks):
         cov.add(x, mask)
     basis = _sliced_basis(cov, width, ctx)
-    rotate_embedding(get_submodule(model, architecture.embedding), basis)
+    for path in (architecture.embedding, *architecture.extra_embeddings):  # summed tables share the basis
+        rotate_embedding(get_submodule(model, path), basis)
     inputs, ctx.cal.hidden = ctx.cal.hidden, []  # handed over: rotated in place
     return _change_basis(inputs, basis, ctx.device), basis
 
@@ -93,8 +94,33 @@ def _run_half(half, signals, layer_kwargs, masks, device, width: int):
     return outputs, cov
 
 
+def _slice_parallel_layer(layer, arch: Architecture, index: int, signals, q_in, widths: LayerWidths,
+                          hidden_size: int, ctx: _Context):
+    """Rotate and slice a layer whose attention and MLP read one normed input (Phi-2).
+
+    Both blocks' inputs read ``Q_in``; the layer's full output gives ``Q_out``;
+    both blocks' outputs and the one shortcut ``Q_inᵀ Q_out`` are rotated to it.
+    Returns (next signals ``[b, T, d_out]``, output basis).
+    """
+    make_sliced_layer(layer, arch)
+    like = get_submodule(layer, arch.attn_output).weight
+    for path in arch.attn_inputs + arch.mlp_inputs:
+        rotate_linear_input(get_submodule(layer, path), q_in)
+    set_shortcut(layer, "attn_shortcut", q_in.T, like)  # input basis -> original D basis
+    outs, cov = _run_half(layer.parallel_forward, signals, ctx.cal.layer_kwargs[index], ctx.cal.masks,
+                          ctx.device, hidden_size)
+    signals.clear()
+    q_out = _sliced_basis(cov, widths.d_out, ctx)
+    set_shortcut(layer, "attn_shortcut", q_in.T @ q_out, like)
+    for path in (arch.attn_output, arch.mlp_output):
+        rotate_linear_output(get_submodule(layer, path), q_out)
+    return _change_basis(outs, q_out, ctx.device), q_out
+
+
 def _slice_layer(layer, arch: Architecture, index: int, signals, q_in, widths: LayerWidths, hidden_size, ctx):
     """Rotate and slice one decoder layer; returns (next signals ``[b, T, d_out]``, output basis)."""
+    if arch.parallel_blocks:
+        return _slice_parallel_layer(layer, arch, index, signals, q_in, widths, hidden_size, ctx)
     make_sliced_layer(layer, arch)
     like = get_submodule(layer, arch.attn_output).weight
     for path in arch.attn_inputs:

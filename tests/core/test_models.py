@@ -33,12 +33,14 @@ def test_table_finds_every_part(tiny_model):
 
 
 def test_every_listed_architecture_has_a_tiny_test_model():
+    from tests.tiny_families import CONFIGS
+
     tested = {factory().config.model_type for factory in TINY_FACTORIES.values()}
-    assert tested == set(ARCHITECTURES)
+    assert set(ARCHITECTURES) <= tested | {spec["model_type"] for spec in CONFIGS.values()}
 
 
-def test_unknown_model_type_names_the_supported_ones():
-    with pytest.raises(UnsupportedArchitectureError, match="llama, mistral, phi3, qwen2"):
+def test_unknown_model_type_names_the_table_and_discovery():
+    with pytest.raises(UnsupportedArchitectureError, match="llama, mistral, opt, phi3, qwen2.*discovered"):
         architecture_for("gpt_neox")
 
 
@@ -65,11 +67,13 @@ def test_fingerprint_changes_with_weights():
     assert weights_fingerprint(model) != before
 
 
-def test_unsupported_architecture_folder(tmp_path, builtin):
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+def test_conv1d_model_loads_with_quantization_disabled(tmp_path, builtin):
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
     _save_with_tokenizer(model, tmp_path, builtin)
-    with pytest.raises(UnsupportedModelError, match="not supported"):
-        load_model(str(tmp_path))
+    loaded = load_model(str(tmp_path), device="cpu", dtype="float32")
+    assert loaded.architecture.source == "discovered" and loaded.architecture.layers == "transformer.h"
+    assert "Conv1D" in loaded.architecture.reason("quantization")
+    assert "Conv1D" in loaded.card["unavailable: layer-wise quantization (RTN)"]
 
 
 def test_non_causal_model_is_refused(tmp_path, builtin):
