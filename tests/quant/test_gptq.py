@@ -238,60 +238,145 @@ def test_one_pass_per_group_with_small_batches_sees_the_same_signals(monkeypatch
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-# --- optional live cross-check against llm-compressor ------------------------------------
+# --- optional live cross-checks against llm-compressor ----------------------------------
+# Run with the reference venv (bench/gptq_reference.py says how to make it):
+#   .venv-ref/bin/python -m pytest tests/quant/test_gptq.py -k llm_compressor
 
-def _relative_layer_errors(model, reference, ids) -> list[float]:
-    """``|h - h_ref| / |h_ref|`` of every decoder layer's output on ``ids``."""
-    with torch.no_grad():
-        ours = model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states[1:]
-        ref = reference(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states[1:]
-    return [float((a - b).norm() / b.norm()) for a, b in zip(ours, ref)]
+needs_llm_compressor = pytest.mark.skipif(importlib.util.find_spec("llmcompressor") is None,
+                                          reason="llmcompressor is not installed (see bench/gptq_reference.py)")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llmcompressor") is None, reason="llmcompressor is not installed")
-def test_matches_llm_compressor_on_a_tiny_llama(tiny_folder):  # pragma: no cover - needs the optional package
-    """Same grid and signals as llm-compressor's GPTQ (static act-order, asymmetric, damping 0.01).
+def _output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``sqrt(tr((W - Q) H (W - Q)ᵀ))``: the output error GPTQ minimises, from the Hessian alone."""
+    return float(((weight - quantized).double() @ torch.linalg.cholesky(hessian.double())).norm())
 
-    Layer 0's q/k/v read the embedding in both: their codes must agree (up to
-    llm-compressor's fp32 scales against our fp16 ones).  Later linears differ
-    by design (llm-compressor calibrates a layer's linears in one pass on the
-    layer's dense weights; ours is true-sequential inside the layer too), so
-    there only the layer outputs are compared: ours no further from dense.
+
+@needs_llm_compressor
+@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_kernel_matches_llm_compressors_quantize_weight(bits, act_order):  # pragma: no cover - optional package
+    """One weight, Hessian and grid through llm-compressor's GPTQ kernel and ours: the same weights out.
+
+    Our static grid (the RTN grid of the unpermuted weight) is handed to
+    theirs (our codes ``0..2^b-1`` with zero ``z`` are its signed codes with
+    zero ``z - 2^(b-1)``), both run in fp32, so only float summation order
+    differs (our damping is added in fp64, our updates are blocked by 16 and
+    128 columns): a weight sitting on a rounding boundary may round the
+    other way, and then its row's later updates differ a little.  Measured:
+    every code equal and equal output errors.  Allowed: 0.5% of the weights
+    on another grid point and 1% on the output error (GPTQ's gain over RTN
+    here is 18-30%).
     """
+    from compressed_tensors.quantization import QuantizationArgs
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+
+    weight, hessian = torch.randn(48, 160, generator=torch.Generator().manual_seed(2)) * 0.05, _hessian(160)
+    spec = _gptq(bits, 32, act_order)
+    ours = gptq_quantize(weight, hessian, spec)
+    grid = rtn_quantize(weight, spec)
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="group", group_size=32,
+                            actorder="static" if act_order else None)
+    theirs, _, fallback = quantize_weight(weight[None].clone(), hessian.float()[None], grid.scales.float()[None],
+                                          (grid.zeros.float() - 2 ** (bits - 1))[None], None, args,
+                                          blocksize=128, percdamp=spec.damp)
+    assert not bool(fallback.any())
+    scale = grid.scales.float()[:, torch.arange(160) // 32]
+    same = ((theirs[0] - ours.dequantize()).abs() < 0.5 * scale).float().mean()
+    assert float(same) >= 0.995
+    mine, reference = (_output_error(weight, q, hessian) for q in (ours.dequantize(), theirs[0]))
+    assert mine <= 1.01 * reference
+    assert reference < _output_error(weight, grid.dequantize(), hessian)  # their kernel did run GPTQ
+
+
+def _llm_compressor_gptq(folder: str, ids: torch.Tensor, bits: int, group_size: int):
+    """llm-compressor's GPTQ (asymmetric, static act-order, damping 0.01, sequential pipeline) of ``folder``."""
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.gptq import GPTQModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.core.models import load_model
-
-    n, seqlen = 8, 64
-    ids = torch.randint(0, 1000, (n, seqlen), generator=torch.Generator().manual_seed(3))
-    theirs = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32)
-    weights = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 32}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    weights = {"num_bits": bits, "type": "int", "symmetric": False, "strategy": "group", "group_size": group_size}
     recipe = GPTQModifier(targets="Linear", ignore=["lm_head"], dampening_frac=0.01, actorder="static",
                           config_groups={"group": {"targets": ["Linear"], "weights": weights}})
-    oneshot(model=theirs, tokenizer=AutoTokenizer.from_pretrained(tiny_folder), recipe=recipe,
+    oneshot(model=model, tokenizer=AutoTokenizer.from_pretrained(folder), recipe=recipe,
             dataset=Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}),
-            num_calibration_samples=n, max_seq_length=seqlen, pipeline="sequential", shuffle_calibration_samples=False)
+            num_calibration_samples=ids.shape[0], max_seq_length=ids.shape[1], pipeline="sequential",
+            shuffle_calibration_samples=False)
+    return model
+
+
+def _reference_layer_step(layer, index, arch, spec, signals, inputs):
+    """llm-compressor's step per decoder layer, from the engine's pieces: every linear calibrated on the
+    layer's dense weights (one pass), then the quantized layer feeds the next one."""
+    layer_inputs = list(signals)
+    weights = qmodel._gptq_layer_dense(layer, index, arch, spec, [spec.bits], signals, inputs)[spec.bits]
+    signals[:] = layer_inputs
+    qmodel._write(arch.layer_linears(layer), weights)
+    qmodel._run_layer(layer, index, signals, inputs)
+    return weights
+
+
+def _hidden(model, ids) -> tuple[torch.Tensor, ...]:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states[1:]
+
+
+def _same_grid_point(theirs_linear, ours: torch.Tensor, group_size: int) -> float:
+    scale = theirs_linear.weight_scale.detach()[:, torch.arange(ours.shape[1]) // group_size]
+    return float(((theirs_linear.weight.detach() - ours).abs() < 0.5 * scale).float().mean())
+
+
+@needs_llm_compressor
+def test_matches_llm_compressor_on_a_tiny_llama(tiny_folder, monkeypatch):  # pragma: no cover - optional package
+    """LayerLab's GPTQ against llm-compressor's, end to end, 4 bits, group 32, static act-order, damping 0.01.
+
+    1. With llm-compressor's propagation (every linear of a layer calibrated
+       on the layer's dense weights, the quantized layer feeding the next)
+       the two are the same algorithm.  Layer 0 reads identical inputs in
+       both: at least 95% of its weights must land on the same grid point.
+       Not 100%: their scales are fp32, ours rounded up to fp16 (up to 2^-10
+       larger), which moves rounding boundaries by up to 1.5% of a step at
+       4 bits; a weight rounded the other way changes its row's later
+       updates (measured 98.0-99.9%; RTN shares only 81-90% with them).  On
+       the calibration windows every layer's output must be closer to
+       theirs than half their own distance to dense (measured 0.24-0.38;
+       RTN: 1.3-1.8).
+    2. LayerLab's default ("true sequential" inside a layer too: o sees the
+       quantized q/k/v, ...) is a different, intended order: it must be no
+       further from dense than theirs, within 10%, on the calibration
+       windows and on held-out ones (measured 0.95-1.01 and 0.80-1.01).
+    """
+    from engine.core.models import load_model
+
+    bits, group = 4, 32
+    ids = torch.randint(0, 1000, (8, 64), generator=torch.Generator().manual_seed(3))
+    probe = torch.randint(0, 1000, (4, 64), generator=torch.Generator().manual_seed(11))
+    theirs = _llm_compressor_gptq(tiny_folder, ids, bits, group)
     loaded = load_model(tiny_folder)
-    windows = TokenWindows(ids, DataSpec(split="calibration", seqlen=seqlen, n_windows=n))
-    ours = quantize_model(loaded, [4] * loaded.num_layers, windows, spec=_gptq(4, 32, act_order=True),
-                          use_cache=False)
     arch = loaded.architecture
-    for name in ("q", "k", "v"):  # the same grid point (their fp32 scales differ from our fp16 ones by < 0.1%)
-        their_linear = arch.layer_linears(arch.decoder_layers(theirs)[0])[name]
-        scale = their_linear.weight_scale.detach()[:, torch.arange(their_linear.weight.shape[1]) // 32]
-        gap = (their_linear.weight.detach() - ours.weights[0][name].dequantize()).abs()
-        assert float((gap < 0.5 * scale).float().mean()) >= 0.98, name
-    probe = torch.randint(0, 1000, (4, seqlen), generator=torch.Generator().manual_seed(11))
+    windows = TokenWindows(ids, DataSpec(split="calibration", seqlen=ids.shape[1], n_windows=ids.shape[0]))
+    spec = _gptq(bits, group, act_order=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(qmodel, "_gptq_layer_sequential", _reference_layer_step)
+        same_order = quantize_model(loaded, [bits] * loaded.num_layers, windows, spec=spec, use_cache=False)
+    ours = quantize_model(loaded, [bits] * loaded.num_layers, windows, spec=spec, use_cache=False)
     clean = copy.deepcopy(loaded.model)  # their weights in a plain model (no quantization wrappers)
     with torch.no_grad():
         for name, param in clean.named_parameters():
             param.copy_(theirs.get_parameter(name))
-    for mine, reference in zip(_relative_layer_errors(ours.model, loaded.model, probe),
-                               _relative_layer_errors(clean, loaded.model, probe)):
-        assert mine <= 1.1 * reference
+
+    their_layer0 = arch.layer_linears(arch.decoder_layers(theirs)[0])
+    for name, linear in their_layer0.items():
+        assert _same_grid_point(linear, same_order.weights[0][name].dequantize(), group) >= 0.95, name
+    dense, reference, mine = (_hidden(m, ids) for m in (loaded.model, clean, same_order.model))
+    for d, r, m in zip(dense, reference, mine):
+        assert float((m - r).norm()) <= 0.5 * float((r - d).norm())
+
+    for tokens in (ids, probe):
+        dense, reference, default = (_hidden(m, tokens) for m in (loaded.model, clean, ours.model))
+        for d, r, m in zip(dense, reference, default):
+            assert float((m - d).norm()) <= 1.1 * float((r - d).norm())
 
 
 # --- the built-in model ------------------------------------------------------------
