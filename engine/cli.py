@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from engine.core.data import SOURCES, DataSpec
 from engine.core.models import BUILTIN_NAME, load_model
+from engine.dropping.choose import RANKINGS
 from engine.runs.plans import (
     DEFAULT_CALIB_SEQLEN,
     DEFAULT_CALIB_WINDOWS,
@@ -124,7 +125,11 @@ def _quant_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
 def _drop_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blocks", choices=["layer", "attention", "mlp"], default="layer", help="what of each layer goes")
     parser.add_argument("--count", type=int, default=4, help="how many layers / blocks to drop")
-    parser.add_argument("--by", choices=["lr", "attention", "mlp", "custom"], default="lr", help="ranking")
+    parser.add_argument("--by", choices=list(RANKINGS), default="lr",
+                        help="ranking: a score, the measured KL of dropping each block alone (sensitivity), or "
+                        "--layers")
+    parser.add_argument("--iterative", action="store_true",
+                        help="drop one at a time, re-ranking the rest on the smaller model (count rankings)")
     parser.add_argument("--layers", type=_ints, default=[], help="the layers to drop with --by custom")
     parser.add_argument("--no-protect", action="store_true", help="allow dropping the first and last layer")
 
@@ -226,7 +231,7 @@ def run(args) -> None:
     elif args.command == "sensitivity":
         _sensitivity(args, store, loaded, calibration)
     elif args.command == "drop":
-        plan = DropPlan(args.blocks, args.count, args.by, not args.no_protect, tuple(args.layers))
+        plan = DropPlan(args.blocks, args.count, args.by, not args.no_protect, tuple(args.layers), args.iterative)
         _print_run("dropping", run_dropping(store, loaded, plan, calibration, evaluation, save_to=args.save,
                                             progress=_progress))
     elif args.command == "stack":

@@ -6,6 +6,7 @@ from engine.runs.plans import DropPlan, EvalPlan
 from engine.runs.runner import (
     default_save_folder,
     dropped_layers,
+    measured_drop_kl,
     run_dropping,
     run_estimate,
     scores_if_cached,
@@ -25,7 +26,8 @@ from ui.widgets import (
 BLOCKS = {"layer": "whole layers (ShortGPT)", "attention": "attention blocks only (LLM-Drop)",
           "mlp": "MLP blocks only (LLM-Drop)"}
 RANKINGS = {"lr": "LR (= lowest Block Influence)", "attention": "attention-block cosine",
-            "mlp": "MLP-block cosine", "custom": "custom list"}
+            "mlp": "MLP-block cosine", "sensitivity": "measured sensitivity (KL of dropping it alone)",
+            "custom": "custom list"}
 
 loaded = require_model()
 store = results_store()
@@ -35,8 +37,9 @@ st.title("Dropping")
 st.caption(
     "Remove the most redundant decoder layers (ShortGPT: highest LR = lowest Block Influence), or only their "
     "attention or MLP blocks (LLM-Drop: highest block cosine). The dropped model is a real smaller model: the "
-    "modules are removed, so parameters, bytes and latency are honest. Layers are chosen at once from the dense "
-    "model's scores on the calibration text."
+    "modules are removed, so parameters, bytes and latency are honest. Layers are ranked on the calibration "
+    "text: by a score, or by the measured damage of dropping each one alone (the Sensitivity lab's KL); at once "
+    "from the dense model, or iteratively (drop the top one, rank the rest again on the smaller model, repeat)."
 )
 calibration, evaluation, zero_shot = calibration_and_evaluation(loaded)
 cols = st.columns(4)
@@ -46,24 +49,35 @@ by = cols[2].selectbox("Ranked by", list(RANKINGS), format_func=RANKINGS.get, ke
 protect = cols[3].checkbox("Protect first and last layer", value=True, key=kept("drop_protect"),
                            help="Layer 0 rewrites the embedding and the last layer prepares the head.")
 custom = ()
+iterative = False
 if by == "custom":
     custom = tuple(st.multiselect("Layers to drop", list(range(n_layers)), key="drop_custom"))
-plan = DropPlan(block, count, by, protect, custom)
+else:
+    iterative = st.toggle("Iterative: re-rank after each drop", key=kept("drop_iterative"),
+                          help="Drops one block, ranks the remaining ones again on the model without it, and "
+                          "repeats: 'how many' rankings instead of one. Catches layers that only look redundant "
+                          "while their neighbours are there.")
+plan = DropPlan(block, count, by, protect, custom, iterative)
 if calibration is None or evaluation is None:
     st.stop()
 
 st.subheader("Preview")
 layers = preview_or_stop(lambda: dropped_layers(store, loaded, plan, calibration, compute=False),
                          store, loaded, calibration, "Ranking the layers")
-found = scores_if_cached(store, loaded, calibration)
-if found is not None:
-    lr, _zd = found
-    table = charts.drop_preview_table(lr, by, layers)
-    show_chart(charts.drop_preview_chart(table, f"{loaded.source}; scores from {calibration.label()}"),
-               "drop_preview", f"{len(layers)} {BLOCKS[block]} go: layers {layers or 'none'}. "
-               f"Scores from {calibration.label()} on {loaded.source}.", table)
+if by == "sensitivity":
+    kl = measured_drop_kl(store, loaded, plan, calibration)
+    table = charts.drop_preview_table(None, by, layers, kl=kl) if kl is not None else None
 else:
-    st.caption(f"Dropping layers {layers or 'none'}.")
+    found = scores_if_cached(store, loaded, calibration)
+    table = charts.drop_preview_table(found[0], by, layers) if found is not None else None
+if table is not None:
+    show_chart(charts.drop_preview_chart(table, f"{loaded.source}; ranked on {calibration.label()}"),
+               "drop_preview", f"{len(layers)} {BLOCKS[block]} go: layers {layers or 'none'}, chosen "
+               f"{plan.choice()}. The bars are the dense model's values"
+               + (" (an iterative choice can differ from their top)" if plan.is_iterative else "")
+               + f"; computed on {calibration.label()} with {loaded.source}.", table)
+else:
+    st.caption(f"Dropping layers {layers or 'none'}, chosen {plan.choice()}.")
 
 plan_eval = EvalPlan(evaluation, **zero_shot)
 run_controls(loaded, "dropping", run_estimate(loaded, "dropping", calibration, plan_eval, store),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
+
+import numpy as np
 
 from streamlit.testing.v1 import AppTest
 
@@ -34,3 +37,10 @@ def use_small_data(at: AppTest, windows: int = 2, seqlen: int = 32) -> AppTest:
 def click(at: AppTest, label_start: str) -> AppTest:
     """Click the first button whose label starts with ``label_start`` and rerun."""
     return next(b for b in at.button if b.label.startswith(label_start)).click().run()
+
+
+def plotly_values(array) -> list:
+    """A trace's data as a list: Plotly JSON stores numeric arrays as base64 typed arrays (``{"dtype", "bdata"}``)."""
+    if isinstance(array, dict) and "bdata" in array:
+        return np.frombuffer(base64.b64decode(array["bdata"]), dtype=array["dtype"]).tolist()
+    return list(array)

@@ -189,10 +189,24 @@ def show_runs_table(table) -> None:
     })
 
 
-def compute_scores_prompt(store, loaded: LoadedModel, calibration: DataSpec, need: str) -> None:
-    """When a preview needs scores that are not cached: say so, offer the button (with its estimate), stop."""
+def compute_scores_prompt(store, loaded: LoadedModel, calibration: DataSpec, need: str, missing=None) -> None:
+    """When a preview needs scores (or a measurement) that are not cached: say so, offer the button (with its
+    estimate), stop.  ``missing``: the :class:`ScoresNotComputed` raised, when it names its own computation."""
     from engine.runs.runner import compute_scores, scoring_estimate
 
+    if missing is not None and missing.compute is not None:
+        st.info(f"{need} needs the {missing.what} on this calibration text (not computed yet).")
+        left, right = st.columns(2)
+        with right:
+            cancel_button("measure")
+        if left.button(f"Compute the {missing.what} ({missing.estimate})", type="primary"):
+            try:
+                missing.compute(progress_callback(missing.what))
+            except (DataError, ValueError) as err:
+                st.error(str(err))
+                st.stop()
+            st.rerun()
+        st.stop()
     st.info(f"{need} needs LR scores on this calibration text (not computed yet).")
     if st.button(f"Compute LR scores ({scoring_estimate(loaded, calibration)})", type="primary"):
         compute_scores(store, loaded, calibration, progress=progress_callback("LR scores"))
@@ -207,8 +221,8 @@ def preview_or_stop(preview, store, loaded: LoadedModel, calibration: DataSpec, 
 
     try:
         return preview()
-    except ScoresNotComputed:
-        compute_scores_prompt(store, loaded, calibration, need)
+    except ScoresNotComputed as missing:
+        compute_scores_prompt(store, loaded, calibration, need, missing)
     except (DataError, ValueError) as err:
         st.error(str(err))
         st.stop()

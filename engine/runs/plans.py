@@ -85,19 +85,33 @@ class QuantPlan:
 @dataclass(frozen=True)
 class DropPlan:
     """Layer dropping (METHODS.md §8): what to drop (``layer``, ``attention`` or ``mlp`` blocks), how many,
-    ranked by what (``lr``, ``attention``, ``mlp`` cosine, or a ``custom`` list), once from the dense
-    model's scores."""
+    ranked by what (``lr``, ``attention``, ``mlp`` cosine, measured ``sensitivity``, or a ``custom`` list),
+    at once from the dense model's ranking or ``iterative``-ly (re-ranked after each drop)."""
 
     block: str = "layer"
     count: int = 4
     by: str = "lr"
     protect_ends: bool = True
     custom: tuple[int, ...] = ()
+    iterative: bool = False
+
+    @property
+    def is_iterative(self) -> bool:
+        """Iterative re-ranking applies to computed rankings only (a custom list is a list)."""
+        return self.iterative and self.by != "custom" and self.count > 1
 
     def series(self) -> str:
         """Curve label on trade-off charts."""
         what = {"layer": "layers", "attention": "attention blocks", "mlp": "MLP blocks"}[self.block]
-        return f"drop {what} by {self.by}"
+        return f"drop {what} by {self.by}" + (", iterative" if self.is_iterative else "")
+
+    def choice(self) -> str:
+        """How the layers were chosen, in words (stored with the run)."""
+        if self.by == "custom":
+            return "a custom list"
+        if self.is_iterative:
+            return f"iteratively: one at a time, re-ranked by {self.by} on the partly dropped model"
+        return f"at once from the dense model's {self.by} ranking"
 
     def name(self) -> str:
-        return f"drop-{self.block}-{self.by}-{self.count}"
+        return f"drop-{self.block}-{self.by}-{self.count}" + ("-iter" if self.is_iterative else "")

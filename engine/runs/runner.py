@@ -35,8 +35,19 @@ from engine.scores.ranking import zd_importance
 from engine.scores.redundancy import LayerRedundancy
 from engine.slicing.schedules import SlicingSchedule, schedule_constant, schedule_custom, schedule_dynamic
 from engine.slicing.slice_model import save_sliced, slice_model
-from engine.dropping.choose import check_drop, choose_layers
+from engine.dropping.choose import (
+    SENSITIVITY_ACTIONS,
+    check_drop,
+    choose_iteratively,
+    choose_layers,
+    droppable,
+    ranking_scores,
+    sensitivity_ranking,
+    top_ranked,
+)
 from engine.dropping.drop_model import drop_model, save_dropped
+from engine.sensitivity.actions import Action, check_supported
+from engine.sensitivity.cached import hidden_size, measure_sensitivity, sensitivity_if_cached
 
 
 @dataclass
@@ -212,7 +223,15 @@ def scoring_estimate(loaded: LoadedModel, spec: DataSpec) -> str:
 
 
 class ScoresNotComputed(LookupError):
-    """A preview needs LR / ZD scores that are not cached yet (compute them on a button)."""
+    """A preview needs measurements that are not cached yet (computed on a button).
+
+    ``what``: what is missing, in words (for the prompt); ``compute(progress)``: computes and caches it
+    (``None``: the LR scores on the calibration text); ``estimate``: rough time, in words.
+    """
+
+    def __init__(self, message: str, what: str = "LR scores", compute=None, estimate: str | None = None):
+        super().__init__(message)
+        self.what, self.compute, self.estimate = what, compute, estimate
 
 
 def _scores(store: ResultsStore, loaded: LoadedModel, calibration: DataSpec, compute: bool,
@@ -349,16 +368,77 @@ def run_quantization(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, 
 
 def dropped_layers(store: ResultsStore, loaded: LoadedModel, plan: DropPlan, calibration: DataSpec,
                    progress: StageProgress | None = None, compute: bool = True) -> list[int]:
-    """The layers whose ``plan.block`` goes (ranked by the dense model's scores on ``calibration``).
+    """The layers whose ``plan.block`` goes, ranked on ``calibration`` at once or iteratively (``plan.choice()``).
 
-    ``compute=False`` (previews): raise :class:`ScoresNotComputed` instead of scoring.
+    ``compute=False`` (previews): raise :class:`ScoresNotComputed` (with the computation to run on a button)
+    instead of scoring or measuring.
     """
-    scores = None
-    if plan.by != "custom":
-        scores, _zd = _scores(store, loaded, calibration, compute, progress)
-    layers = choose_layers(scores, loaded.num_layers, plan.count, plan.by, plan.protect_ends, plan.custom)
+    if plan.by == "custom":
+        layers = choose_layers(None, loaded.num_layers, plan.count, "custom", plan.protect_ends, plan.custom)
+    else:
+        candidates = droppable(loaded.num_layers, plan.count, plan.protect_ends)
+        if plan.by == "sensitivity":
+            check_supported(Action(SENSITIVITY_ACTIONS[plan.block]), loaded.architecture, hidden_size(loaded))
+
+        def rank(dropped: list[int]) -> list[float]:
+            try:
+                return _drop_ranking(store, loaded, plan, calibration, dropped, compute, progress)
+            except ScoresNotComputed as missing:
+                if plan.by != "sensitivity" and not plan.is_iterative:
+                    raise  # the dense model's LR scores: the usual prompt
+                steps = plan.count if plan.is_iterative else 1
+                raise ScoresNotComputed(
+                    str(missing), what=f"{plan.by} ranking" + (f" ({steps} re-rankings)" if steps > 1 else ""),
+                    compute=lambda p: dropped_layers(store, loaded, plan, calibration, p, compute=True),
+                    estimate=_ranking_estimate(loaded, plan, calibration)) from None
+
+        if plan.is_iterative:
+            layers = choose_iteratively(rank, loaded.num_layers, plan.count, plan.protect_ends)
+        else:
+            layers = top_ranked(rank([]), candidates, plan.count)
     check_drop(loaded.num_layers, plan.block, layers, plan.protect_ends)
     return layers
+
+
+def _drop_ranking(store: ResultsStore, loaded: LoadedModel, plan: DropPlan, calibration: DataSpec,
+                  dropped: list[int], compute: bool, progress: StageProgress | None) -> list[float]:
+    """One value per dense layer (higher = drop first) for ``plan.by``, on the model without ``dropped``."""
+    model, kept_layers = loaded, list(range(loaded.num_layers))
+    if dropped:
+        stage = drop_model(loaded, plan.block, dropped)
+        model = LoadedModel.from_model(stage.model, loaded.tokenizer, source=f"{loaded.source} minus {dropped}")
+        if plan.block == "layer":
+            kept_layers = [i for i in kept_layers if i not in dropped]
+    if plan.by == "sensitivity":
+        actions = [Action(SENSITIVITY_ACTIONS[plan.block])]
+        matrix = (measure_sensitivity(store, model, calibration, actions, progress=progress) if compute
+                  else sensitivity_if_cached(store, model, calibration, actions))
+        if matrix is None:
+            raise ScoresNotComputed(f"The {actions[0].label} sensitivity on {calibration.label()} is not measured "
+                                    "yet.")
+        values = sensitivity_ranking(matrix.damages[0].kl)
+    else:
+        scores, _zd = _scores(store, model, calibration, compute, progress)
+        values = ranking_scores(scores, plan.by)
+    dense_values = [float("-inf")] * loaded.num_layers
+    for index, value in zip(kept_layers, values):
+        dense_values[index] = value
+    return dense_values
+
+
+def measured_drop_kl(store: ResultsStore, loaded: LoadedModel, plan: DropPlan,
+                     calibration: DataSpec) -> list[float] | None:
+    """The dense model's measured KL (nats/token) of dropping each layer's ``plan.block`` alone, if cached."""
+    matrix = sensitivity_if_cached(store, loaded, calibration, [Action(SENSITIVITY_ACTIONS[plan.block])])
+    return None if matrix is None else list(matrix.damages[0].kl)
+
+
+def _ranking_estimate(loaded: LoadedModel, plan: DropPlan, calibration: DataSpec) -> str:
+    """Rough time to rank for ``plan`` (a sensitivity scan is ≈ 0.6 forward passes per layer)."""
+    windows = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen)
+    passes = 0.6 * loaded.num_layers if plan.by == "sensitivity" else 1.0
+    rankings = plan.count if plan.is_iterative else 1
+    return describe_seconds(estimate_seconds(loaded.model, windows.input_ids.numel(), passes * rankings))
 
 
 def _size_metrics(loaded: LoadedModel, model: torch.nn.Module, params: int) -> dict:
@@ -384,7 +464,7 @@ def run_dropping(store: ResultsStore, loaded: LoadedModel, plan: DropPlan, calib
     latency = compare_latency(loaded.model, dropped.model, windows.input_ids[:1], repeats=3)
     size.update({f"latency_{k}": v for k, v in latency.items()})
     config = {"series": plan.series(), "block": plan.block, "by": plan.by, "count": len(layers),
-              "layers": layers, "protect_ends": plan.protect_ends, "choice": "at once from the dense model's scores",
+              "layers": layers, "protect_ends": plan.protect_ends, "choice": plan.choice(), "iterative": plan.is_iterative,
               "calibration": calibration.label() if plan.by != "custom" else None}
     if save_to:
         config["saved_to"] = str(save_dropped(dropped, save_to, tokenizer=loaded.tokenizer))

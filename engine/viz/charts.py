@@ -15,7 +15,7 @@ from engine.scores.redundancy import HIST_BINS, LayerRedundancy
 from engine.scores.outliers import WeightOutliers
 
 from engine.scores.ranking import ranks, spearman, zd_importance
-from engine.viz.style import PALETTE, padded_range, styled
+from engine.viz.style import PALETTE, log_ticks, padded_range, styled, wants_log
 
 
 def _titled(fig: go.Figure, title: str, subtitle: str, **layout) -> go.Figure:
@@ -280,24 +280,46 @@ def bit_map_chart(table: pd.DataFrame, subtitle: str) -> go.Figure:
     return fig
 
 
-def drop_preview_table(scores: LayerRedundancy, by: str, dropped: list[int]) -> pd.DataFrame:
-    """Per layer: the score the drop is ranked by (LR for custom lists) and whether the layer (block) goes."""
-    label = {"attention": "attention cosine", "mlp": "MLP cosine"}.get(by, "LR")
-    values = {"attention": scores.attn_cos, "mlp": scores.mlp_cos}.get(by, scores.lr)
+SENSITIVITY_COLUMN = "measured KL of the drop (nats/token)"
+
+
+def drop_preview_table(scores: LayerRedundancy | None, by: str, dropped: list[int],
+                       kl: list[float] | None = None) -> pd.DataFrame:
+    """Per layer: the value the drop is ranked by (LR for custom lists; the measured KL of dropping the block
+    alone, ``kl``, for ``by="sensitivity"``) and whether the layer (block) goes."""
+    if by == "sensitivity":
+        label, values = SENSITIVITY_COLUMN, list(kl or [])
+    else:
+        label = {"attention": "attention cosine", "mlp": "MLP cosine"}.get(by, "LR")
+        values = {"attention": scores.attn_cos, "mlp": scores.mlp_cos}.get(by, scores.lr)
     return pd.DataFrame({"layer": range(len(values)), label: values,
                          "dropped": [i in set(dropped) for i in range(len(values))]})
 
 
 def drop_preview_chart(table: pd.DataFrame, subtitle: str) -> go.Figure:
-    """The ranking score per layer, the layers that go marked in red (kept ones grey)."""
+    """The ranking value per layer, the layers that go marked in red (kept ones grey).
+
+    A measured KL is drawn on a log axis when it spans a decade (lower = cheaper to drop); scores zoom into
+    their bulk (higher = more redundant).
+    """
     label = table.columns[1]
+    measured = label == SENSITIVITY_COLUMN
     fig = go.Figure()
     for dropped, colour, name in ((False, "#9E9E9E", "kept"), (True, "#D55E00", "dropped")):
         part = table[table["dropped"] == dropped]
         fig.add_trace(go.Bar(x=part["layer"], y=part[label], name=name, marker={"color": colour},
-                             hovertemplate="layer %{x}<br>" + label + " %{y:.4f}<extra>" + name + "</extra>"))
-    _titled(fig, f"Which layers go: {label} per layer (higher = more redundant)", subtitle,
-            xaxis_title="layer", yaxis_title=f"{label} (zoomed)", barmode="overlay")
-    y_range, _below = robust_range(table[label].tolist())
-    fig.update_layout(yaxis_range=y_range)
+                             hovertemplate="layer %{x}<br>" + label + " %{y:.4g}<extra>" + name + "</extra>"))
+    order = "lower = cheaper to drop" if measured else "higher = more redundant"
+    _titled(fig, f"Which layers go: {label.split(' (')[0]} per layer ({order})", subtitle,
+            xaxis_title="layer", yaxis_title=label if measured else f"{label} (zoomed)", barmode="overlay")
+    values = table[label].tolist()
+    if measured and wants_log(values):
+        y_range = padded_range(values, log=True)
+        ticks, text = log_ticks(y_range)
+        fig.update_yaxes(type="log", range=y_range, tickvals=ticks, ticktext=text)
+    elif measured:
+        fig.update_yaxes(range=[0, max(values) * 1.08 if values and max(values) > 0 else 1])
+    else:
+        y_range, _below = robust_range(values)
+        fig.update_layout(yaxis_range=y_range)
     return fig

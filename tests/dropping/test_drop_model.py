@@ -7,7 +7,14 @@ import torch
 
 from engine.core.architectures import get_submodule
 from engine.core.models import LoadedModel
-from engine.dropping.choose import DropError, check_drop, choose_layers
+from engine.dropping.choose import (
+    DropError,
+    check_drop,
+    choose_iteratively,
+    choose_layers,
+    sensitivity_ranking,
+    top_ranked,
+)
 from engine.dropping.drop_model import drop_model, load_dropped, save_dropped
 from engine.scores.redundancy import LayerRedundancy
 from tests.tiny_models import COMMON, TINY_FACTORIES
@@ -98,3 +105,27 @@ def test_choices_and_refusals():
         check_drop(5, "layer", [0], protect_ends=True)
     with pytest.raises(DropError, match="do not exist"):
         check_drop(5, "mlp", [7], protect_ends=False)
+
+
+def test_iterative_choice_re_ranks_after_each_drop():
+    """Layers 1 and 2 are twins: each looks redundant only while the other is there."""
+    calls = []
+
+    def rank(dropped):
+        calls.append(dropped)
+        values = [0.0, 0.9, 0.8, 0.5, 0.0]
+        if 1 in dropped:
+            values[2] = 0.1  # without its twin, layer 2 carries the computation
+        return values
+
+    assert choose_layers(LayerRedundancy(lr=[0.0, 0.9, 0.8, 0.5, 0.0], attn_cos=[], mlp_cos=[], position_cos=[],
+                                         window_cos=[], histogram=[], n_tokens=1, n_windows=1, seqlen=1,
+                                         data_label="t"), 5, 2, "lr") == [1, 2]
+    assert choose_iteratively(rank, 5, 2) == [1, 3]
+    assert calls == [[], [1]]
+    with pytest.raises(DropError, match="Only 3 layers"):
+        choose_iteratively(rank, 5, 4)
+
+
+def test_sensitivity_ranking_drops_the_cheapest_first():
+    assert top_ranked(sensitivity_ranking([0.5, 0.01, 0.3, 0.02, 9.0]), [1, 2, 3], 2) == [1, 3]

@@ -97,3 +97,44 @@ def test_dropping_runs_store_honest_sizes_and_stacks_reload(store, tiny_loaded):
     assert sliced.config["stages"][0]["method"] == "slicing" and sliced.metrics["ppl"] > 1
     with pytest.raises(ValueError, match="first stage"):
         run_stacked(store, tiny_loaded, QuantPlan(), QuantPlan(), CALIB, EVAL)
+
+
+def test_dropping_by_measured_sensitivity_drops_a_constructed_identity_layer(store, tiny_folder):
+    """Layer 2 adds nothing to the residual stream: its measured drop KL is 0, so it goes first."""
+    from engine.core.architectures import get_submodule
+    from engine.core.models import load_model
+    from engine.runs.plans import DropPlan
+    from engine.runs.runner import dropped_layers, measured_drop_kl
+
+    loaded = load_model(tiny_folder)
+    layer = loaded.architecture.decoder_layers(loaded.model)[2]
+    for path in (loaded.architecture.attn_output, loaded.architecture.mlp_output):
+        get_submodule(layer, path).weight.data.zero_()
+    loaded = type(loaded).from_model(loaded.model, loaded.tokenizer, "identity layer 2")
+    plan = DropPlan(block="layer", count=1, by="sensitivity")
+    calib = replace(CALIB, n_windows=4)  # the sensitivity lab's smallest sample
+    with pytest.raises(ValueError, match="too few"):
+        dropped_layers(store, loaded, plan, CALIB)
+    with pytest.raises(ScoresNotComputed) as missing:
+        dropped_layers(store, loaded, plan, calib, compute=False)
+    assert missing.value.compute is not None and "sensitivity" in missing.value.what
+    assert missing.value.compute(None) == [2]
+    assert dropped_layers(store, loaded, plan, calib, compute=False) == [2]  # measured once, then cached
+    kl = measured_drop_kl(store, loaded, plan, calib)
+    assert kl[2] == pytest.approx(0.0, abs=1e-9) and min(kl[1], kl[3]) > 1e-6
+
+
+def test_iterative_dropping_re_scores_the_smaller_model_and_is_stored(store, tiny_loaded):
+    from engine.runs.plans import DropPlan
+    from engine.runs.runner import dropped_layers, run_dropping
+
+    at_once = dropped_layers(store, tiny_loaded, DropPlan(count=2, protect_ends=False), CALIB)
+    plan = DropPlan(count=2, protect_ends=False, iterative=True)
+    with pytest.raises(ScoresNotComputed):  # the partly dropped model has no scores yet
+        dropped_layers(store, tiny_loaded, plan, CALIB, compute=False)
+    iterative = dropped_layers(store, tiny_loaded, plan, CALIB)
+    assert len(iterative) == 2 and set(iterative) & set(at_once)  # the first pick is the dense model's top
+    assert dropped_layers(store, tiny_loaded, plan, CALIB, compute=False) == iterative  # cached per fingerprint
+    outcome = run_dropping(store, tiny_loaded, plan, CALIB, EVAL, layers=iterative)
+    assert outcome.config["iterative"] and "iteratively" in outcome.config["choice"]
+    assert outcome.record.config["series"] == "drop layers by lr, iterative"

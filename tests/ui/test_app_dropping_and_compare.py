@@ -5,7 +5,7 @@ from __future__ import annotations
 import plotly.io
 
 from engine.runs.store import ResultsStore
-from tests.apptest import click, open_app, use_small_data
+from tests.apptest import click, open_app, plotly_values, use_small_data
 
 
 def _ready(page: str):
@@ -53,3 +53,25 @@ def test_compare_page_stacks_drop_then_quantize(tiny_app):
     assert not at.exception and not at.error, at.error
     run = ResultsStore().runs(method="stacked")[0]
     assert [stage["method"] for stage in run.config["stages"]] == ["dropping", "quantization"]
+
+
+def test_dropping_by_measured_sensitivity_iteratively(tiny_app):
+    at = _ready("dropping")
+    at.selectbox(key="keep.drop_by").set_value("sensitivity").run()
+    assert "too few" in at.error[0].value  # 2 calibration windows: the sensitivity lab needs 4
+    at = use_small_data(at, windows=4, seqlen=40)
+    if any(b.label.startswith("Compute LR scores") for b in at.button):
+        click(at, "Compute LR scores")
+    click(at, "Compute the sensitivity ranking")
+    assert not at.exception and not at.error, at.error
+    fig = plotly.io.from_json(at.get("plotly_chart")[0].proto.spec)
+    assert "cheaper to drop" in fig.layout.title.text and fig.data[0].y is not None
+    assert all(v >= 0 for trace in fig.data for v in plotly_values(trace.y))  # KL is never negative
+    at.toggle(key="keep.drop_iterative").set_value(True).run()
+    click(at, "Compute the sensitivity ranking (")  # the second ranking runs on the model without the first pick
+    assert not at.exception and not at.error, at.error
+    assert any("chosen iteratively" in c.value for c in at.caption)
+    click(at, "Run dropping")
+    assert not at.exception and not at.error, at.error
+    run = ResultsStore().runs(method="dropping")[0]
+    assert run.config["iterative"] and run.config["by"] == "sensitivity"

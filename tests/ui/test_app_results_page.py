@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import base64
-
-import numpy as np
-
 import plotly.io
 
 from engine.runs.store import ResultsStore
-from tests.apptest import open_app
+from tests.apptest import open_app, plotly_values as _values
 
 DATA = {"source": "wiki-offline", "split": "evaluation", "n_windows": 3, "seqlen": 48,
         "label": "wiki-offline evaluation, 3 windows × 48 tokens"}
@@ -17,13 +13,6 @@ DATA = {"source": "wiki-offline", "split": "evaluation", "n_windows": 3, "seqlen
 
 def _figure(at):
     return plotly.io.from_json(at.get("plotly_chart")[0].proto.spec)
-
-
-def _values(array):
-    """Plotly JSON stores numeric arrays as base64 typed arrays (``{"dtype", "bdata"}``)."""
-    if isinstance(array, dict) and "bdata" in array:
-        return np.frombuffer(base64.b64decode(array["bdata"]), dtype=array["dtype"]).tolist()
-    return list(array)
 
 
 def _add(store, method, series, data, fraction, ppl):
