@@ -155,6 +155,13 @@ class ExpertLinear:
     def out_features(self) -> int:
         return int(self.parameter.shape[1])
 
+    def register_forward_pre_hook(self, *_args, **_kwargs):
+        """Refuse: an expert of a fused tensor never runs as a module, so its inputs cannot be hooked (GPTQ)."""
+        raise UnsupportedArchitectureError(
+            "GPTQ hooks each linear's inputs, and this model's experts are fused 3-D tensors with no per-expert "
+            "module: quantize it with RTN."
+        )
+
 
 _EXPERT_PATH = re.compile(r"^(?P<path>.+)\[(?P<index>\d+)\]$")
 

@@ -25,7 +25,7 @@ from torch import nn
 from engine.core.architectures import Architecture, architecture_of, get_submodule
 from engine.core.models import LoadedModel
 from engine.core.paths import atomic_folder
-from engine.dropping.choose import check_drop
+from engine.dropping.choose import DropError, check_drop
 
 INFO_FILE = "dropping.json"
 
@@ -119,6 +119,9 @@ def drop_model(base: LoadedModel, block: str, layers: list[int], protect_ends: b
     ``layers``: decoder-layer indices of the dense model.  Dropping nothing gives an exact copy.
     """
     chosen = check_drop(base.num_layers, block, layers, protect_ends)
+    refusal = base.architecture.reason(f"drop-{block}") if block != "layer" else None
+    if refusal and chosen:
+        raise DropError(f"{base.architecture.model_type} cannot drop {block} blocks: {refusal}")
     model = copy.deepcopy(base.model).eval()
     apply_drop(model, base.architecture, block, chosen)
     count = sum(p.numel() for p in base.model.parameters())

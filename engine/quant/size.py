@@ -82,7 +82,7 @@ def size_report(model: nn.Module, arch: Architecture, bits: Sequence[int], spec:
             out, inp = linear.weight.shape
             layer_bits += weight_storage_bits(out, inp, b, spec.group_size, spec.stores_group_index)
             layer_weights += out * inp
-            quantized_ids.add(id(linear.weight))
+            quantized_ids.add(id(getattr(linear, "parameter", linear.weight)))  # fused experts: the 3-D tensor
         per_layer.append(layer_bits / layer_weights)
         q_bits, code_bits, n_weights = q_bits + layer_bits, code_bits + b * layer_weights, n_weights + layer_weights
     unquantized = {"embedding": 0, "head": 0, "norms": 0, "biases": 0, "other": 0}

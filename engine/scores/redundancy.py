@@ -31,7 +31,10 @@ class LayerRedundancy:
     ``[L][seqlen]`` (mean over windows), ``window_cos`` is ``[L][n_windows]``,
     ``histogram`` is ``[L][HIST_BINS]`` token counts over [-1, 1].
     ``attn_cos`` compares the residual before attention with the residual
-    after adding attention's output; ``mlp_cos`` the same around the MLP.
+    after adding attention's output (times the layer's residual multiplier,
+    if any); ``mlp_cos`` the same around the MLP.  Both are NaN for a model
+    whose attention block cannot be identified (``arch.reason("sublayer")``);
+    for parallel blocks (Phi-2) "after attention" is ``x + attention(norm(x))``.
     """
 
     lr: list[float]
@@ -111,11 +114,15 @@ class _LayerHooks:
         self.batch_mask: torch.Tensor | None = None
         self.first_window = 0
         self._x = self._attn_out = None
+        self.sublayers = arch.reason("sublayer") is None
+        multiplier = arch.residual_multiplier
+        self.scale = float(getattr(layer, multiplier)) if multiplier else 1.0  # Granite scales block outputs
         self.handles = [
             layer.register_forward_pre_hook(self._on_input, with_kwargs=True),
-            get_submodule(layer, arch.attention).register_forward_hook(self._on_attention),
             layer.register_forward_hook(self._on_output),
         ]
+        if self.sublayers:
+            self.handles.append(get_submodule(layer, arch.attention).register_forward_hook(self._on_attention))
 
     def _mine(self) -> bool:
         return threading.get_ident() == self.thread
@@ -132,12 +139,15 @@ class _LayerHooks:
         if not self._mine():
             return
         y = output[0] if isinstance(output, tuple) else output
-        mid = self._x.float() + self._attn_out.float()
         mask = self.batch_mask.to(y.device, torch.float64)
         acc, i, w = self.acc, self.index, self.first_window
         acc.add_layer(i, _token_cos(self._x, y), mask, w)
-        acc.attn[i] += (_token_cos(self._x, mid).double() * mask).sum().cpu()
-        acc.mlp[i] += (_token_cos(mid, y).double() * mask).sum().cpu()
+        if not self.sublayers:  # attention / MLP not identifiable: their cosines stay NaN
+            acc.attn[i] = acc.mlp[i] = float("nan")
+        else:
+            mid = self._x.float() + self.scale * self._attn_out.float()
+            acc.attn[i] += (_token_cos(self._x, mid).double() * mask).sum().cpu()
+            acc.mlp[i] += (_token_cos(mid, y).double() * mask).sum().cpu()
         self._x = self._attn_out = None
 
     def remove(self) -> None:
