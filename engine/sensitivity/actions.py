@@ -169,6 +169,10 @@ def check_supported(action: Action, architecture: Architecture, hidden_size: int
     divisor), which does not hold for LayerNorm without centring.
     """
     if action.kind == "slice":
+        if architecture.reason("slicing") or architecture.parallel_blocks:
+            raise UnsupportedActionError(
+                f"{architecture.model_type} cannot be sliced: "
+                f"{architecture.reason('slicing') or 'parallel attention and MLP blocks (one norm)'}")
         if architecture.norm_kind != "rms":
             raise UnsupportedActionError(
                 f"Slicing needs RMSNorm layers; {architecture.model_type} uses '{architecture.norm_kind}' norms, "
@@ -179,3 +183,7 @@ def check_supported(action: Action, architecture: Architecture, hidden_size: int
         raise UnsupportedActionError(
             f"{architecture.model_type} layers have no separate attention and MLP blocks to drop one of; "
             "measure 'drop' (the whole layer) instead.")
+    block = {"drop-attn": "drop-attention", "drop-mlp": "drop-mlp"}.get(action.kind)
+    reason = architecture.reason(block) or architecture.reason("sublayer") if block else None
+    if reason:
+        raise UnsupportedActionError(f"{architecture.model_type} cannot {action.kind}: {reason}")

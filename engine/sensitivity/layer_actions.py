@@ -60,7 +60,7 @@ def attention_update(layer: nn.Module, arch: Architecture, hidden: torch.Tensor,
     update, _ = get_submodule(layer, arch.attention)(hidden_states=normed, **kwargs)
     if arch.attn_residual_dropout:
         update = get_submodule(layer, arch.attn_residual_dropout)(update)
-    return update
+    return update * getattr(layer, arch.residual_multiplier) if arch.residual_multiplier else update
 
 
 def mlp_update(layer: nn.Module, arch: Architecture, hidden: torch.Tensor) -> torch.Tensor:
@@ -68,7 +68,7 @@ def mlp_update(layer: nn.Module, arch: Architecture, hidden: torch.Tensor) -> to
     update = get_submodule(layer, arch.mlp)(get_submodule(layer, arch.mlp_norm)(hidden))
     if arch.mlp_residual_dropout:
         update = get_submodule(layer, arch.mlp_residual_dropout)(update)
-    return update
+    return update * getattr(layer, arch.residual_multiplier) if arch.residual_multiplier else update
 
 
 class _Wrapper(nn.Module):
