@@ -16,20 +16,24 @@ evaluation windows (8 × 512 of its *evaluation* split) and ``perplexity``.
 Rows per bit level, each quantized from scratch in this one process:
 
 - ``rtn``: the engine's round-to-nearest (asymmetric, integer zeros, group 128);
-- ``layerlab gptq``: the engine's default GPTQ (sequential, static act-order,
-  damping 0.01), as ``bench.gptq`` runs it;
 - ``llm-compressor gptq``: ``GPTQModifier`` (int, asymmetric, strategy group,
   group 128, ``actorder="static"``, ``dampening_frac=0.01``, block 128,
   ``lm_head`` ignored) through ``oneshot`` with the ``sequential`` pipeline on
   the same windows (batch 1, no shuffling).  Its fake-quantized weights are
-  copied into a plain copy of the dense model, which is then evaluated.
+  copied into a plain copy of the dense model, which is then evaluated;
+- ``layerlab gptq``: the engine's default GPTQ (sequential, "true sequential"
+  inside a layer, static act-order, damping 0.01), as ``bench.gptq`` runs it;
+- with ``--layerwise``, ``layerlab gptq, reference's in-layer propagation``:
+  the engine's kernel with llm-compressor's order inside a layer (see
+  :func:`layerwise_propagation`), which isolates that one design difference.
 
 ``quantize_s`` is the wall time of the quantization call (deep copy and
 calibration forwards included; llm-compressor's also includes its tracing).
-``codes_equal_layer0_qkv``: fraction of layer 0's q/k/v weights that land on
-the same grid point in both GPTQs (both see exactly the embedding outputs
-there, so this is the per-linear kernel check); ``codes_equal_all``: the same
-over every linear (later linears see different signals, see the README).
+``codes_equal_layer0_qkv``: fraction of layer 0's q/k/v weights on the same
+grid point as llm-compressor's (both see exactly the embedding outputs
+there); ``codes_equal_all``: the same over every linear.  The meta holds a
+kernel check on layer 0's q/k/v: the same Hessian through LayerLab's kernel
+and llm-compressor's ``quantize_weight``, with their grid and with ours.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import argparse
 import copy
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -158,6 +162,79 @@ def _codes_equal(loaded, ours, theirs, layers: list[int], names: tuple[str, ...]
     return same / total
 
 
+@torch.no_grad()
+def layer0_kernel_check(loaded, calibration, bits: int) -> dict:
+    """Layer 0's q/k/v (identical inputs in both): LayerLab's kernel against llm-compressor's ``quantize_weight``.
+
+    Same Hessian (LayerLab's, of the 16 calibration windows) into both; their
+    kernel once with their own grid (fp32 min-max scales) and once with ours
+    (fp16 scales rounded up).  Returns the fraction of weights on the same
+    grid point as LayerLab's and the output errors ``||(W - Q) Xᵀ||`` summed
+    over q/k/v, relative to LayerLab's.
+    """
+    from compressed_tensors.quantization import QuantizationArgs
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+
+    from engine.quant.gptq import HessianAccumulator, gptq_quantize_shared
+    from engine.quant.grid import rtn_quantize
+
+    arch = loaded.architecture
+    linears = arch.layer_linears(arch.decoder_layers(loaded.model)[0])
+    inputs, acc = [], HessianAccumulator(linears["q"].in_features)
+
+    def hook(_module, args):
+        acc.add(args[0])
+        inputs.append(args[0].reshape(-1, args[0].shape[-1]).float())
+
+    handle = linears["q"].register_forward_pre_hook(hook)
+    try:
+        for window in calibration.input_ids:
+            loaded.model.model(input_ids=window[None])  # the decoder stack is enough
+    finally:
+        handle.remove()
+    x, hessian = torch.cat(inputs), acc.hessian()
+    spec = QuantizerSpec(method="gptq", bits=bits, group_size=GROUP, act_order=True, damp=DAMP)
+    weights = [linears[name].weight.float() for name in ("q", "k", "v")]
+    ours = [q.dequantize() for q in gptq_quantize_shared(weights, hessian, [spec] * 3)]
+    qargs = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="group", group_size=GROUP,
+                             actorder="static")
+    offset, maxq = 2 ** (bits - 1), 2**bits - 1
+    out = {}
+    for label in ("their grid", "our grid"):
+        same = total = 0
+        error = {"ours": 0.0, "theirs": 0.0}
+        for weight, mine in zip(weights, ours):
+            columns = torch.arange(weight.shape[1]) // GROUP
+            rtn = rtn_quantize(weight, spec)
+            if label == "our grid":
+                scale, zero = rtn.scales.float(), rtn.zeros.float() - offset
+            else:  # compressed-tensors' min-max qparams, per group (the last one 64 wide)
+                groups = [weight[:, columns == g] for g in range(int(columns.max()) + 1)]
+                low = torch.stack([g.amin(1) for g in groups], 1).clamp(max=0)
+                high = torch.stack([g.amax(1) for g in groups], 1).clamp(min=0)
+                scale = (high - low) / maxq
+                zero = torch.clamp(torch.round(-offset - low / scale), -offset, offset - 1)
+            theirs = quantize_weight(weight[None].clone(), hessian.float()[None], scale[None], zero[None], None, qargs,
+                                     blocksize=128, percdamp=DAMP)[0][0]
+            same += int(((theirs - mine).abs() < 0.5 * rtn.scales.float()[:, columns]).sum())
+            total += weight.numel()
+            error["ours"] += float(((weight - mine) @ x.t()).norm() ** 2)
+            error["theirs"] += float(((weight - theirs) @ x.t()).norm() ** 2)
+        out[f"{bits}-bit, {label}: same grid point"] = round(same / total, 5)
+        out[f"{bits}-bit, {label}: their output error / ours"] = round((error["theirs"] / error["ours"]) ** 0.5, 5)
+    return out
+
+
+def _ratios(level: list[dict], dense: float) -> list[dict]:
+    """Add perplexity over RTN's (the level's first row) and over dense to each row (same columns in all)."""
+    columns = {key: "-" for r in level for key in r}
+    for r in level:
+        r.update({key: value for key, value in columns.items() if key not in r})
+        r["ppl_vs_rtn"] = r["ppl"] / level[0]["ppl"]
+        r["ppl_vs_dense"] = r["ppl"] / dense
+    return level
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3])
@@ -165,7 +242,8 @@ def main() -> None:
     parser.add_argument("--calibration-windows", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--skip-layerlab", action="store_true", help="only RTN and llm-compressor")
+    parser.add_argument("--skip-layerlab", action="store_true", help="no LayerLab GPTQ with its default settings")
+    parser.add_argument("--skip-reference", action="store_true", help="only the engine's rows (no llm-compressor)")
     parser.add_argument("--layerwise", action="store_true",
                         help="also LayerLab's GPTQ with llm-compressor's in-layer propagation (diagnosis)")
     args = parser.parse_args()
@@ -180,8 +258,10 @@ def main() -> None:
     evaluation = token_windows(DataSpec("wiki-offline", "evaluation", args.seqlen, args.eval_windows),
                                loaded.tokenizer)
     dense = perplexity(loaded.model, evaluation).ppl
-    rows = []
+    rows, kernel = [], {}
     for bits in args.bits:
+        if not args.skip_reference:
+            kernel.update(layer0_kernel_check(loaded, calibration, bits))
         level = []
 
         def row(variant: str, model, seconds: float, **extra) -> dict:
@@ -197,40 +277,37 @@ def main() -> None:
                              use_cache=False)
         row("rtn", rtn.model, time.perf_counter() - start)
         del rtn
-        ours = None
-        if not args.skip_layerlab:
-            spec = QuantizerSpec(method="gptq", bits=bits, group_size=GROUP, act_order=True, damp=DAMP)
+        theirs = None
+        if not args.skip_reference:
             start = time.perf_counter()
-            ours = quantize_model(loaded, [bits] * loaded.num_layers, calibration, spec=spec, use_cache=False)
-            row("layerlab gptq", ours.model, time.perf_counter() - start)
-            if args.layerwise:
-                start = time.perf_counter()
-                with layerwise_propagation():
-                    layerwise = quantize_model(loaded, [bits] * loaded.num_layers, calibration, spec=spec,
-                                               use_cache=False)
-                row("layerlab gptq, reference's in-layer propagation", layerwise.model,
-                    time.perf_counter() - start)
-                del layerwise
-        start = time.perf_counter()
-        theirs = llm_compressor_gptq(copy.deepcopy(loaded.model), loaded.tokenizer, calibration, bits)
-        seconds = time.perf_counter() - start
-        extra = {}
-        if ours is not None:
-            extra = {"codes_equal_layer0_qkv": _codes_equal(loaded, ours.model, theirs, [0], ("q", "k", "v")),
-                     "codes_equal_all": _codes_equal(loaded, ours.model, theirs, list(range(loaded.num_layers)),
-                                                     None)}
-        row("llm-compressor gptq", plain_copy(loaded.model, theirs), seconds, **extra)
-        del theirs, ours
-        base = level[0]["ppl"]
-        for r in level:
-            r["ppl_vs_rtn"] = r["ppl"] / base
-            r["ppl_vs_dense"] = r["ppl"] / dense
-        rows += level
+            theirs = llm_compressor_gptq(copy.deepcopy(loaded.model), loaded.tokenizer, calibration, bits)
+            row("llm-compressor gptq", plain_copy(loaded.model, theirs), time.perf_counter() - start)
+
+        def same_codes(model) -> dict:
+            """Fractions of weights on the same grid point as llm-compressor's (layer 0's q/k/v; everything)."""
+            if theirs is None:
+                return {}
+            return {"codes_equal_layer0_qkv": _codes_equal(loaded, model, theirs, [0], ("q", "k", "v")),
+                    "codes_equal_all": _codes_equal(loaded, model, theirs, list(range(loaded.num_layers)), None)}
+
+        spec = QuantizerSpec(method="gptq", bits=bits, group_size=GROUP, act_order=True, damp=DAMP)
+        variants = {} if args.skip_layerlab else {"layerlab gptq": None}
+        if args.layerwise:
+            variants["layerlab gptq, reference's in-layer propagation"] = layerwise_propagation
+        for name, context in variants.items():
+            start = time.perf_counter()
+            with context() if context else nullcontext():
+                ours = quantize_model(loaded, [bits] * loaded.num_layers, calibration, spec=spec, use_cache=False)
+            row(name, ours.model, time.perf_counter() - start, **same_codes(ours.model))
+            del ours
+        del theirs
+        rows += _ratios(level, dense)
     meta = {"model": loaded.source, "layers": loaded.num_layers, "calibration": calibration.label(),
             "evaluation": evaluation.label(), "dense_ppl": round(dense, 4), "threads": torch.get_num_threads(),
             "grid": f"asymmetric, integer zero points, group {GROUP}, damping {DAMP}",
             "reference": f"llmcompressor {llmcompressor.__version__} GPTQModifier, actorder static, sequential "
-                         "pipeline", "torch": torch.__version__, "transformers": transformers.__version__}
+                         "pipeline", "torch": torch.__version__, "transformers": transformers.__version__,
+            "layer 0 q/k/v kernel check (same Hessian, llm-compressor's quantize_weight)": kernel}
     suffix = "" if args.eval_windows == 8 else f"_eval{args.eval_windows}"
     report("gptq_reference" + suffix, rows, meta)
 
