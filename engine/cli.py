@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from engine.core.data import SOURCES, DataSpec
 from engine.core.models import BUILTIN_NAME, load_model
 from engine.dropping.choose import RANKINGS
+from engine.optimize.bit_budget import DEFAULT_LEVELS, BitBudget
+from engine.runs.bits_optimizer import BitsOptimizerPlan, optimize_bits
 from engine.runs.plans import (
     DEFAULT_CALIB_SEQLEN,
     DEFAULT_CALIB_WINDOWS,
@@ -175,6 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     sensitivity.add_argument("--k", type=float, default=3.0, help="outlier threshold |z| > k")
     sensitivity.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward")
     sensitivity.add_argument("--json", default=None, help="write the per-layer matrix and the agreement table here")
+    bits = commands.add_parser("optimize-bits", help="bits per layer under a size budget, from measured per-layer "
+                               "damage; checked on held-out calibration windows, then evaluated")
+    _common(bits)
+    budget = bits.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--avg-bits", type=float, help="honest bits per quantized weight (scales and zeros included)")
+    budget.add_argument("--bytes", type=float, help="whole-model bytes (unquantized parts at 16 bits)")
+    bits.add_argument("--levels", type=_ints, default=list(DEFAULT_LEVELS), help="allowed levels, e.g. 2,3,4,8")
+    bits.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn")
+    bits.add_argument("--group-size", type=int, default=128)
+    bits.add_argument("--candidates", type=int, default=3, help="solver candidates checked on held-out windows")
+    bits.add_argument("--held-out", type=int, default=4, help="calibration windows after --calib-windows used to "
+                      "check candidates")
+    bits.add_argument("--json", default=None, help="write the candidates, the choice and its evaluation here")
     return parser
 
 
@@ -239,6 +254,8 @@ def run(args) -> None:
                  else DropPlan("layer", args.drop_layers))
         then = QuantPlan("rtn", 128, args.quantize_bits, args.quantize_bits, 0.0)
         _print_run("stacked", run_stacked(store, loaded, first, then, calibration, evaluation, progress=_progress))
+    elif args.command == "optimize-bits":
+        _optimize_bits(args, store, loaded, calibration, evaluation)
     elif args.command == "sweep-methods":
         _sweep_methods(args, store, loaded, calibration, evaluation)
     else:
@@ -294,6 +311,25 @@ def _sensitivity(args, store, loaded, calibration) -> None:
     print(json.dumps({"finding": summary["finding"], "data": summary["data"], "json": args.json,
                       "cached": {d.spec.key: hit for d, hit in zip(matrix.damages, matrix.cached)},
                       "kl": {d.spec.key: [round(v, 6) for v in d.kl] for d in matrix.damages}}))
+
+
+def _optimize_bits(args, store, loaded, calibration, evaluation) -> None:
+    """Optimize (cached), print every candidate, evaluate the chosen allocation (stored), write ``--json``."""
+    plan = BitsOptimizerPlan(BitBudget(avg_bits=args.avg_bits, total_bytes=args.bytes), tuple(args.levels),
+                             args.quantizer, args.group_size or None, args.candidates, args.held_out)
+    result = optimize_bits(store, loaded, plan, calibration, progress=_progress)
+    for row in result.table().to_dict("records"):
+        print(json.dumps({"candidate": row}, default=float))
+    print(json.dumps({"summary": result.summary()}))
+    _print_run("dense", ensure_dense(store, loaded, evaluation, _progress))
+    outcome = run_quantization(store, loaded, plan.quant_plan(result.best.ordering), calibration, evaluation,
+                               allocation=result.allocation(), progress=_progress)
+    _print_run("quantization", outcome)
+    if args.json:
+        with atomic_file(args.json) as temp:
+            temp.write_text(json.dumps({**result.to_dict(), "summary": result.summary(), "run": outcome.run_id,
+                                        "evaluation": outcome.record.data_label, "eval_ppl": outcome.metrics["ppl"]},
+                                       indent=2))
 
 
 def _run_sweep(plans, run_one, kind: str, store, loaded, evaluation) -> None:

@@ -15,6 +15,7 @@ from engine.runs.runner import (
 )
 from engine.runs.sweeps import quantization_sweep, run_sweep
 from engine.viz import charts
+from ui.optimizer_panels import bits_optimizer_panel
 from ui.session import require_model, results_store
 from ui.state import kept
 from ui.widgets import (
@@ -42,6 +43,9 @@ st.caption(
 if loaded.note:
     st.caption("The built-in model was distributed at 4 bits: 3- and 2-bit levels are the informative ones.")
 calibration, evaluation, zero_shot = calibration_and_evaluation(loaded)
+choose = st.radio("Choose the bits", ["ordering", "optimizer"], key=kept("quant_choose"), horizontal=True,
+                  format_func={"ordering": "by an importance ordering (the paper)",
+                               "optimizer": "optimize for a size budget (measured)"}.get)
 cols = st.columns(4)
 quantizer = cols[0].selectbox("Quantizer", ["rtn", "gptq"], key=kept("quant_method"),
                               format_func={"rtn": "round-to-nearest", "gptq": "GPTQ (calibrated)"}.get)
@@ -52,6 +56,13 @@ act_order = cols[0].checkbox("GPTQ act-order", value=True, key=kept("quant_act_o
 group_size = cols[0].selectbox("Group size", [32, 64, 128, 256], index=2, key=kept("quant_group"))
 zero_point = cols[0].radio("Zero point", ["integer", "float"], key=kept("quant_zero"), horizontal=True,
                            help="integer: GPTQ-style grid; float: fp16 group minimum (Q4_1 style).")
+if choose == "optimizer":
+    if calibration is None or evaluation is None:
+        st.stop()
+    bits_optimizer_panel(store, loaded, calibration, EvalPlan(evaluation, **zero_shot), quantizer, group_size)
+    st.subheader("Trade-off")
+    method_tradeoff(store, loaded, "quantization", evaluation, "quantization_tradeoff")
+    st.stop()
 high_bits = cols[1].select_slider("High bits", list(range(2, 9)), 4, key=kept("quant_high"))
 low_bits = cols[1].select_slider("Low bits", list(range(2, 9)), 2, key=kept("quant_low"))
 mode = cols[2].radio("Allocate by", ["fraction", "average"], key=kept("quant_mode"),

@@ -46,7 +46,8 @@ class DataUnavailableError(DataError):
 class DataSpec:
     """What text to use: source, split, window length (tokens), number of windows.
 
-    ``n_windows=None`` means every full window the split holds.
+    ``n_windows=None`` means every full window the split holds.  ``offset``: windows skipped at the start
+    (held-out windows: e.g. calibration windows 16-19 after a measurement on windows 0-15).
     """
 
     source: str = "wiki-offline"
@@ -54,6 +55,7 @@ class DataSpec:
     seqlen: int = 512
     n_windows: int | None = 32
     path: str | None = None
+    offset: int = 0
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -66,13 +68,20 @@ class DataSpec:
             raise DataError(f"Number of windows must be at least 1, got {self.n_windows}.")
         if self.source == "file" and not self.path:
             raise DataError("The 'file' source needs the path of a text file.")
+        if self.offset < 0:
+            raise DataError(f"The window offset must be 0 or more, got {self.offset}.")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain fields (cache keys, run records); ``offset`` only when non-zero, so keys made before it existed
+        still match."""
+        fields = asdict(self)
+        if not self.offset:
+            del fields["offset"]
+        return fields
 
     def label(self) -> str:
         """Short human description for chart captions (asked-for window count)."""
-        return describe_data(self.source, self.split, self.n_windows, self.seqlen, self.path)
+        return describe_data(self.source, self.split, self.n_windows, self.seqlen, self.path, self.offset)
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,8 @@ class TokenWindows:
 
     def label(self) -> str:
         """Caption text with the number of windows actually used."""
-        return describe_data(self.spec.source, self.spec.split, self.n_windows, self.seqlen, self.spec.path)
+        return describe_data(self.spec.source, self.spec.split, self.n_windows, self.seqlen, self.spec.path,
+                             self.spec.offset)
 
     def usage(self) -> str:
         """Windows used, asked for and available, e.g. ``"2,189 windows of 512 tokens (4,096 asked, 2,189 available)"``."""
@@ -124,11 +134,13 @@ def _content_hash(path: str, _size: int, _mtime_ns: int) -> str:
     return digest.hexdigest()[:8]
 
 
-def describe_data(source: str, split: str, n_windows: int | None, seqlen: int | None, path: str | None = None) -> str:
-    """The one data label: ``"<source or file#hash> <split>, <n> windows × <seqlen> tokens"``."""
+def describe_data(source: str, split: str, n_windows: int | None, seqlen: int | None, path: str | None = None,
+                  offset: int = 0) -> str:
+    """The one data label: ``"<source or file#hash> <split>, <n> windows × <seqlen> tokens"`` (``", from window
+    <offset>"`` appended when windows were skipped)."""
     name = file_identity(path) if source == "file" and path else source
     count = "all" if n_windows is None else n_windows
-    return f"{name} {split}, {count} windows × {seqlen} tokens"
+    return f"{name} {split}, {count} windows × {seqlen} tokens" + (f", from window {offset}" if offset else "")
 
 
 def clean_wiki_markup(text: str) -> str:
@@ -255,12 +267,14 @@ def token_windows(spec: DataSpec, tokenizer, max_seqlen: int | None = None) -> T
             f"Choose {max_seqlen} or less."
         )
     ids = _token_ids(tokenizer, spec.source, spec.split, spec.path)
-    available = ids.numel() // spec.seqlen
-    if available == 0:
+    available = ids.numel() // spec.seqlen - spec.offset
+    if available <= 0:
+        skipped = f" after skipping {spec.offset} windows" if spec.offset else ""
         raise DataError(
             f"The {spec.split} text of '{spec.label()}' has only {ids.numel()} tokens: "
-            f"not one window of {spec.seqlen}. Use a shorter seqlen or more text."
+            f"not one window of {spec.seqlen}{skipped}. Use a shorter seqlen, fewer windows or more text."
         )
     count = available if spec.n_windows is None else min(spec.n_windows, available)
-    windows = ids[: count * spec.seqlen].reshape(count, spec.seqlen).clone()
+    start = spec.offset * spec.seqlen
+    windows = ids[start: start + count * spec.seqlen].reshape(count, spec.seqlen).clone()
     return TokenWindows(input_ids=windows, spec=spec, available=available)

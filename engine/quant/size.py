@@ -71,18 +71,27 @@ class SizeReport:
                 "unquantized_fractions": {k: v / self.dense_bytes for k, v in self.unquantized.items()}}
 
 
+def layer_storage(arch: Architecture, layer: nn.Module, bits: int, spec: QuantizerSpec) -> tuple[int, int, set[int]]:
+    """Storage bits and weight count of one decoder layer's linears at ``bits`` (codes, scales, zeros), and the
+    ids of the parameters they quantize (fused experts: the 3-D tensor)."""
+    layer_bits = layer_weights = 0
+    ids = set()
+    for linear in arch.layer_linears(layer).values():
+        out, inp = linear.weight.shape
+        layer_bits += weight_storage_bits(out, inp, bits, spec.group_size, spec.stores_group_index)
+        layer_weights += out * inp
+        ids.add(id(getattr(linear, "parameter", linear.weight)))
+    return layer_bits, layer_weights, ids
+
+
 def size_report(model: nn.Module, arch: Architecture, bits: Sequence[int], spec: QuantizerSpec) -> SizeReport:
     """Bytes of ``model`` with layer ``i``'s linears at ``bits[i]`` (tied weights counted once)."""
     layers = arch.decoder_layers(model)
     check_bits(bits, len(layers))
     quantized_ids, per_layer, q_bits, code_bits, n_weights = set(), [], 0, 0, 0
     for layer, b in zip(layers, bits):
-        layer_bits = layer_weights = 0
-        for linear in arch.layer_linears(layer).values():
-            out, inp = linear.weight.shape
-            layer_bits += weight_storage_bits(out, inp, b, spec.group_size, spec.stores_group_index)
-            layer_weights += out * inp
-            quantized_ids.add(id(getattr(linear, "parameter", linear.weight)))  # fused experts: the 3-D tensor
+        layer_bits, layer_weights, ids = layer_storage(arch, layer, b, spec)
+        quantized_ids.update(ids)
         per_layer.append(layer_bits / layer_weights)
         q_bits, code_bits, n_weights = q_bits + layer_bits, code_bits + b * layer_weights, n_weights + layer_weights
     unquantized = {"embedding": 0, "head": 0, "norms": 0, "biases": 0, "other": 0}

@@ -59,7 +59,7 @@ def data_label(data: dict) -> str:
     if not isinstance(data.get("source"), str):
         return "no perplexity data"
     return describe_data(data["source"], data.get("split", "?"), data.get("n_windows"), data.get("seqlen"),
-                         data.get("path"))
+                         data.get("path"), data.get("offset", 0))
 
 
 @dataclass(frozen=True)

@@ -317,6 +317,9 @@ def allocation_for(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, ca
         order = layer_order(n, kind, importance)
     elif plan.ordering == "random":
         order = layer_order(n, "random", seed=plan.seed)
+    elif plan.ordering == "optimizer":
+        raise ValueError("Optimizer allocations come from 'Optimize for budget' (engine.runs.bits_optimizer); "
+                         "pass the chosen allocation to the run.")
     else:
         order = layer_order(n, "custom", permutation=plan.custom_order)
     if plan.target_bits is not None:

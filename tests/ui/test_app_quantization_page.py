@@ -53,3 +53,26 @@ def test_builtin_bit_map_counts_layers():
     if any(b.label.startswith("Compute LR scores") for b in at.button):
         click(at, "Compute LR scores")
     assert _bits_caption(at).startswith("Average 3.467 code bits")  # 25% of 30 layers -> 8 at 2 bits
+
+
+def test_optimize_for_budget_refuses_bad_budgets_then_optimizes_and_runs(tiny_app):
+    at = use_small_data(open_app("quantization"), windows=4, seqlen=32)
+    at.radio(key="keep.quant_choose").set_value("optimizer").run()
+    at.number_input(key="keep.opt_avg_bits").set_value(2.0).run()  # below 2 bits + group scales
+    assert any("below the smallest" in e.value and "bits per weight" in e.value for e in at.error)
+    at.multiselect(key="keep.opt_levels").set_value([]).run()
+    assert any("at least one bit level" in e.value for e in at.error)
+    at.multiselect(key="keep.opt_levels").set_value([2, 3, 4, 8])
+    at.number_input(key="keep.opt_avg_bits").set_value(3.5)
+    at.slider(key="keep.opt_candidates").set_value(2)
+    at.number_input(key="keep.opt_held_out").set_value(2).run()
+    click(at, "Optimize for budget")
+    assert not at.exception and not at.error, at.error
+    summary = next(m.value for m in at.markdown if m.value.startswith("Chosen:"))
+    assert "held-out perplexity" in summary and "from window 4" in summary
+    spec = next(c.proto.spec for c in at.get("plotly_chart") if "predicted vs measured" in c.proto.spec)
+    assert "star" in spec
+    click(at, "Run the chosen allocation")
+    assert not at.exception and not at.error, at.error
+    series = {r.series for r in ResultsStore().runs(method="quantization")}
+    assert any(s.startswith("optimizer") for s in series) and any(s.startswith("lim") for s in series)

@@ -1,0 +1,115 @@
+"""One-click optimizers on the built-in model: bits under a budget vs the orderings; solver time.
+
+    python -m bench.optimize [--budgets 3.0,3.5] [--levels 2,3,4,5,6,8] [--quantizer rtn] [--part bits|slicing|all]
+
+Bits: for each budget (honest bits per weight, scales and zeros included),
+``engine.runs.bits_optimizer.optimize_bits`` measures per-layer KL at every
+level on *calibration* windows, solves, and checks its candidates plus the
+uniform / LIM / ZD / random allocations at the same budget on held-out
+calibration windows.  Every candidate is then run on the wiki-offline
+*evaluation* windows (never used for choosing) through the dashboard's runner.
+``vs_best_ordering`` = evaluation perplexity / the best of LIM, ZD, random.
+
+Solver time: 30 layers × 7 modules × 6 levels (the built-in model's module
+shapes, random damages), exact k-best DP, median of 5.
+
+Slicing (``--part slicing``): see ``engine.runs.slicing_optimizer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import report
+from engine.core.data import DataSpec
+from engine.core.models import load_model
+from engine.optimize.bit_budget import BitBudget
+from engine.optimize.knapsack import solve
+from engine.runs.bits_optimizer import BitsOptimizerPlan, optimize_bits
+from engine.runs.plans import EvalPlan
+from engine.runs.runner import ensure_dense, run_quantization
+from engine.runs.store import ResultsStore
+
+
+def solver_seconds(repeats: int = 5) -> dict:
+    """Median wall time of the exact k-best solver on 210 units × 6 levels."""
+    shapes = [576 * 576, 576 * 192, 576 * 192, 576 * 576, 576 * 1536, 576 * 1536, 1536 * 576] * 30
+    levels = (2, 3, 4, 5, 6, 8)
+    rng = random.Random(0)
+    costs = [[n * b + n // 4 for b in levels] for n in shapes]
+    values = [[rng.uniform(0, 1) / b for b in levels] for _ in shapes]
+    budget = int(sum(n * 3.5 for n in shapes))
+    out = {}
+    for k in (1, 3):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            solution = solve(costs, values, budget, k=k)
+            times.append(time.perf_counter() - start)
+        out[f"k={k}"] = {"seconds": statistics.median(times), "exact": solution.exact, "cells": solution.cells}
+    return out
+
+
+def bits_part(args, store: ResultsStore, loaded, calibration: DataSpec, evaluation: EvalPlan) -> list[dict]:
+    rows = []
+    for budget in [float(b) for b in args.budgets.split(",")]:
+        plan = BitsOptimizerPlan(BitBudget(avg_bits=budget), levels=tuple(int(b) for b in args.levels.split(",")),
+                                 quantizer=args.quantizer, candidates=args.candidates)
+        start = time.perf_counter()
+        result = optimize_bits(store, loaded, plan, calibration)
+        optimize_s = time.perf_counter() - start
+        measured = []
+        for i, candidate in enumerate(result.candidates):
+            outcome = run_quantization(store, loaded, plan.quant_plan(candidate.ordering), calibration, evaluation,
+                                       allocation=result.allocation(candidate))
+            measured.append((candidate, outcome.metrics["ppl"], i == result.chosen))
+        orderings = [ppl for c, ppl, _ in measured
+                     if c.source == "ordering" or any(a.endswith("ordering") for a in c.also)]
+        best_ordering = min(orderings) if orderings else float("nan")
+        for candidate, ppl, chosen in measured:
+            rows.append({"budget_bpw": budget, "quantizer": args.quantizer,
+                         "candidate": candidate.name + (f" (= {', '.join(candidate.also)})" if candidate.also else ""),
+                         "chosen": chosen, "bpw": round(candidate.avg_bits, 4),
+                         "predicted_kl": candidate.predicted_kl, "held_out_ppl": candidate.measured_ppl,
+                         "eval_ppl": ppl, "vs_best_ordering": ppl / best_ordering,
+                         "bits": " ".join(map(str, candidate.bits)),
+                         "optimize_s": optimize_s if chosen else None})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["bits", "slicing", "all"], default="all")
+    parser.add_argument("--budgets", default="3.0,3.5")
+    parser.add_argument("--levels", default="2,3,4,5,6,8")
+    parser.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn")
+    parser.add_argument("--candidates", type=int, default=3)
+    parser.add_argument("--calib-windows", type=int, default=16)
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--store", default=None, help="results store to reuse (default: a throw-away one)")
+    args = parser.parse_args()
+    loaded = load_model("smollm2-135m")
+    store = ResultsStore(Path(args.store) if args.store else
+                         Path(tempfile.mkdtemp(prefix="bench-optimize-")) / "runs.sqlite")
+    calibration = DataSpec("wiki-offline", "calibration", args.seqlen, args.calib_windows)
+    evaluation = EvalPlan(DataSpec("wiki-offline", "evaluation", args.seqlen, args.eval_windows))
+    dense = ensure_dense(store, loaded, evaluation)
+    meta = {"model": loaded.source, "dense_ppl": round(dense.metrics["ppl"], 3), "evaluation": dense.data_label,
+            "calibration": calibration.label()}
+    if args.part in ("bits", "all"):
+        meta["solver"] = solver_seconds()
+        report(f"optimize_bits_{args.quantizer}", bits_part(args, store, loaded, calibration, evaluation), meta)
+    if args.part in ("slicing", "all"):
+        from bench.optimize_slicing import slicing_part
+
+        report("optimize_slicing", slicing_part(args, store, loaded, calibration, evaluation), meta)
+
+
+if __name__ == "__main__":
+    main()

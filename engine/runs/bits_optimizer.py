@@ -1,0 +1,286 @@
+""""Optimize for budget": bits per layer from measured damage, checked on held-out calibration text.
+
+1. Measure: the sensitivity lab's KL of quantizing each layer alone at each
+   allowed level (cached per model, data, windows, seqlen, level).
+2. Solve: the ``k`` allocations of least summed KL whose honest size fits
+   the budget (:mod:`engine.optimize.knapsack`, exact).
+3. Check: damage is not exactly additive, so every solver candidate, the
+   uniform allocation and the LIM / ZD / random orderings at the same budget
+   are quantized and measured on *held-out* calibration windows (the windows
+   right after the ones measured on; never evaluation text).  The best
+   measured one is returned, whichever produced it: the optimizer is never
+   worse than what it competes with on that text.
+
+The result is cached in the store, so a page rerun is instant; running the
+chosen allocation (and the orderings) on evaluation text is
+:func:`engine.runs.runner.run_quantization` with the allocation passed in.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import pandas as pd
+
+from engine.core.data import DataError, DataSpec, token_windows
+from engine.core.models import LoadedModel
+from engine.core.progress import StageProgress, stage_callback
+from engine.evaluation.perplexity import perplexity
+from engine.optimize.bit_budget import DEFAULT_LEVELS, BitBudget, check_levels, layer_costs, ordering_bits, uniform_bits
+from engine.optimize.knapsack import solve
+from engine.quant.allocation import Allocation, layer_order
+from engine.quant.grid import QuantizerSpec
+from engine.quant.quantize_model import quantize_model
+from engine.runs.plans import QuantPlan
+from engine.runs.runner import compute_scores
+from engine.runs.store import ResultsStore, cache_key
+from engine.scores.ranking import zd_importance
+from engine.sensitivity.actions import Action
+from engine.sensitivity.cached import measure_sensitivity, scan_estimate
+from engine.sensitivity.errors import ScanCancelled
+from engine.sensitivity.scan import StopCheck
+
+OPTIMIZER_VERSION = 1
+DEFAULT_HELD_OUT = 4
+
+
+@dataclass(frozen=True)
+class BitsOptimizerPlan:
+    """What to optimize: the budget, allowed levels, quantizer grid, solver candidates, held-out windows."""
+
+    budget: BitBudget
+    levels: tuple[int, ...] = DEFAULT_LEVELS
+    quantizer: str = "rtn"
+    group_size: int | None = 128
+    candidates: int = 3
+    held_out_windows: int = DEFAULT_HELD_OUT
+
+    def spec(self) -> QuantizerSpec:
+        """The quantizer at the highest level (GPTQ with static act-order, as the sensitivity lab measures it)."""
+        return QuantizerSpec(method=self.quantizer, bits=max(check_levels(self.levels)), group_size=self.group_size,
+                             act_order=self.quantizer == "gptq")
+
+    def actions(self) -> list[Action]:
+        return [Action(self.quantizer, bits=b, group_size=self.group_size) for b in check_levels(self.levels)]
+
+    def quant_plan(self, ordering: str = "optimizer", seed: int = 0) -> QuantPlan:
+        """The plan a run of one candidate is stored under (its series names the method)."""
+        levels = check_levels(self.levels)
+        return QuantPlan(quantizer=self.quantizer, group_size=self.group_size, high_bits=max(levels),
+                         low_bits=min(levels), low_fraction=None, ordering=ordering, seed=seed,
+                         act_order=self.quantizer == "gptq")
+
+
+@dataclass
+class Candidate:
+    """One allocation tried: where it came from, its size, the damage predicted and measured on held-out text.
+
+    ``predicted_kl`` / ``predicted_dnll``: sums of the per-layer measurements (nats/token);
+    ``measured_ppl`` / ``measured_dnll``: on the held-out windows (ΔNLL against dense, nats/token).
+    """
+
+    name: str
+    source: str  # "optimizer", "uniform" or "ordering"
+    bits: list[int]
+    avg_bits: float
+    model_bytes: float
+    predicted_kl: float
+    predicted_dnll: float
+    measured_ppl: float = float("nan")
+    measured_dnll: float = float("nan")
+    also: list[str] = field(default_factory=list)
+
+    @property
+    def ordering(self) -> str:
+        """The QuantPlan ordering a run of this candidate is stored under."""
+        return {"LIM ordering": "lim", "ZD ordering": "zd", "random ordering": "random"}.get(self.name, "optimizer")
+
+
+@dataclass
+class BitsOptimization:
+    """Every candidate (solver's first), which one was chosen, and what it was measured on."""
+
+    plan: BitsOptimizerPlan
+    candidates: list[Candidate]
+    chosen: int
+    dense_ppl: float
+    measured_on: str
+    held_out_on: str
+    budget_bits: int
+    exact: bool
+    solve_seconds: float
+    seconds: float
+
+    @property
+    def best(self) -> Candidate:
+        return self.candidates[self.chosen]
+
+    def competitor_runs(self) -> list[tuple[str, Candidate]]:
+        """``(ordering, candidate)`` for LIM, ZD and random at this budget (also when a solver candidate has the
+        same bits): the runs that put the orderings beside the optimizer on a trade-off chart."""
+        out = []
+        for name, ordering in (("LIM ordering", "lim"), ("ZD ordering", "zd"), ("random ordering", "random")):
+            found = next((c for c in self.candidates if c.name == name or name in c.also), None)
+            if found is not None:
+                out.append((ordering, found))
+        return out
+
+    def allocation(self, candidate: Candidate | None = None) -> Allocation:
+        """An :class:`Allocation` of ``candidate`` (default: the chosen one) for runs and bit-map charts."""
+        c = candidate or self.best
+        order = tuple(sorted(range(len(c.bits)), key=lambda i: (c.bits[i], i)))
+        return Allocation(tuple(c.bits), order, note=f"{c.name}, budget {self.plan.budget.label()}")
+
+    def table(self) -> pd.DataFrame:
+        """One row per candidate: size, predicted and measured damage, chosen mark."""
+        rows = [{"candidate": c.name + (f" (= {', '.join(c.also)})" if c.also else ""), "source": c.source,
+                 "bits per weight": round(c.avg_bits, 4), "MiB": round(c.model_bytes / 2**20, 2),
+                 "predicted KL": c.predicted_kl, "predicted ΔNLL": c.predicted_dnll,
+                 "held-out ppl": c.measured_ppl, "measured ΔNLL": c.measured_dnll,
+                 "chosen": i == self.chosen, "bits": " ".join(map(str, c.bits))}
+                for i, c in enumerate(self.candidates)]
+        return pd.DataFrame(rows)
+
+    def summary(self) -> str:
+        """One sentence from the numbers: what was chosen and by how much it beat the best competitor."""
+        best = self.best
+        rivals = [c for c in self.candidates
+                  if c.source != "optimizer" or any(not name.startswith("optimizer") for name in c.also)]
+        text = (f"Chosen: {best.name} at {best.avg_bits:.3f} bits per weight, held-out perplexity "
+                f"{best.measured_ppl:.2f} (dense {self.dense_ppl:.2f})")
+        if best.source == "optimizer" and best in rivals:
+            text += f"; the solver's choice is also {', '.join(best.also)}"
+        elif best.source == "optimizer" and rivals:
+            rival = min(rivals, key=lambda c: c.measured_ppl)
+            text += (f"; {100 * (1 - best.measured_ppl / rival.measured_ppl):.1f}% below the best competitor "
+                     f"({rival.name}, {rival.measured_ppl:.2f})")
+        elif best.source != "optimizer":
+            solver = min((c for c in self.candidates if c.source == "optimizer"), key=lambda c: c.measured_ppl)
+            text += (f"; the solver's best ({solver.name}, {solver.measured_ppl:.2f}) measured worse, so the "
+                     "competitor is returned")
+        return text + f". Measured on {self.held_out_on}; damages from {self.measured_on}."
+
+    def to_dict(self) -> dict:
+        return {"plan": {**asdict(self.plan), "budget": asdict(self.plan.budget)},
+                "candidates": [asdict(c) for c in self.candidates], "chosen": self.chosen,
+                "dense_ppl": self.dense_ppl, "measured_on": self.measured_on, "held_out_on": self.held_out_on,
+                "budget_bits": self.budget_bits, "exact": self.exact, "solve_seconds": self.solve_seconds,
+                "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, payload: dict) -> "BitsOptimization":
+        plan = dict(payload["plan"])
+        plan["budget"] = BitBudget(**plan["budget"])
+        plan["levels"] = tuple(plan["levels"])
+        fields = {k: v for k, v in payload.items() if k not in ("plan", "candidates")}
+        return cls(plan=BitsOptimizerPlan(**plan), candidates=[Candidate(**c) for c in payload["candidates"]],
+                   **fields)
+
+
+def held_out_spec(calibration: DataSpec, n_windows: int) -> DataSpec:
+    """The ``n_windows`` calibration windows right after ``calibration``'s own (never evaluation text)."""
+    if calibration.n_windows is None:
+        raise DataError("Held-out checks need calibration windows left over: choose a number of calibration "
+                        "windows instead of 'all'.")
+    if n_windows < 1:
+        raise DataError(f"Use at least one held-out window, got {n_windows}.")
+    return replace(calibration, offset=calibration.offset + calibration.n_windows, n_windows=n_windows)
+
+
+def _key(loaded: LoadedModel, plan: BitsOptimizerPlan, calibration: DataSpec) -> str:
+    return cache_key(kind="bits_optimizer", version=OPTIMIZER_VERSION, fingerprint=loaded.fingerprint,
+                     plan={**asdict(plan), "budget": asdict(plan.budget)},
+                     data=calibration.to_dict())
+
+
+def check_plan(loaded: LoadedModel, plan: BitsOptimizerPlan) -> int:
+    """The budget in bits for the layers; refuses bad levels and budgets they cannot reach (nothing runs)."""
+    return plan.budget.layer_bits(layer_costs(loaded.model, loaded.architecture, plan.levels, plan.spec()))
+
+
+def optimization_if_cached(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerPlan,
+                           calibration: DataSpec) -> BitsOptimization | None:
+    """A stored result for exactly these inputs, else None (nothing runs)."""
+    payload = store.get_cached(_key(loaded, plan, calibration))
+    return None if payload is None else BitsOptimization.from_dict(payload)
+
+
+def optimize_estimate(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerPlan,
+                      calibration: DataSpec) -> str:
+    """Rough time of :func:`optimize_bits` now (cached measurements are free), for the button."""
+    return scan_estimate(store, loaded, calibration, plan.actions()).text()
+
+
+def _competitors(store: ResultsStore, loaded: LoadedModel, calibration: DataSpec, costs, budget_bits: int,
+                 progress: StageProgress | None) -> dict[str, list[int]]:
+    """Uniform and the LIM / ZD / random orderings at the same budget."""
+    lr, zd, _hit = compute_scores(store, loaded, calibration, progress=progress)
+    n = loaded.num_layers
+    orders = {"LIM ordering": layer_order(n, "importance", lr.lim),
+              "ZD ordering": layer_order(n, "importance", zd_importance(zd.zd_layer)),
+              "random ordering": layer_order(n, "random", seed=0)}
+    found = {"uniform": uniform_bits(costs, budget_bits)}
+    found.update({name: ordering_bits(costs, budget_bits, order) for name, order in orders.items()})
+    return found
+
+
+def optimize_bits(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerPlan, calibration: DataSpec, *,
+                  progress: StageProgress | None = None, should_stop: StopCheck | None = None) -> BitsOptimization:
+    """Measure, solve, check on held-out windows; the result is cached (see the module docstring).
+
+    Bad input (levels, budget, data) is refused before anything runs, with the feasible range named.
+    """
+    cached = optimization_if_cached(store, loaded, plan, calibration)
+    if cached is not None:
+        return cached
+    start = time.perf_counter()
+    spec = plan.spec()
+    costs = layer_costs(loaded.model, loaded.architecture, plan.levels, spec)
+    budget_bits = plan.budget.layer_bits(costs)  # what check_plan refuses, refused before anything runs
+    held_out = token_windows(held_out_spec(calibration, plan.held_out_windows), loaded.tokenizer, loaded.max_seqlen)
+    if held_out.n_windows < 1:
+        raise DataError("No calibration text is left for the held-out check: use fewer calibration windows.")
+
+    matrix = measure_sensitivity(store, loaded, calibration, plan.actions(), progress=progress,
+                                 should_stop=should_stop)
+    kl = [[d.kl[i] for d in matrix.damages] for i in range(loaded.num_layers)]  # [layer][level]
+    dnll = [[d.delta_nll[i] for d in matrix.damages] for i in range(loaded.num_layers)]
+    solve_start = time.perf_counter()
+    solution = solve(costs.bits, kl, budget_bits, k=plan.candidates)
+    solve_seconds = time.perf_counter() - solve_start
+
+    proposals = {f"optimizer #{n}": [costs.levels[j] for j in s.choice]
+                 for n, s in enumerate(solution.selections, 1)}
+    proposals.update(_competitors(store, loaded, calibration, costs, budget_bits, progress))
+    candidates: list[Candidate] = []
+    for name, bits in proposals.items():
+        same = next((c for c in candidates if c.bits == bits), None)
+        if same is not None:
+            same.also.append(name)
+            continue
+        j = [costs.levels.index(b) for b in bits]
+        candidates.append(Candidate(
+            name=name, source="optimizer" if name.startswith("optimizer") else
+            ("uniform" if name == "uniform" else "ordering"), bits=list(bits),
+            avg_bits=costs.avg_bits(bits), model_bytes=costs.model_bytes(bits),
+            predicted_kl=sum(kl[i][j[i]] for i in range(len(bits))),
+            predicted_dnll=sum(dnll[i][j[i]] for i in range(len(bits)))))
+
+    calibration_windows = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen)
+    dense = perplexity(loaded.model, held_out)
+    for n, candidate in enumerate(candidates, 1):
+        if should_stop is not None and should_stop():
+            raise ScanCancelled("Optimization cancelled; nothing was stored.")
+        step = stage_callback(progress, f"checking {candidate.name} ({n}/{len(candidates)})")
+        quantized = quantize_model(loaded, candidate.bits,
+                                   calibration_windows if plan.quantizer == "gptq" else None, spec=spec,
+                                   progress=step)
+        result = perplexity(quantized.model, held_out)
+        del quantized
+        candidate.measured_ppl, candidate.measured_dnll = result.ppl, result.mean_nll - dense.mean_nll
+    chosen = min(range(len(candidates)), key=lambda i: (candidates[i].measured_ppl, i))
+    outcome = BitsOptimization(plan, candidates, chosen, dense.ppl, matrix.data_label, held_out.label(),
+                               budget_bits, solution.exact, solve_seconds, time.perf_counter() - start)
+    store.put_cached(_key(loaded, plan, calibration), "bits_optimizer", outcome.to_dict())
+    return outcome

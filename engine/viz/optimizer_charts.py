@@ -1,0 +1,34 @@
+"""Charts of the optimizers: each candidate's predicted damage against what was measured on held-out text."""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from engine.viz.style import padded_range, styled
+
+SOURCE_COLOURS = {"optimizer": "#0072B2", "uniform": "#7F7F7F", "ordering": "#E69F00"}
+
+
+def candidates_chart(table: pd.DataFrame, subtitle: str, predicted: str = "predicted KL",
+                     measured: str = "measured ΔNLL") -> go.Figure:
+    """Predicted (sum of per-layer measurements) vs measured damage on held-out windows, one marker per candidate.
+
+    ``table``: one row per candidate with ``candidate``, ``source``, ``chosen`` and the two columns named;
+    the chosen one is a star.  Points on a rising line mean the additive prediction ranks candidates right.
+    """
+    fig = go.Figure()
+    for source, group in table.groupby("source", sort=False):
+        fig.add_trace(go.Scatter(
+            x=group[predicted], y=group[measured], mode="markers+text", name=source,
+            text=group["candidate"].str.replace(r" \(= .*\)$", "", regex=True), textposition="top center",
+            marker={"color": SOURCE_COLOURS.get(source, "#333333"), "size": 11,
+                    "symbol": ["star" if c else "circle" for c in group["chosen"]],
+                    "line": {"color": "black", "width": [2 if c else 0 for c in group["chosen"]]}},
+            hovertemplate="%{text}<br>" + predicted + " %{x:.4g}<br>" + measured + " %{y:.4g}<extra></extra>"))
+    styled(fig, "Candidates: predicted vs measured damage (star = chosen)", subtitle,
+           xaxis_title=f"{predicted} (sum over layers, nats/token)",
+           yaxis_title=f"{measured} on held-out windows (nats/token)")
+    fig.update_xaxes(range=padded_range(table[predicted].tolist(), pad=0.15))
+    fig.update_yaxes(range=padded_range(table[measured].tolist(), pad=0.15))
+    return fig

@@ -1,0 +1,88 @@
+"""'Optimize for budget' on the tiny model: budgets respected, held-out text only, never worse than competitors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+import engine.runs.bits_optimizer as bits_optimizer
+from engine.cli import main
+from engine.core.data import DataSpec
+from engine.optimize.bit_budget import BitBudget, BudgetError, check_levels, layer_costs
+from engine.quant.grid import QuantizerSpec
+from engine.runs.bits_optimizer import BitsOptimizerPlan, held_out_spec, optimization_if_cached, optimize_bits
+from engine.runs.store import ResultsStore
+
+CALIB = DataSpec("wiki-offline", "calibration", 32, 4)
+PLAN = BitsOptimizerPlan(BitBudget(avg_bits=3.5), levels=(2, 3, 4, 8), candidates=2, held_out_windows=2)
+
+
+def test_costs_are_honest_bits_and_budgets_outside_the_levels_are_refused(tiny_loaded):
+    spec = QuantizerSpec(group_size=32)
+    costs = layer_costs(tiny_loaded.model, tiny_loaded.architecture, (2, 4), spec)
+    # 4-bit codes + fp16 scale and zero per 32 columns = 4 + 32/32 = 5 bits per weight in every layer
+    assert costs.avg_bits([4] * 4) == pytest.approx(5.0)
+    assert costs.avg_bits([2, 4, 4, 2]) == pytest.approx(4.0)
+    with pytest.raises(BudgetError, match=r"below the smallest .* choose 3\.000–5\.000 bits per weight"):
+        BitBudget(avg_bits=2.5).layer_bits(costs)
+    with pytest.raises(BudgetError, match="above the largest"):
+        BitBudget(avg_bits=9).layer_bits(costs)
+    with pytest.raises(BudgetError, match="MiB"):
+        BitBudget(total_bytes=10).layer_bits(costs)
+    with pytest.raises(BudgetError, match="at least one bit level"):
+        check_levels([])
+    with pytest.raises(BudgetError, match="out of range"):
+        check_levels([1, 4])
+    with pytest.raises(BudgetError, match="one of them"):
+        BitBudget()
+
+
+def test_held_out_windows_follow_the_measured_ones():
+    held = held_out_spec(CALIB, 3)
+    assert (held.split, held.offset, held.n_windows) == ("calibration", 4, 3)
+    assert held.label().endswith("from window 4")
+    with pytest.raises(ValueError, match="instead of 'all'"):
+        held_out_spec(replace(CALIB, n_windows=None), 2)
+
+
+def test_optimizer_respects_the_budget_reads_no_evaluation_text_and_returns_the_best_measured(store, tiny_loaded,
+                                                                                            monkeypatch):
+    seen = []
+    real = bits_optimizer.token_windows
+
+    def spy(spec, *args, **kwargs):
+        seen.append(spec)
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(bits_optimizer, "token_windows", spy)
+    result = optimize_bits(store, tiny_loaded, PLAN, CALIB)
+    assert seen and all(spec.split == "calibration" for spec in seen)
+    names = [c.name for c in result.candidates] + [a for c in result.candidates for a in c.also]
+    assert {"optimizer #1", "uniform", "LIM ordering", "ZD ordering", "random ordering"} <= set(names)
+    for candidate in result.candidates:
+        assert candidate.avg_bits <= 3.5 + 1e-12 and set(candidate.bits) <= {2, 3, 4, 8}
+    best = min(c.measured_ppl for c in result.candidates)
+    assert result.best.measured_ppl == best  # never worse than a competitor on the held-out windows
+    solver = [c for c in result.candidates if c.source == "optimizer"]
+    assert solver[0].predicted_kl <= min(c.predicted_kl for c in result.candidates) + 1e-12
+    assert "Chosen:" in result.summary() and "from window 4" in result.summary()
+    again = optimization_if_cached(store, tiny_loaded, PLAN, CALIB)
+    assert again is not None and again.to_dict() == result.to_dict()
+
+
+def test_cli_optimize_bits_prints_stores_and_writes_json(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "bits.json"
+    argv = ["optimize-bits", "--model", tiny_folder, "--store", str(tmp_path / "r.sqlite"), "--avg-bits", "3.5",
+            "--levels", "2,3,4,8", "--candidates", "2", "--held-out", "2", "--calib-windows", "4",
+            "--calib-seqlen", "32", "--eval-windows", "2", "--eval-seqlen", "32", "--json", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert '"summary"' in printed and '"kind": "quantization"' in printed
+    written = json.loads(out.read_text())
+    assert written["candidates"] and written["eval_ppl"] > 1
+    run = ResultsStore(tmp_path / "r.sqlite").get_run(written["run"])
+    assert run.series.startswith("optimizer") and run.metrics["bits_per_weight"] <= 3.5 + 1e-9
+    assert main([*argv[:5], "--avg-bits", "1.0", *argv[7:]]) == 2
+    assert "below the smallest" in capsys.readouterr().err

@@ -1,0 +1,93 @@
+"""The one-click optimizer sections of the Quantization and Slicing pages (widgets only; the engine decides)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from engine.core.data import DataError, DataSpec
+from engine.core.models import LoadedModel
+from engine.optimize.bit_budget import DEFAULT_LEVELS, BitBudget
+from engine.quant.grid import MAX_BITS, MIN_BITS
+from engine.runs.bits_optimizer import BitsOptimizerPlan, check_plan, optimization_if_cached, optimize_bits, optimize_estimate
+from engine.runs.plans import EvalPlan
+from engine.runs.runner import run_estimate, run_quantization
+from engine.viz import charts
+from engine.viz.optimizer_charts import candidates_chart
+from ui.state import kept
+from ui.widgets import cancel_button, progress_callback, show_chart, show_outcome
+
+
+def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, evaluation: EvalPlan, quantizer: str,
+                         group_size: int) -> None:
+    """Budget, levels, candidates → Optimize (measure, solve, check on held-out) → run on evaluation text."""
+    st.subheader("Optimize for budget")
+    st.caption(
+        "Finds the bits per layer with the least measured damage under a size budget: the Sensitivity lab's KL of "
+        "quantizing each layer alone at each level (calibration text), an exact solver for the budget, then the "
+        "solver's best candidates, the uniform allocation and the LIM / ZD / random orderings at the same budget "
+        "are all measured on held-out calibration windows, and the best measured one is chosen: the optimizer is "
+        "never worse than what it competes with there. Sizes are honest (scales and zeros included); integer zero "
+        f"points; {quantizer.upper()} with groups of {group_size}.")
+    cols = st.columns(4)
+    kind = cols[0].radio("Budget as", ["bits", "MiB"], key=kept("opt_budget_kind"), horizontal=True,
+                         format_func={"bits": "bits per weight", "MiB": "model MiB"}.get)
+    if kind == "bits":
+        budget = BitBudget(avg_bits=cols[0].number_input("Average bits per weight", 2.0, 8.5, 3.5, 0.125,
+                                                         key=kept("opt_avg_bits")))
+    else:
+        budget = BitBudget(total_bytes=cols[0].number_input("Model size (MiB)", 1.0, 1e6, 100.0, 1.0,
+                                                            key=kept("opt_mib")) * 2**20)
+    levels = cols[1].multiselect("Allowed levels", list(range(MIN_BITS, MAX_BITS + 1)), list(DEFAULT_LEVELS),
+                                 key=kept("opt_levels"))
+    candidates = cols[2].slider("Solver candidates", 1, 5, 3, key=kept("opt_candidates"),
+                                help="Damage does not add up exactly: the best few allocations by the sum are "
+                                "measured, not only the first.")
+    held_out = cols[3].number_input("Held-out windows", 1, 32, 4, key=kept("opt_held_out"),
+                                    help="Calibration windows right after the ones measured on.")
+    try:
+        plan = BitsOptimizerPlan(budget, tuple(levels), quantizer, group_size, candidates, int(held_out))
+        check_plan(loaded, plan)
+        result = optimization_if_cached(store, loaded, plan, calibration)
+        estimate = optimize_estimate(store, loaded, plan, calibration) if result is None else ""
+    except (DataError, ValueError) as err:
+        st.error(str(err))
+        return
+    if result is None:
+        left, right = st.columns(2)
+        with right:
+            cancel_button("optimize_bits")
+        if left.button(f"Optimize for budget ({estimate} + checking candidates)", type="primary"):
+            try:
+                result = optimize_bits(store, loaded, plan, calibration, progress=progress_callback("Optimizing"))
+            except (DataError, ValueError) as err:
+                st.error(str(err))
+                return
+    if result is None:
+        return
+    st.markdown(result.summary())
+    table = result.table()
+    subtitle = f"{loaded.source}; damages from {result.measured_on}; checked on {result.held_out_on}"
+    show_chart(candidates_chart(table, subtitle), "optimizer_candidates",
+               f"Budget {plan.budget.label()}: {len(table)} candidates; the solver was "
+               f"{'exact' if result.exact else 'near-exact (costs rounded up)'} and took "
+               f"{result.solve_seconds * 1000:.0f} ms. {subtitle}.", table)
+    st.dataframe(table, hide_index=True, use_container_width=True)
+    bits = charts.bit_map_table(result.best.bits, None, "")
+    show_chart(charts.bit_map_chart(bits, f"{loaded.source}; {result.best.name}, budget {plan.budget.label()}"),
+               "optimizer_bit_map", f"The chosen allocation: {result.best.avg_bits:.3f} bits per weight "
+               f"({result.best.model_bytes / 2**20:.1f} MiB with unquantized parts at 16 bits).", bits)
+    competitors = result.competitor_runs()
+    cost = run_estimate(loaded, f"quantization-{quantizer}", calibration, evaluation, store)
+    if st.button(f"Run the chosen allocation and {len(competitors)} orderings on evaluation text "
+                 f"(≈ {len(competitors) + 1} × {cost})"):
+        progress = progress_callback("Evaluating")
+        try:
+            for ordering, candidate in [(result.best.ordering, result.best), *competitors]:
+                outcome = run_quantization(store, loaded, plan.quant_plan(ordering), calibration,
+                                           evaluation, allocation=result.allocation(candidate), progress=progress)
+                if candidate is result.best and ordering == result.best.ordering:
+                    show_outcome(outcome, loaded)
+        except (DataError, ValueError) as err:
+            st.error(str(err))
+        else:
+            st.success("Stored: the trade-off chart below shows them at equal average bits.")
