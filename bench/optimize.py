@@ -31,7 +31,7 @@ from engine.core.models import load_model
 from engine.optimize.bit_budget import BitBudget
 from engine.optimize.knapsack import solve
 from engine.runs.bits_optimizer import BitsOptimizerPlan, optimize_bits
-from engine.runs.plans import EvalPlan
+from engine.runs.plans import EvalPlan, SlicingPlan
 from engine.runs.runner import ensure_dense, run_quantization
 from engine.runs.store import ResultsStore
 
@@ -82,6 +82,46 @@ def bits_part(args, store: ResultsStore, loaded, calibration: DataSpec, evaluati
     return rows
 
 
+def slicing_part(args, store: ResultsStore, loaded, calibration: DataSpec, evaluation: EvalPlan) -> list[dict]:
+    """Auto schedule (SB search + measured widths, chosen on held-out calibration windows) vs the manual SB grid,
+    all on evaluation windows; the grid's best is picked *on evaluation text* (an oracle the optimizer lacks)."""
+    from engine.runs.runner import run_slicing
+    from engine.runs.slicing_optimizer import SlicingOptimizerPlan, optimize_slicing
+    from engine.sensitivity.cached import hidden_size
+
+    plan = SlicingOptimizerPlan(target=args.target)
+    start = time.perf_counter()
+    result = optimize_slicing(store, loaded, plan, calibration)
+    optimize_s = time.perf_counter() - start
+    hidden = hidden_size(loaded)
+    rows = []
+    for candidate in result.candidates:
+        if candidate.reused:
+            continue
+        outcome = run_slicing(store, loaded, candidate.plan(plan.target, plan.round_to, hidden), calibration,
+                              evaluation, schedule=candidate.schedule(hidden))
+        rows.append({"search": "auto", "candidate": candidate.name, "chosen": candidate is result.best,
+                     "achieved": outcome.metrics["achieved_fraction"], "predicted_kl": candidate.predicted_kl,
+                     "held_out_ppl": candidate.measured_ppl, "eval_ppl": outcome.metrics["ppl"],
+                     "slicings_to_choose": result.slicings, "seconds": optimize_s})
+    for sb in [round(0.05 * i, 2) for i in range(int(round(args.target / 0.05)) + 1)]:
+        outcome = run_slicing(store, loaded, SlicingPlan("dynamic", args.target, sb), calibration, evaluation)
+        rows.append({"search": "manual grid", "candidate": f"LR-dynamic SB={sb:g}", "chosen": False,
+                     "achieved": outcome.metrics["achieved_fraction"], "predicted_kl": None, "held_out_ppl": None,
+                     "eval_ppl": outcome.metrics["ppl"], "slicings_to_choose": None, "seconds": None})
+    grid = [r for r in rows if r["search"] == "manual grid"]
+    best_grid = min(grid, key=lambda r: r["eval_ppl"])
+    best_grid["chosen"] = True
+    for row in grid:
+        row["slicings_to_choose"] = len(grid)
+    auto = next(r for r in rows if r["search"] == "auto" and r["chosen"])
+    for row in rows:
+        row["vs_best_grid"] = row["eval_ppl"] / best_grid["eval_ppl"]
+    print(f"auto {auto['candidate']}: {auto['eval_ppl']:.2f} vs best grid {best_grid['candidate']}: "
+          f"{best_grid['eval_ppl']:.2f} ({result.slicings} vs {len(grid)} slicings)")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["bits", "slicing", "all"], default="all")
@@ -92,6 +132,7 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--target", type=float, default=0.25, help="slicing target SP (--part slicing)")
     parser.add_argument("--store", default=None, help="results store to reuse (default: a throw-away one)")
     args = parser.parse_args()
     loaded = load_model("smollm2-135m")
@@ -106,8 +147,6 @@ def main() -> None:
         meta["solver"] = solver_seconds()
         report(f"optimize_bits_{args.quantizer}", bits_part(args, store, loaded, calibration, evaluation), meta)
     if args.part in ("slicing", "all"):
-        from bench.optimize_slicing import slicing_part
-
         report("optimize_slicing", slicing_part(args, store, loaded, calibration, evaluation), meta)
 
 
