@@ -1,7 +1,8 @@
 """Headless CLI: ``python -m engine <command>``, writing to the store the dashboard reads.
 
 Commands: ``score``, ``evaluate``, ``slice``, ``quantize``, ``sweep-slicing``,
-``sweep-quantization``, ``sensitivity``, ``drop``, ``stack``, ``sweep-methods``.  Bad arguments or inputs print one clear line and exit
+``sweep-quantization``, ``sensitivity``, ``drop``, ``stack``, ``sweep-methods``, ``optimize-bits``,
+``optimize-slicing``.  Bad arguments or inputs print one clear line and exit
 with status 2.  For multi-GPU servers, ``--device-map auto``
 spreads the model over the GPUs with accelerate.
 """
@@ -190,6 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     bits.add_argument("--held-out", type=int, default=4, help="calibration windows after --calib-windows used to "
                       "check candidates")
     bits.add_argument("--json", default=None, help="write the candidates, the choice and its evaluation here")
+    slicing = commands.add_parser("optimize-slicing", help="the best slicing schedule for a target: SB predicted "
+                                  "from measured per-layer damage, a measured schedule, checked on held-out "
+                                  "calibration windows, then evaluated")
+    _common(slicing)
+    slicing.add_argument("--target", type=float, default=0.25, help="average share of residual dims to remove")
+    slicing.add_argument("--fractions", type=_floats, default=[0.1, 0.2, 0.3, 0.4],
+                         help="per-layer slicing fractions to measure")
+    slicing.add_argument("--round-to", type=int, default=8)
+    slicing.add_argument("--sb-checks", type=int, default=2, help="best predicted SB values sliced and checked")
+    slicing.add_argument("--held-out", type=int, default=4, help="calibration windows after --calib-windows used "
+                         "to check candidates")
+    slicing.add_argument("--json", default=None, help="write the candidates, the choice and its evaluation here")
     return parser
 
 
@@ -254,6 +267,8 @@ def run(args) -> None:
                  else DropPlan("layer", args.drop_layers))
         then = QuantPlan("rtn", 128, args.quantize_bits, args.quantize_bits, 0.0)
         _print_run("stacked", run_stacked(store, loaded, first, then, calibration, evaluation, progress=_progress))
+    elif args.command == "optimize-slicing":
+        _optimize_slicing(args, store, loaded, calibration, evaluation)
     elif args.command == "optimize-bits":
         _optimize_bits(args, store, loaded, calibration, evaluation)
     elif args.command == "sweep-methods":
@@ -330,6 +345,28 @@ def _optimize_bits(args, store, loaded, calibration, evaluation) -> None:
             temp.write_text(json.dumps({**result.to_dict(), "summary": result.summary(), "run": outcome.run_id,
                                         "evaluation": outcome.record.data_label, "eval_ppl": outcome.metrics["ppl"]},
                                        indent=2))
+
+
+def _optimize_slicing(args, store, loaded, calibration, evaluation) -> None:
+    """Search (cached), print every candidate, evaluate the chosen schedule (stored), write ``--json``."""
+    from engine.runs.slicing_optimizer import SlicingOptimizerPlan, optimize_slicing
+    from engine.sensitivity.cached import hidden_size
+
+    plan = SlicingOptimizerPlan(args.target, tuple(args.fractions), args.round_to, args.held_out, args.sb_checks)
+    result = optimize_slicing(store, loaded, plan, calibration, progress=_progress)
+    for row in result.table().to_dict("records"):
+        print(json.dumps({"candidate": row}, default=float))
+    print(json.dumps({"summary": result.summary()}))
+    _print_run("dense", ensure_dense(store, loaded, evaluation, _progress))
+    hidden = hidden_size(loaded)
+    outcome = run_slicing(store, loaded, result.best.plan(plan.target, plan.round_to, hidden), calibration,
+                          evaluation, schedule=result.best.schedule(hidden), progress=_progress)
+    _print_run("slicing", outcome)
+    if args.json:
+        with atomic_file(args.json) as temp:
+            temp.write_text(json.dumps({**result.to_dict(), "summary": result.summary(), "run": outcome.run_id,
+                                        "evaluation": outcome.record.data_label, "eval_ppl": outcome.metrics["ppl"]},
+                                       indent=2, default=float))
 
 
 def _run_sweep(plans, run_one, kind: str, store, loaded, evaluation) -> None:

@@ -13,6 +13,7 @@ from engine.runs.sweeps import run_sweep, slicing_sweep
 from engine.slicing.schedules import achieved_fraction, schedule_dims
 from engine.slicing.slice_model import pca_rank_warning
 from engine.viz import charts
+from ui.optimizer_panels import slicing_optimizer_panel
 from ui.session import require_model, results_store
 from ui.state import kept
 from ui.widgets import (
@@ -37,14 +38,22 @@ st.caption(
 )
 calibration, evaluation, zero_shot = calibration_and_evaluation(loaded)
 cols = st.columns(4)
-source = cols[0].radio("Schedule", ["dynamic", "constant", "custom"], key=kept("slicing_schedule"),
-                       format_func={"dynamic": "LR dynamic", "constant": "constant", "custom": "custom table"}.get)
+source = cols[0].radio("Schedule", ["dynamic", "constant", "custom", "best"], key=kept("slicing_schedule"),
+                       format_func={"dynamic": "LR dynamic", "constant": "constant", "custom": "custom table",
+                                    "best": "find the best (measured)"}.get)
 target = cols[1].slider("Target average slicing SP %", 0, 50, 25, key=kept("slicing_target")) / 100
 basis = cols[2].slider("Slicing basis SB % (≤ SP)", 0, 50, 10, key=kept("slicing_basis"),
-                       disabled=source != "dynamic",
+                       disabled=source not in ("dynamic",),
                        help="The least redundant layer is sliced by SB; SB = SP is constant slicing.") / 100
 round_to = cols[3].number_input("Round dims to a multiple of", 1, 128, 8, key=kept("slicing_round"))
 final_rotation = cols[3].checkbox("Final random rotation", key=kept("slicing_rotation"))
+if source == "best":
+    if calibration is None or evaluation is None:
+        st.stop()
+    slicing_optimizer_panel(store, loaded, calibration, EvalPlan(evaluation, **zero_shot), target, int(round_to))
+    st.subheader("Trade-off")
+    method_tradeoff(store, loaded, "slicing", evaluation, "slicing_tradeoff")
+    st.stop()
 fractions = ()
 if source == "custom":
     table = st.data_editor({"layer": list(range(n_layers)), "fraction": [target] * n_layers},

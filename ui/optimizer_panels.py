@@ -91,3 +91,78 @@ def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, eval
             st.error(str(err))
         else:
             st.success("Stored: the trade-off chart below shows them at equal average bits.")
+
+
+def slicing_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, evaluation: EvalPlan, target: float,
+                            round_to: int) -> None:
+    """Target, measured fractions → Find best schedule (measure, predict, check on held-out) → run on evaluation."""
+    import pandas as pd
+
+    from engine.runs.runner import run_slicing
+    from engine.runs.slicing_optimizer import (
+        SlicingOptimizerPlan,
+        optimize_slicing,
+        slicing_optimization_if_cached,
+        slicing_optimize_estimate,
+    )
+    from engine.sensitivity.cached import hidden_size
+    from engine.viz.optimizer_charts import basis_search_chart
+
+    st.subheader("Find best schedule")
+    st.caption(
+        "Measures what slicing each layer alone costs (KL on calibration text, at a few fractions), predicts every "
+        "LR-dynamic SB from those curves without slicing, builds a measured schedule (per-layer widths by an exact "
+        "solver under the average), then slices only the best predicted SB values and the measured schedule and "
+        "checks them on held-out calibration windows. Schedules with the same widths are sliced once.")
+    cols = st.columns(3)
+    fractions = cols[0].multiselect("Fractions measured per layer", [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5],
+                                    [0.1, 0.2, 0.3, 0.4], key=kept("opt_slice_fractions"))
+    checks = cols[1].slider("SB values sliced and checked", 1, 4, 2, key=kept("opt_slice_checks"))
+    held_out = cols[2].number_input("Held-out windows", 1, 32, 4, key=kept("opt_slice_held_out"))
+    try:
+        plan = SlicingOptimizerPlan(target, tuple(sorted(fractions)), int(round_to), int(held_out), checks)
+        if not fractions:
+            raise ValueError("Choose at least one fraction to measure (e.g. 0.1, 0.2, 0.3, 0.4).")
+        if target > max(fractions):
+            raise ValueError(f"A target of {target:.0%} needs layers sliced beyond the largest fraction measured "
+                             f"({max(fractions):.0%}): add a larger fraction.")
+        plan.actions()
+        result = slicing_optimization_if_cached(store, loaded, plan, calibration)
+        estimate = slicing_optimize_estimate(store, loaded, plan, calibration) if result is None else ""
+    except (DataError, ValueError) as err:
+        st.error(str(err))
+        return
+    if result is None:
+        left, right = st.columns(2)
+        with right:
+            cancel_button("optimize_slicing")
+        if left.button(f"Find best schedule ({estimate} + {checks + 1} slicings at most)", type="primary"):
+            try:
+                result = optimize_slicing(store, loaded, plan, calibration,
+                                          progress=progress_callback("Finding the schedule"))
+            except (DataError, ValueError) as err:
+                st.error(str(err))
+                return
+    if result is None:
+        return
+    st.markdown(result.summary())
+    table = result.table()
+    subtitle = f"{loaded.source}; damages from {result.measured_on}; checked on {result.held_out_on}"
+    show_chart(basis_search_chart(pd.DataFrame(result.grid), table[table["SB"].notna()], subtitle),
+               "slicing_basis_search", f"Target SP {target:.0%}; {result.slicings} slicings. {subtitle}.",
+               pd.DataFrame(result.grid))
+    st.dataframe(table, hide_index=True, use_container_width=True)
+    hidden = hidden_size(loaded)
+    best = result.best
+    widths = charts.schedule_table(best.schedule(hidden).fractions, best.dims, hidden, None)
+    show_chart(charts.schedule_chart(widths, f"{loaded.source}; {best.name}"), "optimizer_schedule",
+               f"The chosen schedule: {best.name}, average {best.fraction:.3f} removed.", widths)
+    cost = run_estimate(loaded, "slicing", calibration, evaluation, store)
+    if st.button(f"Run the chosen schedule on evaluation text ({cost})"):
+        try:
+            outcome = run_slicing(store, loaded, best.plan(target, int(round_to), hidden), calibration, evaluation,
+                                  schedule=best.schedule(hidden), progress=progress_callback("Slicing"))
+        except (DataError, ValueError) as err:
+            st.error(str(err))
+        else:
+            show_outcome(outcome, loaded)

@@ -32,3 +32,26 @@ def candidates_chart(table: pd.DataFrame, subtitle: str, predicted: str = "predi
     fig.update_xaxes(range=padded_range(table[predicted].tolist(), pad=0.15))
     fig.update_yaxes(range=padded_range(table[measured].tolist(), pad=0.15))
     return fig
+
+
+def basis_search_chart(grid: pd.DataFrame, checked: pd.DataFrame, subtitle: str) -> go.Figure:
+    """Predicted damage of the LR-dynamic schedule over the SB grid (line) and the SB values sliced for real
+    (markers at their prediction, hover with the held-out perplexity; star = chosen).
+
+    ``grid``: ``SB``, ``predicted KL``; ``checked``: the candidate table rows with an SB.
+    """
+    fig = go.Figure(go.Scatter(x=grid["SB"], y=grid["predicted KL"], mode="lines", name="predicted (no slicing)",
+                               line={"color": "#0072B2"},
+                               hovertemplate="SB %{x:.3f}<br>predicted KL %{y:.4g}<extra></extra>"))
+    if len(checked):
+        fig.add_trace(go.Scatter(
+            x=checked["SB"], y=checked["predicted KL"], mode="markers", name="sliced and checked",
+            marker={"color": "#D55E00", "size": 12,
+                    "symbol": ["star" if c else "circle" for c in checked["chosen"]]},
+            customdata=checked["held-out ppl"],
+            hovertemplate="SB %{x:.3f}<br>held-out ppl %{customdata:.2f}<extra></extra>"))
+    styled(fig, "Slicing basis search: predicted damage of each SB", subtitle, xaxis_title="slicing basis SB",
+           yaxis_title="predicted KL (sum of per-layer measurements, nats/token)")
+    fig.update_xaxes(range=padded_range(grid["SB"].tolist(), pad=0.05))
+    fig.update_yaxes(range=padded_range(grid["predicted KL"].tolist(), pad=0.1))
+    return fig

@@ -14,7 +14,7 @@ TINY = ["--calib-windows", "2", "--calib-seqlen", "32", "--eval-windows", "2", "
 
 
 @pytest.mark.parametrize("command", ["score", "evaluate", "slice", "quantize", "sweep-slicing", "drop", "stack",
-                                     "sweep-methods",
+                                     "sweep-methods", "optimize-bits", "optimize-slicing",
                                      "sweep-quantization"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:

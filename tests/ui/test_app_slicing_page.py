@@ -56,3 +56,24 @@ def test_run_slicing_stores_against_dense_and_charts_the_result(tiny_app):
 def test_builtin_rank_deficient_calibration_is_warned():
     at = use_small_data(open_app("slicing"))
     assert "rank-deficient" in at.warning[0].value  # 2 × 32 calibration tokens < hidden size 576
+
+
+def test_find_best_schedule_refuses_bad_targets_then_searches_and_runs(tiny_app):
+    from engine.runs.store import ResultsStore
+    from tests.apptest import click, open_app, use_small_data
+
+    at = use_small_data(open_app("slicing"), windows=4, seqlen=32)
+    at.radio(key="keep.slicing_schedule").set_value("best").run()
+    at.slider(key="keep.slicing_target").set_value(45).run()  # beyond the largest fraction measured (40%)
+    assert any("beyond the largest fraction measured" in e.value for e in at.error)
+    at.slider(key="keep.slicing_target").set_value(25)
+    at.number_input(key="keep.opt_slice_held_out").set_value(2).run()
+    click(at, "Find best schedule")
+    assert not at.exception and not at.error, at.error
+    summary = next(m.value for m in at.markdown if m.value.startswith("Chosen:"))
+    assert "slicings for" in summary and "from window 4" in summary
+    specs = [c.proto.spec for c in at.get("plotly_chart")]
+    assert any("Slicing basis search" in s for s in specs) and any("Per-layer slicing schedule" in s for s in specs)
+    click(at, "Run the chosen schedule")
+    assert not at.exception and not at.error, at.error
+    assert ResultsStore().runs(method="slicing")
