@@ -65,8 +65,8 @@ def bits_part(args, store: ResultsStore, loaded, calibration: DataSpec, evaluati
         optimize_s = time.perf_counter() - start
         measured = []
         for i, candidate in enumerate(result.candidates):
-            outcome = run_quantization(store, loaded, plan.quant_plan(candidate.ordering), calibration, evaluation,
-                                       allocation=result.allocation(candidate))
+            outcome = run_quantization(store, loaded, plan.quant_plan(candidate.ordering, candidate.bits),
+                                       calibration, evaluation, allocation=result.allocation(candidate))
             measured.append((candidate, outcome.metrics["ppl"], i == result.chosen))
         orderings = [ppl for c, ppl, _ in measured
                      if c.source == "ordering" or any(a.endswith("ordering") for a in c.also)]

@@ -337,8 +337,8 @@ def _optimize_bits(args, store, loaded, calibration, evaluation) -> None:
         print(json.dumps({"candidate": row}, default=float))
     print(json.dumps({"summary": result.summary()}))
     _print_run("dense", ensure_dense(store, loaded, evaluation, _progress))
-    outcome = run_quantization(store, loaded, plan.quant_plan(result.best.ordering), calibration, evaluation,
-                               allocation=result.allocation(), progress=_progress)
+    outcome = run_quantization(store, loaded, plan.quant_plan(result.best.ordering, result.best.bits), calibration,
+                               evaluation, allocation=result.allocation(), progress=_progress)
     _print_run("quantization", outcome)
     if args.json:
         with atomic_file(args.json) as temp:

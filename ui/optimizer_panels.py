@@ -82,8 +82,10 @@ def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, eval
                  f"(≈ {len(competitors) + 1} × {cost})"):
         progress = progress_callback("Evaluating")
         try:
-            for ordering, candidate in [(result.best.ordering, result.best), *competitors]:
-                outcome = run_quantization(store, loaded, plan.quant_plan(ordering), calibration,
+            pairs = [(result.best.ordering, result.best)]
+            pairs += [pair for pair in competitors if pair[0] != result.best.ordering]
+            for ordering, candidate in pairs:
+                outcome = run_quantization(store, loaded, plan.quant_plan(ordering, candidate.bits), calibration,
                                            evaluation, allocation=result.allocation(candidate), progress=progress)
                 if candidate is result.best and ordering == result.best.ordering:
                     show_outcome(outcome, loaded)
@@ -105,6 +107,7 @@ def slicing_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, e
         slicing_optimization_if_cached,
         slicing_optimize_estimate,
     )
+    from engine.optimize.slicing_budget import check_reachable
     from engine.sensitivity.cached import hidden_size
     from engine.viz.optimizer_charts import basis_search_chart
 
@@ -123,9 +126,7 @@ def slicing_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, e
         plan = SlicingOptimizerPlan(target, tuple(sorted(fractions)), int(round_to), int(held_out), checks)
         if not fractions:
             raise ValueError("Choose at least one fraction to measure (e.g. 0.1, 0.2, 0.3, 0.4).")
-        if target > max(fractions):
-            raise ValueError(f"A target of {target:.0%} needs layers sliced beyond the largest fraction measured "
-                             f"({max(fractions):.0%}): add a larger fraction.")
+        check_reachable(target, fractions, hidden_size(loaded), loaded.num_layers, int(round_to))
         plan.actions()
         result = slicing_optimization_if_cached(store, loaded, plan, calibration)
         estimate = slicing_optimize_estimate(store, loaded, plan, calibration) if result is None else ""

@@ -8,7 +8,8 @@ at most ``budget``.
 
 Method: dynamic programming over the budget.  Costs are first reduced
 without loss: subtract each unit's cheapest option and divide by the greatest
-common divisor ``g`` of every remaining cost difference (for bit allocations
+common divisor ``g`` of every remaining cost difference (the budget is rounded
+down to a multiple of ``g``: no selection can use the remainder) (for bit allocations
 the differences are multiples of the layers' weight counts, so ``g`` is
 large and the grid small).  The table then has ``(budget − Σ min cost) / g``
 cells and the result is **exact**.  When that exceeds ``max_cells``, costs
@@ -87,7 +88,8 @@ def solve(costs: Sequence[Sequence[int]], values: Sequence[Sequence[float]], bud
     base = [min(c) for c in costs]
     extra = [[int(x) - b for x in c] for c, b in zip(costs, base)]
     slack = int(budget) - low
-    g = reduce(math.gcd, [x for row in extra for x in row if x] + [slack]) or 1
+    # every reachable cost above the minimum is a multiple of g: the budget's remainder can never be used
+    g = reduce(math.gcd, [x for row in extra for x in row if x], 0) or 1
     step, exact = g, True
     if slack // g + 1 > max_cells:
         step, exact = math.ceil(slack / (max_cells - 1)), False

@@ -83,13 +83,25 @@ def basis_grid(curves: DamageCurves, lr: Sequence[float], target: float, hidden:
     return out
 
 
+def check_reachable(target: float, fractions: Sequence[float], hidden: int, n_layers: int, round_to: int) -> None:
+    """Refuse a target the measured fractions cannot reach once widths are rounded to ``round_to``, naming the
+    highest reachable one (checked before any measurement runs)."""
+    check_target(target)
+    if not fractions:
+        raise ScheduleError("Choose at least one fraction to measure (e.g. 0.1, 0.2, 0.3, 0.4).")
+    smallest = int(np.ceil(hidden * (1 - max(fractions)) / round_to) * round_to)
+    highest = 1.0 - smallest / hidden
+    if target > highest + 1e-12:
+        raise ScheduleError(f"A target of {target:g} needs layers sliced beyond the largest fraction measured "
+                            f"({max(fractions):g}; {highest:.4f} after rounding widths to {round_to}): lower the "
+                            "target or measure larger fractions.")
+
+
 def measured_widths(curves: DamageCurves, target: float, hidden: int, round_to: int) -> list[int]:
     """Kept width per layer (multiples of ``round_to``, at least ``hidden·(1 − max measured fraction)``) with the
     least predicted damage whose average removed fraction is at least ``target``."""
     n_layers = len(curves.kl)
-    if target > curves.fractions[-1]:
-        raise ScheduleError(f"A target of {target:g} needs layers sliced beyond the largest fraction measured "
-                            f"({curves.fractions[-1]:g}): measure larger fractions.")
+    check_reachable(target, curves.fractions, hidden, n_layers, round_to)
     smallest = int(np.ceil(hidden * (1 - curves.fractions[-1]) / round_to) * round_to)
     options = sorted({hidden, *range(smallest, hidden, round_to)})
     costs = [options] * n_layers  # kept dims: the budget caps their total

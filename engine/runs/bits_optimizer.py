@@ -27,7 +27,7 @@ from engine.core.data import DataError, DataSpec, token_windows
 from engine.core.models import LoadedModel
 from engine.core.progress import StageProgress, stage_callback
 from engine.evaluation.perplexity import perplexity
-from engine.optimize.bit_budget import DEFAULT_LEVELS, BitBudget, check_levels, layer_costs, ordering_bits, uniform_bits
+from engine.optimize.bit_budget import DEFAULT_LEVELS, BitBudget, BudgetError, check_levels, layer_costs, ordering_bits, uniform_bits
 from engine.optimize.knapsack import solve
 from engine.quant.allocation import Allocation, layer_order
 from engine.quant.grid import QuantizerSpec
@@ -64,11 +64,13 @@ class BitsOptimizerPlan:
     def actions(self) -> list[Action]:
         return [Action(self.quantizer, bits=b, group_size=self.group_size) for b in check_levels(self.levels)]
 
-    def quant_plan(self, ordering: str = "optimizer", seed: int = 0) -> QuantPlan:
-        """The plan a run of one candidate is stored under (its series names the method)."""
-        levels = check_levels(self.levels)
+    def quant_plan(self, ordering: str = "optimizer", bits: list[int] | None = None) -> QuantPlan:
+        """The plan a run of one candidate is stored under: the optimizer's levels, or for an ordering the two
+        levels its ``bits`` use (so it joins the runs of that ordering and those levels)."""
+        levels = check_levels(bits if ordering != "optimizer" and bits else self.levels)
+        low_fraction = None if ordering == "optimizer" or not bits else bits.count(min(levels)) / len(bits)
         return QuantPlan(quantizer=self.quantizer, group_size=self.group_size, high_bits=max(levels),
-                         low_bits=min(levels), low_fraction=None, ordering=ordering, seed=seed,
+                         low_bits=min(levels), low_fraction=low_fraction, ordering=ordering,
                          act_order=self.quantizer == "gptq")
 
 
@@ -196,6 +198,8 @@ def _key(loaded: LoadedModel, plan: BitsOptimizerPlan, calibration: DataSpec) ->
 
 def check_plan(loaded: LoadedModel, plan: BitsOptimizerPlan) -> int:
     """The budget in bits for the layers; refuses bad levels and budgets they cannot reach (nothing runs)."""
+    if plan.candidates < 1 or plan.held_out_windows < 1:
+        raise BudgetError("Check at least one solver candidate on at least one held-out window.")
     return plan.budget.layer_bits(layer_costs(loaded.model, loaded.architecture, plan.levels, plan.spec()))
 
 
@@ -237,7 +241,7 @@ def optimize_bits(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerP
     start = time.perf_counter()
     spec = plan.spec()
     costs = layer_costs(loaded.model, loaded.architecture, plan.levels, spec)
-    budget_bits = plan.budget.layer_bits(costs)  # what check_plan refuses, refused before anything runs
+    budget_bits = check_plan(loaded, plan)  # bad input refused before anything runs
     held_out = token_windows(held_out_spec(calibration, plan.held_out_windows), loaded.tokenizer, loaded.max_seqlen)
     if held_out.n_windows < 1:
         raise DataError("No calibration text is left for the held-out check: use fewer calibration windows.")

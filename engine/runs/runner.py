@@ -11,7 +11,7 @@ every compression works on a copy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ from engine.quant.save import save_quantized
 from engine.runs.cached_scores import cached_layer_redundancy, cached_weight_outliers
 from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, SlicingPlan
 from engine.runs.record import PPL, RunRecord, task_metrics
-from engine.runs.store import ResultsStore
+from engine.runs.store import ResultsStore, cache_key
 from engine.scores.outliers import WeightOutliers
 from engine.scores.ranking import zd_importance
 from engine.scores.redundancy import LayerRedundancy
@@ -395,8 +395,15 @@ def dropped_layers(store: ResultsStore, loaded: LoadedModel, plan: DropPlan, cal
                     compute=lambda p: dropped_layers(store, loaded, plan, calibration, p, compute=True),
                     estimate=_ranking_estimate(loaded, plan, calibration)) from None
 
-        if plan.is_iterative:
-            layers = choose_iteratively(rank, loaded.num_layers, plan.count, plan.protect_ends)
+        if plan.is_iterative:  # cached: a preview must not re-copy the model once per step on every rerun
+            key = cache_key(kind="iterative_drop", fingerprint=loaded.fingerprint, plan=asdict(plan),
+                            data=calibration.to_dict())
+            found = store.get_cached(key)
+            if found is not None:
+                layers = found["layers"]
+            else:
+                layers = choose_iteratively(rank, loaded.num_layers, plan.count, plan.protect_ends)
+                store.put_cached(key, "iterative_drop", {"layers": layers})
         else:
             layers = top_ranked(rank([]), candidates, plan.count)
     check_drop(loaded.num_layers, plan.block, layers, plan.protect_ends)

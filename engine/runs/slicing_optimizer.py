@@ -33,6 +33,7 @@ from engine.optimize.slicing_budget import (
     DamageCurves,
     achieved,
     basis_grid,
+    check_reachable,
     check_target,
     measured_widths,
     predicted_damage,
@@ -48,9 +49,9 @@ from engine.sensitivity.scan import StopCheck
 from engine.slicing.schedules import SlicingSchedule, schedule_custom
 from engine.slicing.slice_model import slice_model
 
-SLICING_OPTIMIZER_VERSION = 1
-FRACTION_TOLERANCE = 0.01
-"""An SB candidate's achieved average fraction may fall short of SP by at most this (rounding to widths)."""
+SLICING_OPTIMIZER_VERSION = 2
+FRACTION_TOLERANCE = 1e-9
+"""Candidates are compared at equal size: an SB schedule whose rounded widths remove less than SP is left out."""
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,9 @@ def optimize_slicing(store: ResultsStore, loaded: LoadedModel, plan: SlicingOpti
     start = time.perf_counter()
     target = check_target(plan.target)
     actions = plan.actions()
+    check_reachable(target, plan.fractions, hidden_size(loaded), loaded.num_layers, plan.round_to)
+    if plan.sb_checks < 1:
+        raise ValueError(f"Check at least one SB value (got {plan.sb_checks}).")
     held_out = token_windows(held_out_spec(calibration, plan.held_out_windows), loaded.tokenizer, loaded.max_seqlen)
     hidden = hidden_size(loaded)
     matrix = measure_sensitivity(store, loaded, calibration, actions, progress=progress, should_stop=should_stop)
@@ -187,7 +191,7 @@ def optimize_slicing(store: ResultsStore, loaded: LoadedModel, plan: SlicingOpti
         if all(c.dims != dims for c in proposals):
             proposals.append(ScheduleCandidate(f"LR-dynamic SB={sb:g}", sb, dims, sum(achieved(dims, hidden)) /
                                                len(dims), damage))
-    widths = measured_widths(curves, target, hidden, plan.round_to)
+    widths = measured_widths(curves, target, hidden, plan.round_to)  # always removes at least SP
     proposals.append(ScheduleCandidate("measured schedule", None, widths,
                                        sum(achieved(widths, hidden)) / len(widths),
                                        predicted_damage(curves, achieved(widths, hidden))))

@@ -54,8 +54,8 @@ def layer_costs(model: nn.Module, architecture: Architecture) -> LayerCosts:
     attention, mlp = [], []
     attn_prefix = architecture.attention + "."
     for layer in architecture.decoder_layers(model):
-        paths = architecture.linears.values()
-        weights = {path: get_submodule(layer, path).weight.numel() for path in paths}
+        present = architecture.layer_linears(layer)  # a block dropped from the layer has no linears
+        weights = {architecture.linears[name]: linear.weight.numel() for name, linear in present.items()}
         attention.append(sum(n for path, n in weights.items() if path.startswith(attn_prefix)))
         mlp.append(sum(n for path, n in weights.items() if not path.startswith(attn_prefix)))
     head = get_submodule(model, architecture.head).weight.numel()

@@ -81,3 +81,14 @@ def test_thirty_layers_by_seven_modules_by_six_levels_solves_quickly():
     solution = solve(costs, values, budget, k=3)  # bench/optimize.py measures how long this takes
     assert solution.exact and solution.best.cost <= budget
     assert solution.best.value <= min(s.value for s in solution.selections)
+
+
+def test_an_odd_budget_does_not_break_exactness():
+    """The budget's remainder after the cost grid cannot be spent: it must not shrink the grid (review finding)."""
+    weights = 576 * 1536
+    costs = [[weights * b for b in (2, 3, 4, 8)] for _ in range(30)]
+    values = [[1.0 / b + 0.001 * u for b in (2, 3, 4, 8)] for u in range(30)]
+    budget = sum(c[1] for c in costs) + 7 * weights + 12_345  # not a multiple of anything useful
+    solution = solve(costs, values, budget)
+    assert solution.exact and solution.cells == 7 + 30 + 1
+    assert solution.best.cost <= budget

@@ -138,3 +138,15 @@ def test_iterative_dropping_re_scores_the_smaller_model_and_is_stored(store, tin
     outcome = run_dropping(store, tiny_loaded, plan, CALIB, EVAL, layers=iterative)
     assert outcome.config["iterative"] and "iteratively" in outcome.config["choice"]
     assert outcome.record.config["series"] == "drop layers by lr, iterative"
+
+
+@pytest.mark.parametrize("block", ["attention", "mlp"])
+def test_iterative_block_dropping_by_sensitivity_re_measures_the_smaller_model(store, tiny_loaded, block):
+    from engine.runs.plans import DropPlan
+    from engine.runs.runner import dropped_layers
+
+    plan = DropPlan(block, 2, "sensitivity", protect_ends=False, iterative=True)
+    calib = replace(CALIB, n_windows=4)
+    layers = dropped_layers(store, tiny_loaded, plan, calib)
+    assert len(layers) == 2
+    assert dropped_layers(store, tiny_loaded, plan, calib, compute=False) == layers  # the choice is cached

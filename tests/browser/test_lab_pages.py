@@ -1,0 +1,82 @@
+"""The measuring pages in a real browser on the built-in model: Sensitivity, Dropping (by measured sensitivity,
+iterative), Compare, and the two optimizers.  Small data keeps it to a few minutes; screenshots of every step
+go to ``test-artifacts/browser/`` (look at them).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.browser.conftest import run_ids, wait_for_run
+from tests.browser.test_user_journey import _assert_inside, _open_data, _plot_data, _set_number
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+CALIB, EVAL = (8, 128), (4, 128)
+
+
+def _small_data(page) -> None:
+    _open_data(page)
+    _set_number(page, "Calibration windows", CALIB[0])
+    _set_number(page, "Calibration seqlen (tokens)", CALIB[1])
+    _set_number(page, "Evaluation windows", EVAL[0])
+    _set_number(page, "Evaluation seqlen (tokens)", EVAL[1])
+
+
+def test_sensitivity_dropping_compare_and_optimizers(page, steps, server):
+    page.goto(server)
+    page.get_by_text("Baseline perplexity", exact=True).wait_for()
+
+    page.get_by_role("link", name="Dropping").click()
+    page.get_by_role("heading", name="Preview").wait_for()
+    _small_data(page)
+    page.locator("[data-testid=stSelectbox]").filter(has_text="Ranked by").click()
+    page.get_by_role("option", name=re.compile("measured sensitivity")).click()
+    page.get_by_role("button", name=re.compile("^Compute the sensitivity ranking")).click()
+    page.get_by_text("cheaper to drop").first.wait_for(timeout=300_000)
+    page.get_by_text("Iterative: re-rank after each drop").click()
+    page.get_by_role("button", name=re.compile("^Compute the sensitivity ranking")).click()
+    page.get_by_text("chosen iteratively").first.wait_for(timeout=600_000)
+    steps.shot("dropping-by-sensitivity-iterative")
+    preview = _plot_data(page, 0)
+    assert preview["type"] == "log" and all(y > 0 for t in preview["data"] for y in t["y"])
+    _assert_inside(preview)
+    before = run_ids()
+    page.get_by_role("button", name=re.compile("^Run dropping")).click()
+    wait_for_run(page, "dropping", before)
+    steps.shot("dropping-run")
+
+    page.get_by_role("link", name="Sensitivity").click()
+    page.get_by_role("button", name=re.compile("^Measure sensitivity")).click()
+    page.get_by_text("What this says").wait_for(timeout=600_000)
+    page.locator(".js-plotly-plot").nth(1).wait_for()
+    steps.shot("sensitivity-page")
+
+    page.get_by_role("link", name="Quantization").click()
+    page.get_by_text("optimize for a size budget (measured)").click()
+    page.get_by_role("button", name=re.compile("^Optimize for budget")).click()
+    page.get_by_text("Chosen:").first.wait_for(timeout=900_000)
+    steps.shot("quantization-optimizer")
+    before = run_ids()
+    page.get_by_role("button", name=re.compile("^Run the chosen allocation")).click()
+    page.get_by_text("Stored: the trade-off chart").wait_for(timeout=600_000)
+    assert len(run_ids() - before) >= 2
+    page.wait_for_timeout(1500)
+    steps.shot("quantization-optimizer-runs")
+    _assert_inside(_plot_data(page, -1))
+
+    page.get_by_role("link", name="Slicing").click()
+    page.get_by_text("find the best (measured)").click()
+    page.get_by_role("button", name=re.compile("^Find best schedule")).click()
+    page.get_by_text("Chosen:").first.wait_for(timeout=900_000)
+    steps.shot("slicing-find-best")
+
+    page.get_by_role("link", name="Compare").click()
+    page.get_by_role("button", name=re.compile("^Run the sweep")).click()
+    page.get_by_text("quantization beats dropping").first.or_(page.get_by_text("dropping beats")).first.wait_for(
+        timeout=900_000)
+    page.wait_for_timeout(1500)
+    steps.shot("compare-sweep")
+    _assert_inside(_plot_data(page, 0))
