@@ -10,6 +10,7 @@ from engine.runs.runner import compute_scores, scores_if_cached
 from engine.sensitivity.actions import DEFAULT_GROUP_SIZE, QUANT_KINDS, Action
 from engine.sensitivity.agreement import RESAMPLES, layer_scores
 from engine.sensitivity.cached import (
+    hidden_size,
     cached_agreement,
     check_actions,
     measure_sensitivity,
@@ -17,6 +18,7 @@ from engine.sensitivity.cached import (
     sensitivity_if_cached,
 )
 from engine.sensitivity.errors import SensitivityError
+from engine.slicing.slice_model import pca_rank_warning
 from engine.sensitivity.findings import score_names, sensitivity_finding
 from engine.viz import sensitivity_charts as charts
 from ui.session import require_model, results_store
@@ -49,6 +51,10 @@ fraction = cols[2].slider("Slicing fraction %", 5, 90, 25, 5, key=kept("sens_sli
 k = cols[3].number_input("Outlier threshold k (|z| > k)", 1.0, 20.0, 3.0, 0.5, key=kept("scores_k"))
 if spec is None:
     st.stop()
+rank_warning = pca_rank_warning(spec.n_windows * spec.seqlen if spec.n_windows else 10**9, hidden_size(loaded))
+if "slice" in kinds and rank_warning:
+    st.warning(rank_warning + " Measured slicing damage is then near 0 on this sample (the dimensions sliced away "
+               "carry none of it) and says nothing about other text.")
 
 try:
     if set(kinds) & set(QUANT_KINDS) and not bits:

@@ -71,7 +71,7 @@ def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, eval
                f"Budget {plan.budget.label()}: {len(table)} candidates; the solver was "
                f"{'exact' if result.exact else 'near-exact (costs rounded up)'} and took "
                f"{result.solve_seconds * 1000:.0f} ms. {subtitle}.", table)
-    st.dataframe(table, hide_index=True, use_container_width=True)
+    st.dataframe(table, hide_index=True, width="stretch")
     bits = charts.bit_map_table(result.best.bits, None, "")
     show_chart(charts.bit_map_chart(bits, f"{loaded.source}; {result.best.name}, budget {plan.budget.label()}"),
                "optimizer_bit_map", f"The chosen allocation: {result.best.avg_bits:.3f} bits per weight "
@@ -109,6 +109,7 @@ def slicing_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, e
     )
     from engine.optimize.slicing_budget import check_reachable
     from engine.sensitivity.cached import hidden_size
+    from engine.slicing.slice_model import pca_rank_warning
     from engine.viz.optimizer_charts import basis_search_chart
 
     st.subheader("Find best schedule")
@@ -117,6 +118,9 @@ def slicing_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, e
         "LR-dynamic SB from those curves without slicing, builds a measured schedule (per-layer widths by an exact "
         "solver under the average), then slices only the best predicted SB values and the measured schedule and "
         "checks them on held-out calibration windows. Schedules with the same widths are sliced once.")
+    rank_warning = pca_rank_warning((calibration.n_windows or 10**9) * calibration.seqlen, hidden_size(loaded))
+    if rank_warning:
+        st.warning(rank_warning + " Measured slicing damage is then near 0 and the search has nothing to go on.")
     cols = st.columns(3)
     fractions = cols[0].multiselect("Fractions measured per layer", [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5],
                                     [0.1, 0.2, 0.3, 0.4], key=kept("opt_slice_fractions"))
@@ -152,7 +156,7 @@ def slicing_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, e
     show_chart(basis_search_chart(pd.DataFrame(result.grid), table[table["SB"].notna()], subtitle),
                "slicing_basis_search", f"Target SP {target:.0%}; {result.slicings} slicings. {subtitle}.",
                pd.DataFrame(result.grid))
-    st.dataframe(table, hide_index=True, use_container_width=True)
+    st.dataframe(table, hide_index=True, width="stretch")
     hidden = hidden_size(loaded)
     best = result.best
     widths = charts.schedule_table(best.schedule(hidden).fractions, best.dims, hidden, None)

@@ -41,3 +41,14 @@ def test_too_few_windows_are_refused_with_what_to_do(tiny_app):
     at = _page(2, 32)
     assert any("at least 4" in e.value for e in at.error)
     assert not any(b.label.startswith("Measure sensitivity") for b in at.button)
+
+
+def test_slicing_on_too_few_calibration_tokens_is_warned(tiny_app):
+    from tests.apptest import open_app
+
+    at = open_app("sensitivity")
+    at.number_input(key="keep.calib_windows").set_value(4)
+    at.number_input(key="keep.calib_seqlen").set_value(16).run()  # 64 tokens, hidden 64: fine
+    assert not any("rank-deficient" in w.value for w in at.warning)
+    at.number_input(key="keep.calib_windows").set_value(3).run()  # 48 tokens < 64
+    assert any("rank-deficient" in w.value and "near 0" in w.value for w in at.warning)
