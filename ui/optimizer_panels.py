@@ -76,18 +76,19 @@ def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, eval
     show_chart(charts.bit_map_chart(bits, f"{loaded.source}; {result.best.name}, budget {plan.budget.label()}"),
                "optimizer_bit_map", f"The chosen allocation: {result.best.avg_bits:.3f} bits per weight "
                f"({result.best.model_bytes / 2**20:.1f} MiB with unquantized parts at 16 bits).", bits)
-    competitors = result.competitor_runs()
+    runs = result.comparison_runs()
     cost = run_estimate(loaded, f"quantization-{quantizer}", calibration, evaluation, store)
-    if st.button(f"Run the chosen allocation and {len(competitors)} orderings on evaluation text "
-                 f"(≈ {len(competitors) + 1} × {cost})"):
+    if st.button(f"Run the optimizer's allocation and the {len(runs) - 1} orderings on evaluation text "
+                 f"(≈ {len(runs)} × {cost})"):
         progress = progress_callback("Evaluating")
         try:
-            pairs = [(result.best.ordering, result.best)]
-            pairs += [pair for pair in competitors if pair[0] != result.best.ordering]
-            for ordering, candidate in pairs:
+            shown = False
+            for ordering, candidate in runs:
                 outcome = run_quantization(store, loaded, plan.quant_plan(ordering, candidate.bits), calibration,
                                            evaluation, allocation=result.allocation(candidate), progress=progress)
-                if candidate is result.best and ordering == result.best.ordering:
+                if candidate is result.best and not shown:
+                    shown = True
+                    st.caption(f"The chosen allocation ({result.best.name}), on evaluation text:")
                     show_outcome(outcome, loaded)
         except (DataError, ValueError) as err:
             st.error(str(err))

@@ -118,6 +118,12 @@ class BitsOptimization:
     def best(self) -> Candidate:
         return self.candidates[self.chosen]
 
+    def comparison_runs(self) -> list[tuple[str, Candidate]]:
+        """``(ordering, candidate)`` to evaluate for a fair chart: the solver's best on held-out text (as
+        ``optimizer``), then LIM, ZD and random at the same budget; each once."""
+        solver = min((c for c in self.candidates if c.source == "optimizer"), key=lambda c: c.measured_ppl)
+        return [("optimizer", solver), *self.competitor_runs()]
+
     def competitor_runs(self) -> list[tuple[str, Candidate]]:
         """``(ordering, candidate)`` for LIM, ZD and random at this budget (also when a solver candidate has the
         same bits): the runs that put the orderings beside the optimizer on a trade-off chart."""

@@ -61,7 +61,7 @@ def test_sensitivity_dropping_compare_and_optimizers(page, steps, server):
     page.get_by_text("Chosen:").first.wait_for(timeout=900_000)
     steps.shot("quantization-optimizer")
     before = run_ids()
-    page.get_by_role("button", name=re.compile("^Run the chosen allocation")).click()
+    page.get_by_role("button", name=re.compile("^Run the optimizer")).click()
     page.get_by_text("Stored: the trade-off chart").wait_for(timeout=600_000)
     assert len(run_ids() - before) >= 2
     page.wait_for_timeout(1500)

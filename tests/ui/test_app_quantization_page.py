@@ -72,7 +72,7 @@ def test_optimize_for_budget_refuses_bad_budgets_then_optimizes_and_runs(tiny_ap
     assert "held-out perplexity" in summary and "from window 4" in summary
     spec = next(c.proto.spec for c in at.get("plotly_chart") if "predicted vs measured" in c.proto.spec)
     assert "star" in spec
-    click(at, "Run the chosen allocation")
+    click(at, "Run the optimizer")
     assert not at.exception and not at.error, at.error
     series = {r.series for r in ResultsStore().runs(method="quantization")}
     assert any(s.startswith("optimizer") for s in series) and any(s.startswith("lim") for s in series)
