@@ -46,6 +46,8 @@ class DamageCurves:
     def __post_init__(self) -> None:
         if not self.fractions or list(self.fractions) != sorted(self.fractions) or self.fractions[0] <= 0:
             raise ValueError("Measured fractions must be ascending and above 0 (e.g. 0.1, 0.2, 0.3, 0.4).")
+        # KL is never negative; a measured -1e-6 is float noise of a layer that lost nothing
+        object.__setattr__(self, "kl", [[max(0.0, float(v)) for v in row] for row in self.kl])
 
     def at(self, layer: int, fraction: float) -> float:
         """Interpolated KL of slicing ``layer`` by ``fraction`` (0 at 0; beyond the last measured: refused)."""

@@ -27,8 +27,7 @@ def candidates_chart(table: pd.DataFrame, subtitle: str, predicted: str = "predi
                     "line": {"color": "black", "width": [2 if c else 0 for c in group["chosen"]]}},
             hovertemplate="%{text}<br>" + predicted + " %{x:.4g}<br>" + measured + " %{y:.4g}<extra></extra>"))
     styled(fig, "Candidates: predicted vs measured damage (star = chosen)", subtitle,
-           xaxis_title=f"{predicted} (sum over layers, nats/token)",
-           yaxis_title=f"{measured} on held-out windows (nats/token)")
+           xaxis_title=f"{predicted} (sum over layers, nats/token)", yaxis_title=f"{measured} (nats/token)")
     fig.update_xaxes(range=padded_range(table[predicted].tolist(), pad=0.15))
     fig.update_yaxes(range=padded_range(table[measured].tolist(), pad=0.15))
     return fig
@@ -51,7 +50,7 @@ def basis_search_chart(grid: pd.DataFrame, checked: pd.DataFrame, subtitle: str)
             customdata=checked["held-out ppl"],
             hovertemplate="SB %{x:.3f}<br>held-out ppl %{customdata:.2f}<extra></extra>"))
     styled(fig, "Slicing basis search: predicted damage of each SB", subtitle, xaxis_title="slicing basis SB",
-           yaxis_title="predicted KL (sum of per-layer measurements, nats/token)")
+           yaxis_title="predicted KL (nats/token)")
     fig.update_xaxes(range=padded_range(grid["SB"].tolist(), pad=0.05))
     fig.update_yaxes(range=padded_range(grid["predicted KL"].tolist(), pad=0.1))
     return fig
