@@ -149,7 +149,7 @@ def steps(page, request) -> Steps:
     return Steps(page, request.node.name)
 
 
-def scores_ready(page, preview: str) -> None:
+def scores_ready(page, preview: str, timeout_ms: int = 180_000) -> None:
     """Press the page's 'Compute ... scores' button if the scores are not cached, then wait for the preview."""
     page.wait_for_timeout(2000)  # let the rerun after the last input finish
     compute = page.get_by_role("button", name=re.compile("^Compute"))
@@ -157,7 +157,7 @@ def scores_ready(page, preview: str) -> None:
     compute.first.or_(ready).first.wait_for()
     if compute.count():
         compute.first.click()
-    ready.wait_for(timeout=180_000)
+    ready.wait_for(timeout=timeout_ms)
     page.wait_for_timeout(1000)
 
 

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from tests.browser.conftest import run_ids, set_slider, wait_for_run
+from tests.browser.conftest import run_ids, scores_ready, set_slider, wait_for_run
 from tests.browser.test_user_journey import _assert_inside, _open_data, _plot_data, _set_number
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -25,6 +25,12 @@ def _small_data(page) -> None:
     _set_number(page, "Evaluation seqlen (tokens)", EVAL[1])
 
 
+def _press(page, name: str) -> None:
+    """Click a button once the page has finished its last rerun (a click during a rerun can be lost)."""
+    page.wait_for_timeout(2000)
+    page.get_by_role("button", name=re.compile(name)).click()
+
+
 def test_sensitivity_dropping_compare_and_optimizers(page, steps, server):
     page.goto(server)
     page.get_by_text("Baseline perplexity", exact=True).wait_for()
@@ -35,33 +41,31 @@ def test_sensitivity_dropping_compare_and_optimizers(page, steps, server):
     set_slider(page, page.get_by_role("slider").first, 2)  # how many: two, so the iterative choice re-ranks once
     page.locator("[data-testid=stSelectbox]").filter(has_text="Ranked by").click()
     page.get_by_role("option", name=re.compile("measured sensitivity")).click()
-    page.get_by_role("button", name=re.compile("^Compute the sensitivity ranking")).click()
-    page.get_by_text("cheaper to drop").first.wait_for(timeout=300_000)
+    scores_ready(page, "cheaper to drop", 600_000)  # presses "Compute the sensitivity ranking" once the page is stable
     page.get_by_text("Iterative: re-rank after each drop").click()
-    page.get_by_role("button", name=re.compile("^Compute the sensitivity ranking")).click()
-    page.get_by_text("chosen iteratively").first.wait_for(timeout=600_000)
+    scores_ready(page, "chosen iteratively", 600_000)
     steps.shot("dropping-by-sensitivity-iterative")
     preview = _plot_data(page, 0)
     assert preview["type"] == "log" and all(y > 0 for t in preview["data"] for y in t["y"])
     _assert_inside(preview)
     before = run_ids()
-    page.get_by_role("button", name=re.compile("^Run dropping")).click()
+    _press(page, "^Run dropping")
     wait_for_run(page, "dropping", before)
     steps.shot("dropping-run")
 
     page.get_by_role("link", name="Sensitivity").click()
-    page.get_by_role("button", name=re.compile("^Measure sensitivity")).click()
+    _press(page, "^Measure sensitivity")
     page.get_by_text("What this says").wait_for(timeout=600_000)
     page.locator(".js-plotly-plot").nth(1).wait_for()
     steps.shot("sensitivity-page")
 
     page.get_by_role("link", name="Quantization").click()
     page.get_by_text("optimize for a size budget (measured)").click()
-    page.get_by_role("button", name=re.compile("^Optimize for budget")).click()
+    _press(page, "^Optimize for budget")
     page.get_by_text("Chosen:").first.wait_for(timeout=900_000)
     steps.shot("quantization-optimizer")
     before = run_ids()
-    page.get_by_role("button", name=re.compile("^Run the optimizer")).click()
+    _press(page, "^Run the optimizer")
     page.get_by_text("Stored: the trade-off chart").wait_for(timeout=600_000)
     assert len(run_ids() - before) >= 2
     page.wait_for_timeout(1500)
@@ -70,7 +74,7 @@ def test_sensitivity_dropping_compare_and_optimizers(page, steps, server):
 
     page.get_by_role("link", name="Slicing").click()
     page.get_by_text("find the best (measured)").click()
-    page.get_by_role("button", name=re.compile("^Find best schedule")).click()
+    _press(page, "^Find best schedule")
     page.get_by_text("Chosen:").first.wait_for(timeout=900_000)
     steps.shot("slicing-find-best")
 

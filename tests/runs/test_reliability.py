@@ -48,10 +48,11 @@ def test_bad_inputs_then_real_runs_keep_store_and_base_model_intact(tmp_path, bu
     open_app()  # loads the shared model into the process-wide cache
     base = _shared_model()
     before_hash, before_rows = _full_hash(base), [r.id for r in ResultsStore().runs()]
-    gpt2 = tmp_path / "gpt2"
-    from transformers import GPT2Config, GPT2LMHeadModel
+    t5 = tmp_path / "t5"  # an encoder-decoder checkpoint: not a causal LM
+    from transformers import T5Config, T5ForConditionalGeneration
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(gpt2)
+    T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2,
+                                        vocab_size=64)).save_pretrained(t5)
     bin_only = tmp_path / "bin-only"  # weights only as a pickle: LayerLab must refuse to unpickle
     tiny = TINY_FACTORIES["llama"]()
     tiny.save_pretrained(bin_only)
@@ -60,14 +61,14 @@ def test_bad_inputs_then_real_runs_keep_store_and_base_model_intact(tmp_path, bu
     builtin.tokenizer.save_pretrained(bin_only)
 
     messages = {}
-    for name, source in (("missing id", "nobody/no-such-model"), ("unsupported", str(gpt2)),
+    for name, source in (("missing id", "nobody/no-such-model"), ("unsupported", str(t5)),
                          ("pickle only", str(bin_only))):
         at = _sidebar_with(source)
         assert not at.exception
         messages[name] = at.error[0].value
         assert at.title[0].value == "Page for smollm2-135m"
     assert "cannot be reached" in messages["missing id"]
-    assert "not supported" in messages["unsupported"]
+    assert "encoder-decoder" in messages["unsupported"]
     assert "safetensors" in messages["pickle only"]
 
     at = open_app()
