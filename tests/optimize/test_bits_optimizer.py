@@ -72,6 +72,7 @@ def test_optimizer_respects_the_budget_reads_no_evaluation_text_and_returns_the_
     assert again is not None and again.to_dict() == result.to_dict()
 
 
+@pytest.mark.slow  # the engine path is covered in the fast tier; this adds the CLI wiring
 def test_cli_optimize_bits_prints_stores_and_writes_json(tiny_folder, tmp_path, capsys):
     out = tmp_path / "bits.json"
     argv = ["optimize-bits", "--model", tiny_folder, "--store", str(tmp_path / "r.sqlite"), "--avg-bits", "3.5",

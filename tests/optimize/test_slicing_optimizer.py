@@ -58,6 +58,7 @@ def test_search_reads_only_calibration_text_and_returns_the_best_checked(store, 
     assert slicing_optimization_if_cached(store, tiny_loaded, plan, calibration).to_dict() == result.to_dict()
 
 
+@pytest.mark.slow  # the engine path is covered in the fast tier; this adds the CLI wiring
 def test_cli_optimize_slicing(tiny_folder, tmp_path, capsys):
     out = tmp_path / "s.json"
     base = ["optimize-slicing", "--model", tiny_folder, "--store", str(tmp_path / "r.sqlite"), "--held-out", "2",
