@@ -10,7 +10,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def report(name: str, rows: list[dict], meta: dict) -> Path:
     """Print ``rows`` as an aligned table and write ``bench/results/<name>.json``."""
-    columns = list(rows[0]) if rows else []
+    columns = list(dict.fromkeys(key for row in rows for key in row))  # every key, in first-seen order
     cells = [[_fmt(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     print(f"\n{name}: " + ", ".join(f"{k}={v}" for k, v in meta.items()))

@@ -2,7 +2,7 @@
 
 Commands: ``score``, ``evaluate``, ``slice``, ``quantize``, ``sweep-slicing``,
 ``sweep-quantization``, ``sensitivity``, ``drop``, ``stack``, ``sweep-methods``, ``optimize-bits``,
-``optimize-slicing``.  Bad arguments or inputs print one clear line and exit
+``optimize-slicing``, ``export``.  Bad arguments or inputs print one clear line and exit
 with status 2.  For multi-GPU servers, ``--device-map auto``
 spreads the model over the GPUs with accelerate.
 """
@@ -203,6 +203,24 @@ def build_parser() -> argparse.ArgumentParser:
     slicing.add_argument("--held-out", type=int, default=4, help="calibration windows after --calib-windows used "
                          "to check candidates")
     slicing.add_argument("--json", default=None, help="write the candidates, the choice and its evaluation here")
+    export = commands.add_parser("export", help="write a stored run's model as a Hugging Face folder (dropped, "
+                                 "sliced) or a mixed-bit GGUF file (quantized), then verify it by reloading")
+    export.add_argument("run_id", type=int,
+                        help="the run id (every command prints it as \"run\"; the Results page lists them)")
+    export.add_argument("--format", choices=["hf", "gguf"], required=True)
+    export.add_argument("--out", required=True, help="folder to write (refused if it exists and is not empty)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    export.add_argument("--dtype-out", default=None, choices=["float16", "bfloat16", "float32"],
+                        help="weights of a Hugging Face folder (default: the model's own)")
+    export.add_argument("--gguf-types", default="exact", choices=["exact", "compact"],
+                        help="exact: types that hold LayerLab's codes as they are; compact: nearest k-quants "
+                        "(smaller, re-quantized)")
+    export.add_argument("--verify-windows", type=int, default=4, help="evaluation windows of the round-trip check")
+    export.add_argument("--model", default=None, help="default: the run's own model")
+    export.add_argument("--device", default="auto")
+    export.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    export.add_argument("--trust-remote-code", action="store_true")
+    export.add_argument("--store", default=None, help="results database (default: cache/results.sqlite)")
     return parser
 
 
@@ -233,7 +251,31 @@ def _progress(stage: str, done: int, total: int) -> None:
     print(f"\r{stage}: {done}/{total}", end="\n" if done >= total else "", file=sys.stderr, flush=True)
 
 
+def _export(args) -> None:
+    """Export a stored run (its model is loaded first), print the written files and the round-trip check."""
+    from engine.runs.exports import export_run
+
+    store = ResultsStore(args.store)
+    try:
+        record = store.get_run(args.run_id)
+    except KeyError:
+        raise ValueError(f"There is no stored run {args.run_id}: see the Results page for run ids.") from None
+    loaded = load_model(args.model or record.model, device=args.device, dtype=args.dtype,
+                        trust_remote_code=args.trust_remote_code)
+    result = export_run(store, loaded, record, args.format, args.out, overwrite=args.overwrite,
+                        verify_windows=args.verify_windows, dtype=args.dtype_out,
+                        gguf_types=args.gguf_types, progress=_progress)
+    for note in result["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    print(json.dumps({k: result[k] for k in ("format", "folder", "bytes", "files", "remote_code", "seconds",
+                                             "verification")}, default=float))
+    if result["verification"]["passed"] is False:
+        print(f"warning: {result['summary']}", file=sys.stderr)
+
+
 def run(args) -> None:
+    if args.command == "export":
+        return _export(args)
     store = ResultsStore(args.store)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                         device_map=args.device_map)

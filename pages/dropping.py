@@ -12,6 +12,7 @@ from engine.runs.runner import (
     scores_if_cached,
 )
 from engine.viz import charts
+from ui.export_panel import export_section
 from ui.session import require_model, results_store
 from ui.state import kept
 from ui.widgets import (
@@ -88,3 +89,6 @@ run_controls(loaded, "dropping", run_estimate(loaded, "dropping", calibration, p
 
 st.subheader("Trade-off")
 method_tradeoff(store, loaded, "dropping", evaluation, "dropping_tradeoff")
+
+st.subheader("Export")
+export_section(store, loaded, "dropping", "dropping")

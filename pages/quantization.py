@@ -15,6 +15,7 @@ from engine.runs.runner import (
 )
 from engine.runs.sweeps import quantization_sweep, run_sweep
 from engine.viz import charts
+from ui.export_panel import export_section
 from ui.optimizer_panels import bits_optimizer_panel
 from ui.session import require_model, results_store
 from ui.state import kept
@@ -62,6 +63,8 @@ if choose == "optimizer":
     bits_optimizer_panel(store, loaded, calibration, EvalPlan(evaluation, **zero_shot), quantizer, group_size)
     st.subheader("Trade-off")
     method_tradeoff(store, loaded, "quantization", evaluation, "quantization_tradeoff")
+    st.subheader("Export")
+    export_section(store, loaded, "quantization", "quantization")
     st.stop()
 high_bits = cols[1].select_slider("High bits", list(range(2, 9)), 4, key=kept("quant_high"))
 low_bits = cols[1].select_slider("Low bits", list(range(2, 9)), 2, key=kept("quant_low"))
@@ -129,3 +132,6 @@ with right.popover("Ordering sweep (the paper's chart)"):
 
 st.subheader("Trade-off")
 method_tradeoff(store, loaded, "quantization", evaluation, "quantization_tradeoff")
+
+st.subheader("Export")
+export_section(store, loaded, "quantization", "quantization")

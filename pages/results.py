@@ -6,6 +6,7 @@ import streamlit as st
 from engine.runs.summary import compact_table, executive_summary
 from engine.viz.report import ReportItem, build_report
 from engine.viz.tradeoff import data_labels_by_use, filter_runs, quality_axes, size_axes, tradeoff_figure
+from ui.export_panel import export_section
 from ui.report_pins import PINS, pinned
 from ui.session import current_model, results_store
 from ui.state import kept
@@ -34,6 +35,11 @@ show_runs_table(compact_table(shown))
 with st.expander(f"Every column ({shown.shape[1]})"):
     st.dataframe(shown, hide_index=True)
 st.download_button("Download runs.csv", shown.to_csv(index=False).encode(), "runs.csv", "text/csv")
+with st.expander("Export a run's model (Hugging Face folder or GGUF)"):
+    if current_model() is None:
+        st.caption("Load the run's model in the sidebar to export its runs.")
+    else:
+        export_section(store, current_model(), None, "results")
 
 st.subheader("Trade-off curves")
 on_data = filter_runs(shown, data_label=chosen_data)

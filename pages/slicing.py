@@ -13,6 +13,7 @@ from engine.runs.sweeps import run_sweep, slicing_sweep
 from engine.slicing.schedules import achieved_fraction, schedule_dims
 from engine.slicing.slice_model import pca_rank_warning
 from engine.viz import charts
+from ui.export_panel import export_section
 from ui.optimizer_panels import slicing_optimizer_panel
 from ui.session import require_model, results_store
 from ui.state import kept
@@ -99,3 +100,6 @@ with st.popover("Sweep a grid"):
 
 st.subheader("Trade-off")
 method_tradeoff(store, loaded, "slicing", evaluation, "slicing_tradeoff")
+
+st.subheader("Export")
+export_section(store, loaded, "slicing", "slicing")

@@ -9,12 +9,14 @@
   replaced by parameter-free stand-ins that add nothing to the residual
   stream (the block's output is zeros), so its weights are really gone.
 
-The base model is never modified: the copy is made first, then changed.
+The base model is never modified: the dropped model is a new module tree
+(:func:`~engine.core.sharing.shell_copy`) over the base's own tensors, so it
+costs almost no memory; only modules are removed or replaced, never a weight
+written.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from torch import nn
 
 from engine.core.architectures import Architecture, architecture_of, get_submodule
 from engine.core.models import LoadedModel
+from engine.core.sharing import shell_copy
 from engine.core.paths import atomic_folder
 from engine.dropping.choose import DropError, check_drop
 
@@ -122,7 +125,7 @@ def drop_model(base: LoadedModel, block: str, layers: list[int], protect_ends: b
     refusal = base.architecture.reason(f"drop-{block}") if block != "layer" else None
     if refusal and chosen:
         raise DropError(f"{base.architecture.model_type} cannot drop {block} blocks: {refusal}")
-    model = copy.deepcopy(base.model).eval()
+    model = shell_copy(base.model).eval()  # the kept layers are the base's own tensors: dropping costs no weights
     apply_drop(model, base.architecture, block, chosen)
     count = sum(p.numel() for p in base.model.parameters())
     report = DropReport(block=block, layers=chosen, params_dense=count,

@@ -52,10 +52,11 @@ def window_nll_sums(
     sums = torch.empty(ids.shape[0], dtype=torch.float64)
     for start in range(0, ids.shape[0], batch_size):
         batch = ids[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        targets = batch[:, 1:]
-        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        sums[start : start + batch.shape[0]] = nll.sum(dim=1).double().cpu()
+        logits = model(input_ids=batch, use_cache=False).logits
+        for row in range(batch.shape[0]):  # one window at a time: log-softmax buffers of [T, V], not [b, T, V]
+            nll = F.cross_entropy(logits[row, :-1].float(), batch[row, 1:], reduction="none")
+            sums[start + row] = nll.sum().double().cpu()
+        del logits
         if progress is not None:
             progress(min(start + batch_size, ids.shape[0]), ids.shape[0])
     return sums

@@ -292,6 +292,7 @@ def run_slicing(store: ResultsStore, loaded: LoadedModel, plan: SlicingPlan, cal
         "series": plan.series(), "schedule": plan.schedule, "target": plan.target,
         "basis": plan.basis if plan.schedule == "dynamic" else None, "round_to": plan.round_to,
         "final_rotation": plan.final_rotation, "dims": result.dims, "calibration": windows.label(),
+        "calibration_spec": calibration.to_dict(),  # lets exports rebuild the same model
     }
     if save_to:
         config["saved_to"] = str(save_sliced(result, save_to))
@@ -359,6 +360,8 @@ def run_quantization(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, 
         "target_bits": plan.target_bits, "ordering": plan.ordering, "bits": list(allocation.bits),
         "zero_point": plan.zero_point, "act_order": spec.act_order, "warnings": quantized.warnings,
         "calibration": windows.label() if windows is not None else None,
+        "quantizer_spec": spec.to_dict(),  # with calibration_spec, lets exports rebuild the same model
+        "calibration_spec": calibration.to_dict() if windows is not None else None,
     }
     if save_to:
         config["saved_to"] = str(save_quantized(quantized, save_to, tokenizer=loaded.tokenizer))

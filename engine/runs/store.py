@@ -120,6 +120,17 @@ class ResultsStore:
             raise KeyError(f"No stored run {run_id}.")
         return _record(row)
 
+    def add_export(self, run_id: int, export: dict) -> RunRecord:
+        """Append one export (format, where, size, verification) to the run's ``config["exports"]``."""
+        with closing(self._connect()) as conn, conn:
+            row = conn.execute("SELECT config_json FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise KeyError(f"No stored run {run_id}.")
+            config = json.loads(row[0])
+            config["exports"] = [*config.get("exports", []), export]
+            conn.execute("UPDATE runs SET config_json = ? WHERE id = ?", (json.dumps(config, sort_keys=True), run_id))
+        return self.get_run(run_id)
+
     def runs_frame(self, model: str | None = None, method: str | None = None) -> pd.DataFrame:
         """Runs as a DataFrame; config, data and metrics keys become prefixed columns."""
         return pd.DataFrame.from_records([run.to_row() for run in self.runs(model, method)])

@@ -28,8 +28,6 @@ own modules, only ever *called*; nothing is registered on them.
 
 from __future__ import annotations
 
-import copy
-import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -38,25 +36,11 @@ from torch import nn
 
 from engine.core.architectures import Architecture, get_submodule
 from engine.core.capture import LayerInputs, capture_layer_inputs
+from engine.core.sharing import shell_copy
 from engine.core.progress import StageProgress
 from engine.sensitivity.cost import LayerCosts, layer_costs
 
 LOGIT_CHUNK_ELEMENTS = 1 << 22  # logits materialised at once: 16 MiB in fp32 (85 tokens of a 49k vocabulary)
-
-
-def shell_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model``'s module tree that shares every parameter and buffer (no weight memory).
-
-    Changing the copy's modules (e.g. replacing a layer's ``forward``) leaves
-    the original untouched; the weights themselves are the same tensors.  Hooks
-    are not copied (another session's scoring hooks may sit on the shared model).
-    """
-    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    for module in model.modules():
-        for name, value in vars(module).items():
-            if name.endswith("hooks") and isinstance(value, dict):
-                memo[id(value)] = type(value)()
-    return copy.deepcopy(model, memo=memo)
 
 
 def module_device(module: nn.Module) -> torch.device:

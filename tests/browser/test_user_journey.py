@@ -112,6 +112,17 @@ def test_score_compress_compare_and_report(page, steps, server, tmp_path):
     wait_for_run(page, "quantization", before)
     page.locator(".js-plotly-plot").nth(1).wait_for()
     steps.shot("quantization-preview-and-full")
+    types = page.get_by_text("Tensor types in the file")
+    types.scroll_into_view_if_needed()
+    assert page.get_by_text(re.compile(r"3-bit → Q4_1 \(exact\)")).count() == 1  # 3-bit codes kept in Q4_1 blocks
+    folder = page.get_by_label("Folder", exact=True)
+    folder.fill(str(tmp_path / "gguf"))
+    folder.press("Enter")
+    page.wait_for_timeout(1500)
+    page.get_by_role("button", name=re.compile("^Export and verify")).click()
+    page.get_by_text("Exported to").wait_for(timeout=180_000)
+    steps.shot("quantization-exported-gguf")
+    assert (tmp_path / "gguf" / "model.gguf").stat().st_size > 0
 
     page.get_by_role("link", name="Results").click()
     page.get_by_text("Trade-off curves").wait_for()

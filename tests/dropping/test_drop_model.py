@@ -44,6 +44,20 @@ def test_dropping_nothing_is_exact_and_the_base_is_untouched(name):
     assert all(torch.equal(before[k], v) for k, v in base.model.state_dict().items())
 
 
+@pytest.mark.parametrize("block", ["layer", "attention"])
+def test_a_dropped_model_shares_the_kept_weights_and_never_changes_the_base(block):
+    base = LoadedModel.from_model(TINY_FACTORIES["llama"]())
+    layer_idx = [get_submodule(layer, "self_attn").layer_idx for layer in base.architecture.decoder_layers(base.model)]
+    dropped = drop_model(base, block, [1])
+    base_tensors = {t.data_ptr() for t in base.model.parameters()}
+    assert all(p.data_ptr() in base_tensors for p in dropped.model.parameters())  # no new weight memory
+    assert base.model.config.num_hidden_layers == 3 and len(base.architecture.decoder_layers(base.model)) == 3
+    assert [get_submodule(layer, "self_attn").layer_idx
+            for layer in base.architecture.decoder_layers(base.model)] == layer_idx  # renumbering hit the copy only
+    assert all(not type(m).__name__ == "SkippedBlock" for m in base.model.modules())
+    assert base.fingerprint == LoadedModel.from_model(base.model).fingerprint
+
+
 @pytest.mark.parametrize("name", sorted(TINY_FACTORIES))
 def test_dropping_an_identity_layer_leaves_logits_unchanged(name):
     model = TINY_FACTORIES[name]()

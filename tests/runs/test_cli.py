@@ -15,7 +15,7 @@ TINY = ["--calib-windows", "2", "--calib-seqlen", "32", "--eval-windows", "2", "
 
 @pytest.mark.parametrize("command", ["score", "evaluate", "slice", "quantize", "sweep-slicing", "drop", "stack",
                                      "sweep-methods", "optimize-bits", "optimize-slicing",
-                                     "sweep-quantization"])
+                                     "sweep-quantization", "export"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -87,3 +87,20 @@ def test_drop_stack_and_sweep_methods_on_the_tiny_model(capsys, tmp_path, tiny_f
     runs = ResultsStore(tmp_path / "cli.sqlite").runs()
     assert [r.method for r in runs].count("dense") == 1  # dense measured once for the same windows
     assert main(["drop", "--count", "9", *TINY, *store]) == 2  # more than the tiny model has
+
+
+def test_export_command_writes_verifies_and_refuses(capsys, tmp_path, tiny_folder):
+    store = ["--store", str(tmp_path / "cli.sqlite")]
+    assert main(["quantize", "--group-size", "32", "--zero-point", "float", "--ordering", "random",
+                 "--model", tiny_folder, *TINY, *store]) == 0
+    run_id = json.loads(capsys.readouterr().out.splitlines()[-1])["run"]
+    out = tmp_path / "gguf"
+    assert main(["export", str(run_id), "--format", "gguf", "--out", str(out), "--verify-windows", "2", *store]) == 0
+    printed = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert printed["verification"]["passed"] and (out / "model.gguf").stat().st_size == printed["bytes"]
+    assert main(["export", str(run_id), "--format", "gguf", "--out", str(out), *store]) == 2  # exists
+    assert "overwrite" in capsys.readouterr().err
+    assert main(["export", str(run_id), "--format", "hf", "--out", str(tmp_path / "hf"), *store]) == 2
+    assert "GGUF" in capsys.readouterr().err
+    assert main(["export", "9999", "--format", "hf", "--out", str(tmp_path / "x"), *store]) == 2
+    assert "no stored run 9999" in capsys.readouterr().err

@@ -1,0 +1,214 @@
+"""Export a stored run's model in a format that runs outside LayerLab, verify it, and store the result with the run.
+
+Pages and the CLI call :func:`export_run`.  The model is the one the run
+evaluated: passed in when the page still holds it, else rebuilt from the
+run's record (dropping: the stored layers; slicing: the stored dims and
+calibration windows; quantization: the stored bits and quantizer, from the
+per-layer cache).  After writing, the export is reloaded through its target
+loader (transformers; transformers' GGUF loader for GGUF) and its perplexity
+compared with the in-app model's on a few evaluation windows of the run; the
+outcome is appended to the run's ``config["exports"]``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from engine.core.data import DataSpec, token_windows
+from engine.core.models import LoadedModel
+from engine.core.paths import FolderExistsError, cache_root
+from engine.core.progress import StageProgress, stage_callback
+from engine.dropping.drop_model import drop_model
+from engine.export.hf_folder import ExportError, load_hf_folder, write_hf_folder
+from engine.export.verify import round_trip
+from engine.quant.allocation import Allocation
+from engine.quant.grid import QuantizerSpec
+from engine.quant.quantize_model import QuantizedModel, quantize_model
+from engine.runs.record import RunRecord
+from engine.runs.store import ResultsStore
+from engine.slicing.slice_model import slice_model
+
+FORMATS = {
+    "hf": "Hugging Face folder (transformers from_pretrained)",
+    "gguf": "GGUF file (llama.cpp; transformers' GGUF loader)",
+}
+TOLERANCE = {"hf": 0.005, "gguf": 0.02}  # promised |perplexity change| of the round trip (GGUF: exact types)
+VERIFY_WINDOWS = 4
+
+
+def export_formats(record: RunRecord) -> dict[str, str | None]:
+    """Format -> ``None`` if ``record``'s model can be exported that way, else why not."""
+    method = record.method
+    hf = None if method in ("slicing", "dropping") else (
+        "Quantized runs export as GGUF (a Hugging Face folder would hold dequantized 16-bit weights)."
+        if method == "quantization" else f"{method} runs have nothing to export beyond the base model.")
+    gguf = None if method == "quantization" else "GGUF export is for quantized runs (a tensor type per layer)."
+    if method == "stacked":
+        hf = gguf = "Stacked runs cannot be exported yet: export each stage's own run."
+    return {"hf": hf, "gguf": gguf}
+
+
+def default_export_folder(record: RunRecord, fmt: str) -> Path:
+    """``cache/exports/run-<id>-<format>``."""
+    return cache_root() / "exports" / f"run-{record.id}-{fmt}"
+
+
+HF_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def check_export(loaded: LoadedModel, record: RunRecord, fmt: str, out: str | Path, overwrite: bool,
+                 dtype: str | None = None) -> None:
+    """Refuse before any work: wrong model loaded, format not available for the run, a non-empty folder."""
+    if dtype is not None and (fmt != "hf" or dtype not in HF_DTYPES):
+        raise ExportError(f"Weights dtype '{dtype}' applies to Hugging Face folders only and must be one of "
+                          f"{', '.join(HF_DTYPES)} (GGUF files choose a type per tensor).")
+    if fmt not in FORMATS:
+        raise ExportError(f"Unknown export format '{fmt}'. Choose one of: {', '.join(FORMATS)}.")
+    reason = export_formats(record).get(fmt)
+    if reason:
+        raise ExportError(f"Run {record.id} cannot be exported as {fmt}: {reason}")
+    if record.model_fingerprint != loaded.fingerprint:
+        raise ExportError(f"Run {record.id} was made from '{record.model}', not from the loaded model "
+                          f"'{loaded.source}': load that model first, then export.")
+    out = Path(out)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise FolderExistsError(f"'{out}' already exists and is not empty: choose another folder, or tick "
+                                "'overwrite' to replace it.")
+
+
+def _calibration(record: RunRecord) -> DataSpec:
+    spec = record.config.get("calibration_spec")
+    if not spec:
+        raise ExportError(f"Run {record.id} was stored before runs recorded their calibration data, so its model "
+                          "cannot be rebuilt: run the same settings again and export the new run.")
+    return DataSpec(**spec)
+
+
+def quantizer_spec_of(record: RunRecord) -> QuantizerSpec:
+    """The per-weight quantizer of a quantization run (older runs: from their plan fields)."""
+    config = record.config
+    if config.get("quantizer_spec"):
+        return QuantizerSpec(**config["quantizer_spec"])
+    return QuantizerSpec(method=config["quantizer"], group_size=config["group_size"],
+                         zero_point=config.get("zero_point", "integer"), act_order=bool(config.get("act_order")))
+
+
+def gguf_type_lines(loaded: LoadedModel, record: RunRecord, mode: str = "exact") -> list[str]:
+    """What the GGUF file of a quantization run will hold: one line per (bits, type), with the reason."""
+    from engine.export.gguf_file import describe_choices, plan_gguf_types
+
+    return describe_choices(plan_gguf_types(loaded, [int(b) for b in record.config["bits"]],
+                                            quantizer_spec_of(record), mode))
+
+
+def export_archive(result: dict) -> tuple[bytes, str, str]:
+    """(bytes, file name, MIME type) to download an export: the GGUF file itself, or the folder as a zip."""
+    import io
+    import zipfile
+
+    folder = Path(result["folder"])
+    if result["format"] == "gguf":
+        return Path(result["file"]).read_bytes(), f"{folder.name}.gguf", "application/octet-stream"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.write(path, Path(folder.name) / path.relative_to(folder))
+    return buffer.getvalue(), f"{folder.name}.zip", "application/zip"
+
+
+def rebuild_model(loaded: LoadedModel, record: RunRecord,
+                  progress: StageProgress | None = None) -> torch.nn.Module | QuantizedModel:
+    """The model ``record`` evaluated, rebuilt from its config (a :class:`QuantizedModel` for quantization)."""
+    config = record.config
+    if record.method == "dropping":
+        return drop_model(loaded, config["block"], list(config["layers"]), bool(config.get("protect_ends"))).model
+    if record.method == "slicing":
+        windows = token_windows(_calibration(record), loaded.tokenizer, loaded.max_seqlen)
+        return slice_model(loaded, [int(d) for d in config["dims"]], windows,
+                           final_rotation=bool(config.get("final_rotation")),
+                           progress=stage_callback(progress, "slicing")).model
+    if record.method == "quantization":
+        spec = quantizer_spec_of(record)
+        windows = None
+        if spec.method == "gptq":
+            windows = token_windows(_calibration(record), loaded.tokenizer, loaded.max_seqlen)
+        bits = tuple(int(b) for b in config["bits"])
+        return quantize_model(loaded, Allocation(bits, tuple(range(len(bits)))), windows, spec=spec,
+                              progress=stage_callback(progress, "quantizing"))
+    raise ExportError(f"Run {record.id} ({record.method}) has no model to export.")
+
+
+def verification_windows(loaded: LoadedModel, record: RunRecord, n_windows: int = VERIFY_WINDOWS):
+    """The first ``n_windows`` windows of the data the run was evaluated on."""
+    fields = {k: record.data[k] for k in ("source", "split", "seqlen", "path", "offset") if k in record.data}
+    spec = replace(DataSpec(**fields), n_windows=n_windows) if fields else DataSpec(n_windows=n_windows, seqlen=256)
+    return token_windows(spec, loaded.tokenizer, loaded.max_seqlen)
+
+
+def export_estimate(loaded: LoadedModel, record: RunRecord, has_model: bool = False,
+                    verify_windows: int = VERIFY_WINDOWS) -> str:
+    """Rough wall time of an export: rebuilding the model (unless the page holds it), writing, reloading, and
+    perplexity of both models on the verification windows."""
+    from engine.evaluation.latency import describe_seconds, estimate_seconds
+
+    seconds = 0.0 if has_model else float(record.metrics.get("compress_s", 0.0))
+    if record.method == "quantization" and not has_model:
+        seconds *= 0.2  # per-layer results come back from the quantization cache
+    seqlen = int(record.data.get("seqlen", 256))
+    seconds += estimate_seconds(loaded.model, verify_windows * seqlen, forward_passes=2.0)
+    params = sum(p.numel() for p in loaded.model.parameters())
+    seconds += 3.0 + params * 4 / 100e6  # write and reload at ~100 MB/s
+    return describe_seconds(seconds)
+
+
+def export_run(store: ResultsStore, loaded: LoadedModel, record: RunRecord, fmt: str, out: str | Path, *,
+               overwrite: bool = False, model: torch.nn.Module | QuantizedModel | None = None,
+               verify_windows: int = VERIFY_WINDOWS, dtype: str | None = None, gguf_types: str = "exact",
+               progress: StageProgress | None = None) -> dict:
+    """Write ``record``'s model as ``fmt`` into the folder ``out``, verify the round trip, store and return it.
+
+    ``gguf_types``: ``"exact"`` (LayerLab's codes kept) or ``"compact"`` (nearest k-quants, re-quantized).
+    ``dtype`` (Hugging Face folders): ``"float16"`` / ``"bfloat16"`` weights instead of the model's own.
+    Returns (and appends to the run's ``config["exports"]``) ``{"format", "dtype", "folder", "bytes", "files",
+    "remote_code", "seconds" (writing and reloading), "rebuild_s" (rebuilding the model from the record),
+    "verification": RoundTrip dict, "summary", "notes": [str]}``.
+    """
+    check_export(loaded, record, fmt, out, overwrite, dtype)
+    started = time.perf_counter()
+    if model is None or (fmt == "gguf" and not isinstance(model, QuantizedModel)):
+        built = rebuild_model(loaded, record, progress)  # GGUF packs the codes: the quantization cache has them
+    else:
+        built = model
+    rebuild_s = time.perf_counter() - started
+    notes = {"run": record.id, "model": record.model, "method": record.method, "series": record.series}
+    try:
+        if fmt == "hf":
+            torch_model = built.model if isinstance(built, QuantizedModel) else built
+            written = write_hf_folder(torch_model, loaded.architecture, out, loaded.tokenizer, overwrite, notes,
+                                      dtype=getattr(torch, dtype) if dtype else None)
+            reloaded = load_hf_folder(out)
+        else:
+            from engine.export.gguf_file import load_gguf, write_gguf
+
+            if not isinstance(built, QuantizedModel):
+                raise ExportError("GGUF export needs the quantized model of a quantization run.")
+            torch_model = built.model
+            written = write_gguf(built, loaded, out, overwrite=overwrite, notes=notes, mode=gguf_types)
+            reloaded = load_gguf(out)
+    except OSError as err:
+        raise ExportError(f"Writing the export to '{out}' failed ({err}); nothing was left there. "
+                          "Free some disk space or choose another folder.") from None
+    seconds = time.perf_counter() - started - rebuild_s
+    windows = verification_windows(loaded, record, verify_windows)
+    exact = fmt == "hf" or written.get("exact_fraction") == 1.0
+    check = round_trip(torch_model, reloaded, windows, TOLERANCE[fmt] if exact else None)
+    result = {"format": fmt, "dtype": dtype or str(next(torch_model.parameters()).dtype).removeprefix("torch."),
+              **written, "seconds": seconds, "rebuild_s": rebuild_s, "verification": check.to_dict(),
+              "summary": check.summary(), "notes": written.get("notes", [])}
+    store.add_export(record.id, result)
+    return result

@@ -1,0 +1,138 @@
+"""Hugging Face exports load in plain transformers (a fresh process with no LayerLab on its path) and match."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.core.data import DataSpec
+from engine.core.models import LoadedModel
+from engine.core.paths import FolderExistsError
+from engine.dropping.drop_model import drop_model
+from engine.export.hf_folder import ExportError, write_hf_folder
+from engine.runs.exports import check_export, export_formats, export_run
+from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, SlicingPlan
+from engine.runs.runner import run_dropping, run_quantization, run_slicing
+from engine.slicing.schedules import schedule_custom
+from engine.slicing.slice_model import slice_model
+from tests.slicing.test_slicing import logits, windows
+from tests.tiny_families import SLICING_FAMILIES, tiny_family_model
+
+CALIB = DataSpec("wiki-offline", "calibration", 32, 2)
+EVAL = EvalPlan(DataSpec("wiki-offline", "evaluation", 32, 2))
+
+_FRESH = """
+import json, sys, torch, transformers
+from pathlib import Path
+folder = Path(sys.argv[1])
+config = json.loads((folder / "config.json").read_text())
+model = transformers.AutoModelForCausalLM.from_pretrained(
+    folder, dtype=torch.float32, trust_remote_code="auto_map" in config).eval()
+probe = torch.load(folder.parent / "probe.pt")
+with torch.no_grad():
+    out = model(probe).logits
+    generated = model.generate(probe[:, :4], max_new_tokens=3, do_sample=False)
+torch.save({"logits": out, "generated": generated}, folder.parent / "out.pt")
+print(json.dumps({"layerlab_imported": any(m == "engine" or m.startswith("engine.") for m in sys.modules)}))
+"""
+
+
+def _reload_in_fresh_process(folder: Path, probe: torch.Tensor) -> dict:
+    """Load ``folder`` with transformers alone (cwd outside the project, no PYTHONPATH) and run ``probe``."""
+    torch.save(probe, folder.parent / "probe.pt")
+    result = subprocess.run([sys.executable, "-c", _FRESH, str(folder)], capture_output=True, text=True,
+                            cwd=folder.parent, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"layerlab_imported": False}
+    return torch.load(folder.parent / "out.pt")
+
+
+@pytest.mark.parametrize("name", [n if n == "llama" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in SLICING_FAMILIES])
+def test_sliced_export_loads_with_transformers_alone_and_matches(name, tmp_path):
+    loaded = LoadedModel.from_model(tiny_family_model(name))
+    sliced = slice_model(loaded, schedule_custom([0.25, 0.0, 0.5]), windows(), batch_size=4)  # per-layer widths
+    info = write_hf_folder(sliced.model, sliced.architecture, tmp_path / "export")
+    assert info["remote_code"] and "modeling_layerlab.py" in info["files"]
+    assert "import engine" not in (tmp_path / "export" / "modeling_layerlab.py").read_text()
+    probe = windows(n=2, seed=5).input_ids
+    out = _reload_in_fresh_process(tmp_path / "export", probe)
+    torch.testing.assert_close(out["logits"], logits(sliced.model, probe), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        ours = sliced.model.generate(probe[:, :4], max_new_tokens=3, do_sample=False)
+    assert torch.equal(out["generated"], ours)  # generation with the KV cache works on the sliced widths
+
+
+@pytest.mark.parametrize("block", ["layer", pytest.param("attention", marks=pytest.mark.slow), "mlp"])
+def test_dropped_export_is_plain_for_layers_and_exact_for_blocks(block, tmp_path):
+    loaded = LoadedModel.from_model(tiny_family_model("llama"))
+    dropped = drop_model(loaded, block, [1])
+    info = write_hf_folder(dropped.model, dropped.architecture, tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    if block == "layer":
+        assert not info["remote_code"] and "auto_map" not in config and config["num_hidden_layers"] == 2
+    else:
+        assert info["remote_code"] and config["layerlab_variant"]["skipped"] == {block: [1]}
+    probe = windows(n=2, seed=3).input_ids
+    out = _reload_in_fresh_process(tmp_path / "export", probe)
+    torch.testing.assert_close(out["logits"], logits(dropped.model, probe), rtol=1e-5, atol=1e-5)
+
+
+def test_export_run_rebuilds_verifies_and_stores(store, tiny_loaded, tmp_path):
+    sliced = run_slicing(store, tiny_loaded, SlicingPlan("constant", 0.25), CALIB, EVAL)
+    result = export_run(store, tiny_loaded, sliced.record, "hf", tmp_path / "s")  # rebuilt from the record
+    check = result["verification"]
+    assert check["passed"] and abs(check["rel_diff"]) <= 0.005 and result["bytes"] > 0
+    assert store.get_run(sliced.run_id).config["exports"][0]["folder"] == str(tmp_path / "s")
+    dropped = run_dropping(store, tiny_loaded, DropPlan(block="layer", count=1, by="custom", custom=(2,)),
+                           CALIB, EVAL)
+    result = export_run(store, tiny_loaded, dropped.record, "hf", tmp_path / "d", model=dropped.model)
+    assert result["verification"]["rel_diff"] == pytest.approx(0.0, abs=1e-6) and not result["remote_code"]
+    half = export_run(store, tiny_loaded, dropped.record, "hf", tmp_path / "bf16", model=dropped.model,
+                      dtype="bfloat16")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as weights:
+        assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"BF16"}
+    weights_bytes = [(tmp_path / d / "model.safetensors").stat().st_size for d in ("d", "bf16")]
+    assert weights_bytes[1] < 0.51 * weights_bytes[0] and half["dtype"] == "bfloat16"
+    assert half["verification"]["rel_diff"] != 0.0 and half["verification"]["passed"]  # rounding measured
+    with pytest.raises(ExportError, match="Hugging Face folders only"):
+        check_export(tiny_loaded, dropped.record, "gguf", tmp_path / "g", overwrite=False, dtype="float16")
+
+
+def test_refusals_come_before_any_work(store, tiny_loaded, tmp_path):
+    dropped = run_dropping(store, tiny_loaded, DropPlan(block="layer", count=1, by="custom", custom=(2,)),
+                           CALIB, EVAL)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(FolderExistsError, match="overwrite"):
+        check_export(tiny_loaded, dropped.record, "hf", tmp_path / "full", overwrite=False)
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    with pytest.raises(ExportError, match="GGUF export is for quantized runs"):
+        check_export(tiny_loaded, dropped.record, "gguf", tmp_path / "g", overwrite=False)
+    other = LoadedModel.from_model(tiny_family_model("llama"))
+    with pytest.raises(ExportError, match="load that model first"):
+        check_export(other, dropped.record, "hf", tmp_path / "x", overwrite=False)
+    quantized = run_quantization(store, tiny_loaded, QuantPlan(ordering="random"), CALIB, EVAL)
+    assert export_formats(quantized.record)["hf"] and export_formats(quantized.record)["gguf"] is None
+
+
+def test_a_failed_write_leaves_nothing(store, tiny_loaded, tmp_path, monkeypatch):
+    dropped = run_dropping(store, tiny_loaded, DropPlan(block="attention", count=1, by="custom", custom=(1,)),
+                           CALIB, EVAL)
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("engine.export.hf_folder.save_file", disk_full)
+    with pytest.raises(ExportError, match="No space left"):
+        export_run(store, tiny_loaded, dropped.record, "hf", tmp_path / "out")
+    left = [p.name for p in tmp_path.iterdir() if not p.name.startswith("results.sqlite")]
+    assert left == []  # neither the folder nor its staging copy
+    assert "exports" not in store.get_run(dropped.run_id).config

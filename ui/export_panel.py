@@ -1,0 +1,118 @@
+"""Export controls shared by the Slicing, Quantization, Dropping and Results pages."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from engine.core.data import DataError
+from engine.core.models import LoadedModel
+from engine.runs.exports import (
+    FORMATS,
+    TOLERANCE,
+    default_export_folder,
+    export_archive,
+    export_estimate,
+    export_formats,
+    export_run,
+    gguf_type_lines,
+)
+from engine.runs.record import RunRecord
+from engine.runs.store import ResultsStore
+from ui.widgets import cancel_button, progress_callback
+
+REMOTE_CODE_NOTE = (
+    "Sliced models and models with attention / MLP blocks removed load with "
+    "`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`: the folder carries a small modeling file "
+    "(`modeling_layerlab.py`, torch and transformers only) that transformers runs on load. Read it before trusting "
+    "it, as with any remote code. Models with whole layers removed are plain checkpoints and need no remote code."
+)
+
+
+def _run_label(record: RunRecord) -> str:
+    ppl = record.metrics.get("ppl")
+    return f"run {record.id} · {record.method} · {record.series}" + (f" · ppl {ppl:.2f}" if ppl else "")
+
+
+def _exports_table(record: RunRecord) -> pd.DataFrame:
+    rows = [{"format": e["format"], "weights / types": e.get("type_choice") or e.get("dtype", ""), "folder": e["folder"], "MiB on disk": round(e["bytes"] / 2**20, 2),
+             "ppl in app": round(e["verification"]["ppl_in_app"], 3),
+             "ppl reloaded": round(e["verification"]["ppl_export"], 3),
+             "change": f"{e['verification']['rel_diff']:+.3%}", "within promise": e["verification"]["passed"]}
+            for e in record.config.get("exports", [])]
+    return pd.DataFrame(rows)
+
+
+def _show_result(result: dict) -> None:
+    check = result["verification"]
+    (st.warning if check["passed"] is False else st.success)(
+        f"Exported to `{result['folder']}` ({result['bytes'] / 2**20:.1f} MiB on disk, {result['seconds']:.1f} s). "
+        + result["summary"])
+    for note in result.get("notes", []):
+        st.caption(note)
+    data, name, mime = export_archive(result)
+    st.download_button(f"Download {name}", data, name, mime, key=f"download_{result['folder']}")
+
+
+def export_section(store: ResultsStore, loaded: LoadedModel, method: str | None, key: str) -> None:
+    """Pick a stored run of the loaded model (of ``method``, or any), a format and a folder; export on a button."""
+    records = [r for r in store.runs(model=loaded.source, method=method)
+               if r.method != "dense" and r.model_fingerprint == loaded.fingerprint]
+    if not records:
+        st.caption("No runs of the loaded model to export yet: run one above first.")
+        return
+    record = st.selectbox("Run to export", records, format_func=_run_label, key=f"{key}_export_run",
+                          help="Newest first. The model is rebuilt from the run's record (same layers, dims or bits).")
+    reasons = export_formats(record)
+    available = [fmt for fmt, reason in reasons.items() if reason is None]
+    for fmt, reason in reasons.items():
+        if reason:
+            st.caption(f"{FORMATS[fmt]}: {reason}")
+    if not available:
+        return
+    fmt = st.radio("Format", available, format_func=FORMATS.get, horizontal=True, key=f"{key}_export_format")
+    gguf_types = "exact"
+    if fmt == "gguf":
+        gguf_types = st.radio("Tensor types", ["exact", "compact"], horizontal=True, key=f"{key}_export_types",
+                              format_func={"exact": "exact (LayerLab's codes kept)",
+                                           "compact": "compact (nearest k-quants, re-quantized)"}.get,
+                              help="exact: the file computes what the app measured; 2- and 3-bit layers take "
+                              "Q4_1's space. compact: smaller, but re-quantizing rounds a second time.")
+        try:
+            lines = gguf_type_lines(loaded, record, gguf_types)
+        except ValueError as err:
+            st.warning(str(err))
+            return
+        st.markdown("**Tensor types in the file** (embeddings F16, norms F32):\n" + "\n".join(f"- {l}" for l in lines))
+        st.caption("Exact types need a group size that is a multiple of 32; a float zero point is copied bit for "
+                   "bit (an integer one is rounded to an fp16 minimum). Re-quantized tensors round a second time: "
+                   f"the check below shows the difference (promise: ±{TOLERANCE['gguf']:.0%} for exact types).")
+    dtype = None
+    if fmt == "hf":
+        st.caption(REMOTE_CODE_NOTE + f" Promise: perplexity within ±{TOLERANCE['hf']:.1%} of the app's.")
+        dtype = st.selectbox("Weights", [None, "bfloat16", "float16"], key=f"{key}_export_dtype",
+                             format_func=lambda d: "as in the app (" + str(
+                                 next(loaded.model.parameters()).dtype).removeprefix("torch.") + ")" if d is None
+                             else f"{d} (half the bytes)",
+                             help="16-bit weights halve the folder; the check shows what the rounding costs.")
+    folder = st.text_input("Folder", str(default_export_folder(record, fmt)), key=f"{key}_export_folder_{record.id}_{fmt}")
+    overwrite = st.checkbox("Overwrite the folder if it exists", key=f"{key}_export_overwrite")
+    left, right = st.columns(2)
+    with right:
+        cancel_button(f"{key}_export")
+    if left.button(f"Export and verify ({export_estimate(loaded, record)})", key=f"{key}_export_go", type="primary",
+                   help="Writes to a staging folder renamed at the end (never half-written), reloads it with "
+                   "transformers and compares perplexity with the in-app model on 4 evaluation windows."):
+        try:
+            result = export_run(store, loaded, record, fmt, folder, overwrite=overwrite, dtype=dtype,
+                                gguf_types=gguf_types,
+                                progress=progress_callback("Exporting"))
+        except (DataError, ValueError) as err:
+            st.error(str(err))
+        else:
+            _show_result(result)
+            record = store.get_run(record.id)
+    table = _exports_table(record)
+    if not table.empty:
+        st.caption(f"Exports of run {record.id} (stored with the run):")
+        st.dataframe(table, hide_index=True, width="stretch")
