@@ -4,8 +4,8 @@
                              [--group-size 128] [--zero-point integer|float]
 
 (a) ``quantize_speed``: seconds to see a new allocation's perplexity, from
-    scratch (deep copy + quantize every layer [+ GPTQ calibration] + evaluate)
-    versus from the per-layer cache (swap cached weights into a copy + evaluate),
+    scratch (quantize every layer [+ GPTQ calibration] + evaluate) versus
+    from the per-layer cache (a new variant over cached codes + evaluate),
     for RTN and GPTQ.
 (b) ``quantize_sweep``: perplexity against the fraction of layers at the low
     level (2 or 3 bits, high level 4 bits), layers ordered by LIM, ZD or a
@@ -57,11 +57,10 @@ def speed_rows(loaded, specs, calibration, windows, orders) -> list[dict]:
         rows.append({"method": spec.method, "path": f"fill cache (3 levels × {n} layers)",
                      "quantize_s": prepared.seconds, "eval_s": 0.0, "total_s": prepared.seconds,
                      "quantize_speedup": None, "total_speedup": None})
-        copy_model = scratch.model
         for label, alloc, clear in (("memory cache", second, False), ("disk cache", third, True)):
             if clear:
                 clear_memory_cache()
-            qm = quantize_model(loaded, alloc, calib, spec=spec, into=copy_model)
+            qm = quantize_model(loaded, alloc, calib, spec=spec)
             eval_s, _ = _ppl(qm.model, windows)
             rows.append({"method": spec.method, "path": label, "quantize_s": qm.stats.seconds, "eval_s": eval_s,
                          "total_s": qm.stats.seconds + eval_s,
@@ -72,15 +71,14 @@ def speed_rows(loaded, specs, calibration, windows, orders) -> list[dict]:
 
 def sweep_rows(loaded, spec, calibration, windows, orders, fractions, dense_ppl) -> list[dict]:
     """Perplexity for every (ordering, low bits, fraction at the low level); duplicates evaluated once."""
-    rows, seen, copy_model = [], {}, None
+    rows, seen = [], {}
     calib = calibration if spec.method == "gptq" else None
     for low in (3, 2):
         for name, order in orders.items():
             for fraction in fractions:
                 alloc = allocate_fraction(order, 4, low, fraction)
                 if alloc.bits not in seen:
-                    qm = quantize_model(loaded, alloc, calib, spec=spec, into=copy_model)
-                    copy_model = qm.model
+                    qm = quantize_model(loaded, alloc, calib, spec=spec)
                     _, result = _ppl(qm.model, windows)
                     seen[alloc.bits] = (result, qm.size())
                 result, size = seen[alloc.bits]

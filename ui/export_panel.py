@@ -35,7 +35,8 @@ def _run_label(record: RunRecord) -> str:
 
 
 def _exports_table(record: RunRecord) -> pd.DataFrame:
-    rows = [{"format": e["format"], "weights / types": e.get("type_choice") or e.get("dtype", ""), "folder": e["folder"], "MiB on disk": round(e["bytes"] / 2**20, 2),
+    rows = [{"format": e["format"], "weights / types": e.get("type_choice") or e.get("dtype", ""),
+             "folder": e["folder"], "MiB on disk": round(e["bytes"] / 2**20, 2),
              "ppl in app": round(e["verification"]["ppl_in_app"], 3),
              "ppl reloaded": round(e["verification"]["ppl_export"], 3),
              "change": f"{e['verification']['rel_diff']:+.3%}", "within promise": e["verification"]["passed"]}
@@ -61,8 +62,12 @@ def export_section(store: ResultsStore, loaded: LoadedModel, method: str | None,
     if not records:
         st.caption("No runs of the loaded model to export yet: run one above first.")
         return
-    record = st.selectbox("Run to export", records, format_func=_run_label, key=f"{key}_export_run",
+    by_id = {r.id: r for r in records}
+    # the key names the newest run: a run made since the last rerun becomes the selection
+    chosen = st.selectbox("Run to export", list(by_id), format_func=lambda i: _run_label(by_id[i]),
+                          key=f"{key}_export_run_{records[0].id}",
                           help="Newest first. The model is rebuilt from the run's record (same layers, dims or bits).")
+    record = by_id[chosen]
     reasons = export_formats(record)
     available = [fmt for fmt, reason in reasons.items() if reason is None]
     for fmt, reason in reasons.items():

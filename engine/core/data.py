@@ -252,10 +252,35 @@ def split_text(spec: DataSpec) -> str:
     return _file_text(spec.path, spec.split)
 
 
+@lru_cache(maxsize=16)
+def tokenizer_fingerprint(tokenizer) -> str | None:
+    """SHA-256 prefix of everything a fast tokenizer's output depends on (its full JSON: vocabulary,
+    normalizer, pre-tokenizer, post-processor with BOS/EOS rules, added tokens); ``None`` for a slow
+    tokenizer (then token ids are cached in memory only)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    return hashlib.sha256(f"{type(tokenizer).__name__}\n{backend.to_str()}".encode()).hexdigest()[:24]
+
+
 @lru_cache(maxsize=8)
-def _token_ids(tokenizer, source: str, split: str, path: str | None) -> torch.Tensor:
-    spec = DataSpec(source=source, split=split, path=path)
-    ids = tokenizer(split_text(spec), return_tensors="pt").input_ids[0]
+def _token_ids(tokenizer, source: str, split: str, path: str | None, _identity: str | None) -> torch.Tensor:
+    """Token ids ``[n_tokens]`` of a split; also kept on disk under ``cache/tokens`` (keyed by the tokenizer's
+    fingerprint and the text's SHA-256), so reloading a model or restarting the app does not re-tokenize.
+    ``_identity``: the file's content identity (part of the in-memory key: an edited file is re-read)."""
+    text = split_text(DataSpec(source=source, split=split, path=path))
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if fingerprint is None:
+        return tokenizer(text, return_tensors="pt").input_ids[0]
+    text_sha = hashlib.sha256(text.encode()).hexdigest()[:24]
+    file = cache_root() / "tokens" / f"{fingerprint}-{text_sha}.pt"
+    try:
+        return torch.load(file, weights_only=True)
+    except Exception:  # noqa: BLE001 - missing or damaged (any unpickling error): tokenize and (re)write
+        pass
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    with atomic_file(file) as temp:
+        torch.save(ids, temp)
     return ids
 
 
@@ -266,7 +291,7 @@ def token_windows(spec: DataSpec, tokenizer, max_seqlen: int | None = None) -> T
             f"seqlen {spec.seqlen} is longer than this model allows ({max_seqlen} tokens). "
             f"Choose {max_seqlen} or less."
         )
-    ids = _token_ids(tokenizer, spec.source, spec.split, spec.path)
+    ids = _token_ids(tokenizer, spec.source, spec.split, spec.path, file_identity(spec.path) if spec.path else None)
     available = ids.numel() // spec.seqlen - spec.offset
     if available <= 0:
         skipped = f" after skipping {spec.offset} windows" if spec.offset else ""

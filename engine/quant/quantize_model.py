@@ -19,7 +19,7 @@ Which signals calibrate GPTQ (``QuantizerSpec.propagation``):
 - ``dense``: every linear is calibrated on the dense model's signals.  Then
   one (layer, bits) result does not depend on the other layers' levels and
   is computed once and cached: a new allocation only dequantizes cached
-  codes into a copy (fast what-ifs, somewhat less accurate).
+  cached codes into a new variant (fast what-ifs, somewhat less accurate).
 
 RTN needs no signals: its (layer, bits) results are always independent.
 
@@ -70,6 +70,7 @@ from engine.quant.cache import (
 )
 from engine.quant.size import SizeReport, check_bits, size_report
 from engine.quant.gptq import HessianAccumulator, gptq_quantize_shared
+from engine.quant.quantized_linear import can_hold_codes, quantized_variant
 from engine.quant.grid import QuantizationError, QuantizedWeight, QuantizerSpec, rtn_quantize
 
 ProgressFn = Callable[[int, int], None]
@@ -92,7 +93,9 @@ class QuantizeStats:
 
 @dataclass
 class QuantizedModel:
-    """A quantized copy.  ``model``'s layer linears hold exactly ``weights[i][name].dequantize()``.
+    """A quantized model.  ``model``'s layer linears compute with exactly ``weights[i][name].dequantize()``:
+    either :class:`~engine.quant.quantized_linear.QuantizedLinear` layers holding those codes (then
+    ``dense`` is the base model whose other tensors it shares) or a materialised copy (``dense`` None).
 
     ``bits[i]``: code bits of layer ``i``; ``spec``: the quantizer (its own
     ``bits`` field is irrelevant); ``calibration``: description of the GPTQ
@@ -110,9 +113,13 @@ class QuantizedModel:
     stats: QuantizeStats = field(default_factory=QuantizeStats)
     tokenizer: object = None
     warnings: list[str] = field(default_factory=list)
+    dense: nn.Module | None = None
 
     def size(self) -> SizeReport:
-        return size_report(self.model, self.architecture, self.bits, self.spec)
+        """Bytes of the quantized model as stored (counted on ``dense``, the model a variant holding
+        codes shares its other tensors with: same shapes)."""
+        return size_report(self.dense if self.dense is not None else self.model, self.architecture, self.bits,
+                           self.spec)
 
 
 # --- the linears of a layer -------------------------------------------------------
@@ -547,16 +554,17 @@ def quantize_model(
     calibration: TokenWindows | None = None,
     *,
     spec: QuantizerSpec = QuantizerSpec(),
-    into: nn.Module | None = None,
     use_cache: bool = True,
     batch_size: int | None = None,
     progress: ProgressFn | None = None,
 ) -> QuantizedModel:
-    """A quantized copy of ``loaded.model`` with layer ``i`` at ``allocation[i]`` code bits.
+    """A quantized variant of ``loaded.model`` with layer ``i`` at ``allocation[i]`` code bits.
 
-    ``into``: an earlier copy of the same model (e.g. a previous
-    ``QuantizedModel.model``) to overwrite instead of deep-copying again; it
-    must not be ``loaded.model``.  ``calibration`` is required for GPTQ.
+    The variant holds the codes (:mod:`engine.quant.quantized_linear`) and shares every other
+    tensor with ``loaded.model``; models whose linears are not all ``nn.Linear`` (fused experts,
+    Conv1D) get a materialised copy instead (same logits).
+
+    ``calibration`` is required for GPTQ.
     ``batch_size``: calibration windows per forward (default: see
     :func:`resolve_batch_size`); part of the GPTQ cache key.
     """
@@ -567,20 +575,24 @@ def quantize_model(
         spec.with_bits(b)  # validates every level before any work
     if spec.method == "gptq" and calibration is None:
         raise QuantizationError("GPTQ needs calibration windows; pass calibration=token_windows(...).")
-    if into is loaded.model:
-        raise QuantizationError("Refusing to quantize the loaded model in place: pass a copy (or nothing) as 'into'.")
-    target = into if into is not None else copy.deepcopy(loaded.model)
+    holds_codes = can_hold_codes(loaded.model, loaded.architecture)
+    target = None if holds_codes else copy.deepcopy(loaded.model)
     stats = QuantizeStats()
     batch_size = resolve_batch_size(spec, calibration, batch_size)
-    # GPTQ works on the target copy itself (dense weights are restored where it needs them)
+    # GPTQ works on the target copy itself (dense weights are restored where it needs them), or on a
+    # transient copy of its own when the result holds codes (RTN only reads the dense weights)
     weights = allocation_weights(loaded, spec, bits, calibration, use_cache=use_cache, batch_size=batch_size,
                                  progress=progress, work=target, stats=stats)
-    apply_weights(target, loaded.architecture, weights)
-    target.eval()
+    if holds_codes:
+        target = quantized_variant(loaded.model, loaded.architecture, weights)
+    else:
+        apply_weights(target, loaded.architecture, weights)
+        target.eval()
     stats.seconds = time.perf_counter() - start
     gptq = spec.method == "gptq"
     warning = calibration_warning(loaded, calibration) if gptq else None
     return QuantizedModel(model=target, architecture=loaded.architecture, spec=spec, bits=bits, weights=weights,
                           source=loaded.source, fingerprint=loaded.fingerprint,
+                          dense=loaded.model if holds_codes else None,
                           calibration=calibration_id(calibration, batch_size) if gptq else None,
                           stats=stats, tokenizer=loaded.tokenizer, warnings=[warning] if warning else [])

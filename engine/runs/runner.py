@@ -520,9 +520,9 @@ def run_stacked(store: ResultsStore, loaded: LoadedModel, first: SlicingPlan | D
                                    spec=then.spec(), use_cache=False, progress=stage_callback(progress, "quantizing"))
     qsize = quantized.size()
     dense_params = model_size(loaded.model)["params"]
-    size = {"params": model_size(quantized.model)["params"], "bytes": qsize.total_bytes,
+    size = {"params": model_size(middle.model)["params"], "bytes": qsize.total_bytes,
             "bytes_16bit": qsize.total_bytes_16bit, "size_fraction": qsize.total_bytes_16bit / (2 * dense_params),
-            "param_fraction": model_size(quantized.model)["params"] / dense_params,
+            "param_fraction": model_size(middle.model)["params"] / dense_params,
             "avg_bits": allocation.average_bits, "bits_per_weight": qsize.bits_per_weight}
     quant_config = {"method": "quantization", "series": then.series(), "bits": list(allocation.bits),
                     "quantizer": then.quantizer, "group_size": then.group_size, "ordering": then.ordering,

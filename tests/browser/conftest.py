@@ -75,9 +75,13 @@ def stop_server(process: subprocess.Popen) -> None:
         process.wait()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def server():
-    """Base URL of a dashboard started on a free localhost port (isolated cache)."""
+    """Base URL of a dashboard started on a free localhost port (isolated cache).
+
+    Package scope: the server stops when the browser tests end, so a job a closed page left running
+    cannot take a core from the tests that follow.
+    """
     if not os.path.exists(CHROMIUM):
         pytest.fail("Debian chromium is missing: `make test` installs it with apt-get.")
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
@@ -87,7 +91,7 @@ def server():
     stop_server(process)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser():
     from playwright.sync_api import sync_playwright
 
@@ -159,6 +163,36 @@ def scores_ready(page, preview: str, timeout_ms: int = 180_000) -> None:
         compute.first.click()
     ready.wait_for(timeout=timeout_ms)
     page.wait_for_timeout(1000)
+
+
+def wait_idle(page, timeout_ms: int = 60_000) -> None:
+    """Wait until Streamlit shows no running script (its status widget's running icon is gone)."""
+    running = page.get_by_test_id("stStatusWidgetRunningIcon").or_(page.get_by_test_id("stStatusWidgetRunningManIcon"))
+    for _ in range(timeout_ms // 250):
+        if running.count() == 0:
+            return
+        page.wait_for_timeout(250)
+
+
+def press(page, button, started, tries: int = 3, retry_after_ms: int = 20_000) -> None:
+    """Click ``button`` on an idle page and wait for ``started`` (a locator the click should bring up).
+
+    A click that lands during a rerun can be lost; when ``started`` has not appeared, the page is idle
+    again and the button is still there, the click is repeated (a running job keeps the page busy, so a
+    slow job is never started twice).
+    """
+    for attempt in range(tries):
+        wait_idle(page)
+        page.wait_for_timeout(500)
+        button.click()
+        try:
+            started.first.wait_for(timeout=retry_after_ms)
+            return
+        except Exception:
+            wait_idle(page)
+            if started.count() or not button.count() or attempt == tries - 1:
+                break
+    started.first.wait_for()
 
 
 def set_slider(page, slider, target: int) -> None:

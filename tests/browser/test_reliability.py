@@ -14,7 +14,7 @@ from engine.core.paths import cache_root
 from engine.runs.plans import EvalPlan, QuantPlan
 from engine.runs.runner import run_quantization
 from engine.runs.store import ResultsStore
-from tests.browser.conftest import scores_ready, set_slider, start_server, stop_server
+from tests.browser.conftest import press, scores_ready, set_slider, start_server, stop_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -123,8 +123,7 @@ def test_cancel_leaves_nothing_half_written(page, steps, server):
     _small_data(page, calib_windows=24, calib_seqlen=256)
     scores_ready(page, "Achieved mean slicing")
     before = [r.id for r in ResultsStore().runs()]
-    page.get_by_role("button", name="Run slicing").click()
-    page.get_by_text("Slicing · slicing:").wait_for()
+    press(page, page.get_by_role("button", name="Run slicing"), page.get_by_text("Slicing · slicing:"))
     steps.shot("running")
     page.get_by_role("button", name="Cancel run").click()
     page.get_by_text("Cancelled. Nothing from the interrupted run was stored.").wait_for()
@@ -144,8 +143,7 @@ def test_killing_the_app_mid_run_loses_no_result(browser, steps):
         page.get_by_text("Schedule preview").wait_for()
         _small_data(page, calib_windows=24, calib_seqlen=256)
         scores_ready(page, "Achieved mean slicing")
-        page.get_by_role("button", name="Run slicing").click()
-        page.get_by_text("Slicing · slicing:").wait_for()
+        press(page, page.get_by_role("button", name="Run slicing"), page.get_by_text("Slicing · slicing:"))
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
     finally:

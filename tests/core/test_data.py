@@ -92,3 +92,34 @@ def test_wikitext2_offline_names_the_offline_source():
 def test_invalid_specs(kwargs):
     with pytest.raises(DataError):
         DataSpec(**kwargs)
+
+
+def test_token_ids_are_cached_on_disk_by_tokenizer_and_text(tiny_folder, tmp_path):
+    from transformers import AutoTokenizer
+
+    from engine.core.data import _token_ids, tokenizer_fingerprint
+    from engine.core.paths import cache_root
+
+    def entries() -> set:
+        return set((cache_root() / "tokens").glob(f"{tokenizer_fingerprint(first)}-*.pt"))
+
+    text = tmp_path / "notes.txt"
+    text.write_text("The first paragraph about layers.\n\nThe second paragraph about bits and widths.")
+    spec = DataSpec(source="file", split="evaluation", seqlen=4, n_windows=2, path=str(text))
+    first, second = AutoTokenizer.from_pretrained(tiny_folder), AutoTokenizer.from_pretrained(tiny_folder)
+    assert first is not second and tokenizer_fingerprint(first) == tokenizer_fingerprint(second)
+    expected = first(split_text(spec), return_tensors="pt").input_ids[0]
+    before = entries()
+    ids = token_windows(spec, first).input_ids
+    (file,) = entries() - before
+    assert torch.equal(torch.load(file), expected)
+    file.write_bytes(b"damaged")  # a damaged entry is re-tokenized, not trusted
+    _token_ids.cache_clear()
+    assert torch.equal(token_windows(spec, second).input_ids, ids)
+    assert torch.equal(torch.load(file), expected)
+    text.write_text("Other words entirely.\n\nAnd a second paragraph here.")  # an edited file: a new entry
+    assert not torch.equal(token_windows(spec, second).input_ids, ids)
+    assert len(entries() - before) == 2
+    first.add_tokens(["<layerlab-new-token>"])  # a changed tokenizer: another fingerprint
+    tokenizer_fingerprint.cache_clear()
+    assert tokenizer_fingerprint(first) != tokenizer_fingerprint(second)

@@ -48,6 +48,7 @@ def test_lm_eval_offline_on_builtin_and_damage_lowers_accuracy(builtin):
     assert broken.value < dense.value - 0.15
 
 
+@pytest.mark.slow  # loads the built-in model
 def test_standard_task_offline_names_the_offline_task(builtin):
     with pytest.raises(TaskUnavailableError, match=CONTINUATION_TASK):
         zero_shot(builtin.model, builtin.tokenizer, ["piqa"], limit=2)

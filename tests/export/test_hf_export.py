@@ -52,8 +52,8 @@ def _reload_in_fresh_process(folder: Path, probe: torch.Tensor) -> dict:
     return torch.load(folder.parent / "out.pt")
 
 
-@pytest.mark.parametrize("name", [n if n == "llama" else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in SLICING_FAMILIES])
+@pytest.mark.slow  # a fresh Python process per family (~7 s each)
+@pytest.mark.parametrize("name", SLICING_FAMILIES)
 def test_sliced_export_loads_with_transformers_alone_and_matches(name, tmp_path):
     loaded = LoadedModel.from_model(tiny_family_model(name))
     sliced = slice_model(loaded, schedule_custom([0.25, 0.0, 0.5]), windows(), batch_size=4)  # per-layer widths
@@ -68,7 +68,8 @@ def test_sliced_export_loads_with_transformers_alone_and_matches(name, tmp_path)
     assert torch.equal(out["generated"], ours)  # generation with the KV cache works on the sliced widths
 
 
-@pytest.mark.parametrize("block", ["layer", pytest.param("attention", marks=pytest.mark.slow), "mlp"])
+@pytest.mark.parametrize("block", ["layer", pytest.param("attention", marks=pytest.mark.slow),
+                                   pytest.param("mlp", marks=pytest.mark.slow)])
 def test_dropped_export_is_plain_for_layers_and_exact_for_blocks(block, tmp_path):
     loaded = LoadedModel.from_model(tiny_family_model("llama"))
     dropped = drop_model(loaded, block, [1])

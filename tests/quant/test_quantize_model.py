@@ -106,15 +106,15 @@ def test_sequential_gptq_reuses_the_layers_whose_prefix_is_unchanged():
     calibration, ids = _windows(), _windows(2, 16, seed=9).input_ids
     clear_memory_cache()
     first = quantize_model(loaded, [3, 4, 4], calibration, spec=GPTQ)
-    runs = []
-    for bits, hits in (([3, 4, 2], 2), ([2, 4, 2], 0)):  # the same copy reused, each time overwritten
-        qm = quantize_model(loaded, bits, calibration, spec=GPTQ, into=first.model)
+    runs = [first]
+    for bits, hits in (([3, 4, 2], 2), ([2, 4, 2], 0)):
+        qm = quantize_model(loaded, bits, calibration, spec=GPTQ)
         assert (qm.stats.memory_hits, qm.stats.computed) == (hits, 3 - hits)
         scratch = quantize_model(loaded, bits, calibration, spec=GPTQ, use_cache=False)
         assert torch.equal(_logits(qm.model, ids), _logits(scratch.model, ids))  # cached = from scratch
         runs.append(qm)
     # layer 1 at 4 bits depends on layer 0's bits
-    assert not torch.equal(runs[0].weights[1]["o"].codes, runs[1].weights[1]["o"].codes)
+    assert not torch.equal(runs[1].weights[1]["o"].codes, runs[2].weights[1]["o"].codes)
 
 
 def test_dense_signal_gptq_results_are_per_layer_and_prepared_once():
@@ -154,20 +154,18 @@ def test_damaged_cache_file_is_a_miss():
     assert torch.equal(_logits(again.model, ids), _logits(reference.model, ids))
 
 
-def test_new_allocation_reuses_a_copy_and_refuses_the_original():
+def test_new_allocation_is_served_from_the_prepared_levels():
     loaded = _loaded(TINY_FACTORIES["mistral"]())
-    qm = quantize_model(loaded, [2, 2, 2], spec=RTN)
+    quantize_model(loaded, [2, 2, 2], spec=RTN)
     prepare_levels(loaded, RTN, [2, 4])
     order = layer_order(3, "importance", [0.3, 0.1, 0.2])
     alloc = allocate_fraction(order, 4, 2, 1 / 3)
-    again = quantize_model(loaded, alloc, spec=RTN, into=qm.model)
-    assert again.model is qm.model and again.bits == (4, 2, 4)
+    again = quantize_model(loaded, alloc, spec=RTN)
+    assert again.bits == (4, 2, 4)
     assert again.stats.memory_hits == 3 and again.stats.computed == 0
     fresh = quantize_model(loaded, alloc, spec=RTN, use_cache=False)
     ids = _windows(1, 8).input_ids
     assert torch.equal(_logits(again.model, ids), _logits(fresh.model, ids))
-    with pytest.raises(QuantizationError, match="in place"):
-        quantize_model(loaded, alloc, spec=RTN, into=loaded.model)
 
 
 def test_bad_requests_are_refused():

@@ -75,6 +75,7 @@ def test_parser_builds_all_commands():
     assert args.low_bits == [2, 3] and args.low_fractions == [0.0, 0.5]
 
 
+@pytest.mark.slow  # ~18 s
 def test_drop_stack_and_sweep_methods_on_the_tiny_model(capsys, tmp_path, tiny_folder):
     store = ["--store", str(tmp_path / "cli.sqlite"), "--model", tiny_folder]
     assert main(["drop", "--blocks", "attention", "--count", "1", "--by", "attention", *TINY, *store]) == 0
@@ -89,6 +90,7 @@ def test_drop_stack_and_sweep_methods_on_the_tiny_model(capsys, tmp_path, tiny_f
     assert main(["drop", "--count", "9", *TINY, *store]) == 2  # more than the tiny model has
 
 
+@pytest.mark.slow  # ~18 s
 def test_export_command_writes_verifies_and_refuses(capsys, tmp_path, tiny_folder):
     store = ["--store", str(tmp_path / "cli.sqlite")]
     assert main(["quantize", "--group-size", "32", "--zero-point", "float", "--ordering", "random",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import plotly.io
 
 from engine.runs.store import ResultsStore
@@ -16,6 +18,7 @@ def _ready(page: str):
     return at
 
 
+@pytest.mark.slow  # ~5 s
 def test_dropping_preview_refusals_and_run(tiny_app):
     at = _ready("dropping")
     assert "Which layers go" in at.get("plotly_chart")[0].proto.spec

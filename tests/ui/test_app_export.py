@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from engine.runs.store import ResultsStore
 import pytest
 
+from engine.runs.store import ResultsStore
 from tests.apptest import click, open_app, use_small_data
 
-pytestmark = pytest.mark.opt_in  # pass alone (16 s); in the full suite they read another test's newest run: fix pending
+
+def _new_run(before: set[int], method: str):
+    """The one run of ``method`` stored since ``before`` (ids) was taken."""
+    (run,) = [r for r in ResultsStore().runs(method=method) if r.id not in before]
+    return run
 
 
 def test_dropping_page_exports_a_run_and_refuses_a_full_folder(tiny_app, tmp_path):
@@ -15,9 +19,9 @@ def test_dropping_page_exports_a_run_and_refuses_a_full_folder(tiny_app, tmp_pat
     if any(b.label.startswith("Compute LR scores") for b in at.button):
         click(at, "Compute LR scores")
     at.slider(key="keep.drop_count").set_value(1).run()
+    before = {r.id for r in ResultsStore().runs()}
     click(at, "Run dropping")
-    run = ResultsStore().runs()[0]
-    assert run.method == "dropping"
+    run = _new_run(before, "dropping")
     assert len(at.radio(key="dropping_export_format").options) == 1 and at.radio(key="dropping_export_format").value == "hf"
     assert any("GGUF export is for quantized runs" in c.value for c in at.caption)
     folder = at.text_input(key=f"dropping_export_folder_{run.id}_hf")
@@ -36,15 +40,17 @@ def test_dropping_page_exports_a_run_and_refuses_a_full_folder(tiny_app, tmp_pat
     assert len(exports) == 1 and exports[0]["verification"]["passed"] and (tmp_path / "out" / "config.json").exists()
 
 
+@pytest.mark.slow  # ~14 s (reads the tokenizer back from GGUF twice)
 def test_quantization_export_lists_gguf_types(tiny_app, tmp_path):
     at = use_small_data(open_app("quantization"), windows=2, seqlen=40)
     at.selectbox(key="keep.quant_order").set_value("random")
     at.selectbox(key="keep.quant_group").set_value(32)
     at.radio(key="keep.quant_zero").set_value("float").run()
+    before = {r.id for r in ResultsStore().runs()}
     click(at, "Preview")
     assert not at.exception and not at.error, at.error
-    run = ResultsStore().runs()[0]
-    assert run.method == "quantization"
+    run = _new_run(before, "quantization")
+    assert at.selectbox(key=f"quantization_export_run_{run.id}").value == run.id  # the run just made
     assert at.radio(key="quantization_export_format").value == "gguf"
     types = next(m.value for m in at.markdown if "Tensor types in the file" in m.value)
     assert "2-bit → Q4_1 (exact)" in types and "codes, scales and minimums copied" in types

@@ -77,6 +77,7 @@ def test_evaluation_settings_survive_a_page_change(tiny_app):
     assert at.number_input(key="keep.eval_windows").value == 3
 
 
+@pytest.mark.slow  # ~12 s (lm-eval)
 def test_unavailable_task_keeps_the_perplexity(tiny_app):
     at = open_app()
     at.number_input(key="keep.eval_windows").set_value(1)
