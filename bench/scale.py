@@ -7,7 +7,8 @@ The model is built from a config with random weights on the spot.  For each
 operation it prints wall seconds and the peak memory while it ran, as a
 multiple of the base model's own bytes: on CPU the process's resident set
 (sampled every 5 ms) above what it held before the model was built; on CUDA
-``torch.cuda.max_memory_allocated``.  Targets (issue #18): scores <= 1.1x,
+``torch.cuda.max_memory_allocated``; next to it the run's memory plan
+(``engine.core.memory``) and measured / planned.  Targets (issue #18): scores <= 1.1x,
 dropping preview <= 1.05x, 4-bit quantization preview <= 1.4x, slicing
 <= 2.0x, evaluation of a variant <= its own bytes + 1.1x base.  The windows
 are random token ids (memory and time do not depend on the text).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import itertools
 import os
 import threading
 import time
@@ -28,6 +30,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from bench.common import report
 from engine.core.data import DataSpec, TokenWindows
+from engine.core.memory import ModelShape, plan_memory
 from engine.core.models import LoadedModel, model_size
 from engine.dropping.drop_model import drop_model
 from engine.evaluation.perplexity import perplexity
@@ -113,7 +116,8 @@ def main() -> None:
     rows: list[dict] = []
     state: dict = {}
 
-    def measure(name: str, operation: Callable[[], object], variant_bytes: Callable[[object], int] | None = None):
+    def measure(name: str, operation: Callable[[], object], variant_bytes: Callable[[object], int] | None = None,
+                plan: str | None = None):
         release_freed_memory()
         started = time.perf_counter()
         with PeakMemory(device) as peak:
@@ -123,6 +127,11 @@ def main() -> None:
         row = {"operation": name, "seconds": seconds, "peak_over_base": (peak.peak - before_model) / base}
         if variant_bytes is not None:
             row["variant_bytes_over_base"] = variant_bytes(result) / base
+        if plan is not None:  # what the run's memory plan promised (engine.core.memory), same units
+            planned = plan_memory(ModelShape.of(loaded.model, loaded.architecture), plan, device,
+                                  calib_tokens=windows.input_ids.numel(), eval_seqlen=args.seqlen, group_size=128)
+            row["planned_over_base"] = planned.peak_over_base
+            row["measured_over_planned"] = row["peak_over_base"] / planned.peak_over_base
         rows.append(row)
         print(row, flush=True)
         if variant_bytes is not None:
@@ -146,9 +155,15 @@ def main() -> None:
         perplexity(dropped.model, windows)
         return dropped.model
 
-    measure(f"dropping {min(8, n - 2)} layers + perplexity", dropping_preview, lambda m: _own_bytes(m, loaded.model))
-    measure("slicing 25% (constant)", lambda: slice_model(loaded, schedule_constant(0.25, n), windows).model,
-            lambda m: _own_bytes(m, loaded.model))
+    measure(f"dropping {min(8, n - 2)} layers + perplexity", dropping_preview, lambda m: _own_bytes(m, loaded.model),
+            plan="dropping")
+
+    def slicing_run():
+        sliced = slice_model(loaded, schedule_constant(0.25, n), windows).model
+        perplexity(sliced, windows)
+        return sliced
+
+    measure("slicing 25% (constant) + perplexity", slicing_run, lambda m: _own_bytes(m, loaded.model), plan="slicing")
 
     def quant_preview(bits: list[int]):
         def run():
@@ -157,9 +172,10 @@ def main() -> None:
             return quantized.model
         return run
 
-    measure("4-bit RTN preview + perplexity", quant_preview([4] * n), lambda m: _own_bytes(m, loaded.model))
+    measure("4-bit RTN preview + perplexity", quant_preview([4] * n), lambda m: _own_bytes(m, loaded.model),
+            plan="quantization-rtn")
     measure("3/4-bit RTN preview + perplexity", quant_preview([3, 4] * (n // 2) + [4] * (n % 2)),
-            lambda m: _own_bytes(m, loaded.model))
+            lambda m: _own_bytes(m, loaded.model), plan="quantization-rtn")
     report(f"scale-{args.preset}", rows, {
         "preset": args.preset, "params": model_size(loaded.model)["params"], "dtype": args.dtype,
         "device": str(device), "base_bytes": state["base_bytes"], "windows": f"{args.windows} x {args.seqlen}",
@@ -168,9 +184,12 @@ def main() -> None:
 
 
 def _own_bytes(variant: torch.nn.Module, base: torch.nn.Module) -> int:
-    """Bytes of ``variant``'s tensors that are not the base model's own (what the variant adds)."""
-    shared = {t.data_ptr() for t in base.parameters()}
-    return sum(p.numel() * p.element_size() for p in variant.parameters() if p.data_ptr() not in shared)
+    """Bytes of ``variant``'s parameters and buffers (a quantized variant's codes) that are not the base
+    model's own: what the variant adds."""
+    shared = {t.data_ptr() for t in itertools.chain(base.parameters(), base.buffers())}
+    own = {t.data_ptr(): t.numel() * t.element_size() for t in itertools.chain(variant.parameters(), variant.buffers())
+           if t.data_ptr() not in shared}
+    return sum(own.values())
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from engine.core.models import BUILTIN_NAME, load_model
 from engine.dropping.choose import RANKINGS
 from engine.optimize.bit_budget import DEFAULT_LEVELS, BitBudget
 from engine.runs.bits_optimizer import BitsOptimizerPlan, optimize_bits
+from engine.runs.memory_check import run_memory_plan
 from engine.runs.plans import (
     DEFAULT_CALIB_SEQLEN,
     DEFAULT_CALIB_WINDOWS,
@@ -288,12 +289,14 @@ def run(args) -> None:
     elif args.command == "slice":
         plan = SlicingPlan(args.schedule, args.target, args.basis, tuple(args.fractions), args.round_to,
                            args.final_rotation)
+        _print_memory(loaded, "slicing", calibration, evaluation)
         _print_run("slicing", run_slicing(store, loaded, plan, calibration, evaluation, save_to=args.save,
                                           progress=_progress))
     elif args.command == "quantize":
         plan = QuantPlan(args.quantizer, args.group_size, args.high_bits, args.low_bits, args.low_fraction,
                          args.target_bits, args.ordering, tuple(args.custom_order), args.seed, args.zero_point,
                          args.act_order)
+        _print_memory(loaded, f"quantization-{args.quantizer}", calibration, evaluation, args.group_size)
         _print_run("quantization", run_quantization(store, loaded, plan, calibration, evaluation,
                                                     save_to=args.save, progress=_progress))
     elif args.command == "sweep-slicing":
@@ -302,6 +305,7 @@ def run(args) -> None:
         _sensitivity(args, store, loaded, calibration)
     elif args.command == "drop":
         plan = DropPlan(args.blocks, args.count, args.by, not args.no_protect, tuple(args.layers), args.iterative)
+        _print_memory(loaded, "dropping", calibration, evaluation)
         _print_run("dropping", run_dropping(store, loaded, plan, calibration, evaluation, save_to=args.save,
                                             progress=_progress))
     elif args.command == "stack":
@@ -409,6 +413,11 @@ def _optimize_slicing(args, store, loaded, calibration, evaluation) -> None:
             temp.write_text(json.dumps({**result.to_dict(), "summary": result.summary(), "run": outcome.run_id,
                                         "evaluation": outcome.record.data_label, "eval_ppl": outcome.metrics["ppl"]},
                                        indent=2, default=float))
+
+
+def _print_memory(loaded, method: str, calibration, evaluation, group_size: int | None = 128) -> None:
+    """The run's memory plan on stderr before it starts (a run that does not fit is refused by the runner)."""
+    print(run_memory_plan(loaded, method, calibration, evaluation, group_size).summary(), file=sys.stderr)
 
 
 def _run_sweep(plans, run_one, kind: str, store, loaded, evaluation) -> None:

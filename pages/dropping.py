@@ -19,6 +19,7 @@ from ui.widgets import (
     calibration_and_evaluation,
     preview_or_stop,
     method_tradeoff,
+    memory_note,
     progress_callback,
     run_controls,
     show_chart,
@@ -81,6 +82,7 @@ else:
     st.caption(f"Dropping layers {layers or 'none'}, chosen {plan.choice()}.")
 
 plan_eval = EvalPlan(evaluation, **zero_shot)
+memory_note(loaded, "dropping", calibration, plan_eval)
 run_controls(loaded, "dropping", run_estimate(loaded, "dropping", calibration, plan_eval, store),
              "Save the dropped model under cache/dropped/",
              lambda save: run_dropping(store, loaded, plan, calibration, plan_eval, layers=layers,

@@ -22,8 +22,9 @@ from ui.state import kept
 from ui.widgets import (
     calibration_and_evaluation,
     cancel_button,
-    preview_or_stop,
+    memory_note,
     method_tradeoff,
+    preview_or_stop,
     progress_callback,
     show_chart,
     show_outcome,
@@ -108,6 +109,7 @@ preview = left.button(f"Preview ({PREVIEW_WINDOWS} windows, {run_estimate(loaded
                       help="A quick, noisy look: stored and drawn as a preview, with dense on the same windows.")
 full = mid.button(f"Full evaluation ({evaluation.n_windows} windows, "
                   f"{run_estimate(loaded, cost, calibration, full_plan, store)})")
+memory_note(loaded, cost, calibration, full_plan, group_size)
 if preview or full:
     try:
         outcome = run_quantization(store, loaded, plan, calibration, preview_plan if preview else full_plan,

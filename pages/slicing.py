@@ -21,6 +21,7 @@ from ui.widgets import (
     calibration_and_evaluation,
     preview_or_stop,
     method_tradeoff,
+    memory_note,
     progress_callback,
     run_controls,
     show_chart,
@@ -81,6 +82,7 @@ show_chart(charts.schedule_chart(preview, f"{loaded.source}; LR from {calibratio
            f"(asked {schedule.target:.4f}). LR from {calibration.label()} on {loaded.source}.", preview)
 
 plan_eval = EvalPlan(evaluation, **zero_shot)
+memory_note(loaded, "slicing", calibration, plan_eval)
 run_controls(loaded, "slicing", run_estimate(loaded, "slicing", calibration, plan_eval, store),
              "Save the sliced model under cache/sliced/",
              lambda save: run_slicing(store, loaded, plan, calibration, plan_eval, schedule=schedule,

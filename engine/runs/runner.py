@@ -27,6 +27,7 @@ from engine.quant.allocation import Allocation, allocate_average, allocate_fract
 from engine.quant.quantize_model import quantize_model
 from engine.quant.save import save_quantized
 from engine.runs.cached_scores import cached_layer_redundancy, cached_weight_outliers
+from engine.runs.memory_check import check_memory, run_memory_plan
 from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, SlicingPlan
 from engine.runs.record import PPL, RunRecord, task_metrics
 from engine.runs.store import ResultsStore, cache_key
@@ -272,6 +273,7 @@ def run_slicing(store: ResultsStore, loaded: LoadedModel, plan: SlicingPlan, cal
 
     ``schedule``: the one the user previewed (computed from ``plan`` if None).
     """
+    check_memory(run_memory_plan(loaded, "slicing", calibration, evaluation))
     if schedule is None:
         schedule = slicing_schedule(store, loaded, plan, calibration, progress)
     windows = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen)
@@ -335,6 +337,7 @@ def run_quantization(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, 
 
     ``allocation``: the bit map the user previewed (computed from ``plan`` if None).
     """
+    check_memory(run_memory_plan(loaded, f"quantization-{plan.quantizer}", calibration, evaluation, plan.group_size))
     if allocation is None:
         allocation, _importance = allocation_for(store, loaded, plan, calibration, progress)
     spec = plan.spec()
@@ -468,6 +471,7 @@ def run_dropping(store: ResultsStore, loaded: LoadedModel, plan: DropPlan, calib
 
     ``layers``: the ones the user previewed (chosen from ``plan`` if None).
     """
+    check_memory(run_memory_plan(loaded, "dropping", calibration, evaluation))
     if layers is None:
         layers = dropped_layers(store, loaded, plan, calibration, progress)
     windows = token_windows(evaluation.data, loaded.tokenizer, loaded.max_seqlen)

@@ -1,0 +1,190 @@
+"""Memory plans: the peak memory a run will need beyond the loaded model, checked before it starts.
+
+A plan is an estimate from shapes alone (no tensor is allocated): the variant
+the run builds, what it holds only while it builds it (a working copy,
+calibration signals, Hessians or covariances) and the activations of
+evaluation.  The loaded model itself is already resident, so a run fits when
+``extra_bytes`` is below the device's free memory (CPU: ``MemAvailable``;
+CUDA: ``torch.cuda.mem_get_info``).  ``bench/scale.py`` prints the plan next
+to the measured peak.
+
+What each method holds (``s`` = bytes per base weight, ``n x T`` calibration tokens):
+
+- dropping: nothing of its own (the variant shares the base's tensors);
+- quantization (RTN): the codes, one byte per weight, and fp16 scales and zeros
+  per group; GPTQ also a working copy of the model, the calibration signals
+  (``n x T x hidden x s``, inputs and outputs of a layer) and an fp64 Hessian
+  per linear input;
+- slicing: a working copy of the model while it is sliced, fp32 signals and
+  fp64 covariances ``hidden x hidden``;
+- evaluation: a batch's logits and per-layer intermediates, and the fp32
+  log-softmax of one window.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from engine.core.architectures import Architecture
+
+GIB = 2**30
+HEADROOM = 1.10  # the plan must fit with 10% to spare (allocator slack, fragmentation)
+METHODS = ("dropping", "quantization-rtn", "quantization-gptq", "slicing")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What memory estimates need from a model: bytes, widths, vocabulary and its layers' linears."""
+
+    bytes: int
+    element_size: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    heads: int
+    linear_shapes: tuple[tuple[int, int], ...]  # (out, in) of every decoder-layer linear
+
+    @classmethod
+    def of(cls, model: nn.Module, arch: Architecture) -> "ModelShape":
+        params = list(model.parameters())
+        config = model.config
+        shapes = tuple(tuple(linear.weight.shape) for layer in arch.decoder_layers(model)
+                       for linear in arch.layer_linears(layer).values())
+        hidden = int(getattr(config, "hidden_size", 0) or max(i for _, i in shapes))
+        return cls(bytes=sum(p.numel() * p.element_size() for p in params),
+                   element_size=params[0].element_size(), hidden=hidden,
+                   intermediate=max(max(o, i) for o, i in shapes), vocab=int(config.vocab_size),
+                   heads=int(getattr(config, "num_attention_heads", 1) or 1), linear_shapes=shapes)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Estimated memory of one run on ``device`` beyond the loaded model (bytes).
+
+    ``parts``: what the run holds at its peak, by name; ``extra_bytes`` their sum;
+    ``base_bytes`` the loaded model; ``free_bytes`` free memory now (``None``: unknown).
+    """
+
+    device: str
+    method: str
+    base_bytes: int
+    parts: dict[str, int] = field(default_factory=dict)
+    free_bytes: int | None = None
+
+    @property
+    def extra_bytes(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def peak_over_base(self) -> float:
+        """Peak memory (base + extra) as a multiple of the base model's bytes."""
+        return (self.base_bytes + self.extra_bytes) / self.base_bytes
+
+    def fits(self) -> bool:
+        return self.free_bytes is None or self.extra_bytes * HEADROOM <= self.free_bytes
+
+    def summary(self) -> str:
+        """One line for the UI and CLI, e.g. ``Memory: ≈ +210 MiB at peak beyond the loaded model (…); 17.9 GiB free``."""
+        parts = ", ".join(f"{name} {size_text(value)}" for name, value in self.parts.items())
+        free = f"{size_text(self.free_bytes)} free on {self.device}" if self.free_bytes is not None else \
+            f"free memory on {self.device} unknown"
+        return (f"Memory: ≈ +{size_text(self.extra_bytes)} at peak beyond the loaded model "
+                f"({self.peak_over_base:.2f}× its {size_text(self.base_bytes)}: {parts}); {free}.")
+
+    def refusal(self) -> str | None:
+        """Why the run cannot start here, and what would make it fit; ``None`` when it fits."""
+        if self.fits():
+            return None
+        largest = max(self.parts, key=self.parts.get)
+        return (f"This run needs ≈ {size_text(self.extra_bytes * HEADROOM)} more on {self.device} but only "
+                f"{size_text(self.free_bytes)} are free; the largest part is {largest} "
+                f"({size_text(self.parts[largest])}). "
+                f"{ADVICE.get(largest, 'Close other sessions or load the model on a larger device.')}")
+
+
+ADVICE = {
+    "working copy": "This method works on a full copy of the model: load it in a 16-bit dtype, use a "
+                    "smaller model, or free memory (close other sessions).",
+    "calibration signals": "Use fewer calibration windows or a shorter calibration seqlen.",
+    "evaluation activations": "Use a shorter evaluation seqlen (the logits of a batch dominate).",
+    "Hessians": "Use RTN, or a model with narrower linears.",
+    "covariances": "Use fewer layers or a narrower model.",
+}
+
+
+def size_text(n_bytes: float | None) -> str:
+    """``"1.25 GiB"`` from 1 GiB up, else ``"310.4 MiB"``."""
+    if n_bytes is None:
+        return "?"
+    return f"{n_bytes / GIB:.2f} GiB" if n_bytes >= GIB else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def free_bytes(device: torch.device | str) -> int | None:
+    """Free memory on ``device`` now: CUDA's free bytes, or the host's ``MemAvailable``; ``None`` if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def evaluation_bytes(shape: ModelShape, batch: int, seqlen: int) -> int:
+    """Activations of one evaluation forward: a batch's logits (model dtype), the fp32 log-softmax of one
+    window, one layer's intermediates and its attention scores."""
+    s = shape.element_size
+    logits = batch * seqlen * shape.vocab * s + 2 * seqlen * shape.vocab * 4
+    layer = batch * seqlen * (4 * shape.hidden + 3 * shape.intermediate) * s
+    attention = batch * shape.heads * seqlen * seqlen * 4
+    return logits + layer + attention
+
+
+def code_bytes(shape: ModelShape, group_size: int | None) -> int:
+    """Bytes a quantized variant holds: one byte per code, fp16 scale and zero per group."""
+    total = 0
+    for out, inp in shape.linear_shapes:
+        groups = 1 if group_size is None else math.ceil(inp / group_size)
+        total += out * inp + out * groups * 4
+    return total
+
+
+def plan_memory(shape: ModelShape, method: str, device: torch.device | str, *, calib_tokens: int = 0,
+                eval_batch: int = 4, eval_seqlen: int = 0, group_size: int | None = 128,
+                holds_codes: bool = True, free: int | None = None) -> MemoryPlan:
+    """The memory plan of ``method`` (one of :data:`METHODS`) for a model of ``shape``.
+
+    ``calib_tokens``: calibration tokens (windows x seqlen); ``eval_seqlen``: evaluation window
+    length (0: no evaluation); ``holds_codes``: the quantized variant holds codes (else it is a
+    materialised copy); ``free``: free bytes (default: measured on ``device``).
+    """
+    if method not in METHODS:
+        raise ValueError(f"Unknown method '{method}' for a memory plan; choose one of {', '.join(METHODS)}.")
+    s, hidden = shape.element_size, shape.hidden
+    held: dict[str, int] = {}  # kept from compression through evaluation
+    building: dict[str, int] = {}  # only while the variant is built
+    if method.startswith("quantization"):
+        held["codes" if holds_codes else "materialised copy"] = code_bytes(shape, group_size) if holds_codes \
+            else shape.bytes
+        if method == "quantization-gptq":
+            building["working copy"] = shape.bytes
+            building["calibration signals"] = 2 * calib_tokens * hidden * s
+            building["Hessians"] = 2 * 8 * max(i for _, i in shape.linear_shapes) ** 2
+    elif method == "slicing":
+        held["working copy"] = shape.bytes  # sliced in place, layer by layer: it only shrinks
+        building["calibration signals"] = 2 * calib_tokens * hidden * 4
+        building["covariances"] = 2 * 8 * hidden * hidden
+    evaluation = {"evaluation activations": evaluation_bytes(shape, eval_batch, eval_seqlen) if eval_seqlen else 0}
+    # the peak is the larger of the two phases, on top of what the variant holds throughout
+    phase = building if sum(building.values()) > sum(evaluation.values()) else evaluation
+    parts = {**held, **phase}
+    return MemoryPlan(device=str(device), method=method, base_bytes=shape.bytes, parts=parts,
+                      free_bytes=free if free is not None else free_bytes(device))

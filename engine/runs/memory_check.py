@@ -1,0 +1,38 @@
+"""The memory plan of a run on the loaded model, shown before it starts and checked when it starts.
+
+``run_memory_plan`` turns a run's method, data and quantizer into an
+:class:`engine.core.memory.MemoryPlan`; ``check_memory`` refuses a run that
+would not fit (a :class:`RunDoesNotFit`, a ``ValueError``: pages and the CLI
+show its message) before any work, so the base model and the store are left
+as they were.
+"""
+
+from __future__ import annotations
+
+from engine.core.data import DataSpec, token_windows
+from engine.core.memory import MemoryPlan, ModelShape, plan_memory
+from engine.core.models import LoadedModel
+from engine.quant.quantized_linear import can_hold_codes
+from engine.runs.plans import EvalPlan
+
+
+class RunDoesNotFit(ValueError):
+    """The run's memory plan exceeds the free memory; the message says what would make it fit."""
+
+
+def run_memory_plan(loaded: LoadedModel, method: str, calibration: DataSpec, evaluation: EvalPlan,
+                    group_size: int | None = 128) -> MemoryPlan:
+    """Memory plan of one run: ``method`` is ``dropping``, ``slicing``, ``quantization-rtn`` or
+    ``quantization-gptq``; calibration tokens count only where the method reads them."""
+    calib = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen).input_ids.numel() \
+        if method in ("slicing", "quantization-gptq") else 0
+    return plan_memory(ModelShape.of(loaded.model, loaded.architecture), method, loaded.device,
+                       calib_tokens=calib, eval_batch=evaluation.batch_size, eval_seqlen=evaluation.data.seqlen,
+                       group_size=group_size, holds_codes=can_hold_codes(loaded.model, loaded.architecture))
+
+
+def check_memory(plan: MemoryPlan) -> None:
+    """Raise :class:`RunDoesNotFit` when ``plan`` does not fit in the free memory."""
+    refusal = plan.refusal()
+    if refusal:
+        raise RunDoesNotFit(refusal)

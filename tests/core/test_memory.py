@@ -1,0 +1,57 @@
+"""Memory plans: parts by method, the codes a quantized variant holds, refusals before any work (#18)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.core.data import DataSpec
+from engine.core.memory import ModelShape, evaluation_bytes, plan_memory
+from engine.quant.grid import QuantizerSpec
+from engine.quant.quantize_model import quantize_model
+from engine.quant.quantized_linear import held_code_bytes
+from engine.runs.memory_check import RunDoesNotFit, run_memory_plan
+from engine.runs.plans import DropPlan, EvalPlan, QuantPlan
+from engine.runs.runner import run_dropping, run_quantization
+from engine.runs.store import ResultsStore
+
+CALIB = DataSpec(split="calibration", seqlen=32, n_windows=4)
+EVAL = EvalPlan(DataSpec(split="evaluation", seqlen=32, n_windows=2))
+
+
+def test_parts_follow_what_each_method_holds(tiny_loaded):
+    shape = ModelShape.of(tiny_loaded.model, tiny_loaded.architecture)
+    plans = {m: plan_memory(shape, m, "cpu", calib_tokens=128, eval_seqlen=32, free=2**40)
+             for m in ("dropping", "quantization-rtn", "quantization-gptq", "slicing")}
+    assert set(plans["dropping"].parts) == {"evaluation activations"}  # the variant shares the base
+    assert plans["quantization-rtn"].parts["codes"] < shape.bytes / 3
+    assert plans["quantization-gptq"].parts.get("working copy", shape.bytes) == shape.bytes
+    assert plans["slicing"].parts["working copy"] == shape.bytes
+    assert plans["dropping"].extra_bytes < plans["quantization-rtn"].extra_bytes < plans["slicing"].extra_bytes
+    assert evaluation_bytes(shape, 4, 64) > 2 * evaluation_bytes(shape, 4, 32) * 0.99  # grows with the window
+    assert all(p.fits() and p.refusal() is None for p in plans.values())
+    assert "free on cpu" in plans["slicing"].summary()
+
+
+@pytest.mark.parametrize("group", [32, None])
+def test_planned_codes_are_the_bytes_a_variant_holds(tiny_loaded, group):
+    shape = ModelShape.of(tiny_loaded.model, tiny_loaded.architecture)
+    plan = plan_memory(shape, "quantization-rtn", "cpu", group_size=group, free=2**40)
+    variant = quantize_model(tiny_loaded, [3] * tiny_loaded.num_layers,
+                             spec=QuantizerSpec(method="rtn", group_size=group), use_cache=False)
+    assert plan.parts["codes"] == held_code_bytes(variant.model)
+
+
+def test_a_run_that_does_not_fit_is_refused_before_any_work(tiny_loaded, monkeypatch):
+    store = ResultsStore()
+    before = [r.id for r in store.runs()]
+    weights = {k: v.clone() for k, v in tiny_loaded.model.state_dict().items()}
+    monkeypatch.setattr("engine.core.memory.free_bytes", lambda device: 2**20)  # 1 MiB free
+    plan = run_memory_plan(tiny_loaded, "quantization-gptq", CALIB, EVAL, 32)
+    assert not plan.fits() and "only 1.0 MiB are free" in plan.refusal()
+    with pytest.raises(RunDoesNotFit, match="Use a shorter evaluation seqlen|full copy|fewer calibration"):
+        run_quantization(store, tiny_loaded, QuantPlan("gptq", 32, 4, 2, 0.5, ordering="random"), CALIB, EVAL)
+    with pytest.raises(RunDoesNotFit):
+        run_dropping(store, tiny_loaded, DropPlan("layer", 1, "custom", custom=(1,)), CALIB, EVAL)
+    assert [r.id for r in store.runs()] == before
+    assert all(torch.equal(v, weights[k]) for k, v in tiny_loaded.model.state_dict().items())

@@ -1,0 +1,37 @@
+"""AppTest of the memory plan under the run buttons: shown before a run, and a run that would not fit is refused."""
+
+from __future__ import annotations
+
+from engine.runs.store import ResultsStore
+from tests.apptest import click, open_app, use_small_data
+
+
+def _memory_captions(at) -> list[str]:
+    return [c.value for c in at.caption if c.value.startswith("Memory: ≈ +")]
+
+
+def test_quantization_page_shows_the_plan_and_refuses_a_run_that_does_not_fit(tiny_app, monkeypatch):
+    at = use_small_data(open_app("quantization"), windows=2, seqlen=40)
+    at.selectbox(key="keep.quant_order").set_value("random").run()
+    (caption,) = _memory_captions(at)
+    assert "codes" in caption and "free on cpu" in caption and "beyond the loaded model" in caption
+    before = [r.id for r in ResultsStore().runs()]
+    monkeypatch.setattr("engine.core.memory.free_bytes", lambda device: 2**20)  # 1 MiB free
+    at.run()
+    assert not _memory_captions(at)
+    assert any("only 1.0 MiB are free" in w.value for w in at.warning)
+    click(at, "Preview")
+    assert not at.exception
+    assert "only 1.0 MiB are free" in at.error[0].value and "largest part" in at.error[0].value
+    assert [r.id for r in ResultsStore().runs()] == before
+
+
+def test_slicing_and_dropping_pages_show_the_plan(tiny_app):
+    at = use_small_data(open_app("slicing"), windows=2, seqlen=40)
+    if any(b.label.startswith("Compute LR scores") for b in at.button):
+        click(at, "Compute LR scores")
+    assert any("working copy" in c for c in _memory_captions(at))
+    at = use_small_data(open_app("dropping"), windows=2, seqlen=40)
+    if any(b.label.startswith("Compute LR scores") for b in at.button):
+        click(at, "Compute LR scores")
+    assert any("evaluation activations" in c for c in _memory_captions(at))
