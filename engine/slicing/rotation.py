@@ -235,8 +235,9 @@ def _fuse_layer_norms(model: nn.Module, architecture: Architecture, hidden_size:
     readers, leaving a weightless RMSNorm over ``D`` (METHODS §3 step 1).
     """
     if fold:
-        for embedding in _embeddings(model, architecture):
-            embedding.weight.data = _centre_rows(embedding.weight.data)
+        for embedding in _embeddings(model, architecture):  # a new parameter: the base's is never written
+            embedding.weight = nn.Parameter(_centre_rows(embedding.weight.data),
+                                            requires_grad=embedding.weight.requires_grad)
         for linear in _residual_writers(model, architecture):
             _bake_mean(linear)
     _fuse_sites(model, architecture, hidden_size, fold)

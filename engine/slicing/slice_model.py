@@ -16,7 +16,8 @@ MLP, and writes ``d_{i+1}``; the last layer writes the full hidden size ``D``
 (rotated, not sliced), so the head is rotated but not sliced.  This matches
 SliceGPT's default (``do_slice_head=False``) and the dynamic-slicing reference.
 
-The input model is never modified: a deep copy is fused, rotated and sliced
+The input model is never modified: its shell copy (own modules, the base's
+tensors; every changed weight is a new tensor) is fused, rotated and sliced
 layer by layer, with calibration signals on CPU and each layer moved to the
 work device in turn.  Embeddings are not centred (RMSNorm needs no centring,
 and centring breaks exactness).
@@ -24,7 +25,6 @@ and centring breaks exactness).
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,6 +37,7 @@ from engine.core.architectures import Architecture, architecture_of, get_submodu
 from engine.core.data import TokenWindows
 from engine.core.models import LoadedModel, model_size
 from engine.core.progress import ProgressFn
+from engine.core.sharing import shell_copy
 from engine.evaluation.perplexity import model_device
 from engine.slicing.rotation import fuse_norms, untie_head
 from engine.slicing.schedules import (
@@ -181,7 +182,9 @@ def slice_model(
     dims, schedule = _resolve_dims(schedule, len(layers_in), hidden_size, round_to)
     work_device = torch.device(device) if device is not None else model_device(model)
     generator = torch.Generator().manual_seed(seed) if final_rotation else None
-    sliced = copy.deepcopy(model).eval()
+    # the sliced model's own module tree over the base's tensors; fusing, rotating and slicing replace
+    # each weight they change (never write into one), so the base is untouched and no full copy is made
+    sliced = shell_copy(model).eval()
     with torch.no_grad():
         untie_head(sliced, architecture)
         fuse_norms(sliced, architecture, hidden_size)

@@ -21,6 +21,8 @@ pass a copy (see :func:`engine.slicing.slice_model`).
 
 from __future__ import annotations
 
+import copy
+
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -158,6 +160,9 @@ def rotate_and_slice(
 ) -> int:
     """Rotate and slice a norm-fused, untied model in place; returns the calibration token count.
 
+    Every weight it changes is replaced by a new parameter, never written into, so ``model`` may be a
+    :func:`~engine.core.sharing.shell_copy` of the base model (it then holds only what slicing makes).
+
     ``input_ids`` / ``attention_mask`` are ``[n, T]``; ``dims`` has one width
     per layer (wiring: :func:`engine.sliced_layers.layer_widths`).  With a
     ``generator``, every kept basis is multiplied by a random orthogonal
@@ -170,6 +175,8 @@ def rotate_and_slice(
     layers = architecture.decoder_layers(model)
     for index, (layer, widths) in enumerate(zip(layers, layer_widths(dims, hidden_size))):
         home = next(layer.parameters()).device
+        if device != home:  # .to() moves parameters in place: give the layer its own before it travels
+            layers[index] = layer = copy.deepcopy(layer)
         layer.to(device)
         signals, basis = _slice_layer(layer, architecture, index, signals, basis, widths, hidden_size, ctx)
         layer.to(home)

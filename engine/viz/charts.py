@@ -224,6 +224,13 @@ def _with_secondary_line(fig: go.Figure, values: list[float], name: str, axis_ti
     y_range, _below = robust_range(values)
     fig.update_layout(yaxis2={"title": axis_title, "overlaying": "y", "side": "right", "showgrid": False,
                               "range": y_range, "tickformat": ".2f"})
+    inset = 0.06 * (y_range[1] - y_range[0])
+    for i, value in enumerate(values):  # points the zoomed axis leaves out: their value, at the edge they cross
+        if value > y_range[1] or value < y_range[0]:
+            above = value > y_range[1]
+            fig.add_annotation(x=i, y=y_range[1] - inset if above else y_range[0] + inset, yref="y2",
+                               text=f"{'↑' if above else '↓'} {value:.2f}", showarrow=False,
+                               font={"size": 10, "color": colour}, bgcolor="rgba(255,255,255,0.85)")
     return fig
 
 

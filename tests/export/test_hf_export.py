@@ -29,59 +29,74 @@ EVAL = EvalPlan(DataSpec("wiki-offline", "evaluation", 32, 2))
 _FRESH = """
 import json, sys, torch, transformers
 from pathlib import Path
-folder = Path(sys.argv[1])
-config = json.loads((folder / "config.json").read_text())
-model = transformers.AutoModelForCausalLM.from_pretrained(
-    folder, dtype=torch.float32, trust_remote_code="auto_map" in config).eval()
-probe = torch.load(folder.parent / "probe.pt")
-with torch.no_grad():
-    out = model(probe).logits
-    generated = model.generate(probe[:, :4], max_new_tokens=3, do_sample=False)
-torch.save({"logits": out, "generated": generated}, folder.parent / "out.pt")
+probe = torch.load(sys.argv[1])
+for name in sys.argv[2:]:
+    folder = Path(name)
+    config = json.loads((folder / "config.json").read_text())
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, trust_remote_code="auto_map" in config).eval()
+    with torch.no_grad():
+        out = model(probe).logits
+        generated = model.generate(probe[:, :4], max_new_tokens=3, do_sample=False)
+    torch.save({"logits": out, "generated": generated}, folder.with_name(folder.name + "-out.pt"))
 print(json.dumps({"layerlab_imported": any(m == "engine" or m.startswith("engine.") for m in sys.modules)}))
 """
 
 
-def _reload_in_fresh_process(folder: Path, probe: torch.Tensor) -> dict:
-    """Load ``folder`` with transformers alone (cwd outside the project, no PYTHONPATH) and run ``probe``."""
-    torch.save(probe, folder.parent / "probe.pt")
-    result = subprocess.run([sys.executable, "-c", _FRESH, str(folder)], capture_output=True, text=True,
-                            cwd=folder.parent, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}, timeout=300)
+def _reload_in_fresh_process(folders: list[Path], probe: torch.Tensor) -> list[dict]:
+    """Load each folder with transformers alone (one Python process, cwd outside the project, no PYTHONPATH)
+    and run ``probe`` through it: logits and a greedy 3-token generation (KV cache) per folder."""
+    probe_file = folders[0].parent / "probe.pt"
+    torch.save(probe, probe_file)
+    result = subprocess.run([sys.executable, "-c", _FRESH, str(probe_file), *map(str, folders)],
+                            capture_output=True, text=True, cwd=folders[0].parent,
+                            env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"layerlab_imported": False}
-    return torch.load(folder.parent / "out.pt")
+    return [torch.load(folder.with_name(folder.name + "-out.pt")) for folder in folders]
 
 
-@pytest.mark.slow  # a fresh Python process per family (~7 s each)
-@pytest.mark.parametrize("name", SLICING_FAMILIES)
-def test_sliced_export_loads_with_transformers_alone_and_matches(name, tmp_path):
-    loaded = LoadedModel.from_model(tiny_family_model(name))
-    sliced = slice_model(loaded, schedule_custom([0.25, 0.0, 0.5]), windows(), batch_size=4)  # per-layer widths
-    info = write_hf_folder(sliced.model, sliced.architecture, tmp_path / "export")
-    assert info["remote_code"] and "modeling_layerlab.py" in info["files"]
-    assert "import engine" not in (tmp_path / "export" / "modeling_layerlab.py").read_text()
-    probe = windows(n=2, seed=5).input_ids
-    out = _reload_in_fresh_process(tmp_path / "export", probe)
-    torch.testing.assert_close(out["logits"], logits(sliced.model, probe), rtol=1e-5, atol=1e-5)
-    with torch.no_grad():
-        ours = sliced.model.generate(probe[:, :4], max_new_tokens=3, do_sample=False)
-    assert torch.equal(out["generated"], ours)  # generation with the KV cache works on the sliced widths
-
-
-@pytest.mark.parametrize("block", ["layer", pytest.param("attention", marks=pytest.mark.slow),
-                                   pytest.param("mlp", marks=pytest.mark.slow)])
-def test_dropped_export_is_plain_for_layers_and_exact_for_blocks(block, tmp_path):
-    loaded = LoadedModel.from_model(tiny_family_model("llama"))
-    dropped = drop_model(loaded, block, [1])
-    info = write_hf_folder(dropped.model, dropped.architecture, tmp_path / "export")
-    config = json.loads((tmp_path / "export" / "config.json").read_text())
+def _dropped_export(block: str, folder: Path):
+    dropped = drop_model(LoadedModel.from_model(tiny_family_model("llama")), block, [1])
+    info = write_hf_folder(dropped.model, dropped.architecture, folder)
+    config = json.loads((folder / "config.json").read_text())
     if block == "layer":
         assert not info["remote_code"] and "auto_map" not in config and config["num_hidden_layers"] == 2
     else:
         assert info["remote_code"] and config["layerlab_variant"]["skipped"] == {block: [1]}
+    return dropped.model
+
+
+def test_dropped_layers_export_is_a_plain_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _dropped_export("layer", tmp_path / "export")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32).eval()
     probe = windows(n=2, seed=3).input_ids
-    out = _reload_in_fresh_process(tmp_path / "export", probe)
-    torch.testing.assert_close(out["logits"], logits(dropped.model, probe), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(reloaded, probe), logits(model, probe), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # one fresh Python process loads all 13 exports (~1 min)
+def test_every_export_loads_with_transformers_alone_and_matches(tmp_path):
+    """Sliced exports of every family slicing supports (per-layer widths) and the three dropped kinds load
+    in a fresh process with transformers alone and compute what the app's model computes."""
+    models: dict[Path, torch.nn.Module] = {}
+    for name in SLICING_FAMILIES:
+        loaded = LoadedModel.from_model(tiny_family_model(name))
+        sliced = slice_model(loaded, schedule_custom([0.25, 0.0, 0.5]), windows(), batch_size=4)
+        folder = tmp_path / f"sliced-{name}"
+        info = write_hf_folder(sliced.model, sliced.architecture, folder)
+        assert info["remote_code"] and "modeling_layerlab.py" in info["files"]
+        assert "import engine" not in (folder / "modeling_layerlab.py").read_text()
+        models[folder] = sliced.model
+    for block in ("layer", "attention", "mlp"):
+        models[tmp_path / f"dropped-{block}"] = _dropped_export(block, tmp_path / f"dropped-{block}")
+    probe = windows(n=2, seed=5).input_ids
+    for (folder, model), out in zip(models.items(), _reload_in_fresh_process(list(models), probe)):
+        torch.testing.assert_close(out["logits"], logits(model, probe), rtol=1e-5, atol=1e-5, msg=folder.name)
+        with torch.no_grad():
+            ours = model.generate(probe[:, :4], max_new_tokens=3, do_sample=False)
+        assert torch.equal(out["generated"], ours), folder.name  # generation with the KV cache works
 
 
 def test_export_run_rebuilds_verifies_and_stores(store, tiny_loaded, tmp_path):

@@ -37,6 +37,22 @@ def test_unsliced_rotation_is_exact_and_25_percent_runs(name):
     assert torch.isfinite(logits(sliced.model, probe)).all()
 
 
+@pytest.mark.parametrize("name", SLICING_FAMILIES)
+def test_slicing_shares_the_base_and_never_writes_it(name):
+    """The sliced model is built over the base's tensors (no second full copy): every tensor it changes is
+    new, the rest (biases it keeps, rotary tables) are the base's own, and the base reads as before."""
+    model = tiny_family_model(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sliced = slice_model(LoadedModel.from_model(model), schedule_constant(0.25, 3), windows(), batch_size=4).model
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # LayerNorm centring included
+    base = {t.data_ptr() for t in model.parameters()}
+    changed = [n for n, p in sliced.named_parameters() if n.endswith("weight") and "norm" not in n]
+    assert changed and all(p.data_ptr() not in base for n, p in sliced.named_parameters() if n in changed)
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    own = sum(p.numel() * p.element_size() for p in sliced.parameters() if p.data_ptr() not in base)
+    assert own < base_bytes
+
+
 @pytest.mark.parametrize("name", ["opt", "phi", "gemma", "granite"])
 def test_sliced_model_saves_and_loads(name, tmp_path):
     sliced = slice_model(LoadedModel.from_model(tiny_family_model(name)), schedule_constant(0.25, 3), windows())

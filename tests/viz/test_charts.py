@@ -105,3 +105,13 @@ def test_axis_helpers():
     low, high = padded_range([25, 2500], log=True)
     assert low < 1.398 and high > 3.397 and high < 4
     assert padded_range([0.9]) == pytest.approx([0.9 - 0.045 - 0.0072, 0.9 + 0.045 + 0.0072])
+
+
+def test_secondary_line_points_off_the_zoomed_axis_are_annotated_inside_it():
+    lim = [-0.004] + [-0.95 + 0.002 * i for i in range(20)] + [-0.2]  # layer 0 and the last far above the rest
+    fig = charts.bit_map_chart(charts.bit_map_table([4] * 22, lim, "LIM"), "t")
+    low, high = fig.layout.yaxis2.range
+    off = [a for a in fig.layout.annotations if a.yref == "y2"]
+    assert sorted(a.x for a in off) == [0, 21]
+    assert all(low < a.y < high for a in off) and {a.text for a in off} == {"↑ -0.00", "↑ -0.20"}
+    assert not [a for a in fig.layout.annotations if a.yref == "y2" and a.x not in (0, 21)]
