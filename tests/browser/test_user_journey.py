@@ -120,7 +120,9 @@ def test_score_compress_compare_and_report(page, steps, server, tmp_path):
     folder.press("Enter")
     page.wait_for_timeout(1500)
     page.get_by_role("button", name=re.compile("^Export and verify")).click()
-    page.get_by_text("Exported to").wait_for(timeout=180_000)
+    exported = page.get_by_text("Exported to")
+    exported.wait_for(timeout=180_000)
+    assert "within ±2.0%" in exported.inner_text()  # the reloaded file's perplexity, checked on the spot
     steps.shot("quantization-exported-gguf")
     assert (tmp_path / "gguf" / "model.gguf").stat().st_size > 0
 

