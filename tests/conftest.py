@@ -19,6 +19,17 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 from tests.tiny_models import TINY_FACTORIES  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the two cores: one torch thread each
+    torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    """Empty the browser screenshots folder once per run (in the main process, not in each xdist worker)."""
+    if not hasattr(config, "workerinput"):
+        import shutil
+
+        shutil.rmtree(Path(__file__).resolve().parent.parent / "test-artifacts" / "browser", ignore_errors=True)
+
 
 @pytest.fixture(params=sorted(TINY_FACTORIES))
 def tiny_model(request):

@@ -8,6 +8,7 @@ do; nothing else escapes for ordinary bad input.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import os
@@ -118,12 +119,30 @@ def builtin_gguf_path() -> Path:
 
 
 def builtin_model_dir() -> Path:
-    """Convert the built-in GGUF to safetensors once; later calls reuse the folder."""
+    """Convert the built-in GGUF to safetensors once; later calls reuse the folder.
+
+    Two processes starting at once (the app and the CLI, two test workers) convert it once: the second
+    waits on a lock file and then finds the folder complete.
+    """
     target = cache_root() / "models" / BUILTIN_NAME
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+
+    def complete() -> bool:
+        return (target / "config.json").exists() and (target / "model.safetensors").exists()
+
+    if complete():
         return target
     gguf = builtin_gguf_path()
-    with atomic_folder(target) as staging:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{BUILTIN_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if complete():
+            return target
+        _convert_builtin(gguf, target)
+    return target
+
+
+def _convert_builtin(gguf: Path, target: Path) -> None:
+    with atomic_folder(target, overwrite=True) as staging:
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent,
             gguf_file=gguf.name,
@@ -133,7 +152,6 @@ def builtin_model_dir() -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-    return target
 
 
 def hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:

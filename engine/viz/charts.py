@@ -229,7 +229,7 @@ def _with_secondary_line(fig: go.Figure, values: list[float], name: str, axis_ti
         if value > y_range[1] or value < y_range[0]:
             above = value > y_range[1]
             fig.add_annotation(x=i, y=y_range[1] - inset if above else y_range[0] + inset, yref="y2",
-                               text=f"{'↑' if above else '↓'} {value:.2f}", showarrow=False,
+                               text=f"{'↑' if above else '↓'} {value:.3f}", showarrow=False,
                                font={"size": 10, "color": colour}, bgcolor="rgba(255,255,255,0.85)")
     return fig
 

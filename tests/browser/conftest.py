@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -84,9 +83,8 @@ def server():
     """
     if not os.path.exists(CHROMIUM):
         pytest.fail("Debian chromium is missing: `make test` installs it with apt-get.")
-    shutil.rmtree(ARTIFACTS, ignore_errors=True)
-    ARTIFACTS.mkdir(parents=True)
-    process, url = start_server("streamlit-server.log")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)  # emptied once per run by tests/conftest.py
+    process, url = start_server(f"streamlit-server-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}.log")
     yield url
     stop_server(process)
 

@@ -113,5 +113,5 @@ def test_secondary_line_points_off_the_zoomed_axis_are_annotated_inside_it():
     low, high = fig.layout.yaxis2.range
     off = [a for a in fig.layout.annotations if a.yref == "y2"]
     assert sorted(a.x for a in off) == [0, 21]
-    assert all(low < a.y < high for a in off) and {a.text for a in off} == {"↑ -0.00", "↑ -0.20"}
+    assert all(low < a.y < high for a in off) and {a.text for a in off} == {"↑ -0.004", "↑ -0.200"}
     assert not [a for a in fig.layout.annotations if a.yref == "y2" and a.x not in (0, 21)]
