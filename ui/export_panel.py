@@ -104,7 +104,7 @@ def export_section(store: ResultsStore, loaded: LoadedModel, method: str | None,
     overwrite = st.checkbox("Overwrite the folder if it exists", key=f"{key}_export_overwrite")
     left, right = st.columns(2)
     with right:
-        cancel_button(f"{key}_export")
+        cancel_button(f"{key}_export", "Cancel export")
     if left.button(f"Export and verify ({export_estimate(loaded, record)})", key=f"{key}_export_go", type="primary",
                    help="Writes to a staging folder renamed at the end (never half-written), reloads it with "
                    "transformers and compares perplexity with the in-app model on 4 evaluation windows."):

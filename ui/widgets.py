@@ -146,13 +146,13 @@ def method_tradeoff(store, loaded: LoadedModel, method: str, evaluation: DataSpe
                shown[["id", "method", "series", "preview", x, "metrics.ppl", "metrics.ci_low", "metrics.ci_high"]])
 
 
-def cancel_button(key: str) -> None:
+def cancel_button(key: str, label: str = "Cancel run") -> None:
     """A button that stops a running computation: clicking it reruns the page, which interrupts the run.
 
     Runs write to the store only when they finish, and no computation restarts on its own, so a
     cancelled run leaves nothing behind and stays stopped.
     """
-    if st.button("Cancel run", key=f"cancel_{key}", help="Stops a running job; nothing half-done is stored."):
+    if st.button(label, key=f"cancel_{key}", help="Stops a running job; nothing half-done is stored."):
         st.info("Cancelled. Nothing from the interrupted run was stored.")
 
 
