@@ -26,7 +26,7 @@ def test_parts_follow_what_each_method_holds(tiny_loaded):
     assert set(plans["dropping"].parts) == {"evaluation activations"}  # the variant shares the base
     assert plans["quantization-rtn"].parts["codes"] < shape.bytes / 3
     assert plans["quantization-gptq"].parts.get("working copy", shape.bytes) == shape.bytes
-    assert plans["slicing"].parts["working copy"] == shape.bytes
+    assert plans["slicing"].parts["sliced model"] == shape.bytes
     assert plans["dropping"].extra_bytes < plans["quantization-rtn"].extra_bytes < plans["slicing"].extra_bytes
     assert evaluation_bytes(shape, 4, 64) > 2 * evaluation_bytes(shape, 4, 32) * 0.99  # grows with the window
     assert all(p.fits() and p.refusal() is None for p in plans.values())

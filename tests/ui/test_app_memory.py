@@ -30,7 +30,7 @@ def test_slicing_and_dropping_pages_show_the_plan(tiny_app):
     at = use_small_data(open_app("slicing"), windows=2, seqlen=40)
     if any(b.label.startswith("Compute LR scores") for b in at.button):
         click(at, "Compute LR scores")
-    assert any("working copy" in c for c in _memory_captions(at))
+    assert any("sliced model" in c for c in _memory_captions(at))
     at = use_small_data(open_app("dropping"), windows=2, seqlen=40)
     if any(b.label.startswith("Compute LR scores") for b in at.button):
         click(at, "Compute LR scores")
