@@ -296,7 +296,9 @@ def write_gguf(quantized: QuantizedModel, loaded: LoadedModel, folder: str | Pat
         if missing:
             lines.append(missing)
         seen: set[int] = set()
-        for name, tensor in model.state_dict().items():
+        # the quantized linears' weights come from their codes, one at a time (a variant holding codes would
+        # materialise every one of them at once through its own state_dict)
+        for name, tensor in quantized.tensor_source().state_dict().items():
             if tensor.data_ptr() in seen:
                 continue  # a tied head: llama.cpp and transformers re-use the embedding
             seen.add(tensor.data_ptr())
@@ -311,6 +313,8 @@ def write_gguf(quantized: QuantizedModel, loaded: LoadedModel, folder: str | Pat
                 data = _pack_exact(layer_weights[where[1]], choice.qtype, n_head)
                 qtype = choice.qtype
             else:
+                if where is not None:
+                    tensor = quantized.weights[where[0]][where[1]].dequantize(tensor.dtype)
                 values = tensor.detach().float().cpu().numpy()
                 if n_head is not None and values.ndim >= 1:
                     values = _permute_rows(values, n_head)

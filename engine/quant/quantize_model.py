@@ -115,11 +115,15 @@ class QuantizedModel:
     warnings: list[str] = field(default_factory=list)
     dense: nn.Module | None = None
 
+    def tensor_source(self) -> nn.Module:
+        """A model with this one's names and shapes whose ``state_dict()`` materialises nothing: ``dense`` for a
+        variant holding codes (its other tensors are ``dense``'s own), else ``model``.  Its layer linears'
+        weights are not the quantized ones: read those from ``weights``."""
+        return self.dense if self.dense is not None else self.model
+
     def size(self) -> SizeReport:
-        """Bytes of the quantized model as stored (counted on ``dense``, the model a variant holding
-        codes shares its other tensors with: same shapes)."""
-        return size_report(self.dense if self.dense is not None else self.model, self.architecture, self.bits,
-                           self.spec)
+        """Bytes of the quantized model as stored (counted on :meth:`tensor_source`: same shapes)."""
+        return size_report(self.tensor_source(), self.architecture, self.bits, self.spec)
 
 
 # --- the linears of a layer -------------------------------------------------------

@@ -52,7 +52,7 @@ def save_quantized(qm: QuantizedModel, folder: str | Path, tokenizer=None, overw
     prefixes = _linear_prefixes(qm)
     quantized = {f"{p}.weight" for layer in prefixes for p in layer.values()}
     tensors, linears, seen = {}, {}, set()
-    for name, tensor in qm.model.state_dict().items():
+    for name, tensor in qm.tensor_source().state_dict().items():  # quantized linears are skipped, not materialised
         if name in quantized or tensor.data_ptr() in seen:
             continue
         seen.add(tensor.data_ptr())
