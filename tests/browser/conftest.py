@@ -157,8 +157,8 @@ def scores_ready(page, preview: str, timeout_ms: int = 180_000) -> None:
     compute = page.get_by_role("button", name=re.compile("^Compute"))
     ready = page.get_by_text(re.compile(preview)).first
     compute.first.or_(ready).first.wait_for()
-    if compute.count():
-        compute.first.click()
+    if not ready.is_visible():
+        press(page, compute.first, ready.or_(page.get_by_test_id("stProgress")))
     ready.wait_for(timeout=timeout_ms)
     page.wait_for_timeout(1000)
 
@@ -173,24 +173,35 @@ def wait_idle(page, timeout_ms: int = 60_000) -> None:
 
 
 def press(page, button, started, tries: int = 3, retry_after_ms: int = 20_000) -> None:
-    """Click ``button`` on an idle page and wait for ``started`` (a locator the click should bring up).
+    """Click ``button`` on an idle page and wait until ``started``: a locator the click should bring up
+    (a progress bar, the result) or a function that says whether the work began (e.g. a new stored run).
 
-    A click that lands during a rerun can be lost; when ``started`` has not appeared, the page is idle
-    again and the button is still there, the click is repeated (a running job keeps the page busy, so a
-    slow job is never started twice).
+    A click that lands during a rerun can be lost; when nothing started, the page is idle again and the
+    button is still there, the click is repeated (a running job keeps the page busy, so a slow job is
+    never started twice).
     """
+    def has_started() -> bool:
+        return started() if callable(started) else started.first.is_visible()
+
     for attempt in range(tries):
         wait_idle(page)
         page.wait_for_timeout(500)
         button.click()
-        try:
-            started.first.wait_for(timeout=retry_after_ms)
+        for _ in range(retry_after_ms // 250):
+            if has_started():
+                return
+            page.wait_for_timeout(250)
+        wait_idle(page)
+        if has_started() or not button.count():
             return
-        except Exception:
-            wait_idle(page)
-            if started.count() or not button.count() or attempt == tries - 1:
-                break
-    started.first.wait_for()
+    if not callable(started):
+        started.first.wait_for()
+
+
+def run_started(page, before: set[int]):
+    """For :func:`press`: a progress bar is up, or a run not in ``before`` is stored."""
+    progress = page.get_by_test_id("stProgress")
+    return lambda: progress.first.is_visible() or bool(run_ids() - before)
 
 
 def set_slider(page, slider, target: int) -> None:

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from tests.browser.conftest import run_ids, scores_ready, set_slider, wait_for_run
+from tests.browser.conftest import press, run_ids, run_started, scores_ready, set_slider, wait_for_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -57,7 +57,7 @@ def test_score_compress_compare_and_report(page, steps, server, tmp_path):
     page.get_by_text("as a 4-bit (Q4_1").wait_for()
     _set_number(page, "Evaluation windows", EVAL[0])
     _set_number(page, "Evaluation seqlen (tokens)", EVAL[1])
-    page.get_by_role("button", name="Measure baseline perplexity").click()
+    press(page, page.get_by_role("button", name="Measure baseline perplexity"), page.get_by_text("Stored as run"))
     page.get_by_text("Stored as run").wait_for()
     steps.shot("model-page-baseline")
 
@@ -90,7 +90,7 @@ def test_score_compress_compare_and_report(page, steps, server, tmp_path):
         set_slider(page, slider, target)
         page.get_by_text(f"asked 0.{target}00").wait_for()
         before = run_ids()
-        page.get_by_role("button", name="Run slicing").click()
+        press(page, page.get_by_role("button", name="Run slicing"), run_started(page, before))
         wait_for_run(page, "slicing", before)
         page.get_by_text("ppl vs size").first.wait_for()
     steps.shot("slicing-two-runs")
@@ -105,10 +105,10 @@ def test_score_compress_compare_and_report(page, steps, server, tmp_path):
     set_slider(page, page.get_by_role("slider").nth(1), 3)  # low level 3 bits
     page.get_by_text("at 3 bits").first.wait_for()
     before = run_ids()
-    page.get_by_role("button", name=re.compile("Preview")).click()
+    press(page, page.get_by_role("button", name=re.compile("Preview")), run_started(page, before))
     wait_for_run(page, "quantization", before)
     before = run_ids()
-    page.get_by_role("button", name=re.compile("Full evaluation")).click()
+    press(page, page.get_by_role("button", name=re.compile("Full evaluation")), run_started(page, before))
     wait_for_run(page, "quantization", before)
     page.locator(".js-plotly-plot").nth(1).wait_for()
     steps.shot("quantization-preview-and-full")
@@ -119,8 +119,9 @@ def test_score_compress_compare_and_report(page, steps, server, tmp_path):
     folder.fill(str(tmp_path / "gguf"))
     folder.press("Enter")
     page.wait_for_timeout(1500)
-    page.get_by_role("button", name=re.compile("^Export and verify")).click()
     exported = page.get_by_text("Exported to")
+    press(page, page.get_by_role("button", name=re.compile("^Export and verify")),
+          exported.or_(page.get_by_test_id("stProgress")))
     exported.wait_for(timeout=180_000)
     assert "within ±2.0%" in exported.inner_text()  # the reloaded file's perplexity, checked on the spot
     steps.shot("quantization-exported-gguf")
