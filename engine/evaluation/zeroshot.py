@@ -9,6 +9,7 @@ the last-word task), its standard error and the number of items.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -44,20 +45,34 @@ class TaskScore:
 
 @contextlib.contextmanager
 def _datasets_offline_unless_reachable() -> Iterator[None]:
-    """Make ``datasets`` fail fast instead of retrying a hub it cannot reach."""
+    """Make ``datasets`` fail fast instead of retrying a hub it cannot reach.
+
+    ``datasets`` and ``huggingface_hub`` read the offline switch from the environment once, at import, so the
+    environment variables alone would come too late: their module flags are set too (and all restored).
+    """
     if hub_reachable():
         yield
         return
-    saved = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    import datasets.config
+    import huggingface_hub.constants
+
+    saved_env = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    flags = [(datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"),
+             (huggingface_hub.constants, "HF_HUB_OFFLINE")]
+    saved_flags = [getattr(module, name) for module, name in flags]
     os.environ.update({"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    for module, name in flags:
+        setattr(module, name, True)
     try:
         yield
     finally:
-        for key, value in saved.items():
+        for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        for (module, name), value in zip(flags, saved_flags):
+            setattr(module, name, value)
 
 
 def _progress_lm(model: torch.nn.Module, tokenizer, batch_size: int, progress: ProgressFn | None):
@@ -89,6 +104,15 @@ def _task_score(task: str, metrics: dict, n: int) -> TaskScore:
     return TaskScore(task, metric, float(metrics[f"{metric},none"]), stderr, n)
 
 
+@functools.lru_cache(maxsize=2)
+def _task_manager(offline_folder: str, include_defaults: bool):
+    """lm-eval's task index over the offline tasks, and over its own tasks only when ``include_defaults`` (its
+    thousands of YAML files take ~15 s to read): built once per process."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=offline_folder, include_defaults=include_defaults)
+
+
 def zero_shot(
     model: torch.nn.Module,
     tokenizer,
@@ -99,14 +123,13 @@ def zero_shot(
 ) -> list[TaskScore]:
     """0-shot accuracy of ``model`` on ``tasks`` (offline or standard lm-eval tasks)."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     unknown = [t for t in tasks if t not in OFFLINE_TASKS + STANDARD_TASKS]
     if unknown:
         raise TaskUnavailableError(
             f"Unknown task(s): {', '.join(unknown)}. Choose from {', '.join(OFFLINE_TASKS + STANDARD_TASKS)}."
         )
-    manager = TaskManager(include_path=str(build_offline_tasks()), verbosity="ERROR")
+    manager = _task_manager(str(build_offline_tasks()), include_defaults=not set(tasks) <= set(OFFLINE_TASKS))
     lm = _progress_lm(model, tokenizer, batch_size, progress)
     try:
         with _datasets_offline_unless_reachable():

@@ -10,7 +10,7 @@ import torch
 
 from engine.core.data import wiki_offline_split
 from engine.evaluation.tasks import CONTINUATION_TASK, LASTWORD_TASK, build_offline_tasks
-from engine.evaluation.zeroshot import TaskUnavailableError, zero_shot
+from engine.evaluation.zeroshot import TaskUnavailableError, _datasets_offline_unless_reachable, _task_manager, zero_shot
 
 
 def _rows(folder, task):
@@ -30,6 +30,27 @@ def test_offline_tasks_are_deterministic_and_disjoint_from_calibration(tmp_path)
     for row in _rows(first, CONTINUATION_TASK)[:50]:
         assert len(row["choices"]) == 4 and len(set(row["choices"])) == 4 and 0 <= row["label"] < 4
     assert "dataset_path: json" in (first / f"{CONTINUATION_TASK}.yaml").read_text()
+
+
+def test_offline_switch_reaches_the_already_imported_hub_clients(monkeypatch):
+    """``datasets`` reads HF_HUB_OFFLINE at import: without its module flag a missing dataset retried the hub
+    for ~25 s before failing."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("engine.evaluation.zeroshot.hub_reachable", lambda: False)
+    before = (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)
+    with _datasets_offline_unless_reachable():
+        assert datasets.config.HF_HUB_OFFLINE and huggingface_hub.constants.HF_HUB_OFFLINE
+    assert (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE) == before
+
+
+def test_offline_tasks_alone_skip_lm_evals_own_task_index():
+    folder = str(build_offline_tasks())
+    offline = _task_manager(folder, include_defaults=False)
+    assert set(offline.all_tasks) >= {CONTINUATION_TASK, LASTWORD_TASK} and "piqa" not in offline.all_tasks
+    assert _task_manager(folder, include_defaults=False) is offline  # built once per process
 
 
 @pytest.mark.slow
