@@ -200,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     slicing.add_argument("--fractions", type=_floats, default=[0.1, 0.2, 0.3, 0.4],
                          help="per-layer slicing fractions to measure")
     slicing.add_argument("--round-to", type=int, default=8)
-    slicing.add_argument("--sb-checks", type=int, default=2, help="best predicted SB values sliced and checked")
+    slicing.add_argument("--sb-checks", type=int, default=1,
+                         help="best predicted SB values sliced and checked (SB = 0 and the measured schedule "
+                              "always are)")
     slicing.add_argument("--held-out", type=int, default=4, help="calibration windows after --calib-windows used "
                          "to check candidates")
     slicing.add_argument("--json", default=None, help="write the candidates, the choice and its evaluation here")

@@ -125,7 +125,9 @@ def slicing_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, e
     cols = st.columns(3)
     fractions = cols[0].multiselect("Fractions measured per layer", [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5],
                                     [0.1, 0.2, 0.3, 0.4], key=kept("opt_slice_fractions"))
-    checks = cols[1].slider("SB values sliced and checked", 1, 4, 2, key=kept("opt_slice_checks"))
+    checks = cols[1].slider("Best predicted SB values sliced and checked", 1, 4, 1, key=kept("opt_slice_checks"),
+                            help="Besides these, SB = 0 (pure LR-dynamic) and the measured schedule are always "
+                                 "checked: the additive prediction ranks SB poorly.")
     held_out = cols[2].number_input("Held-out windows", 1, 32, 4, key=kept("opt_slice_held_out"))
     try:
         plan = SlicingOptimizerPlan(target, tuple(sorted(fractions)), int(round_to), int(held_out), checks)
@@ -142,7 +144,7 @@ def slicing_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, e
         left, right = st.columns(2)
         with right:
             cancel_button("optimize_slicing")
-        if left.button(f"Find best schedule ({estimate} + {checks + 1} slicings at most)", type="primary"):
+        if left.button(f"Find best schedule ({estimate} + {checks + 2} slicings at most)", type="primary"):
             try:
                 result = optimize_slicing(store, loaded, plan, calibration,
                                           progress=progress_callback("Finding the schedule"))
