@@ -117,7 +117,7 @@ def main() -> None:
     state: dict = {}
 
     def measure(name: str, operation: Callable[[], object], variant_bytes: Callable[[object], int] | None = None,
-                plan: str | None = None):
+                plan: str | None = None, code_bits: int = 8):
         release_freed_memory()
         started = time.perf_counter()
         with PeakMemory(device) as peak:
@@ -129,7 +129,8 @@ def main() -> None:
             row["variant_bytes_over_base"] = variant_bytes(result) / base
         if plan is not None:  # what the run's memory plan promised (engine.core.memory), same units
             planned = plan_memory(ModelShape.of(loaded.model, loaded.architecture), plan, device,
-                                  calib_tokens=windows.input_ids.numel(), eval_seqlen=args.seqlen, group_size=128)
+                                  calib_tokens=windows.input_ids.numel(), eval_seqlen=args.seqlen, group_size=128,
+                                  code_bits=code_bits)
             row["planned_over_base"] = planned.peak_over_base
             row["measured_over_planned"] = row["peak_over_base"] / planned.peak_over_base
         rows.append(row)
@@ -173,9 +174,9 @@ def main() -> None:
         return run
 
     measure("4-bit RTN preview + perplexity", quant_preview([4] * n), lambda m: _own_bytes(m, loaded.model),
-            plan="quantization-rtn")
+            plan="quantization-rtn", code_bits=4)
     measure("3/4-bit RTN preview + perplexity", quant_preview([3, 4] * (n // 2) + [4] * (n % 2)),
-            lambda m: _own_bytes(m, loaded.model), plan="quantization-rtn")
+            lambda m: _own_bytes(m, loaded.model), plan="quantization-rtn", code_bits=4)
     report(f"scale-{args.preset}", rows, {
         "preset": args.preset, "params": model_size(loaded.model)["params"], "dtype": args.dtype,
         "device": str(device), "base_bytes": state["base_bytes"], "windows": f"{args.windows} x {args.seqlen}",

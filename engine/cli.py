@@ -298,7 +298,8 @@ def run(args) -> None:
         plan = QuantPlan(args.quantizer, args.group_size, args.high_bits, args.low_bits, args.low_fraction,
                          args.target_bits, args.ordering, tuple(args.custom_order), args.seed, args.zero_point,
                          args.act_order)
-        _print_memory(loaded, f"quantization-{args.quantizer}", calibration, evaluation, args.group_size)
+        _print_memory(loaded, f"quantization-{args.quantizer}", calibration, evaluation, args.group_size,
+                      max(args.high_bits, args.low_bits))
         _print_run("quantization", run_quantization(store, loaded, plan, calibration, evaluation,
                                                     save_to=args.save, progress=_progress))
     elif args.command == "sweep-slicing":
@@ -417,9 +418,10 @@ def _optimize_slicing(args, store, loaded, calibration, evaluation) -> None:
                                        indent=2, default=float))
 
 
-def _print_memory(loaded, method: str, calibration, evaluation, group_size: int | None = 128) -> None:
+def _print_memory(loaded, method: str, calibration, evaluation, group_size: int | None = 128,
+                  code_bits: int = 8) -> None:
     """The run's memory plan on stderr before it starts (a run that does not fit is refused by the runner)."""
-    print(run_memory_plan(loaded, method, calibration, evaluation, group_size).summary(), file=sys.stderr)
+    print(run_memory_plan(loaded, method, calibration, evaluation, group_size, code_bits).summary(), file=sys.stderr)
 
 
 def _run_sweep(plans, run_one, kind: str, store, loaded, evaluation) -> None:

@@ -31,6 +31,22 @@ def pytest_configure(config):
         shutil.rmtree(Path(__file__).resolve().parent.parent / "test-artifacts" / "browser", ignore_errors=True)
 
 
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` with the browser test files as one unit: they run one after another on one worker
+    while the other worker runs everything else.  Two Streamlit servers and two browsers at once on two cores
+    slowed the user journey from ~2.5 to ~7 minutes.  Other ``--dist`` modes are left alone."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class BrowserFilesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return "tests/browser" if scope.startswith("tests/browser/") else scope
+
+    return BrowserFilesTogether(config, log)
+
+
 @pytest.fixture(params=sorted(TINY_FACTORIES))
 def tiny_model(request):
     """A tiny random causal LM of each supported architecture (fp32, eval mode)."""

@@ -126,8 +126,8 @@ def slicing_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, e
     fractions = cols[0].multiselect("Fractions measured per layer", [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5],
                                     [0.1, 0.2, 0.3, 0.4], key=kept("opt_slice_fractions"))
     checks = cols[1].slider("Best predicted SB values sliced and checked", 1, 4, 1, key=kept("opt_slice_checks"),
-                            help="Besides these, SB = 0 (pure LR-dynamic) and the measured schedule are always "
-                                 "checked: the additive prediction ranks SB poorly.")
+                            help="Besides these, the low end of the SB range (SB = 0, pure LR-dynamic) and the "
+                                 "measured schedule are always checked: the additive prediction ranks SB poorly.")
     held_out = cols[2].number_input("Held-out windows", 1, 32, 4, key=kept("opt_slice_held_out"))
     try:
         plan = SlicingOptimizerPlan(target, tuple(sorted(fractions)), int(round_to), int(held_out), checks)

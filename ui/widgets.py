@@ -229,13 +229,13 @@ def preview_or_stop(preview, store, loaded: LoadedModel, calibration: DataSpec, 
 
 
 def memory_note(loaded: LoadedModel, method: str, calibration: DataSpec, evaluation,
-                group_size: int | None = 128) -> None:
+                group_size: int | None = 128, code_bits: int = 8) -> None:
     """The run's memory plan under its buttons: a caption, or a warning when it would not fit (the run
     then refuses to start, saying what would make it fit)."""
     from engine.runs.memory_check import run_memory_plan
 
     try:
-        plan = run_memory_plan(loaded, method, calibration, evaluation, group_size)
+        plan = run_memory_plan(loaded, method, calibration, evaluation, group_size, code_bits)
     except (DataError, ValueError):
         return  # the data error is shown where the data is chosen
     refusal = plan.refusal()

@@ -11,8 +11,8 @@ to the measured peak.
 What each method holds (``s`` = bytes per base weight, ``n x T`` calibration tokens):
 
 - dropping: nothing of its own (the variant shares the base's tensors);
-- quantization (RTN): the codes, one byte per weight, and fp16 scales and zeros
-  per group; GPTQ also a working copy of the model, the calibration signals
+- quantization (RTN): the packed codes (2-bit: a quarter byte per weight, 3/4-bit:
+  half a byte, 5-8-bit: one byte) and fp16 scales and zeros per group; GPTQ also a working copy of the model, the calibration signals
   (``n x T x hidden x s``, inputs and outputs of a layer) and an fp64 Hessian
   per linear input;
 - slicing: the sliced model's new tensors (planned as a full copy; 0.86 of it at
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from engine.core.architectures import Architecture
+from engine.quant.packing import packed_row_bytes
 
 GIB = 2**30
 HEADROOM = 1.10  # the plan must fit with 10% to spare (allocator slack, fragmentation)
@@ -150,23 +151,24 @@ def evaluation_bytes(shape: ModelShape, batch: int, seqlen: int) -> int:
     return logits + layer + attention
 
 
-def code_bytes(shape: ModelShape, group_size: int | None) -> int:
-    """Bytes a quantized variant holds: one byte per code, fp16 scale and zero per group."""
+def code_bytes(shape: ModelShape, group_size: int | None, code_bits: int = 8) -> int:
+    """Bytes a quantized variant holds: codes packed in ``code_bits``-bit slots (2, 4 or 8; the highest level
+    of the allocation, so a mixed one is bounded above), fp16 scale and zero per group."""
     total = 0
     for out, inp in shape.linear_shapes:
         groups = 1 if group_size is None else math.ceil(inp / group_size)
-        total += out * inp + out * groups * 4
+        total += out * packed_row_bytes(inp, code_bits) + out * groups * 4
     return total
 
 
 def plan_memory(shape: ModelShape, method: str, device: torch.device | str, *, calib_tokens: int = 0,
-                eval_batch: int = 4, eval_seqlen: int = 0, group_size: int | None = 128,
+                eval_batch: int = 4, eval_seqlen: int = 0, group_size: int | None = 128, code_bits: int = 8,
                 holds_codes: bool = True, free: int | None = None) -> MemoryPlan:
     """The memory plan of ``method`` (one of :data:`METHODS`) for a model of ``shape``.
 
     ``calib_tokens``: calibration tokens (windows x seqlen); ``eval_seqlen``: evaluation window
-    length (0: no evaluation); ``holds_codes``: the quantized variant holds codes (else it is a
-    materialised copy); ``free``: free bytes (default: measured on ``device``).
+    length (0: no evaluation); ``code_bits``: the highest bit level of a quantization;
+    ``holds_codes``: the quantized variant holds codes (else it is a materialised copy); ``free``: free bytes (default: measured on ``device``).
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method '{method}' for a memory plan; choose one of {', '.join(METHODS)}.")
@@ -174,7 +176,7 @@ def plan_memory(shape: ModelShape, method: str, device: torch.device | str, *, c
     held: dict[str, int] = {}  # kept from compression through evaluation
     building: dict[str, int] = {}  # only while the variant is built
     if method.startswith("quantization"):
-        held["codes" if holds_codes else "materialised copy"] = code_bytes(shape, group_size) if holds_codes \
+        held["codes" if holds_codes else "materialised copy"] = code_bytes(shape, group_size, code_bits) if holds_codes \
             else shape.bytes
         if method == "quantization-gptq":
             building["working copy"] = shape.bytes

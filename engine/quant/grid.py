@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from engine.quant.packing import pack_rows, unpack_rows
+
 
 METHODS = ("rtn", "gptq")
 ZERO_POINTS = ("integer", "float")
@@ -156,30 +158,52 @@ def weight_storage_bits(out_features: int, in_features: int, bits: int, group_si
     return total
 
 
-@dataclass
 class QuantizedWeight:
     """One quantized linear weight as stored.
 
-    ``codes``: uint8 ``[out, in]`` in ``[0, 2**bits - 1]`` (unpacked in memory);
-    ``scales`` / ``zeros``: fp16 ``[out, n_groups]`` (``zeros``: integer zero
-    points, or the group minimum with ``zero_point="float"``); ``g_idx``: int32 ``[in]``
-    group of each input column, or ``None`` for consecutive groups of
-    ``group_size`` columns.  ``group_size`` is the effective size (``in`` for
-    one group per row).
+    ``codes``: uint8 ``[out, in]`` in ``[0, 2**bits - 1]``, held packed in memory
+    (``packed``: 2-, 4- or 8-bit slots per byte along each row, see
+    :mod:`engine.quant.packing`; ``codes`` unpacks on access); ``scales`` /
+    ``zeros``: fp16 ``[out, n_groups]`` (``zeros``: integer zero points, or the
+    group minimum with ``zero_point="float"``); ``g_idx``: int32 ``[in]`` group of
+    each input column, or ``None`` for consecutive groups of ``group_size``
+    columns.  ``group_size`` is the effective size (``in`` for one group per row).
+
+    Build it from codes (``QuantizedWeight(codes=..., ...)``) or from an already
+    packed tensor (``packed=..., in_features=...``).
     """
 
-    codes: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
-    bits: int
-    group_size: int
-    method: str = "rtn"
-    g_idx: torch.Tensor | None = None
-    zero_point: str = "integer"
+    def __init__(self, codes: torch.Tensor | None = None, scales: torch.Tensor | None = None,
+                 zeros: torch.Tensor | None = None, bits: int = 4, group_size: int = 128, method: str = "rtn",
+                 g_idx: torch.Tensor | None = None, zero_point: str = "integer", *,
+                 packed: torch.Tensor | None = None, in_features: int | None = None) -> None:
+        if (codes is None) == (packed is None):
+            raise ValueError("Give either codes or packed codes (with in_features).")
+        if codes is not None:
+            in_features, packed = int(codes.shape[1]), pack_rows(codes, bits)
+        elif in_features is None:
+            raise ValueError("Packed codes need in_features.")
+        self.packed, self.in_features = packed, int(in_features)
+        self.scales, self.zeros, self.bits, self.group_size = scales, zeros, bits, group_size
+        self.method, self.g_idx, self.zero_point = method, g_idx, zero_point
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """Unpacked uint8 codes ``[out, in]`` (a new tensor, except at 5-8 bits)."""
+        return unpack_rows(self.packed, self.bits, self.in_features)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)
+        return int(self.packed.shape[0]), self.in_features
+
+    def to(self, device: torch.device | str) -> "QuantizedWeight":
+        """The same weight on ``device`` (packed tensors moved, nothing unpacked); ``self`` if already there."""
+        if self.packed.device == torch.device(device):
+            return self
+        move = (lambda t: None if t is None else t.to(device))
+        return QuantizedWeight(scales=move(self.scales), zeros=move(self.zeros), bits=self.bits,
+                               group_size=self.group_size, method=self.method, g_idx=move(self.g_idx),
+                               zero_point=self.zero_point, packed=move(self.packed), in_features=self.in_features)
 
     @property
     def n_groups(self) -> int:
@@ -189,7 +213,7 @@ class QuantizedWeight:
         """Group of every input column, int64 ``[in]``."""
         if self.g_idx is not None:
             return self.g_idx.long()
-        return torch.arange(self.shape[1], device=self.codes.device) // self.group_size
+        return torch.arange(self.shape[1], device=self.packed.device) // self.group_size
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight the model uses, ``[out, in]``, computed in fp32 then cast to ``dtype``.
@@ -220,8 +244,9 @@ class QuantizedWeight:
         return self.storage_bits() / (self.shape[0] * self.shape[1])
 
     def nbytes_in_memory(self) -> int:
+        """Bytes held: packed codes, fp16 scales and zeros, int32 group index."""
         extra = 0 if self.g_idx is None else self.g_idx.numel() * 4
-        return self.codes.numel() + (self.scales.numel() + self.zeros.numel()) * 2 + extra
+        return self.packed.numel() + (self.scales.numel() + self.zeros.numel()) * 2 + extra
 
 
 # --- the grid ---------------------------------------------------------------

@@ -145,19 +145,10 @@ def linear_stages(arch: Architecture) -> list[tuple[str, ...]]:
     return [tuple(stage) for stage in stages]
 
 
-def _to_device(weight: QuantizedWeight, device: torch.device) -> QuantizedWeight:
-    if weight.codes.device == device:
-        return weight
-    return QuantizedWeight(codes=weight.codes.to(device), scales=weight.scales.to(device),
-                           zeros=weight.zeros.to(device), bits=weight.bits, group_size=weight.group_size,
-                           method=weight.method, g_idx=None if weight.g_idx is None else weight.g_idx.to(device),
-                           zero_point=weight.zero_point)
-
-
 def _rtn_layer(linears: dict[str, nn.Linear], spec: QuantizerSpec, levels: Sequence[int]) -> dict[int, LayerWeights]:
     """RTN of one layer's linears at each level; results on CPU."""
     cpu = torch.device("cpu")
-    return {b: {name: _to_device(rtn_quantize(linear.weight, spec.with_bits(b)), cpu)
+    return {b: {name: rtn_quantize(linear.weight, spec.with_bits(b)).to(cpu)
                 for name, linear in linears.items()} for b in levels}
 
 
@@ -172,7 +163,7 @@ def _gptq_stage(linears: dict[str, nn.Linear], names: Sequence[str], hessian: to
                                    [spec.with_bits(b) for b, _ in pairs])
     out: dict[int, LayerWeights] = {b: {} for b in levels}
     for (b, name), weight in zip(pairs, results):
-        out[b][name] = _to_device(weight, torch.device("cpu"))
+        out[b][name] = weight.to("cpu")
     return out
 
 
@@ -181,7 +172,7 @@ def _write(linears: dict[str, nn.Linear], weights: LayerWeights) -> None:
     """Set each named linear's weight to ``dequantize(stored)`` (in place, on a copy)."""
     for name, stored in weights.items():
         linear = linears[name]
-        linear.weight.copy_(_to_device(stored, linear.weight.device).dequantize(linear.weight.dtype))
+        linear.weight.copy_(stored.to(linear.weight.device).dequantize(linear.weight.dtype))
 
 
 @torch.no_grad()

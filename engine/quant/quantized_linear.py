@@ -1,18 +1,19 @@
-"""Quantized variants that hold codes, not weights, and share the base model's other tensors.
+"""Quantized variants that hold packed codes, not weights, and share the base model's other tensors.
 
 A quantized what-if needs no full-precision copy of the model:
 :func:`quantized_variant` gives it its own module tree over the base model's
 tensors (:func:`engine.core.sharing.shell_copy`) and replaces each decoder
-linear by a :class:`QuantizedLinear`, which holds the stored codes (uint8,
-one per weight), fp16 scales and zero points (the very tensors of the
+linear by a :class:`QuantizedLinear`, which holds the packed codes (2-bit
+codes four to a byte, 3/4-bit two, 5-8-bit one; :mod:`engine.quant.packing`),
+fp16 scales and zero points (the very tensors of the
 :class:`~engine.quant.grid.QuantizedWeight`, not copies) and dequantizes its
 weight inside ``forward``, one linear at a time.  The weight it multiplies by
 is exactly ``QuantizedWeight.dequantize(dtype)``, the weight a materialised
 copy holds, so both give the same logits.
 
-Memory: the variant adds a quarter of the linears' fp32 bytes (half of bf16)
-plus scales, against a whole second model for a deep copy.  Cost: every
-forward dequantizes each linear once.
+Memory: at 4 bits the variant adds an eighth of the linears' fp32 bytes (a
+quarter of bf16) plus scales, against a whole second model for a deep copy.
+Cost: every forward unpacks and dequantizes each linear once.
 
 ``state_dict()`` of a variant looks like the dense model's (each
 ``QuantizedLinear`` writes its dequantized ``weight``), so code that saves or
@@ -33,7 +34,7 @@ from engine.quant.grid import QuantizedWeight
 class QuantizedLinear(nn.Module):
     """A linear layer whose weight is held quantized: ``x @ dequantize(weight).T + bias``.
 
-    ``stored``: codes ``[out, in]`` uint8, scales / zeros fp16 ``[out, groups]``.  The weight
+    ``stored``: packed codes (``[out, packed row bytes]`` uint8), scales / zeros fp16 ``[out, groups]``.  The weight
     is dequantized in fp32 and cast to ``weight_dtype`` (the base linear's dtype), as a
     materialised copy holds it.  ``bias`` is the base model's tensor (shared).  Scales and
     zero points are registered as int16 bit patterns so ``model.to(dtype)`` cannot round them.
@@ -45,7 +46,7 @@ class QuantizedLinear(nn.Module):
         self.out_features, self.in_features = stored.shape
         self.bits, self.group_size, self.zero_point = stored.bits, stored.group_size, stored.zero_point
         self.method, self.weight_dtype = stored.method, weight_dtype
-        self.register_buffer("codes", stored.codes.to(device))
+        self.register_buffer("packed", stored.packed.to(device))
         self.register_buffer("scales_bits", stored.scales.view(torch.int16).to(device))
         self.register_buffer("zeros_bits", stored.zeros.view(torch.int16).to(device))
         self.register_buffer("g_idx", None if stored.g_idx is None else stored.g_idx.to(device))
@@ -53,9 +54,9 @@ class QuantizedLinear(nn.Module):
 
     def stored(self) -> QuantizedWeight:
         """The quantized weight this layer holds (its own tensors, no copy)."""
-        return QuantizedWeight(codes=self.codes, scales=self.scales_bits.view(torch.float16),
-                               zeros=self.zeros_bits.view(torch.float16), bits=self.bits, group_size=self.group_size,
-                               method=self.method, g_idx=self.g_idx, zero_point=self.zero_point)
+        return QuantizedWeight(scales=self.scales_bits.view(torch.float16), zeros=self.zeros_bits.view(torch.float16),
+                               bits=self.bits, group_size=self.group_size, method=self.method, g_idx=self.g_idx,
+                               zero_point=self.zero_point, packed=self.packed, in_features=self.in_features)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -66,8 +67,8 @@ class QuantizedLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def held_bytes(self) -> int:
-        """Bytes this layer holds for its weight (codes, scales, zeros, group index)."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales_bits, self.zeros_bits, self.g_idx)
+        """Bytes this layer holds for its weight (packed codes, scales, zeros, group index)."""
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_bits, self.zeros_bits, self.g_idx)
                    if t is not None)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:

@@ -21,14 +21,15 @@ class RunDoesNotFit(ValueError):
 
 
 def run_memory_plan(loaded: LoadedModel, method: str, calibration: DataSpec, evaluation: EvalPlan,
-                    group_size: int | None = 128) -> MemoryPlan:
+                    group_size: int | None = 128, code_bits: int = 8) -> MemoryPlan:
     """Memory plan of one run: ``method`` is ``dropping``, ``slicing``, ``quantization-rtn`` or
-    ``quantization-gptq``; calibration tokens count only where the method reads them."""
+    ``quantization-gptq``; calibration tokens count only where the method reads them; ``code_bits``: the
+    highest bit level of a quantization."""
     calib = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen).input_ids.numel() \
         if method in ("slicing", "quantization-gptq") else 0
     return plan_memory(ModelShape.of(loaded.model, loaded.architecture), method, loaded.device,
                        calib_tokens=calib, eval_batch=evaluation.batch_size, eval_seqlen=evaluation.data.seqlen,
-                       group_size=group_size, holds_codes=can_hold_codes(loaded.model, loaded.architecture))
+                       group_size=group_size, code_bits=code_bits, holds_codes=can_hold_codes(loaded.model, loaded.architecture))
 
 
 def check_memory(plan: MemoryPlan) -> None:

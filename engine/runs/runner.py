@@ -337,7 +337,9 @@ def run_quantization(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, 
 
     ``allocation``: the bit map the user previewed (computed from ``plan`` if None).
     """
-    check_memory(run_memory_plan(loaded, f"quantization-{plan.quantizer}", calibration, evaluation, plan.group_size))
+    top = max(allocation) if allocation else max(plan.high_bits, plan.low_bits)
+    check_memory(run_memory_plan(loaded, f"quantization-{plan.quantizer}", calibration, evaluation, plan.group_size,
+                                 top))
     if allocation is None:
         allocation, _importance = allocation_for(store, loaded, plan, calibration, progress)
     spec = plan.spec()

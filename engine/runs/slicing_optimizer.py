@@ -7,10 +7,11 @@
    (:func:`engine.optimize.slicing_budget.basis_grid`); the measured schedule is
    the exact knapsack over per-layer widths
    (:func:`~engine.optimize.slicing_budget.measured_widths`).
-3. Check: the ``sb_checks`` best SB values by prediction, the pure
-   LR-dynamic end of the range (SB = 0) and the measured schedule are sliced
+3. Check: the ``sb_checks`` best SB values by prediction, the low end of
+   the range (SB = 0, pure LR-dynamic, or the lowest SB whose rounded widths
+   reach SP) and the measured schedule are sliced
    for real and measured on *held-out* calibration windows (never evaluation
-   text).  SB = 0 is always checked because the additive prediction ranks SB
+   text).  The low end is always checked because the additive prediction ranks SB
    poorly: slicing one layer alone does not see the errors that earlier
    sliced layers feed into its PCA (on the built-in model it predicted the
    optimum at SB ≈ 0.12 where the measured one is at 0).  Schedules whose rounded widths agree are
@@ -195,10 +196,10 @@ def optimize_slicing(store: ResultsStore, loaded: LoadedModel, plan: SlicingOpti
         if all(c.dims != dims for c in proposals):
             proposals.append(ScheduleCandidate(f"LR-dynamic SB={sb:g}", sb, dims, sum(achieved(dims, hidden)) /
                                                len(dims), damage))
-    pure_lr = next((g for g in fair if g[0] == 0.0), None)  # the SB = 0 end, when its widths reach SP
-    if pure_lr is not None and all(c.dims != pure_lr[2] for c in proposals):
-        proposals.append(ScheduleCandidate("LR-dynamic SB=0 (range end)", 0.0, pure_lr[2],
-                                           sum(achieved(pure_lr[2], hidden)) / len(pure_lr[2]), pure_lr[3]))
+    low_end = min(fair, key=lambda g: g[0], default=None)  # SB = 0, or the lowest SB whose widths reach SP
+    if low_end is not None and all(c.dims != low_end[2] for c in proposals):
+        proposals.append(ScheduleCandidate(f"LR-dynamic SB={low_end[0]:g} (low end)", low_end[0], low_end[2],
+                                           sum(achieved(low_end[2], hidden)) / len(low_end[2]), low_end[3]))
     widths = measured_widths(curves, target, hidden, plan.round_to)  # always removes at least SP
     proposals.append(ScheduleCandidate("measured schedule", None, widths,
                                        sum(achieved(widths, hidden)) / len(widths),

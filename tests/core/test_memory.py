@@ -36,10 +36,14 @@ def test_parts_follow_what_each_method_holds(tiny_loaded):
 @pytest.mark.parametrize("group", [32, None])
 def test_planned_codes_are_the_bytes_a_variant_holds(tiny_loaded, group):
     shape = ModelShape.of(tiny_loaded.model, tiny_loaded.architecture)
-    plan = plan_memory(shape, "quantization-rtn", "cpu", group_size=group, free=2**40)
+    plan = plan_memory(shape, "quantization-rtn", "cpu", group_size=group, code_bits=3, free=2**40)
     variant = quantize_model(tiny_loaded, [3] * tiny_loaded.num_layers,
                              spec=QuantizerSpec(method="rtn", group_size=group), use_cache=False)
     assert plan.parts["codes"] == held_code_bytes(variant.model)
+    mixed = quantize_model(tiny_loaded, [2, 8] * (tiny_loaded.num_layers // 2),
+                           spec=QuantizerSpec(method="rtn", group_size=group), use_cache=False)
+    upper = plan_memory(shape, "quantization-rtn", "cpu", group_size=group, code_bits=8, free=2**40)
+    assert held_code_bytes(mixed.model) < upper.parts["codes"]  # the highest level bounds a mixed allocation
 
 
 def test_a_run_that_does_not_fit_is_refused_before_any_work(tiny_loaded, monkeypatch):

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine.quant.grid import QuantizerSpec, rtn_quantize
+from engine.quant.grid import QuantizedWeight, QuantizerSpec, rtn_quantize
+from engine.quant.packing import pack_rows, packed_row_bytes, slot_bits, unpack_rows
 from engine.quant.quantize_model import apply_weights, quantize_model
 from engine.quant.quantized_linear import QuantizedLinear, held_code_bytes
 from tests.quant.test_quantize_model import GPTQ, _loaded, _logits, _snapshot, _windows
@@ -47,8 +48,10 @@ def test_variant_shares_every_tensor_it_does_not_quantize(tiny_model):
     assert own == []  # embeddings, norms, biases, head: the base's tensors
     linear_bytes = sum(linear.weight.numel() * 4 for layer in loaded.architecture.decoder_layers(tiny_model)
                        for linear in loaded.architecture.layer_linears(layer).values())
-    held = held_code_bytes(qm.model)
-    assert linear_bytes / 4 <= held <= linear_bytes / 4 * 1.2  # one byte per code, plus fp16 scales and zeros
+    scale_bytes = sum(linear.weight.shape[0] * -(-linear.weight.shape[1] // 32) * 4
+                      for layer in loaded.architecture.decoder_layers(tiny_model)
+                      for linear in loaded.architecture.layer_linears(layer).values())
+    assert held_code_bytes(qm.model) == linear_bytes / 8 + scale_bytes  # two 4-bit codes a byte, fp16 scale+zero
     assert qm.size().dense_bytes == sum(p.numel() * 4 for p in tiny_model.parameters())
 
 
@@ -60,3 +63,30 @@ def test_model_to_dtype_keeps_scales_exact():
     layer.to(torch.bfloat16)  # would round fp16 scales if they were float buffers
     assert torch.equal(layer.stored().scales, stored.scales) and torch.equal(layer.stored().zeros, stored.zeros)
     assert torch.equal(layer.weight, stored.dequantize())
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("in_features", [1, 7, 64, 77])
+def test_packed_codes_round_trip_at_every_width(bits, in_features):
+    codes = torch.randint(0, 2**bits, (5, in_features), generator=torch.Generator().manual_seed(bits),
+                          dtype=torch.uint8)
+    packed = pack_rows(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, packed_row_bytes(in_features, bits))
+    assert packed.shape[1] == -(-in_features * slot_bits(bits) // 8)  # 2-bit: four a byte, 3/4-bit: two, else one
+    assert torch.equal(unpack_rows(packed, bits, in_features), codes)
+
+
+def test_a_quantized_weight_holds_packed_codes_and_moves_without_unpacking():
+    torch.manual_seed(0)
+    weight = torch.randn(16, 70)
+    stored = rtn_quantize(weight, QuantizerSpec(method="rtn", bits=3, group_size=32))
+    assert stored.packed.shape == (16, 35) and stored.shape == (16, 70)
+    assert stored.nbytes_in_memory() == 16 * 35 + 16 * 3 * 4
+    moved = stored.to("cpu")
+    assert moved is stored
+    rebuilt = QuantizedWeight(scales=stored.scales, zeros=stored.zeros, bits=3, group_size=32,
+                              packed=stored.packed, in_features=70)
+    assert torch.equal(rebuilt.dequantize(), stored.dequantize())
+    assert (stored.dequantize() - weight).abs().max() <= stored.scales.float().max() / 2 + 1e-6
+    with pytest.raises(ValueError, match="either codes or packed"):
+        QuantizedWeight(scales=stored.scales, zeros=stored.zeros, bits=3, group_size=32)
