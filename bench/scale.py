@@ -2,6 +2,7 @@
 
     python -m bench.scale                      # ~1.1B-parameter Llama-like model, fp32, on this CPU
     python -m bench.scale --preset llama3-8b --device cuda --dtype bfloat16 --windows 32 --seqlen 512
+    python -m bench.scale --only quant         # the build, then only the operations named (see --only)
 
 The model is built from a config with random weights on the spot.  For each
 operation it prints wall seconds and the peak memory while it ran, as a
@@ -98,6 +99,9 @@ def used_bytes(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else rss_bytes()
 
 
+OPERATIONS = ("scores", "ppl", "drop", "slice", "quant")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", choices=list(PRESETS), default="1b")
@@ -105,7 +109,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--only", default=",".join(OPERATIONS),
+                        help=f"comma-separated operations to measure after the build: {', '.join(OPERATIONS)}")
     args = parser.parse_args()
+    only = set(args.only.split(","))
+    if only - set(OPERATIONS):
+        parser.error(f"unknown operation(s) {', '.join(sorted(only - set(OPERATIONS)))}; "
+                     f"choose from {', '.join(OPERATIONS)}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
     config = LlamaConfig(**PRESETS[args.preset], max_position_embeddings=4096, tie_word_embeddings=False)
@@ -147,24 +157,29 @@ def main() -> None:
     loaded = measure("build (load)", build)
     state["base_bytes"] = model_size(loaded.model)["bytes"]
     n = loaded.num_layers
-    measure(f"LR scores on {args.windows} x {args.seqlen}",
-            lambda: layer_redundancy(loaded.model, loaded.architecture, windows))
-    measure(f"perplexity (dense) on {args.windows} x {args.seqlen}", lambda: perplexity(loaded.model, windows))
+    if "scores" in only:
+        measure(f"LR scores on {args.windows} x {args.seqlen}",
+                lambda: layer_redundancy(loaded.model, loaded.architecture, windows))
+    if "ppl" in only:
+        measure(f"perplexity (dense) on {args.windows} x {args.seqlen}", lambda: perplexity(loaded.model, windows))
 
     def dropping_preview():
         dropped = drop_model(loaded, "layer", list(range(1, n - 1))[-8:])
         perplexity(dropped.model, windows)
         return dropped.model
 
-    measure(f"dropping {min(8, n - 2)} layers + perplexity", dropping_preview, lambda m: _own_bytes(m, loaded.model),
-            plan="dropping")
+    if "drop" in only:
+        measure(f"dropping {min(8, n - 2)} layers + perplexity", dropping_preview,
+                lambda m: _own_bytes(m, loaded.model), plan="dropping")
 
     def slicing_run():
         sliced = slice_model(loaded, schedule_constant(0.25, n), windows).model
         perplexity(sliced, windows)
         return sliced
 
-    measure("slicing 25% (constant) + perplexity", slicing_run, lambda m: _own_bytes(m, loaded.model), plan="slicing")
+    if "slice" in only:
+        measure("slicing 25% (constant) + perplexity", slicing_run, lambda m: _own_bytes(m, loaded.model),
+                plan="slicing")
 
     def quant_preview(bits: list[int]):
         def run():
@@ -173,11 +188,13 @@ def main() -> None:
             return quantized.model
         return run
 
-    measure("4-bit RTN preview + perplexity", quant_preview([4] * n), lambda m: _own_bytes(m, loaded.model),
-            plan="quantization-rtn", code_bits=4)
-    measure("3/4-bit RTN preview + perplexity", quant_preview([3, 4] * (n // 2) + [4] * (n % 2)),
-            lambda m: _own_bytes(m, loaded.model), plan="quantization-rtn", code_bits=4)
-    report(f"scale-{args.preset}", rows, {
+    if "quant" in only:
+        measure("4-bit RTN preview + perplexity", quant_preview([4] * n), lambda m: _own_bytes(m, loaded.model),
+                plan="quantization-rtn", code_bits=4)
+        measure("3/4-bit RTN preview + perplexity", quant_preview([3, 4] * (n // 2) + [4] * (n % 2)),
+                lambda m: _own_bytes(m, loaded.model), plan="quantization-rtn", code_bits=4)
+    name = f"scale-{args.preset}" if only == set(OPERATIONS) else f"scale-{args.preset}-{'-'.join(sorted(only))}"
+    report(name, rows, {
         "preset": args.preset, "params": model_size(loaded.model)["params"], "dtype": args.dtype,
         "device": str(device), "base_bytes": state["base_bytes"], "windows": f"{args.windows} x {args.seqlen}",
         "memory": "CUDA max_memory_allocated" if device.type == "cuda" else "resident set (RSS) above the process "
