@@ -117,8 +117,9 @@ def slicing_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, e
     st.caption(
         "Measures what slicing each layer alone costs (KL on calibration text, at a few fractions), predicts every "
         "LR-dynamic SB from those curves without slicing, builds a measured schedule (per-layer widths by an exact "
-        "solver under the average), then slices only the best predicted SB values and the measured schedule and "
-        "checks them on held-out calibration windows. Schedules with the same widths are sliced once.")
+        "solver under the average), then slices only the best predicted SB values, the low end of the SB range "
+        "(the prediction ranks SB poorly) and the measured schedule, and checks them on held-out calibration "
+        "windows. Schedules with the same widths are sliced once.")
     rank_warning = pca_rank_warning((calibration.n_windows or 10**9) * calibration.seqlen, hidden_size(loaded))
     if rank_warning:
         st.warning(rank_warning + " Measured slicing damage is then near 0 and the search has nothing to go on.")

@@ -16,7 +16,7 @@ def pinned() -> list[ReportItem]:
 
 def pin_button(fig, name: str, caption: str, table) -> None:
     """'Add to report' with an optional note; pinning the same chart again replaces it."""
-    with st.popover("Add to report", use_container_width=True):
+    with st.popover("Add to report", width="stretch"):
         note = st.text_area("Note for the report (optional)", key=f"pin_note_{name}")
         if st.button("Pin this chart", key=f"pin_{name}"):
             title = (fig.layout.title.text or name).split("<br>")[0]

@@ -88,7 +88,7 @@ def computed_on(loaded: LoadedModel, data_label: str) -> str:
 
 def show_chart(fig, name: str, caption: str, table=None) -> None:
     """A Plotly chart with the project's own colours (no Streamlit theme), its caption, CSV and a report pin."""
-    st.plotly_chart(fig, key=f"chart_{name}", theme=None, use_container_width=True)
+    st.plotly_chart(fig, key=f"chart_{name}", theme=None, width="stretch")
     st.caption(caption)
     cols = st.columns(2)
     if table is not None:
