@@ -56,6 +56,7 @@ from torch import nn
 from engine.quant.allocation import Allocation
 from engine.core.architectures import Architecture
 from engine.core.capture import LayerInputs, capture_layer_inputs
+from engine.core.cpu import trim_freed_heap
 from engine.core.data import TokenWindows
 from engine.core.models import LoadedModel
 from engine.quant.cache import (
@@ -583,6 +584,7 @@ def quantize_model(
     else:
         apply_weights(target, loaded.architecture, weights)
         target.eval()
+    trim_freed_heap()  # the per-linear temporaries of the build, before the variant is evaluated
     stats.seconds = time.perf_counter() - start
     gptq = spec.method == "gptq"
     warning = calibration_warning(loaded, calibration) if gptq else None

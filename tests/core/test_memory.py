@@ -59,3 +59,4 @@ def test_a_run_that_does_not_fit_is_refused_before_any_work(tiny_loaded, monkeyp
         run_dropping(store, tiny_loaded, DropPlan("layer", 1, "custom", custom=(1,)), CALIB, EVAL)
     assert [r.id for r in store.runs()] == before
     assert all(torch.equal(v, weights[k]) for k, v in tiny_loaded.model.state_dict().items())
+
