@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_builtin_scan_costs_about_half_the_forwards_and_layer_zero_matters_most(builtin, store):
-    spec = DataSpec(split="calibration", seqlen=64, n_windows=4)
+    spec = DataSpec(split="calibration", seqlen=32, n_windows=4)
     matrix = measure_sensitivity(store, builtin, spec, parse_actions("drop,quant:3"))
     drop, quant = matrix.damages
     layers = builtin.num_layers
