@@ -12,9 +12,9 @@ What each method holds (``s`` = bytes per base weight, ``n x T`` calibration tok
 
 - dropping: nothing of its own (the variant shares the base's tensors);
 - quantization (RTN): the packed codes (2-bit: a quarter byte per weight, 3/4-bit:
-  half a byte, 5-8-bit: one byte) and fp16 scales and zeros per group; GPTQ also a working copy of the model, the calibration signals
-  (``n x T x hidden x s``, inputs and outputs of a layer) and an fp64 Hessian
-  per linear input;
+  half a byte, 5-8-bit: one byte) and fp16 scales and zeros per group; GPTQ also
+  a working copy of the model, the calibration signals (``n x T x hidden x s``,
+  inputs and outputs of a layer) and an fp64 Hessian per linear input;
 - slicing: the sliced model's new tensors (planned as a full copy; 0.86 of it at
   25% on the 1.1B benchmark), fp32 signals and fp64 covariances ``hidden x hidden``;
 - evaluation: a batch's logits and per-layer intermediates, and the fp32
