@@ -31,6 +31,7 @@ def pytest_configure(config):
         shutil.rmtree(Path(__file__).resolve().parent.parent / "test-artifacts" / "browser", ignore_errors=True)
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadfile`` with the browser test files as one unit: they run one after another on one worker
     while the other worker runs everything else.  Two Streamlit servers and two browsers at once on two cores

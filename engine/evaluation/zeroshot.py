@@ -12,6 +12,7 @@ import contextlib
 import functools
 import math
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -43,36 +44,59 @@ class TaskScore:
         return asdict(self)
 
 
+_OFFLINE_ENV = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+_offline_lock = threading.Lock()
+_offline_users = 0  # evaluations inside the switch right now (two sessions may evaluate at once)
+_offline_saved: tuple[dict, list] | None = None
+
+
+def _offline_flags() -> list[tuple[object, str]]:
+    import datasets.config
+    import huggingface_hub.constants
+
+    return [(datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"),
+            (huggingface_hub.constants, "HF_HUB_OFFLINE")]
+
+
 @contextlib.contextmanager
 def _datasets_offline_unless_reachable() -> Iterator[None]:
     """Make ``datasets`` fail fast instead of retrying a hub it cannot reach.
 
     ``datasets`` and ``huggingface_hub`` read the offline switch from the environment once, at import, so the
-    environment variables alone would come too late: their module flags are set too (and all restored).
+    environment variables alone would come too late: their module flags are set too.  The switch is
+    process-wide: the first evaluation to enter saves the old values, the last to leave restores them (a lock
+    and a count), so two sessions evaluating at once cannot leave the process offline.
     """
-    if hub_reachable():
-        yield
-        return
-    import datasets.config
-    import huggingface_hub.constants
-
-    saved_env = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
-    flags = [(datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"),
-             (huggingface_hub.constants, "HF_HUB_OFFLINE")]
-    saved_flags = [getattr(module, name) for module, name in flags]
-    os.environ.update({"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
-    for module, name in flags:
-        setattr(module, name, True)
+    global _offline_users, _offline_saved
+    with _offline_lock:
+        if _offline_users == 0 and hub_reachable():
+            entered = False
+        else:
+            entered = True
+            if _offline_users == 0:
+                flags = _offline_flags()
+                _offline_saved = ({k: os.environ.get(k) for k in _OFFLINE_ENV},
+                                  [getattr(module, name) for module, name in flags])
+                os.environ.update({k: "1" for k in _OFFLINE_ENV})
+                for module, name in flags:
+                    setattr(module, name, True)
+            _offline_users += 1
     try:
         yield
     finally:
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        for (module, name), value in zip(flags, saved_flags):
-            setattr(module, name, value)
+        if entered:
+            with _offline_lock:
+                _offline_users -= 1
+                if _offline_users == 0 and _offline_saved is not None:
+                    saved_env, saved_flags = _offline_saved
+                    for key, value in saved_env.items():
+                        if value is None:
+                            os.environ.pop(key, None)
+                        else:
+                            os.environ[key] = value
+                    for (module, name), value in zip(_offline_flags(), saved_flags):
+                        setattr(module, name, value)
+                    _offline_saved = None
 
 
 def _progress_lm(model: torch.nn.Module, tokenizer, batch_size: int, progress: ProgressFn | None):

@@ -35,10 +35,11 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes ``[out, in]`` -> packed uint8 ``[out, packed_row_bytes(in, bits)]`` (same device)."""
     slot = slot_bits(bits)
     if slot == 8:
-        return codes.to(torch.uint8).contiguous()
+        return codes.to(torch.uint8).clone(memory_format=torch.contiguous_format)  # never the caller's tensor
     per_byte = 8 // slot
     out, inp = codes.shape
-    padded = torch.nn.functional.pad(codes.to(torch.uint8), (0, (-inp) % per_byte)).view(out, -1, per_byte)
+    masked = codes.to(torch.uint8) & ((1 << slot) - 1)  # a code can never spill into its neighbour's slot
+    padded = torch.nn.functional.pad(masked, (0, (-inp) % per_byte)).view(out, -1, per_byte)
     packed = padded[..., 0].clone()
     for k in range(1, per_byte):
         packed |= padded[..., k] << (k * slot)
@@ -46,7 +47,8 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_rows(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Inverse of :func:`pack_rows`: uint8 codes ``[out, in_features]``."""
+    """Inverse of :func:`pack_rows`: uint8 codes ``[out, in_features]`` (read-only: at 5-8 bits this is the
+    packed tensor itself)."""
     slot = slot_bits(bits)
     if slot == 8:
         return packed

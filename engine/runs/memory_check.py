@@ -29,7 +29,7 @@ def run_memory_plan(loaded: LoadedModel, method: str, calibration: DataSpec, eva
         if method in ("slicing", "quantization-gptq") else 0
     return plan_memory(ModelShape.of(loaded.model, loaded.architecture), method, loaded.device,
                        calib_tokens=calib, eval_batch=evaluation.batch_size, eval_seqlen=evaluation.data.seqlen,
-                       group_size=group_size, code_bits=code_bits, holds_codes=can_hold_codes(loaded.model, loaded.architecture))
+                       group_size=group_size, code_bits=min(max(int(code_bits), 1), 8), holds_codes=can_hold_codes(loaded.model, loaded.architecture))
 
 
 def check_memory(plan: MemoryPlan) -> None:

@@ -46,6 +46,24 @@ def test_offline_switch_reaches_the_already_imported_hub_clients(monkeypatch):
     assert (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE) == before
 
 
+def test_overlapping_evaluations_restore_the_switch_when_the_last_one_leaves(monkeypatch):
+    """Two sessions evaluating at once: the second must not save the first's 'offline' and restore it last."""
+    import os
+
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("engine.evaluation.zeroshot.hub_reachable", lambda: "HF_HUB_OFFLINE" not in os.environ)
+    before = huggingface_hub.constants.HF_HUB_OFFLINE
+    first, second = _datasets_offline_unless_reachable(), _datasets_offline_unless_reachable()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert huggingface_hub.constants.HF_HUB_OFFLINE  # the second is still evaluating
+    second.__exit__(None, None, None)
+    assert huggingface_hub.constants.HF_HUB_OFFLINE == before and "HF_HUB_OFFLINE" not in os.environ
+
+
 def test_offline_tasks_alone_skip_lm_evals_own_task_index():
     folder = str(build_offline_tasks())
     offline = _task_manager(folder, include_defaults=False)
