@@ -18,7 +18,6 @@ are random token ids (memory and time do not depend on the text).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import itertools
 import os
@@ -30,6 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from bench.common import report
+from engine.core.cpu import trim_freed_heap
 from engine.core.data import DataSpec, TokenWindows
 from engine.core.memory import ModelShape, plan_memory
 from engine.core.models import LoadedModel, model_size
@@ -54,10 +54,7 @@ PRESETS = {
 def release_freed_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise, inflating RSS)."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    trim_freed_heap()
 
 
 def rss_bytes() -> int:

@@ -299,7 +299,7 @@ def run(args) -> None:
                          args.target_bits, args.ordering, tuple(args.custom_order), args.seed, args.zero_point,
                          args.act_order)
         _print_memory(loaded, f"quantization-{args.quantizer}", calibration, evaluation, args.group_size,
-                      max(args.high_bits, args.low_bits))
+                      plan.top_bits)
         _print_run("quantization", run_quantization(store, loaded, plan, calibration, evaluation,
                                                     save_to=args.save, progress=_progress))
     elif args.command == "sweep-slicing":

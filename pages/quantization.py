@@ -109,7 +109,7 @@ preview = left.button(f"Preview ({PREVIEW_WINDOWS} windows, {run_estimate(loaded
                       help="A quick, noisy look: stored and drawn as a preview, with dense on the same windows.")
 full = mid.button(f"Full evaluation ({evaluation.n_windows} windows, "
                   f"{run_estimate(loaded, cost, calibration, full_plan, store)})")
-memory_note(loaded, cost, calibration, full_plan, group_size, max(high_bits, low_bits))
+memory_note(loaded, cost, calibration, full_plan, group_size, plan.top_bits)
 if preview or full:
     try:
         outcome = run_quantization(store, loaded, plan, calibration, preview_plan if preview else full_plan,

@@ -69,6 +69,11 @@ class QuantPlan:
     zero_point: str = "integer"
     act_order: bool = False
 
+    @property
+    def top_bits(self) -> int:
+        """The highest code width the plan allocates (what packed codes are sized by)."""
+        return max(self.high_bits, self.low_bits)
+
     def series(self) -> str:
         """Curve label on trade-off charts."""
         if self.ordering == "optimizer":

@@ -337,7 +337,7 @@ def run_quantization(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, 
 
     ``allocation``: the bit map the user previewed (computed from ``plan`` if None).
     """
-    top = max(allocation.bits) if allocation is not None else max(plan.high_bits, plan.low_bits)
+    top = max(allocation.bits) if allocation is not None else plan.top_bits
     check_memory(run_memory_plan(loaded, f"quantization-{plan.quantizer}", calibration, evaluation, plan.group_size,
                                  top))
     if allocation is None:
