@@ -130,8 +130,14 @@ def test_score_compress_compare_and_report(page, steps, server, tmp_path):
     page.get_by_role("link", name="Results").click()
     page.get_by_text("Trade-off curves").wait_for()
     page.locator(".js-plotly-plot").first.wait_for()
-    steps.shot("results-linear")
+    steps.shot("results-auto")  # auto picks log here: the runs span 18-145
     _assert_inside(_plot_data(page, 0))
+    page.get_by_text("linear", exact=True).click()
+    page.wait_for_timeout(1500)
+    linear_plot = _plot_data(page, 0)
+    assert linear_plot["type"] == "linear"
+    _assert_inside(linear_plot)
+    steps.shot("results-linear")
     page.get_by_text("log", exact=True).click()
     page.wait_for_timeout(1500)
     log_plot = _plot_data(page, 0)
