@@ -19,6 +19,7 @@ from engine.core.models import BUILTIN_NAME, load_model
 from engine.dropping.choose import RANKINGS
 from engine.optimize.bit_budget import DEFAULT_LEVELS, BitBudget
 from engine.runs.bits_optimizer import BitsOptimizerPlan, optimize_bits
+from engine.quant.grid import ZERO_POINTS
 from engine.runs.memory_check import run_memory_plan
 from engine.runs.plans import (
     DEFAULT_CALIB_SEQLEN,
@@ -109,7 +110,9 @@ def _slicing_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
 def _quant_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
     parser.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn")
     parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--zero-point", choices=["integer", "float"], default="integer")
+    parser.add_argument("--zero-point", choices=list(ZERO_POINTS), default="integer",
+                        help="integer (GPTQ's asymmetric grid), float (GGUF Q4_1's scale + minimum) or symmetric "
+                        "(no zero stored; exports exactly as compressed-tensors and GGUF Q4_0 / Q5_0 / Q8_0)")
     parser.add_argument("--act-order", action="store_true", help="GPTQ: process columns by decreasing activation")
     parser.add_argument("--high-bits", type=int, default=4)
     if sweep:
@@ -207,10 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "to check candidates")
     slicing.add_argument("--json", default=None, help="write the candidates, the choice and its evaluation here")
     export = commands.add_parser("export", help="write a stored run's model as a Hugging Face folder (dropped, "
-                                 "sliced) or a mixed-bit GGUF file (quantized), then verify it by reloading")
+                                 "sliced), a mixed-bit GGUF file or a compressed-tensors folder (quantized), "
+                                 "then verify it by reloading")
     export.add_argument("run_id", type=int,
                         help="the run id (every command prints it as \"run\"; the Results page lists them)")
-    export.add_argument("--format", choices=["hf", "gguf"], required=True)
+    export.add_argument("--format", choices=["hf", "gguf", "ct"], required=True,
+                        help="hf: Hugging Face folder; gguf: GGUF file; ct: compressed-tensors folder (runs "
+                        "quantized with --zero-point symmetric)")
     export.add_argument("--out", required=True, help="folder to write (refused if it exists and is not empty)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     export.add_argument("--dtype-out", default=None, choices=["float16", "bfloat16", "float32"],

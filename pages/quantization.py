@@ -5,6 +5,7 @@ from dataclasses import replace
 import streamlit as st
 
 from engine.core.data import DataError
+from engine.quant.grid import ZERO_POINTS
 from engine.quant.size import describe_size, size_report
 from engine.runs.plans import PREVIEW_WINDOWS, EvalPlan, QuantPlan
 from engine.runs.runner import (
@@ -40,7 +41,7 @@ n_layers = loaded.num_layers
 st.title("Quantization")
 st.caption(
     "Layer-wise mixed precision (METHODS §4): layers are ranked by importance and the least important move "
-    "to the low bit level first. Weights are quantized group-wise (asymmetric, fp16 scale and zero point)."
+    "to the low bit level first. Weights are quantized group-wise (fp16 scale, and a zero point unless symmetric)."
 )
 if loaded.note:
     st.caption("The built-in model was distributed at 4 bits: 3- and 2-bit levels are the informative ones.")
@@ -56,8 +57,10 @@ act_order = cols[0].checkbox("GPTQ act-order", value=True, key=kept("quant_act_o
                              "original column order ('static' groups). Helps most on models whose weights were "
                              "quantized before (like the built-in one).")
 group_size = cols[0].selectbox("Group size", [32, 64, 128, 256], index=2, key=kept("quant_group"))
-zero_point = cols[0].radio("Zero point", ["integer", "float"], key=kept("quant_zero"), horizontal=True,
-                           help="integer: GPTQ-style grid; float: fp16 group minimum (Q4_1 style).")
+zero_point = cols[0].radio("Zero point", list(ZERO_POINTS), key=kept("quant_zero"), horizontal=True,
+                           help="integer: GPTQ-style asymmetric grid; float: fp16 group minimum (Q4_1 style); "
+                           "symmetric: zero fixed at the middle code, not stored (exports exactly as a "
+                           "compressed-tensors folder for transformers / vLLM, and as GGUF Q4_0 / Q5_0 / Q8_0).")
 if choose == "optimizer":
     if calibration is None or evaluation is None:
         st.stop()

@@ -28,6 +28,13 @@ REMOTE_CODE_NOTE = (
     "it, as with any remote code. Models with whole layers removed are plain checkpoints and need no remote code."
 )
 
+CT_NOTE = (
+    "compressed-tensors `pack-quantized` (the format llm-compressor writes): each layer's symmetric codes packed at "
+    "its own width with fp16 scales. Load with `AutoModelForCausalLM.from_pretrained(folder)` once "
+    "`pip install compressed-tensors` is done (transformers decompresses the weights on load), or serve it with "
+    "vLLM on a GPU. No remote code."
+)
+
 
 def _run_label(record: RunRecord) -> str:
     ppl = record.metrics.get("ppl")
@@ -68,7 +75,7 @@ def export_section(store: ResultsStore, loaded: LoadedModel, method: str | None,
                           key=f"{key}_export_run_{records[0].id}",
                           help="Newest first. The model is rebuilt from the run's record (same layers, dims or bits).")
     record = by_id[chosen]
-    reasons = export_formats(record)
+    reasons = export_formats(record, loaded)
     available = [fmt for fmt, reason in reasons.items() if reason is None]
     for fmt, reason in reasons.items():
         if reason:
@@ -92,6 +99,8 @@ def export_section(store: ResultsStore, loaded: LoadedModel, method: str | None,
         st.caption("Exact types need a group size that is a multiple of 32; a float zero point is copied bit for "
                    "bit (an integer one is rounded to an fp16 minimum). Re-quantized tensors round a second time: "
                    f"the check below shows the difference (promise: ±{TOLERANCE['gguf']:.0%} for exact types).")
+    if fmt == "ct":
+        st.caption(CT_NOTE + f" Promise: perplexity within ±{TOLERANCE['ct']:.1%} of the app's.")
     dtype = None
     if fmt == "hf":
         st.caption(REMOTE_CODE_NOTE + f" Promise: perplexity within ±{TOLERANCE['hf']:.1%} of the app's.")

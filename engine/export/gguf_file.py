@@ -66,7 +66,11 @@ def exact_type(bits: int, zero_point: str) -> str | None:
     ``code * scale + minimum`` (float zero point) is Q4_1 for codes of up to 4 bits and Q5_1 for 5;
     ``(code - zero) * scale`` (integer zero point) is the same with minimum ``-zero * scale`` (rounded to
     fp16: nearly exact), and Q8_0 (``d * q``, ``q`` int8) for 6 and 7 bits, whose ``code - zero`` fits int8.
+    The symmetric grid (zero ``2**(bits-1)``) is Q4_0 (``d * (q - 8)``) up to 4 bits, Q5_0 (``d * (q - 16)``)
+    for 5 and Q8_0 for 6 to 8: exact, and smaller than the types with a minimum.
     """
+    if zero_point == "symmetric":
+        return "Q4_0" if bits <= 4 else "Q5_0" if bits == 5 else "Q8_0"
     if bits <= 4:
         return "Q4_1"
     if bits == 5:
@@ -109,6 +113,8 @@ def choose_type(bits: int, row: int, spec: QuantizerSpec, mode: str = "exact") -
     if mode == "exact" and exact and group % 32 == 0 and row % 32 == 0 and not spec.stores_group_index:
         if spec.zero_point == "float":
             why = f"LayerLab's codes, scales and minimums copied ({bits}-bit codes in {exact} blocks)"
+        elif spec.zero_point == "symmetric":
+            why = f"LayerLab's symmetric codes and fp16 scales copied ({bits}-bit codes in {exact} blocks)"
         elif exact == "Q8_0":
             why = f"LayerLab's code − zero copied as int8 with the fp16 scale ({bits}-bit codes in Q8_0 blocks)"
         else:
@@ -177,6 +183,7 @@ def _pack_exact(weight: QuantizedWeight, qtype: str, n_head: int | None) -> np.n
     """GGUF blocks of 32 weights holding LayerLab's codes as they are: ``[out, in/32 * type_size]`` bytes.
 
     Q4_1 / Q5_1: ``d = scale``, ``m = minimum`` (float zero point) or ``-zero * scale`` (integer), ``q = code``;
+    Q4_0 / Q5_0 (symmetric grid): ``d = scale``, ``q = code - zero + 8`` / ``+ 16``;
     Q8_0: ``d = scale``, ``q = code - zero``.  Every block of 32 columns lies inside one LayerLab group.
     """
     out, inp = weight.shape
@@ -187,6 +194,10 @@ def _pack_exact(weight: QuantizedWeight, qtype: str, n_head: int | None) -> np.n
     if qtype == "Q8_0":
         values = codes.reshape(out, -1, 32) - zeros.numpy().astype(np.int16)[..., None]
         parts = [scales.numpy(), values.reshape(out, -1).astype(np.int8)]
+    elif qtype in ("Q4_0", "Q5_0"):
+        offset = 8 if qtype == "Q4_0" else 16
+        values = codes.reshape(out, -1, 32) - zeros.numpy().astype(np.int16)[..., None] + offset
+        parts = [scales.numpy(), values.reshape(out, -1).astype(np.uint8)]
     else:
         minimum = zeros.to(torch.float16) if weight.zero_point == "float" else (
             -zeros.float() * weight.scales.cpu()[:, block_group].float()).to(torch.float16)
@@ -196,11 +207,10 @@ def _pack_exact(weight: QuantizedWeight, qtype: str, n_head: int | None) -> np.n
     d = parts[0].reshape(-1, 1).view(np.uint8)
     if qtype == "Q8_0":
         return np.concatenate([d, parts[1].reshape(-1, 32).view(np.uint8)], axis=-1).reshape(out, -1)
-    m = parts[1].reshape(-1, 1).view(np.uint8)
-    blocks = parts[2].reshape(-1, 32)
+    blocks = parts[-1].reshape(-1, 32)
     low = (blocks[:, :16] & 0x0F) | ((blocks[:, 16:] & 0x0F) << 4)
-    packed = [d, m]
-    if qtype == "Q5_1":
+    packed = [d] if qtype in ("Q4_0", "Q5_0") else [d, parts[1].reshape(-1, 1).view(np.uint8)]
+    if qtype in ("Q5_0", "Q5_1"):
         packed.append(np.packbits(blocks >> 4, axis=-1, bitorder="little").reshape(-1, 4))
     packed.append(low.astype(np.uint8))
     return np.concatenate(packed, axis=-1).reshape(out, -1)

@@ -17,6 +17,12 @@ is ``[min(w), max(w)]``, ``zeros`` holds the fp16 minimum ``m`` (rounded down),
 It reproduces an already Q4_1-quantized model exactly at 4 bits with group
 32, which the integer grid cannot (its grid points are multiples of scale).
 
+Option ``zero_point="symmetric"`` (GPTQ's ``sym=True``, compressed-tensors'
+and GGUF Q4_0's grid): the zero is fixed at ``2**(bits-1)`` and not stored,
+``scale = 2 * max|w| / (2**bits - 1)`` rounded up to fp16, and the integer
+formulas above apply.  It is the grid that exports exactly as a
+compressed-tensors folder (:mod:`engine.export.ct_folder`).
+
 ``rtn_quantize`` rounds every weight to its nearest grid point, so
 ``|w - dequantize| <= scale / 2``.  ``engine.quant.gptq`` (Frantar et al.
 2022) uses the same grid but chooses the codes column by column, spreading
@@ -43,7 +49,7 @@ from engine.quant.packing import pack_rows, unpack_rows
 
 
 METHODS = ("rtn", "gptq")
-ZERO_POINTS = ("integer", "float")
+ZERO_POINTS = ("integer", "float", "symmetric")
 GROUP_PARAMS = ("static", "dynamic")
 PROPAGATIONS = ("sequential", "dense")
 MIN_BITS, MAX_BITS = 2, 8
@@ -107,7 +113,7 @@ class QuantizerSpec:
         if self.act_order and self.method != "gptq":
             raise QuantizationError("Activation ordering only applies to GPTQ; turn it off for RTN.")
         if self.zero_point not in ZERO_POINTS:
-            raise QuantizationError(f"Unknown zero point '{self.zero_point}'. Choose 'integer' or 'float'.")
+            raise QuantizationError(f"Unknown zero point '{self.zero_point}'. Choose one of {', '.join(ZERO_POINTS)}.")
         if not 0.0 < float(self.damp) <= 1.0:
             raise QuantizationError(f"GPTQ damping {self.damp!r} must be in (0, 1]; 0.01 is usual.")
         if self.group_params not in GROUP_PARAMS:
@@ -139,20 +145,21 @@ class QuantizerSpec:
             extra += (", act-order" if self.act_order else "") + (", dynamic groups" if self.group_params == "dynamic"
                                                                   else "")
             extra += ", dense signals" if self.propagation == "dense" else ""
-        extra += ", float zero" if self.zero_point == "float" else ""
+        extra += {"float": ", float zero", "symmetric": ", symmetric"}.get(self.zero_point, "")
         return f"{self.method.upper()} {self.bits}-bit {group}{extra}"
 
 
 def weight_storage_bits(out_features: int, in_features: int, bits: int, group_size: int | None,
-                        group_index: bool = False) -> int:
+                        group_index: bool = False, zero_point: str = "integer") -> int:
     """Bits needed to store one quantized ``[out, in]`` weight.
 
-    Codes ``out·in·bits`` + fp16 scale and fp16 zero per group and row
+    Codes ``out·in·bits`` + fp16 scale and fp16 zero per group and row (no zero for the symmetric grid)
     (+ int32 ``g_idx`` per input column when ``group_index``: dynamic-group
     act-order GPTQ).  4 bits with group 128 gives 4 + 32/128 = 4.25 bits per weight.
     """
     groups = 1 if group_size is None else math.ceil(in_features / group_size)
-    total = out_features * in_features * bits + out_features * groups * 2 * FP16_BITS
+    per_group = FP16_BITS if zero_point == "symmetric" else 2 * FP16_BITS
+    total = out_features * in_features * bits + out_features * groups * per_group
     if group_index and groups > 1:
         total += in_features * GIDX_BITS
     return total
@@ -238,7 +245,7 @@ class QuantizedWeight:
     def storage_bits(self) -> int:
         out, inp = self.shape
         return weight_storage_bits(out, inp, self.bits, None if self.n_groups == 1 else self.group_size,
-                                   self.g_idx is not None)
+                                   self.g_idx is not None, self.zero_point)
 
     def bits_per_weight(self) -> float:
         return self.storage_bits() / (self.shape[0] * self.shape[1])
@@ -256,7 +263,7 @@ def apply_grid(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, zer
 
     ``scale`` / ``zero`` broadcast against ``codes``; the result is the weight value of each code.
     """
-    if zero_point == "integer":
+    if zero_point != "float":
         return codes.sub_(zero).mul_(scale)
     return codes.mul_(scale).add_(zero)
 
@@ -290,10 +297,15 @@ def grid_params(weight: torch.Tensor, bits: int, zero_point: str = "integer") ->
 
     Integer zero points: range ``[min(w, 0), max(w, 0)]``, ``zero = round(-min / scale)``.
     Float: range ``[m, max(w)]`` with ``m`` = min(w) rounded down to fp16, ``zero = m``,
-    scale rounded to the nearest fp16.
+    scale rounded to the nearest fp16.  Symmetric: ``scale = 2 max|w| / maxq`` rounded up,
+    ``zero = 2**(bits-1)``.
     """
     maxq = 2**bits - 1
     w = weight.float()
+    if zero_point == "symmetric":
+        scale = 2 * w.abs().max(dim=1).values / maxq
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return _round_up_fp16(scale), torch.full_like(scale, 2 ** (bits - 1), dtype=torch.float16)
     if zero_point == "float":
         offset = _round_down_fp16(w.min(dim=1).values)
         scale = (w.max(dim=1).values - offset.float()) / maxq
@@ -324,7 +336,7 @@ def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, b
     dtype = w.dtype if w.dtype.is_floating_point else torch.float32
     if scale.dtype != dtype or zero.dtype != dtype:
         scale, zero = scale.to(dtype), zero.to(dtype)
-    if zero_point == "integer":
+    if zero_point != "float":
         codes = torch.round(w / scale + zero)
     else:
         codes = torch.round((w - zero) / scale)

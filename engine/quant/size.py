@@ -78,7 +78,7 @@ def layer_storage(arch: Architecture, layer: nn.Module, bits: int, spec: Quantiz
     ids = set()
     for linear in arch.layer_linears(layer).values():
         out, inp = linear.weight.shape
-        layer_bits += weight_storage_bits(out, inp, bits, spec.group_size, spec.stores_group_index)
+        layer_bits += weight_storage_bits(out, inp, bits, spec.group_size, spec.stores_group_index, spec.zero_point)
         layer_weights += out * inp
         ids.add(id(getattr(linear, "parameter", linear.weight)))
     return layer_bits, layer_weights, ids
@@ -113,8 +113,9 @@ def size_report(model: nn.Module, arch: Architecture, bits: Sequence[int], spec:
             unquantized["biases"] += nbytes
         else:
             unquantized["other"] += nbytes
-    zero_note = ("zero points are integers stored as fp16 and counted at 16 bits" if spec.zero_point == "integer"
-                 else "each group stores its fp16 minimum as the zero point (16 bits)")
+    zero_note = {"integer": "zero points are integers stored as fp16 and counted at 16 bits",
+                 "float": "each group stores its fp16 minimum as the zero point (16 bits)",
+                 "symmetric": "symmetric grid: the zero point is fixed at 2^(bits-1) and not stored"}[spec.zero_point]
     notes = ["codes are bit-packed at every width (3-bit included)", zero_note,
              f"unquantized parameters stay {str(next(model.parameters()).dtype).replace('torch.', '')}"]
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False):

@@ -5,7 +5,8 @@ evaluated: passed in when the page still holds it, else rebuilt from the
 run's record (dropping: the stored layers; slicing: the stored dims and
 calibration windows; quantization: the stored bits and quantizer, from the
 per-layer cache).  After writing, the export is reloaded through its target
-loader (transformers; transformers' GGUF loader for GGUF) and its perplexity
+loader (transformers; transformers' GGUF loader for GGUF; transformers with
+compressed-tensors for compressed-tensors folders) and its perplexity
 compared with the in-app model's on a few evaluation windows of the run; the
 outcome is appended to the run's ``config["exports"]``.
 """
@@ -35,21 +36,30 @@ from engine.slicing.slice_model import slice_model
 FORMATS = {
     "hf": "Hugging Face folder (transformers from_pretrained)",
     "gguf": "GGUF file (llama.cpp; transformers' GGUF loader)",
+    "ct": "compressed-tensors folder (transformers from_pretrained; vLLM on a GPU)",
 }
-TOLERANCE = {"hf": 0.005, "gguf": 0.02}  # promised |perplexity change| of the round trip (GGUF: exact types)
+# promised |perplexity change| of the round trip (GGUF: exact types; compressed-tensors: always exact)
+TOLERANCE = {"hf": 0.005, "gguf": 0.02, "ct": 0.005}
 VERIFY_WINDOWS = 4
 
 
-def export_formats(record: RunRecord) -> dict[str, str | None]:
-    """Format -> ``None`` if ``record``'s model can be exported that way, else why not."""
+def export_formats(record: RunRecord, loaded: LoadedModel | None = None) -> dict[str, str | None]:
+    """Format -> ``None`` if ``record``'s model can be exported that way, else why not (compressed-tensors also
+    depends on the quantizer and the model's widths: checked when ``loaded`` is given)."""
+    from engine.export.ct_folder import ct_unsupported
+
     method = record.method
     hf = None if method in ("slicing", "dropping") else (
-        "Quantized runs export as GGUF (a Hugging Face folder would hold dequantized 16-bit weights)."
-        if method == "quantization" else f"{method} runs have nothing to export beyond the base model.")
+        "Quantized runs export as GGUF or compressed-tensors (a Hugging Face folder would hold dequantized "
+        "16-bit weights)." if method == "quantization" else
+        f"{method} runs have nothing to export beyond the base model.")
     gguf = None if method == "quantization" else "GGUF export is for quantized runs (a tensor type per layer)."
+    ct = None if method == "quantization" else "compressed-tensors export is for quantized runs."
+    if ct is None and loaded is not None:
+        ct = ct_unsupported(loaded, quantizer_spec_of(record))
     if method == "stacked":
-        hf = gguf = "Stacked runs cannot be exported yet: export each stage's own run."
-    return {"hf": hf, "gguf": gguf}
+        hf = gguf = ct = "Stacked runs cannot be exported yet: export each stage's own run."
+    return {"hf": hf, "gguf": gguf, "ct": ct}
 
 
 def default_export_folder(record: RunRecord, fmt: str) -> Path:
@@ -68,12 +78,12 @@ def check_export(loaded: LoadedModel, record: RunRecord, fmt: str, out: str | Pa
                           f"{', '.join(HF_DTYPES)} (GGUF files choose a type per tensor).")
     if fmt not in FORMATS:
         raise ExportError(f"Unknown export format '{fmt}'. Choose one of: {', '.join(FORMATS)}.")
-    reason = export_formats(record).get(fmt)
-    if reason:
-        raise ExportError(f"Run {record.id} cannot be exported as {fmt}: {reason}")
     if record.model_fingerprint != loaded.fingerprint:
         raise ExportError(f"Run {record.id} was made from '{record.model}', not from the loaded model "
                           f"'{loaded.source}': load that model first, then export.")
+    reason = export_formats(record, loaded).get(fmt)
+    if reason:
+        raise ExportError(f"Run {record.id} cannot be exported as {fmt}: {reason}")
     out = Path(out)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise FolderExistsError(f"'{out}' already exists and is not empty: choose another folder, or tick "
@@ -180,8 +190,8 @@ def export_run(store: ResultsStore, loaded: LoadedModel, record: RunRecord, fmt:
     """
     check_export(loaded, record, fmt, out, overwrite, dtype)
     started = time.perf_counter()
-    if model is None or (fmt == "gguf" and not isinstance(model, QuantizedModel)):
-        built = rebuild_model(loaded, record, progress)  # GGUF packs the codes: the quantization cache has them
+    if model is None or (fmt in ("gguf", "ct") and not isinstance(model, QuantizedModel)):
+        built = rebuild_model(loaded, record, progress)  # GGUF / ct pack the codes: the quantization cache has them
     else:
         built = model
     rebuild_s = time.perf_counter() - started
@@ -192,6 +202,12 @@ def export_run(store: ResultsStore, loaded: LoadedModel, record: RunRecord, fmt:
             written = write_hf_folder(torch_model, loaded.architecture, out, loaded.tokenizer, overwrite, notes,
                                       dtype=getattr(torch, dtype) if dtype else None)
             reloaded = load_hf_folder(out)
+        elif fmt == "ct":
+            from engine.export.ct_folder import load_ct_folder, write_ct_folder
+
+            torch_model = built.model
+            written = write_ct_folder(built, loaded, out, overwrite=overwrite, notes=notes)
+            reloaded = load_ct_folder(out)
         else:
             from engine.export.gguf_file import load_gguf, write_gguf
 
@@ -205,7 +221,7 @@ def export_run(store: ResultsStore, loaded: LoadedModel, record: RunRecord, fmt:
                           "Free some disk space or choose another folder.") from None
     seconds = time.perf_counter() - started - rebuild_s
     windows = verification_windows(loaded, record, verify_windows)
-    exact = fmt == "hf" or written.get("exact_fraction") == 1.0
+    exact = fmt != "gguf" or written.get("exact_fraction") == 1.0
     check = round_trip(torch_model, reloaded, windows, TOLERANCE[fmt] if exact else None)
     result = {"format": fmt, "dtype": dtype or str(next(torch_model.parameters()).dtype).removeprefix("torch."),
               **written, "seconds": seconds, "rebuild_s": rebuild_s, "verification": check.to_dict(),

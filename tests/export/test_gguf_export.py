@@ -56,6 +56,17 @@ def test_exact_types_reload_bit_for_bit(tiny_loaded, untokenized, tmp_path):
                                    rtol=0, atol=1e-2)  # F16 embedding, Q8_0 layer
 
 
+def test_symmetric_grid_is_q4_0_q5_0_q8_0_bit_for_bit(untokenized, tmp_path):
+    """The symmetric grid's codes are GGUF's zero-free types: every tensor exact, and smaller than Q4_1."""
+    spec = QuantizerSpec(bits=4, group_size=32, zero_point="symmetric")
+    quantized = quantize_model(untokenized, [3, 5, 8, 4], spec=spec)
+    info = write_gguf(quantized, untokenized, tmp_path / "s")
+    assert (info["types"]["Q4_0"], info["types"]["Q5_0"], info["types"]["Q8_0"]) == (14, 7, 7)
+    assert info["exact_fraction"] == 1.0
+    ours, theirs = _linear_weights(quantized.model), _linear_weights(load_gguf(tmp_path / "s"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)
+
+
 def test_qwen2_is_written_without_the_llama_permutation(tmp_path):
     loaded = LoadedModel.from_model(tiny_family_model("qwen2"))
     quantized = quantize_model(loaded, [4, 4, 4], spec=EXACT)

@@ -45,7 +45,7 @@ def _weight(out=24, inp=100, seed=0):
 
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("group_size", [32, 40, None])  # 40 does not divide 100: last group is shorter
-@pytest.mark.parametrize("zero_point", ["integer", "float"])
+@pytest.mark.parametrize("zero_point", ["integer", "float", "symmetric"])
 def test_rtn_error_is_at_most_half_a_step(bits, group_size, zero_point):
     w = _weight()
     q = rtn_quantize(w, QuantizerSpec(bits=bits, group_size=group_size, zero_point=zero_point))
@@ -53,6 +53,8 @@ def test_rtn_error_is_at_most_half_a_step(bits, group_size, zero_point):
     assert q.scales.dtype == torch.float16 and q.zeros.dtype == torch.float16
     if zero_point == "integer":
         assert torch.equal(q.zeros.float(), q.zeros.float().round())
+    if zero_point == "symmetric":  # the middle code, the same for every group; not stored
+        assert bool((q.zeros.float() == 2 ** (bits - 1)).all())
     assert q.n_groups == (1 if group_size is None else math.ceil(100 / group_size))
     step = q.scales.float()[:, q.group_index()]
     err = (w - q.dequantize()).abs()
@@ -152,7 +154,7 @@ def test_gptq_grid_is_the_rtn_grid_and_storage_round_trips():
 
 
 @pytest.mark.parametrize("group_size", [32, None])
-@pytest.mark.parametrize("zero_point", ["integer", "float"])
+@pytest.mark.parametrize("zero_point", ["integer", "float", "symmetric"])
 @pytest.mark.parametrize("act_order", [False, True])  # static groups: act-order only changes the column order
 def test_gptq_with_a_diagonal_hessian_is_rtn(group_size, zero_point, act_order):
     w = _weight()
@@ -201,6 +203,20 @@ def test_storage_bits_include_scales_and_zeros():
     assert weight_storage_bits(8, 256, 4, 128, group_index=True) == 8 * 256 * 4.25 + 256 * 32
     q = rtn_quantize(torch.randn(8, 256), QuantizerSpec(bits=4, group_size=128))
     assert q.bits_per_weight() == 4.25
+    symmetric = rtn_quantize(torch.randn(8, 256), QuantizerSpec(bits=4, group_size=128, zero_point="symmetric"))
+    assert symmetric.bits_per_weight() == 4 + 16 / 128  # scales only
+
+
+def test_symmetric_grid_is_centred_on_zero():
+    """Codes ``2**(bits-1) ± k`` dequantize to ``± k * scale``: a weight and its negation get mirrored codes."""
+    w = _weight()
+    w = torch.cat([w, -w])
+    q = rtn_quantize(w, QuantizerSpec(bits=4, group_size=32, zero_point="symmetric"))
+    half = w.shape[0] // 2
+    assert torch.equal(q.scales[:half], q.scales[half:])
+    top, bottom = q.dequantize()[:half], q.dequantize()[half:]
+    clipped = q.codes[:half] == 15  # +max|w| may clip to the top code (the grid has one more negative step)
+    assert torch.equal(top[~clipped & (q.codes[half:] != 0)], -bottom[~clipped & (q.codes[half:] != 0)])
 
 
 # --- allocation -------------------------------------------------------------

@@ -1,0 +1,147 @@
+"""compressed-tensors folders: mixed-bit quantized models that transformers loads and vLLM serves on a GPU.
+
+The format is compressed-tensors' ``pack-quantized`` (what llm-compressor
+writes for GPTQ / RTN int weights).  Per quantized linear the safetensors
+file holds
+
+- ``weight_packed``: int32 ``[out, ceil(in * bits / 32)]``, the signed codes
+  ``q = code - 2**(bits-1)`` packed by compressed-tensors' own packer;
+- ``weight_scale``: fp16 ``[out, groups]`` (LayerLab's scales as they are);
+- ``weight_shape``: int64 ``[2]``, the dense shape;
+
+and ``config.json``'s ``quantization_config`` has one config group per bit
+level whose targets are that level's linears by name, so each layer keeps
+its own width.  compressed-tensors dequantizes ``q * scale``: that is
+exactly LayerLab's *symmetric* grid (``(code - 2**(bits-1)) * scale``), so
+only runs quantized with ``zero_point="symmetric"`` export this way, and
+they export exactly.  LayerLab's grids with a zero point per group would
+need the format's asymmetric variant, which transformers 5.23 with
+compressed-tensors 0.20 cannot load for mixed bit widths (it reads the
+packed zero points with the wrong shape, or decompresses every layer with
+the first group's width); it is not written rather than written broken.
+
+Loading: ``AutoModelForCausalLM.from_pretrained(folder)`` with the
+``compressed-tensors`` package installed; transformers decompresses the
+weights into the model's dtype on load (on CPU too).  vLLM runs the packed
+weights with its int kernels on a GPU.  Loading in bf16 rounds the fp16
+scales to bf16; load in fp16 or fp32 to compute exactly what LayerLab
+measured.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from engine.core.models import LoadedModel
+from engine.core.paths import atomic_folder
+from engine.export.hf_folder import WEIGHTS_FILE, ExportError, _state_dict, folder_bytes
+from engine.quant.grid import QuantizedWeight, QuantizerSpec
+from engine.quant.quantize_model import QuantizedModel
+
+FORMAT = "pack-quantized"
+
+
+def _linear_names(model: nn.Module, loaded: LoadedModel) -> dict[str, tuple[int, str]]:
+    """Module name -> (layer, short name) of every decoder-layer linear."""
+    arch = loaded.architecture
+    return {f"{arch.layers}.{i}.{path}": (i, short)
+            for i in range(len(arch.decoder_layers(model))) for short, path in arch.linears.items()}
+
+
+def ct_unsupported(loaded: LoadedModel, spec: QuantizerSpec) -> str | None:
+    """Why a quantization with ``spec`` of the loaded model cannot be a compressed-tensors folder; ``None`` if it can."""
+    if spec.zero_point != "symmetric":
+        return ("compressed-tensors holds LayerLab's symmetric grid exactly; its zero-point variant does not load "
+                "in transformers for mixed bit widths. Quantize with zero point 'symmetric' to export this way.")
+    if spec.stores_group_index:
+        return "act-order GPTQ with dynamic groups stores a group index; use static groups to export this way."
+    arch = loaded.architecture
+    widths = sorted({int(linear.weight.shape[1]) for layer in arch.decoder_layers(loaded.model)
+                     for linear in arch.layer_linears(layer).values()})
+    if not all(isinstance(linear, nn.Linear) for layer in arch.decoder_layers(loaded.model)
+               for linear in arch.layer_linears(layer).values()):
+        return "compressed-tensors covers torch Linear layers; this model's fused experts or Conv1D layers are not."
+    if spec.group_size is not None and any(w % spec.group_size for w in widths):
+        fitting = [g for g in (32, 64, 128, 256) if all(w % g == 0 for w in widths)]
+        return (f"compressed-tensors needs every row width to be a multiple of the group size; this model's widths "
+                f"are {', '.join(map(str, widths))} and the group size is {spec.group_size}. Use "
+                + (f"group size {' or '.join(map(str, fitting))}, or " if fitting else "") + "one scale per row.")
+    return None
+
+
+def _scheme(bits: int, spec: QuantizerSpec, targets: list[str]) -> dict:
+    grouped = spec.group_size is not None
+    return {"targets": targets, "format": FORMAT, "input_activations": None, "output_activations": None,
+            "weights": {"num_bits": bits, "type": "int", "symmetric": True, "dynamic": False,
+                        "strategy": "group" if grouped else "channel",
+                        "group_size": spec.group_size if grouped else None}}
+
+
+def _packed(weight: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """``weight_packed`` / ``weight_scale`` / ``weight_shape`` of one linear (codes signed, then packed)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    signed = (weight.codes.to(torch.int16) - 2 ** (weight.bits - 1)).to(torch.int8)
+    return {"weight_packed": pack_to_int32(signed.cpu(), weight.bits).contiguous(),
+            "weight_scale": weight.scales.to(torch.float16).cpu().contiguous(),
+            "weight_shape": torch.tensor(weight.shape, dtype=torch.int64)}
+
+
+def write_ct_folder(quantized: QuantizedModel, loaded: LoadedModel, folder: str | Path, *, overwrite: bool = False,
+                    notes: dict | None = None) -> dict:
+    """Write ``quantized`` as a compressed-tensors folder (staged, renamed at the end); returns what was written.
+
+    Returns ``{"folder", "files", "bytes", "remote_code": False, "exact_fraction": 1.0, "notes": [str]}``.
+    Raises :class:`ExportError` (nothing written) when :func:`ct_unsupported` names a reason.
+    """
+    reason = ct_unsupported(loaded, quantized.spec)
+    if reason:
+        raise ExportError(reason)
+    import compressed_tensors
+
+    source = quantized.tensor_source()
+    names = _linear_names(source, loaded)
+    state = {name: tensor for name, tensor in _state_dict(source).items()
+             if name.removesuffix(".weight") not in names}  # the base's dense linears are replaced below
+    by_bits: dict[int, list[str]] = {}
+    for module, (layer, short) in names.items():
+        weight = quantized.weights[layer][short]
+        state.update({f"{module}.{key}": value for key, value in _packed(weight).items()})
+        by_bits.setdefault(weight.bits, []).append(module)
+    config = copy.deepcopy(source.config)
+    config.quantization_config = {
+        "quant_method": "compressed-tensors", "format": FORMAT, "quantization_status": "compressed",
+        "config_groups": {f"group_{bits}bit": _scheme(bits, quantized.spec, modules)
+                          for bits, modules in sorted(by_bits.items())},
+        "ignore": [loaded.architecture.head], "kv_cache_scheme": None, "sparsity_config": {},
+        "transform_config": {}, "global_compression_ratio": None, "version": compressed_tensors.__version__}
+    lines = [f"{len(modules)} linears at {bits} bits (pack-quantized int{bits}, symmetric, "
+             f"{'group ' + str(quantized.spec.group_size) if quantized.spec.group_size else 'per row'})"
+             for bits, modules in sorted(by_bits.items())]
+    lines.append("codes and fp16 scales copied as they are: the folder computes what the app measured")
+    folder = Path(folder)
+    with atomic_folder(folder, overwrite) as staging:
+        save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        config.save_pretrained(staging)
+        if getattr(source, "generation_config", None) is not None:
+            source.generation_config.save_pretrained(staging)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(staging)
+        (staging / "layerlab_export.json").write_text(json.dumps({**(notes or {}), "types": lines}, indent=2,
+                                                                 default=str))
+    return {"folder": str(folder), "files": sorted(p.name for p in folder.iterdir()), "bytes": folder_bytes(folder),
+            "remote_code": False, "exact_fraction": 1.0, "notes": lines}
+
+
+def load_ct_folder(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The folder read back the way a user would (transformers with compressed-tensors), weights decompressed."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+

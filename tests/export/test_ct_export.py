@@ -1,0 +1,89 @@
+"""compressed-tensors folders: symmetric mixed-bit models that plain transformers loads and computes exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from engine.core.data import DataSpec
+from engine.core.models import LoadedModel
+from engine.export.ct_folder import ct_unsupported, write_ct_folder
+from engine.export.hf_folder import ExportError
+from engine.quant.grid import QuantizerSpec
+from engine.quant.quantize_model import quantize_model
+from engine.runs.exports import check_export, export_formats, export_run
+from engine.runs.plans import EvalPlan, QuantPlan
+from engine.runs.runner import run_quantization
+from tests.export.test_hf_export import _reload_in_fresh_process
+from tests.tiny_families import tiny_family_model
+
+SYMMETRIC = QuantizerSpec(bits=4, group_size=32, zero_point="symmetric")
+CT_FAMILIES = ("llama", "qwen2", "mistral", "gemma", "phi3")
+CALIB = DataSpec("wiki-offline", "calibration", 32, 2)
+EVAL = EvalPlan(DataSpec("wiki-offline", "evaluation", 32, 2))
+
+
+def _bits(n_layers: int) -> list[int]:
+    return [(2, 3, 4, 5, 8)[i % 5] for i in range(n_layers)]
+
+
+def test_mixed_bits_reload_exactly_in_a_fresh_process_without_layerlab(tmp_path):
+    folders, expected = [], []
+    probe = torch.randint(0, 100, (2, 12))
+    for family in CT_FAMILIES:
+        loaded = LoadedModel.from_model(tiny_family_model(family))
+        quantized = quantize_model(loaded, _bits(loaded.num_layers), spec=SYMMETRIC)
+        info = write_ct_folder(quantized, loaded, tmp_path / family)
+        assert not info["remote_code"] and info["exact_fraction"] == 1.0
+        config = json.loads((tmp_path / family / "config.json").read_text())["quantization_config"]
+        widths = {g["weights"]["num_bits"] for g in config["config_groups"].values()}
+        assert widths == set(_bits(loaded.num_layers)) and config["format"] == "pack-quantized"
+        folders.append(tmp_path / family)
+        with torch.no_grad():
+            expected.append(quantized.model(probe).logits)
+    for family, want, got in zip(CT_FAMILIES, expected, _reload_in_fresh_process(folders, probe)):
+        torch.testing.assert_close(got["logits"], want, rtol=0, atol=1e-5, msg=family)
+        assert got["generated"].shape == (2, 7)
+
+
+def test_the_file_holds_packed_codes_not_dense_weights(tiny_loaded, tmp_path):
+    quantized = quantize_model(tiny_loaded, [2, 3, 4, 8], spec=SYMMETRIC)
+    write_ct_folder(quantized, tiny_loaded, tmp_path / "ct")
+    with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        packed = f.get_tensor("model.layers.0.mlp.down_proj.weight_packed")
+        down = quantized.weights[0]["down"]
+        assert packed.dtype == torch.int32 and packed.numel() * 32 == down.shape[0] * down.shape[1] * 2  # 2 bits
+    assert "model.layers.0.self_attn.q_proj.weight" not in keys
+    assert "model.layers.0.self_attn.q_proj.weight_zero_point" not in keys  # symmetric: no zero stored
+
+
+def test_grids_the_format_cannot_hold_are_refused_with_what_to_do(tiny_loaded, tmp_path):
+    assert "zero point 'symmetric'" in ct_unsupported(tiny_loaded, QuantizerSpec())
+    wide = ct_unsupported(tiny_loaded, QuantizerSpec(group_size=48, zero_point="symmetric"))
+    assert "multiple of the group size" in wide and "group size 32" in wide  # names the sizes that fit
+    assert ct_unsupported(tiny_loaded, QuantizerSpec(group_size=None, zero_point="symmetric")) is None
+    dynamic = QuantizerSpec(method="gptq", act_order=True, group_params="dynamic", zero_point="symmetric")
+    assert "static groups" in ct_unsupported(tiny_loaded, dynamic)
+    with pytest.raises(ExportError, match="symmetric"):
+        write_ct_folder(quantize_model(tiny_loaded, [4] * 4, spec=QuantizerSpec(group_size=32)), tiny_loaded,
+                        tmp_path / "no")
+    assert not (tmp_path / "no").exists()
+
+
+def test_a_symmetric_run_exports_and_verifies_exactly(store, tiny_loaded, tmp_path):
+    plan = QuantPlan(group_size=32, low_bits=3, low_fraction=0.5, ordering="random", zero_point="symmetric")
+    run = run_quantization(store, tiny_loaded, plan, CALIB, EVAL)
+    assert export_formats(run.record, tiny_loaded)["ct"] is None
+    result = export_run(store, tiny_loaded, run.record, "ct", tmp_path / "ct")
+    check = result["verification"]
+    assert check["passed"] and check["rel_diff"] == pytest.approx(0.0, abs=1e-9)
+    assert store.get_run(run.run_id).config["exports"][0]["format"] == "ct"
+    integer = run_quantization(store, tiny_loaded, QuantPlan(group_size=32, ordering="random"), CALIB, EVAL)
+    with pytest.raises(ExportError, match="cannot be exported as ct.*symmetric"):
+        check_export(tiny_loaded, integer.record, "ct", tmp_path / "x", overwrite=False)
+    assert not Path(tmp_path / "x").exists()
