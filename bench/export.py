@@ -6,10 +6,11 @@ Each row compresses the built-in model through the runner (stored in a
 temporary results database), exports it with ``engine.runs.exports.export_run``
 (the page's and CLI's path; the in-app model is passed in, so ``seconds`` is
 writing + reloading, not compressing again) and reports the verification:
-perplexity of the reloaded model (transformers; transformers' GGUF loader)
+perplexity of the reloaded model (transformers; transformers' GGUF loader;
+transformers with compressed-tensors)
 against the in-app model on the same evaluation windows.  Targets: |change|
-<= 0.5% for Hugging Face folders, <= 2% for GGUF files whose types match the
-allocation exactly; export under 30 s.
+<= 0.5% for Hugging Face and compressed-tensors folders, <= 2% for GGUF files
+whose types match the allocation exactly; export under 30 s.
 """
 
 from __future__ import annotations
@@ -49,6 +50,16 @@ CASES = [  # (label, method, plan, format[, weights dtype of a Hugging Face fold
     ("GPTQ 4/3-bit g128 act-order (50% at 3, LIM)", "quantization",
      QuantPlan("gptq", 128, 4, 3, 0.5, act_order=True), "gguf"),
     ("RTN 8/6-bit g128 integer zero (50% at 6, LIM)", "quantization", QuantPlan("rtn", 128, 8, 6, 0.5), "gguf"),
+    ("RTN 4/3-bit g64 symmetric (50% at 3, LIM)", "quantization",
+     QuantPlan("rtn", 64, 4, 3, 0.5, zero_point="symmetric"), "gguf"),
+    ("RTN 4/3-bit g64 symmetric (50% at 3, LIM)", "quantization",
+     QuantPlan("rtn", 64, 4, 3, 0.5, zero_point="symmetric"), "ct"),
+    ("RTN 4/2-bit g64 symmetric (25% at 2, LIM)", "quantization",
+     QuantPlan("rtn", 64, 4, 2, 0.25, zero_point="symmetric"), "ct"),
+    ("GPTQ 4/3-bit g64 symmetric, act-order (50% at 3, LIM)", "quantization",
+     QuantPlan("gptq", 64, 4, 3, 0.5, zero_point="symmetric", act_order=True), "ct"),
+    ("RTN 8/5-bit per-row symmetric (50% at 5, LIM)", "quantization",
+     QuantPlan("rtn", None, 8, 5, 0.5, zero_point="symmetric"), "ct"),
 ]
 RUNNERS = {"dropping": run_dropping, "slicing": run_slicing, "quantization": run_quantization}
 

@@ -94,7 +94,7 @@ def test_more_bits_means_less_error():
         ({"method": "awq"}, "rtn' or 'gptq"),
         ({"act_order": True}, "only applies to GPTQ"),
         ({"method": "gptq", "damp": 0.0}, "damping"),
-        ({"zero_point": "symmetric"}, "'integer' or 'float'"),
+        ({"zero_point": "asymmetric"}, "integer, float, symmetric"),
         ({"method": "gptq", "group_params": "per-row"}, "'static' or 'dynamic'"),
         ({"method": "gptq", "propagation": "layerwise"}, "'sequential' or 'dense'"),
     ],

@@ -104,5 +104,7 @@ def test_export_command_writes_verifies_and_refuses(capsys, tmp_path, tiny_folde
     assert "overwrite" in capsys.readouterr().err
     assert main(["export", str(run_id), "--format", "hf", "--out", str(tmp_path / "hf"), *store]) == 2
     assert "GGUF" in capsys.readouterr().err
+    assert main(["export", str(run_id), "--format", "ct", "--out", str(tmp_path / "ct"), *store]) == 2
+    assert "zero point 'symmetric'" in capsys.readouterr().err and not (tmp_path / "ct").exists()
     assert main(["export", "9999", "--format", "hf", "--out", str(tmp_path / "x"), *store]) == 2
     assert "no stored run 9999" in capsys.readouterr().err

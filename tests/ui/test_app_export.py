@@ -52,6 +52,7 @@ def test_quantization_export_lists_gguf_types(tiny_app, tmp_path):
     run = _new_run(before, "quantization")
     assert at.selectbox(key=f"quantization_export_run_{run.id}").value == run.id  # the run just made
     assert at.radio(key="quantization_export_format").value == "gguf"
+    assert any("zero point 'symmetric'" in c.value for c in at.caption)  # why there is no compressed-tensors option
     types = next(m.value for m in at.markdown if "Tensor types in the file" in m.value)
     assert "2-bit → Q4_1 (exact)" in types and "codes, scales and minimums copied" in types
     at.radio(key="quantization_export_types").set_value("compact").run()
@@ -63,3 +64,24 @@ def test_quantization_export_lists_gguf_types(tiny_app, tmp_path):
     assert (tmp_path / "g" / "model.gguf").exists() and "Exported to" in at.success[-1].value
     assert "no promise: re-quantized tensors" in at.success[-1].value
     assert ResultsStore().get_run(run.id).config["exports"][0]["type_choice"] == "compact"
+
+
+def test_symmetric_quantization_exports_as_compressed_tensors(tiny_app, tmp_path):
+    at = use_small_data(open_app("quantization"), windows=2, seqlen=40)
+    at.selectbox(key="keep.quant_order").set_value("random")
+    at.selectbox(key="keep.quant_group").set_value(32)
+    at.radio(key="keep.quant_zero").set_value("symmetric").run()
+    before = {r.id for r in ResultsStore().runs()}
+    click(at, "Preview")
+    assert not at.exception and not at.error, at.error
+    run = _new_run(before, "quantization")
+    assert "symmetric" in run.config["quantizer_spec"]["zero_point"]
+    formats = at.radio(key="quantization_export_format")
+    assert len(formats.options) == 2 and "compressed-tensors" in formats.options[1]
+    formats.set_value("ct").run()
+    assert any("pack-quantized" in c.value and "No remote code" in c.value for c in at.caption)
+    at.text_input(key=f"quantization_export_folder_{run.id}_ct").set_value(str(tmp_path / "ct")).run()
+    click(at, "Export and verify")
+    assert not at.exception and not at.error, at.error
+    assert "within ±0.5%" in at.success[-1].value and (tmp_path / "ct" / "model.safetensors").exists()
+    assert ResultsStore().get_run(run.id).config["exports"][0]["format"] == "ct"
