@@ -51,7 +51,7 @@ from engine.core.data import DataSpec, token_windows
 from engine.core.models import load_model
 from engine.evaluation.perplexity import perplexity
 from engine.quant.grid import QuantizerSpec
-import engine.quant.quantize_model as qmodel
+import engine.quant.gptq_pipeline as pipeline
 from engine.quant.quantize_model import quantize_model
 
 os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")  # else one INFO and two METRIC lines per linear
@@ -121,21 +121,21 @@ def layerwise_propagation():
     q/k/v, ...).  This swaps the engine's per-layer step for the reference's,
     built from the engine's own pieces, so both orders run the same kernel.
     """
-    original = qmodel._gptq_layer_sequential
+    original = pipeline.gptq_layer_sequential
 
     def layer_step(layer, index, arch, spec, signals, inputs):
         dense_inputs = list(signals)
-        weights = qmodel._gptq_layer_dense(layer, index, arch, spec, [spec.bits], signals, inputs)[spec.bits]
+        weights = pipeline.gptq_layer_dense(layer, index, arch, spec, [spec.bits], signals, inputs)[spec.bits]
         signals[:] = dense_inputs
-        qmodel._write(arch.layer_linears(layer), weights)
-        qmodel._run_layer(layer, index, signals, inputs)  # the quantized layer feeds the next one
+        pipeline.write_weights(arch.layer_linears(layer), weights)
+        pipeline.run_layer(layer, index, signals, inputs)  # the quantized layer feeds the next one
         return weights
 
-    qmodel._gptq_layer_sequential = layer_step
+    pipeline.gptq_layer_sequential = layer_step
     try:
         yield
     finally:
-        qmodel._gptq_layer_sequential = original
+        pipeline.gptq_layer_sequential = original
 
 
 def plain_copy(dense: torch.nn.Module, quantized: torch.nn.Module) -> torch.nn.Module:

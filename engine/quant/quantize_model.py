@@ -27,16 +27,10 @@ Caches: in memory (LRU, bounded) and on disk under
 ``cache_root()/quant/<key>/``, keyed by model fingerprint, quantizer spec,
 calibration windows (and the allocation prefix for sequential GPTQ).
 
-Calibration (GPTQ): :func:`engine.core.capture.capture_layer_inputs` records
-the first layer's input and every layer's keyword arguments (masks, rotary
-tables) on the work copy; then layer by layer, forward pre-hooks on the first
-linear of each group that reads one input accumulate ``H = 2/n Σ x xᵀ``.
-Sequential GPTQ runs each layer *once* over all calibration windows (one
-batch) and quantizes each group inside its hook, just before the group
-runs; with a smaller ``batch_size`` (less memory) it makes one pass per
-group instead, stopping each pass at that group.  GPTQ needs several times
-more calibration tokens than a linear has inputs, or it overfits the
-calibration text (:func:`calibration_warning`).
+Calibration (GPTQ): the layer-by-layer wiring (signals, Hessians from
+pre-hooks, the two propagations) is :mod:`engine.quant.gptq_pipeline`.  GPTQ
+needs several times more calibration tokens than a linear has inputs, or it
+overfits the calibration text (:func:`calibration_warning`).
 
 Saving and loading whole quantized models lives in ``engine.quant.save``;
 byte accounting in :func:`size_report`.
@@ -46,8 +40,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -55,7 +48,6 @@ from torch import nn
 
 from engine.quant.allocation import Allocation
 from engine.core.architectures import Architecture
-from engine.core.capture import LayerInputs, capture_layer_inputs
 from engine.core.cpu import trim_freed_heap
 from engine.core.data import TokenWindows
 from engine.core.models import LoadedModel
@@ -70,9 +62,15 @@ from engine.quant.cache import (
     quant_cache_key,
 )
 from engine.quant.size import SizeReport, check_bits, size_report
-from engine.quant.gptq import HessianAccumulator, gptq_quantize_shared
+from engine.quant.gptq_pipeline import (
+    gptq_dense_signals,
+    gptq_sequential,
+    linear_stages,
+    restore_dense,
+    write_weights,
+)
 from engine.quant.quantized_linear import can_hold_codes, quantized_variant
-from engine.quant.grid import QuantizationError, QuantizedWeight, QuantizerSpec, rtn_quantize
+from engine.quant.grid import QuantizationError, QuantizerSpec, rtn_quantize
 
 ProgressFn = Callable[[int, int], None]
 DEFAULT_BATCH = 4  # calibration windows per forward, unless sequential GPTQ takes them all at once
@@ -129,169 +127,11 @@ class QuantizedModel:
 
 # --- the linears of a layer -------------------------------------------------------
 
-def linear_stages(arch: Architecture) -> list[tuple[str, ...]]:
-    """A layer's linears grouped by the input they read, in the order they run.
-
-    Llama-like: ``[("q", "k", "v"), ("o",), ("gate", "up"), ("down",)]``;
-    Phi-3: ``[("qkv",), ("o",), ("gate_up",), ("down",)]``.  The linears of
-    one group share a Hessian and are quantized together.
-    """
-    stages: list[list[str]] = []
-    for name, path in arch.linears.items():
-        shared = next((group for group in (arch.attn_inputs, arch.mlp_inputs) if path in group), ())
-        if stages and arch.linears[stages[-1][0]] in shared:
-            stages[-1].append(name)
-        else:
-            stages.append([name])
-    return [tuple(stage) for stage in stages]
-
-
 def _rtn_layer(linears: dict[str, nn.Linear], spec: QuantizerSpec, levels: Sequence[int]) -> dict[int, LayerWeights]:
     """RTN of one layer's linears at each level; results on CPU."""
     cpu = torch.device("cpu")
     return {b: {name: rtn_quantize(linear.weight, spec.with_bits(b)).to(cpu)
                 for name, linear in linears.items()} for b in levels}
-
-
-def _gptq_stage(linears: dict[str, nn.Linear], names: Sequence[str], hessian: torch.Tensor, spec: QuantizerSpec,
-                levels: Sequence[int]) -> dict[int, LayerWeights]:
-    """GPTQ of the linears ``names`` (one input, Hessian ``[in, in]``) at every level, in one column loop.
-
-    Results on CPU: ``{bits: {name: weight}}``.
-    """
-    pairs = [(b, name) for b in levels for name in names]
-    results = gptq_quantize_shared([linears[name].weight for _, name in pairs], hessian,
-                                   [spec.with_bits(b) for b, _ in pairs])
-    out: dict[int, LayerWeights] = {b: {} for b in levels}
-    for (b, name), weight in zip(pairs, results):
-        out[b][name] = weight.to("cpu")
-    return out
-
-
-@torch.no_grad()
-def _write(linears: dict[str, nn.Linear], weights: LayerWeights) -> None:
-    """Set each named linear's weight to ``dequantize(stored)`` (in place, on a copy)."""
-    for name, stored in weights.items():
-        linear = linears[name]
-        linear.weight.copy_(stored.to(linear.weight.device).dequantize(linear.weight.dtype))
-
-
-@torch.no_grad()
-def _restore_dense(loaded: LoadedModel, model: nn.Module, layers: Iterable[int]) -> None:
-    """Copy the dense weights of ``layers``' linears from ``loaded.model`` (only read) into the copy ``model``."""
-    arch = loaded.architecture
-    source, target = arch.decoder_layers(loaded.model), arch.decoder_layers(model)
-    for i in layers:
-        dense = arch.layer_linears(source[i])
-        for name, linear in arch.layer_linears(target[i]).items():
-            linear.weight.copy_(dense[name].weight)
-
-
-# --- running layers over the calibration signals -----------------------------------
-
-class _StopLayer(Exception):
-    """Raised by a hook once a layer pass has what it needs."""
-
-
-@contextmanager
-def _pre_hooks(hooks: dict[nn.Module, Callable[[torch.Tensor], None]]) -> Iterator[None]:
-    """Call ``hooks[module](input)`` before each ``module`` runs; removed on exit."""
-    def pre_hook(fn: Callable[[torch.Tensor], None]):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            fn(args[0])  # returns nothing: the module runs on its own input
-        return hook
-
-    handles = [module.register_forward_pre_hook(pre_hook(fn)) for module, fn in hooks.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _output(result) -> torch.Tensor:
-    return result[0] if isinstance(result, tuple) else result
-
-
-def _run_layer(layer: nn.Module, index: int, signals: list[torch.Tensor], inputs: LayerInputs,
-               keep: bool = True) -> None:
-    """Run ``layer`` over every batch; with ``keep`` its outputs replace ``signals`` (the next layer's inputs)."""
-    for b, hidden in enumerate(signals):
-        try:
-            out = _output(layer(hidden, **inputs.layer_kwargs[index][b]))
-        except _StopLayer:
-            continue
-        if keep:
-            signals[b] = out
-
-
-def _gptq_layer_dense(layer: nn.Module, index: int, arch: Architecture, spec: QuantizerSpec, levels: list[int],
-                      signals: list[torch.Tensor], inputs: LayerInputs) -> dict[int, LayerWeights]:
-    """GPTQ of one layer at each level on dense signals; ``signals`` move on to the dense layer's outputs."""
-    linears = arch.layer_linears(layer)
-    stages = linear_stages(arch)
-    accumulators = {stage: HessianAccumulator(linears[stage[0]].in_features, linears[stage[0]].weight.device)
-                    for stage in stages}
-    with _pre_hooks({linears[stage[0]]: accumulators[stage].add for stage in stages}):
-        _run_layer(layer, index, signals, inputs)
-    out: dict[int, LayerWeights] = {b: {} for b in levels}
-    for stage in stages:
-        for b, weights in _gptq_stage(linears, stage, accumulators[stage].hessian(), spec, levels).items():
-            out[b].update(weights)
-    return out
-
-
-def _gptq_layer_sequential(layer: nn.Module, index: int, arch: Architecture, spec: QuantizerSpec,
-                           signals: list[torch.Tensor], inputs: LayerInputs) -> LayerWeights:
-    """True-sequential GPTQ of one layer, in place; ``signals`` move on to the quantized layer's outputs.
-
-    Each group of linears is calibrated on the inputs produced by the
-    already-quantized groups before it.  One batch: a single forward, each
-    group quantized in its first linear's pre-hook (before it runs).
-    Several batches: one pass per group, each stopped at that group, then a
-    last pass for the outputs.
-    """
-    linears = arch.layer_linears(layer)
-    result: LayerWeights = {}
-
-    def quantize(stage: tuple[str, ...], acc: HessianAccumulator) -> None:
-        weights = _gptq_stage(linears, stage, acc.hessian(), spec, [spec.bits])[spec.bits]
-        _write(linears, weights)
-        result.update(weights)
-
-    def accumulator(stage: tuple[str, ...]) -> HessianAccumulator:
-        return HessianAccumulator(linears[stage[0]].in_features, linears[stage[0]].weight.device)
-
-    def quantize_on_arrival(stage: tuple[str, ...]) -> Callable[[torch.Tensor], None]:
-        acc = accumulator(stage)
-
-        def hook(x: torch.Tensor) -> None:
-            acc.add(x)
-            quantize(stage, acc)
-        return hook
-
-    def accumulate_and_stop(acc: HessianAccumulator) -> Callable[[torch.Tensor], None]:
-        def hook(x: torch.Tensor) -> None:
-            acc.add(x)
-            raise _StopLayer
-        return hook
-
-    if len(signals) == 1:
-        with _pre_hooks({linears[stage[0]]: quantize_on_arrival(stage) for stage in linear_stages(arch)}):
-            _run_layer(layer, index, signals, inputs)
-        return result
-    for stage in linear_stages(arch):
-        acc = accumulator(stage)
-        with _pre_hooks({linears[stage[0]]: accumulate_and_stop(acc)}):
-            _run_layer(layer, index, signals, inputs, keep=False)
-        quantize(stage, acc)
-    _run_layer(layer, index, signals, inputs)
-    return result
-
-
-def _capture(work: nn.Module, arch: Architecture, calibration: TokenWindows, batch_size: int) -> LayerInputs:
-    device = next(work.parameters()).device
-    return capture_layer_inputs(work, arch, calibration.input_ids, batch_size=batch_size, device=device)
 
 
 # --- independent (layer, bits) results: RTN and dense-signal GPTQ -------------------
@@ -311,18 +151,7 @@ def _compute_independent(loaded: LoadedModel, work: nn.Module, spec: QuantizerSp
             if progress:
                 progress(done, len(needs))
         return out
-    inputs = _capture(work, arch, calibration, batch_size)
-    signals = list(inputs.hidden)
-    last = max(needs)
-    for i in range(last + 1):
-        if i in needs:
-            for b, weights in _gptq_layer_dense(layers[i], i, arch, spec, needs[i], signals, inputs).items():
-                out[(i, b)] = weights
-        else:
-            _run_layer(layers[i], i, signals, inputs)
-        if progress:
-            progress(i + 1, last + 1)
-    return out
+    return gptq_dense_signals(arch, work, spec, needs, calibration, batch_size, progress)
 
 
 def _cached(key: str, layer: int, stats: QuantizeStats) -> LayerWeights | None:
@@ -390,7 +219,7 @@ def layer_weights(
         if calibration is None:
             raise QuantizationError("GPTQ needs calibration windows; pass calibration=token_windows(...).")
         work = work if work is not None else copy.deepcopy(loaded.model)
-        _restore_dense(loaded, work, range(max(missing) + 1))
+        restore_dense(loaded, work, range(max(missing) + 1))
     for (layer, b), weights in _compute_independent(loaded, work, spec, missing, calibration, batch_size,
                                                     progress).items():
         stats.computed += 1
@@ -422,26 +251,14 @@ def _sequential_weights(loaded: LoadedModel, work: nn.Module, spec: QuantizerSpe
         if progress:
             progress(1, 1)
         return weights
-    layers = arch.decoder_layers(work)
-    last = missing[-1]
-    _restore_dense(loaded, work, missing)
-    for i in range(last):
-        if weights[i] is not None:
-            _write(arch.layer_linears(layers[i]), weights[i])
-    inputs = _capture(work, arch, calibration, batch_size)
-    signals = list(inputs.hidden)
-    for i in range(last + 1):
-        if weights[i] is None:
-            layer_spec = spec.with_bits(bits[i])
-            weights[i] = _gptq_layer_sequential(layers[i], i, arch, layer_spec, signals, inputs)
-            stats.computed += 1
-            if use_cache:
-                _store(keys[i], i, weights[i], layer_spec)
-        elif i < last:
-            _run_layer(layers[i], i, signals, inputs)
-        if progress:
-            progress(i + 1, last + 1)
-    return weights
+    restore_dense(loaded, work, missing)
+
+    def store(i: int, layer_weights_: LayerWeights) -> None:
+        stats.computed += 1
+        if use_cache:
+            _store(keys[i], i, layer_weights_, spec.with_bits(bits[i]))
+
+    return gptq_sequential(arch, work, spec, bits, weights, calibration, batch_size, store, progress)
 
 
 def resolve_batch_size(spec: QuantizerSpec, calibration: TokenWindows | None, batch_size: int | None) -> int:
@@ -541,7 +358,7 @@ def calibration_warning(loaded: LoadedModel, windows: TokenWindows | None) -> st
 def apply_weights(model: nn.Module, arch: Architecture, weights: Sequence[LayerWeights]) -> None:
     """Write ``dequantize(stored)`` into ``model``'s layer linears, in place (use on copies only)."""
     for layer, layer_weights_ in zip(arch.decoder_layers(model), weights):
-        _write(arch.layer_linears(layer), layer_weights_)
+        write_weights(arch.layer_linears(layer), layer_weights_)
 
 
 def quantize_model(

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-import engine.quant.quantize_model as qmodel
+import engine.quant.gptq_pipeline as pipeline
 from engine.core.architectures import architecture_for
 from engine.core.data import DataSpec, TokenWindows
 from engine.core.models import LoadedModel, weights_fingerprint
@@ -184,7 +184,7 @@ def _recorded_hessians(monkeypatch, loaded, spec, bits, **kwargs):
         seen.append(hessian.clone())
         return gptq_quantize_shared(weights, hessian, specs, **kw)
 
-    monkeypatch.setattr(qmodel, "gptq_quantize_shared", spy)
+    monkeypatch.setattr(pipeline, "gptq_quantize_shared", spy)
     qm = quantize_model(loaded, bits, _windows(), spec=spec, use_cache=False, **kwargs)
     return qm.model, seen
 
@@ -306,17 +306,6 @@ def _llm_compressor_gptq(folder: str, ids: torch.Tensor, bits: int, group_size: 
     return model
 
 
-def _reference_layer_step(layer, index, arch, spec, signals, inputs):
-    """llm-compressor's step per decoder layer, from the engine's pieces: every linear calibrated on the
-    layer's dense weights (one pass), then the quantized layer feeds the next one."""
-    layer_inputs = list(signals)
-    weights = qmodel._gptq_layer_dense(layer, index, arch, spec, [spec.bits], signals, inputs)[spec.bits]
-    signals[:] = layer_inputs
-    qmodel._write(arch.layer_linears(layer), weights)
-    qmodel._run_layer(layer, index, signals, inputs)
-    return weights
-
-
 def _hidden(model, ids) -> tuple[torch.Tensor, ...]:
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states[1:]
@@ -328,7 +317,7 @@ def _same_grid_point(theirs_linear, ours: torch.Tensor, group_size: int) -> floa
 
 
 @needs_llm_compressor
-def test_matches_llm_compressor_on_a_tiny_llama(tiny_folder, monkeypatch):  # pragma: no cover - optional package
+def test_matches_llm_compressor_on_a_tiny_llama(tiny_folder):  # pragma: no cover - optional package
     """LayerLab's GPTQ against llm-compressor's, end to end, 4 bits, group 32, static act-order, damping 0.01.
 
     1. With llm-compressor's propagation (every linear of a layer calibrated
@@ -347,6 +336,7 @@ def test_matches_llm_compressor_on_a_tiny_llama(tiny_folder, monkeypatch):  # pr
        further from dense than theirs, within 10%, on the calibration
        windows and on held-out ones (measured 0.95-1.01 and 0.80-1.01).
     """
+    from bench.gptq_reference import layerwise_propagation
     from engine.core.models import load_model
 
     bits, group = 4, 32
@@ -357,8 +347,7 @@ def test_matches_llm_compressor_on_a_tiny_llama(tiny_folder, monkeypatch):  # pr
     arch = loaded.architecture
     windows = TokenWindows(ids, DataSpec(split="calibration", seqlen=ids.shape[1], n_windows=ids.shape[0]))
     spec = _gptq(bits, group, act_order=True)
-    with monkeypatch.context() as patch:
-        patch.setattr(qmodel, "_gptq_layer_sequential", _reference_layer_step)
+    with layerwise_propagation():
         same_order = quantize_model(loaded, [bits] * loaded.num_layers, windows, spec=spec, use_cache=False)
     ours = quantize_model(loaded, [bits] * loaded.num_layers, windows, spec=spec, use_cache=False)
     clean = copy.deepcopy(loaded.model)  # their weights in a plain model (no quantization wrappers)
