@@ -22,7 +22,8 @@ from engine.core.data import DataSpec
 from engine.core.models import load_model
 from engine.core.progress import Timer
 from engine.runs.plans import EvalPlan, QuantPlan
-from engine.runs.runner import compute_scores, ensure_dense, run_dropping, run_quantization
+from engine.runs.cached_scores import compute_scores
+from engine.runs.runner import ensure_dense, run_dropping, run_quantization
 from engine.runs.store import ResultsStore
 from engine.runs.summary import quantization_vs_dropping
 from engine.runs.sweeps import matched_size_sweep, parse_sizes

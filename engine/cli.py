@@ -33,15 +33,8 @@ from engine.runs.plans import (
     QuantPlan,
     SlicingPlan,
 )
-from engine.runs.runner import (
-    compute_scores,
-    ensure_dense,
-    run_dense,
-    run_dropping,
-    run_quantization,
-    run_slicing,
-    run_stacked,
-)
+from engine.runs.cached_scores import compute_scores
+from engine.runs.runner import ensure_dense, run_dense, run_dropping, run_quantization, run_slicing, run_stacked
 from engine.runs.summary import quantization_vs_dropping, run_warnings
 from engine.runs.store import ResultsStore
 from engine.runs.sweeps import matched_size_sweep, parse_sizes, quantization_sweep, run_sweep, slicing_sweep

@@ -4,7 +4,8 @@ import streamlit as st
 
 from engine.core.data import DataError, token_windows
 from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, SlicingPlan
-from engine.runs.runner import compute_scores, run_dropping, run_quantization, run_stacked
+from engine.runs.cached_scores import compute_scores
+from engine.runs.runner import run_dropping, run_quantization, run_stacked
 from engine.runs.summary import executive_summary, quantization_vs_dropping
 from engine.runs.sweeps import matched_size_sweep, parse_sizes, run_sweep
 from engine.viz.tradeoff import filter_runs, quality_axes, tradeoff_figure, with_method_series

@@ -3,14 +3,9 @@
 import streamlit as st
 
 from engine.runs.plans import DropPlan, EvalPlan
-from engine.runs.runner import (
-    default_save_folder,
-    dropped_layers,
-    measured_drop_kl,
-    run_dropping,
-    run_estimate,
-    scores_if_cached,
-)
+from engine.runs.cached_scores import scores_if_cached
+from engine.runs.drop_choice import dropped_layers, measured_drop_kl
+from engine.runs.runner import default_save_folder, run_dropping, run_estimate
 from engine.viz import charts
 from ui.export_panel import export_section
 from ui.session import require_model, results_store

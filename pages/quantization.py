@@ -8,12 +8,8 @@ from engine.core.data import DataError
 from engine.quant.grid import ZERO_POINTS
 from engine.quant.size import describe_size, size_report
 from engine.runs.plans import PREVIEW_WINDOWS, EvalPlan, QuantPlan
-from engine.runs.runner import (
-    allocation_for,
-    compute_scores,
-    run_estimate,
-    run_quantization,
-)
+from engine.runs.cached_scores import compute_scores
+from engine.runs.runner import allocation_for, run_estimate, run_quantization
 from engine.runs.sweeps import quantization_sweep, run_sweep
 from engine.viz import charts
 from ui.export_panel import export_section

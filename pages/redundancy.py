@@ -3,7 +3,8 @@
 import streamlit as st
 
 from engine.core.data import DataError
-from engine.runs.runner import compute_scores, scores_if_cached, scoring_estimate
+from engine.runs.cached_scores import compute_scores, scores_if_cached
+from engine.runs.runner import scoring_estimate
 from engine.scores.findings import redundancy_findings
 from engine.viz import charts
 from ui.session import require_model, results_store

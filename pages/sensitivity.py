@@ -6,7 +6,7 @@ import streamlit as st
 
 from engine.core.data import DataError
 from engine.quant.grid import MAX_BITS, MIN_BITS
-from engine.runs.runner import compute_scores, scores_if_cached
+from engine.runs.cached_scores import compute_scores, scores_if_cached
 from engine.sensitivity.actions import DEFAULT_GROUP_SIZE, QUANT_KINDS, Action
 from engine.sensitivity.agreement import RESAMPLES, layer_scores
 from engine.sensitivity.cached import (

@@ -192,7 +192,8 @@ def show_runs_table(table) -> None:
 def compute_scores_prompt(store, loaded: LoadedModel, calibration: DataSpec, need: str, missing=None) -> None:
     """When a preview needs scores (or a measurement) that are not cached: say so, offer the button (with its
     estimate), stop.  ``missing``: the :class:`ScoresNotComputed` raised, when it names its own computation."""
-    from engine.runs.runner import compute_scores, scoring_estimate
+    from engine.runs.cached_scores import compute_scores
+    from engine.runs.runner import scoring_estimate
 
     if missing is not None and missing.compute is not None:
         st.info(f"{need} needs the {missing.what} on this calibration text (not computed yet).")
@@ -217,7 +218,7 @@ def compute_scores_prompt(store, loaded: LoadedModel, calibration: DataSpec, nee
 def preview_or_stop(preview, store, loaded: LoadedModel, calibration: DataSpec, need: str):
     """``preview()`` (a schedule, an allocation, a layer choice); on missing scores the compute prompt, on bad
     input its message, and the page stops there."""
-    from engine.runs.runner import ScoresNotComputed
+    from engine.runs.cached_scores import ScoresNotComputed
 
     try:
         return preview()

@@ -33,7 +33,7 @@ from engine.quant.allocation import Allocation, layer_order
 from engine.quant.grid import QuantizerSpec
 from engine.quant.quantize_model import quantize_model
 from engine.runs.plans import QuantPlan
-from engine.runs.runner import compute_scores
+from engine.runs.cached_scores import compute_scores
 from engine.runs.store import ResultsStore, cache_key
 from engine.scores.ranking import zd_importance
 from engine.sensitivity.actions import Action

@@ -1,7 +1,9 @@
 """Layer scores cached in the store per model fingerprint, data, windows and seqlen.
 
 The scoring math (``engine.scores``) knows nothing about the store; this
-module adds the cache around it.
+module adds the cache around it, and gives runs, optimizers and pages the
+loaded model's scores on a data spec (:func:`compute_scores`, or only when
+cached: :func:`scores_if_cached` / :class:`ScoresNotComputed`).
 """
 
 from __future__ import annotations
@@ -9,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from engine.core.architectures import Architecture
-from engine.core.data import TokenWindows
-from engine.core.progress import ProgressFn
+from engine.core.data import DataSpec, TokenWindows, token_windows
+from engine.core.models import LoadedModel
+from engine.core.progress import ProgressFn, StageProgress, stage_callback
 from engine.runs.store import ResultsStore, cache_key
 from engine.scores.outliers import WeightOutliers, weight_outliers
 from engine.scores.redundancy import LayerRedundancy, layer_redundancy
@@ -54,3 +57,51 @@ def cached_weight_outliers(
     scores = weight_outliers(model, arch, k)
     store.put_cached(key, "weight_outliers", scores.to_dict())
     return scores, False
+
+
+# --- the loaded model's scores on a data spec --------------------------------------
+
+def compute_scores(store: ResultsStore, loaded: LoadedModel, spec: DataSpec, k: float = 3.0,
+                   progress: StageProgress | None = None) -> tuple[LayerRedundancy, WeightOutliers, bool]:
+    """LR (cached per model, data, windows, seqlen) and ZD scores; the bool says LR was cached."""
+    windows = token_windows(spec, loaded.tokenizer, loaded.max_seqlen)
+    lr, hit = cached_layer_redundancy(store, loaded.model, loaded.architecture, loaded.fingerprint,
+                                      windows, progress=stage_callback(progress, "scoring"))
+    zd, _ = cached_weight_outliers(store, loaded.model, loaded.architecture, loaded.fingerprint, k)
+    return lr, zd, hit
+
+
+def scores_if_cached(store: ResultsStore, loaded: LoadedModel, spec: DataSpec,
+                     k: float = 3.0) -> tuple[LayerRedundancy, WeightOutliers] | None:
+    """The LR and ZD scores when LR for these windows is already cached, else None (nothing is computed)."""
+    windows = token_windows(spec, loaded.tokenizer, loaded.max_seqlen)
+    lr, _hit = cached_layer_redundancy(store, loaded.model, loaded.architecture, loaded.fingerprint, windows,
+                                       compute=False)
+    if lr is None:
+        return None
+    zd, _ = cached_weight_outliers(store, loaded.model, loaded.architecture, loaded.fingerprint, k)
+    return lr, zd
+
+
+class ScoresNotComputed(LookupError):
+    """A preview needs measurements that are not cached yet (computed on a button).
+
+    ``what``: what is missing, in words (for the prompt); ``compute(progress)``: computes and caches it
+    (``None``: the LR scores on the calibration text); ``estimate``: rough time, in words.
+    """
+
+    def __init__(self, message: str, what: str = "LR scores", compute=None, estimate: str | None = None):
+        super().__init__(message)
+        self.what, self.compute, self.estimate = what, compute, estimate
+
+
+def scores_for(store: ResultsStore, loaded: LoadedModel, calibration: DataSpec, compute: bool,
+               progress: StageProgress | None = None) -> tuple[LayerRedundancy, WeightOutliers]:
+    """LR and ZD scores: computed (and cached) when ``compute``, else from the cache or :class:`ScoresNotComputed`."""
+    if compute:
+        lr, zd, _hit = compute_scores(store, loaded, calibration, progress=progress)
+        return lr, zd
+    found = scores_if_cached(store, loaded, calibration)
+    if found is None:
+        raise ScoresNotComputed(f"LR scores on {calibration.label()} are not computed yet.")
+    return found

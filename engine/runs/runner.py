@@ -11,7 +11,7 @@ every compression works on a copy.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,29 +26,16 @@ from engine.evaluation.zeroshot import TaskUnavailableError, zero_shot
 from engine.quant.allocation import Allocation, allocate_average, allocate_fraction, layer_order
 from engine.quant.quantize_model import quantize_model
 from engine.quant.save import save_quantized
-from engine.runs.cached_scores import cached_layer_redundancy, cached_weight_outliers
+from engine.runs.cached_scores import scores_for
+from engine.runs.drop_choice import dropped_layers
 from engine.runs.memory_check import check_memory, run_memory_plan
 from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, SlicingPlan
 from engine.runs.record import PPL, RunRecord, task_metrics
-from engine.runs.store import ResultsStore, cache_key
-from engine.scores.outliers import WeightOutliers
+from engine.runs.store import ResultsStore
 from engine.scores.ranking import zd_importance
-from engine.scores.redundancy import LayerRedundancy
 from engine.slicing.schedules import SlicingSchedule, schedule_constant, schedule_custom, schedule_dynamic
 from engine.slicing.slice_model import save_sliced, slice_model
-from engine.dropping.choose import (
-    SENSITIVITY_ACTIONS,
-    check_drop,
-    choose_iteratively,
-    choose_layers,
-    droppable,
-    ranking_scores,
-    sensitivity_ranking,
-    top_ranked,
-)
 from engine.dropping.drop_model import drop_model, save_dropped
-from engine.sensitivity.actions import Action, check_supported
-from engine.sensitivity.cached import hidden_size, measure_sensitivity, sensitivity_if_cached
 
 
 @dataclass
@@ -163,28 +150,6 @@ def store_compressed(store: ResultsStore, loaded: LoadedModel, model: torch.nn.M
 # ---------------------------------------------------------------- scores
 
 
-def compute_scores(store: ResultsStore, loaded: LoadedModel, spec: DataSpec, k: float = 3.0,
-                   progress: StageProgress | None = None) -> tuple[LayerRedundancy, WeightOutliers, bool]:
-    """LR (cached per model, data, windows, seqlen) and ZD scores; the bool says LR was cached."""
-    windows = token_windows(spec, loaded.tokenizer, loaded.max_seqlen)
-    lr, hit = cached_layer_redundancy(store, loaded.model, loaded.architecture, loaded.fingerprint,
-                                      windows, progress=stage_callback(progress, "scoring"))
-    zd, _ = cached_weight_outliers(store, loaded.model, loaded.architecture, loaded.fingerprint, k)
-    return lr, zd, hit
-
-
-def scores_if_cached(store: ResultsStore, loaded: LoadedModel, spec: DataSpec,
-                     k: float = 3.0) -> tuple[LayerRedundancy, WeightOutliers] | None:
-    """The LR and ZD scores when LR for these windows is already cached, else None (nothing is computed)."""
-    windows = token_windows(spec, loaded.tokenizer, loaded.max_seqlen)
-    lr, _hit = cached_layer_redundancy(store, loaded.model, loaded.architecture, loaded.fingerprint, windows,
-                                       compute=False)
-    if lr is None:
-        return None
-    zd, _ = cached_weight_outliers(store, loaded.model, loaded.architecture, loaded.fingerprint, k)
-    return lr, zd
-
-
 def needs_scores(plan: SlicingPlan | QuantPlan | DropPlan) -> bool:
     """Whether a plan's schedule / ordering / choice is computed from LR or ZD scores."""
     if isinstance(plan, SlicingPlan):
@@ -223,29 +188,6 @@ def scoring_estimate(loaded: LoadedModel, spec: DataSpec) -> str:
 # ---------------------------------------------------------------- slicing
 
 
-class ScoresNotComputed(LookupError):
-    """A preview needs measurements that are not cached yet (computed on a button).
-
-    ``what``: what is missing, in words (for the prompt); ``compute(progress)``: computes and caches it
-    (``None``: the LR scores on the calibration text); ``estimate``: rough time, in words.
-    """
-
-    def __init__(self, message: str, what: str = "LR scores", compute=None, estimate: str | None = None):
-        super().__init__(message)
-        self.what, self.compute, self.estimate = what, compute, estimate
-
-
-def _scores(store: ResultsStore, loaded: LoadedModel, calibration: DataSpec, compute: bool,
-            progress: StageProgress | None) -> tuple[LayerRedundancy, WeightOutliers]:
-    if compute:
-        lr, zd, _hit = compute_scores(store, loaded, calibration, progress=progress)
-        return lr, zd
-    found = scores_if_cached(store, loaded, calibration)
-    if found is None:
-        raise ScoresNotComputed(f"LR scores on {calibration.label()} are not computed yet.")
-    return found
-
-
 def slicing_schedule(store: ResultsStore, loaded: LoadedModel, plan: SlicingPlan, calibration: DataSpec,
                      progress: StageProgress | None = None, compute: bool = True) -> SlicingSchedule:
     """The per-layer schedule a plan asks for (dynamic uses the LR scores of ``calibration``).
@@ -256,7 +198,7 @@ def slicing_schedule(store: ResultsStore, loaded: LoadedModel, plan: SlicingPlan
         return schedule_constant(plan.target, loaded.num_layers)
     if plan.schedule == "custom":
         return schedule_custom(plan.fractions)
-    lr, _zd = _scores(store, loaded, calibration, compute, progress)
+    lr, _zd = scores_for(store, loaded, calibration, compute, progress)
     return schedule_dynamic(lr.lr, plan.target, plan.basis)
 
 
@@ -314,7 +256,7 @@ def allocation_for(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, ca
     """
     n, importance = loaded.num_layers, None
     if plan.ordering in ("lim", "zd", "reversed-lim"):
-        lr, zd = _scores(store, loaded, calibration, compute, progress)
+        lr, zd = scores_for(store, loaded, calibration, compute, progress)
         importance = zd_importance(zd.zd_layer) if plan.ordering == "zd" else lr.lim
         kind = "reversed" if plan.ordering == "reversed-lim" else "importance"
         order = layer_order(n, kind, importance)
@@ -375,88 +317,6 @@ def run_quantization(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, 
 
 
 # ---------------------------------------------------------------- dropping
-
-
-def dropped_layers(store: ResultsStore, loaded: LoadedModel, plan: DropPlan, calibration: DataSpec,
-                   progress: StageProgress | None = None, compute: bool = True) -> list[int]:
-    """The layers whose ``plan.block`` goes, ranked on ``calibration`` at once or iteratively (``plan.choice()``).
-
-    ``compute=False`` (previews): raise :class:`ScoresNotComputed` (with the computation to run on a button)
-    instead of scoring or measuring.
-    """
-    if plan.by == "custom":
-        layers = choose_layers(None, loaded.num_layers, plan.count, "custom", plan.protect_ends, plan.custom)
-    else:
-        candidates = droppable(loaded.num_layers, plan.count, plan.protect_ends)
-        if plan.by == "sensitivity":
-            check_supported(Action(SENSITIVITY_ACTIONS[plan.block]), loaded.architecture, hidden_size(loaded))
-
-        def rank(dropped: list[int]) -> list[float]:
-            try:
-                return _drop_ranking(store, loaded, plan, calibration, dropped, compute, progress)
-            except ScoresNotComputed as missing:
-                if plan.by != "sensitivity" and not plan.is_iterative:
-                    raise  # the dense model's LR scores: the usual prompt
-                steps = plan.count if plan.is_iterative else 1
-                raise ScoresNotComputed(
-                    str(missing), what=f"{plan.by} ranking" + (f" ({steps} re-rankings)" if steps > 1 else ""),
-                    compute=lambda p: dropped_layers(store, loaded, plan, calibration, p, compute=True),
-                    estimate=_ranking_estimate(loaded, plan, calibration)) from None
-
-        if plan.is_iterative:  # cached: a preview must not re-copy the model once per step on every rerun
-            key = cache_key(kind="iterative_drop", fingerprint=loaded.fingerprint, plan=asdict(plan),
-                            data=calibration.to_dict())
-            found = store.get_cached(key)
-            if found is not None:
-                layers = found["layers"]
-            else:
-                layers = choose_iteratively(rank, loaded.num_layers, plan.count, plan.protect_ends)
-                store.put_cached(key, "iterative_drop", {"layers": layers})
-        else:
-            layers = top_ranked(rank([]), candidates, plan.count)
-    check_drop(loaded.num_layers, plan.block, layers, plan.protect_ends)
-    return layers
-
-
-def _drop_ranking(store: ResultsStore, loaded: LoadedModel, plan: DropPlan, calibration: DataSpec,
-                  dropped: list[int], compute: bool, progress: StageProgress | None) -> list[float]:
-    """One value per dense layer (higher = drop first) for ``plan.by``, on the model without ``dropped``."""
-    model, kept_layers = loaded, list(range(loaded.num_layers))
-    if dropped:
-        stage = drop_model(loaded, plan.block, dropped)
-        model = LoadedModel.from_model(stage.model, loaded.tokenizer, source=f"{loaded.source} minus {dropped}")
-        if plan.block == "layer":
-            kept_layers = [i for i in kept_layers if i not in dropped]
-    if plan.by == "sensitivity":
-        actions = [Action(SENSITIVITY_ACTIONS[plan.block])]
-        matrix = (measure_sensitivity(store, model, calibration, actions, progress=progress) if compute
-                  else sensitivity_if_cached(store, model, calibration, actions))
-        if matrix is None:
-            raise ScoresNotComputed(f"The {actions[0].label} sensitivity on {calibration.label()} is not measured "
-                                    "yet.")
-        values = sensitivity_ranking(matrix.damages[0].kl)
-    else:
-        scores, _zd = _scores(store, model, calibration, compute, progress)
-        values = ranking_scores(scores, plan.by)
-    dense_values = [float("-inf")] * loaded.num_layers
-    for index, value in zip(kept_layers, values):
-        dense_values[index] = value
-    return dense_values
-
-
-def measured_drop_kl(store: ResultsStore, loaded: LoadedModel, plan: DropPlan,
-                     calibration: DataSpec) -> list[float] | None:
-    """The dense model's measured KL (nats/token) of dropping each layer's ``plan.block`` alone, if cached."""
-    matrix = sensitivity_if_cached(store, loaded, calibration, [Action(SENSITIVITY_ACTIONS[plan.block])])
-    return None if matrix is None else list(matrix.damages[0].kl)
-
-
-def _ranking_estimate(loaded: LoadedModel, plan: DropPlan, calibration: DataSpec) -> str:
-    """Rough time to rank for ``plan`` (a sensitivity scan is ≈ 0.6 forward passes per layer)."""
-    windows = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen)
-    passes = 0.6 * loaded.num_layers if plan.by == "sensitivity" else 1.0
-    rankings = plan.count if plan.is_iterative else 1
-    return describe_seconds(estimate_seconds(loaded.model, windows.input_ids.numel(), passes * rankings))
 
 
 def _size_metrics(loaded: LoadedModel, model: torch.nn.Module, params: int) -> dict:

@@ -45,7 +45,7 @@ from engine.optimize.slicing_budget import (
 )
 from engine.runs.bits_optimizer import held_out_spec
 from engine.runs.plans import SlicingPlan
-from engine.runs.runner import compute_scores
+from engine.runs.cached_scores import compute_scores
 from engine.runs.store import ResultsStore, cache_key
 from engine.sensitivity.actions import Action
 from engine.sensitivity.cached import hidden_size, measure_sensitivity, scan_estimate

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.core.data import DataSpec
-from engine.runs.runner import compute_scores
+from engine.runs.cached_scores import compute_scores
 from engine.sensitivity.actions import parse_actions
 from engine.sensitivity.cached import cached_agreement, measure_sensitivity
 

@@ -9,7 +9,7 @@ import pytest
 import engine.sensitivity.cached as cached
 from engine.cli import main
 from engine.core.data import DataSpec
-from engine.runs.runner import compute_scores
+from engine.runs.cached_scores import compute_scores
 from engine.sensitivity.actions import parse_actions
 from engine.sensitivity.cached import (
     cached_agreement,
