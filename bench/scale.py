@@ -34,7 +34,7 @@ from engine.core.data import DataSpec, TokenWindows
 from engine.core.memory import ModelShape, plan_memory
 from engine.core.models import LoadedModel, model_size
 from engine.dropping.drop_model import drop_model
-from engine.evaluation.perplexity import perplexity
+from engine.evaluation.perplexity import HEAD_CHUNK, chunked_head, perplexity
 from engine.quant.grid import QuantizerSpec
 from engine.quant.quantize_model import quantize_model
 from engine.scores.redundancy import layer_redundancy
@@ -137,7 +137,8 @@ def main() -> None:
         if plan is not None:  # what the run's memory plan promised (engine.core.memory), same units
             planned = plan_memory(ModelShape.of(loaded.model, loaded.architecture), plan, device,
                                   calib_tokens=windows.input_ids.numel(), eval_seqlen=args.seqlen, group_size=128,
-                                  code_bits=code_bits)
+                                  code_bits=code_bits,
+                                  head_chunk=HEAD_CHUNK if chunked_head(loaded.model) is not None else None)
             row["planned_over_base"] = planned.peak_over_base
             row["measured_over_planned"] = row["peak_over_base"] / planned.peak_over_base
         rows.append(row)

@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="folder to write (refused if it exists and is not empty)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     export.add_argument("--dtype-out", default=None, choices=["float16", "bfloat16", "float32"],
-                        help="weights of a Hugging Face folder (default: the model's own)")
+                        help="weights of a Hugging Face folder, or the unquantized tensors of a compressed-tensors "
+                        "folder (default: the model's own)")
     export.add_argument("--gguf-types", default="exact", choices=["exact", "compact"],
                         help="exact: types that hold LayerLab's codes as they are; compact: nearest k-quants "
                         "(smaller, re-quantized)")

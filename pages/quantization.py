@@ -103,7 +103,7 @@ with right:
 full_plan = EvalPlan(evaluation, **zero_shot)
 preview_plan = EvalPlan(replace(evaluation, n_windows=min(PREVIEW_WINDOWS, evaluation.n_windows)), preview=True)
 cost = f"quantization-{quantizer}"
-preview = left.button(f"Preview ({PREVIEW_WINDOWS} windows, {run_estimate(loaded, cost, calibration, preview_plan, store)})",
+preview = left.button(f"Preview ({preview_plan.data.n_windows} windows, {run_estimate(loaded, cost, calibration, preview_plan, store)})",
                       type="primary",
                       help="A quick, noisy look: stored and drawn as a preview, with dense on the same windows.")
 full = mid.button(f"Full evaluation ({evaluation.n_windows} windows, "

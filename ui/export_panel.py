@@ -104,7 +104,9 @@ def export_section(store: ResultsStore, loaded: LoadedModel, method: str | None,
     dtype = None
     if fmt == "hf":
         st.caption(REMOTE_CODE_NOTE + f" Promise: perplexity within ±{TOLERANCE['hf']:.1%} of the app's.")
-        dtype = st.selectbox("Weights", [None, "bfloat16", "float16"], key=f"{key}_export_dtype",
+    if fmt in ("hf", "ct"):
+        dtype = st.selectbox("Weights" if fmt == "hf" else "Unquantized tensors (embedding, head, norms)",
+                             [None, "bfloat16", "float16"], key=f"{key}_export_dtype",
                              format_func=lambda d: "as in the app (" + str(
                                  next(loaded.model.parameters()).dtype).removeprefix("torch.") + ")" if d is None
                              else f"{d} (half the bytes)",

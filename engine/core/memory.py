@@ -17,8 +17,8 @@ What each method holds (``s`` = bytes per base weight, ``n x T`` calibration tok
   inputs and outputs of a layer) and an fp64 Hessian per linear input;
 - slicing: the sliced model's new tensors (planned as a full copy; 0.86 of it at
   25% on the 1.1B benchmark), fp32 signals and fp64 covariances ``hidden x hidden``;
-- evaluation: a batch's logits and per-layer intermediates, and the fp32
-  log-softmax of one window.
+- evaluation: a batch's logits (or one chunk of positions' when the head is
+  applied in chunks) and per-layer intermediates, and the fp32 log-softmax.
 """
 
 from __future__ import annotations
@@ -141,11 +141,18 @@ def free_bytes(device: torch.device | str) -> int | None:
     return None
 
 
-def evaluation_bytes(shape: ModelShape, batch: int, seqlen: int) -> int:
-    """Activations of one evaluation forward: a batch's logits (model dtype), the fp32 log-softmax of one
-    window, one layer's intermediates and its attention scores."""
+def evaluation_bytes(shape: ModelShape, batch: int, seqlen: int, head_chunk: int | None = None) -> int:
+    """Activations of one evaluation forward: the logits, one layer's intermediates and its attention scores.
+
+    Logits: a batch's (model dtype) and the fp32 log-softmax of one window; with ``head_chunk`` (the head
+    applied to that many positions at a time, :mod:`engine.evaluation.perplexity`) only a chunk's, twice in
+    fp32.
+    """
     s = shape.element_size
-    logits = batch * seqlen * shape.vocab * s + 2 * seqlen * shape.vocab * 4
+    if head_chunk:
+        logits = 2 * min(head_chunk, seqlen) * shape.vocab * 4
+    else:
+        logits = batch * seqlen * shape.vocab * s + 2 * seqlen * shape.vocab * 4
     layer = batch * seqlen * (4 * shape.hidden + 3 * shape.intermediate) * s
     attention = batch * shape.heads * seqlen * seqlen * 4
     return logits + layer + attention
@@ -163,12 +170,14 @@ def code_bytes(shape: ModelShape, group_size: int | None, code_bits: int = 8) ->
 
 def plan_memory(shape: ModelShape, method: str, device: torch.device | str, *, calib_tokens: int = 0,
                 eval_batch: int = 4, eval_seqlen: int = 0, group_size: int | None = 128, code_bits: int = 8,
-                holds_codes: bool = True, free: int | None = None) -> MemoryPlan:
+                holds_codes: bool = True, head_chunk: int | None = None, free: int | None = None) -> MemoryPlan:
     """The memory plan of ``method`` (one of :data:`METHODS`) for a model of ``shape``.
 
     ``calib_tokens``: calibration tokens (windows x seqlen); ``eval_seqlen``: evaluation window
     length (0: no evaluation); ``code_bits``: the highest bit level of a quantization;
-    ``holds_codes``: the quantized variant holds codes (else it is a materialised copy); ``free``: free bytes (default: measured on ``device``).
+    ``holds_codes``: the quantized variant holds codes (else it is a materialised copy); ``head_chunk``:
+    evaluation applies the head to that many positions at a time (``None``: full logits); ``free``: free
+    bytes (default: measured on ``device``).
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method '{method}' for a memory plan; choose one of {', '.join(METHODS)}.")
@@ -186,7 +195,8 @@ def plan_memory(shape: ModelShape, method: str, device: torch.device | str, *, c
         held["sliced model"] = shape.bytes  # new tensors over the base's: at most a full copy (0.86 at 25%)
         building["calibration signals"] = 2 * calib_tokens * hidden * 4
         building["covariances"] = 2 * 8 * hidden * hidden
-    evaluation = {"evaluation activations": evaluation_bytes(shape, eval_batch, eval_seqlen) if eval_seqlen else 0}
+    evaluation = {"evaluation activations": evaluation_bytes(shape, eval_batch, eval_seqlen, head_chunk)
+                  if eval_seqlen else 0}
     # the peak is the larger of the two phases, on top of what the variant holds throughout
     phase = building if sum(building.values()) > sum(evaluation.values()) else evaluation
     parts = {**held, **phase}

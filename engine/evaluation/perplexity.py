@@ -3,6 +3,13 @@
 Non-overlapping windows, each predicting tokens 1..seqlen-1 from their prefix;
 ppl = exp(mean token NLL over all windows).  A bootstrap over windows gives a
 95% interval, so a quick preview on few windows shows its own uncertainty.
+
+Memory: a batch's full logits (``batch x seqlen x vocab``) are usually the
+largest thing an evaluation holds (4 x 2048 x 128k values for Llama 3).  When
+the model's logits are just its head applied to its decoder's last hidden
+state (checked on a few tokens: families that scale or soft-cap logits after
+the head fail the check and keep the full-logits path), the head runs on
+:data:`HEAD_CHUNK` positions at a time and the logits are never held whole.
 """
 
 from __future__ import annotations
@@ -39,6 +46,54 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+HEAD_CHUNK = 256  # positions per head call when the head is applied in chunks
+
+
+def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """The model's decoder and output head, if it exposes them (transformers' ``get_decoder`` /
+    ``get_output_embeddings``)."""
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
+    if decoder is None or head is None or decoder is model:
+        return None
+    return decoder, head
+
+
+@torch.no_grad()
+def chunked_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """``(decoder, head)`` when ``model(ids).logits`` equals ``head(decoder(ids).last_hidden_state)`` bit for bit
+    on a probe of 8 tokens (no scaling or soft-capping after the head), else ``None`` (use the full logits)."""
+    parts = _decoder_and_head(model)
+    if parts is None:
+        return None
+    decoder, head = parts
+    device = model_device(model)
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    if vocab < 2:
+        return None
+    probe = (torch.arange(8, device=device) * 7919 % vocab)[None]
+    full = model(input_ids=probe, use_cache=False).logits
+    hidden = decoder(input_ids=probe, use_cache=False).last_hidden_state
+    ours = head(hidden)
+    return parts if ours.shape == full.shape and torch.equal(ours, full) else None  # the same ops: bit for bit
+
+
+def _nll_sums_chunked(decoder: torch.nn.Module, head: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Summed NLL (fp64) of each row of ``batch`` ``[b, T]``, the head applied to :data:`HEAD_CHUNK` positions
+    at a time."""
+    hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state  # [b, T, D]
+    sums = torch.zeros(batch.shape[0], dtype=torch.float64)
+    last = batch.shape[1] - 1
+    for row in range(batch.shape[0]):
+        for start in range(0, last, HEAD_CHUNK):
+            end = min(start + HEAD_CHUNK, last)
+            logits = head(hidden[row, start:end]).float()
+            sums[row] += F.cross_entropy(logits, batch[row, start + 1 : end + 1], reduction="sum").double().cpu()
+    return sums
+
+
 @torch.no_grad()
 def window_nll_sums(
     model: torch.nn.Module,
@@ -50,8 +105,14 @@ def window_nll_sums(
     device = model_device(model)
     ids = windows.input_ids
     sums = torch.empty(ids.shape[0], dtype=torch.float64)
+    parts = chunked_head(model)
     for start in range(0, ids.shape[0], batch_size):
         batch = ids[start : start + batch_size].to(device)
+        if parts is not None:
+            sums[start : start + batch.shape[0]] = _nll_sums_chunked(*parts, batch)
+            if progress is not None:
+                progress(min(start + batch_size, ids.shape[0]), ids.shape[0])
+            continue
         logits = model(input_ids=batch, use_cache=False).logits
         for row in range(batch.shape[0]):  # one window at a time: log-softmax buffers of [T, V], not [b, T, V]
             nll = F.cross_entropy(logits[row, :-1].float(), batch[row, 1:], reduction="none")

@@ -70,8 +70,9 @@ def ct_unsupported(loaded: LoadedModel, spec: QuantizerSpec) -> str | None:
     if spec.group_size is not None and any(w % spec.group_size for w in widths):
         fitting = [g for g in (32, 64, 128, 256) if all(w % g == 0 for w in widths)]
         return (f"compressed-tensors needs every row width to be a multiple of the group size; this model's widths "
-                f"are {', '.join(map(str, widths))} and the group size is {spec.group_size}. Use "
-                + (f"group size {' or '.join(map(str, fitting))}, or " if fitting else "") + "one scale per row.")
+                f"are {', '.join(map(str, widths))} and the group size is {spec.group_size}. "
+                + (f"Use group size {' or '.join(map(str, fitting))}." if fitting else
+                   "No group size from 32 to 256 fits them: quantize with one scale per row."))
     return None
 
 
@@ -94,8 +95,11 @@ def _packed(weight: QuantizedWeight) -> dict[str, torch.Tensor]:
 
 
 def write_ct_folder(quantized: QuantizedModel, loaded: LoadedModel, folder: str | Path, *, overwrite: bool = False,
-                    notes: dict | None = None) -> dict:
+                    notes: dict | None = None, dtype: torch.dtype | None = None) -> dict:
     """Write ``quantized`` as a compressed-tensors folder (staged, renamed at the end); returns what was written.
+
+    ``dtype``: the unquantized tensors (embedding, head, norms) in this dtype instead of the model's own
+    (16 bits halve the embedding; the codes and fp16 scales are written as they are either way).
 
     Returns ``{"folder", "files", "bytes", "remote_code": False, "exact_fraction": 1.0, "notes": [str]}``.
     Raises :class:`ExportError` (nothing written) when :func:`ct_unsupported` names a reason.
@@ -107,7 +111,7 @@ def write_ct_folder(quantized: QuantizedModel, loaded: LoadedModel, folder: str 
 
     source = quantized.tensor_source()
     names = _linear_names(source, loaded)
-    state = {name: tensor for name, tensor in _state_dict(source).items()
+    state = {name: tensor for name, tensor in _state_dict(source, dtype).items()
              if name.removesuffix(".weight") not in names}  # the base's dense linears are replaced below
     by_bits: dict[int, list[str]] = {}
     for module, (layer, short) in names.items():
@@ -115,6 +119,8 @@ def write_ct_folder(quantized: QuantizedModel, loaded: LoadedModel, folder: str 
         state.update({f"{module}.{key}": value for key, value in _packed(weight).items()})
         by_bits.setdefault(weight.bits, []).append(module)
     config = copy.deepcopy(source.config)
+    if dtype is not None:
+        config.dtype = dtype
     config.quantization_config = {
         "quant_method": "compressed-tensors", "format": FORMAT, "quantization_status": "compressed",
         "config_groups": {f"group_{bits}bit": _scheme(bits, quantized.spec, modules)
@@ -124,7 +130,9 @@ def write_ct_folder(quantized: QuantizedModel, loaded: LoadedModel, folder: str 
     lines = [f"{len(modules)} linears at {bits} bits (pack-quantized int{bits}, symmetric, "
              f"{'group ' + str(quantized.spec.group_size) if quantized.spec.group_size else 'per row'})"
              for bits, modules in sorted(by_bits.items())]
-    lines.append("codes and fp16 scales copied as they are: the folder computes what the app measured")
+    lines.append("codes and fp16 scales copied as they are" + (
+        f"; the unquantized tensors rounded to {str(dtype).removeprefix('torch.')}" if dtype is not None else
+        ": the folder computes what the app measured"))
     folder = Path(folder)
     with atomic_folder(folder, overwrite) as staging:
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})

@@ -73,9 +73,9 @@ HF_DTYPES = ("float16", "bfloat16", "float32")
 def check_export(loaded: LoadedModel, record: RunRecord, fmt: str, out: str | Path, overwrite: bool,
                  dtype: str | None = None) -> None:
     """Refuse before any work: wrong model loaded, format not available for the run, a non-empty folder."""
-    if dtype is not None and (fmt != "hf" or dtype not in HF_DTYPES):
-        raise ExportError(f"Weights dtype '{dtype}' applies to Hugging Face folders only and must be one of "
-                          f"{', '.join(HF_DTYPES)} (GGUF files choose a type per tensor).")
+    if dtype is not None and (fmt == "gguf" or dtype not in HF_DTYPES):
+        raise ExportError(f"Weights dtype '{dtype}' applies to Hugging Face and compressed-tensors folders only "
+                          f"and must be one of {', '.join(HF_DTYPES)} (GGUF files choose a type per tensor).")
     if fmt not in FORMATS:
         raise ExportError(f"Unknown export format '{fmt}'. Choose one of: {', '.join(FORMATS)}.")
     if record.model_fingerprint != loaded.fingerprint:
@@ -154,8 +154,11 @@ def rebuild_model(loaded: LoadedModel, record: RunRecord,
 
 
 def verification_windows(loaded: LoadedModel, record: RunRecord, n_windows: int = VERIFY_WINDOWS):
-    """The first ``n_windows`` windows of the data the run was evaluated on."""
+    """The first ``n_windows`` windows of the data the run was evaluated on (no more than the run used, so a
+    preview's check runs on the preview's own windows and its in-app perplexity is the run's)."""
     fields = {k: record.data[k] for k in ("source", "split", "seqlen", "path", "offset") if k in record.data}
+    if record.data.get("n_windows"):
+        n_windows = min(n_windows, int(record.data["n_windows"]))
     spec = replace(DataSpec(**fields), n_windows=n_windows) if fields else DataSpec(n_windows=n_windows, seqlen=256)
     return token_windows(spec, loaded.tokenizer, loaded.max_seqlen)
 
@@ -183,7 +186,8 @@ def export_run(store: ResultsStore, loaded: LoadedModel, record: RunRecord, fmt:
     """Write ``record``'s model as ``fmt`` into the folder ``out``, verify the round trip, store and return it.
 
     ``gguf_types``: ``"exact"`` (LayerLab's codes kept) or ``"compact"`` (nearest k-quants, re-quantized).
-    ``dtype`` (Hugging Face folders): ``"float16"`` / ``"bfloat16"`` weights instead of the model's own.
+    ``dtype`` (Hugging Face and compressed-tensors folders): ``"float16"`` / ``"bfloat16"`` weights instead of
+    the model's own (compressed-tensors: the unquantized tensors; codes and fp16 scales are kept).
     Returns (and appends to the run's ``config["exports"]``) ``{"format", "dtype", "folder", "bytes", "files",
     "remote_code", "seconds" (writing and reloading), "rebuild_s" (rebuilding the model from the record),
     "verification": RoundTrip dict, "summary", "notes": [str]}``.
@@ -206,7 +210,8 @@ def export_run(store: ResultsStore, loaded: LoadedModel, record: RunRecord, fmt:
             from engine.export.ct_folder import load_ct_folder, write_ct_folder
 
             torch_model = built.model
-            written = write_ct_folder(built, loaded, out, overwrite=overwrite, notes=notes)
+            written = write_ct_folder(built, loaded, out, overwrite=overwrite, notes=notes,
+                                      dtype=getattr(torch, dtype) if dtype else None)
             reloaded = load_ct_folder(out)
         else:
             from engine.export.gguf_file import load_gguf, write_gguf

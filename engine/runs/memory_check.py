@@ -12,6 +12,7 @@ from __future__ import annotations
 from engine.core.data import DataSpec, token_windows
 from engine.core.memory import MemoryPlan, ModelShape, plan_memory
 from engine.core.models import LoadedModel
+from engine.evaluation.perplexity import HEAD_CHUNK, chunked_head
 from engine.quant.quantized_linear import can_hold_codes
 from engine.runs.plans import EvalPlan
 
@@ -29,7 +30,9 @@ def run_memory_plan(loaded: LoadedModel, method: str, calibration: DataSpec, eva
         if method in ("slicing", "quantization-gptq") else 0
     return plan_memory(ModelShape.of(loaded.model, loaded.architecture), method, loaded.device,
                        calib_tokens=calib, eval_batch=evaluation.batch_size, eval_seqlen=evaluation.data.seqlen,
-                       group_size=group_size, code_bits=min(max(int(code_bits), 1), 8), holds_codes=can_hold_codes(loaded.model, loaded.architecture))
+                       group_size=group_size, code_bits=min(max(int(code_bits), 1), 8),
+                       holds_codes=can_hold_codes(loaded.model, loaded.architecture),
+                       head_chunk=HEAD_CHUNK if chunked_head(loaded.model) is not None else None)
 
 
 def check_memory(plan: MemoryPlan) -> None:

@@ -97,7 +97,7 @@ def test_two_sessions_compress_at_once_with_independent_results(browser, server,
     _start_preview(second, server, 1)  # 4/3 bits
     before = {r.id for r in ResultsStore().runs()}
     for session in (first, second):
-        press(session, session.get_by_role("button", name="Preview (4 windows"),
+        press(session, session.get_by_role("button", name="Preview (2 windows"),  # the 2 evaluation windows set
               session.get_by_test_id("stProgress").or_(session.get_by_text("Stored as run")))
     first.get_by_text("Stored as run").wait_for()
     second.get_by_text("Stored as run").wait_for()

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
+import engine.evaluation.perplexity as perplexity_module
 from engine.core.data import DataSpec, TokenWindows
-from engine.evaluation.perplexity import bootstrap_ppl_interval, perplexity
+from engine.evaluation.perplexity import bootstrap_ppl_interval, chunked_head, perplexity, window_nll_sums
+from tests.tiny_families import SLICING_FAMILIES, tiny_family_model
 from tests.tiny_models import TINY_FACTORIES
 
 
@@ -42,3 +45,18 @@ def test_bootstrap_interval_narrows_with_agreeing_windows():
     spread = bootstrap_ppl_interval(torch.tensor([10.0, 50.0, 90.0, 20.0]), 10)
     tight = bootstrap_ppl_interval(torch.tensor([40.0, 41.0, 39.0, 40.0]), 10)
     assert spread[1] - spread[0] > tight[1] - tight[0] > 0
+
+
+@pytest.mark.parametrize("family", [*SLICING_FAMILIES, "gemma2"])
+def test_head_in_chunks_gives_the_full_logits_nll_and_scaled_heads_keep_the_full_path(family, monkeypatch):
+    """Chunked where logits are head(hidden) (the usual case), full logits where the family scales or soft-caps
+    them after the head (Granite divides by ``logits_scaling``, Gemma 2 soft-caps): the same NLL either way."""
+    model = tiny_family_model(family)
+    windows = _random_windows(n=3, seqlen=24, vocab=model.config.vocab_size)
+    parts = chunked_head(model)
+    assert (parts is None) == (family in ("granite", "gemma2"))
+    monkeypatch.setattr(perplexity_module, "HEAD_CHUNK", 5)  # several chunks per window, a short last one
+    chunked = window_nll_sums(model, windows, batch_size=2)
+    monkeypatch.setattr(perplexity_module, "chunked_head", lambda _model: None)
+    full = window_nll_sums(model, windows, batch_size=2)
+    torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-6)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,15 @@ def test_the_file_holds_packed_codes_not_dense_weights(tiny_loaded, tmp_path):
     assert "model.layers.0.self_attn.q_proj.weight_zero_point" not in keys  # symmetric: no zero stored
 
 
+def test_exported_files_get_the_usual_modes(tiny_loaded, tmp_path):
+    """Staging is private (mkdtemp 0700, safetensors' temporary file 0600); the finished export is not."""
+    umask = os.umask(0)
+    os.umask(umask)
+    write_ct_folder(quantize_model(tiny_loaded, [4] * 4, spec=SYMMETRIC), tiny_loaded, tmp_path / "ct")
+    assert stat.S_IMODE((tmp_path / "ct").stat().st_mode) == 0o777 & ~umask
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ct").iterdir()} == {0o666 & ~umask}
+
+
 def test_grids_the_format_cannot_hold_are_refused_with_what_to_do(tiny_loaded, tmp_path):
     assert "zero point 'symmetric'" in ct_unsupported(tiny_loaded, QuantizerSpec())
     wide = ct_unsupported(tiny_loaded, QuantizerSpec(group_size=48, zero_point="symmetric"))
@@ -83,6 +94,9 @@ def test_a_symmetric_run_exports_and_verifies_exactly(store, tiny_loaded, tmp_pa
     check = result["verification"]
     assert check["passed"] and check["rel_diff"] == pytest.approx(0.0, abs=1e-9)
     assert store.get_run(run.run_id).config["exports"][0]["format"] == "ct"
+    half = export_run(store, tiny_loaded, run.record, "ct", tmp_path / "ct16", dtype="float16")
+    assert half["bytes"] < result["bytes"] and half["dtype"] == "float16" and half["verification"]["passed"]
+    assert any("rounded to float16" in note for note in half["notes"])
     integer = run_quantization(store, tiny_loaded, QuantPlan(group_size=32, ordering="random"), CALIB, EVAL)
     with pytest.raises(ExportError, match="cannot be exported as ct.*symmetric"):
         check_export(tiny_loaded, integer.record, "ct", tmp_path / "x", overwrite=False)

@@ -118,7 +118,7 @@ def test_export_run_rebuilds_verifies_and_stores(store, tiny_loaded, tmp_path):
     weights_bytes = [(tmp_path / d / "model.safetensors").stat().st_size for d in ("d", "bf16")]
     assert weights_bytes[1] < 0.51 * weights_bytes[0] and half["dtype"] == "bfloat16"
     assert half["verification"]["rel_diff"] != 0.0 and half["verification"]["passed"]  # rounding measured
-    with pytest.raises(ExportError, match="Hugging Face folders only"):
+    with pytest.raises(ExportError, match="Hugging Face and compressed-tensors folders only"):
         check_export(tiny_loaded, dropped.record, "gguf", tmp_path / "g", overwrite=False, dtype="float16")
 
 
