@@ -145,12 +145,12 @@ def evaluation_bytes(shape: ModelShape, batch: int, seqlen: int, head_chunk: int
     """Activations of one evaluation forward: the logits, one layer's intermediates and its attention scores.
 
     Logits: a batch's (model dtype) and the fp32 log-softmax of one window; with ``head_chunk`` (the head
-    applied to that many positions at a time, :mod:`engine.evaluation.perplexity`) only a chunk's, twice in
-    fp32.
+    applied to that many positions at a time, :mod:`engine.evaluation.perplexity`) only a chunk's (model
+    dtype, its fp32 copy and the fp32 log-softmax).
     """
     s = shape.element_size
     if head_chunk:
-        logits = 2 * min(head_chunk, seqlen) * shape.vocab * 4
+        logits = min(head_chunk, batch * seqlen) * shape.vocab * (s + 8)
     else:
         logits = batch * seqlen * shape.vocab * s + 2 * seqlen * shape.vocab * 4
     layer = batch * seqlen * (4 * shape.hidden + 3 * shape.intermediate) * s
