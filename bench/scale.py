@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from bench.common import report
 from engine.core.cpu import trim_freed_heap
 from engine.core.data import DataSpec, TokenWindows
-from engine.core.memory import ModelShape, plan_memory
+from engine.core.memory import ModelShape, evaluation_batch, plan_memory
 from engine.core.models import LoadedModel, model_size
 from engine.dropping.drop_model import drop_model
 from engine.evaluation.perplexity import HEAD_CHUNK, chunked_head, perplexity
@@ -136,7 +136,8 @@ def main() -> None:
             row["variant_bytes_over_base"] = variant_bytes(result) / base
         if plan is not None:  # what the run's memory plan promised (engine.core.memory), same units
             planned = plan_memory(ModelShape.of(loaded.model, loaded.architecture), plan, device,
-                                  calib_tokens=windows.input_ids.numel(), eval_seqlen=args.seqlen, group_size=128,
+                                  calib_tokens=windows.input_ids.numel(), eval_batch=eval_batch,
+                                  eval_seqlen=args.seqlen, group_size=128,
                                   code_bits=code_bits,
                                   head_chunk=HEAD_CHUNK if chunked_head(loaded.model) is not None else None)
             row["planned_over_base"] = planned.peak_over_base
@@ -158,12 +159,14 @@ def main() -> None:
     if "scores" in only:
         measure(f"LR scores on {args.windows} x {args.seqlen}",
                 lambda: layer_redundancy(loaded.model, loaded.architecture, windows))
+    eval_batch = evaluation_batch(ModelShape.of(loaded.model, loaded.architecture), args.seqlen)  # as runs do
     if "ppl" in only:
-        measure(f"perplexity (dense) on {args.windows} x {args.seqlen}", lambda: perplexity(loaded.model, windows))
+        measure(f"perplexity (dense) on {args.windows} x {args.seqlen}",
+                lambda: perplexity(loaded.model, windows, batch_size=eval_batch))
 
     def dropping_preview():
         dropped = drop_model(loaded, "layer", list(range(1, n - 1))[-8:])
-        perplexity(dropped.model, windows)
+        perplexity(dropped.model, windows, batch_size=eval_batch)
         return dropped.model
 
     if "drop" in only:
@@ -172,7 +175,7 @@ def main() -> None:
 
     def slicing_run():
         sliced = slice_model(loaded, schedule_constant(0.25, n), windows).model
-        perplexity(sliced, windows)
+        perplexity(sliced, windows, batch_size=eval_batch)
         return sliced
 
     if "slice" in only:
@@ -182,7 +185,7 @@ def main() -> None:
     def quant_preview(bits: list[int]):
         def run():
             quantized = quantize_model(loaded, bits, spec=QuantizerSpec(bits=4, group_size=128), use_cache=False)
-            perplexity(quantized.model, windows)
+            perplexity(quantized.model, windows, batch_size=eval_batch)
             return quantized.model
         return run
 

@@ -158,6 +158,20 @@ def evaluation_bytes(shape: ModelShape, batch: int, seqlen: int, head_chunk: int
     return logits + layer + attention
 
 
+EVAL_BUDGET = 0.03  # evaluation activations may use this fraction of the model's bytes (a batch of 1 always runs)
+
+
+def evaluation_batch(shape: ModelShape, seqlen: int, requested: int = 4, budget: float = EVAL_BUDGET) -> int:
+    """Windows per evaluation forward: the most, up to ``requested``, whose activations (one layer's
+    intermediates and attention scores, :func:`evaluation_bytes` without the logits) stay within ``budget``
+    of the model's bytes; at least 1.  The built-in model at 256 tokens and a 1B model at 512 evaluate one
+    window at a time (as fast per token on a CPU as four), a 135M model at 64 tokens four at a time.
+    """
+    per_window = evaluation_bytes(shape, 1, seqlen, head_chunk=1) - shape.vocab * (shape.element_size + 8)
+    fitting = int(budget * shape.bytes // max(1, per_window))
+    return max(1, min(int(requested), fitting))
+
+
 def code_bytes(shape: ModelShape, group_size: int | None, code_bits: int = 8) -> int:
     """Bytes a quantized variant holds: codes packed in ``code_bits``-bit slots (2, 4 or 8; the highest level
     of the allocation, so a mixed one is bounded above), fp16 scale and zero per group."""

@@ -10,7 +10,7 @@ as they were.
 from __future__ import annotations
 
 from engine.core.data import DataSpec, token_windows
-from engine.core.memory import MemoryPlan, ModelShape, plan_memory
+from engine.core.memory import MemoryPlan, ModelShape, evaluation_batch, plan_memory
 from engine.core.models import LoadedModel
 from engine.evaluation.perplexity import HEAD_CHUNK, chunked_head
 from engine.quant.quantized_linear import can_hold_codes
@@ -28,8 +28,10 @@ def run_memory_plan(loaded: LoadedModel, method: str, calibration: DataSpec, eva
     highest bit level of a quantization."""
     calib = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen).input_ids.numel() \
         if method in ("slicing", "quantization-gptq") else 0
-    return plan_memory(ModelShape.of(loaded.model, loaded.architecture), method, loaded.device,
-                       calib_tokens=calib, eval_batch=evaluation.batch_size, eval_seqlen=evaluation.data.seqlen,
+    shape = ModelShape.of(loaded.model, loaded.architecture)
+    seqlen = evaluation.data.seqlen
+    return plan_memory(shape, method, loaded.device, calib_tokens=calib,
+                       eval_batch=evaluation_batch(shape, seqlen, evaluation.batch_size), eval_seqlen=seqlen,
                        group_size=group_size, code_bits=min(max(int(code_bits), 1), 8),
                        holds_codes=can_hold_codes(loaded.model, loaded.architecture),
                        head_chunk=HEAD_CHUNK if chunked_head(loaded.model) is not None else None)

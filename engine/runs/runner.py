@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from engine.core.data import DataSpec, TokenWindows, token_windows
+from engine.core.memory import ModelShape, evaluation_batch
 from engine.core.models import LoadedModel, dense_size_metrics, model_size
 from engine.core.paths import cache_root, unused_folder
 from engine.core.progress import StageProgress, Timer, stage_callback
@@ -69,7 +70,8 @@ def evaluate_model(loaded: LoadedModel, model: torch.nn.Module, plan: EvalPlan,
                    progress: StageProgress | None = None) -> tuple[dict, dict]:
     """(metrics, data) of ``model``: perplexity, its interval, and zero-shot accuracies."""
     windows = token_windows(plan.data, loaded.tokenizer, loaded.max_seqlen)
-    result = perplexity(model, windows, batch_size=plan.batch_size, progress=stage_callback(progress, "perplexity"))
+    batch = evaluation_batch(ModelShape.of(loaded.model, loaded.architecture), windows.seqlen, plan.batch_size)
+    result = perplexity(model, windows, batch_size=batch, progress=stage_callback(progress, "perplexity"))
     metrics = result.to_metrics()
     task_error = None
     if plan.tasks:

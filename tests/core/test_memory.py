@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from engine.core.data import DataSpec
-from engine.core.memory import ModelShape, evaluation_bytes, plan_memory
+from engine.core.memory import EVAL_BUDGET, ModelShape, evaluation_batch, evaluation_bytes, plan_memory
+from engine.evaluation.perplexity import perplexity
 from engine.quant.grid import QuantizerSpec
 from engine.quant.quantize_model import quantize_model
 from engine.quant.quantized_linear import held_code_bytes
@@ -60,3 +61,26 @@ def test_a_run_that_does_not_fit_is_refused_before_any_work(tiny_loaded, monkeyp
     assert [r.id for r in store.runs()] == before
     assert all(torch.equal(v, weights[k]) for k, v in tiny_loaded.model.state_dict().items())
 
+
+
+def test_evaluation_batch_keeps_activations_within_the_budget(tiny_loaded, monkeypatch):
+    shape = ModelShape.of(tiny_loaded.model, tiny_loaded.architecture)
+    batches = [evaluation_batch(shape, seqlen, requested=4) for seqlen in (8, 32, 128, 512, 4096)]
+    assert batches == sorted(batches, reverse=True) and set(batches) <= {1, 2, 3, 4}
+    assert batches[0] == 4 and batches[-1] == 1  # short windows batch up; long ones go one at a time
+    for seqlen, batch in zip((8, 32, 128, 512, 4096), batches):
+        activations = evaluation_bytes(shape, batch, seqlen, head_chunk=1) - shape.vocab * (shape.element_size + 8)
+        assert batch == 1 or activations <= EVAL_BUDGET * shape.bytes
+    assert evaluation_batch(shape, 8, requested=2) == 2  # never more than asked
+    seen = []  # a run evaluates with that batch
+
+    def spy(model, windows, batch_size, progress=None):
+        seen.append(batch_size)
+        return perplexity(model, windows, batch_size=batch_size)
+
+    monkeypatch.setattr("engine.runs.runner.perplexity", spy)
+    long_eval = EvalPlan(DataSpec(split="evaluation", seqlen=512, n_windows=2))
+    assert evaluation_batch(shape, 512) < 4
+    run_dropping(ResultsStore(), tiny_loaded, DropPlan(block="layer", count=1, by="custom", custom=(1,)), CALIB,
+                 long_eval)
+    assert seen and set(seen) == {evaluation_batch(shape, 512)}  # dense and the dropped model
