@@ -58,11 +58,21 @@ def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _process_umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` would, for every thread, for a moment)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 def _usual_modes(folder: Path) -> None:
     """Give ``folder`` and everything in it the modes a plain ``mkdir`` / ``open`` would (umask applied): the
     staging folder is private (``mkdtemp``: 0700), and some writers use private temporary files (0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _process_umask()
     for path in [folder, *folder.rglob("*")]:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 

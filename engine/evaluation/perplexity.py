@@ -15,6 +15,7 @@ the head fail the check and keep the full-logits path), the head runs on
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import asdict, dataclass
 
 import torch
@@ -61,23 +62,35 @@ def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
     return decoder, head
 
 
+_PROBED: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
 @torch.no_grad()
 def chunked_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     """``(decoder, head)`` when ``model(ids).logits`` equals ``head(decoder(ids).last_hidden_state)`` bit for bit
-    on a probe of 8 tokens (no scaling or soft-capping after the head), else ``None`` (use the full logits)."""
+    on a probe of 8 tokens (no scaling or soft-capping after the head), else ``None`` (use the full logits).
+
+    The probe runs once per model object (remembered while the model lives); any error in it means ``None``.
+    """
     parts = _decoder_and_head(model)
     if parts is None:
         return None
-    decoder, head = parts
-    device = model_device(model)
+    if model not in _PROBED:
+        _PROBED[model] = _head_matches(model, *parts)
+    return parts if _PROBED[model] else None
+
+
+def _head_matches(model: torch.nn.Module, decoder: torch.nn.Module, head: torch.nn.Module) -> bool:
     vocab = int(getattr(model.config, "vocab_size", 0) or 0)
     if vocab < 2:
-        return None
-    probe = (torch.arange(8, device=device) * 7919 % vocab)[None]
-    full = model(input_ids=probe, use_cache=False).logits
-    hidden = decoder(input_ids=probe, use_cache=False).last_hidden_state
-    ours = head(hidden)
-    return parts if ours.shape == full.shape and torch.equal(ours, full) else None  # the same ops: bit for bit
+        return False
+    probe = (torch.arange(8, device=model_device(model)) * 7919 % vocab)[None]
+    try:
+        full = model(input_ids=probe, use_cache=False).logits
+        ours = head(decoder(input_ids=probe, use_cache=False).last_hidden_state)
+    except Exception:  # noqa: BLE001 - a decoder that cannot run alone: keep the full logits
+        return False
+    return ours.shape == full.shape and torch.equal(ours.to(full.device), full)  # the same ops: bit for bit
 
 
 def _nll_sums_chunked(decoder: torch.nn.Module, head: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -90,8 +103,9 @@ def _nll_sums_chunked(decoder: torch.nn.Module, head: torch.nn.Module, batch: to
     sums = torch.zeros(b, dtype=torch.float64, device=batch.device)
     for start in range(0, hidden.shape[0], HEAD_CHUNK):
         end = start + HEAD_CHUNK
-        nll = F.cross_entropy(head(hidden[start:end]).float(), targets[start:end], reduction="none")
-        sums.index_add_(0, window[start:end], nll.double())
+        logits = head(hidden[start:end]).float()  # the head's device (layers may be spread over devices)
+        nll = F.cross_entropy(logits, targets[start:end].to(logits.device), reduction="none")
+        sums.index_add_(0, window[start:end], nll.double().to(sums.device))
     return sums.cpu()
 
 

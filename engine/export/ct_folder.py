@@ -62,11 +62,10 @@ def ct_unsupported(loaded: LoadedModel, spec: QuantizerSpec) -> str | None:
     if spec.stores_group_index:
         return "act-order GPTQ with dynamic groups stores a group index; use static groups to export this way."
     arch = loaded.architecture
-    widths = sorted({int(linear.weight.shape[1]) for layer in arch.decoder_layers(loaded.model)
-                     for linear in arch.layer_linears(layer).values()})
-    if not all(isinstance(linear, nn.Linear) for layer in arch.decoder_layers(loaded.model)
-               for linear in arch.layer_linears(layer).values()):
+    linears = [linear for layer in arch.decoder_layers(loaded.model) for linear in arch.layer_linears(layer).values()]
+    if not all(isinstance(linear, nn.Linear) for linear in linears):
         return "compressed-tensors covers torch Linear layers; this model's fused experts or Conv1D layers are not."
+    widths = sorted({int(linear.weight.shape[1]) for linear in linears})
     if spec.group_size is not None and any(w % spec.group_size for w in widths):
         fitting = [g for g in (32, 64, 128, 256) if all(w % g == 0 for w in widths)]
         return (f"compressed-tensors needs every row width to be a multiple of the group size; this model's widths "

@@ -2,7 +2,8 @@
 
 Codes are bit-packed at every width 2-8 (:func:`pack_codes`, little-endian
 bit stream over the row-major ``[out, in]`` codes, so 3 bits really take 3
-bits); scales and zeros stay fp16; act-order GPTQ adds an int32 ``g_idx``.
+bits); scales and zeros stay fp16 (the symmetric grid stores no zeros); act-order GPTQ adds an int32
+``g_idx``.
 
 Every file carries, in its safetensors metadata, a SHA-256 over its tensor
 names and bytes; :func:`read_checked` recomputes it and raises
@@ -23,7 +24,7 @@ from safetensors.torch import save_file
 
 from engine.core.paths import atomic_file
 
-from engine.quant.grid import QuantizationError, QuantizedWeight
+from engine.quant.grid import ZERO_POINTS, QuantizationError, QuantizedWeight
 
 FORMAT = "layerlab-quant"
 FORMAT_VERSION = "1"
@@ -108,12 +109,14 @@ def weight_config(weight: QuantizedWeight) -> dict:
 
 
 def weight_to_tensors(weight: QuantizedWeight, prefix: str) -> dict[str, torch.Tensor]:
-    """Storage form: ``prefix.qweight`` (packed uint8), ``.scales``, ``.zeros`` (fp16) [+ ``.g_idx``]."""
+    """Storage form: ``prefix.qweight`` (packed uint8), ``.scales``, ``.zeros`` (fp16; not for the symmetric
+    grid, whose zero is ``2**(bits-1)``) [+ ``.g_idx``]."""
     tensors = {
         f"{prefix}.qweight": pack_codes(weight.codes.cpu(), weight.bits),
         f"{prefix}.scales": weight.scales.cpu().contiguous(),
-        f"{prefix}.zeros": weight.zeros.cpu().contiguous(),
     }
+    if weight.zero_point != "symmetric":
+        tensors[f"{prefix}.zeros"] = weight.zeros.cpu().contiguous()
     if weight.g_idx is not None:
         tensors[f"{prefix}.g_idx"] = weight.g_idx.cpu().contiguous()
     return tensors
@@ -121,11 +124,15 @@ def weight_to_tensors(weight: QuantizedWeight, prefix: str) -> dict[str, torch.T
 
 def weight_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, config: dict) -> QuantizedWeight:
     """Inverse of :func:`weight_to_tensors`."""
+    zero_point = str(config.get("zero_point", "integer"))
+    if zero_point not in ZERO_POINTS:
+        raise CorruptFileError(f"Quantized weight '{prefix}' has an unknown zero point '{zero_point}'.")
     try:
         out, inp = (int(v) for v in config["shape"])
         bits, group_size = int(config["bits"]), int(config["group_size"])
         codes = unpack_codes(tensors[f"{prefix}.qweight"], bits, out * inp).reshape(out, inp)
-        scales, zeros = tensors[f"{prefix}.scales"], tensors[f"{prefix}.zeros"]
+        scales = tensors[f"{prefix}.scales"]
+        zeros = torch.full_like(scales, 2 ** (bits - 1)) if zero_point == "symmetric" else tensors[f"{prefix}.zeros"]
         g_idx = tensors.get(f"{prefix}.g_idx")
     except (KeyError, TypeError, ValueError) as err:
         raise CorruptFileError(f"Quantized weight '{prefix}' is missing data ({err}).") from err
@@ -134,9 +141,6 @@ def weight_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, config: d
         raise CorruptFileError(f"Quantized weight '{prefix}' has scales/zeros of the wrong shape.")
     if g_idx is None and groups > 1 and group_size * (groups - 1) >= inp:
         raise CorruptFileError(f"Quantized weight '{prefix}' has an impossible group size.")
-    zero_point = str(config.get("zero_point", "integer"))
-    if zero_point not in ("integer", "float"):
-        raise CorruptFileError(f"Quantized weight '{prefix}' has an unknown zero point '{zero_point}'.")
     return QuantizedWeight(codes=codes, scales=scales, zeros=zeros, bits=bits, group_size=group_size,
                            method=str(config.get("method", "rtn")), g_idx=g_idx, zero_point=zero_point)
 

@@ -32,13 +32,11 @@ from torch import nn
 from engine.core.architectures import Architecture
 from engine.core.capture import LayerInputs, capture_layer_inputs
 from engine.core.data import TokenWindows
+from engine.core.progress import ProgressFn
 from engine.core.models import LoadedModel
 from engine.quant.cache import LayerWeights
 from engine.quant.gptq import HessianAccumulator, gptq_quantize_shared
 from engine.quant.grid import QuantizerSpec
-
-ProgressFn = Callable[[int, int], None]
-
 
 def linear_stages(arch: Architecture) -> list[tuple[str, ...]]:
     """A layer's linears grouped by the input they read, in the order they run.
@@ -58,7 +56,7 @@ def linear_stages(arch: Architecture) -> list[tuple[str, ...]]:
 
 
 def gptq_stage(linears: dict[str, nn.Linear], names: Sequence[str], hessian: torch.Tensor, spec: QuantizerSpec,
-                levels: Sequence[int]) -> dict[int, LayerWeights]:
+               levels: Sequence[int]) -> dict[int, LayerWeights]:
     """GPTQ of the linears ``names`` (one input, Hessian ``[in, in]``) at every level, in one column loop.
 
     Results on CPU: ``{bits: {name: weight}}``.
@@ -116,7 +114,7 @@ def _output(result) -> torch.Tensor:
 
 
 def run_layer(layer: nn.Module, index: int, signals: list[torch.Tensor], inputs: LayerInputs,
-               keep: bool = True) -> None:
+              keep: bool = True) -> None:
     """Run ``layer`` over every batch; with ``keep`` its outputs replace ``signals`` (the next layer's inputs)."""
     for b, hidden in enumerate(signals):
         try:
@@ -128,7 +126,7 @@ def run_layer(layer: nn.Module, index: int, signals: list[torch.Tensor], inputs:
 
 
 def gptq_layer_dense(layer: nn.Module, index: int, arch: Architecture, spec: QuantizerSpec, levels: list[int],
-                      signals: list[torch.Tensor], inputs: LayerInputs) -> dict[int, LayerWeights]:
+                     signals: list[torch.Tensor], inputs: LayerInputs) -> dict[int, LayerWeights]:
     """GPTQ of one layer at each level on dense signals; ``signals`` move on to the dense layer's outputs."""
     linears = arch.layer_linears(layer)
     stages = linear_stages(arch)
@@ -144,7 +142,7 @@ def gptq_layer_dense(layer: nn.Module, index: int, arch: Architecture, spec: Qua
 
 
 def gptq_layer_sequential(layer: nn.Module, index: int, arch: Architecture, spec: QuantizerSpec,
-                           signals: list[torch.Tensor], inputs: LayerInputs) -> LayerWeights:
+                          signals: list[torch.Tensor], inputs: LayerInputs) -> LayerWeights:
     """True-sequential GPTQ of one layer, in place; ``signals`` move on to the quantized layer's outputs.
 
     Each group of linears is calibrated on the inputs produced by the

@@ -1,7 +1,7 @@
 """Weight quantizers: pure tensor math, no model wiring (METHODS.md section 4).
 
-Two methods share one grid, asymmetric and group-wise along the input
-dimension (as in GPTQ's reference quantizer):
+Two methods share one grid, group-wise along the input dimension; by
+default asymmetric (as in GPTQ's reference quantizer):
 
 - each group of ``group_size`` consecutive input columns of one output row has
   an fp16 ``scale`` and an integer-valued ``zero`` point (stored as fp16);
@@ -35,7 +35,7 @@ with act-order needs a per-column group index ``g_idx``), and which signals
 calibrate each layer (``propagation``).  When ``in_features`` is not a
 multiple of ``group_size`` the last group is simply shorter.
 
-Storage (bit-packed codes, safetensors) lives in ``engine.quant_files``.
+Storage (bit-packed codes, safetensors) lives in :mod:`engine.quant.files`.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ class QuantizerSpec:
 
     ``bits``: code width, 2-8.  ``group_size``: input columns sharing one scale
     and zero (``None`` = one group per output row).  ``zero_point``:
-    ``integer`` (GPTQ convention) or ``float`` (fp16 group minimum).
+    ``integer`` (GPTQ convention), ``float`` (fp16 group minimum) or
+    ``symmetric`` (zero fixed at ``2**(bits-1)``, not stored).
 
     GPTQ only:
     - ``act_order``: quantize columns by decreasing ``diag(H)`` (activation energy).
@@ -171,8 +172,9 @@ class QuantizedWeight:
     ``codes``: uint8 ``[out, in]`` in ``[0, 2**bits - 1]``, held packed in memory
     (``packed``: 2-, 4- or 8-bit slots per byte along each row, see
     :mod:`engine.quant.packing`; ``codes`` unpacks on access); ``scales`` /
-    ``zeros``: fp16 ``[out, n_groups]`` (``zeros``: integer zero points, or the
-    group minimum with ``zero_point="float"``); ``g_idx``: int32 ``[in]`` group of
+    ``zeros``: fp16 ``[out, n_groups]`` (``zeros``: integer zero points, the
+    group minimum with ``zero_point="float"``, or ``2**(bits-1)`` everywhere
+    with ``zero_point="symmetric"``); ``g_idx``: int32 ``[in]`` group of
     each input column, or ``None`` for consecutive groups of ``group_size``
     columns.  ``group_size`` is the effective size (``in`` for one group per row).
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +50,7 @@ from engine.quant.allocation import Allocation
 from engine.core.architectures import Architecture
 from engine.core.cpu import trim_freed_heap
 from engine.core.data import TokenWindows
+from engine.core.progress import ProgressFn
 from engine.core.models import LoadedModel
 from engine.quant.cache import (
     LayerWeights,
@@ -62,21 +63,14 @@ from engine.quant.cache import (
     quant_cache_key,
 )
 from engine.quant.size import SizeReport, check_bits, size_report
-from engine.quant.gptq_pipeline import (
-    gptq_dense_signals,
-    gptq_sequential,
-    linear_stages,
-    restore_dense,
-    write_weights,
-)
+from engine.quant.gptq_pipeline import gptq_dense_signals, gptq_sequential, restore_dense, write_weights
 from engine.quant.quantized_linear import can_hold_codes, quantized_variant
 from engine.quant.grid import QuantizationError, QuantizerSpec, rtn_quantize
 
-ProgressFn = Callable[[int, int], None]
 DEFAULT_BATCH = 4  # calibration windows per forward, unless sequential GPTQ takes them all at once
 SEQUENTIAL_BATCH_TOKENS = 32768  # sequential GPTQ runs up to this many calibration tokens in one forward
 __all__ = ["QuantizeStats", "QuantizedModel", "SizeReport", "size_report", "clear_memory_cache", "layer_weights",
-           "allocation_weights", "linear_stages", "prepare_levels", "apply_weights", "quantize_model",
+           "allocation_weights", "prepare_levels", "apply_weights", "quantize_model",
            "calibration_warning", "resolve_batch_size"]
 
 

@@ -194,7 +194,7 @@ def slicing_schedule(store: ResultsStore, loaded: LoadedModel, plan: SlicingPlan
                      progress: StageProgress | None = None, compute: bool = True) -> SlicingSchedule:
     """The per-layer schedule a plan asks for (dynamic uses the LR scores of ``calibration``).
 
-    ``compute=False`` (previews): raise :class:`ScoresNotComputed` instead of scoring.
+    ``compute=False`` (previews): raise :class:`~engine.runs.cached_scores.ScoresNotComputed` instead of scoring.
     """
     if plan.schedule == "constant":
         return schedule_constant(plan.target, loaded.num_layers)
@@ -254,7 +254,7 @@ def allocation_for(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, ca
     """Bits per layer (the plan's ordering, then its low-bit fraction or target average),
     and the importance scores that ordered them (None for random and custom orders).
 
-    ``compute=False`` (previews): raise :class:`ScoresNotComputed` instead of scoring.
+    ``compute=False`` (previews): raise :class:`~engine.runs.cached_scores.ScoresNotComputed` instead of scoring.
     """
     n, importance = loaded.num_layers, None
     if plan.ordering in ("lim", "zd", "reversed-lim"):

@@ -60,3 +60,15 @@ def test_head_in_chunks_gives_the_full_logits_nll_and_scaled_heads_keep_the_full
     monkeypatch.setattr(perplexity_module, "chunked_head", lambda _model: None)
     full = window_nll_sums(model, windows, batch_size=2)
     torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-6)
+
+
+def test_a_decoder_that_cannot_run_alone_keeps_the_full_logits():
+    class NeedsMore(torch.nn.Module):
+        def forward(self, **kwargs):
+            raise TypeError("this decoder needs arguments only its model passes")
+
+    model = tiny_family_model("llama")
+    model.get_decoder = NeedsMore  # an instance attribute: only this model object
+    assert chunked_head(model) is None
+    windows = _random_windows(n=2, seqlen=16, vocab=model.config.vocab_size)
+    assert math.isfinite(perplexity(model, windows).ppl)

@@ -16,7 +16,7 @@ from engine.core.models import LoadedModel
 from engine.export.ct_folder import ct_unsupported, write_ct_folder
 from engine.export.hf_folder import ExportError
 from engine.quant.grid import QuantizerSpec
-from engine.quant.quantize_model import quantize_model
+from engine.quant.quantize_model import clear_memory_cache, quantize_model
 from engine.runs.exports import check_export, export_formats, export_run
 from engine.runs.plans import EvalPlan, QuantPlan
 from engine.runs.runner import run_quantization
@@ -90,6 +90,7 @@ def test_a_symmetric_run_exports_and_verifies_exactly(store, tiny_loaded, tmp_pa
     plan = QuantPlan(group_size=32, low_bits=3, low_fraction=0.5, ordering="random", zero_point="symmetric")
     run = run_quantization(store, tiny_loaded, plan, CALIB, EVAL)
     assert export_formats(run.record, tiny_loaded)["ct"] is None
+    clear_memory_cache()  # as in a new process (the CLI): the layers come back from the disk cache
     result = export_run(store, tiny_loaded, run.record, "ct", tmp_path / "ct")
     check = result["verification"]
     assert check["passed"] and check["rel_diff"] == pytest.approx(0.0, abs=1e-9)

@@ -22,7 +22,8 @@ from engine.quant.grid import (
     quantize_to_grid,
     rtn_quantize,
 )
-from engine.quant.quantize_model import linear_stages, quantize_model
+from engine.quant.gptq_pipeline import linear_stages
+from engine.quant.quantize_model import quantize_model
 from tests.tiny_models import TINY_FACTORIES
 
 ORDERS = [(False, "static"), (False, "dynamic"), (True, "static"), (True, "dynamic")]

@@ -187,9 +187,11 @@ def test_progress_reaches_the_total():
 
 
 FLOAT_RTN = QuantizerSpec(method="rtn", group_size=16, zero_point="float")
+SYMMETRIC_GPTQ = QuantizerSpec(method="gptq", group_size=16, zero_point="symmetric")
 
 
-@pytest.mark.parametrize("name, spec", [("llama-tied", RTN), ("phi3", GPTQ), ("qwen2", FLOAT_RTN)])
+@pytest.mark.parametrize("name, spec", [("llama-tied", RTN), ("phi3", GPTQ), ("qwen2", FLOAT_RTN),
+                                        ("llama", SYMMETRIC_GPTQ)])
 def test_save_and_load_give_identical_logits(tmp_path, name, spec):
     loaded = _loaded(TINY_FACTORIES[name]())
     qm = quantize_model(loaded, [2, 3, 4], _windows(), spec=spec, use_cache=False)

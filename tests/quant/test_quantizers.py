@@ -149,6 +149,11 @@ def test_gptq_grid_is_the_rtn_grid_and_storage_round_trips():
     assert torch.equal(f.dequantize(), expected)
     back = weight_from_tensors(weight_to_tensors(f, "x"), "x", weight_config(f))
     assert back.zero_point == "float" and torch.equal(back.dequantize(), expected)
+    sym = rtn_quantize(w, QuantizerSpec(bits=3, group_size=40, zero_point="symmetric"))
+    stored = weight_to_tensors(sym, "x")
+    assert "x.zeros" not in stored  # the zero is 2**(bits-1): not stored
+    back = weight_from_tensors(stored, "x", weight_config(sym))
+    assert back.zero_point == "symmetric" and torch.equal(back.dequantize(), sym.dequantize())
     # each group's codes use the grid of that group: the ranges include zero
     assert bool((q.zeros.float() >= 0).all() and (q.zeros.float() <= 7).all())
 
