@@ -14,6 +14,18 @@ def _new_run(before: set[int], method: str):
     return run
 
 
+def _quantization_preview(zero_point: str):
+    """The Quantization page after a random-order preview with group 32 and ``zero_point``; (app, stored run)."""
+    at = use_small_data(open_app("quantization"), windows=2, seqlen=40)
+    at.selectbox(key="keep.quant_order").set_value("random")
+    at.selectbox(key="keep.quant_group").set_value(32)
+    at.radio(key="keep.quant_zero").set_value(zero_point).run()
+    before = {r.id for r in ResultsStore().runs()}
+    click(at, "Preview")
+    assert not at.exception and not at.error, at.error
+    return at, _new_run(before, "quantization")
+
+
 def test_dropping_page_exports_a_run_and_refuses_a_full_folder(tiny_app, tmp_path):
     at = use_small_data(open_app("dropping"), windows=2, seqlen=40)
     if any(b.label.startswith("Compute LR scores") for b in at.button):
@@ -42,14 +54,7 @@ def test_dropping_page_exports_a_run_and_refuses_a_full_folder(tiny_app, tmp_pat
 
 @pytest.mark.slow  # ~14 s (reads the tokenizer back from GGUF twice)
 def test_quantization_export_lists_gguf_types(tiny_app, tmp_path):
-    at = use_small_data(open_app("quantization"), windows=2, seqlen=40)
-    at.selectbox(key="keep.quant_order").set_value("random")
-    at.selectbox(key="keep.quant_group").set_value(32)
-    at.radio(key="keep.quant_zero").set_value("float").run()
-    before = {r.id for r in ResultsStore().runs()}
-    click(at, "Preview")
-    assert not at.exception and not at.error, at.error
-    run = _new_run(before, "quantization")
+    at, run = _quantization_preview("float")
     assert at.selectbox(key=f"quantization_export_run_{run.id}").value == run.id  # the run just made
     assert at.radio(key="quantization_export_format").value == "gguf"
     assert any("zero point 'symmetric'" in c.value for c in at.caption)  # why there is no compressed-tensors option
@@ -67,14 +72,7 @@ def test_quantization_export_lists_gguf_types(tiny_app, tmp_path):
 
 
 def test_symmetric_quantization_exports_as_compressed_tensors(tiny_app, tmp_path):
-    at = use_small_data(open_app("quantization"), windows=2, seqlen=40)
-    at.selectbox(key="keep.quant_order").set_value("random")
-    at.selectbox(key="keep.quant_group").set_value(32)
-    at.radio(key="keep.quant_zero").set_value("symmetric").run()
-    before = {r.id for r in ResultsStore().runs()}
-    click(at, "Preview")
-    assert not at.exception and not at.error, at.error
-    run = _new_run(before, "quantization")
+    at, run = _quantization_preview("symmetric")
     assert run.config["quantizer_spec"]["zero_point"] == "symmetric"
     formats = at.radio(key="quantization_export_format")
     assert len(formats.options) == 2 and "compressed-tensors" in formats.options[1]
