@@ -31,6 +31,7 @@ measured.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
 
@@ -56,6 +57,8 @@ def _linear_names(model: nn.Module, loaded: LoadedModel) -> dict[str, tuple[int,
 
 def ct_unsupported(loaded: LoadedModel, spec: QuantizerSpec) -> str | None:
     """Why a quantization with ``spec`` of the loaded model cannot be a compressed-tensors folder; ``None`` if it can."""
+    if importlib.util.find_spec("compressed_tensors") is None:
+        return "the compressed-tensors package is not installed here: `pip install compressed-tensors`."
     if spec.zero_point != "symmetric":
         return ("compressed-tensors holds LayerLab's symmetric grid exactly; its zero-point variant does not load "
                 "in transformers for mixed bit widths. Quantize with zero point 'symmetric' to export this way.")

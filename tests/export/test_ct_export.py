@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import stat
@@ -71,6 +72,13 @@ def test_exported_files_get_the_usual_modes(tiny_loaded, tmp_path):
     write_ct_folder(quantize_model(tiny_loaded, [4] * 4, spec=SYMMETRIC), tiny_loaded, tmp_path / "ct")
     assert stat.S_IMODE((tmp_path / "ct").stat().st_mode) == 0o777 & ~umask
     assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ct").iterdir()} == {0o666 & ~umask}
+
+
+def test_a_missing_package_is_named(tiny_loaded, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "compressed_tensors"
+                        else real(name, *a))
+    assert "pip install compressed-tensors" in ct_unsupported(tiny_loaded, SYMMETRIC)
 
 
 def test_grids_the_format_cannot_hold_are_refused_with_what_to_do(tiny_loaded, tmp_path):
