@@ -23,7 +23,9 @@ store = results_store()
 st.title("Model")
 if loaded.note:
     st.info(loaded.note)
-st.table({"property": list(loaded.card), "value": [str(v) for v in loaded.card.values()]})
+st.table({"property": list(loaded.card),
+          "value": [f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+                    for v in loaded.card.values()]})
 
 if st.button("Verify weights", help="Recompute the weight fingerprint and compare it with the one taken at load."):
     if weights_fingerprint(loaded.model) == loaded.fingerprint:

@@ -33,7 +33,8 @@ BUILTIN_NOTE = (
     "exactly, other 4-bit grids re-round them; 3 and 2 bits are the informative levels."
 )
 
-LAYOUT_SOURCES = {"table": "table (explicit entry)", "discovered": "discovered (read off the module tree)"}
+LAYOUT_SOURCES = {"table": "table: a family LayerLab knows (engine/core/architectures.py)",
+                  "discovered": "discovered: read off the module tree"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -43,6 +43,8 @@ MIN_WINDOWS = 4
 """Fewer calibration windows than this make a bootstrap interval meaningless (3 windows: 10 distinct resamples)."""
 RESAMPLES = 1000
 
+BACKWARDS_RHO = -0.3  # a score ranks the damage backwards only with ρ at or below this
+
 
 @dataclass(frozen=True)
 class LayerScore:
@@ -86,10 +88,14 @@ class Agreement:
 
     @property
     def verdict(self) -> str:
-        """``well`` / ``partly`` / ``not`` / ``backwards``: from ρ and whether its interval excludes 0."""
+        """``well`` / ``partly`` / ``not`` / ``backwards``: from ρ and whether its interval excludes 0.
+
+        A weak negative ρ (above −0.3) is ``not``, even when its interval excludes 0: such a score is of no
+        use either way round, and "backwards" would overstate it.
+        """
         if self.low > 0:
             return "well" if self.rho >= 0.6 else "partly"
-        if self.high < 0:
+        if self.high < 0 and self.rho <= BACKWARDS_RHO:
             return "backwards"
         return "not"
 

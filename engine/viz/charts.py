@@ -22,6 +22,9 @@ def _titled(fig: go.Figure, title: str, subtitle: str, **layout) -> go.Figure:
     return styled(fig, title, subtitle, **layout)
 
 
+BAR_WIDTH = 0.8  # in layers: a trace holding few, far-apart layers would otherwise get bars as wide as their gaps
+
+
 def robust_range(values: list[float], pad: float = 0.1) -> tuple[list[float], list[int]]:
     """Axis range over the bulk of ``values`` and the indices left below it.
 
@@ -93,10 +96,14 @@ def lr_profile_chart(scores: LayerRedundancy, subtitle: str, zoom: bool = True) 
         fig.update_yaxes(range=y_range)
         shown = sorted({i % len(layers) for i in below})
         if shown:
-            text = "below the axis: " + ", ".join(f"layer {i} LR {scores.lr[i]:.3f}" for i in shown
-                                                  if scores.lr[i] < y_range[0])
-            fig.add_annotation(x=shown[0], y=y_range[0], text=text, showarrow=True, arrowhead=2, ax=40, ay=-30,
-                               xanchor="left", font={"size": 11}, bgcolor="rgba(255,255,255,0.8)")
+            series = (("LR", scores.lr), ("attention", scores.attn_cos), ("MLP", scores.mlp_cos))
+            parts = []
+            for i in shown:  # every series of that layer the axis leaves out, not only LR
+                values = ", ".join(f"{name} {values[i]:.3f}" for name, values in series if values[i] < y_range[0])
+                parts.append(f"layer {i} ({values})")
+            fig.add_annotation(x=shown[0], y=y_range[0], text="below the axis: " + "; ".join(parts),
+                               showarrow=True, arrowhead=2, ax=40, ay=-30, xanchor="left", font={"size": 11},
+                               bgcolor="rgba(255,255,255,0.8)")
     fig.update_xaxes(range=padded_range(layers, pad=0.02))
     return fig
 
@@ -216,6 +223,18 @@ def token_cosine_histogram(scores: LayerRedundancy, layer: int, subtitle: str) -
                    xaxis_title="cosine(input, output)", yaxis_title="tokens")
 
 
+def _name_values_outside(fig: go.Figure, values: list[float], y_range: list[float], yref: str = "y",
+                         colour: str = "#222222") -> None:
+    """Points a zoomed axis leaves out: their value, written just inside the edge they cross."""
+    inset = 0.06 * (y_range[1] - y_range[0])
+    for i, value in enumerate(values):
+        if value > y_range[1] or value < y_range[0]:
+            above = value > y_range[1]
+            fig.add_annotation(x=i, y=y_range[1] - inset if above else y_range[0] + inset, yref=yref,
+                               text=f"{'↑' if above else '↓'} {value:.3f}", showarrow=False,
+                               font={"size": 10, "color": colour}, bgcolor="rgba(255,255,255,0.85)")
+
+
 def _with_secondary_line(fig: go.Figure, values: list[float], name: str, axis_title: str) -> go.Figure:
     colour = "#222222"
     fig.add_trace(go.Scatter(x=list(range(len(values))), y=values, mode="lines+markers", name=name,
@@ -224,13 +243,7 @@ def _with_secondary_line(fig: go.Figure, values: list[float], name: str, axis_ti
     y_range, _below = robust_range(values)
     fig.update_layout(yaxis2={"title": axis_title, "overlaying": "y", "side": "right", "showgrid": False,
                               "range": y_range, "tickformat": ".2f"})
-    inset = 0.06 * (y_range[1] - y_range[0])
-    for i, value in enumerate(values):  # points the zoomed axis leaves out: their value, at the edge they cross
-        if value > y_range[1] or value < y_range[0]:
-            above = value > y_range[1]
-            fig.add_annotation(x=i, y=y_range[1] - inset if above else y_range[0] + inset, yref="y2",
-                               text=f"{'↑' if above else '↓'} {value:.3f}", showarrow=False,
-                               font={"size": 10, "color": colour}, bgcolor="rgba(255,255,255,0.85)")
+    _name_values_outside(fig, values, y_range, "y2", colour)
     return fig
 
 
@@ -276,7 +289,7 @@ def bit_map_chart(table: pd.DataFrame, subtitle: str) -> go.Figure:
     """Bars of each layer's bit level (one colour and legend entry per level), importance as a line."""
     fig = go.Figure()
     for bits, group in table.groupby("bits"):
-        fig.add_trace(go.Bar(x=group["layer"], y=group["bits"], name=f"{bits} bits",
+        fig.add_trace(go.Bar(x=group["layer"], y=group["bits"], name=f"{bits} bits", width=BAR_WIDTH,
                              marker={"color": BIT_COLOURS.get(int(bits), "#777777")},
                              hovertemplate="layer %{x}<br>%{y} bits<extra></extra>"))
     if len(table.columns) > 2:
@@ -314,7 +327,7 @@ def drop_preview_chart(table: pd.DataFrame, subtitle: str) -> go.Figure:
     fig = go.Figure()
     for dropped, colour, name in ((False, "#9E9E9E", "kept"), (True, "#D55E00", "dropped")):
         part = table[table["dropped"] == dropped]
-        fig.add_trace(go.Bar(x=part["layer"], y=part[label], name=name, marker={"color": colour},
+        fig.add_trace(go.Bar(x=part["layer"], y=part[label], name=name, marker={"color": colour}, width=BAR_WIDTH,
                              hovertemplate="layer %{x}<br>" + label + " %{y:.4g}<extra>" + name + "</extra>"))
     order = "lower = cheaper to drop" if measured else "higher = more redundant"
     _titled(fig, f"Which layers go: {label.split(' (')[0]} per layer ({order})", subtitle,
@@ -329,4 +342,5 @@ def drop_preview_chart(table: pd.DataFrame, subtitle: str) -> go.Figure:
     else:
         y_range, _below = robust_range(values)
         fig.update_layout(yaxis_range=y_range)
+        _name_values_outside(fig, values, y_range)
     return fig

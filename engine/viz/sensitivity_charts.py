@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 from engine.sensitivity.agreement import Agreement, LayerScore, best_per_score
 from engine.sensitivity.findings import rho_text, score_names
 from engine.sensitivity.scan import ActionDamage
-from engine.viz.style import PALETTE, padded_range, styled, wants_log
+from engine.viz.style import PALETTE, log_ticks, padded_range, styled, wants_log
 
 DAMAGE_COLOURS = "YlOrRd"  # sequential: light = cheap, dark = costly (monotone in log KL)
 AGREEMENT_COLOURS = "RdBu"  # diverging around ρ = 0: blue = the score ranks the damage, red = backwards
@@ -111,8 +111,13 @@ def score_scatter(score: LayerScore, damage: ActionDamage, row: Agreement, subti
         hovertemplate="layer %{text}<br>" + score.name + " %{x:.4g}<br>KL %{y:.3e}<br>"
                       "ΔNLL %{customdata:+.4f}<extra></extra>",
     ))
-    styled(fig, f"{score.name} vs measured {damage.spec.label} KL: {rho_text(row)}", subtitle,
+    styled(fig, f"{score.name} vs measured {damage.spec.label} KL<br>{rho_text(row)}", subtitle,
            xaxis_title=f"{score.name} ({score.reading})", yaxis_title="KL to dense (nats/token)", showlegend=False)
     fig.update_xaxes(range=padded_range(table["score"]))
-    fig.update_yaxes(type="log" if log else "linear", range=padded_range(table["kl"], log=log, pad=0.12))
+    y_range = padded_range(table["kl"], log=log, pad=0.12)
+    fig.update_yaxes(type="log" if log else "linear", range=y_range)
+    if log:  # clean 1-2-5 ticks, not Plotly's minor digits
+        ticks, labels = log_ticks(y_range)
+        fig.update_yaxes(tickvals=ticks, ticktext=labels)
+    fig.update_layout(margin={"t": 110})  # title, ρ and the 'computed on' line
     return fig

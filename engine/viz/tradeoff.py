@@ -110,7 +110,8 @@ def _hover(row: pd.Series, x: str, y: str) -> str:
 
 def tradeoff_figure(frame: pd.DataFrame, x: str, y: str, subtitle: str, log_y: bool | None = None) -> go.Figure:
     """Quality ``y`` vs size ``x``: one colour per series, previews hollow and dashed, error bars from the
-    bootstrap interval, dense as a black star and dotted reference line, Pareto frontier as a grey step line.
+    bootstrap interval, dense as a black star and dotted reference line, Pareto frontier (over the full
+    runs and dense) as a grey step line; a linear quality axis starts at 0 at the lowest.
 
     ``log_y``: None picks a log axis only when the values span a decade.
     """
@@ -159,6 +160,8 @@ def tradeoff_figure(frame: pd.DataFrame, x: str, y: str, subtitle: str, log_y: b
                 f"{reference:.4g}<extra></extra>",
             ))
     final = points[~points["preview"].astype(bool)] if "preview" in points else points
+    if not dense.empty and x in dense:  # dense competes too: a run bigger and worse than dense is on no frontier
+        final = pd.concat([final, dense.dropna(subset=[x]).iloc[:1]])
     if len(final) > 1:
         mask = pareto_mask(final[x].tolist(), final[y].tolist(), lower, axis.larger_is_bigger)
         front = final[mask].sort_values(x)
@@ -172,6 +175,8 @@ def tradeoff_figure(frame: pd.DataFrame, x: str, y: str, subtitle: str, log_y: b
            yaxis_title=quality + (" (log scale)" if log else ""))
     fig.update_xaxes(range=padded_range(xs), zeroline=False)
     y_range = padded_range(ys, log=log)
+    if not log and y_range[0] < 0 <= min(ys, default=0):  # perplexity and accuracy are never negative
+        y_range[0] = 0.0
     fig.update_yaxes(type="log" if log else "linear", range=y_range, zeroline=False)
     if log:
         values, labels = log_ticks(y_range)

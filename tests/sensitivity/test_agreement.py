@@ -9,6 +9,7 @@ import pytest
 from engine.scores.ranking import spearman
 from engine.sensitivity.actions import parse_action
 from engine.sensitivity.agreement import (
+    Agreement,
     LayerScore,
     agreement_table,
     bootstrap_damage,
@@ -53,6 +54,15 @@ def test_agreement_rho_interval_and_overlap_on_known_damage():
     assert rows["known"].rho == pytest.approx(0.8) and rows["known"].low <= 0.8 <= rows["known"].high
     assert rows["perfect"].overlap == 1.0 and rows["reversed"].overlap == 0.0 and rows["known"].overlap == 0.5
     assert rows["perfect"].verdict == "well"
+
+
+def test_a_weak_negative_rho_is_no_ranking_not_a_backwards_one():
+    def row(rho, low, high):
+        return Agreement("ZD", "drop", "drop layer", rho, low, high, top_k=2, overlap=0.0)
+
+    assert row(-0.14, -0.20, -0.04).verdict == "not"  # the interval excludes 0, but the score is of no use
+    assert row(-0.45, -0.60, -0.30).verdict == "backwards"
+    assert row(0.14, 0.04, 0.20).verdict == "partly" and row(0.7, 0.6, 0.8).verdict == "well"
 
 
 def test_a_noisy_measurement_gets_a_wide_interval_that_contains_rho():

@@ -50,6 +50,7 @@ def test_lr_profile_zooms_to_the_bulk_and_names_the_outlier_inside_the_axes():
     assert low > 0.5 and high < 1.05  # layer 0 no longer flattens the rest
     (note,) = [a for a in fig.layout.annotations if "layer 0" in a.text]
     assert low <= note.y <= high and "0.004" in note.text
+    assert "attention 0.014" in note.text and "MLP -0.006" in note.text  # every series the axis leaves out
     full = charts.lr_profile_chart(_scores(lr), "t", zoom=False)
     assert full.layout.yaxis.range is None  # the unzoomed view is Plotly's full autorange
 
@@ -115,3 +116,19 @@ def test_secondary_line_points_off_the_zoomed_axis_are_annotated_inside_it():
     assert sorted(a.x for a in off) == [0, 21]
     assert all(low < a.y < high for a in off) and {a.text for a in off} == {"↑ -0.004", "↑ -0.200"}
     assert not [a for a in fig.layout.annotations if a.yref == "y2" and a.x not in (0, 21)]
+
+
+def test_drop_preview_bars_are_one_layer_wide_and_values_off_the_axis_are_named():
+    lr = [-0.009] + [0.93 + 0.002 * i for i in range(27)] + [0.40]
+    table = charts.drop_preview_table(_scores(lr), "lr", dropped=[14, 17])
+    fig = charts.drop_preview_chart(table, "t")
+    assert {trace.width for trace in fig.data} == {charts.BAR_WIDTH}  # not the 3-layer gap between 14 and 17
+    low, high = fig.layout.yaxis.range
+    notes = {a.x: a for a in fig.layout.annotations}
+    assert set(notes) == {0, 28} and all(low <= a.y <= high for a in notes.values())
+    assert "-0.009" in notes[0].text and "0.400" in notes[28].text
+
+
+def test_bit_map_bars_keep_their_width_when_a_level_has_few_layers():
+    fig = charts.bit_map_chart(charts.bit_map_table([4] * 5 + [2] + [4] * 10 + [2], None, "LIM"), "t")
+    assert {trace.width for trace in fig.data if trace.type == "bar"} == {charts.BAR_WIDTH}

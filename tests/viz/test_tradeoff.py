@@ -56,8 +56,18 @@ def test_linear_axis_spans_the_data_with_padding_and_dense(store):
     names = [t.name for t in fig.data]
     assert {"constant", "dynamic SB=0.1", "Pareto frontier"} <= set(names) and "dense (20)" in names
     front = fig.data[names.index("Pareto frontier")]
-    assert sorted(zip(front.x, front.y)) == [(0.8, 40.0), (0.9, 30.0)]
+    assert sorted(zip(front.x, front.y)) == [(0.8, 40.0), (0.9, 30.0), (1.0, 20.0)]  # dense ends the frontier
     assert "test data" in fig.layout.title.text
+
+
+def test_runs_bigger_and_worse_than_dense_are_on_no_frontier_and_linear_axes_start_at_zero(store):
+    frame = _frame(store, [("dense", None, 1.0, 36.0), ("slicing", "constant", 1.11, 5300.0),
+                           ("slicing", "dynamic SB=0.1", 1.12, 5650.0), ("quantization", "lim 4/2", 0.4, 9000.0)])
+    fig = tradeoff_figure(frame, "metrics.size_fraction", "metrics.ppl", "t", log_y=False)
+    names = [t.name for t in fig.data]
+    front = fig.data[names.index("Pareto frontier")]
+    assert sorted(zip(front.x, front.y)) == [(0.4, 9000.0), (1.0, 36.0)]  # the sliced runs: bigger and worse
+    assert fig.layout.yaxis.range[0] == 0.0  # padding alone would reach about -700
 
 
 def test_log_axis_keeps_every_trace_and_annotation_inside(store):
