@@ -53,8 +53,8 @@ if spec is None:
     st.stop()
 rank_warning = pca_rank_warning(spec.n_windows * spec.seqlen if spec.n_windows else 10**9, hidden_size(loaded))
 if "slice" in kinds and rank_warning:
-    st.warning(rank_warning + " Measured slicing damage is then near 0 on this sample (the dimensions sliced away "
-               "carry none of it) and says nothing about other text.")
+    st.warning(rank_warning + " On this calibration sample itself the measured slicing damage is then near 0 "
+               "(the dimensions sliced away carry none of its variance), which says nothing about other text.")
 
 try:
     if set(kinds) & set(QUANT_KINDS) and not bits:
