@@ -40,7 +40,8 @@ with st.expander("Sweep every method at matched sizes"):
         points = matched_size_sweep(loaded, sizes, QuantPlan(quantizer=quantizer))
     except ValueError as err:
         st.error(str(err))
-    st.caption("Planned: " + ("; ".join(f"{p.method} {p.plan.series()} → {p.predicted_size:.1%}" for p in points)
+    st.caption("Planned: " + ("; ".join(f"{p.method} {p.plan.series()} ({p.plan.setting()}) → {p.predicted_size:.1%}"
+                                        for p in points)
                              or "nothing reaches these sizes")
                + ". Slicing is not planned (on small models sliced models outgrow dense up to ~25%); its stored "
                "runs still appear on the chart.")

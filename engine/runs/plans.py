@@ -48,6 +48,10 @@ class SlicingPlan:
         """Curve label on trade-off charts."""
         return f"dynamic SB={self.basis:g}" if self.schedule == "dynamic" else self.schedule
 
+    def setting(self) -> str:
+        """What tells this plan from the others of its series, in words: ``25% sliced``."""
+        return f"{self.target:.0%} sliced"
+
     def name(self) -> str:
         """A file-name-safe name, e.g. ``dynamic_SB=0.1-0.25``."""
         return f"{self.series().replace(' ', '_')}-{self.target:g}"
@@ -79,6 +83,12 @@ class QuantPlan:
         if self.ordering == "optimizer":
             return f"optimizer {self.low_bits}-{self.high_bits}-bit {self.quantizer}"
         return f"{self.ordering} {self.high_bits}/{self.low_bits}-bit {self.quantizer}"
+
+    def setting(self) -> str:
+        """What tells this plan from the others of its series: ``50% of layers at 3 bits`` or ``3.25 bits average``."""
+        if self.target_bits is not None:
+            return f"{self.target_bits:g} bits average"
+        return f"{self.low_fraction or 0:.0%} of layers at {self.low_bits} bits"
 
     def name(self) -> str:
         share = f"{self.target_bits:g}avg" if self.target_bits is not None else f"{self.low_fraction or 0:g}low"
@@ -112,6 +122,10 @@ class DropPlan:
         """Curve label on trade-off charts."""
         what = {"layer": "layers", "attention": "attention blocks", "mlp": "MLP blocks"}[self.block]
         return f"drop {what} by {self.by}" + (", iterative" if self.is_iterative else "")
+
+    def setting(self) -> str:
+        """What tells this plan from the others of its series: ``4 dropped``."""
+        return f"{len(self.custom) if self.by == 'custom' else self.count} dropped"
 
     def choice(self) -> str:
         """How the layers were chosen, in words (stored with the run)."""

@@ -40,6 +40,7 @@ def test_compare_page_plans_a_sweep_and_draws_every_method(tiny_app):
     at.text_input(key="keep.cmp_sizes").set_value("0.99").run()  # the tiny model is mostly its embedding
     planned = next(c.value for c in at.caption if c.value.startswith("Planned:"))
     assert "dropping" in planned and "quantization" in planned
+    assert " dropped)" in planned and " of layers at " in planned  # each point says its setting, not only its series
     click(at, "Run the sweep")
     assert not at.exception and not at.error, at.error
     names = {t.name for t in plotly.io.from_json(at.get("plotly_chart")[0].proto.spec).data}
