@@ -14,6 +14,7 @@ import html
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -32,10 +33,13 @@ class ReportItem:
 
 
 PERCENT_COLUMNS = ("change vs dense",)
+RATIO_COLUMNS = ("speed vs dense",)  # shown as the app shows them: 0.93×
 
 
 def _table_html(frame: pd.DataFrame) -> str:
     def fmt(value):
+        if isinstance(value, (bool, np.bool_)):
+            return "yes" if value else "no"
         if isinstance(value, float):
             if value != value:  # NaN: not measured
                 return "–"
@@ -46,6 +50,9 @@ def _table_html(frame: pd.DataFrame) -> str:
     for column in PERCENT_COLUMNS:
         if column in shown:
             shown[column] = [f"{v:+.1%}" if isinstance(v, float) and v == v else v for v in shown[column]]
+    for column in RATIO_COLUMNS:
+        if column in shown:
+            shown[column] = [f"{v:.2f}×" if isinstance(v, float) and v == v else v for v in shown[column]]
     shown = shown.map(fmt) if not shown.empty else shown
     return shown.to_html(index=False, border=0, classes="data", na_rep="–")
 
@@ -93,7 +100,8 @@ def build_report(title: str, model_cards: dict[str, dict], items: list[ReportIte
             "</div></details>",
         ]
     for source, card in model_cards.items():
-        card_frame = pd.DataFrame({"property": list(card), "value": [str(v) for v in card.values()]})
+        card_frame = pd.DataFrame({"property": list(card), "value": [
+            f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v) for v in card.values()]})
         parts.append(f"<h2>Model: {html.escape(source)}</h2>{_table_html(card_frame)}")
     parts += [f"<h2>All runs</h2><p>{len(runs)} runs with every setting and metric: "
               f"{_csv_link(runs, 'layerlab-runs.csv')} (CSV attachment).</p>", "</body></html>"]

@@ -59,3 +59,12 @@ def test_compact_table_puts_stakeholder_columns_first(store):
     assert list(table.columns[:6]) == ["run", "method", "series", "preview", "size vs dense (16-bit bytes)",
                                        "perplexity"]
     assert table.shape[1] <= 12
+
+
+def test_report_tables_read_like_the_app(store):
+    compact = pd.DataFrame({"run": [2, 3], "preview": [False, True], "speed vs dense": [0.9254, float("nan")],
+                            "change vs dense": [0.52, float("nan")]})
+    html_text = build_report("t", {"m": {"parameters": 134515008, "layers": 30}}, [], _runs(store), compact=compact)
+    assert "134,515,008" in html_text and ">30<" in html_text  # the model card
+    assert "0.93×" in html_text and "+52.0%" in html_text and "0.9254" not in html_text
+    assert ">no<" in html_text and ">yes<" in html_text and ">False<" not in html_text
