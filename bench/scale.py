@@ -34,7 +34,7 @@ from engine.core.data import DataSpec, TokenWindows
 from engine.core.memory import ModelShape, evaluation_batch, plan_memory
 from engine.core.models import LoadedModel, model_size
 from engine.dropping.drop_model import drop_model
-from engine.evaluation.perplexity import HEAD_CHUNK, chunked_head, perplexity
+from engine.evaluation.perplexity import head_chunk, perplexity
 from engine.quant.grid import QuantizerSpec
 from engine.quant.quantize_model import quantize_model
 from engine.scores.redundancy import layer_redundancy
@@ -139,7 +139,7 @@ def main() -> None:
                                   calib_tokens=windows.input_ids.numel(), eval_batch=eval_batch,
                                   eval_seqlen=args.seqlen, group_size=128,
                                   code_bits=code_bits,
-                                  head_chunk=HEAD_CHUNK if chunked_head(loaded.model) is not None else None)
+                                  head_chunk=head_chunk(loaded.model))
             row["planned_over_base"] = planned.peak_over_base
             row["measured_over_planned"] = row["peak_over_base"] / planned.peak_over_base
         rows.append(row)

@@ -3,7 +3,7 @@
 import streamlit as st
 
 from engine.core.data import DataError
-from engine.core.models import weights_fingerprint
+from engine.core.models import card_values, weights_fingerprint
 from engine.runs.plans import EvalPlan
 from engine.runs.runner import find_dense, run_dense
 from engine.runs.summary import compact_table, run_warnings
@@ -23,9 +23,7 @@ store = results_store()
 st.title("Model")
 if loaded.note:
     st.info(loaded.note)
-st.table({"property": list(loaded.card),
-          "value": [f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
-                    for v in loaded.card.values()]})
+st.table({"property": list(loaded.card), "value": card_values(loaded.card)})
 
 if st.button("Verify weights", help="Recompute the weight fingerprint and compare it with the one taken at load."):
     if weights_fingerprint(loaded.model) == loaded.fingerprint:

@@ -109,6 +109,11 @@ class Architecture:
                 continue
         return found
 
+    def linear_paths(self, n_layers: int) -> dict[str, tuple[int, str]]:
+        """Module path of every decoder-layer linear -> ``(layer, short name)``, e.g.
+        ``"model.layers.0.self_attn.q_proj" -> (0, "q")`` (add ``.weight`` for the state-dict key)."""
+        return {f"{self.layers}.{i}.{path}": (i, short) for i in range(n_layers) for short, path in self.linears.items()}
+
     @property
     def linear_names(self) -> list[str]:
         """Short names of a layer's linears (heatmap columns)."""

@@ -153,22 +153,25 @@ def evaluation_bytes(shape: ModelShape, batch: int, seqlen: int, head_chunk: int
         logits = min(head_chunk, batch * seqlen) * shape.vocab * (s + 8)
     else:
         logits = batch * seqlen * shape.vocab * s + 2 * seqlen * shape.vocab * 4
-    layer = batch * seqlen * (4 * shape.hidden + 3 * shape.intermediate) * s
+    return logits + activation_bytes(shape, batch, seqlen)
+
+
+def activation_bytes(shape: ModelShape, batch: int, seqlen: int) -> int:
+    """One layer's intermediates and its fp32 attention scores for a batch of ``batch`` windows (no logits)."""
+    layer = batch * seqlen * (4 * shape.hidden + 3 * shape.intermediate) * shape.element_size
     attention = batch * shape.heads * seqlen * seqlen * 4
-    return logits + layer + attention
+    return layer + attention
 
 
 EVAL_BUDGET = 0.03  # evaluation activations may use this fraction of the model's bytes (a batch of 1 always runs)
 
 
 def evaluation_batch(shape: ModelShape, seqlen: int, requested: int = 4, budget: float = EVAL_BUDGET) -> int:
-    """Windows per evaluation forward: the most, up to ``requested``, whose activations (one layer's
-    intermediates and attention scores, :func:`evaluation_bytes` without the logits) stay within ``budget``
-    of the model's bytes; at least 1.  The built-in model at 256 tokens and a 1B model at 512 evaluate one
+    """Windows per evaluation forward: the most, up to ``requested``, whose :func:`activation_bytes` stay
+    within ``budget`` of the model's bytes; at least 1.  The built-in model at 256 tokens and a 1B model at 512 evaluate one
     window at a time (as fast per token on a CPU as four), a 135M model at 64 tokens four at a time.
     """
-    per_window = evaluation_bytes(shape, 1, seqlen, head_chunk=1) - shape.vocab * (shape.element_size + 8)
-    fitting = int(budget * shape.bytes // max(1, per_window))
+    fitting = int(budget * shape.bytes // max(1, activation_bytes(shape, 1, seqlen)))
     return max(1, min(int(requested), fitting))
 
 

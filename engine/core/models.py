@@ -301,6 +301,11 @@ def model_card(loaded: LoadedModel) -> dict:
     }
 
 
+def card_values(card: dict) -> list[str]:
+    """The model card's values as shown (page and report): counts with thousands separators."""
+    return [f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v) for v in card.values()]
+
+
 def load_model(
     source: str = BUILTIN_NAME,
     device: str = "auto",

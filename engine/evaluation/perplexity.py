@@ -93,6 +93,12 @@ def _head_matches(model: torch.nn.Module, decoder: torch.nn.Module, head: torch.
     return ours.shape == full.shape and torch.equal(ours.to(full.device), full)  # the same ops: bit for bit
 
 
+def head_chunk(model: torch.nn.Module) -> int | None:
+    """Positions per head call when evaluating ``model`` (:data:`HEAD_CHUNK`), or ``None`` for full logits:
+    what a memory plan counts."""
+    return HEAD_CHUNK if chunked_head(model) is not None else None
+
+
 def _nll_sums_chunked(decoder: torch.nn.Module, head: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Summed NLL (fp64) of each row of ``batch`` ``[b, T]``, the head applied to :data:`HEAD_CHUNK` positions
     (of all rows together) at a time."""

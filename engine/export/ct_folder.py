@@ -41,18 +41,11 @@ from torch import nn
 
 from engine.core.models import LoadedModel
 from engine.core.paths import atomic_folder
-from engine.export.hf_folder import WEIGHTS_FILE, ExportError, _state_dict, folder_bytes
-from engine.quant.grid import QuantizedWeight, QuantizerSpec
+from engine.export.hf_folder import WEIGHTS_FILE, ExportError, folder_bytes, tensors_to_save
+from engine.quant.grid import QuantizedWeight, QuantizerSpec, symmetric_zero
 from engine.quant.quantize_model import QuantizedModel
 
 FORMAT = "pack-quantized"
-
-
-def _linear_names(model: nn.Module, loaded: LoadedModel) -> dict[str, tuple[int, str]]:
-    """Module name -> (layer, short name) of every decoder-layer linear."""
-    arch = loaded.architecture
-    return {f"{arch.layers}.{i}.{path}": (i, short)
-            for i in range(len(arch.decoder_layers(model))) for short, path in arch.linears.items()}
 
 
 def ct_unsupported(loaded: LoadedModel, spec: QuantizerSpec) -> str | None:
@@ -90,7 +83,7 @@ def _packed(weight: QuantizedWeight) -> dict[str, torch.Tensor]:
     """``weight_packed`` / ``weight_scale`` / ``weight_shape`` of one linear (codes signed, then packed)."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    signed = (weight.codes.to(torch.int16) - 2 ** (weight.bits - 1)).to(torch.int8)
+    signed = (weight.codes.to(torch.int16) - symmetric_zero(weight.bits)).to(torch.int8)
     return {"weight_packed": pack_to_int32(signed.cpu(), weight.bits).contiguous(),
             "weight_scale": weight.scales.to(torch.float16).cpu().contiguous(),
             "weight_shape": torch.tensor(weight.shape, dtype=torch.int64)}
@@ -112,8 +105,8 @@ def write_ct_folder(quantized: QuantizedModel, loaded: LoadedModel, folder: str 
     import compressed_tensors
 
     source = quantized.tensor_source()
-    names = _linear_names(source, loaded)
-    state = {name: tensor for name, tensor in _state_dict(source, dtype).items()
+    names = loaded.architecture.linear_paths(len(quantized.bits))
+    state = {name: tensor for name, tensor in tensors_to_save(source, dtype).items()
              if name.removesuffix(".weight") not in names}  # the base's dense linears are replaced below
     by_bits: dict[int, list[str]] = {}
     for module, (layer, short) in names.items():

@@ -118,7 +118,7 @@ def choose_type(bits: int, row: int, spec: QuantizerSpec, mode: str = "exact") -
         elif exact == "Q8_0":
             why = f"LayerLab's code − zero copied as int8 with the fp16 scale ({bits}-bit codes in Q8_0 blocks)"
         else:
-            why = f"LayerLab's codes copied; the minimum −zero·scale is rounded to fp16 (nearly exact)"
+            why = "LayerLab's codes copied; the minimum −zero·scale is rounded to fp16 (nearly exact)"
         return TensorChoice(-1, "", bits, exact, True, why)
     ladder = TYPE_LADDER[bits] if mode == "compact" else tuple(t for t in TYPE_LADDER[bits] if not t.endswith("_K"))
     for qtype in ladder:
@@ -291,8 +291,7 @@ def write_gguf(quantized: QuantizedModel, loaded: LoadedModel, folder: str | Pat
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[gguf_arch.upper()], n_layers)
     heads = {"q": config.num_attention_heads,
              "k": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
-    linear_paths = {f"{arch.layers}.{i}.{path}.weight": (i, short)
-                    for i in range(n_layers) for short, path in arch.linears.items()}
+    linear_paths = {f"{path}.weight": where for path, where in arch.linear_paths(n_layers).items()}
     lines = describe_choices(choices)
     types: Counter = Counter()
     folder = Path(folder)

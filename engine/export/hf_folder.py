@@ -104,7 +104,7 @@ def modeling_source(model: nn.Module) -> str:
     return text.replace(_FAMILY_LINE, f"from transformers import {family} as FamilyForCausalLM  # family")
 
 
-def _state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def tensors_to_save(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Tensors to save (CPU, contiguous, floats cast to ``dtype`` if given); a head tied to the embedding is left
     for transformers to re-tie."""
     state = {}
@@ -142,12 +142,12 @@ def write_hf_folder(model: nn.Module, architecture: Architecture, folder: str | 
     with atomic_folder(folder, overwrite) as staging:
         if remote:
             (staging / MODELING_FILE).write_text(modeling_source(model))
-            save_file(_state_dict(model, dtype), str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+            save_file(tensors_to_save(model, dtype), str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
             if getattr(model, "generation_config", None) is not None:
                 model.generation_config.save_pretrained(staging)
         else:  # an ordinary checkpoint of its family (transformers applies its own key conversions)
             model.save_pretrained(staging, safe_serialization=True,
-                                  state_dict=_state_dict(model, dtype) if dtype is not None else None)
+                                  state_dict=tensors_to_save(model, dtype) if dtype is not None else None)
         config.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)

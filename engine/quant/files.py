@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from engine.core.paths import atomic_file
 
-from engine.quant.grid import ZERO_POINTS, QuantizationError, QuantizedWeight
+from engine.quant.grid import ZERO_POINTS, QuantizationError, QuantizedWeight, symmetric_zero
 
 FORMAT = "layerlab-quant"
 FORMAT_VERSION = "1"
@@ -132,7 +132,8 @@ def weight_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, config: d
         bits, group_size = int(config["bits"]), int(config["group_size"])
         codes = unpack_codes(tensors[f"{prefix}.qweight"], bits, out * inp).reshape(out, inp)
         scales = tensors[f"{prefix}.scales"]
-        zeros = torch.full_like(scales, 2 ** (bits - 1)) if zero_point == "symmetric" else tensors[f"{prefix}.zeros"]
+        zeros = (torch.full_like(scales, symmetric_zero(bits)) if zero_point == "symmetric"
+                 else tensors[f"{prefix}.zeros"])
         g_idx = tensors.get(f"{prefix}.g_idx")
     except (KeyError, TypeError, ValueError) as err:
         raise CorruptFileError(f"Quantized weight '{prefix}' is missing data ({err}).") from err

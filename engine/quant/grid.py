@@ -150,6 +150,11 @@ class QuantizerSpec:
         return f"{self.method.upper()} {self.bits}-bit {group}{extra}"
 
 
+def symmetric_zero(bits: int) -> int:
+    """The fixed zero point of the symmetric grid: the middle code, ``2**(bits-1)``."""
+    return 2 ** (bits - 1)
+
+
 def weight_storage_bits(out_features: int, in_features: int, bits: int, group_size: int | None,
                         group_index: bool = False, zero_point: str = "integer") -> int:
     """Bits needed to store one quantized ``[out, in]`` weight.
@@ -307,7 +312,7 @@ def grid_params(weight: torch.Tensor, bits: int, zero_point: str = "integer") ->
     if zero_point == "symmetric":
         scale = 2 * w.abs().max(dim=1).values / maxq
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return _round_up_fp16(scale), torch.full_like(scale, 2 ** (bits - 1), dtype=torch.float16)
+        return _round_up_fp16(scale), torch.full_like(scale, symmetric_zero(bits), dtype=torch.float16)
     if zero_point == "float":
         offset = _round_down_fp16(w.min(dim=1).values)
         scale = (w.max(dim=1).values - offset.float()) / maxq

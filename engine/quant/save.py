@@ -103,7 +103,7 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> Qu
                 tensors.pop(prefix + suffix, None)
         weights.append(layer)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    quantized = {f"{arch.layers}.{i}.{p}.weight" for i in range(len(bits)) for p in arch.linears.values()}
+    quantized = {f"{path}.weight" for path in arch.linear_paths(len(bits))}
     tied = {f"{arch.head}.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if unexpected or set(missing) - quantized - tied:
         raise QuantizationError(f"'{folder}' does not match its config: missing {sorted(set(missing) - quantized - tied)}"

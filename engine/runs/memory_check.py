@@ -12,7 +12,7 @@ from __future__ import annotations
 from engine.core.data import DataSpec, token_windows
 from engine.core.memory import MemoryPlan, ModelShape, evaluation_batch, plan_memory
 from engine.core.models import LoadedModel
-from engine.evaluation.perplexity import HEAD_CHUNK, chunked_head
+from engine.evaluation.perplexity import head_chunk
 from engine.quant.quantized_linear import can_hold_codes
 from engine.runs.plans import EvalPlan
 
@@ -34,7 +34,7 @@ def run_memory_plan(loaded: LoadedModel, method: str, calibration: DataSpec, eva
                        eval_batch=evaluation_batch(shape, seqlen, evaluation.batch_size), eval_seqlen=seqlen,
                        group_size=group_size, code_bits=min(max(int(code_bits), 1), 8),
                        holds_codes=can_hold_codes(loaded.model, loaded.architecture),
-                       head_chunk=HEAD_CHUNK if chunked_head(loaded.model) is not None else None)
+                       head_chunk=head_chunk(loaded.model))
 
 
 def check_memory(plan: MemoryPlan) -> None:

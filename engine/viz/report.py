@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from engine.core.models import card_values
+
 MAX_WIDTH_PX = 1100
 
 
@@ -100,8 +102,7 @@ def build_report(title: str, model_cards: dict[str, dict], items: list[ReportIte
             "</div></details>",
         ]
     for source, card in model_cards.items():
-        card_frame = pd.DataFrame({"property": list(card), "value": [
-            f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v) for v in card.values()]})
+        card_frame = pd.DataFrame({"property": list(card), "value": card_values(card)})
         parts.append(f"<h2>Model: {html.escape(source)}</h2>{_table_html(card_frame)}")
     parts += [f"<h2>All runs</h2><p>{len(runs)} runs with every setting and metric: "
               f"{_csv_link(runs, 'layerlab-runs.csv')} (CSV attachment).</p>", "</body></html>"]

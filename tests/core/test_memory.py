@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from engine.core.data import DataSpec
-from engine.core.memory import EVAL_BUDGET, ModelShape, evaluation_batch, evaluation_bytes, plan_memory
+from engine.core.memory import (
+    EVAL_BUDGET,
+    ModelShape,
+    activation_bytes,
+    evaluation_batch,
+    evaluation_bytes,
+    plan_memory,
+)
 from engine.evaluation.perplexity import perplexity
 from engine.quant.grid import QuantizerSpec
 from engine.quant.quantize_model import quantize_model
@@ -69,8 +76,8 @@ def test_evaluation_batch_keeps_activations_within_the_budget(tiny_loaded, monke
     assert batches == sorted(batches, reverse=True) and set(batches) <= {1, 2, 3, 4}
     assert batches[0] == 4 and batches[-1] == 1  # short windows batch up; long ones go one at a time
     for seqlen, batch in zip((8, 32, 128, 512, 4096), batches):
-        activations = evaluation_bytes(shape, batch, seqlen, head_chunk=1) - shape.vocab * (shape.element_size + 8)
-        assert batch == 1 or activations <= EVAL_BUDGET * shape.bytes
+        assert batch == 1 or activation_bytes(shape, batch, seqlen) <= EVAL_BUDGET * shape.bytes
+        assert batch == 4 or activation_bytes(shape, batch + 1, seqlen) > EVAL_BUDGET * shape.bytes  # the most
     assert evaluation_batch(shape, 8, requested=2) == 2  # never more than asked
     seen = []  # a run evaluates with that batch
 
