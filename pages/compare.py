@@ -3,15 +3,29 @@
 import streamlit as st
 
 from engine.core.data import DataError, token_windows
-from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, SlicingPlan
 from engine.runs.cached_scores import compute_scores
+from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, SlicingPlan
 from engine.runs.runner import run_dropping, run_quantization, run_stacked
 from engine.runs.summary import executive_summary, quantization_vs_dropping
 from engine.runs.sweeps import matched_size_sweep, parse_sizes, run_sweep
-from engine.viz.tradeoff import filter_runs, quality_axes, tradeoff_figure, with_method_series
+from engine.viz.tradeoff import (
+    filter_runs,
+    quality_axes,
+    tradeoff_figure,
+    with_method_series,
+)
+from ui.navigation import enter_through_the_router
 from ui.session import require_model, results_store
 from ui.state import kept
-from ui.widgets import calibration_and_evaluation, cancel_button, progress_callback, show_chart, show_outcome
+from ui.widgets import (
+    calibration_and_evaluation,
+    cancel_button,
+    progress_callback,
+    show_chart,
+    show_outcome,
+)
+
+enter_through_the_router()  # a page opened by its own URL on a new server goes through app.py
 
 SIZES = [0.9, 0.75, 0.6, 0.5]
 

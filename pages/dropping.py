@@ -2,23 +2,26 @@
 
 import streamlit as st
 
-from engine.runs.plans import DropPlan, EvalPlan
 from engine.runs.cached_scores import scores_if_cached
 from engine.runs.drop_choice import dropped_layers, measured_drop_kl
+from engine.runs.plans import DropPlan, EvalPlan
 from engine.runs.runner import default_save_folder, run_dropping, run_estimate
 from engine.viz import charts
 from ui.export_panel import export_section
+from ui.navigation import enter_through_the_router
 from ui.session import require_model, results_store
 from ui.state import kept
 from ui.widgets import (
     calibration_and_evaluation,
-    preview_or_stop,
-    method_tradeoff,
     memory_note,
+    method_tradeoff,
+    preview_or_stop,
     progress_callback,
     run_controls,
     show_chart,
 )
+
+enter_through_the_router()  # a page opened by its own URL on a new server goes through app.py
 
 BLOCKS = {"layer": "whole layers (ShortGPT)", "attention": "attention blocks only (LLM-Drop)",
           "mlp": "MLP blocks only (LLM-Drop)"}

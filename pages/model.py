@@ -7,6 +7,7 @@ from engine.core.models import card_values, weights_fingerprint
 from engine.runs.plans import EvalPlan
 from engine.runs.runner import find_dense, run_dense
 from engine.runs.summary import compact_table, run_warnings
+from ui.navigation import enter_through_the_router
 from ui.session import require_model, results_store
 from ui.widgets import (
     computed_on,
@@ -16,6 +17,8 @@ from ui.widgets import (
     show_runs_table,
     zero_shot_controls,
 )
+
+enter_through_the_router()  # a page opened by its own URL on a new server goes through app.py
 
 loaded = require_model()
 store = results_store()

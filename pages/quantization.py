@@ -7,12 +7,13 @@ import streamlit as st
 from engine.core.data import DataError
 from engine.quant.grid import ZERO_POINTS
 from engine.quant.size import describe_size, size_report
-from engine.runs.plans import PREVIEW_WINDOWS, EvalPlan, QuantPlan
 from engine.runs.cached_scores import compute_scores
+from engine.runs.plans import PREVIEW_WINDOWS, EvalPlan, QuantPlan
 from engine.runs.runner import allocation_for, run_estimate, run_quantization
 from engine.runs.sweeps import quantization_sweep, run_sweep
 from engine.viz import charts
 from ui.export_panel import export_section
+from ui.navigation import enter_through_the_router
 from ui.optimizer_panels import bits_optimizer_panel
 from ui.session import require_model, results_store
 from ui.state import kept
@@ -26,6 +27,8 @@ from ui.widgets import (
     show_chart,
     show_outcome,
 )
+
+enter_through_the_router()  # a page opened by its own URL on a new server goes through app.py
 
 ORDER_LABELS = {"lim": "LIM (layer input modification)", "zd": "ZD (weight z-scores)", "random": "random (seeded)",
                 "reversed-lim": "reversed LIM", "custom": "custom order"}

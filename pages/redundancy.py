@@ -7,9 +7,18 @@ from engine.runs.cached_scores import compute_scores, scores_if_cached
 from engine.runs.runner import scoring_estimate
 from engine.scores.findings import redundancy_findings
 from engine.viz import charts
+from ui.navigation import enter_through_the_router
 from ui.session import require_model, results_store
 from ui.state import kept
-from ui.widgets import cancel_button, computed_on, data_spec_controls, progress_callback, show_chart
+from ui.widgets import (
+    cancel_button,
+    computed_on,
+    data_spec_controls,
+    progress_callback,
+    show_chart,
+)
+
+enter_through_the_router()  # a page opened by its own URL on a new server goes through app.py
 
 loaded = require_model()
 store = results_store()

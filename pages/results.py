@@ -5,12 +5,21 @@ import streamlit as st
 
 from engine.runs.summary import compact_table, executive_summary
 from engine.viz.report import ReportItem, build_report
-from engine.viz.tradeoff import data_labels_by_use, filter_runs, quality_axes, size_axes, tradeoff_figure
+from engine.viz.tradeoff import (
+    data_labels_by_use,
+    filter_runs,
+    quality_axes,
+    size_axes,
+    tradeoff_figure,
+)
 from ui.export_panel import export_section
+from ui.navigation import enter_through_the_router
 from ui.report_pins import PINS, pinned
 from ui.session import current_model, results_store
 from ui.state import kept
 from ui.widgets import show_chart, show_runs_table
+
+enter_through_the_router()  # a page opened by its own URL on a new server goes through app.py
 
 store = results_store()
 st.title("Results")

@@ -10,20 +10,29 @@ from engine.runs.cached_scores import compute_scores, scores_if_cached
 from engine.sensitivity.actions import DEFAULT_GROUP_SIZE, QUANT_KINDS, Action
 from engine.sensitivity.agreement import RESAMPLES, layer_scores
 from engine.sensitivity.cached import (
-    hidden_size,
     cached_agreement,
     check_actions,
+    hidden_size,
     measure_sensitivity,
     scan_estimate,
     sensitivity_if_cached,
 )
 from engine.sensitivity.errors import SensitivityError
-from engine.slicing.slice_model import pca_rank_warning
 from engine.sensitivity.findings import score_names, sensitivity_finding
+from engine.slicing.slice_model import pca_rank_warning
 from engine.viz import sensitivity_charts as charts
+from ui.navigation import enter_through_the_router
 from ui.session import require_model, results_store
 from ui.state import kept
-from ui.widgets import cancel_button, computed_on, data_spec_controls, progress_callback, show_chart
+from ui.widgets import (
+    cancel_button,
+    computed_on,
+    data_spec_controls,
+    progress_callback,
+    show_chart,
+)
+
+enter_through_the_router()  # a page opened by its own URL on a new server goes through app.py
 
 ACTION_KINDS = {"rtn": "quantize (RTN)", "gptq": "quantize (GPTQ)", "slice": "slice", "drop": "drop layer",
                 "drop-attn": "drop attention", "drop-mlp": "drop MLP"}

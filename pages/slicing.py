@@ -10,22 +10,29 @@ from engine.runs.runner import (
     slicing_schedule,
 )
 from engine.runs.sweeps import run_sweep, slicing_sweep
-from engine.slicing.schedules import achieved_fraction, schedule_dims
+from engine.slicing.schedules import (
+    achieved_fraction,
+    flat_schedule_note,
+    schedule_dims,
+)
 from engine.slicing.slice_model import pca_rank_warning
 from engine.viz import charts
 from ui.export_panel import export_section
+from ui.navigation import enter_through_the_router
 from ui.optimizer_panels import slicing_optimizer_panel
 from ui.session import require_model, results_store
 from ui.state import kept
 from ui.widgets import (
     calibration_and_evaluation,
-    preview_or_stop,
-    method_tradeoff,
     memory_note,
+    method_tradeoff,
+    preview_or_stop,
     progress_callback,
     run_controls,
     show_chart,
 )
+
+enter_through_the_router()  # a page opened by its own URL on a new server goes through app.py
 
 loaded = require_model()
 store = results_store()
@@ -80,6 +87,9 @@ preview = charts.schedule_table(list(schedule.fractions), dims, hidden, lr)
 show_chart(charts.schedule_chart(preview, f"{loaded.source}; LR from {calibration.label()}"), "slicing_schedule",
            f"Achieved mean slicing after rounding to {round_to}: {achieved_fraction(dims, hidden):.4f} "
            f"(asked {schedule.target:.4f}). LR from {calibration.label()} on {loaded.source}.", preview)
+flat_note = flat_schedule_note(schedule)
+if flat_note:
+    st.info(flat_note)
 
 plan_eval = EvalPlan(evaluation, **zero_shot)
 memory_note(loaded, "slicing", calibration, plan_eval)

@@ -24,3 +24,10 @@ def start_in_navigation_mode() -> None:
     if PagesManager.uses_pages_directory:
         PagesManager.uses_pages_directory = False
         st.rerun()
+
+
+def enter_through_the_router() -> None:
+    """Call first in every page: a page opened by its own URL on a new server (a bookmark, a reload after a
+    restart) runs alone in the legacy mode, without ``app.py``'s sidebar and with file names as navigation.
+    Leaving that mode and rerunning sends the session through ``app.py``'s router to the same page."""
+    start_in_navigation_mode()

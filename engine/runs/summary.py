@@ -28,6 +28,10 @@ def compact_table(runs: pd.DataFrame) -> pd.DataFrame:
             out[f"accuracy {column.removeprefix(f'metrics.{ACC_PREFIX}')}"] = runs[column]
     if "metrics.latency_speedup" in runs:
         out["speed vs dense"] = runs["metrics.latency_speedup"]
+    dense = out["method"] == "dense"  # dense against itself: no change, the same speed (not an empty cell)
+    out.loc[dense, "change vs dense"] = out.loc[dense, "change vs dense"].fillna(0.0)
+    if "speed vs dense" in out:
+        out.loc[dense, "speed vs dense"] = out.loc[dense, "speed vs dense"].fillna(1.0)
     return out.sort_values(["method", "size vs dense (16-bit bytes)"], ascending=[True, False])
 
 

@@ -123,6 +123,35 @@ def schedule_custom(fractions: Sequence[float]) -> SlicingSchedule:
     return SlicingSchedule("custom", values, statistics.fmean(values))
 
 
+FLAT_SPREAD = 0.2  # the other layers' fractions within ±10% of SP: "nearly constant"
+
+
+def flat_schedule_note(schedule: SlicingSchedule) -> str | None:
+    """Why an LR-dynamic schedule is nearly constant, when it is; else ``None``.
+
+    Min-max scaling sets the least redundant layer to SB and spreads the
+    others by their distance from it.  When that layer's LR lies far below
+    all the others (on the built-in model layer 0's LR is near 0, the rest
+    0.8-1), the others land in a narrow band around SP and the schedule is
+    constant but for one layer.  "Nearly constant": the other layers'
+    fractions span less than ``FLAT_SPREAD · SP``.
+    """
+    if schedule.kind != "dynamic" or not schedule.lr_scores or schedule.basis is None \
+            or schedule.basis >= schedule.target or len(schedule.fractions) < 3:
+        return None
+    scores, fractions = schedule.lr_scores, schedule.fractions
+    lowest = min(range(len(scores)), key=scores.__getitem__)
+    others = [f for i, f in enumerate(fractions) if i != lowest]
+    if max(others) - min(others) >= FLAT_SPREAD * schedule.target:
+        return None
+    rest = [s for i, s in enumerate(scores) if i != lowest]
+    return (f"This LR-dynamic schedule is nearly constant: layer {lowest}'s LR ({scores[lowest]:.3f}) lies far "
+            f"below the others ({min(rest):.3f}–{max(rest):.3f}), so the min–max scaling gives it SB = "
+            f"{schedule.basis:.0%} and squeezes the other {len(others)} layers into {min(others):.1%}–"
+            f"{max(others):.1%} (the constant schedule: {schedule.target:.0%} everywhere). Expect results close "
+            "to constant slicing; a custom schedule spreads the slicing by your own choice.")
+
+
 def round_dim(value: float, multiple: int, hidden_size: int) -> int:
     """``value`` rounded to the nearest multiple of ``multiple`` (halves up), capped at ``hidden_size``.
 

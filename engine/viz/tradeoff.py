@@ -97,8 +97,24 @@ def pareto_mask(x: list[float], y: list[float], lower_is_better: bool, larger_is
     return mask
 
 
-def _hover(row: pd.Series, x: str, y: str) -> str:
+SERIES_SYMBOLS = ("circle", "diamond", "square", "triangle-up", "triangle-down", "pentagon", "hexagon", "star-square")
+"""Marker of the k-th series: two runs with the same numbers (e.g. the same layers dropped by two rankings) stay
+both visible where their points coincide."""
+
+
+def _same_point(points: pd.DataFrame, x: str, y: str) -> dict[int, list[str]]:
+    """For each run id, the other runs drawn at exactly the same (x, y): ``["run 12 · drop by LR", ...]``."""
+    found: dict[tuple, list[tuple[int, str]]] = {}
+    for _, row in points.iterrows():
+        found.setdefault((float(row[x]), float(row[y])), []).append((int(row["id"]), str(row["series"])))
+    return {run: [f"run {other} · {series}" for other, series in group if other != run]
+            for group in found.values() if len(group) > 1 for run, _series in group}
+
+
+def _hover(row: pd.Series, x: str, y: str, same: list[str] | None = None) -> str:
     parts = [f"run {row['id']} · {row['series']}" + (" (preview)" if row.get("preview") else "")]
+    if same:
+        parts.append("same point as " + ", ".join(same))
     change = row.get("metrics.ppl_change")
     if y == "metrics.ppl" and pd.notna(change):
         parts.append(f"perplexity {row[y]:.4g} ({change:+.1%} vs dense on the same windows)")
@@ -109,7 +125,7 @@ def _hover(row: pd.Series, x: str, y: str) -> str:
 
 
 def tradeoff_figure(frame: pd.DataFrame, x: str, y: str, subtitle: str, log_y: bool | None = None) -> go.Figure:
-    """Quality ``y`` vs size ``x``: one colour per series, previews hollow and dashed, error bars from the
+    """Quality ``y`` vs size ``x``: one colour and marker per series, previews hollow and dashed, error bars from the
     bootstrap interval, dense as a black star and dotted reference line, Pareto frontier (over the full
     runs and dense) as a grey step line; a linear quality axis starts at 0 at the lowest.
 
@@ -126,6 +142,8 @@ def tradeoff_figure(frame: pd.DataFrame, x: str, y: str, subtitle: str, log_y: b
         ys += list(points["metrics.ci_low"].dropna()) + list(points["metrics.ci_high"].dropna())
     log = wants_log(ys) if log_y is None else log_y
     colours = series_colours(points["series"])
+    symbols = {name: SERIES_SYMBOLS[k % len(SERIES_SYMBOLS)] for k, name in enumerate(sorted(colours, key=str))}
+    same = _same_point(points, x, y)
     fig = go.Figure()
     for (series, preview), group in points.groupby(["series", points["preview"].astype(bool)], sort=True):
         colour = colours[series]
@@ -138,8 +156,8 @@ def tradeoff_figure(frame: pd.DataFrame, x: str, y: str, subtitle: str, log_y: b
             x=group[x], y=group[y], mode="lines+markers", name=f"{series} (preview)" if preview else str(series),
             line={"color": colour, "dash": "dash" if preview else "solid", "width": 2},
             marker={"color": "white" if preview else colour, "size": 9, "line": {"color": colour, "width": 2},
-                    "symbol": "circle"},
-            error_y=error, text=[_hover(r, x, y) for _, r in group.iterrows()],
+                    "symbol": symbols[series]},
+            error_y=error, text=[_hover(r, x, y, same.get(int(r["id"]))) for _, r in group.iterrows()],
             hovertemplate="%{text}<br>" + f"{axis.label}: %{{x:.4g}}<extra></extra>",
         ))
     xs = list(points[x])

@@ -118,33 +118,35 @@ def _no_partial_files() -> list[Path]:
     return [p for p in cache_root().rglob("*") if p.suffix == ".tmp" or p.name.startswith(".tmp")]
 
 
-def test_cancel_leaves_nothing_half_written(page, steps, server):
-    page.goto(f"{server}/slicing")
-    page.get_by_text("Schedule preview").wait_for()
-    _small_data(page, calib_windows=24, calib_seqlen=256)
-    scores_ready(page, "Achieved mean slicing")
-    before = [r.id for r in ResultsStore().runs()]
-    press(page, page.get_by_role("button", name="Run slicing"), page.get_by_text("Slicing · slicing:"))
-    steps.shot("running")
-    page.get_by_role("button", name="Cancel run").click()
-    page.get_by_text("Cancelled. Nothing from the interrupted run was stored.").wait_for()
-    steps.shot("cancelled")
-    page.wait_for_timeout(3000)
-    assert [r.id for r in ResultsStore().runs()] == before
-    assert not _no_partial_files()
+def test_cancel_then_kill_mid_run_lose_nothing(browser):
+    """A slicing run cancelled, then the same run started again and the server killed (SIGKILL) mid-run: no run
+    stored either time, no half-written file, the store's integrity intact, and a restarted app shows the results.
 
+    Its own server (the kill ends it); 24 × 256 calibration windows keep the run busy long enough to interrupt.
+    """
+    from tests.browser.conftest import Steps
 
-def test_killing_the_app_mid_run_loses_no_result(browser, steps):
     process, url = start_server("killed-server.log")
     page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
     page.set_default_timeout(90_000)
+    steps = Steps(page, "test_cancel_then_kill_mid_run_lose_nothing")
     try:
         before = [r.id for r in ResultsStore().runs()]
         page.goto(f"{url}/slicing")
         page.get_by_text("Schedule preview").wait_for()
         _small_data(page, calib_windows=24, calib_seqlen=256)
         scores_ready(page, "Achieved mean slicing")
-        press(page, page.get_by_role("button", name="Run slicing"), page.get_by_text("Slicing · slicing:"))
+        run = page.get_by_role("button", name="Run slicing")
+        press(page, run, page.get_by_text("Slicing · slicing:"))
+        steps.shot("running")
+        page.get_by_role("button", name="Cancel run").click()
+        page.get_by_text("Cancelled. Nothing from the interrupted run was stored.").wait_for()
+        steps.shot("cancelled")
+        page.wait_for_timeout(3000)
+        assert [r.id for r in ResultsStore().runs()] == before
+        assert not _no_partial_files()
+
+        press(page, run, page.get_by_text("Slicing · slicing:"))  # the same run again, then the app is killed
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
     finally:
@@ -156,6 +158,9 @@ def test_killing_the_app_mid_run_loses_no_result(browser, steps):
     try:
         page.goto(f"{url}/results")
         page.get_by_role("heading", name="Results").wait_for()
+        # opened by its own URL on a new server: still through the router (its sidebar and page titles)
+        page.get_by_role("textbox", name="Hugging Face id or local path").wait_for()
+        assert page.get_by_test_id("stSidebarNav").get_by_text("Layer redundancy").count() == 1
         steps.shot("after-restart")
         assert not _no_partial_files()
     finally:

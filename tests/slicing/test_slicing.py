@@ -17,6 +17,7 @@ from engine.slicing.sliced_layers import SlicedLayerMixin, SlicedModelError, lay
 from engine.slicing.schedules import (
     ScheduleError,
     achieved_fraction,
+    flat_schedule_note,
     schedule_constant,
     schedule_custom,
     schedule_dims,
@@ -202,6 +203,17 @@ def test_dynamic_schedule_mean_and_basis():
 def test_dynamic_with_basis_equal_target_is_constant():
     assert schedule_dynamic(LR, 0.25, 0.25).fractions == schedule_constant(0.25, len(LR)).fractions
     assert schedule_dynamic([0.5, 0.5, 0.5], 0.2, 0.2).fractions == (0.2, 0.2, 0.2)
+
+
+def test_a_nearly_constant_dynamic_schedule_is_explained():
+    """One outlier LR (layer 0 near 0, the rest 0.90-0.98) squeezes the others into a narrow band: the note says
+    so with the numbers; a spread-out profile, SB = SP and constant schedules get no note."""
+    outlier = [0.02, 0.95, 0.97, 0.90, 0.93, 0.98, 0.91]
+    note = flat_schedule_note(schedule_dynamic(outlier, 0.25, 0.1))
+    assert note is not None and "layer 0's LR (0.020)" in note and "0.900–0.980" in note and "other 6 layers" in note
+    assert flat_schedule_note(schedule_dynamic(LR, 0.25, 0.1)) is None  # 0.60 and 0.75 spread the schedule
+    assert flat_schedule_note(schedule_dynamic(outlier, 0.25, 0.25)) is None
+    assert flat_schedule_note(schedule_constant(0.25, 7)) is None
 
 
 def test_dims_are_rounded_and_achieved_fraction_reported():

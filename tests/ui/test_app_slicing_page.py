@@ -56,6 +56,12 @@ def test_run_slicing_stores_against_dense_and_charts_the_result(tiny_app):
 def test_builtin_rank_deficient_calibration_is_warned():
     at = use_small_data(open_app("slicing"))
     assert "rank-deficient" in at.warning[0].value  # 2 × 32 calibration tokens < hidden size 576
+    if any(b.label.startswith("Compute LR scores") for b in at.button):
+        click(at, "Compute LR scores")
+    assert not at.exception and not at.error, at.error
+    # layer 0's LR is near 0 on the built-in model: the dynamic schedule is constant but for layer 0, and the
+    # page says why
+    assert any("nearly constant: layer 0's LR" in i.value for i in at.info), [i.value for i in at.info]
 
 
 def test_find_best_schedule_refuses_bad_targets_then_searches_and_runs(tiny_app):

@@ -30,3 +30,20 @@ def test_first_run_leaves_legacy_mode_and_runs_the_router(tiny_app, monkeypatch)
     assert not at.exception
     assert PagesManager.uses_pages_directory is False
     assert at.title[0].value == "Model" and at.sidebar.text_input[0].value == tiny_app
+
+
+def test_every_page_enters_through_the_router_before_drawing_anything():
+    """A page opened by its own URL on a new server runs alone (legacy mode: no sidebar, file names as links)
+    unless its first statement after the imports sends it through app.py (the browser tests open /results on a
+    fresh server and check the sidebar)."""
+    import ast
+    from pathlib import Path
+
+    pages = sorted((Path(__file__).resolve().parents[2] / "pages").glob("*.py"))
+    assert len(pages) == 8
+    for page in pages:
+        body = [n for n in ast.parse(page.read_text()).body
+                if not isinstance(n, (ast.Import, ast.ImportFrom))
+                and not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]  # docstring
+        first = body[0]
+        assert isinstance(first, ast.Expr) and ast.unparse(first.value) == "enter_through_the_router()", page.name

@@ -59,6 +59,9 @@ def test_compact_table_puts_stakeholder_columns_first(store):
     assert list(table.columns[:6]) == ["run", "method", "series", "preview", "size vs dense (16-bit bytes)",
                                        "perplexity"]
     assert table.shape[1] <= 12
+    dense = table[table["method"] == "dense"].iloc[0]
+    assert dense["change vs dense"] == 0.0  # dense against itself, not an empty cell
+    assert table[table["method"] != "dense"]["change vs dense"].notna().all()
 
 
 def test_report_tables_read_like_the_app(store):

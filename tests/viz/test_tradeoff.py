@@ -126,3 +126,20 @@ def test_log_axis_ticks_are_clean_1_2_5_values_inside_the_range(store):
     values = list(fig.layout.yaxis.tickvals)
     assert values == [20, 50, 100, 200] and list(fig.layout.yaxis.ticktext) == ["20", "50", "100", "200"]
     assert all(low <= math.log10(v) <= high for v in values)
+
+
+def test_runs_with_the_same_numbers_stay_visible_and_name_each_other(store):
+    """Two rankings that drop the same layers give the same model: both points are drawn with different markers,
+    and each hover names the other run."""
+    frame = _frame(store, [("dense", None, 1.0, 20.0), ("dropping", "drop by LR", 0.8, 31.0),
+                           ("dropping", "drop by sensitivity", 0.8, 31.0), ("dropping", "drop by LR", 0.6, 55.0)])
+    fig = tradeoff_figure(frame, "metrics.size_fraction", "metrics.ppl", "test data")
+    by_name = {t.name: t for t in fig.data}
+    lr, measured = by_name["drop by LR"], by_name["drop by sensitivity"]
+    assert lr.marker.symbol != measured.marker.symbol
+    ids = {int(i) for i in frame["id"]}
+    lr_run, measured_run = (int(frame[(frame["series"] == s) & (frame["metrics.ppl"] == 31.0)]["id"].iloc[0])
+                            for s in ("drop by LR", "drop by sensitivity"))
+    assert f"same point as run {measured_run} · drop by sensitivity" in lr.text[list(lr.y).index(31.0)]
+    assert f"same point as run {lr_run} · drop by LR" in measured.text[0]
+    assert "same point" not in lr.text[list(lr.y).index(55.0)] and len(ids) == 4
