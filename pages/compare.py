@@ -3,6 +3,7 @@
 import streamlit as st
 
 from engine.core.data import DataError, token_windows
+from engine.core.out_of_memory import RunOutOfMemory
 from engine.runs.cached_scores import compute_scores
 from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, SlicingPlan
 from engine.runs.runner import run_dropping, run_quantization, run_stacked
@@ -68,7 +69,7 @@ with st.expander("Sweep every method at matched sizes"):
             runners = {"dropping": run_dropping, "quantization": run_quantization}
             result = run_sweep(points, lambda p: runners[p.method](store, loaded, p.plan, calibration, plan_eval),
                                progress_callback(f"Sweep of {len(points)} runs"))
-        except DataError as err:
+        except (DataError, RunOutOfMemory) as err:
             st.error(str(err))
         else:
             st.success(f"{len(result.outcomes)} runs stored.")

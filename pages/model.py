@@ -4,6 +4,7 @@ import streamlit as st
 
 from engine.core.data import DataError
 from engine.core.models import card_values, weights_fingerprint
+from engine.core.out_of_memory import RunOutOfMemory
 from engine.runs.plans import EvalPlan
 from engine.runs.runner import find_dense, run_dense
 from engine.runs.summary import compact_table, run_warnings
@@ -54,7 +55,7 @@ if spec is not None:
                 st.info(f"Already measured on these windows (run {record.id}); shown below, nothing stored twice.")
             else:
                 record = run_dense(store, loaded, plan, progress=progress_callback("Baseline")).record
-        except DataError as err:
+        except (DataError, RunOutOfMemory) as err:
             st.error(str(err))
         else:
             m = record.metrics

@@ -3,6 +3,7 @@
 import streamlit as st
 
 from engine.core.data import DataError
+from engine.core.out_of_memory import RunOutOfMemory
 from engine.runs.cached_scores import compute_scores, scores_if_cached
 from engine.runs.runner import scoring_estimate
 from engine.scores.findings import redundancy_findings
@@ -47,7 +48,7 @@ if found is None:
             cancel_button("scores")
         try:
             lr, zd, _hit = compute_scores(store, loaded, spec, k, progress=progress_callback("Scores"))
-        except DataError as err:
+        except (DataError, RunOutOfMemory) as err:
             st.error(str(err))
             st.stop()
     else:

@@ -5,6 +5,7 @@ import re
 import streamlit as st
 
 from engine.core.data import DataError
+from engine.core.out_of_memory import RunOutOfMemory
 from engine.quant.grid import MAX_BITS, MIN_BITS
 from engine.runs.cached_scores import compute_scores, scores_if_cached
 from engine.sensitivity.actions import DEFAULT_GROUP_SIZE, QUANT_KINDS, Action
@@ -97,7 +98,7 @@ if matrix is None or scores is None:
         try:
             matrix = measure_sensitivity(store, loaded, spec, actions, progress=progress)
             lr, outliers, _hit = compute_scores(store, loaded, spec, k, progress=progress)
-        except (DataError, SensitivityError) as err:
+        except (DataError, SensitivityError, RunOutOfMemory) as err:
             st.error(str(err))
             st.stop()
     else:

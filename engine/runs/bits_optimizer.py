@@ -25,6 +25,7 @@ import pandas as pd
 
 from engine.core.data import DataError, DataSpec, token_windows
 from engine.core.models import LoadedModel
+from engine.core.out_of_memory import explain_out_of_memory
 from engine.core.progress import StageProgress, stage_callback
 from engine.evaluation.perplexity import perplexity
 from engine.optimize.bit_budget import DEFAULT_LEVELS, BitBudget, BudgetError, check_levels, layer_costs, ordering_bits, uniform_bits
@@ -235,6 +236,7 @@ def _competitors(store: ResultsStore, loaded: LoadedModel, calibration: DataSpec
     return found
 
 
+@explain_out_of_memory("Optimizing for the budget")
 def optimize_bits(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerPlan, calibration: DataSpec, *,
                   progress: StageProgress | None = None, should_stop: StopCheck | None = None) -> BitsOptimization:
     """Measure, solve, check on held-out windows; the result is cached (see the module docstring).

@@ -13,6 +13,7 @@ import torch
 from engine.core.architectures import Architecture
 from engine.core.data import DataSpec, TokenWindows, token_windows
 from engine.core.models import LoadedModel
+from engine.core.out_of_memory import explain_out_of_memory
 from engine.core.progress import ProgressFn, StageProgress, stage_callback
 from engine.runs.store import ResultsStore, cache_key
 from engine.scores.outliers import WeightOutliers, weight_outliers
@@ -61,6 +62,7 @@ def cached_weight_outliers(
 
 # --- the loaded model's scores on a data spec --------------------------------------
 
+@explain_out_of_memory("Computing the layer scores")
 def compute_scores(store: ResultsStore, loaded: LoadedModel, spec: DataSpec, k: float = 3.0,
                    progress: StageProgress | None = None) -> tuple[LayerRedundancy, WeightOutliers, bool]:
     """LR (cached per model, data, windows, seqlen) and ZD scores; the bool says LR was cached."""

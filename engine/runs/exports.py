@@ -21,6 +21,7 @@ import torch
 
 from engine.core.data import DataSpec, token_windows
 from engine.core.models import LoadedModel
+from engine.core.out_of_memory import explain_out_of_memory
 from engine.core.paths import FolderExistsError, cache_root
 from engine.core.progress import StageProgress, stage_callback
 from engine.dropping.drop_model import drop_model
@@ -179,6 +180,7 @@ def export_estimate(loaded: LoadedModel, record: RunRecord, has_model: bool = Fa
     return describe_seconds(seconds)
 
 
+@explain_out_of_memory("The export")
 def export_run(store: ResultsStore, loaded: LoadedModel, record: RunRecord, fmt: str, out: str | Path, *,
                overwrite: bool = False, model: torch.nn.Module | QuantizedModel | None = None,
                verify_windows: int = VERIFY_WINDOWS, dtype: str | None = None, gguf_types: str = "exact",

@@ -19,6 +19,7 @@ import torch
 from engine.core.data import DataSpec, TokenWindows, token_windows
 from engine.core.memory import ModelShape, evaluation_batch
 from engine.core.models import LoadedModel, dense_size_metrics, model_size
+from engine.core.out_of_memory import explain_out_of_memory
 from engine.core.paths import cache_root, unused_folder
 from engine.core.progress import StageProgress, Timer, stage_callback
 from engine.evaluation.latency import compare_latency, describe_seconds, estimate_seconds
@@ -108,6 +109,7 @@ def find_dense(store: ResultsStore, loaded: LoadedModel, plan: EvalPlan) -> RunR
     return None
 
 
+@explain_out_of_memory("Measuring dense")
 def run_dense(store: ResultsStore, loaded: LoadedModel, plan: EvalPlan,
               progress: StageProgress | None = None) -> RunOutcome:
     """Evaluate the uncompressed model and store it as method ``dense``."""
@@ -210,6 +212,7 @@ def default_save_folder(loaded: LoadedModel, method: str, plan: SlicingPlan | Qu
     return unused_folder(cache_root() / kind / f"{loaded.fingerprint}-{plan.name()}")
 
 
+@explain_out_of_memory("The slicing run")
 def run_slicing(store: ResultsStore, loaded: LoadedModel, plan: SlicingPlan, calibration: DataSpec,
                 evaluation: EvalPlan, *, schedule: SlicingSchedule | None = None, save_to: str | Path | None = None,
                 progress: StageProgress | None = None) -> RunOutcome:
@@ -274,6 +277,7 @@ def allocation_for(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, ca
     return allocate_fraction(order, plan.high_bits, plan.low_bits, plan.low_fraction or 0.0), importance
 
 
+@explain_out_of_memory("The quantization run")
 def run_quantization(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, calibration: DataSpec,
                      evaluation: EvalPlan, *, allocation: Allocation | None = None,
                      save_to: str | Path | None = None, progress: StageProgress | None = None) -> RunOutcome:
@@ -328,6 +332,7 @@ def _size_metrics(loaded: LoadedModel, model: torch.nn.Module, params: int) -> d
             "bytes_16bit": 2 * params, "size_fraction": params / dense}
 
 
+@explain_out_of_memory("The dropping run")
 def run_dropping(store: ResultsStore, loaded: LoadedModel, plan: DropPlan, calibration: DataSpec,
                  evaluation: EvalPlan, *, layers: list[int] | None = None, save_to: str | Path | None = None,
                  progress: StageProgress | None = None) -> RunOutcome:
@@ -356,6 +361,7 @@ def run_dropping(store: ResultsStore, loaded: LoadedModel, plan: DropPlan, calib
 # ---------------------------------------------------------------- stacking
 
 
+@explain_out_of_memory("The stacked run")
 def run_stacked(store: ResultsStore, loaded: LoadedModel, first: SlicingPlan | DropPlan, then: QuantPlan,
                 calibration: DataSpec, evaluation: EvalPlan, *,
                 progress: StageProgress | None = None) -> RunOutcome:

@@ -32,6 +32,7 @@ import pandas as pd
 
 from engine.core.data import DataSpec, token_windows
 from engine.core.models import LoadedModel
+from engine.core.out_of_memory import explain_out_of_memory
 from engine.core.progress import StageProgress, stage_callback
 from engine.evaluation.perplexity import perplexity
 from engine.optimize.slicing_budget import (
@@ -167,6 +168,7 @@ def slicing_optimize_estimate(store: ResultsStore, loaded: LoadedModel, plan: Sl
     return scan_estimate(store, loaded, calibration, plan.actions()).text()
 
 
+@explain_out_of_memory("The schedule search")
 def optimize_slicing(store: ResultsStore, loaded: LoadedModel, plan: SlicingOptimizerPlan, calibration: DataSpec, *,
                      progress: StageProgress | None = None,
                      should_stop: StopCheck | None = None) -> SlicingOptimization:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from engine.core.architectures import get_submodule
 from engine.core.data import DataSpec, TokenWindows, token_windows
 from engine.core.models import LoadedModel
+from engine.core.out_of_memory import explain_out_of_memory
 from engine.core.progress import StageProgress
 from engine.evaluation.latency import describe_seconds, estimate_seconds
 from engine.runs.store import ResultsStore, cache_key
@@ -97,6 +98,7 @@ def sensitivity_if_cached(store: ResultsStore, loaded: LoadedModel, spec: DataSp
     return SensitivityMatrix(found, [True] * len(found), keys)
 
 
+@explain_out_of_memory("The sensitivity scan")
 def measure_sensitivity(
     store: ResultsStore,
     loaded: LoadedModel,
