@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufCo
 
 from engine.core.architectures import FEATURES, Architecture, UnsupportedArchitectureError, architecture_of
 from engine.core.discovery import encoder_decoder_message
+from engine.core.out_of_memory import is_allocation_failure, release_memory
 from engine.core.paths import atomic_folder, cache_root
 
 BUILTIN_NAME = "smollm2-135m"
@@ -229,22 +230,62 @@ def check_causal_lm(config) -> None:
         )
 
 
-def check_layout(config, trust_remote_code: bool = False) -> None:
-    """Discover the layout on an empty (meta-device) model built from ``config``, before any weight is read.
-
-    Raises :class:`UnsupportedModelError` naming what was found when the
-    module tree has no usable decoder stack.  A config that transformers
-    cannot instantiate here is left to the real load to report.
-    """
+def skeleton_of(config, trust_remote_code: bool = False) -> torch.nn.Module | None:
+    """The model built from ``config`` on the meta device (shapes, no weights); ``None`` when transformers
+    cannot instantiate it here (the real load then reports it with its own message)."""
     try:
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except Exception:  # noqa: BLE001 - the real load reports it with its own message
+        return None
+
+
+def check_layout(skeleton: torch.nn.Module | None) -> None:
+    """Discover the layout on the empty model, before any weight is read.
+
+    Raises :class:`UnsupportedModelError` naming what was found when the
+    module tree has no usable decoder stack.
+    """
+    if skeleton is None:
         return
     try:
         architecture_of(skeleton)
     except UnsupportedArchitectureError as err:
         raise UnsupportedModelError(str(err)) from None
+
+
+LOAD_HEADROOM = 1.05  # the weights must fit with 5% to spare (buffers, allocator slack)
+
+
+def check_fits(skeleton: torch.nn.Module | None, source: str, dtype: torch.dtype, device: torch.device,
+               device_map: str | None = None) -> None:
+    """Refuse, before reading any weight, a model whose weights at ``dtype`` exceed the free memory they go to.
+
+    Where: ``device``'s free memory, or with ``device_map="auto"`` every GPU's and the host's together.
+    A model too large for the machine would otherwise be killed by the system part-way through loading,
+    taking the dashboard (and every session's loaded model) with it.
+    """
+    from engine.core.memory import free_bytes, size_text
+
+    if skeleton is None:
+        return
+    params = {id(p): p for p in skeleton.parameters()}
+    need = sum(p.numel() for p in params.values()) * dtype.itemsize
+    places = [device] if device_map is None else \
+        [torch.device("cuda", i) for i in range(torch.cuda.device_count())] + [torch.device("cpu")]
+    free = [free_bytes(place) for place in places]
+    if any(f is None for f in free):
+        return
+    where = " + ".join(str(place) for place in places)
+    if need * LOAD_HEADROOM <= sum(free):
+        return
+    name = str(dtype).removeprefix("torch.")
+    advice = (f"load it in bfloat16 or float16 (≈ {size_text(need * 2 / dtype.itemsize)}), " if dtype.itemsize > 2
+              else "")
+    raise ModelLoadError(
+        f"'{source}' needs ≈ {size_text(need)} for its weights in {name} but only {size_text(sum(free))} "
+        f"{'is' if len(places) == 1 else 'are'} free on {where}: {advice}choose a smaller model, or free memory "
+        "(close other programs or sessions). No weight was read.")
 
 
 def weights_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
@@ -328,7 +369,10 @@ def load_model(
     local_only = is_builtin or Path(path).exists() or not hub_reachable()
     config = _load_config(path, trust_remote_code, local_only)
     check_causal_lm(config)
-    check_layout(config, trust_remote_code)
+    skeleton = skeleton_of(config, trust_remote_code)
+    check_layout(skeleton)
+    check_fits(skeleton, source, torch_dtype, torch_device, device_map)
+    del skeleton
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
@@ -342,6 +386,13 @@ def load_model(
             f"'{source}' has a config but its weights or tokenizer could not be loaded "
             f"(LayerLab reads safetensors only): {err}"
         ) from err
+    except (RuntimeError, MemoryError) as err:  # the estimate fitted but the memory went elsewhere meanwhile
+        if not is_allocation_failure(err):
+            raise
+        message = f"'{source}' ran out of memory while loading: {str(err).splitlines()[0][:200]}"
+        del err
+        release_memory()
+        raise ModelLoadError(message + ". Free memory or load it in a 16-bit dtype.") from None
     if device_map is None:
         model.to(torch_device)
     model.eval()

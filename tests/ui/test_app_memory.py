@@ -35,3 +35,17 @@ def test_slicing_and_dropping_pages_show_the_plan(tiny_app):
     if any(b.label.startswith("Compute LR scores") for b in at.button):
         click(at, "Compute LR scores")
     assert any("evaluation activations" in c for c in _memory_captions(at))
+
+
+def test_a_model_too_large_for_free_memory_is_refused_and_the_current_one_stays(tiny_app, tmp_path, monkeypatch):
+    import shutil
+
+    at = open_app("model")
+    other = shutil.copytree(tiny_app, tmp_path / "other-model")
+    monkeypatch.setattr("engine.core.memory.free_bytes", lambda device: 2**10)  # 1 KiB free
+    at.sidebar.text_input[0].set_value(str(other))
+    at.sidebar.button[0].click().run()
+    assert not at.exception
+    error = next(e.value for e in at.error if e.value.startswith("Model not loaded"))
+    assert "for its weights in float32 but only 0.0 MiB is free on cpu" in error and "bfloat16" in error
+    assert any(c.value == f"Still using {tiny_app}." for c in at.caption)
