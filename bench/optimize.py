@@ -1,6 +1,6 @@
 """One-click optimizers on the built-in model: bits under a budget vs the orderings; solver time.
 
-    python -m bench.optimize [--budgets 3.0,3.5] [--levels 2,3,4,5,6,8] [--quantizer rtn] [--candidates 3] [--held-out 4]
+    python -m bench.optimize [--budgets 3.0,3.5] [--levels 2,3,4,5,6,8] [--quantizer rtn] [--candidates 5] [--held-out 8]
                              [--part bits|slicing|all]
 
 Bits: for each budget (honest bits per weight, scales and zeros included),
@@ -31,7 +31,7 @@ from engine.core.data import DataSpec
 from engine.core.models import load_model
 from engine.optimize.bit_budget import BitBudget
 from engine.optimize.knapsack import solve
-from engine.runs.bits_optimizer import DEFAULT_HELD_OUT, BitsOptimizerPlan, optimize_bits
+from engine.runs.bits_optimizer import DEFAULT_CANDIDATES, DEFAULT_HELD_OUT, BitsOptimizerPlan, optimize_bits
 from engine.runs.plans import EvalPlan, SlicingPlan
 from engine.runs.runner import ensure_dense, run_quantization
 from engine.runs.store import ResultsStore
@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="3.0,3.5")
     parser.add_argument("--levels", default="2,3,4,5,6,8")
     parser.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn")
-    parser.add_argument("--candidates", type=int, default=3)
+    parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES)
     parser.add_argument("--held-out", type=int, default=DEFAULT_HELD_OUT, help="held-out calibration windows")
     parser.add_argument("--calib-windows", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=16)

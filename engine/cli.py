@@ -18,7 +18,7 @@ from engine.core.data import SOURCES, DataSpec
 from engine.core.models import BUILTIN_NAME, load_model
 from engine.dropping.choose import RANKINGS
 from engine.optimize.bit_budget import DEFAULT_LEVELS, BitBudget
-from engine.runs.bits_optimizer import BitsOptimizerPlan, optimize_bits
+from engine.runs.bits_optimizer import DEFAULT_CANDIDATES, DEFAULT_HELD_OUT, BitsOptimizerPlan, optimize_bits
 from engine.quant.grid import ZERO_POINTS
 from engine.runs.memory_check import run_memory_plan
 from engine.runs.plans import (
@@ -184,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     bits.add_argument("--levels", type=_ints, default=list(DEFAULT_LEVELS), help="allowed levels, e.g. 2,3,4,8")
     bits.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn")
     bits.add_argument("--group-size", type=int, default=128)
-    bits.add_argument("--candidates", type=int, default=3, help="solver candidates checked on held-out windows")
-    bits.add_argument("--held-out", type=int, default=4, help="calibration windows after --calib-windows used to "
+    bits.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help="solver candidates checked on held-out windows")
+    bits.add_argument("--held-out", type=int, default=DEFAULT_HELD_OUT, help="calibration windows after --calib-windows used to "
                       "check candidates")
     bits.add_argument("--json", default=None, help="write the candidates, the choice and its evaluation here")
     slicing = commands.add_parser("optimize-slicing", help="the best slicing schedule for a target: SB predicted "

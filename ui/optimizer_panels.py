@@ -8,7 +8,15 @@ from engine.core.data import DataError, DataSpec
 from engine.core.models import LoadedModel
 from engine.optimize.bit_budget import DEFAULT_LEVELS, BitBudget
 from engine.quant.grid import MAX_BITS, MIN_BITS
-from engine.runs.bits_optimizer import BitsOptimizerPlan, check_plan, optimization_if_cached, optimize_bits, optimize_estimate
+from engine.runs.bits_optimizer import (
+    DEFAULT_CANDIDATES,
+    DEFAULT_HELD_OUT,
+    BitsOptimizerPlan,
+    check_plan,
+    optimization_if_cached,
+    optimize_bits,
+    optimize_estimate,
+)
 from engine.runs.plans import EvalPlan
 from engine.runs.runner import run_estimate, run_quantization
 from engine.viz import charts
@@ -39,10 +47,10 @@ def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, eval
                                                             key=kept("opt_mib")) * 2**20)
     levels = cols[1].multiselect("Allowed levels", list(range(MIN_BITS, MAX_BITS + 1)), list(DEFAULT_LEVELS),
                                  key=kept("opt_levels"))
-    candidates = cols[2].slider("Solver candidates", 1, 5, 3, key=kept("opt_candidates"),
+    candidates = cols[2].slider("Solver candidates", 1, 8, DEFAULT_CANDIDATES, key=kept("opt_candidates"),
                                 help="Damage does not add up exactly: the best few allocations by the sum are "
                                 "measured, not only the first.")
-    held_out = cols[3].number_input("Held-out windows", 1, 32, 4, key=kept("opt_held_out"),
+    held_out = cols[3].number_input("Held-out windows", 1, 32, DEFAULT_HELD_OUT, key=kept("opt_held_out"),
                                     help="Calibration windows right after the ones measured on.")
     try:
         plan = BitsOptimizerPlan(budget, tuple(levels), quantizer, group_size, candidates, int(held_out))

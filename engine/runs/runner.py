@@ -167,26 +167,38 @@ RUN_PASSES = {"slicing": 3.0, "quantization-rtn": 0.5, "quantization-gptq": 4.0,
 """Rough cost of compressing, in forward passes over the calibration tokens (PCA / Hessians included)."""
 
 
-def run_estimate(loaded: LoadedModel, method: str, calibration: DataSpec, evaluation: EvalPlan,
-                 store: ResultsStore | None = None) -> str:
-    """Rough wall time of one run (compression, plus dense and compressed evaluation), for button labels.
+def estimate_run_seconds(loaded: LoadedModel, method: str, calibration: DataSpec, evaluation: EvalPlan,
+                         store: ResultsStore | None = None) -> float:
+    """Rough wall time (s) of one run: compression, plus dense and compressed evaluation.
 
-    ``method``: ``slicing``, ``quantization-rtn`` or ``quantization-gptq``.  Dense is counted only when
-    no dense run on these windows is stored yet.
+    ``method``: ``slicing``, ``quantization-rtn``, ``quantization-gptq`` or ``dropping``.  Dense is counted
+    only when no dense run on these windows is stored yet.  ``bench/estimates.py`` compares it with
+    measured runs.
     """
     calib = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen).input_ids.numel()
     evaluated = token_windows(evaluation.data, loaded.tokenizer, loaded.max_seqlen).input_ids.numel()
     dense_needed = store is None or find_dense(store, loaded, evaluation) is None
     passes_eval = 1 + int(dense_needed)
-    seconds = estimate_seconds(loaded.model, calib, RUN_PASSES[method]) + estimate_seconds(
+    return estimate_seconds(loaded.model, calib, RUN_PASSES[method]) + estimate_seconds(
         loaded.model, evaluated, passes_eval)
+
+
+def run_estimate(loaded: LoadedModel, method: str, calibration: DataSpec, evaluation: EvalPlan,
+                 store: ResultsStore | None = None) -> str:
+    """:func:`estimate_run_seconds` as button text, e.g. ``"≈ 40 s"``."""
+    seconds = estimate_run_seconds(loaded, method, calibration, evaluation, store)
     return describe_seconds(seconds) + (" + zero-shot tasks" if evaluation.tasks else "")
 
 
-def scoring_estimate(loaded: LoadedModel, spec: DataSpec) -> str:
-    """Rough time of one LR scoring pass over ``spec``'s windows (text for the button)."""
+def scoring_seconds(loaded: LoadedModel, spec: DataSpec) -> float:
+    """Rough wall time (s) of one LR scoring pass over ``spec``'s windows."""
     windows = token_windows(spec, loaded.tokenizer, loaded.max_seqlen)
-    return describe_seconds(estimate_seconds(loaded.model, windows.input_ids.numel()))
+    return estimate_seconds(loaded.model, windows.input_ids.numel())
+
+
+def scoring_estimate(loaded: LoadedModel, spec: DataSpec) -> str:
+    """:func:`scoring_seconds` as button text."""
+    return describe_seconds(scoring_seconds(loaded, spec))
 
 
 # ---------------------------------------------------------------- slicing
