@@ -126,7 +126,11 @@ with right.popover("Ordering sweep (the paper's chart)"):
                                key=kept("qs_f"))
     orders = st.multiselect("Orderings", ["lim", "zd", "random"], ["lim", "zd", "random"], key=kept("qs_o"))
     if st.button("Run sweep", key="qs_run"):
-        compute_scores(store, loaded, calibration, progress=progress_callback("Importance scores"))
+        try:
+            compute_scores(store, loaded, calibration, progress=progress_callback("Importance scores"))
+        except (DataError, ValueError) as err:
+            st.error(str(err))
+            st.stop()
         plans = quantization_sweep(plan, [low_bits], orders, [f / 100 for f in fractions])
         result = run_sweep(plans, lambda p: run_quantization(store, loaded, p, calibration, full_plan),
                            progress_callback(f"Sweep of {len(plans)} runs"))

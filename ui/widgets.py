@@ -210,7 +210,11 @@ def compute_scores_prompt(store, loaded: LoadedModel, calibration: DataSpec, nee
         st.stop()
     st.info(f"{need} needs LR scores on this calibration text (not computed yet).")
     if st.button(f"Compute LR scores ({scoring_estimate(loaded, calibration)})", type="primary"):
-        compute_scores(store, loaded, calibration, progress=progress_callback("LR scores"))
+        try:
+            compute_scores(store, loaded, calibration, progress=progress_callback("LR scores"))
+        except (DataError, ValueError) as err:
+            st.error(str(err))
+            st.stop()
         st.rerun()
     st.stop()
 

@@ -127,10 +127,18 @@ def size_text(n_bytes: float | None) -> str:
 
 
 def free_bytes(device: torch.device | str) -> int | None:
-    """Free memory on ``device`` now: CUDA's free bytes, or the host's ``MemAvailable``; ``None`` if unknown."""
+    """Free memory on ``device`` now: CUDA's free bytes, or the host's ``MemAvailable``; ``None`` if unknown.
+
+    On CUDA, blocks PyTorch's allocator holds in its cache but no tensor uses count as free (earlier runs
+    leave them behind; new tensors reuse them).
+    """
     device = torch.device(device)
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        try:
+            cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            return int(torch.cuda.mem_get_info(device)[0]) + max(0, cached)
+        except (RuntimeError, AssertionError, ValueError):  # no such device: the load reports it
+            return None
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:

@@ -373,6 +373,7 @@ def load_model(
     check_layout(skeleton)
     check_fits(skeleton, source, torch_dtype, torch_device, device_map)
     del skeleton
+    failure = None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
@@ -389,10 +390,10 @@ def load_model(
     except (RuntimeError, MemoryError) as err:  # the estimate fitted but the memory went elsewhere meanwhile
         if not is_allocation_failure(err):
             raise
-        message = f"'{source}' ran out of memory while loading: {str(err).splitlines()[0][:200]}"
-        del err
+        failure = f"'{source}' ran out of memory while loading: {str(err).splitlines()[0][:200]}"
+    if failure:  # raised outside the except block: the half-loaded weights are released first
         release_memory()
-        raise ModelLoadError(message + ". Free memory or load it in a 16-bit dtype.") from None
+        raise ModelLoadError(failure + ". Free memory or load it in a 16-bit dtype.")
     if device_map is None:
         model.to(torch_device)
     model.eval()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import gc
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import ParamSpec, TypeVar
 
 import torch
@@ -60,18 +61,32 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+_DEPTH: ContextVar[int] = ContextVar("explained_out_of_memory_depth", default=0)
+
+
 def explain_out_of_memory(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorator: an allocation failure inside the function becomes :class:`RunOutOfMemory` (see the module
-    docstring); every other error passes through unchanged.  ``what``: the work, e.g. ``"The slicing run"``."""
+    docstring); every other error passes through unchanged.  ``what``: the work, e.g. ``"The slicing run"``.
+
+    Decorated functions call each other (a run measures dense, computes scores...): only the outermost one
+    converts, so the message names what the user started and the memory is released once every frame of it
+    has unwound.
+    """
     def decorate(function: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(function)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            token = _DEPTH.set(_DEPTH.get() + 1)
             try:
-                return function(*args, **kwargs)
-            except (RuntimeError, MemoryError) as error:
-                if not is_allocation_failure(error):
-                    raise
-                message = out_of_memory_message(what, error)
+                if _DEPTH.get() > 1:  # inside another decorated call: it converts
+                    return function(*args, **kwargs)
+                try:
+                    return function(*args, **kwargs)
+                except (RuntimeError, MemoryError) as error:
+                    if not is_allocation_failure(error):
+                        raise
+                    message = out_of_memory_message(what, error)
+            finally:
+                _DEPTH.reset(token)
             # outside the except block: the error, its traceback and the run's frames are gone by now
             release_memory()
             raise RunOutOfMemory(message)

@@ -164,14 +164,16 @@ def needs_scores(plan: SlicingPlan | QuantPlan | DropPlan) -> bool:
     return plan.ordering in ("lim", "zd", "reversed-lim")
 
 
-# Run time = (passes · calibration tokens + evaluated tokens + fixed · hidden size) / forward throughput, with
+# Run time = (passes · calibration tokens + evaluations · evaluated tokens + fixed · hidden size) / forward
+# throughput (evaluations: 2 while dense is not stored on these windows, else 1), with
 # both constants fitted to measured runs of the built-in model at 8 × 128 / 4 × 128 and 16 × 256 / 16 × 256
 # (bench/estimates.py, idle machine).  The fixed part is per-layer work that does not grow with the text:
 # PCA eigendecompositions and weight rotations (slicing), GPTQ's column loops, quantizing every weight,
 # and the latency check every run makes; in forward-token equivalents it grows with the model's width.
 RUN_PASSES = {"slicing": 1.2, "quantization-rtn": 0.26, "quantization-gptq": 0.5, "dropping": 0.0}
+"""Cost of compressing that grows with the text, in forward passes over the calibration tokens."""
 RUN_FIXED_PER_HIDDEN = {"slicing": 4.6, "quantization-rtn": 0.7, "quantization-gptq": 13.2, "dropping": 2.2}
-"""Rough cost of compressing, in forward passes over the calibration tokens (PCA / Hessians included)."""
+"""Cost that does not grow with the text, in forward-token equivalents per unit of hidden size."""
 
 
 def estimate_run_seconds(loaded: LoadedModel, method: str, calibration: DataSpec, evaluation: EvalPlan,

@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+from engine.core.out_of_memory import RunOutOfMemory
 from engine.core.progress import StageProgress
 from engine.runs.plans import QuantPlan, SlicingPlan
 from engine.runs.runner import RunOutcome
@@ -60,11 +61,19 @@ class SweepResult:
 
 def run_sweep(plans: Sequence, run_one: Callable[[object], RunOutcome],
               progress: StageProgress | None = None) -> SweepResult:
-    """Run ``run_one(plan)`` for every plan; a point that fails with a ValueError is recorded and skipped."""
+    """Run ``run_one(plan)`` for every plan; a point that fails with a ValueError is recorded and skipped.
+
+    Running out of memory stops the sweep (the next points would need as much): its message is recorded
+    against the failed point, with how many runs before it were stored.
+    """
     result = SweepResult()
     for done, plan in enumerate(plans, start=1):
         try:
             result.outcomes.append(run_one(plan))
+        except RunOutOfMemory as err:
+            result.errors.append((plan, f"{err} The sweep stopped here ({done - 1} of {len(plans)} points run; "
+                                        f"{len(result.outcomes)} stored)."))
+            break
         except ValueError as err:  # every engine input error is a ValueError
             result.errors.append((plan, str(err)))
         if progress is not None:

@@ -119,19 +119,19 @@ def test_a_model_larger_than_free_memory_is_refused_before_any_weight_is_read(ti
     """Sizes come from the config's empty (meta) model at the load dtype: 16-bit advice only for 32-bit loads."""
     from engine.core.models import ModelLoadError, load_model, skeleton_of
 
-    loaded = load_model(tiny_folder)  # fits as it is
+    loaded = load_model(tiny_folder, device="cpu")  # fits as it is
     weights = sum(p.numel() for p in loaded.model.parameters()) * 4
     monkeypatch.setattr("engine.core.memory.free_bytes", lambda device: weights // 2)
     read = []
     monkeypatch.setattr("engine.core.models.AutoModelForCausalLM.from_pretrained",
                         lambda *args, **kwargs: read.append(args))
     with pytest.raises(ModelLoadError) as refused:
-        load_model(tiny_folder, dtype="float32")
+        load_model(tiny_folder, device="cpu", dtype="float32")
     message = str(refused.value)
     assert f"needs ≈ {weights / 2**20:.1f} MiB for its weights in float32" in message
     assert f"only {weights // 2 / 2**20:.1f} MiB is free on cpu" in message and "bfloat16 or float16" in message
     assert not read  # refused from the config alone
     with pytest.raises(ModelLoadError) as refused_16:
-        load_model(tiny_folder, dtype="bfloat16")  # half the bytes: still just over the free half (5% headroom)
+        load_model(tiny_folder, device="cpu", dtype="bfloat16")  # half the bytes: still just over the free half (5% headroom)
     assert "bfloat16 or float16" not in str(refused_16.value) and "choose a smaller model" in str(refused_16.value)
     assert skeleton_of(loaded.model.config) is not None
