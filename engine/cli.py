@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     slicing.add_argument("--sb-checks", type=int, default=1,
                          help="best predicted SB values sliced and checked (SB = 0 and the measured schedule "
                               "always are)")
-    slicing.add_argument("--held-out", type=int, default=4, help="calibration windows after --calib-windows used "
+    slicing.add_argument("--held-out", type=int, default=DEFAULT_HELD_OUT, help="calibration windows after --calib-windows used "
                          "to check candidates")
     slicing.add_argument("--json", default=None, help="write the candidates, the choice and its evaluation here")
     export = commands.add_parser("export", help="write a stored run's model as a Hugging Face folder (dropped, "

@@ -139,7 +139,7 @@ def slicing_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, e
     checks = cols[1].slider("Best predicted SB values sliced and checked", 1, 4, 1, key=kept("opt_slice_checks"),
                             help="Besides these, the low end of the SB range (SB = 0, pure LR-dynamic) and the "
                                  "measured schedule are always checked: the additive prediction ranks SB poorly.")
-    held_out = cols[2].number_input("Held-out windows", 1, 32, 4, key=kept("opt_slice_held_out"))
+    held_out = cols[2].number_input("Held-out windows", 1, 32, DEFAULT_HELD_OUT, key=kept("opt_slice_held_out"))
     try:
         plan = SlicingOptimizerPlan(target, tuple(sorted(fractions)), int(round_to), int(held_out), checks)
         if not fractions:

@@ -44,7 +44,7 @@ from engine.optimize.slicing_budget import (
     measured_widths,
     predicted_damage,
 )
-from engine.runs.bits_optimizer import held_out_spec
+from engine.runs.bits_optimizer import DEFAULT_HELD_OUT, held_out_spec
 from engine.runs.plans import SlicingPlan
 from engine.runs.cached_scores import compute_scores
 from engine.runs.store import ResultsStore, cache_key
@@ -67,7 +67,7 @@ class SlicingOptimizerPlan:
     target: float = 0.25
     fractions: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4)
     round_to: int = 8
-    held_out_windows: int = 4
+    held_out_windows: int = DEFAULT_HELD_OUT
     sb_checks: int = 1
 
     def actions(self) -> list[Action]:
