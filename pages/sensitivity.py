@@ -56,6 +56,11 @@ bits = cols[1].multiselect("Bit levels (RTN / GPTQ)", list(range(MIN_BITS, MAX_B
                            key=kept("sens_bits"), disabled=not set(kinds) & set(QUANT_KINDS))
 group_size = cols[1].number_input("Group size", 8, 8192, DEFAULT_GROUP_SIZE, 8, key=kept("sens_group"),
                                   disabled=not set(kinds) & set(QUANT_KINDS))
+WHOLE_LAYER = "whole layer"
+modules = cols[1].multiselect("Quantize which linears", [WHOLE_LAYER, *loaded.architecture.linears], [WHOLE_LAYER],
+                              key=kept("sens_modules"), disabled=not set(kinds) & set(QUANT_KINDS),
+                              help="One linear at a time (e.g. down) shows which module types carry the damage; "
+                              "each is a scan of its own.")
 fraction = cols[2].slider("Slicing fraction %", 5, 90, 25, 5, key=kept("sens_slice"),
                           disabled="slice" not in kinds) / 100
 k = cols[3].number_input("Outlier threshold k (|z| > k)", 1.0, 20.0, 3.0, 0.5, key=kept("scores_k"))
@@ -69,10 +74,14 @@ if "slice" in kinds and rank_warning:
 try:
     if set(kinds) & set(QUANT_KINDS) and not bits:
         raise SensitivityError("Pick at least one bit level for the quantization actions.")
+    if set(kinds) & set(QUANT_KINDS) and not modules:
+        raise SensitivityError("Pick what to quantize: the whole layer or at least one of its linears.")
     actions = []
     for kind in kinds:
         if kind in QUANT_KINDS:
-            actions += [Action(kind, bits=int(b), group_size=int(group_size)) for b in sorted(bits)]
+            actions += [Action(kind, bits=int(b), group_size=int(group_size),
+                               module=None if module == WHOLE_LAYER else module)
+                        for b in sorted(bits) for module in modules]
         else:
             actions.append(Action(kind, fraction=fraction) if kind == "slice" else Action(kind))
     check_actions(loaded, actions)

@@ -7,6 +7,7 @@ them (comma-separated in ``--actions``):
 ==================  ==============================================================
 ``quant:3``         round-to-nearest (RTN) at 3 bits (same as ``rtn:3``)
 ``gptq:3``          GPTQ at 3 bits (static act-order, Hessians from the dense layer's inputs)
+``quant:3@down``    only one linear of the layer (its short name, e.g. q, k, v, o, gate, up, down)
 ``slice:0.25``      slice 25% of the layer's residual width (SliceGPT on this layer only)
 ``drop``            remove the layer (its output is its input)
 ``drop-attn``       remove only its attention block
@@ -44,12 +45,15 @@ class Action:
     ``kind``: one of :data:`KINDS`.  ``bits`` (quantization only): code width.
     ``group_size`` (quantization only): input columns per scale (``None`` = one per row).
     ``fraction`` (slicing only): share of the residual width removed, in (0, 1).
+    ``module`` (quantization only): quantize only this linear of the layer (its short name in the
+    architecture table, e.g. ``down``); ``None``: every linear of the layer.
     """
 
     kind: str
     bits: int | None = None
     fraction: float | None = None
     group_size: int | None = None
+    module: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -73,13 +77,17 @@ class Action:
             object.__setattr__(self, "fraction", float(fraction))
         elif self.fraction is not None:
             raise ActionSpecError(f"'{self.kind}' takes no fraction; fractions belong to slice: actions.")
+        if self.module is not None and (self.kind not in QUANT_KINDS or not isinstance(self.module, str)
+                                        or not self.module.strip()):
+            raise ActionSpecError(f"'{self.kind}' takes no module: a module (e.g. quant:3@down) belongs to "
+                                  "quant:/gptq: actions.")
 
     @property
     def key(self) -> str:
         """Stable short name: ``rtn3-g128``, ``gptq3-g128``, ``slice0.25``, ``drop``, ``drop-attn``, ``drop-mlp``."""
         if self.kind in QUANT_KINDS:
             group = "row" if self.group_size is None else self.group_size
-            return f"{self.kind}{self.bits}-g{group}"
+            return f"{self.kind}{self.bits}-g{group}" + (f"-{self.module}" if self.module else "")
         if self.kind == "slice":
             return f"slice{self.fraction:g}"
         return self.kind
@@ -89,7 +97,7 @@ class Action:
         """Chart label: ``RTN 3-bit``, ``GPTQ 3-bit``, ``slice 25%``, ``drop layer``..."""
         if self.kind in QUANT_KINDS:
             group = "" if self.group_size == DEFAULT_GROUP_SIZE else f" g{self.group_size or 'row'}"
-            return f"{self.kind.upper()} {self.bits}-bit{group}"
+            return f"{self.kind.upper()} {self.bits}-bit{group}" + (f" {self.module}" if self.module else "")
         if self.kind == "slice":
             return f"slice {100 * self.fraction:g}%"
         return _DROP_LABELS[self.kind]
@@ -98,7 +106,7 @@ class Action:
     def cost_word(self) -> str:
         """How findings name this action's cost: ``3-bit RTN``, ``25% slicing``, ``dropping the layer``..."""
         if self.kind in QUANT_KINDS:
-            return f"{self.bits}-bit {self.kind.upper()}"
+            return f"{self.bits}-bit {self.kind.upper()}" + (f" of {self.module}" if self.module else "")
         if self.kind == "slice":
             return f"{100 * self.fraction:g}% slicing"
         return {"drop": "layer-drop", "drop-attn": "attention-drop", "drop-mlp": "MLP-drop"}[self.kind]
@@ -123,7 +131,8 @@ class Action:
         return kept
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields; ``module`` only when set (records of whole-layer actions read as before)."""
+        return {k: v for k, v in asdict(self).items() if k != "module" or v is not None}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Action":
@@ -137,11 +146,13 @@ def parse_action(text: str) -> Action:
                                                                                   name.strip().lower())
     value = value.strip()
     if name in QUANT_KINDS:
+        value, at, module = value.partition("@")
         bits, _, group = value.partition("/g")
-        if not (bits.isdigit() and (not group or group.isdigit())):
+        if not (bits.isdigit() and (not group or group.isdigit())) or (at and not module.strip()):
             raise ActionSpecError(f"'{text}' needs an integer bit level from {MIN_BITS} to {MAX_BITS}, e.g. "
-                                  f"{name}:3 (or {name}:3/g64 for group size 64).")
-        return Action(name, bits=int(bits), group_size=int(group) if group else None)
+                                  f"{name}:3 (or {name}:3/g64 for group size 64, {name}:3@down for one linear).")
+        return Action(name, bits=int(bits), group_size=int(group) if group else None,
+                      module=module.strip() or None)
     if name == "slice":
         try:
             fraction = float(value)
@@ -179,6 +190,10 @@ def check_supported(action: Action, architecture: Architecture, hidden_size: int
                 "whose SliceGPT variant (centred embeddings) LayerLab does not implement. Measure quant:/drop "
                 "actions on this model instead.")
         action.kept_dims(hidden_size)
+    if action.module is not None and action.module not in architecture.linears:
+        raise UnsupportedActionError(
+            f"{architecture.model_type} layers have no linear '{action.module}': choose one of "
+            f"{', '.join(architecture.linears)} (e.g. quant:3@{next(iter(architecture.linears))}).")
     if action.kind in ("drop-attn", "drop-mlp") and not (architecture.attention and architecture.mlp):
         raise UnsupportedActionError(
             f"{architecture.model_type} layers have no separate attention and MLP blocks to drop one of; "

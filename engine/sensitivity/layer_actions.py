@@ -167,12 +167,15 @@ def _hessians(layer: nn.Module, arch: Architecture, batches: Batches) -> dict[st
 @torch.no_grad()
 def quantized_layer(layer: nn.Module, arch: Architecture, action: Action,
                     batches: Batches) -> tuple[nn.Module, dict]:
-    """A deep copy of ``layer`` with every linear weight quantized and dequantized (RTN or GPTQ)."""
+    """A deep copy of ``layer`` with every linear weight (or only ``action.module``'s) quantized and dequantized
+    (RTN or GPTQ)."""
     spec = action.quantizer()
     quantized = copy.deepcopy(layer)
     hessians = _hessians(quantized, arch, batches) if spec.method == "gptq" else {}
     bits = weights = 0
     for name, linear in arch.layer_linears(quantized).items():
+        if action.module is not None and name != action.module:
+            continue
         weight = linear.weight
         result = quantize_weight(weight, spec, hessians[name]) if spec.method == "gptq" else rtn_quantize(weight, spec)
         weight.copy_(result.dequantize(weight.dtype).to(weight.device))

@@ -28,6 +28,7 @@ def test_text_forms_keys_and_labels():
     ("slice:1.2", "between 0 and 1"),
     ("slice:abc", "slicing fraction between 0 and 1"),
     ("drop:2", "takes no value"),
+    ("quant:3@", "for one linear"),
     ("prune", "Unknown action 'prune'"),
     ("", "No action given"),
 ])
@@ -56,3 +57,16 @@ def test_an_action_the_architecture_cannot_do_is_refused():
     no_blocks = replace(architecture_for("llama"), attention="")
     with pytest.raises(UnsupportedActionError, match="drop"):
         check_supported(parse_action("drop-attn"), no_blocks, 64)
+
+
+def test_one_linear_of_a_layer_as_an_action():
+    action = parse_action("quant:3/g64@down")
+    assert action == Action("rtn", bits=3, group_size=64, module="down")
+    assert action.key == "rtn3-g64-down" and action.label == "RTN 3-bit g64 down"
+    assert action.cost_word == "3-bit RTN of down" and Action.from_dict(action.to_dict()) == action
+    assert "module" not in parse_action("quant:3").to_dict()  # whole-layer records and cache keys as before
+    check_supported(action, architecture_for("llama"), 64)
+    with pytest.raises(UnsupportedActionError, match="no linear 'qkv': choose one of q, k, v, o, gate, up, down"):
+        check_supported(parse_action("gptq:4@qkv"), architecture_for("llama"), 64)
+    with pytest.raises(ActionSpecError, match="takes no module"):
+        Action("drop", module="down")

@@ -141,3 +141,16 @@ def test_batch_size_does_not_change_the_numbers(llama, ids):
     one = scan_action(model, arch, dense_reference(model, arch, ids, batch_size=1), parse_action("drop"))
     four = scan_action(model, arch, dense_reference(model, arch, ids, batch_size=4), parse_action("drop"))
     assert one.kl == pytest.approx(four.kl, rel=1e-4)
+
+
+def test_one_linear_alone_is_measured_like_a_naive_rerun_and_costs_less_than_its_layer(llama, ids):
+    """Quantizing only ``down`` (2 bits): the cached-input scan equals the naive full re-run, and every layer's
+    damage is below quantizing all its linears; the facts name the module's own bits per weight."""
+    model, arch = llama
+    dense = dense_reference(model, arch, ids, batch_size=4)
+    down = parse_action("quant:2@down")
+    measured = scan_action(model, arch, dense, down)
+    assert measured.kl == pytest.approx(naive_kl(model, arch, ids, down, dense), rel=1e-4, abs=1e-7)
+    whole = scan_action(model, arch, dense, parse_action("quant:2"))
+    assert all(0 < part < full for part, full in zip(measured.kl, whole.kl))
+    assert measured.spec == down and measured.details[0]["bits_per_weight"] > 2

@@ -52,3 +52,16 @@ def test_slicing_on_too_few_calibration_tokens_is_warned(tiny_app):
     assert not any("rank-deficient" in w.value for w in at.warning)
     at.number_input(key="keep.calib_windows").set_value(3).run()  # 48 tokens < 64
     assert any("rank-deficient" in w.value and "near 0" in w.value for w in at.warning)
+
+
+def test_one_linear_at_a_time_becomes_its_own_row(tiny_app):
+    """Whole layer and down_proj alone at 3 bits: two rows of the damage heatmap; no linear chosen is refused."""
+    at = _page(4, 40)
+    at.multiselect(key="keep.sens_actions").set_value(["rtn"])
+    at.multiselect(key="keep.sens_modules").set_value([]).run()
+    assert any("whole layer or at least one of its linears" in e.value for e in at.error)
+    at.multiselect(key="keep.sens_modules").set_value(["whole layer", "down"]).run()
+    at = click(at, "Measure sensitivity")
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    heatmap = next(c.proto.spec for c in at.get("plotly_chart") if "RTN 3-bit down" in c.proto.spec)
+    assert '"RTN 3-bit"' in heatmap
