@@ -170,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "LR / LIM / ZD predict it (cached)")
     _common(sensitivity, evaluation=False)
     sensitivity.add_argument("--actions", type=_actions, default="quant:3,slice:0.25,drop",
-                             help="comma-separated: quant:3 (RTN), gptq:3, quant:3/g64, slice:0.25, drop, drop-attn, "
-                             "drop-mlp")
+                             help="comma-separated: quant:3 (RTN), gptq:3, quant:3/g64, quant:3@down (one linear "
+                             "of each layer), slice:0.25, drop, drop-attn, drop-mlp")
     sensitivity.add_argument("--k", type=float, default=3.0, help="outlier threshold |z| > k")
     sensitivity.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward")
     sensitivity.add_argument("--json", default=None, help="write the per-layer matrix and the agreement table here")
