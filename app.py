@@ -2,12 +2,12 @@
 
 import streamlit as st
 
-from ui.navigation import start_in_navigation_mode
+from ui.navigation import enter_through_the_router
 from ui.sidebar import model_sidebar
 from ui.state import restore_widget_state, save_widget_state
 
 st.set_page_config(page_title="LayerLab", layout="wide")
-start_in_navigation_mode()
+enter_through_the_router()
 restore_widget_state()
 
 PAGES = [

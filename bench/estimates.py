@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="8x128/4x128,16x256/16x256")
     args = parser.parse_args()
     os.environ["LAYERLAB_CACHE"] = tempfile.mkdtemp(prefix="bench-estimates-")  # nothing cached
-    (Path(os.environ["LAYERLAB_CACHE"]) / "models").symlink_to(Path("cache/models").resolve())
+    (Path(os.environ["LAYERLAB_CACHE"]) / "models").symlink_to(Path(__file__).resolve().parents[1] / "cache" / "models")
 
     from bench.common import report
     from engine.core.data import DataSpec

@@ -89,13 +89,12 @@ def slicing_part(args, store: ResultsStore, loaded, calibration: DataSpec, evalu
     all on evaluation windows; the grid's best is picked *on evaluation text* (an oracle the optimizer lacks)."""
     from engine.runs.runner import run_slicing
     from engine.runs.slicing_optimizer import SlicingOptimizerPlan, optimize_slicing
-    from engine.sensitivity.cached import hidden_size
 
     plan = SlicingOptimizerPlan(target=args.target)
     start = time.perf_counter()
     result = optimize_slicing(store, loaded, plan, calibration)
     optimize_s = time.perf_counter() - start
-    hidden = hidden_size(loaded)
+    hidden = loaded.hidden_size
     rows = []
     for candidate in result.candidates:
         if candidate.reused:

@@ -399,7 +399,6 @@ def _optimize_bits(args, store, loaded, calibration, evaluation) -> None:
 def _optimize_slicing(args, store, loaded, calibration, evaluation) -> None:
     """Search (cached), print every candidate, evaluate the chosen schedule (stored), write ``--json``."""
     from engine.runs.slicing_optimizer import SlicingOptimizerPlan, optimize_slicing
-    from engine.sensitivity.cached import hidden_size
 
     plan = SlicingOptimizerPlan(args.target, tuple(args.fractions), args.round_to, args.held_out, args.sb_checks)
     result = optimize_slicing(store, loaded, plan, calibration, progress=_progress)
@@ -407,7 +406,7 @@ def _optimize_slicing(args, store, loaded, calibration, evaluation) -> None:
         print(json.dumps({"candidate": row}, default=float))
     print(json.dumps({"summary": result.summary()}))
     _print_run("dense", ensure_dense(store, loaded, evaluation, _progress))
-    hidden = hidden_size(loaded)
+    hidden = loaded.hidden_size
     outcome = run_slicing(store, loaded, result.best.plan(plan.target, plan.round_to, hidden), calibration,
                           evaluation, schedule=result.best.schedule(hidden), progress=_progress)
     _print_run("slicing", outcome)

@@ -13,7 +13,6 @@ from engine.sensitivity.agreement import RESAMPLES, layer_scores
 from engine.sensitivity.cached import (
     cached_agreement,
     check_actions,
-    hidden_size,
     measure_sensitivity,
     scan_estimate,
     sensitivity_if_cached,
@@ -66,7 +65,7 @@ fraction = cols[2].slider("Slicing fraction %", 5, 90, 25, 5, key=kept("sens_sli
 k = cols[3].number_input("Outlier threshold k (|z| > k)", 1.0, 20.0, 3.0, 0.5, key=kept("scores_k"))
 if spec is None:
     st.stop()
-rank_warning = pca_rank_warning(spec.n_windows * spec.seqlen if spec.n_windows else 10**9, hidden_size(loaded))
+rank_warning = pca_rank_warning(spec.n_windows * spec.seqlen if spec.n_windows else 10**9, loaded.hidden_size)
 if "slice" in kinds and rank_warning:
     st.warning(rank_warning + " On this calibration sample itself the measured slicing damage is then near 0 "
                "(the dimensions sliced away carry none of its variance), which says nothing about other text.")

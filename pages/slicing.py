@@ -36,7 +36,7 @@ enter_through_the_router()  # a page opened by its own URL on a new server goes 
 
 loaded = require_model()
 store = results_store()
-hidden = loaded.model.config.hidden_size
+hidden = loaded.hidden_size
 n_layers = loaded.num_layers
 
 st.title("Slicing")

@@ -19,15 +19,11 @@ import streamlit as st
 from streamlit.runtime.pages_manager import PagesManager
 
 
-def start_in_navigation_mode() -> None:
-    """Call first in ``app.py``: leave the legacy pages-folder mode and rerun (first run of a server only)."""
+def enter_through_the_router() -> None:
+    """Call first in ``app.py`` and in every page: leave the legacy pages-folder mode and rerun (the first run of
+    a server only).  A page opened by its own URL on a new server (a bookmark, a reload after a restart) would
+    otherwise run alone, without ``app.py``'s sidebar and with file names as navigation; the rerun sends it
+    through ``app.py``'s router to the same page."""
     if PagesManager.uses_pages_directory:
         PagesManager.uses_pages_directory = False
         st.rerun()
-
-
-def enter_through_the_router() -> None:
-    """Call first in every page: a page opened by its own URL on a new server (a bookmark, a reload after a
-    restart) runs alone in the legacy mode, without ``app.py``'s sidebar and with file names as navigation.
-    Leaving that mode and rerunning sends the session through ``app.py``'s router to the same page."""
-    start_in_navigation_mode()

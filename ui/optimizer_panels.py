@@ -117,7 +117,6 @@ def slicing_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, e
         slicing_optimize_estimate,
     )
     from engine.optimize.slicing_budget import check_reachable
-    from engine.sensitivity.cached import hidden_size
     from engine.slicing.slice_model import pca_rank_warning
     from engine.viz.optimizer_charts import basis_search_chart
 
@@ -128,7 +127,7 @@ def slicing_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, e
         "solver under the average), then slices only the best predicted SB values, the low end of the SB range "
         "(the prediction ranks SB poorly) and the measured schedule, and checks them on held-out calibration "
         "windows. Schedules with the same widths are sliced once.")
-    rank_warning = pca_rank_warning((calibration.n_windows or 10**9) * calibration.seqlen, hidden_size(loaded))
+    rank_warning = pca_rank_warning((calibration.n_windows or 10**9) * calibration.seqlen, loaded.hidden_size)
     if rank_warning:
         st.warning(rank_warning + " On the calibration text itself the measured damage is then near 0 (the "
                    "dimensions sliced away carry none of its variance), so the search has nothing to go on, while "
@@ -144,7 +143,7 @@ def slicing_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, e
         plan = SlicingOptimizerPlan(target, tuple(sorted(fractions)), int(round_to), int(held_out), checks)
         if not fractions:
             raise ValueError("Choose at least one fraction to measure (e.g. 0.1, 0.2, 0.3, 0.4).")
-        check_reachable(target, fractions, hidden_size(loaded), loaded.num_layers, int(round_to))
+        check_reachable(target, fractions, loaded.hidden_size, loaded.num_layers, int(round_to))
         plan.actions()
         result = slicing_optimization_if_cached(store, loaded, plan, calibration)
         estimate = slicing_optimize_estimate(store, loaded, plan, calibration) if result is None else ""
@@ -171,7 +170,7 @@ def slicing_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, e
                "slicing_basis_search", f"Target SP {target:.0%}; {result.slicings} slicings. {subtitle}.",
                pd.DataFrame(result.grid))
     st.dataframe(table, hide_index=True, width="stretch")
-    hidden = hidden_size(loaded)
+    hidden = loaded.hidden_size
     best = result.best
     widths = charts.schedule_table(best.schedule(hidden).fractions, best.dims, hidden, None)
     show_chart(charts.schedule_chart(widths, f"{loaded.source}; {best.name}"), "optimizer_schedule",

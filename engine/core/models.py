@@ -17,9 +17,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    PreTrainedModel,
+)
 
-from engine.core.architectures import FEATURES, Architecture, UnsupportedArchitectureError, architecture_of
+from engine.core import memory
+from engine.core.architectures import (
+    FEATURES,
+    Architecture,
+    UnsupportedArchitectureError,
+    architecture_of,
+    get_submodule,
+)
 from engine.core.discovery import encoder_decoder_message
 from engine.core.out_of_memory import is_allocation_failure, release_memory
 from engine.core.paths import atomic_folder, cache_root
@@ -73,6 +86,11 @@ class LoadedModel:
     @property
     def num_layers(self) -> int:
         return len(self.architecture.decoder_layers(self.model))
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the residual stream: the embedding's output width (whatever the config calls it)."""
+        return int(get_submodule(self.model, self.architecture.embedding).weight.shape[1])
 
     @classmethod
     def from_model(cls, model: PreTrainedModel, tokenizer: object = None, source: str = "in-memory") -> "LoadedModel":
@@ -265,25 +283,23 @@ def check_fits(skeleton: torch.nn.Module | None, source: str, dtype: torch.dtype
     A model too large for the machine would otherwise be killed by the system part-way through loading,
     taking the dashboard (and every session's loaded model) with it.
     """
-    from engine.core.memory import free_bytes, size_text
-
     if skeleton is None:
         return
     params = {id(p): p for p in skeleton.parameters()}
     need = sum(p.numel() for p in params.values()) * dtype.itemsize
     places = [device] if device_map is None else \
         [torch.device("cuda", i) for i in range(torch.cuda.device_count())] + [torch.device("cpu")]
-    free = [free_bytes(place) for place in places]
+    free = [memory.free_bytes(place) for place in places]
     if any(f is None for f in free):
         return
     where = " + ".join(str(place) for place in places)
     if need * LOAD_HEADROOM <= sum(free):
         return
     name = str(dtype).removeprefix("torch.")
-    advice = (f"load it in bfloat16 or float16 (≈ {size_text(need * 2 / dtype.itemsize)}), " if dtype.itemsize > 2
+    advice = (f"load it in bfloat16 or float16 (≈ {memory.size_text(need * 2 / dtype.itemsize)}), " if dtype.itemsize > 2
               else "")
     raise ModelLoadError(
-        f"'{source}' needs ≈ {size_text(need)} for its weights in {name} but only {size_text(sum(free))} "
+        f"'{source}' needs ≈ {memory.size_text(need)} for its weights in {name} but only {memory.size_text(sum(free))} "
         f"{'is' if len(places) == 1 else 'are'} free on {where}: {advice}choose a smaller model, or free memory "
         "(close other programs or sessions). No weight was read.")
 

@@ -33,7 +33,7 @@ from engine.runs.cached_scores import ScoresNotComputed, scores_for
 from engine.runs.plans import DropPlan
 from engine.runs.store import ResultsStore, cache_key
 from engine.sensitivity.actions import Action, check_supported
-from engine.sensitivity.cached import hidden_size, measure_sensitivity, sensitivity_if_cached
+from engine.sensitivity.cached import measure_sensitivity, sensitivity_if_cached
 
 
 def dropped_layers(store: ResultsStore, loaded: LoadedModel, plan: DropPlan, calibration: DataSpec,
@@ -48,7 +48,7 @@ def dropped_layers(store: ResultsStore, loaded: LoadedModel, plan: DropPlan, cal
     else:
         candidates = droppable(loaded.num_layers, plan.count, plan.protect_ends)
         if plan.by == "sensitivity":
-            check_supported(Action(SENSITIVITY_ACTIONS[plan.block]), loaded.architecture, hidden_size(loaded))
+            check_supported(Action(SENSITIVITY_ACTIONS[plan.block]), loaded.architecture, loaded.hidden_size)
 
         def rank(dropped: list[int]) -> list[float]:
             try:

@@ -35,7 +35,6 @@ from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, SlicingPlan
 from engine.runs.record import PPL, RunRecord, task_metrics
 from engine.runs.store import ResultsStore
 from engine.scores.ranking import zd_importance
-from engine.sensitivity.cached import hidden_size
 from engine.slicing.schedules import SlicingSchedule, schedule_constant, schedule_custom, schedule_dynamic
 from engine.slicing.slice_model import save_sliced, slice_model
 from engine.dropping.drop_model import drop_model, save_dropped
@@ -188,7 +187,7 @@ def estimate_run_seconds(loaded: LoadedModel, method: str, calibration: DataSpec
     evaluated = token_windows(evaluation.data, loaded.tokenizer, loaded.max_seqlen).input_ids.numel()
     dense_needed = store is None or find_dense(store, loaded, evaluation) is None
     passes_eval = 1 + int(dense_needed)
-    fixed = RUN_FIXED_PER_HIDDEN[method] * hidden_size(loaded)
+    fixed = RUN_FIXED_PER_HIDDEN[method] * loaded.hidden_size
     return estimate_seconds(loaded.model, RUN_PASSES[method] * calib + passes_eval * evaluated + fixed)
 
 

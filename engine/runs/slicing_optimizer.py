@@ -49,7 +49,7 @@ from engine.runs.plans import SlicingPlan
 from engine.runs.cached_scores import compute_scores
 from engine.runs.store import ResultsStore, cache_key
 from engine.sensitivity.actions import Action
-from engine.sensitivity.cached import hidden_size, measure_sensitivity, scan_estimate
+from engine.sensitivity.cached import measure_sensitivity, scan_estimate
 from engine.sensitivity.errors import ScanCancelled
 from engine.sensitivity.scan import StopCheck
 from engine.slicing.schedules import SlicingSchedule, schedule_custom
@@ -179,11 +179,11 @@ def optimize_slicing(store: ResultsStore, loaded: LoadedModel, plan: SlicingOpti
     start = time.perf_counter()
     target = check_target(plan.target)
     actions = plan.actions()
-    check_reachable(target, plan.fractions, hidden_size(loaded), loaded.num_layers, plan.round_to)
+    check_reachable(target, plan.fractions, loaded.hidden_size, loaded.num_layers, plan.round_to)
     if plan.sb_checks < 1:
         raise ValueError(f"Check at least one SB value (got {plan.sb_checks}).")
     held_out = token_windows(held_out_spec(calibration, plan.held_out_windows), loaded.tokenizer, loaded.max_seqlen)
-    hidden = hidden_size(loaded)
+    hidden = loaded.hidden_size
     matrix = measure_sensitivity(store, loaded, calibration, actions, progress=progress, should_stop=should_stop)
     curves = DamageCurves(tuple(a.fraction for a in actions),
                           [[d.kl[i] for d in matrix.damages] for i in range(loaded.num_layers)])

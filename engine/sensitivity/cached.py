@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.core.architectures import get_submodule
 from engine.core.data import DataSpec, TokenWindows, token_windows
 from engine.core.models import LoadedModel
 from engine.core.out_of_memory import explain_out_of_memory
@@ -41,16 +40,12 @@ def calibration_windows(loaded: LoadedModel, spec: DataSpec) -> TokenWindows:
     return windows
 
 
-def hidden_size(loaded: LoadedModel) -> int:
-    return int(get_submodule(loaded.model, loaded.architecture.embedding).weight.shape[1])
-
-
 def check_actions(loaded: LoadedModel, actions: list[Action]) -> None:
     """Refuse an empty list and actions this model cannot do (before anything runs)."""
     if not actions:
         raise SensitivityError("Choose at least one action to measure (e.g. RTN 3-bit, slice 25%, drop layer).")
     for action in actions:
-        check_supported(action, loaded.architecture, hidden_size(loaded))
+        check_supported(action, loaded.architecture, loaded.hidden_size)
 
 
 def damage_key(loaded: LoadedModel, windows: TokenWindows, action: Action) -> str:
