@@ -123,9 +123,9 @@ def layerwise_propagation():
     """
     original = pipeline.gptq_layer_sequential
 
-    def layer_step(layer, index, arch, spec, signals, inputs):
+    def layer_step(layer, index, arch, spec, bits, signals, inputs):
         dense_inputs = list(signals)
-        weights = pipeline.gptq_layer_dense(layer, index, arch, spec, [spec.bits], signals, inputs)[spec.bits]
+        weights = pipeline.gptq_layer_dense(layer, index, arch, spec, [bits], signals, inputs)[bits]
         signals[:] = dense_inputs
         pipeline.write_weights(arch.layer_linears(layer), weights)
         pipeline.run_layer(layer, index, signals, inputs)  # the quantized layer feeds the next one

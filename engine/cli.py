@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from engine.core.data import SOURCES, DataSpec
 from engine.core.models import BUILTIN_NAME, load_model
 from engine.dropping.choose import RANKINGS
-from engine.optimize.bit_budget import DEFAULT_LEVELS, BitBudget
+from engine.optimize.bit_budget import DEFAULT_LEVELS, GRANULARITIES, BitBudget
 from engine.runs.bits_optimizer import DEFAULT_CANDIDATES, DEFAULT_HELD_OUT, BitsOptimizerPlan, optimize_bits
 from engine.quant.grid import ZERO_POINTS
 from engine.runs.memory_check import run_memory_plan
@@ -175,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     sensitivity.add_argument("--k", type=float, default=3.0, help="outlier threshold |z| > k")
     sensitivity.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward")
     sensitivity.add_argument("--json", default=None, help="write the per-layer matrix and the agreement table here")
-    bits = commands.add_parser("optimize-bits", help="bits per layer under a size budget, from measured per-layer "
-                               "damage; checked on held-out calibration windows, then evaluated")
+    bits = commands.add_parser("optimize-bits", help="bits per layer (or per linear) under a size budget, from "
+                               "measured damage; checked on held-out calibration windows, then evaluated")
     _common(bits)
     budget = bits.add_mutually_exclusive_group(required=True)
     budget.add_argument("--avg-bits", type=float, help="honest bits per quantized weight (scales and zeros included)")
@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     bits.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help="solver candidates checked on held-out windows")
     bits.add_argument("--held-out", type=int, default=DEFAULT_HELD_OUT, help="calibration windows after --calib-windows used to "
                       "check candidates")
+    bits.add_argument("--granularity", choices=GRANULARITIES, default="layer",
+                      help="a level per layer, or per linear of each layer (q, k, v, o, gate, up, down: one damage "
+                      "scan per linear and level)")
     bits.add_argument("--json", default=None, help="write the candidates, the choice and its evaluation here")
     slicing = commands.add_parser("optimize-slicing", help="the best slicing schedule for a target: SB predicted "
                                   "from measured per-layer damage, a measured schedule, checked on held-out "
@@ -380,7 +383,8 @@ def _sensitivity(args, store, loaded, calibration) -> None:
 def _optimize_bits(args, store, loaded, calibration, evaluation) -> None:
     """Optimize (cached), print every candidate, evaluate the chosen allocation (stored), write ``--json``."""
     plan = BitsOptimizerPlan(BitBudget(avg_bits=args.avg_bits, total_bytes=args.bytes), tuple(args.levels),
-                             args.quantizer, args.group_size or None, args.candidates, args.held_out)
+                             args.quantizer, args.group_size or None, args.candidates, args.held_out,
+                             args.granularity)
     result = optimize_bits(store, loaded, plan, calibration, progress=_progress)
     for row in result.table().to_dict("records"):
         print(json.dumps({"candidate": row}, default=float))

@@ -8,6 +8,7 @@ from engine.core.data import DataError, DataSpec
 from engine.core.models import LoadedModel
 from engine.optimize.bit_budget import DEFAULT_LEVELS, BitBudget
 from engine.quant.grid import MAX_BITS, MIN_BITS
+from engine.quant.layer_bits import is_per_module
 from engine.runs.bits_optimizer import (
     DEFAULT_CANDIDATES,
     DEFAULT_HELD_OUT,
@@ -30,8 +31,9 @@ def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, eval
     """Budget, levels, candidates → Optimize (measure, solve, check on held-out) → run on evaluation text."""
     st.subheader("Optimize for budget")
     st.caption(
-        "Finds the bits per layer with the least measured damage under a size budget: the Sensitivity lab's KL of "
-        "quantizing each layer alone at each level (calibration text), an exact solver for the budget, then the "
+        "Finds the bits per layer (or per linear) with the least measured damage under a size budget: the "
+        "Sensitivity lab's KL of quantizing each layer (or linear) alone at each level (calibration text), an "
+        "exact solver for the budget, then the "
         "solver's best candidates, the uniform allocation and the LIM / ZD / random orderings at the same budget "
         "are all measured on held-out calibration windows, and the best measured one is chosen: the optimizer is "
         "never worse than what it competes with there. Sizes are honest (scales and zeros included); integer zero "
@@ -52,8 +54,15 @@ def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, eval
                                 "measured, not only the first.")
     held_out = cols[3].number_input("Held-out windows", 1, 32, DEFAULT_HELD_OUT, key=kept("opt_held_out"),
                                     help="Calibration windows right after the ones measured on.")
+    linears = list(loaded.architecture.linears)
+    granularity = st.radio(
+        "A level for each", ["layer", "module"], key=kept("opt_granularity"), horizontal=True,
+        format_func={"layer": "layer (all its linears)", "module": f"linear ({', '.join(linears)})"}.get,
+        help=f"Per linear, each of the {len(linears)} linears of every layer gets its own level: one damage scan "
+        f"per linear and level ({len(linears)}× the measurements), a finer choice under the same budget.")
     try:
-        plan = BitsOptimizerPlan(budget, tuple(levels), quantizer, group_size, candidates, int(held_out))
+        plan = BitsOptimizerPlan(budget, tuple(levels), quantizer, group_size, candidates, int(held_out),
+                                 granularity)
         check_plan(loaded, plan)
         result = optimization_if_cached(store, loaded, plan, calibration)
         estimate = optimize_estimate(store, loaded, plan, calibration) if result is None else ""
@@ -80,9 +89,14 @@ def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, eval
                f"{'exact' if result.exact else 'near-exact (costs rounded up)'} and took "
                f"{result.solve_seconds * 1000:.0f} ms. {subtitle}.", table)
     st.dataframe(table, hide_index=True, width="stretch")
-    bits = charts.bit_map_table(result.best.bits, None, "")
-    show_chart(charts.bit_map_chart(bits, f"{loaded.source}; {result.best.name}, budget {plan.budget.label()}"),
-               "optimizer_bit_map", f"The chosen allocation: {result.best.avg_bits:.3f} bits per weight "
+    subtitle = f"{loaded.source}; {result.best.name}, budget {plan.budget.label()}"
+    if plan.granularity == "module" or is_per_module(result.best.bits):
+        bits = charts.module_bit_map_table(result.best.bits, linears)
+        figure = charts.module_bit_map_chart(bits, subtitle)
+    else:
+        bits = charts.bit_map_table(result.best.bits, None, "")
+        figure = charts.bit_map_chart(bits, subtitle)
+    show_chart(figure, "optimizer_bit_map", f"The chosen allocation: {result.best.avg_bits:.3f} bits per weight "
                f"({result.best.model_bytes / 2**20:.1f} MiB with unquantized parts at 16 bits).", bits)
     runs = result.comparison_runs()
     cost = run_estimate(loaded, f"quantization-{quantizer}", calibration, evaluation, store)

@@ -40,6 +40,7 @@ from torch import nn
 from engine.core.models import LoadedModel
 from engine.core.paths import atomic_folder
 from engine.export.hf_folder import ExportError
+from engine.quant.layer_bits import LayerBits, linear_bits
 from engine.quant.grid import QuantizedWeight, QuantizerSpec, effective_group_size
 from engine.quant.quantize_model import QuantizedModel
 
@@ -134,15 +135,15 @@ def choose_type(bits: int, row: int, spec: QuantizerSpec, mode: str = "exact") -
     return TensorChoice(-1, "", bits, "F16", False, f"rows of {row} weights fit no quantized type (multiples of 32)")
 
 
-def plan_gguf_types(loaded: LoadedModel, bits: list[int], spec: QuantizerSpec,
+def plan_gguf_types(loaded: LoadedModel, bits: list[LayerBits], spec: QuantizerSpec,
                     mode: str = "exact") -> list[TensorChoice]:
-    """The type of every quantized linear for ``bits`` per layer."""
+    """The type of every quantized linear for ``bits`` per layer (one level, or a level per linear)."""
     check_gguf_family(loaded.model)
     arch = loaded.architecture
     choices = []
     for index, (layer, b) in enumerate(zip(arch.decoder_layers(loaded.model), bits)):
         for name, linear in arch.layer_linears(layer).items():
-            choice = choose_type(int(b), int(linear.in_features), spec, mode)
+            choice = choose_type(linear_bits(b, name), int(linear.in_features), spec, mode)
             choices.append(TensorChoice(index, name, choice.bits, choice.qtype, choice.exact, choice.reason))
     return choices
 

@@ -18,13 +18,14 @@ quantization paper allocates.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from engine.core.architectures import Architecture
 from engine.quant.grid import MAX_BITS, MIN_BITS, QuantizationError, QuantizerSpec
-from engine.quant.size import layer_storage
+from engine.quant.layer_bits import LayerBits
+from engine.quant.size import layer_storage, linear_storage
 
 DEFAULT_LEVELS = (2, 3, 4, 5, 6, 8)
 
@@ -48,43 +49,65 @@ def check_levels(levels: Sequence[int]) -> tuple[int, ...]:
 class LayerCosts:
     """Storage of every decoder layer's linears at every level.
 
-    ``bits[i][j]``: bits of layer ``i`` at ``levels[j]`` (codes, scales, zeros); ``weights[i]``: its weight
-    count; ``unquantized_params``: parameters that stay at 16 bits (embedding, head, norms, biases).
+    ``bits[i][j]``: bits of layer ``i`` at ``levels[j]`` (codes, scales, zeros); ``module_bits[i][name][j]``:
+    the same for the layer's linear ``name`` alone; ``weights[i]``: the layer's weight count;
+    ``unquantized_params``: parameters that stay at 16 bits (embedding, head, norms, biases).
     """
 
     levels: tuple[int, ...]
     bits: list[list[int]]
     weights: list[int]
     unquantized_params: int
+    module_bits: list[dict[str, list[int]]] = field(default_factory=list)
 
     @property
     def total_weights(self) -> int:
         return sum(self.weights)
 
-    def total_bits(self, per_layer: Sequence[int]) -> int:
-        """Storage bits of an allocation (code bits per layer)."""
-        return sum(row[self.levels.index(b)] for row, b in zip(self.bits, per_layer))
+    def units(self, granularity: str) -> list[tuple[int, str | None]]:
+        """What the optimizer chooses a level for: ``(layer, None)`` per layer, or ``(layer, linear)``."""
+        if granularity == "layer":
+            return [(i, None) for i in range(len(self.bits))]
+        return [(i, name) for i, names in enumerate(self.module_bits) for name in names]
 
-    def avg_bits(self, per_layer: Sequence[int]) -> float:
+    def unit_bits(self, unit: tuple[int, str | None]) -> list[int]:
+        """Storage bits of one unit at each level."""
+        layer, name = unit
+        return self.bits[layer] if name is None else self.module_bits[layer][name]
+
+    def total_bits(self, per_layer: Sequence[LayerBits]) -> int:
+        """Storage bits of an allocation (one level per layer, or a level per linear)."""
+        total = 0
+        for i, entry in enumerate(per_layer):
+            if isinstance(entry, int):
+                total += self.bits[i][self.levels.index(entry)]
+            else:
+                total += sum(row[self.levels.index(entry[name])] for name, row in self.module_bits[i].items())
+        return total
+
+    def avg_bits(self, per_layer: Sequence[LayerBits]) -> float:
         """Honest bits per quantized weight of an allocation."""
         return self.total_bits(per_layer) / self.total_weights
 
-    def model_bytes(self, per_layer: Sequence[int]) -> float:
+    def model_bytes(self, per_layer: Sequence[LayerBits]) -> float:
         """Whole-model bytes of an allocation, unquantized parts at 16 bits."""
         return self.total_bits(per_layer) / 8 + 2 * self.unquantized_params
 
 
 def layer_costs(model: nn.Module, arch: Architecture, levels: Sequence[int], spec: QuantizerSpec) -> LayerCosts:
-    """Honest storage of each layer of ``model`` at each of ``levels`` with ``spec``'s grid (group size, g_idx)."""
+    """Honest storage of each layer of ``model``, and of each of its linears, at each of ``levels`` with
+    ``spec``'s grid (group size, g_idx)."""
     levels = check_levels(levels)
-    bits, weights, quantized = [], [], set()
+    bits, weights, modules, quantized = [], [], [], set()
     for layer in arch.decoder_layers(model):
         per_level = [layer_storage(arch, layer, b, spec) for b in levels]
         bits.append([layer_bits for layer_bits, _n, _ids in per_level])
         weights.append(per_level[0][1])
         quantized.update(per_level[0][2])
+        modules.append({name: [linear_storage(linear, b, spec) for b in levels]
+                        for name, linear in arch.layer_linears(layer).items()})
     unquantized = sum(p.numel() for p in model.parameters() if id(p) not in quantized)
-    return LayerCosts(levels, bits, weights, unquantized)
+    return LayerCosts(levels, bits, weights, unquantized, modules)
 
 
 @dataclass(frozen=True)
@@ -119,6 +142,9 @@ class BitBudget:
                 f"{lo_avg:.3f}–{hi_avg:.3f} bits per weight (scales and zeros included), i.e. "
                 f"{lo_mib:.1f}–{hi_mib:.1f} MiB for the whole model, or change the levels.")
         return int(budget)
+
+
+GRANULARITIES = ("layer", "module")
 
 
 def uniform_bits(costs: LayerCosts, budget_bits: int) -> list[int]:

@@ -34,9 +34,8 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from engine.quant.grid import MAX_BITS, MIN_BITS
-
-from engine.quant.grid import QuantizationError
+from engine.quant.grid import MAX_BITS, MIN_BITS, QuantizationError
+from engine.quant.layer_bits import LayerBits, all_levels, is_per_module, levels_of, mean_level
 
 ORDERINGS = ("importance", "reversed", "random", "custom")
 ROUNDINGS = ("down", "nearest")
@@ -50,11 +49,13 @@ class AllocationError(QuantizationError):
 class Allocation:
     """Bits of every layer (``bits[i]`` for layer i) and how they were chosen.
 
+    An entry is one level for the whole layer, or a level per linear (the budget optimizer's module
+    granularity: :mod:`engine.quant.layer_bits`); the orderings here only make per-layer entries.
     ``order``: layer indices least important first.  ``target_bits``: the
     requested average, if any (compare with :attr:`average_bits`).
     """
 
-    bits: tuple[int, ...]
+    bits: tuple[LayerBits, ...]
     order: tuple[int, ...]
     target_bits: float | None = None
     note: str = field(default="", compare=False)
@@ -65,11 +66,17 @@ class Allocation:
 
     @property
     def levels(self) -> tuple[int, ...]:
-        return tuple(sorted(set(self.bits)))
+        return tuple(all_levels(self.bits))
+
+    @property
+    def per_module(self) -> bool:
+        """True when some layer's linears have different levels."""
+        return is_per_module(self.bits)
 
     @property
     def counts(self) -> dict[int, int]:
-        return {level: self.bits.count(level) for level in self.levels}
+        """Layers at each level (layers with a level per linear are not counted)."""
+        return {level: sum(b == level for b in self.bits if isinstance(b, int)) for level in self.levels}
 
     @property
     def fractions(self) -> dict[int, float]:
@@ -77,16 +84,17 @@ class Allocation:
 
     @property
     def average_bits(self) -> float:
-        """Mean code bits per layer (scales and zeros not included)."""
-        return sum(self.bits) / self.n_layers
+        """Mean code bits per layer (scales and zeros not included).  A layer with a level per linear counts
+        with its linears' mean level, unweighted: for bits per *weight* use ``engine.quant.size.size_report``."""
+        return sum(mean_level(b) for b in self.bits) / self.n_layers
 
     def low_fraction(self, low_bits: int) -> float:
         """Fraction of layers at ``low_bits`` or fewer (the x axis of the paper's ordering chart)."""
-        return sum(b <= low_bits for b in self.bits) / self.n_layers
+        return sum(max(levels_of(b)) <= low_bits for b in self.bits) / self.n_layers
 
     def to_dict(self) -> dict:
         return {"bits": list(self.bits), "order": list(self.order), "target_bits": self.target_bits,
-                "average_bits": self.average_bits,
+                "average_bits": self.average_bits, "per_module_layers": sum(not isinstance(b, int) for b in self.bits),
                 "fractions": {str(k): v for k, v in self.fractions.items()}, "note": self.note}
 
 

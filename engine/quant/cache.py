@@ -27,6 +27,7 @@ from engine.quant.files import (
     write_checked,
 )
 from engine.quant.grid import QuantizedWeight, QuantizerSpec
+from engine.quant.layer_bits import LayerBits, cache_form
 from engine.runs.store import cache_key
 
 LayerWeights = dict[str, QuantizedWeight]  # short linear name -> stored weight
@@ -81,14 +82,18 @@ def calibration_id(windows: TokenWindows | None, batch_size: int) -> dict | None
 
 
 def quant_cache_key(loaded: LoadedModel, spec: QuantizerSpec, calibration: dict | None,
-                    prefix: tuple[int, ...] | None = None) -> str:
+                    prefix: tuple[LayerBits, ...] | None = None, module_bits: dict[str, int] | None = None) -> str:
     """Cache folder name for one model, one quantizer spec (with bits) and one calibration.
 
     ``prefix``: bits of the layers before the cached one, for results that
     depend on them (sequential GPTQ); ``None`` for independent results.
+    ``module_bits``: the cached layer's own per-linear levels when they differ (``spec.bits`` is then their
+    maximum); per-layer entries leave keys as they always were.
     """
     gptq = spec.method == "gptq"
-    extra = {} if prefix is None else {"prefix": [int(b) for b in prefix]}
+    extra = {} if prefix is None else {"prefix": [cache_form(b) for b in prefix]}
+    if module_bits is not None:
+        extra["module_bits"] = cache_form(module_bits)
     return cache_key(kind="quant_layers", version=QUANT_VERSION, fingerprint=loaded.fingerprint,
                      model_type=loaded.architecture.model_type, spec=spec.to_dict(),
                      calibration=calibration if gptq else None, device=loaded.device.type if gptq else None, **extra)

@@ -37,6 +37,7 @@ from engine.core.models import LoadedModel
 from engine.quant.cache import LayerWeights
 from engine.quant.gptq import HessianAccumulator, gptq_quantize_shared
 from engine.quant.grid import QuantizerSpec
+from engine.quant.layer_bits import LayerBits, linear_bits
 
 def linear_stages(arch: Architecture) -> list[tuple[str, ...]]:
     """A layer's linears grouped by the input they read, in the order they run.
@@ -62,12 +63,18 @@ def gptq_stage(linears: dict[str, nn.Linear], names: Sequence[str], hessian: tor
     Results on CPU: ``{bits: {name: weight}}``.
     """
     pairs = [(b, name) for b in levels for name in names]
+    out: dict[int, LayerWeights] = {b: {} for b in levels}
+    for (b, name), weight in zip(pairs, _gptq_pairs(linears, hessian, spec, pairs)):
+        out[b][name] = weight
+    return out
+
+
+def _gptq_pairs(linears: dict[str, nn.Linear], hessian: torch.Tensor, spec: QuantizerSpec,
+                pairs: Sequence[tuple[int, str]]) -> list:
+    """GPTQ of each ``(bits, name)`` pair on one shared Hessian, in one column loop; results on CPU."""
     results = gptq_quantize_shared([linears[name].weight for _, name in pairs], hessian,
                                    [spec.with_bits(b) for b, _ in pairs])
-    out: dict[int, LayerWeights] = {b: {} for b in levels}
-    for (b, name), weight in zip(pairs, results):
-        out[b][name] = weight.to("cpu")
-    return out
+    return [weight.to("cpu") for weight in results]
 
 
 @torch.no_grad()
@@ -141,9 +148,10 @@ def gptq_layer_dense(layer: nn.Module, index: int, arch: Architecture, spec: Qua
     return out
 
 
-def gptq_layer_sequential(layer: nn.Module, index: int, arch: Architecture, spec: QuantizerSpec,
+def gptq_layer_sequential(layer: nn.Module, index: int, arch: Architecture, spec: QuantizerSpec, bits: LayerBits,
                           signals: list[torch.Tensor], inputs: LayerInputs) -> LayerWeights:
-    """True-sequential GPTQ of one layer, in place; ``signals`` move on to the quantized layer's outputs.
+    """True-sequential GPTQ of one layer at ``bits`` (one level, or one per linear), in place; ``signals`` move
+    on to the quantized layer's outputs.
 
     Each group of linears is calibrated on the inputs produced by the
     already-quantized groups before it.  One batch: a single forward, each
@@ -155,7 +163,8 @@ def gptq_layer_sequential(layer: nn.Module, index: int, arch: Architecture, spec
     result: LayerWeights = {}
 
     def quantize(stage: tuple[str, ...], acc: HessianAccumulator) -> None:
-        weights = gptq_stage(linears, stage, acc.hessian(), spec, [spec.bits])[spec.bits]
+        pairs = [(linear_bits(bits, name), name) for name in stage]
+        weights = dict(zip(stage, _gptq_pairs(linears, acc.hessian(), spec, pairs)))
         write_weights(linears, weights)
         result.update(weights)
 
@@ -219,7 +228,7 @@ def gptq_dense_signals(arch: Architecture, work: nn.Module, spec: QuantizerSpec,
 
 
 @torch.no_grad()
-def gptq_sequential(arch: Architecture, work: nn.Module, spec: QuantizerSpec, bits: Sequence[int],
+def gptq_sequential(arch: Architecture, work: nn.Module, spec: QuantizerSpec, bits: Sequence[LayerBits],
                     weights: list[LayerWeights | None], calibration: TokenWindows, batch_size: int,
                     on_computed: Callable[[int, LayerWeights], None] | None = None,
                     progress: ProgressFn | None = None) -> list[LayerWeights]:
@@ -240,7 +249,7 @@ def gptq_sequential(arch: Architecture, work: nn.Module, spec: QuantizerSpec, bi
     signals = list(inputs.hidden)
     for i in range(last + 1):
         if weights[i] is None:
-            weights[i] = gptq_layer_sequential(layers[i], i, arch, spec.with_bits(bits[i]), signals, inputs)
+            weights[i] = gptq_layer_sequential(layers[i], i, arch, spec, bits[i], signals, inputs)
             if on_computed is not None:
                 on_computed(i, weights[i])
         elif i < last:

@@ -62,6 +62,7 @@ from engine.quant.cache import (
     memory_put,
     quant_cache_key,
 )
+from engine.quant.layer_bits import LayerBits, all_levels, levels_of, linear_bits, normalize_all
 from engine.quant.size import SizeReport, check_bits, size_report
 from engine.quant.gptq_pipeline import gptq_dense_signals, gptq_sequential, restore_dense, write_weights
 from engine.quant.quantized_linear import can_hold_codes, quantized_variant
@@ -90,7 +91,8 @@ class QuantizedModel:
     either :class:`~engine.quant.quantized_linear.QuantizedLinear` layers holding those codes (then
     ``dense`` is the base model whose other tensors it shares) or a materialised copy (``dense`` None).
 
-    ``bits[i]``: code bits of layer ``i``; ``spec``: the quantizer (its own
+    ``bits[i]``: code bits of layer ``i`` (one level, or a level per linear:
+    :mod:`engine.quant.layer_bits`); ``spec``: the quantizer (its own
     ``bits`` field is irrelevant); ``calibration``: description of the GPTQ
     windows (``None`` for RTN).
     """
@@ -98,7 +100,7 @@ class QuantizedModel:
     model: nn.Module
     architecture: Architecture
     spec: QuantizerSpec
-    bits: tuple[int, ...]
+    bits: tuple[LayerBits, ...]
     weights: list[LayerWeights]
     source: str = ""
     fingerprint: str = ""
@@ -226,7 +228,7 @@ def layer_weights(
 # --- sequential GPTQ: results depend on the allocation prefix -----------------------
 
 @torch.no_grad()
-def _sequential_weights(loaded: LoadedModel, work: nn.Module, spec: QuantizerSpec, bits: tuple[int, ...],
+def _sequential_weights(loaded: LoadedModel, work: nn.Module, spec: QuantizerSpec, bits: tuple[LayerBits, ...],
                         calibration: TokenWindows, batch_size: int, use_cache: bool, stats: QuantizeStats,
                         progress: ProgressFn | None) -> list[LayerWeights]:
     """Every layer's weights for ``bits``, layer ``i`` calibrated on the quantized layers ``0..i-1``.
@@ -238,7 +240,8 @@ def _sequential_weights(loaded: LoadedModel, work: nn.Module, spec: QuantizerSpe
     """
     arch = loaded.architecture
     calib = calibration_id(calibration, batch_size)
-    keys = [quant_cache_key(loaded, spec.with_bits(b), calib, prefix=bits[:i]) for i, b in enumerate(bits)]
+    keys = [quant_cache_key(loaded, spec.with_bits(max(levels_of(b))), calib, prefix=bits[:i],
+                            module_bits=None if isinstance(b, int) else b) for i, b in enumerate(bits)]
     weights: list[LayerWeights | None] = [_cached(key, i, stats) if use_cache else None for i, key in enumerate(keys)]
     missing = [i for i, w in enumerate(weights) if w is None]
     if not missing:
@@ -250,7 +253,7 @@ def _sequential_weights(loaded: LoadedModel, work: nn.Module, spec: QuantizerSpe
     def store(i: int, layer_weights_: LayerWeights) -> None:
         stats.computed += 1
         if use_cache:
-            _store(keys[i], i, layer_weights_, spec.with_bits(bits[i]))
+            _store(keys[i], i, layer_weights_, spec.with_bits(max(levels_of(bits[i]))))
 
     return gptq_sequential(arch, work, spec, bits, weights, calibration, batch_size, store, progress)
 
@@ -274,7 +277,7 @@ def resolve_batch_size(spec: QuantizerSpec, calibration: TokenWindows | None, ba
 def allocation_weights(
     loaded: LoadedModel,
     spec: QuantizerSpec,
-    bits: Sequence[int],
+    bits: Sequence[LayerBits],
     calibration: TokenWindows | None = None,
     *,
     use_cache: bool = True,
@@ -283,13 +286,14 @@ def allocation_weights(
     work: nn.Module | None = None,
     stats: QuantizeStats | None = None,
 ) -> list[LayerWeights]:
-    """Quantized linears of every layer for the allocation ``bits`` (layer ``i`` at ``bits[i]``).
+    """Quantized linears of every layer for the allocation ``bits`` (layer ``i`` at ``bits[i]``: one level, or
+    a level per linear).
 
     ``work``: a copy of ``loaded.model`` GPTQ may hook and overwrite
     (deep-copied when needed and not given).
     """
-    bits = tuple(int(b) for b in bits)
-    check_bits(bits, loaded.num_layers)
+    check_bits(bits, loaded.num_layers, list(loaded.architecture.linears))
+    bits = normalize_all(bits, list(loaded.architecture.linears))
     stats = stats if stats is not None else QuantizeStats()
     if spec.method == "gptq" and calibration is None:
         raise QuantizationError("GPTQ needs calibration windows; pass calibration=token_windows(...).")
@@ -297,9 +301,10 @@ def allocation_weights(
         work = work if work is not None else copy.deepcopy(loaded.model)
         return _sequential_weights(loaded, work, spec, bits, calibration,
                                    resolve_batch_size(spec, calibration, batch_size), use_cache, stats, progress)
-    found = layer_weights(loaded, spec, {i: [b] for i, b in enumerate(bits)}, calibration, use_cache=use_cache,
-                          batch_size=batch_size, progress=progress, work=work, stats=stats)
-    return [found[(i, b)] for i, b in enumerate(bits)]
+    found = layer_weights(loaded, spec, {i: levels_of(b) for i, b in enumerate(bits)}, calibration,
+                          use_cache=use_cache, batch_size=batch_size, progress=progress, work=work, stats=stats)
+    return [{name: found[(i, linear_bits(b, name))][name] for name in found[(i, levels_of(b)[0])]}
+            for i, b in enumerate(bits)]
 
 
 def prepare_levels(loaded: LoadedModel, spec: QuantizerSpec, levels: Sequence[int],
@@ -357,7 +362,7 @@ def apply_weights(model: nn.Module, arch: Architecture, weights: Sequence[LayerW
 
 def quantize_model(
     loaded: LoadedModel,
-    allocation: Sequence[int] | Allocation,
+    allocation: Sequence[LayerBits] | Allocation,
     calibration: TokenWindows | None = None,
     *,
     spec: QuantizerSpec = QuantizerSpec(),
@@ -365,7 +370,8 @@ def quantize_model(
     batch_size: int | None = None,
     progress: ProgressFn | None = None,
 ) -> QuantizedModel:
-    """A quantized variant of ``loaded.model`` with layer ``i`` at ``allocation[i]`` code bits.
+    """A quantized variant of ``loaded.model`` with layer ``i`` at ``allocation[i]`` code bits (one level, or a
+    level per linear: :mod:`engine.quant.layer_bits`).
 
     The variant holds the codes (:mod:`engine.quant.quantized_linear`) and shares every other
     tensor with ``loaded.model``; models whose linears are not all ``nn.Linear`` (fused experts,
@@ -376,9 +382,10 @@ def quantize_model(
     :func:`resolve_batch_size`); part of the GPTQ cache key.
     """
     start = time.perf_counter()
-    bits = tuple(int(b) for b in (allocation.bits if isinstance(allocation, Allocation) else allocation))
-    check_bits(bits, loaded.num_layers)
-    for b in set(bits):
+    bits = allocation.bits if isinstance(allocation, Allocation) else allocation
+    check_bits(bits, loaded.num_layers, list(loaded.architecture.linears))
+    bits = normalize_all(bits, list(loaded.architecture.linears))
+    for b in all_levels(bits):
         spec.with_bits(b)  # validates every level before any work
     if spec.method == "gptq" and calibration is None:
         raise QuantizationError("GPTQ needs calibration windows; pass calibration=token_windows(...).")

@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from engine.core.architectures import architecture_of
 from engine.core.paths import atomic_folder
+from engine.quant.layer_bits import normalize_all
 from engine.quant.files import (
     read_checked,
     weight_config,
@@ -92,7 +93,7 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> Qu
     kwargs = {"attn_implementation": info["attn_implementation"]} if info.get("attn_implementation") else {}
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
     arch = architecture_of(model)
-    bits = tuple(int(b) for b in info["bits"])
+    bits = normalize_all(info["bits"], list(arch.linears))
     weights = []
     for i in range(len(bits)):
         layer = {}

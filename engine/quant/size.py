@@ -15,6 +15,7 @@ from torch import nn
 
 from engine.core.architectures import Architecture
 from engine.quant.grid import QuantizationError, QuantizerSpec, weight_storage_bits
+from engine.quant.layer_bits import LayerBits, linear_bits, normalize
 
 
 @dataclass(frozen=True)
@@ -71,29 +72,39 @@ class SizeReport:
                 "unquantized_fractions": {k: v / self.dense_bytes for k, v in self.unquantized.items()}}
 
 
-def layer_storage(arch: Architecture, layer: nn.Module, bits: int, spec: QuantizerSpec) -> tuple[int, int, set[int]]:
-    """Storage bits and weight count of one decoder layer's linears at ``bits`` (codes, scales, zeros), and the
-    ids of the parameters they quantize (fused experts: the 3-D tensor)."""
+def linear_storage(linear: nn.Module, bits: int, spec: QuantizerSpec) -> int:
+    """Storage bits of one linear's weight at ``bits`` (codes, scales, zeros)."""
+    out, inp = linear.weight.shape
+    return weight_storage_bits(out, inp, bits, spec.group_size, spec.stores_group_index, spec.zero_point)
+
+
+def layer_storage(arch: Architecture, layer: nn.Module, bits: LayerBits,
+                  spec: QuantizerSpec) -> tuple[int, int, set[int]]:
+    """Storage bits and weight count of one decoder layer's linears at ``bits`` (one level, or one per linear:
+    :mod:`engine.quant.layer_bits`), and the ids of the parameters they quantize (fused experts: the 3-D
+    tensor)."""
     layer_bits = layer_weights = 0
     ids = set()
-    for linear in arch.layer_linears(layer).values():
+    for name, linear in arch.layer_linears(layer).items():
         out, inp = linear.weight.shape
-        layer_bits += weight_storage_bits(out, inp, bits, spec.group_size, spec.stores_group_index, spec.zero_point)
+        layer_bits += linear_storage(linear, linear_bits(bits, name), spec)
         layer_weights += out * inp
         ids.add(id(getattr(linear, "parameter", linear.weight)))
     return layer_bits, layer_weights, ids
 
 
-def size_report(model: nn.Module, arch: Architecture, bits: Sequence[int], spec: QuantizerSpec) -> SizeReport:
-    """Bytes of ``model`` with layer ``i``'s linears at ``bits[i]`` (tied weights counted once)."""
+def size_report(model: nn.Module, arch: Architecture, bits: Sequence[LayerBits], spec: QuantizerSpec) -> SizeReport:
+    """Bytes of ``model`` with layer ``i``'s linears at ``bits[i]`` (one level, or one per linear; tied weights
+    counted once)."""
     layers = arch.decoder_layers(model)
-    check_bits(bits, len(layers))
+    check_bits(bits, len(layers), list(arch.linears))
     quantized_ids, per_layer, q_bits, code_bits, n_weights = set(), [], 0, 0, 0
     for layer, b in zip(layers, bits):
         layer_bits, layer_weights, ids = layer_storage(arch, layer, b, spec)
+        codes = sum(linear_bits(b, name) * linear.weight.numel() for name, linear in arch.layer_linears(layer).items())
         quantized_ids.update(ids)
         per_layer.append(layer_bits / layer_weights)
-        q_bits, code_bits, n_weights = q_bits + layer_bits, code_bits + b * layer_weights, n_weights + layer_weights
+        q_bits, code_bits, n_weights = q_bits + layer_bits, code_bits + codes, n_weights + layer_weights
     unquantized = {"embedding": 0, "head": 0, "norms": 0, "biases": 0, "other": 0}
     dense = dense_params = unquantized_params = 0
     for name, param in model.named_parameters():  # shared (tied) parameters appear once
@@ -136,6 +147,9 @@ def describe_size(size: SizeReport) -> str:
             f"({2 * size.dense_params / 2**20:.1f} MiB), unquantized parts ({kept}) counted at 16 bits.")
 
 
-def check_bits(bits: Sequence[int], n_layers: int) -> None:
+def check_bits(bits: Sequence[LayerBits], n_layers: int, linears: Sequence[str] | None = None) -> None:
+    """One entry per layer, each a level or a level for every linear in ``linears`` (the short names)."""
     if len(bits) != n_layers:
         raise QuantizationError(f"Give one bit level per layer: the model has {n_layers} layers, got {len(bits)}.")
+    for entry in bits:
+        normalize(entry, linears)

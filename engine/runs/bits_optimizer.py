@@ -1,7 +1,10 @@
-""""Optimize for budget": bits per layer from measured damage, checked on held-out calibration text.
+""""Optimize for budget": bits per layer (or per linear) from measured damage, checked on held-out text.
 
-1. Measure: the sensitivity lab's KL of quantizing each layer alone at each
-   allowed level (cached per model, data, windows, seqlen, level).
+1. Measure: the sensitivity lab's KL of quantizing each *unit* alone at each
+   allowed level (cached per model, data, windows, seqlen, level).  A unit is
+   a layer (granularity ``layer``: all its linears at one level) or one linear
+   of a layer (granularity ``module``: q, k, v, o, gate, up, down each get a
+   level; one scan per linear and level, so 7× the measurements).
 2. Solve: the ``k`` allocations of least summed KL whose honest size fits
    the budget (:mod:`engine.optimize.knapsack`, exact).
 3. Check: damage is not exactly additive, so every solver candidate, the
@@ -28,10 +31,21 @@ from engine.core.models import LoadedModel
 from engine.core.out_of_memory import explain_out_of_memory
 from engine.core.progress import StageProgress, stage_callback
 from engine.evaluation.perplexity import perplexity
-from engine.optimize.bit_budget import DEFAULT_LEVELS, BitBudget, BudgetError, check_levels, layer_costs, ordering_bits, uniform_bits
+from engine.optimize.bit_budget import (
+    DEFAULT_LEVELS,
+    GRANULARITIES,
+    BitBudget,
+    BudgetError,
+    LayerCosts,
+    check_levels,
+    layer_costs,
+    ordering_bits,
+    uniform_bits,
+)
 from engine.optimize.knapsack import solve
 from engine.quant.allocation import Allocation, layer_order
 from engine.quant.grid import QuantizerSpec
+from engine.quant.layer_bits import LayerBits, describe_all, mean_level, normalize
 from engine.quant.quantize_model import quantize_model
 from engine.runs.plans import QuantPlan
 from engine.runs.cached_scores import compute_scores
@@ -49,7 +63,8 @@ DEFAULT_HELD_OUT = 8  # with 4, the held-out choice disagreed with evaluation te
 
 @dataclass(frozen=True)
 class BitsOptimizerPlan:
-    """What to optimize: the budget, allowed levels, quantizer grid, solver candidates, held-out windows."""
+    """What to optimize: the budget, allowed levels, quantizer grid, solver candidates, held-out windows, and
+    whether each layer (``granularity="layer"``) or each linear of each layer (``"module"``) gets its level."""
 
     budget: BitBudget
     levels: tuple[int, ...] = DEFAULT_LEVELS
@@ -57,20 +72,32 @@ class BitsOptimizerPlan:
     group_size: int | None = 128
     candidates: int = DEFAULT_CANDIDATES
     held_out_windows: int = DEFAULT_HELD_OUT
+    granularity: str = "layer"
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise BudgetError(f"Unknown granularity '{self.granularity}': choose 'layer' (one level per layer) or "
+                              "'module' (one level per linear of each layer).")
 
     def spec(self) -> QuantizerSpec:
         """The quantizer at the highest level (GPTQ with static act-order, as the sensitivity lab measures it)."""
         return QuantizerSpec(method=self.quantizer, bits=max(check_levels(self.levels)), group_size=self.group_size,
                              act_order=self.quantizer == "gptq")
 
-    def actions(self) -> list[Action]:
-        return [Action(self.quantizer, bits=b, group_size=self.group_size) for b in check_levels(self.levels)]
+    def actions(self, linears: list[str] | None = None) -> list[Action]:
+        """The sensitivity actions to measure, level by level (per linear, ``linears`` in layer order, for
+        ``granularity="module"``)."""
+        modules = [None] if self.granularity == "layer" else list(linears or [])
+        return [Action(self.quantizer, bits=b, group_size=self.group_size, module=m)
+                for b in check_levels(self.levels) for m in modules]
 
     def quant_plan(self, ordering: str = "optimizer", bits: list[int] | None = None) -> QuantPlan:
         """The plan a run of one candidate is stored under: the optimizer's levels, or for an ordering the two
         levels its ``bits`` use (so it joins the runs of that ordering and those levels)."""
         levels = check_levels(bits if ordering != "optimizer" and bits else self.levels)
         low_fraction = None if ordering == "optimizer" or not bits else bits.count(min(levels)) / len(bits)
+        if ordering == "optimizer" and self.granularity == "module":
+            ordering = "optimizer-module"
         return QuantPlan(quantizer=self.quantizer, group_size=self.group_size, high_bits=max(levels),
                          low_bits=min(levels), low_fraction=low_fraction, ordering=ordering,
                          act_order=self.quantizer == "gptq")
@@ -80,13 +107,14 @@ class BitsOptimizerPlan:
 class Candidate:
     """One allocation tried: where it came from, its size, the damage predicted and measured on held-out text.
 
-    ``predicted_kl`` / ``predicted_dnll``: sums of the per-layer measurements (nats/token);
+    ``bits``: one entry per layer, a level or a level per linear (:mod:`engine.quant.layer_bits`);
+    ``predicted_kl`` / ``predicted_dnll``: sums of the per-unit measurements (nats/token);
     ``measured_ppl`` / ``measured_dnll``: on the held-out windows (ΔNLL against dense, nats/token).
     """
 
     name: str
     source: str  # "optimizer", "uniform" or "ordering"
-    bits: list[int]
+    bits: list[LayerBits]
     avg_bits: float
     model_bytes: float
     predicted_kl: float
@@ -139,7 +167,7 @@ class BitsOptimization:
     def allocation(self, candidate: Candidate | None = None) -> Allocation:
         """An :class:`Allocation` of ``candidate`` (default: the chosen one) for runs and bit-map charts."""
         c = candidate or self.best
-        order = tuple(sorted(range(len(c.bits)), key=lambda i: (c.bits[i], i)))
+        order = tuple(sorted(range(len(c.bits)), key=lambda i: (mean_level(c.bits[i]), i)))
         return Allocation(tuple(c.bits), order, note=f"{c.name}, budget {self.plan.budget.label()}")
 
     def table(self) -> pd.DataFrame:
@@ -148,7 +176,7 @@ class BitsOptimization:
                  "bits per weight": round(c.avg_bits, 4), "MiB": round(c.model_bytes / 2**20, 2),
                  "predicted KL": c.predicted_kl, "predicted ΔNLL": c.predicted_dnll,
                  "held-out ppl": c.measured_ppl, "measured ΔNLL": c.measured_dnll,
-                 "chosen": i == self.chosen, "bits": " ".join(map(str, c.bits))}
+                 "chosen": i == self.chosen, "bits": describe_all(c.bits)}
                 for i, c in enumerate(self.candidates)]
         return pd.DataFrame(rows)
 
@@ -184,8 +212,8 @@ class BitsOptimization:
         plan["budget"] = BitBudget(**plan["budget"])
         plan["levels"] = tuple(plan["levels"])
         fields = {k: v for k, v in payload.items() if k not in ("plan", "candidates")}
-        return cls(plan=BitsOptimizerPlan(**plan), candidates=[Candidate(**c) for c in payload["candidates"]],
-                   **fields)
+        candidates = [Candidate(**{**c, "bits": [normalize(b) for b in c["bits"]]}) for c in payload["candidates"]]
+        return cls(plan=BitsOptimizerPlan(**plan), candidates=candidates, **fields)
 
 
 def held_out_spec(calibration: DataSpec, n_windows: int) -> DataSpec:
@@ -199,9 +227,11 @@ def held_out_spec(calibration: DataSpec, n_windows: int) -> DataSpec:
 
 
 def _key(loaded: LoadedModel, plan: BitsOptimizerPlan, calibration: DataSpec) -> str:
+    fields = {**asdict(plan), "budget": asdict(plan.budget)}
+    if plan.granularity == "layer":
+        del fields["granularity"]  # results stored before module granularity keep their keys
     return cache_key(kind="bits_optimizer", version=OPTIMIZER_VERSION, fingerprint=loaded.fingerprint,
-                     plan={**asdict(plan), "budget": asdict(plan.budget)},
-                     data=calibration.to_dict())
+                     plan=fields, data=calibration.to_dict())
 
 
 def check_plan(loaded: LoadedModel, plan: BitsOptimizerPlan) -> int:
@@ -221,7 +251,48 @@ def optimization_if_cached(store: ResultsStore, loaded: LoadedModel, plan: BitsO
 def optimize_estimate(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerPlan,
                       calibration: DataSpec) -> str:
     """Rough time of :func:`optimize_bits` now (cached measurements are free), for the button."""
-    return scan_estimate(store, loaded, calibration, plan.actions()).text()
+    return scan_estimate(store, loaded, calibration, plan.actions(list(loaded.architecture.linears))).text()
+
+
+Unit = tuple[int, "str | None"]  # (layer, linear short name or None for the whole layer)
+
+
+def _unit_damage(damages: list, costs: LayerCosts, granularity: str,
+                 linears: list[str]) -> dict[str, dict[Unit, list[float]]]:
+    """``{"kl": {unit: [damage at each level]}, "dnll": ...}`` from the scans, in :meth:`BitsOptimizerPlan.actions`
+    order (level-major, then linear)."""
+    modules = [None] if granularity == "layer" else linears
+    out: dict[str, dict[Unit, list[float]]] = {"kl": {}, "dnll": {}}
+    for unit in costs.units(granularity):
+        layer, name = unit
+        columns = [damages[j * len(modules) + modules.index(name)] for j in range(len(costs.levels))]
+        out["kl"][unit] = [d.kl[layer] for d in columns]
+        out["dnll"][unit] = [d.delta_nll[layer] for d in columns]
+    return out
+
+
+def _entries(units: list[Unit], levels: list[int], n_layers: int) -> list[LayerBits]:
+    """One entry per layer from one level per unit (a layer whose linears agree becomes one level)."""
+    per_layer: list[dict] = [{} for _ in range(n_layers)]
+    for (layer, name), b in zip(units, levels):
+        if name is None:
+            per_layer[layer] = b
+        else:
+            per_layer[layer][name] = b
+    return [normalize(entry) for entry in per_layer]
+
+
+def _predicted(bits: list[LayerBits], damage: dict[Unit, list[float]], costs: LayerCosts) -> float:
+    """Summed per-unit damage of an allocation; a whole-layer level under module granularity sums its linears."""
+    total = 0.0
+    for layer, entry in enumerate(bits):
+        if (layer, None) in damage:  # layer granularity: entries are levels
+            total += damage[(layer, None)][costs.levels.index(entry)]
+            continue
+        for name in costs.module_bits[layer]:
+            level = entry if isinstance(entry, int) else entry[name]
+            total += damage[(layer, name)][costs.levels.index(level)]
+    return total
 
 
 def _competitors(store: ResultsStore, loaded: LoadedModel, calibration: DataSpec, costs, budget_bits: int,
@@ -255,15 +326,17 @@ def optimize_bits(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerP
     if held_out.n_windows < 1:
         raise DataError("No calibration text is left for the held-out check: use fewer calibration windows.")
 
-    matrix = measure_sensitivity(store, loaded, calibration, plan.actions(), progress=progress,
+    linears = list(loaded.architecture.linears)
+    matrix = measure_sensitivity(store, loaded, calibration, plan.actions(linears), progress=progress,
                                  should_stop=should_stop)
-    kl = [[d.kl[i] for d in matrix.damages] for i in range(loaded.num_layers)]  # [layer][level]
-    dnll = [[d.delta_nll[i] for d in matrix.damages] for i in range(loaded.num_layers)]
+    damage = _unit_damage(matrix.damages, costs, plan.granularity, linears)
+    units = costs.units(plan.granularity)
     solve_start = time.perf_counter()
-    solution = solve(costs.bits, kl, budget_bits, k=plan.candidates)
+    solution = solve([costs.unit_bits(u) for u in units], [damage["kl"][u] for u in units], budget_bits,
+                     k=plan.candidates)
     solve_seconds = time.perf_counter() - solve_start
 
-    proposals = {f"optimizer #{n}": [costs.levels[j] for j in s.choice]
+    proposals = {f"optimizer #{n}": _entries(units, [costs.levels[j] for j in s.choice], loaded.num_layers)
                  for n, s in enumerate(solution.selections, 1)}
     proposals.update(_competitors(store, loaded, calibration, costs, budget_bits, progress))
     candidates: list[Candidate] = []
@@ -272,13 +345,12 @@ def optimize_bits(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerP
         if same is not None:
             same.also.append(name)
             continue
-        j = [costs.levels.index(b) for b in bits]
         candidates.append(Candidate(
             name=name, source="optimizer" if name.startswith("optimizer") else
             ("uniform" if name == "uniform" else "ordering"), bits=list(bits),
             avg_bits=costs.avg_bits(bits), model_bytes=costs.model_bytes(bits),
-            predicted_kl=sum(kl[i][j[i]] for i in range(len(bits))),
-            predicted_dnll=sum(dnll[i][j[i]] for i in range(len(bits)))))
+            predicted_kl=_predicted(bits, damage["kl"], costs),
+            predicted_dnll=_predicted(bits, damage["dnll"], costs)))
 
     calibration_windows = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen)
     dense = perplexity(loaded.model, held_out)

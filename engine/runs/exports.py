@@ -27,6 +27,7 @@ from engine.core.progress import StageProgress, stage_callback
 from engine.dropping.drop_model import drop_model
 from engine.export.hf_folder import ExportError, load_hf_folder, write_hf_folder
 from engine.export.verify import round_trip
+from engine.quant.layer_bits import normalize_all
 from engine.quant.allocation import Allocation
 from engine.quant.grid import QuantizerSpec
 from engine.quant.quantize_model import QuantizedModel, quantize_model
@@ -112,7 +113,7 @@ def gguf_type_lines(loaded: LoadedModel, record: RunRecord, mode: str = "exact")
     """What the GGUF file of a quantization run will hold: one line per (bits, type), with the reason."""
     from engine.export.gguf_file import describe_choices, plan_gguf_types
 
-    return describe_choices(plan_gguf_types(loaded, [int(b) for b in record.config["bits"]],
+    return describe_choices(plan_gguf_types(loaded, list(normalize_all(record.config["bits"])),
                                             quantizer_spec_of(record), mode))
 
 
@@ -148,7 +149,7 @@ def rebuild_model(loaded: LoadedModel, record: RunRecord,
         windows = None
         if spec.method == "gptq":
             windows = token_windows(_calibration(record), loaded.tokenizer, loaded.max_seqlen)
-        bits = tuple(int(b) for b in config["bits"])
+        bits = normalize_all(config["bits"])
         return quantize_model(loaded, Allocation(bits, tuple(range(len(bits)))), windows, spec=spec,
                               progress=stage_callback(progress, "quantizing"))
     raise ExportError(f"Run {record.id} ({record.method}) has no model to export.")

@@ -12,7 +12,7 @@ from engine.core.data import DataSpec
 from engine.quant.grid import QuantizerSpec
 
 SCHEDULES = ("dynamic", "constant", "custom")
-ORDERINGS = ("lim", "zd", "random", "reversed-lim", "custom", "optimizer")
+ORDERINGS = ("lim", "zd", "random", "reversed-lim", "custom", "optimizer", "optimizer-module")
 """``optimizer``: bits chosen by :mod:`engine.runs.bits_optimizer` under a size budget (passed in as an allocation)."""
 DEFAULT_EVAL_WINDOWS = 16
 """Evaluation windows every page and the CLI start from, so dense and compressed runs share windows."""
@@ -82,6 +82,8 @@ class QuantPlan:
         """Curve label on trade-off charts."""
         if self.ordering == "optimizer":
             return f"optimizer {self.low_bits}-{self.high_bits}-bit {self.quantizer}"
+        if self.ordering == "optimizer-module":
+            return f"optimizer per linear {self.low_bits}-{self.high_bits}-bit {self.quantizer}"
         return f"{self.ordering} {self.high_bits}/{self.low_bits}-bit {self.quantizer}"
 
     def setting(self) -> str:

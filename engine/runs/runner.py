@@ -287,7 +287,7 @@ def allocation_for(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, ca
         order = layer_order(n, kind, importance)
     elif plan.ordering == "random":
         order = layer_order(n, "random", seed=plan.seed)
-    elif plan.ordering == "optimizer":
+    elif plan.ordering in ("optimizer", "optimizer-module"):
         raise ValueError("Optimizer allocations come from 'Optimize for budget' (engine.runs.bits_optimizer); "
                          "pass the chosen allocation to the run.")
     else:
@@ -305,7 +305,7 @@ def run_quantization(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, 
 
     ``allocation``: the bit map the user previewed (computed from ``plan`` if None).
     """
-    top = max(allocation.bits) if allocation is not None else plan.top_bits
+    top = max(allocation.levels) if allocation is not None else plan.top_bits
     check_memory(run_memory_plan(loaded, f"quantization-{plan.quantizer}", calibration, evaluation, plan.group_size,
                                  top))
     if allocation is None:
@@ -322,7 +322,9 @@ def run_quantization(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, 
     metrics = {
         "bytes": size.total_bytes, "bytes_16bit": size.total_bytes_16bit, "size_fraction": size.compression_16bit,
         "params": dense["params"],
-        "param_fraction": 1.0, "avg_bits": allocation.average_bits, "bits_per_weight": size.bits_per_weight,
+        "param_fraction": 1.0, "bits_per_weight": size.bits_per_weight,
+        # per layer as METHODS.md averages them; per-module allocations by weight (code bits per weight)
+        "avg_bits": size.code_bits_per_weight if allocation.per_module else allocation.average_bits,
         "unquantized_bytes": size.unquantized_bytes, "unquantized_fraction": size.unquantized_fraction,
         "cache_computed": quantized.stats.computed,
         "cache_hits": quantized.stats.memory_hits + quantized.stats.disk_hits,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import pandas as pd
 import plotly.graph_objects as go
 
+from engine.quant.grid import MAX_BITS, MIN_BITS
+from engine.quant.layer_bits import LayerBits, linear_bits
 from engine.scores.redundancy import HIST_BINS, LayerRedundancy
 
 from engine.scores.outliers import WeightOutliers
@@ -297,6 +299,33 @@ def bit_map_chart(table: pd.DataFrame, subtitle: str) -> go.Figure:
         _with_secondary_line(fig, table[label].tolist(), label, f"{label} (higher = more important)")
     _titled(fig, "Per-layer bit allocation", subtitle, xaxis_title="layer", yaxis_title="code bits", barmode="overlay")
     fig.update_layout(yaxis={"range": [0, max(table["bits"]) + 0.5], "dtick": 1})
+    return fig
+
+
+def module_bit_map_table(bits: list[LayerBits], linears: list[str]) -> pd.DataFrame:
+    """Per layer: the code bits of each linear (columns in the layer's order), for allocations with a level per
+    linear."""
+    return pd.DataFrame([{"layer": i, **{name: linear_bits(entry, name) for name in linears}}
+                         for i, entry in enumerate(bits)])
+
+
+def module_bit_map_chart(table: pd.DataFrame, subtitle: str) -> go.Figure:
+    """Layers × linears, each cell coloured by its level (the bar chart's colours) and labelled with it."""
+    linears = [c for c in table.columns if c != "layer"]
+    z = table[linears].T.values.tolist()  # [linear][layer]
+    steps = list(range(MIN_BITS, MAX_BITS + 1))
+    colours = []
+    for k, level in enumerate(steps):  # piecewise constant: one colour per level, never blended
+        colour = BIT_COLOURS.get(level, "#777777")
+        colours += [[k / len(steps), colour], [(k + 1) / len(steps), colour]]
+    fig = go.Figure(go.Heatmap(
+        x=table["layer"], y=linears, z=z, zmin=MIN_BITS - 0.5, zmax=MAX_BITS + 0.5, colorscale=colours,
+        texttemplate="%{z}", xgap=1, ygap=1,
+        colorbar={"title": "code bits", "tickvals": steps, "ticktext": [str(b) for b in steps]},
+        hovertemplate="layer %{x}, %{y}: %{z} bits<extra></extra>"))
+    _titled(fig, "Bit allocation per linear", subtitle, xaxis_title="layer", yaxis_title="linear")
+    fig.update_yaxes(autorange="reversed", type="category")
+    fig.update_xaxes(range=[-0.5, len(table) - 0.5], dtick=1 if len(table) <= 32 else None)
     return fig
 
 

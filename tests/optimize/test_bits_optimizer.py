@@ -87,3 +87,27 @@ def test_cli_optimize_bits_prints_stores_and_writes_json(tiny_folder, tmp_path, 
     assert run.series.startswith("optimizer") and run.metrics["bits_per_weight"] <= 3.5 + 1e-9
     assert main([*argv[:5], "--avg-bits", "1.0", *argv[7:]]) == 2
     assert "below the smallest" in capsys.readouterr().err
+
+
+def test_module_granularity_gives_each_linear_a_level_within_the_budget(store, tiny_loaded):
+    plan = replace(PLAN, levels=(2, 4), granularity="module", candidates=3)
+    linears = list(tiny_loaded.architecture.linears)
+    assert [(a.bits, a.module) for a in plan.actions(linears)][:2] == [(2, linears[0]), (2, linears[1])]
+    assert len(plan.actions(linears)) == 2 * len(linears)
+    result = optimize_bits(store, tiny_loaded, plan, CALIB)
+    costs = layer_costs(tiny_loaded.model, tiny_loaded.architecture, plan.levels, plan.spec())
+    budget = 3.5 * costs.total_weights
+    solver = [c for c in result.candidates if c.source == "optimizer"]
+    assert solver and any(isinstance(entry, dict) for c in solver for entry in c.bits)  # levels per linear
+    for candidate in result.candidates:
+        assert costs.total_bits(candidate.bits) <= budget and candidate.avg_bits <= 3.5 + 1e-12
+    # the solver's first pick has the least predicted damage of every candidate (orderings summed per linear)
+    assert solver[0].predicted_kl <= min(c.predicted_kl for c in result.candidates) + 1e-12
+    assert result.best.measured_ppl == min(c.measured_ppl for c in result.candidates)
+    # stored per linear, run like any allocation, under its own series
+    again = optimization_if_cached(store, tiny_loaded, plan, CALIB)
+    assert again is not None and again.to_dict() == result.to_dict()
+    assert optimization_if_cached(store, tiny_loaded, replace(plan, granularity="layer"), CALIB) is None
+    assert plan.quant_plan("optimizer").series().startswith("optimizer per linear")
+    with pytest.raises(BudgetError, match="granularity"):
+        replace(plan, granularity="tensor")

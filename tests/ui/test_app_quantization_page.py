@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from engine.runs.store import ResultsStore
@@ -76,3 +78,20 @@ def test_optimize_for_budget_refuses_bad_budgets_then_optimizes_and_runs(tiny_ap
     assert not at.exception and not at.error, at.error
     series = {r.series for r in ResultsStore().runs(method="quantization")}
     assert any(s.startswith("optimizer") for s in series) and any(s.startswith("lim") for s in series)
+
+
+def test_optimize_per_linear_draws_the_layers_by_linears_map(tiny_app):
+    at = use_small_data(open_app("quantization"), windows=4, seqlen=32)
+    at.radio(key="keep.quant_choose").set_value("optimizer").run()
+    at.multiselect(key="keep.opt_levels").set_value([2, 4])
+    at.slider(key="keep.opt_candidates").set_value(2)
+    at.number_input(key="keep.opt_held_out").set_value(2)
+    at.radio(key="keep.opt_granularity").set_value("module").run()
+    assert not at.error, at.error
+    click(at, "Optimize for budget")
+    assert not at.exception and not at.error, at.error
+    spec = next(c.proto.spec for c in at.get("plotly_chart") if "Bit allocation per linear" in c.proto.spec)
+    figure = json.loads(spec)
+    heat = figure["data"][0]
+    assert heat["type"] == "heatmap" and heat["y"] == ["q", "k", "v", "o", "gate", "up", "down"]
+    assert {v for row in heat["z"] for v in row} <= {2, 4}

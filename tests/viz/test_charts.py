@@ -132,3 +132,24 @@ def test_drop_preview_bars_are_one_layer_wide_and_values_off_the_axis_are_named(
 def test_bit_map_bars_keep_their_width_when_a_level_has_few_layers():
     fig = charts.bit_map_chart(charts.bit_map_table([4] * 5 + [2] + [4] * 10 + [2], None, "LIM"), "t")
     assert {trace.width for trace in fig.data if trace.type == "bar"} == {charts.BAR_WIDTH}
+
+
+def test_per_linear_bit_map_colours_each_cell_by_its_level():
+    linears = ["q", "k", "v", "o", "gate", "up", "down"]
+    bits = [4, {**dict.fromkeys(linears, 3), "v": 6, "down": 2}, 8]
+    table = charts.module_bit_map_table(bits, linears)
+    fig = charts.module_bit_map_chart(table, "t")
+    heat = fig.data[0]
+    assert list(heat.y) == linears and list(heat.x) == [0, 1, 2]
+    assert [row[1] for row in heat.z] == [3, 3, 6, 3, 3, 3, 2] and {row[0] for row in heat.z} == {4}
+    low, high = heat.zmin, heat.zmax
+    scale = [(float(position), colour) for position, colour in heat.colorscale]
+
+    def colour_of(level: int) -> set[str]:
+        at = (level - low) / (high - low)  # the level's place on the scale: inside one constant band
+        return {c for (p0, c0), (p1, c1) in zip(scale, scale[1:]) if p0 <= at <= p1 for c in (c0, c1)}
+
+    for level in (2, 3, 4, 6, 8):
+        assert colour_of(level) == {charts.BIT_COLOURS[level]}
+    assert fig.layout.xaxis.range[0] < 0 < 2 < fig.layout.xaxis.range[1]
+    assert "t" in fig.layout.title.text
