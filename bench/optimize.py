@@ -1,7 +1,7 @@
 """One-click optimizers on the built-in model: bits under a budget vs the orderings; solver time.
 
     python -m bench.optimize [--budgets 3.0,3.5] [--levels 2,3,4,5,6,8] [--quantizer rtn] [--candidates 5] [--held-out 8]
-                             [--part bits|slicing|all]
+                             [--granularity layer|module] [--part bits|slicing|all] [--store FILE]
 
 Bits: for each budget (honest bits per weight, scales and zeros included),
 ``engine.runs.bits_optimizer.optimize_bits`` measures per-layer KL at every
@@ -10,6 +10,9 @@ uniform / LIM / ZD / random allocations at the same budget on held-out
 calibration windows.  Every candidate is then run on the wiki-offline
 *evaluation* windows (never used for choosing) through the dashboard's runner.
 ``vs_best_ordering`` = evaluation perplexity / the best of LIM, ZD, random.
+``--granularity module`` gives each linear of each layer its level (one scan
+per linear and level: 7x the measurements on Llama-like models); ``--store``
+reuses measurements cached by an earlier run or the dashboard.
 
 Solver time: 30 layers × 7 modules × 6 levels (the built-in model's module
 shapes, random damages), exact k-best DP, median of 5.
@@ -29,8 +32,9 @@ from pathlib import Path
 from bench.common import report
 from engine.core.data import DataSpec
 from engine.core.models import load_model
-from engine.optimize.bit_budget import BitBudget
+from engine.optimize.bit_budget import GRANULARITIES, BitBudget
 from engine.optimize.knapsack import solve
+from engine.quant.layer_bits import describe_all
 from engine.runs.bits_optimizer import DEFAULT_CANDIDATES, DEFAULT_HELD_OUT, BitsOptimizerPlan, optimize_bits
 from engine.runs.plans import EvalPlan, SlicingPlan
 from engine.runs.runner import ensure_dense, run_quantization
@@ -61,7 +65,7 @@ def bits_part(args, store: ResultsStore, loaded, calibration: DataSpec, evaluati
     for budget in [float(b) for b in args.budgets.split(",")]:
         plan = BitsOptimizerPlan(BitBudget(avg_bits=budget), levels=tuple(int(b) for b in args.levels.split(",")),
                                  quantizer=args.quantizer, candidates=args.candidates,
-                                 held_out_windows=args.held_out)
+                                 held_out_windows=args.held_out, granularity=args.granularity)
         start = time.perf_counter()
         result = optimize_bits(store, loaded, plan, calibration)
         optimize_s = time.perf_counter() - start
@@ -74,12 +78,12 @@ def bits_part(args, store: ResultsStore, loaded, calibration: DataSpec, evaluati
                      if c.source == "ordering" or any(a.endswith("ordering") for a in c.also)]
         best_ordering = min(orderings) if orderings else float("nan")
         for candidate, ppl, chosen in measured:
-            rows.append({"budget_bpw": budget, "quantizer": args.quantizer,
+            rows.append({"budget_bpw": budget, "quantizer": args.quantizer, "granularity": args.granularity,
                          "candidate": candidate.name + (f" (= {', '.join(candidate.also)})" if candidate.also else ""),
                          "chosen": chosen, "bpw": round(candidate.avg_bits, 4),
                          "predicted_kl": candidate.predicted_kl, "held_out_ppl": candidate.measured_ppl,
                          "eval_ppl": ppl, "vs_best_ordering": ppl / best_ordering,
-                         "bits": " ".join(map(str, candidate.bits)),
+                         "bits": describe_all(candidate.bits),
                          "optimize_s": optimize_s if chosen else None})
     return rows
 
@@ -129,6 +133,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="3.0,3.5")
     parser.add_argument("--levels", default="2,3,4,5,6,8")
     parser.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn")
+    parser.add_argument("--granularity", choices=GRANULARITIES, default="layer")
     parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES)
     parser.add_argument("--held-out", type=int, default=DEFAULT_HELD_OUT, help="held-out calibration windows")
     parser.add_argument("--calib-windows", type=int, default=16)
@@ -147,7 +152,8 @@ def main() -> None:
             "calibration": calibration.label()}
     if args.part in ("bits", "all"):
         meta["solver"] = solver_seconds()
-        report(f"optimize_bits_{args.quantizer}", bits_part(args, store, loaded, calibration, evaluation), meta)
+        suffix = "" if args.granularity == "layer" else f"_{args.granularity}"
+        report(f"optimize_bits_{args.quantizer}{suffix}", bits_part(args, store, loaded, calibration, evaluation), meta)
     if args.part in ("slicing", "all"):
         report("optimize_slicing", slicing_part(args, store, loaded, calibration, evaluation), meta)
 

@@ -20,6 +20,13 @@ One dense reference pass caches every layer's input on the wiki-offline
 - Spearman ρ [95% bootstrap interval over windows] of LR (= LIM = BI: one
   ranking), ZD and the best other score against the measured KL per layer.
 
+``--shapes-only`` prints just the counted cost of each action on other model
+shapes (built on the meta device, no weights): the same counter on TinyLlama-1.1B's
+and Llama-3-8B's shapes, to show how the head's share of a forward sets the floor.
+Exact KL needs the full-vocabulary head after every modified layer, so a scan
+costs at least ``((L+1)/2·layer + L·head) / forward``; with the built-in model's
+head at 21% of a forward that floor is 0.62·L for any action that runs the layer.
+
 Nothing is read from or written to the results store: every number is computed here.
 """
 
@@ -56,15 +63,41 @@ def plain_forward_seconds(model, input_ids: torch.Tensor, batch_size: int) -> fl
     return timer.seconds
 
 
+def cost_by_shape(actions, loaded) -> list[dict]:
+    """Counted forward-equivalents per L of one full scan of each action, on the built-in model and on other
+    shapes (meta-device skeletons of ``bench.scale``'s presets), with the head's share of a forward."""
+    from transformers import LlamaConfig
+
+    from bench.scale import PRESETS
+    from engine.core.architectures import architecture_of
+    from engine.core.models import skeleton_of
+    from engine.sensitivity.cost import action_forward_equivalents, layer_costs
+
+    models = {"built-in (SmolLM2-135M)": loaded.model}
+    for name in ("1b", "llama3-8b"):
+        models[f"{name} shape"] = skeleton_of(LlamaConfig(**PRESETS[name], tie_word_embeddings=False))
+    rows = []
+    for name, model in models.items():
+        costs = layer_costs(model, architecture_of(model))
+        row = {"shape": name, "layers": costs.num_layers, "head_share": costs.head / costs.forward}
+        row.update({a.label: action_forward_equivalents(costs, a) / costs.num_layers for a in actions})
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--actions", default=DEFAULT_ACTIONS)
+    parser.add_argument("--shapes-only", action="store_true", help="only the counted cost on other model shapes")
     args = parser.parse_args()
     actions = parse_actions(args.actions)
     loaded = load_model()
+    report("sensitivity_cost_by_shape", cost_by_shape(actions, loaded), {"unit": "forward-equivalents / L"})
+    if args.shapes_only:
+        return
     model, arch = loaded.model, loaded.architecture
     windows = token_windows(DataSpec(split="calibration", seqlen=args.seqlen, n_windows=args.windows),
                             loaded.tokenizer)
