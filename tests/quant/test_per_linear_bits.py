@@ -87,3 +87,17 @@ def test_gguf_type_plan_follows_each_linear():
     choices = plan_gguf_types(loaded, [_mixed(v=2, down=8), 3, 4], RTN)
     first = {c.linear: c.bits for c in choices if c.layer == 0}
     assert first == {**_mixed(v=2, down=8)} and {c.bits for c in choices if c.layer == 1} == {3}
+
+
+def test_dense_signal_gptq_per_linear_reuses_each_levels_results():
+    from tests.quant.test_quantize_model import DENSE_GPTQ
+
+    loaded = _loaded(TINY_FACTORIES["qwen2"]())
+    calibration = _windows()
+    clear_memory_cache()
+    low, high = (quantize_model(loaded, [b] * 3, calibration, spec=DENSE_GPTQ) for b in (2, 4))
+    mixed = quantize_model(loaded, [_mixed(v=2, down=2), 4, 2], calibration, spec=DENSE_GPTQ)
+    assert mixed.stats.computed == 0  # every (layer, level) was computed by the uniform runs
+    for name, weight in mixed.weights[0].items():
+        source = low if name in ("v", "down") else high
+        assert torch.equal(weight.codes, source.weights[0][name].codes)
