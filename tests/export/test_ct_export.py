@@ -34,17 +34,26 @@ def _bits(n_layers: int) -> list[int]:
     return [(2, 3, 4, 5, 8)[i % 5] for i in range(n_layers)]
 
 
+def _allocation(loaded: LoadedModel) -> list:
+    """Llama: layer 0 with a level per linear (the optimizer's module granularity); others a level per layer."""
+    bits = _bits(loaded.num_layers)
+    if loaded.architecture.model_type == "llama":
+        bits[0] = {name: 8 if name == "v" else 3 for name in loaded.architecture.linears}
+    return bits
+
+
 def test_mixed_bits_reload_exactly_in_a_fresh_process_without_layerlab(tmp_path):
     folders, expected = [], []
     probe = torch.randint(0, 100, (2, 12))
     for family in CT_FAMILIES:
         loaded = LoadedModel.from_model(tiny_family_model(family))
-        quantized = quantize_model(loaded, _bits(loaded.num_layers), spec=SYMMETRIC)
+        quantized = quantize_model(loaded, _allocation(loaded), spec=SYMMETRIC)
         info = write_ct_folder(quantized, loaded, tmp_path / family)
         assert not info["remote_code"] and info["exact_fraction"] == 1.0
         config = json.loads((tmp_path / family / "config.json").read_text())["quantization_config"]
         widths = {g["weights"]["num_bits"] for g in config["config_groups"].values()}
-        assert widths == set(_bits(loaded.num_layers)) and config["format"] == "pack-quantized"
+        levels = {w.bits for layer in quantized.weights for w in layer.values()}
+        assert widths == levels and config["format"] == "pack-quantized"
         folders.append(tmp_path / family)
         with torch.no_grad():
             expected.append(quantized.model(probe).logits)
