@@ -94,8 +94,11 @@ class Allocation:
 
     def to_dict(self) -> dict:
         return {"bits": list(self.bits), "order": list(self.order), "target_bits": self.target_bits,
-                "average_bits": self.average_bits, "per_module_layers": sum(not isinstance(b, int) for b in self.bits),
-                "fractions": {str(k): v for k, v in self.fractions.items()}, "note": self.note}
+                "average_bits": self.average_bits,
+                "fractions": {**{str(k): v for k, v in self.fractions.items()},
+                              **({"level per linear": sum(not isinstance(b, int) for b in self.bits) / self.n_layers}
+                                 if self.per_module else {})},
+                "note": self.note}
 
 
 def layer_order(

@@ -88,5 +88,5 @@ def describe_all(bits: Sequence[LayerBits]) -> str:
 
 
 def cache_form(entry: LayerBits) -> int | list[list]:
-    """A JSON value for cache keys: the ``int``, or ``[[name, bits], ...]`` in the layer's order."""
-    return entry if isinstance(entry, int) else [[name, b] for name, b in entry.items()]
+    """A JSON value for cache keys: the ``int``, or ``[[name, bits], ...]`` sorted by name (any dict order)."""
+    return entry if isinstance(entry, int) else [[name, int(entry[name])] for name in sorted(entry)]

@@ -331,7 +331,8 @@ def run_quantization(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, 
     }
     config = {
         "series": plan.series(), "quantizer": plan.quantizer, "group_size": plan.group_size,
-        "high_bits": plan.high_bits, "low_bits": plan.low_bits, "low_fraction": allocation.low_fraction(plan.low_bits),
+        "high_bits": plan.high_bits, "low_bits": plan.low_bits,
+        "low_fraction": None if allocation.per_module else allocation.low_fraction(plan.low_bits),
         "target_bits": plan.target_bits, "ordering": plan.ordering, "bits": list(allocation.bits),
         "zero_point": plan.zero_point, "act_order": spec.act_order, "warnings": quantized.warnings,
         "calibration": windows.label() if windows is not None else None,

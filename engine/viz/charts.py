@@ -11,7 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from engine.quant.grid import MAX_BITS, MIN_BITS
-from engine.quant.layer_bits import LayerBits, linear_bits
+from engine.quant.layer_bits import LayerBits
 from engine.scores.redundancy import HIST_BINS, LayerRedundancy
 
 from engine.scores.outliers import WeightOutliers
@@ -305,7 +305,8 @@ def bit_map_chart(table: pd.DataFrame, subtitle: str) -> go.Figure:
 def module_bit_map_table(bits: list[LayerBits], linears: list[str]) -> pd.DataFrame:
     """Per layer: the code bits of each linear (columns in the layer's order), for allocations with a level per
     linear."""
-    return pd.DataFrame([{"layer": i, **{name: linear_bits(entry, name) for name in linears}}
+    return pd.DataFrame([{"layer": i, **{name: entry if isinstance(entry, int) else entry.get(name)
+                                         for name in linears}}
                          for i, entry in enumerate(bits)])
 
 

@@ -30,7 +30,7 @@ SIZE_AXES = {
     "metrics.param_fraction": SizeAxis("parameters (fraction of dense)"),
     "metrics.achieved_fraction": SizeAxis("average slicing fraction (after rounding)", larger_is_bigger=False),
     "config.low_fraction": SizeAxis("fraction of layers at the low bit level", larger_is_bigger=False),
-    "metrics.avg_bits": SizeAxis("average code bits per layer"),
+    "metrics.avg_bits": SizeAxis("average code bits (per layer; per weight for a level per linear)"),
     "metrics.params": SizeAxis("parameters"),
 }
 LOWER_IS_BETTER = {"metrics.ppl"}

@@ -13,6 +13,8 @@ from engine.core.data import DataSpec
 from engine.optimize.bit_budget import BitBudget, BudgetError, check_levels, layer_costs
 from engine.quant.grid import QuantizerSpec
 from engine.runs.bits_optimizer import BitsOptimizerPlan, held_out_spec, optimization_if_cached, optimize_bits
+from engine.runs.plans import EvalPlan
+from engine.runs.runner import run_quantization
 from engine.runs.store import ResultsStore
 
 CALIB = DataSpec("wiki-offline", "calibration", 32, 4)
@@ -108,6 +110,13 @@ def test_module_granularity_gives_each_linear_a_level_within_the_budget(store, t
     again = optimization_if_cached(store, tiny_loaded, plan, CALIB)
     assert again is not None and again.to_dict() == result.to_dict()
     assert optimization_if_cached(store, tiny_loaded, replace(plan, granularity="layer"), CALIB) is None
-    assert plan.quant_plan("optimizer").series().startswith("optimizer per linear")
     with pytest.raises(BudgetError, match="granularity"):
         replace(plan, granularity="tensor")
+    # the chosen solver allocation runs and is stored like any other, sized per linear
+    chosen = next(c for c in solver if any(isinstance(entry, dict) for entry in c.bits))
+    evaluation = EvalPlan(DataSpec("wiki-offline", "evaluation", 32, 2))
+    outcome = run_quantization(store, tiny_loaded, plan.quant_plan("optimizer"), CALIB, evaluation,
+                               allocation=result.allocation(chosen))
+    assert outcome.record.series.startswith("optimizer per linear")
+    assert outcome.metrics["bits_per_weight"] == pytest.approx(chosen.avg_bits)
+    assert outcome.record.config["bits"] == chosen.bits and outcome.record.config["low_fraction"] is None
