@@ -6,12 +6,7 @@
    of a layer (granularity ``module``: q, k, v, o, gate, up, down each get a
    level; one scan per linear and level, so 7× the measurements).
 2. Solve: the ``k`` allocations of least summed KL whose honest size fits
-   the budget (:mod:`engine.optimize.knapsack`, exact), and the ``k`` of least
-   summed ΔNLL (the scans measure both; a ΔNLL below zero, noise, counts as
-   no damage).  KL is the steadier measure, but perplexity is what is judged,
-   and the two rank allocations differently: on the built-in model at 3.5 bits
-   per linear, the KL sum's pick measured 64.0 held-out perplexity and the ΔNLL
-   sum's 55.4 (README).  The held-out check decides between them.
+   the budget (:mod:`engine.optimize.knapsack`, exact).
 3. Check: damage is not exactly additive, so every solver candidate, the
    uniform allocation and the LIM / ZD / random orderings at the same budget
    are quantized and measured on *held-out* calibration windows (the windows
@@ -61,7 +56,7 @@ from engine.sensitivity.cached import measure_sensitivity, scan_estimate
 from engine.sensitivity.errors import ScanCancelled
 from engine.sensitivity.scan import StopCheck
 
-OPTIMIZER_VERSION = 2  # 2: solver candidates by summed ΔNLL as well as by summed KL
+OPTIMIZER_VERSION = 1
 DEFAULT_CANDIDATES = 5
 DEFAULT_HELD_OUT = 8  # with 4, the held-out choice disagreed with evaluation text (bench/optimize.py, README)
 
@@ -336,18 +331,13 @@ def optimize_bits(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerP
                                  should_stop=should_stop)
     damage = _unit_damage(matrix.damages, costs, plan.granularity, linears)
     units = costs.units(plan.granularity)
-    unit_costs = [costs.unit_bits(u) for u in units]
     solve_start = time.perf_counter()
-    solution = solve(unit_costs, [damage["kl"][u] for u in units], budget_bits, k=plan.candidates)
+    solution = solve([costs.unit_bits(u) for u in units], [damage["kl"][u] for u in units], budget_bits,
+                     k=plan.candidates)
     solve_seconds = time.perf_counter() - solve_start
-    by_nll = solve(unit_costs, [[max(v, 0.0) for v in damage["dnll"][u]] for u in units], budget_bits,
-                   k=plan.candidates)
 
-    proposals = {}
-    for label, found in (("", solution), (" by ΔNLL", by_nll)):
-        for n, selection in enumerate(found.selections, 1):
-            proposals[f"optimizer{label} #{n}"] = _entries(units, [costs.levels[j] for j in selection.choice],
-                                                           loaded.num_layers)
+    proposals = {f"optimizer #{n}": _entries(units, [costs.levels[j] for j in s.choice], loaded.num_layers)
+                 for n, s in enumerate(solution.selections, 1)}
     proposals.update(_competitors(store, loaded, calibration, costs, budget_bits, progress))
     candidates: list[Candidate] = []
     for name, bits in proposals.items():
@@ -376,7 +366,6 @@ def optimize_bits(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerP
         candidate.measured_ppl, candidate.measured_dnll = result.ppl, result.mean_nll - dense.mean_nll
     chosen = min(range(len(candidates)), key=lambda i: (candidates[i].measured_ppl, i))
     outcome = BitsOptimization(plan, candidates, chosen, dense.ppl, matrix.data_label, held_out.label(),
-                               budget_bits, solution.exact and by_nll.exact, solve_seconds,
-                               time.perf_counter() - start)
+                               budget_bits, solution.exact, solve_seconds, time.perf_counter() - start)
     store.put_cached(_key(loaded, plan, calibration), "bits_optimizer", outcome.to_dict())
     return outcome
