@@ -100,12 +100,13 @@ def layer_costs(model: nn.Module, arch: Architecture, levels: Sequence[int], spe
     levels = check_levels(levels)
     bits, weights, modules, quantized = [], [], [], set()
     for layer in arch.decoder_layers(model):
-        per_level = [layer_storage(arch, layer, b, spec) for b in levels]
-        bits.append([layer_bits for layer_bits, _n, _ids in per_level])
-        weights.append(per_level[0][1])
-        quantized.update(per_level[0][2])
-        modules.append({name: [linear_storage(linear, b, spec) for b in levels]
-                        for name, linear in arch.layer_linears(layer).items()})
+        per_linear = {name: [linear_storage(linear, b, spec) for b in levels]
+                      for name, linear in arch.layer_linears(layer).items()}
+        modules.append(per_linear)
+        bits.append([sum(row[j] for row in per_linear.values()) for j in range(len(levels))])  # the layer's sum
+        _bits, n_weights, ids = layer_storage(arch, layer, levels[0], spec)
+        weights.append(n_weights)
+        quantized.update(ids)
     unquantized = sum(p.numel() for p in model.parameters() if id(p) not in quantized)
     return LayerCosts(levels, bits, weights, unquantized, modules)
 

@@ -62,7 +62,7 @@ from engine.quant.cache import (
     memory_put,
     quant_cache_key,
 )
-from engine.quant.layer_bits import LayerBits, all_levels, levels_of, linear_bits, normalize_all
+from engine.quant.layer_bits import LayerBits, all_levels, levels_of, linear_bits
 from engine.quant.size import SizeReport, check_bits, size_report
 from engine.quant.gptq_pipeline import gptq_dense_signals, gptq_sequential, restore_dense, write_weights
 from engine.quant.quantized_linear import can_hold_codes, quantized_variant
@@ -292,8 +292,7 @@ def allocation_weights(
     ``work``: a copy of ``loaded.model`` GPTQ may hook and overwrite
     (deep-copied when needed and not given).
     """
-    check_bits(bits, loaded.num_layers, list(loaded.architecture.linears))
-    bits = normalize_all(bits, list(loaded.architecture.linears))
+    bits = check_bits(bits, loaded.num_layers, list(loaded.architecture.linears))
     stats = stats if stats is not None else QuantizeStats()
     if spec.method == "gptq" and calibration is None:
         raise QuantizationError("GPTQ needs calibration windows; pass calibration=token_windows(...).")
@@ -382,9 +381,8 @@ def quantize_model(
     :func:`resolve_batch_size`); part of the GPTQ cache key.
     """
     start = time.perf_counter()
-    bits = allocation.bits if isinstance(allocation, Allocation) else allocation
-    check_bits(bits, loaded.num_layers, list(loaded.architecture.linears))
-    bits = normalize_all(bits, list(loaded.architecture.linears))
+    bits = check_bits(allocation.bits if isinstance(allocation, Allocation) else allocation, loaded.num_layers,
+                      list(loaded.architecture.linears))
     for b in all_levels(bits):
         spec.with_bits(b)  # validates every level before any work
     if spec.method == "gptq" and calibration is None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from engine.core.architectures import Architecture
 from engine.quant.grid import QuantizationError, QuantizerSpec, weight_storage_bits
-from engine.quant.layer_bits import LayerBits, linear_bits, normalize
+from engine.quant.layer_bits import LayerBits, linear_bits, normalize_all
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def size_report(model: nn.Module, arch: Architecture, bits: Sequence[LayerBits],
     """Bytes of ``model`` with layer ``i``'s linears at ``bits[i]`` (one level, or one per linear; tied weights
     counted once)."""
     layers = arch.decoder_layers(model)
-    check_bits(bits, len(layers), list(arch.linears))
+    bits = check_bits(bits, len(layers), list(arch.linears))
     quantized_ids, per_layer, q_bits, code_bits, n_weights = set(), [], 0, 0, 0
     for layer, b in zip(layers, bits):
         layer_bits, layer_weights, ids = layer_storage(arch, layer, b, spec)
@@ -147,9 +147,10 @@ def describe_size(size: SizeReport) -> str:
             f"({2 * size.dense_params / 2**20:.1f} MiB), unquantized parts ({kept}) counted at 16 bits.")
 
 
-def check_bits(bits: Sequence[LayerBits], n_layers: int, linears: Sequence[str] | None = None) -> None:
-    """One entry per layer, each a level or a level for every linear in ``linears`` (the short names)."""
+def check_bits(bits: Sequence[LayerBits], n_layers: int,
+               linears: Sequence[str] | None = None) -> tuple[LayerBits, ...]:
+    """One entry per layer, each a level or a level for every linear in ``linears`` (the short names); returns
+    the entries in canonical form (:func:`engine.quant.layer_bits.normalize_all`)."""
     if len(bits) != n_layers:
         raise QuantizationError(f"Give one bit level per layer: the model has {n_layers} layers, got {len(bits)}.")
-    for entry in bits:
-        normalize(entry, linears)
+    return normalize_all(bits, linears)
