@@ -9,7 +9,9 @@ level on *calibration* windows, solves, and checks its candidates plus the
 uniform / LIM / ZD / random allocations at the same budget on held-out
 calibration windows.  Every candidate is then run on the wiki-offline
 *evaluation* windows (never used for choosing) through the dashboard's runner.
-``vs_best_ordering`` = evaluation perplexity / the best of LIM, ZD, random.
+``vs_best_ordering`` = evaluation perplexity / the best of LIM, ZD, random;
+``confirm_*``: the same for the chosen candidate on the ``--confirm-windows``
+evaluation windows after those (out of sample for the choice of damage model).
 ``--granularity module`` gives each linear of each layer its level (one scan
 per linear and level: 7x the measurements on Llama-like models); ``--store``
 reuses measurements cached by an earlier run or the dashboard.
@@ -27,6 +29,7 @@ import random
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from bench.common import report
@@ -61,6 +64,11 @@ def solver_seconds(repeats: int = 5) -> dict:
 
 
 def bits_part(args, store: ResultsStore, loaded, calibration: DataSpec, evaluation: EvalPlan) -> list[dict]:
+    """Every candidate on the evaluation windows; the chosen one and the orderings also on *confirmation*
+    windows, the evaluation windows after those (the solver's damage model was picked after seeing the first
+    ones, so these are the out-of-sample check)."""
+    spec = evaluation.data
+    confirmation = EvalPlan(replace(spec, offset=spec.offset + spec.n_windows, n_windows=args.confirm_windows))
     rows = []
     for budget in [float(b) for b in args.budgets.split(",")]:
         plan = BitsOptimizerPlan(BitBudget(avg_bits=budget), levels=tuple(int(b) for b in args.levels.split(",")),
@@ -71,18 +79,23 @@ def bits_part(args, store: ResultsStore, loaded, calibration: DataSpec, evaluati
         optimize_s = time.perf_counter() - start
         measured = []
         for i, candidate in enumerate(result.candidates):
-            outcome = run_quantization(store, loaded, plan.quant_plan(candidate.ordering, candidate.bits),
-                                       calibration, evaluation, allocation=result.allocation(candidate))
-            measured.append((candidate, outcome.metrics["ppl"], i == result.chosen))
-        orderings = [ppl for c, ppl, _ in measured
-                     if c.source == "ordering" or any(a.endswith("ordering") for a in c.also)]
-        best_ordering = min(orderings) if orderings else float("nan")
-        for candidate, ppl, chosen in measured:
+            is_ordering = candidate.source == "ordering" or any(a.endswith("ordering") for a in candidate.also)
+            ppls = []
+            for windows in (evaluation, confirmation) if i == result.chosen or is_ordering else (evaluation,):
+                outcome = run_quantization(store, loaded, plan.quant_plan(candidate.ordering, candidate.bits),
+                                           calibration, windows, allocation=result.allocation(candidate))
+                ppls.append(outcome.metrics["ppl"])
+            measured.append((candidate, ppls, i == result.chosen, is_ordering))
+        best = [min((p[j] for _, p, _, o in measured if o), default=float("nan")) for j in (0, 1)]
+        for candidate, ppls, chosen, _ in measured:
+            confirm = ppls[1] if len(ppls) > 1 else None
             rows.append({"budget_bpw": budget, "quantizer": args.quantizer, "granularity": args.granularity,
                          "candidate": candidate.name + (f" (= {', '.join(candidate.also)})" if candidate.also else ""),
                          "chosen": chosen, "bpw": round(candidate.avg_bits, 4),
-                         "predicted_kl": candidate.predicted_kl, "held_out_ppl": candidate.measured_ppl,
-                         "eval_ppl": ppl, "vs_best_ordering": ppl / best_ordering,
+                         "predicted_damage": candidate.predicted_damage, "predicted_kl": candidate.predicted_kl,
+                         "held_out_ppl": candidate.measured_ppl, "eval_ppl": ppls[0],
+                         "vs_best_ordering": ppls[0] / best[0], "confirm_ppl": confirm,
+                         "confirm_vs_best_ordering": None if confirm is None else confirm / best[1],
                          "bits": describe_all(candidate.bits),
                          "optimize_s": optimize_s if chosen else None})
     return rows
@@ -138,6 +151,8 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=DEFAULT_HELD_OUT, help="held-out calibration windows")
     parser.add_argument("--calib-windows", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--confirm-windows", type=int, default=32,
+                        help="evaluation windows after --eval-windows, for the chosen candidate and the orderings")
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--target", type=float, default=0.25, help="slicing target SP (--part slicing)")
     parser.add_argument("--store", default=None, help="results store to reuse (default: a throw-away one)")

@@ -32,8 +32,9 @@ def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, eval
     st.subheader("Optimize for budget")
     st.caption(
         "Finds the bits per layer (or per linear) with the least measured damage under a size budget: the "
-        "Sensitivity lab's KL of quantizing each layer (or linear) alone at each level (calibration text), an "
-        "exact solver for the budget, then the "
+        "Sensitivity lab's KL and ΔNLL of quantizing each layer (or linear) alone at each level (calibration text), "
+        "blended into one damage (the mean of KL and ΔNLL plus one standard error, never less at fewer bits, so "
+        "a unit whose ΔNLL reads zero by chance is not free), an exact solver for the budget, then the "
         "solver's best candidates, the uniform allocation and the LIM / ZD / random orderings at the same budget "
         "are all measured on held-out calibration windows, and the best measured one is chosen: the optimizer is "
         "never worse than what it competes with there. Sizes are honest (scales and zeros included); integer zero "

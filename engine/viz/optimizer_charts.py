@@ -10,9 +10,10 @@ from engine.viz.style import padded_range, styled
 SOURCE_COLOURS = {"optimizer": "#0072B2", "uniform": "#7F7F7F", "ordering": "#E69F00"}
 
 
-def candidates_chart(table: pd.DataFrame, subtitle: str, predicted: str = "predicted KL",
+def candidates_chart(table: pd.DataFrame, subtitle: str, predicted: str = "predicted damage",
                      measured: str = "measured ΔNLL") -> go.Figure:
-    """Predicted (sum of per-layer measurements) vs measured damage on held-out windows, one marker per candidate.
+    """Predicted (the solver's sum of per-unit damages) vs measured damage on held-out windows, one marker per
+    candidate.
 
     ``table``: one row per candidate with ``candidate``, ``source``, ``chosen`` and the two columns named;
     the chosen one is a star.  Points on a rising line mean the additive prediction ranks candidates right.
@@ -27,7 +28,7 @@ def candidates_chart(table: pd.DataFrame, subtitle: str, predicted: str = "predi
                     "line": {"color": "black", "width": [2 if c else 0 for c in group["chosen"]]}},
             hovertemplate="%{text}<br>" + predicted + " %{x:.4g}<br>" + measured + " %{y:.4g}<extra></extra>"))
     styled(fig, "Candidates: predicted vs measured damage (star = chosen)", subtitle,
-           xaxis_title=f"{predicted} (sum over layers, nats/token)", yaxis_title=f"{measured} (nats/token)")
+           xaxis_title=f"{predicted} (sum over units, nats/token)", yaxis_title=f"{measured} (nats/token)")
     fig.update_xaxes(range=padded_range(table[predicted].tolist(), pad=0.15))
     fig.update_yaxes(range=padded_range(table[measured].tolist(), pad=0.15))
     return fig
