@@ -15,8 +15,9 @@ Summing raw ΔNLL lets the solver exploit that luck (it put linears whose ΔNLL
 was within noise of zero at 2 bits, measured 35% worse than LIM on the built-in
 model); summing KL over-protects units with large but harmless shifts (``v``).
 :func:`upper_dnll` takes ΔNLL plus one standard error over windows, and
-:func:`blended` the mean of that and KL; both are made *monotone*: never below
-zero and never smaller at fewer bits, which a unit's true damage is not either.
+:func:`blended` (what the solver uses) the mean of KL and ΔNLL plus one
+standard error; both are made *monotone*: never below zero and never smaller
+at fewer bits, which a unit's true damage is not either.
 """
 
 from __future__ import annotations
@@ -49,5 +50,10 @@ def upper_dnll(dnll: Sequence[float], window_dnll: Sequence[Sequence[float]]) ->
 
 
 def blended(kl: Sequence[float], dnll: Sequence[float], window_dnll: Sequence[Sequence[float]]) -> list[float]:
-    """Mean of KL and :func:`upper_dnll` at each level, monotone (nats/token)."""
-    return monotone_in_bits([(a + b) / 2 for a, b in zip(kl, upper_dnll(dnll, window_dnll))])
+    """Mean of KL and ΔNLL plus one standard error at each level, then monotone (nats/token).
+
+    The mean is taken before the monotone step: making ΔNLL + SE monotone first raised the low levels of
+    units with noisy high levels and measured worse (per linear at 3.5 bits on the built-in model, 68.8 against
+    66.0 on fresh evaluation windows; README)."""
+    upper = [d + standard_error(w) for d, w in zip(dnll, window_dnll)]
+    return monotone_in_bits([(a + b) / 2 for a, b in zip(kl, upper)])
