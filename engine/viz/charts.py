@@ -311,16 +311,18 @@ def module_bit_map_table(bits: list[LayerBits], linears: list[str]) -> pd.DataFr
 
 
 def module_bit_map_chart(table: pd.DataFrame, subtitle: str) -> go.Figure:
-    """Layers × linears, each cell coloured by its level (the bar chart's colours) and labelled with it."""
+    """Layers × linears, each cell coloured by its level (the bar chart's colours) and labelled with it; the
+    colour bar spans the levels used, not every level there is."""
     linears = [c for c in table.columns if c != "layer"]
     z = table[linears].T.values.tolist()  # [linear][layer]
-    steps = list(range(MIN_BITS, MAX_BITS + 1))
+    used = [int(b) for row in z for b in row if b == b] or [MIN_BITS, MAX_BITS]  # b == b: not NaN (missing)
+    steps = list(range(min(used), max(used) + 1))
     colours = []
     for k, level in enumerate(steps):  # piecewise constant: one colour per level, never blended
         colour = BIT_COLOURS.get(level, "#777777")
         colours += [[k / len(steps), colour], [(k + 1) / len(steps), colour]]
     fig = go.Figure(go.Heatmap(
-        x=table["layer"], y=linears, z=z, zmin=MIN_BITS - 0.5, zmax=MAX_BITS + 0.5, colorscale=colours,
+        x=table["layer"], y=linears, z=z, zmin=steps[0] - 0.5, zmax=steps[-1] + 0.5, colorscale=colours,
         texttemplate="%{z}", xgap=1, ygap=1,
         colorbar={"title": "code bits", "tickvals": steps, "ticktext": [str(b) for b in steps]},
         hovertemplate="layer %{x}, %{y}: %{z} bits<extra></extra>"))

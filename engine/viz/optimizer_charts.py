@@ -17,16 +17,22 @@ def candidates_chart(table: pd.DataFrame, subtitle: str, predicted: str = "predi
 
     ``table``: one row per candidate with ``candidate``, ``source``, ``chosen`` and the two columns named;
     the chosen one is a star.  Points on a rising line mean the additive prediction ranks candidates right.
+    The solver's candidates often lie on top of each other, so of them only the chosen one (or, when a
+    competitor was chosen, the best measured) is labelled; every point names itself on hover.
     """
     fig = go.Figure()
+    names = table["candidate"].str.replace(r" \(= .*\)$", "", regex=True)
+    solver = table[table["source"] == "optimizer"]
+    shown_solver = solver.index[solver["chosen"]].tolist() or solver[measured].nsmallest(1).index.tolist()
     for source, group in table.groupby("source", sort=False):
+        labels = [name if source != "optimizer" or i in shown_solver else "" for i, name in names[group.index].items()]
         fig.add_trace(go.Scatter(
             x=group[predicted], y=group[measured], mode="markers+text", name=source,
-            text=group["candidate"].str.replace(r" \(= .*\)$", "", regex=True), textposition="top center",
+            text=labels, customdata=names[group.index], textposition="top center",
             marker={"color": SOURCE_COLOURS.get(source, "#333333"), "size": 11,
                     "symbol": ["star" if c else "circle" for c in group["chosen"]],
                     "line": {"color": "black", "width": [2 if c else 0 for c in group["chosen"]]}},
-            hovertemplate="%{text}<br>" + predicted + " %{x:.4g}<br>" + measured + " %{y:.4g}<extra></extra>"))
+            hovertemplate="%{customdata}<br>" + predicted + " %{x:.4g}<br>" + measured + " %{y:.4g}<extra></extra>"))
     styled(fig, "Candidates: predicted vs measured damage (star = chosen)", subtitle,
            xaxis_title=f"{predicted} (sum over units, nats/token)", yaxis_title=f"{measured} (nats/token)")
     fig.update_xaxes(range=padded_range(table[predicted].tolist(), pad=0.15))

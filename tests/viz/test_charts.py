@@ -153,3 +153,8 @@ def test_per_linear_bit_map_colours_each_cell_by_its_level():
         assert colour_of(level) == {charts.BIT_COLOURS[level]}
     assert fig.layout.xaxis.range[0] < 0 < 2 < fig.layout.xaxis.range[1]
     assert "t" in fig.layout.title.text
+    # the colour bar spans the levels used (3–5 here), each still in its own colour
+    narrow = charts.module_bit_map_chart(charts.module_bit_map_table([3, {**dict.fromkeys(linears, 4), "v": 5}],
+                                                                     linears), "t").data[0]
+    assert list(narrow.colorbar.tickvals) == [3, 4, 5] and (narrow.zmin, narrow.zmax) == (2.5, 5.5)
+    assert [c for _, c in narrow.colorscale][::2] == [charts.BIT_COLOURS[b] for b in (3, 4, 5)]
