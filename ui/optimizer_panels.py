@@ -60,7 +60,9 @@ def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, eval
         "A level for each", ["layer", "module"], key=kept("opt_granularity"), horizontal=True,
         format_func={"layer": "layer (all its linears)", "module": f"linear ({', '.join(linears)})"}.get,
         help=f"Per linear, each of the {len(linears)} linears of every layer gets its own level: one damage scan "
-        f"per linear and level ({len(linears)}× the measurements), a finer choice under the same budget.")
+        f"per linear and level ({len(linears)}× the measurements), a finer choice under the same budget. On the "
+        "built-in model at 3.5 bits per weight it beat the best ordering by 12% on evaluation text, a level per "
+        "layer by 4% (README, bench/optimize.py).")
     try:
         plan = BitsOptimizerPlan(budget, tuple(levels), quantizer, group_size, candidates, int(held_out),
                                  granularity)

@@ -265,15 +265,20 @@ def optimize_estimate(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimi
 Unit = tuple[int, "str | None"]  # (layer, linear short name or None for the whole layer)
 
 
+def unit_scans(damages: list, costs: LayerCosts, granularity: str, linears: list[str]) -> dict[Unit, list]:
+    """``{unit: [the scan of its action at each level]}`` from scans in :meth:`BitsOptimizerPlan.actions` order
+    (level-major, then linear); a unit's values are at index ``layer`` of each scan."""
+    modules = [None] if granularity == "layer" else linears
+    return {(layer, name): [damages[j * len(modules) + modules.index(name)] for j in range(len(costs.levels))]
+            for layer, name in costs.units(granularity)}
+
+
 def _unit_damage(damages: list, costs: LayerCosts, granularity: str,
                  linears: list[str]) -> dict[str, dict[Unit, list[float]]]:
-    """``{"kl": {unit: [damage at each level]}, "dnll": ..., "blended": ...}`` (nats/token) from the scans, in
-    :meth:`BitsOptimizerPlan.actions` order (level-major, then linear)."""
-    modules = [None] if granularity == "layer" else linears
+    """``{"kl": {unit: [damage at each level]}, "dnll": ..., "blended": ...}`` (nats/token) from the scans."""
     out: dict[str, dict[Unit, list[float]]] = {"kl": {}, "dnll": {}, "blended": {}}
-    for unit in costs.units(granularity):
-        layer, name = unit
-        columns = [damages[j * len(modules) + modules.index(name)] for j in range(len(costs.levels))]
+    for unit, columns in unit_scans(damages, costs, granularity, linears).items():
+        layer = unit[0]
         out["kl"][unit] = [d.kl[layer] for d in columns]
         out["dnll"][unit] = [d.delta_nll[layer] for d in columns]
         out["blended"][unit] = blended(out["kl"][unit], out["dnll"][unit],
