@@ -31,7 +31,7 @@ from engine.core.data import DataSpec, token_windows
 from engine.core.models import load_model
 from engine.evaluation.perplexity import window_nll_sums
 from engine.optimize.bit_budget import BitBudget, layer_costs
-from engine.optimize.damage import blended, monotone_in_bits, standard_error
+from engine.optimize.damage import blended, monotone_in_bits, upper_dnll
 from engine.optimize.knapsack import solve
 from engine.quant.layer_bits import describe_all
 from engine.quant.quantize_model import quantize_model
@@ -42,8 +42,7 @@ from engine.sensitivity.cached import sensitivity_if_cached
 
 def damage_models(kl: list[float], dnll: list[float], windows: list[list[float]]) -> dict[str, list[float]]:
     """One unit's damage at each level under every model compared (levels ascending)."""
-    upper = [d + standard_error(w) for d, w in zip(dnll, windows)]
-    return {"kl": kl, "dnll": dnll, "dnll_mono": monotone_in_bits(dnll), "ucb_mono": monotone_in_bits(upper),
+    return {"kl": kl, "dnll": dnll, "dnll_mono": monotone_in_bits(dnll), "ucb_mono": upper_dnll(dnll, windows),
             "max_kl_dnll": monotone_in_bits([max(a, b) for a, b in zip(kl, dnll)]),
             "blend": blended(kl, dnll, windows)}
 
