@@ -237,7 +237,7 @@ def held_out_spec(calibration: DataSpec, n_windows: int) -> DataSpec:
 def _key(loaded: LoadedModel, plan: BitsOptimizerPlan, calibration: DataSpec) -> str:
     fields = {**asdict(plan), "budget": asdict(plan.budget)}
     if plan.granularity == "layer":
-        del fields["granularity"]  # results stored before module granularity keep their keys
+        del fields["granularity"]  # per-layer keys keep the shape they had before module granularity
     return cache_key(kind="bits_optimizer", version=OPTIMIZER_VERSION, fingerprint=loaded.fingerprint,
                      plan=fields, data=calibration.to_dict())
 

@@ -312,10 +312,10 @@ def module_bit_map_table(bits: list[LayerBits], linears: list[str]) -> pd.DataFr
 
 def module_bit_map_chart(table: pd.DataFrame, subtitle: str) -> go.Figure:
     """Layers × linears, each cell coloured by its level (the bar chart's colours) and labelled with it; the
-    colour bar spans the levels used, not every level there is."""
+    colour bar runs from the lowest level used to the highest, not over every level there is."""
     linears = [c for c in table.columns if c != "layer"]
     z = table[linears].T.values.tolist()  # [linear][layer]
-    used = [int(b) for row in z for b in row if b == b] or [MIN_BITS, MAX_BITS]  # b == b: not NaN (missing)
+    used = [int(b) for row in z for b in row if pd.notna(b)] or [MIN_BITS, MAX_BITS]  # missing linears: gaps
     steps = list(range(min(used), max(used) + 1))
     colours = []
     for k, level in enumerate(steps):  # piecewise constant: one colour per level, never blended

@@ -13,6 +13,8 @@ def test_monotone_in_bits_never_negative_and_never_less_at_fewer_bits():
     # levels ascending: a lucky low reading at 3 bits is raised to the 4-bit value; negatives become 0
     assert monotone_in_bits([0.5, 0.01, 0.02, -0.003]) == [0.5, 0.02, 0.02, 0.0]
     assert monotone_in_bits([0.3, 0.2, 0.1]) == [0.3, 0.2, 0.1]  # already monotone: unchanged
+    # a diverged measurement (NaN) is never free: infinite at that level and every level below it
+    assert monotone_in_bits([0.5, float("nan"), 0.01]) == [math.inf, math.inf, 0.01]
 
 
 def test_upper_dnll_adds_one_standard_error_of_the_windows():

@@ -158,3 +158,7 @@ def test_per_linear_bit_map_colours_each_cell_by_its_level():
                                                                      linears), "t").data[0]
     assert list(narrow.colorbar.tickvals) == [3, 4, 5] and (narrow.zmin, narrow.zmax) == (2.5, 5.5)
     assert [c for _, c in narrow.colorscale][::2] == [charts.BIT_COLOURS[b] for b in (3, 4, 5)]
+    # a linear missing from every layer is a gap, not an error; a single level still gets its colour
+    gap = charts.module_bit_map_chart(charts.module_bit_map_table([dict.fromkeys(linears, 4)] * 2,
+                                                                  linears + ["extra"]), "t").data[0]
+    assert list(gap.colorbar.tickvals) == [4] and all(v is None or v != v for v in gap.z[-1])
