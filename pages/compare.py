@@ -20,6 +20,7 @@ from ui.session import require_model, results_store
 from ui.state import kept
 from ui.widgets import (
     calibration_and_evaluation,
+    cost_threshold,
     cancel_button,
     progress_callback,
     show_chart,
@@ -115,7 +116,8 @@ show_chart(figure, "methods_tradeoff",
            "methods; previews hollow and dashed; bars: 95% intervals.",
            runs[["id", "method", "series", "metrics.size_fraction", y]])
 st.subheader("What this says")
-lines = executive_summary(runs, label, sizes)
+threshold = cost_threshold()
+lines = executive_summary(runs, label, threshold=threshold)
 lines.append("The paper's claim, quantization beats dropping at equal size unless 2-bit: "
              + quantization_vs_dropping(runs))
 st.markdown("\n".join(f"- {line}" for line in lines))

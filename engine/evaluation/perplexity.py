@@ -28,7 +28,11 @@ from engine.core.progress import ProgressFn
 
 @dataclass(frozen=True)
 class PerplexityResult:
-    """Token perplexity with its bootstrap 95% interval over windows."""
+    """Token perplexity with its bootstrap 95% interval over windows.
+
+    ``window_nll``: summed NLL (nats) of each window's ``seqlen - 1`` scored tokens, in window order: what a
+    paired comparison with another model on the same windows needs (:mod:`engine.evaluation.paired`).
+    """
 
     ppl: float
     mean_nll: float
@@ -37,9 +41,12 @@ class PerplexityResult:
     seqlen: int
     ci_low: float
     ci_high: float
+    window_nll: tuple[float, ...] = ()
 
     def to_metrics(self) -> dict:
-        return asdict(self)
+        metrics = asdict(self)
+        metrics["window_nll"] = list(self.window_nll)
+        return metrics
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -179,4 +186,5 @@ def perplexity(
         seqlen=windows.seqlen,
         ci_low=low,
         ci_high=high,
+        window_nll=tuple(sums.tolist()),
     )

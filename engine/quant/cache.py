@@ -77,7 +77,7 @@ def calibration_id(windows: TokenWindows | None, batch_size: int) -> dict | None
     if windows is None:
         return None
     digest = hashlib.sha256(windows.input_ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
-    return {"spec": windows.spec.to_dict(), "n_windows": windows.n_windows, "seqlen": windows.seqlen,
+    return {"spec": windows.key(), "n_windows": windows.n_windows, "seqlen": windows.seqlen,
             "ids_sha256": digest, "batch_size": batch_size, "label": windows.label()}
 
 

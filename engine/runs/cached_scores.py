@@ -36,7 +36,7 @@ def cached_layer_redundancy(
     ``compute=False`` only looks: ``(None, False)`` when nothing is cached.
     """
     key = cache_key(kind="layer_redundancy", version=SCORES_VERSION, fingerprint=fingerprint,
-                    data=windows.spec.to_dict(), n_windows=windows.n_windows, seqlen=windows.seqlen)
+                    data=windows.key(), n_windows=windows.n_windows, seqlen=windows.seqlen)
     payload = store.get_cached(key)
     if payload is not None:
         return LayerRedundancy(**payload), True

@@ -64,7 +64,7 @@ def dropped_layers(store: ResultsStore, loaded: LoadedModel, plan: DropPlan, cal
 
         if plan.is_iterative:  # cached: a preview must not re-copy the model once per step on every rerun
             key = cache_key(kind="iterative_drop", fingerprint=loaded.fingerprint, plan=asdict(plan),
-                            data=calibration.to_dict())
+                            data=token_windows(calibration, loaded.tokenizer, loaded.max_seqlen).key())
             found = store.get_cached(key)
             if found is not None:
                 layers = found["layers"]

@@ -10,7 +10,9 @@ row with JSON columns; every reader gets a :class:`RunRecord` back.
   fields, ``n_windows`` actually used and ``label`` (which names an uploaded
   file by name *and* content hash, so runs on two files never share a label).
 - ``metrics``: named keys only (see the ``*_KEY`` helpers below): ``ppl``,
-  ``ci_low``, ``ci_high``, ``acc.<task>``..., size and time metrics.
+  ``ci_low``, ``ci_high``, ``window_nll``, ``acc.<task>``..., size and time metrics; compressed runs add
+  ``ppl_change`` against dense on the same windows with its paired 95% interval ``ppl_change_low`` /
+  ``ppl_change_high`` (runs stored before per-window losses were kept have ``ci_overlaps_dense`` instead).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from engine.core.data import describe_data
 
 PPL = "ppl"
 CI_LOW, CI_HIGH = "ci_low", "ci_high"
+WINDOW_NLL = "window_nll"  # summed NLL per evaluation window (nats): for paired comparisons on the same windows
+CHANGE, CHANGE_LOW, CHANGE_HIGH = "ppl_change", "ppl_change_low", "ppl_change_high"  # vs dense, paired 95%
 ACC_PREFIX = "acc."
 
 

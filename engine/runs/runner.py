@@ -23,6 +23,7 @@ from engine.core.out_of_memory import explain_out_of_memory
 from engine.core.paths import cache_root, unused_folder
 from engine.core.progress import StageProgress, Timer, stage_callback
 from engine.evaluation.latency import compare_latency, describe_seconds, estimate_seconds
+from engine.evaluation.paired import paired_change
 from engine.evaluation.perplexity import perplexity
 from engine.evaluation.zeroshot import TaskUnavailableError, zero_shot
 from engine.quant.allocation import Allocation, allocate_average, allocate_fraction, layer_order
@@ -32,7 +33,7 @@ from engine.runs.cached_scores import scores_for
 from engine.runs.drop_choice import dropped_layers
 from engine.runs.memory_check import check_memory, run_memory_plan
 from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, SlicingPlan
-from engine.runs.record import PPL, RunRecord, task_metrics
+from engine.runs.record import PPL, WINDOW_NLL, RunRecord, task_metrics
 from engine.runs.store import ResultsStore
 from engine.scores.ranking import zd_importance
 from engine.slicing.schedules import SlicingSchedule, schedule_constant, schedule_custom, schedule_dynamic
@@ -83,7 +84,7 @@ def evaluate_model(loaded: LoadedModel, model: torch.nn.Module, plan: EvalPlan,
         except TaskUnavailableError as err:  # keep the perplexity already measured; say why accuracy is missing
             task_error = str(err)
     data = {**plan.data.to_dict(), "n_windows": windows.n_windows, "available_windows": windows.available,
-            "label": windows.label()}
+            "label": windows.label(), "bos": windows.bos}
     if plan.tasks:
         data["tasks"] = [t for t in plan.tasks if task_error is None]
         data["task_limit"] = plan.task_limit
@@ -128,11 +129,15 @@ def ensure_dense(store: ResultsStore, loaded: LoadedModel, plan: EvalPlan,
 
 
 def compare_with_dense(metrics: dict, dense: RunRecord) -> dict:
-    """Change against dense on the same windows: ``dense_run``, ``dense_ppl``, ``ppl_change`` (fraction)."""
+    """Change against dense on the same windows: ``dense_run``, ``dense_ppl``, ``ppl_change`` (fraction) and,
+    from the paired per-window losses, its 95% interval ``ppl_change_low`` / ``ppl_change_high``."""
     out = {"dense_run": dense.id, "dense_ppl": dense.metrics.get(PPL)}
     if metrics.get(PPL) is not None and dense.metrics.get(PPL):
         out["ppl_change"] = metrics[PPL] / dense.metrics[PPL] - 1.0
-        out["ci_overlaps_dense"] = bool(metrics.get("ci_low", metrics[PPL]) <= dense.metrics.get("ci_high", 0.0))
+        mine, theirs = metrics.get(WINDOW_NLL) or [], dense.metrics.get(WINDOW_NLL) or []
+        if mine and len(mine) == len(theirs):
+            paired = paired_change(theirs, mine, int(metrics["seqlen"]) - 1)
+            out.update({"ppl_change": paired.change, "ppl_change_low": paired.low, "ppl_change_high": paired.high})
     return out
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
 
-from engine.runs.record import ACC_PREFIX
-
-SIZE_TARGETS = (0.9, 0.75, 0.6, 0.5)
-
+from engine.evaluation.paired import PairedChange, paired_change
+from engine.runs.record import ACC_PREFIX, CHANGE, CHANGE_HIGH, CHANGE_LOW
 
 def compact_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per run, stakeholder columns only: method, series, size, perplexity and change, accuracy, latency."""
@@ -22,6 +21,7 @@ def compact_table(runs: pd.DataFrame) -> pd.DataFrame:
         "perplexity": runs.get("metrics.ppl"),
         "95% interval": [_interval(r) for _, r in runs.iterrows()],
         "change vs dense": runs.get("metrics.ppl_change"),
+        "change 95% interval (paired)": [_change_interval(r) for _, r in runs.iterrows()],
     })
     for column in runs.columns:
         if column.startswith(f"metrics.{ACC_PREFIX}"):
@@ -40,67 +40,175 @@ def _interval(row: pd.Series) -> str:
     return f"{low:.3g}–{high:.3g}" if _number(low) and _number(high) else ""
 
 
+def _change_interval(row: pd.Series) -> str:
+    interval = paired_interval(row)
+    return "" if interval is None else f"{interval[0]:+.1%} to {interval[1]:+.1%}"
+
+
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def executive_summary(runs: pd.DataFrame, data_label: str, targets=SIZE_TARGETS) -> list[str]:
-    """Headline sentences: dense reference, best run per method within each size target, recommendation, caveats.
+MATCH_TOLERANCE = 0.02
+"""Runs of two methods are compared only when their sizes differ by at most this (fraction of dense bytes)."""
+COST_THRESHOLD = 0.10
+"""Default perplexity increase (a fraction: 0.10 = +10%) above which every option is called out as too costly."""
+
+
+def paired_interval(row) -> tuple[float, float] | None:
+    """A run's paired 95% interval of the change against dense (fractions), or ``None`` for runs stored before
+    per-window losses were kept.  ``row``: a runs-frame row or a record's metrics dict."""
+    get = (lambda k: row.get(f"metrics.{k}")) if isinstance(row, pd.Series) else row.get
+    low, high = get(CHANGE_LOW), get(CHANGE_HIGH)
+    return (float(low), float(high)) if _number(low) and _number(high) else None
+
+
+def change_text(row) -> str:
+    """``"+4.2% vs dense (95% interval +3.1% to +5.4%)"`` from the paired comparison (just the change where no
+    paired interval was stored)."""
+    get = (lambda k: row.get(f"metrics.{k}")) if isinstance(row, pd.Series) else row.get
+    change = get(CHANGE)
+    if not _number(change):
+        return "no change against dense stored"
+    interval = paired_interval(row)
+    if interval is None:
+        return f"{change:+.1%} vs dense (no paired interval: stored before per-window losses were kept)"
+    return f"{change:+.1%} vs dense (95% interval {interval[0]:+.1%} to {interval[1]:+.1%})"
+
+
+def within_noise(row) -> bool:
+    """The run's paired interval against dense contains 0 (never true without a paired interval)."""
+    interval = paired_interval(row)
+    return interval is not None and interval[0] <= 0.0 <= interval[1]
+
+
+def _final_compressed(runs: pd.DataFrame) -> pd.DataFrame:
+    final = runs[~runs["preview"].astype(bool)] if "preview" in runs else runs
+    needed = [c for c in ("metrics.size_fraction", "metrics.ppl") if c in final]
+    if final.empty or len(needed) < 2:
+        return final.iloc[0:0]
+    return final[final["method"] != "dense"].dropna(subset=needed)
+
+
+def matched_groups(compressed: pd.DataFrame, tolerance: float = MATCH_TOLERANCE) -> list[pd.DataFrame]:
+    """Groups of runs whose sizes lie within ``tolerance`` of each other (smallest first) holding at least two
+    methods: the only places where methods are compared."""
+    ordered = compressed.sort_values("metrics.size_fraction")
+    groups, start = [], 0
+    sizes = ordered["metrics.size_fraction"].tolist()
+    while start < len(sizes):
+        end = start
+        while end + 1 < len(sizes) and sizes[end + 1] - sizes[start] <= tolerance + 1e-9:
+            end += 1
+        group = ordered.iloc[start: end + 1]
+        if group["method"].nunique() >= 2:
+            groups.append(group)
+        start = end + 1
+    return groups
+
+
+def dominated(compressed: pd.DataFrame) -> set[int]:
+    """Ids of runs another run beats: smaller and at least as good within this run's paired interval (its
+    change is at most this run's upper bound; the plain change where no interval was stored)."""
+    out = set()
+    for _, run in compressed.iterrows():
+        interval = paired_interval(run)
+        ceiling = interval[1] if interval is not None else run.get("metrics.ppl_change", run["metrics.ppl"])
+        for _, other in compressed.iterrows():
+            if other["id"] == run["id"] or other["metrics.size_fraction"] >= run["metrics.size_fraction"]:
+                continue
+            other_change = other.get("metrics.ppl_change") if interval is not None else \
+                other.get("metrics.ppl_change", other["metrics.ppl"])
+            if _number(other_change) and _number(ceiling) and other_change <= ceiling:
+                out.add(int(run["id"]))
+                break
+    return out
+
+
+def _describe(run: pd.Series) -> str:
+    return (f"{run['method']} · {run['series']} (run {run['id']}, {run['metrics.size_fraction']:.0%} of dense bytes): "
+            f"perplexity {run['metrics.ppl']:.2f}, {change_text(run)}")
+
+
+def paired_between(a: pd.Series, b: pd.Series) -> PairedChange | None:
+    """Change of run ``b`` against run ``a`` from their per-window losses on the same windows, if both have them."""
+    nll_a, nll_b = (json.loads(v) if isinstance(v, str) else v
+                    for v in (a.get("metrics.window_nll"), b.get("metrics.window_nll")))
+    if isinstance(nll_a, list) and isinstance(nll_b, list) and nll_a and len(nll_a) == len(nll_b):
+        return paired_change(nll_a, nll_b, int(a["metrics.seqlen"]) - 1)
+    return None
+
+
+def _compare_two(best: pd.Series, second: pd.Series) -> str:
+    """Which of two runs at a matched size is better (``best``: the lower perplexity), judged by their paired
+    per-window losses when both have them."""
+    paired = paired_between(best, second)
+    if paired is None:
+        return f"{best['method']} has the lower perplexity (no paired interval between them)"
+    if paired.within_noise:
+        return (f"{best['method']} and {second['method']} cannot be told apart on these windows ({second['method']} "
+                f"{paired.text()} against {best['method']})")
+    return f"{best['method']} is better ({second['method']} {paired.text()} against it)"
+
+
+def executive_summary(runs: pd.DataFrame, data_label: str, tolerance: float = MATCH_TOLERANCE,
+                      threshold: float = COST_THRESHOLD) -> list[str]:
+    """Headline sentences written from the numbers: the dense reference, methods compared only at matched sizes
+    (within ``tolerance`` of dense bytes of each other), a recommendation that no stored run dominates and that
+    costs at most ``threshold`` (else a plain statement that every option costs more), and caveats.
 
     ``runs``: one model's runs on one evaluation set (``data_label``); previews are ignored.
     """
     lines: list[str] = []
     final = runs[~runs["preview"].astype(bool)] if "preview" in runs else runs
     dense = final[final["method"] == "dense"]
-    compressed = final[(final["method"] != "dense") & final.get("metrics.size_fraction", pd.Series(dtype=float)).notna()
-                       & final.get("metrics.ppl", pd.Series(dtype=float)).notna()] if not final.empty else final
+    compressed = _final_compressed(runs)
     if dense.empty or "metrics.ppl" not in dense:
         lines.append(f"No dense baseline on {data_label} yet: changes against dense cannot be stated.")
-        dense_ppl = None
     else:
         d = dense.iloc[0]
-        dense_ppl = float(d["metrics.ppl"])
-        lines.append(f"Dense model: perplexity {dense_ppl:.2f} (95% interval {_interval(d)}) on {data_label}.")
+        lines.append(f"Dense model: perplexity {d['metrics.ppl']:.2f} (95% interval {_interval(d)}) on {data_label}.")
     if compressed.empty:
         lines.append("No compressed runs on these windows yet.")
         return lines
-    best_overall = None
-    per_target: dict[str, list[float]] = {}
-    for target in targets:
-        fitting = compressed[compressed["metrics.size_fraction"] <= target + 1e-9]
-        if fitting.empty:
-            per_target.setdefault("no run yet", []).append(target)
-            continue
-        parts = []
-        for method, group in fitting.groupby("method"):
-            best = group.sort_values("metrics.ppl").iloc[0]
-            parts.append(f"{method} best is {best['series']} (run {best['id']}, {best['metrics.size_fraction']:.0%} "
-                         f"size): perplexity {best['metrics.ppl']:.2f}" + _change(best, dense_ppl))
-        winner = fitting.sort_values("metrics.ppl").iloc[0]
-        if best_overall is None:
-            best_overall = (target, winner)
-        per_target.setdefault("; ".join(parts), []).append(target)
-    for text, sizes in per_target.items():  # targets with the same best runs share one line
-        lines.append(f"At ≤ {', '.join(f'{t:.0%}' for t in sizes)} of dense bytes: {text}.")
-    if best_overall is not None:
-        target, winner = best_overall
-        lines.append(f"Recommended at ≤ {target:.0%} of dense size: {winner['method']} · {winner['series']} "
-                     f"(run {winner['id']}), perplexity {winner['metrics.ppl']:.2f}{_change(winner, dense_ppl)}.")
-    overlapping = compressed[compressed.get("metrics.ci_overlaps_dense", pd.Series(False, index=compressed.index))
-                             .fillna(False).astype(bool)]
+    groups = matched_groups(compressed, tolerance)
+    if not groups:
+        lines.append(f"No matched sizes yet: no two methods have runs within ±{tolerance * 100:.0f} points of dense "
+                     "bytes of each other, so methods are not compared. Run the matched-size sweep (Compare page).")
+    for group in groups:
+        best_per_method = group.sort_values("metrics.ppl").groupby("method", sort=False).head(1)
+        low, high = group["metrics.size_fraction"].min(), group["metrics.size_fraction"].max()
+        span = f"{low:.0%}" if round(low * 100) == round(high * 100) else f"{low:.0%}–{high:.0%}"
+        parts = "; ".join(_describe(r) for _, r in best_per_method.iterrows())
+        verdict = _compare_two(best_per_method.iloc[0], best_per_method.iloc[1])
+        lines.append(f"At {span} of dense bytes (matched within ±{tolerance * 100:.0f} points): {parts}. "
+                     f"{verdict[0].upper()}{verdict[1:]}.")
+    beaten = dominated(compressed)
+    candidates = compressed[~compressed["id"].astype(int).isin(beaten)]
+    changes = candidates.get("metrics.ppl_change", pd.Series(dtype=float))
+    affordable = candidates[changes.notna() & (changes <= threshold)]
+    if "metrics.ppl_change" not in compressed or compressed["metrics.ppl_change"].isna().all():
+        lines.append("No recommendation: no run has a change against dense on these windows.")
+    elif affordable.empty:
+        least = compressed.sort_values("metrics.ppl_change").iloc[0]
+        lines.append(f"Every compressed option here costs more than {threshold:+.0%} perplexity; none is within the "
+                     f"threshold (the least costly: {_describe(least)}). Try milder settings, or raise the threshold "
+                     "if that cost is acceptable.")
+    else:
+        pick = affordable.sort_values(["metrics.size_fraction", "metrics.ppl"]).iloc[0]
+        lines.append(f"Recommended: {_describe(pick)}: the smallest stored run within {threshold:+.0%} perplexity "
+                     "that no other run dominates.")
+    if beaten:
+        lines.append(f"Not recommended, because another run is smaller and at least as good: "
+                     f"{', '.join(f'run {i}' for i in sorted(beaten))}.")
+    noisy = [int(r["id"]) for _, r in compressed.iterrows() if within_noise(r)]
     windows = runs["data.n_windows"].dropna().iloc[0] if "data.n_windows" in runs and runs["data.n_windows"].notna().any() else "?"
-    caveat = (f"Caveats: perplexity on {windows} evaluation windows ({data_label}); intervals are bootstrap 95% "
-              "over windows")
-    if not overlapping.empty:
-        caveat += f"; {len(overlapping)} run(s) overlap the dense interval, so their difference from dense is within noise"
+    caveat = (f"Caveats: perplexity on {windows} evaluation windows ({data_label}); changes against dense are paired "
+              "over the same windows, with 95% bootstrap intervals")
+    if noisy:
+        caveat += f"; for run(s) {', '.join(map(str, noisy))} the interval contains 0, so the change is within noise"
     lines.append(caveat + ". Sizes count unquantized parts at 16 bits; dense is the same model at 16 bits.")
     return lines
-
-
-def _change(row: pd.Series, dense_ppl: float | None) -> str:
-    if dense_ppl is None or not _number(row.get("metrics.ppl")):
-        return ""
-    return f" ({row['metrics.ppl'] / dense_ppl - 1:+.1%} vs dense)"
 
 
 def run_warnings(record) -> list[str]:
@@ -112,9 +220,9 @@ def run_warnings(record) -> list[str]:
     if _number(m.get("latency_speedup")) and m["latency_speedup"] < 1.0:
         warnings.append(f"This model ran slower than dense ({m['latency_speedup']:.2f}× speed, median of 3 forwards"
                         " on one window; CPU timings on a shared machine are noisy).")
-    if m.get("ci_overlaps_dense"):
-        warnings.append(f"Its 95% interval ({m.get('ci_low', 0):.2f}–{m.get('ci_high', 0):.2f}) overlaps dense's: "
-                        "the difference is within the noise of these windows. Evaluate on more windows to tell them apart.")
+    if within_noise(m):
+        warnings.append(f"Change vs dense {change_text(m)}: the paired interval contains 0, so the difference is "
+                        "within the noise of these windows. Evaluate on more windows to tell them apart.")
     if record.config.get("preview"):
         windows = record.data.get("n_windows")
         warnings.append(f"Preview on {windows} windows: a quick look, noisy. Compare it only with dense on the same "
@@ -124,43 +232,49 @@ def run_warnings(record) -> list[str]:
     return warnings
 
 
-def quantization_vs_dropping(runs: pd.DataFrame, tolerance: float = 0.02) -> str:
+def quantization_vs_dropping(runs: pd.DataFrame, tolerance: float = MATCH_TOLERANCE) -> str:
     """The layer-wise quantization paper's claim, tested on these runs (one model, one evaluation set):
     "at equal size, quantizing to lower bits beats dropping, unless the quantization is 2-bit".
 
-    For every dropping run, the best quantization run at most ``tolerance`` larger is compared with it.
+    Every dropping run is compared with the best quantization run whose size is within ``tolerance`` of it
+    (either side); a difference the paired interval cannot tell from 0 counts as a tie.
     """
-    final = runs[~runs["preview"].astype(bool)] if "preview" in runs else runs
-    if "metrics.size_fraction" not in final or "metrics.ppl" not in final:
-        return "Not enough runs to test the claim: run dropping and quantization at similar sizes."
-    final = final.dropna(subset=["metrics.size_fraction", "metrics.ppl"])
-    dropping = final[final["method"] == "dropping"]
-    quant = final[final["method"] == "quantization"]
+    final = _final_compressed(runs)
+    dropping = final[final["method"] == "dropping"] if not final.empty else final
+    quant = final[final["method"] == "quantization"] if not final.empty else final
     if dropping.empty or quant.empty:
         return "Not enough runs to test the claim: run dropping and quantization at similar sizes."
-    two_bit = quant.get("config.low_bits", pd.Series(index=quant.index, dtype=float)) == 2
-    wins, losses, ties = [], [], []
+    wins, losses, ties, two_bit_losses = [], [], [], []
     for _, drop in dropping.iterrows():
-        near = quant[quant["metrics.size_fraction"] <= drop["metrics.size_fraction"] + tolerance]
+        near = quant[(quant["metrics.size_fraction"] - drop["metrics.size_fraction"]).abs() <= tolerance + 1e-9]
         if near.empty:
             continue
         best = near.sort_values("metrics.ppl").iloc[0]
-        entry = (drop["metrics.size_fraction"], best, drop)
-        (wins if best["metrics.ppl"] < drop["metrics.ppl"] else losses).append(entry)
-        if bool(two_bit.get(best.name, False)):
+        entry = (best, drop)
+        paired = paired_between(best, drop)
+        if paired is not None and paired.within_noise:
             ties.append(entry)
-    if not wins and not losses:
-        return "Not enough runs at matched sizes: no quantization run is as small as a dropping run."
+        elif best["metrics.ppl"] < drop["metrics.ppl"]:
+            wins.append(entry)
+        else:
+            losses.append(entry)
+            if best.get("config.low_bits") == 2:
+                two_bit_losses.append(entry)
+    matched = len(wins) + len(losses) + len(ties)
+    if not matched:
+        return (f"No matched sizes yet: no quantization run within ±{tolerance * 100:.0f} points of dense bytes of a "
+                "dropping run. Run the matched-size sweep.")
+    tie_text = f", {len(ties)} within noise" if ties else ""
     if not losses:
-        return (f"Holds here: at all {len(wins)} matched sizes quantization beats dropping "
-                f"(e.g. {_pair(wins[0])}).")
-    non_two_bit_losses = [e for e in losses if e not in ties]
-    verdict = "Does not hold here" if non_two_bit_losses else "Holds except with 2-bit quantization"
-    return (f"{verdict}: dropping wins at {len(losses)} of {len(wins) + len(losses)} matched sizes "
+        return (f"Holds here: quantization beats dropping at {len(wins)} of {matched} matched sizes{tie_text} "
+                f"(e.g. {_pair(wins[0] if wins else ties[0])}).")
+    verdict = "Holds except with 2-bit quantization" if len(two_bit_losses) == len(losses) else "Does not hold here"
+    return (f"{verdict}: dropping wins at {len(losses)} of {matched} matched sizes{tie_text} "
             f"(e.g. {_pair(losses[0])}).")
 
 
 def _pair(entry) -> str:
-    size, quant, drop = entry
-    return (f"at {size:.0%} of dense bytes, {quant['series']} {quant['metrics.ppl']:.1f} vs "
-            f"{drop['series']} {drop['metrics.ppl']:.1f}")
+    quant, drop = entry
+    return (f"quantization {quant['series']} at {quant['metrics.size_fraction']:.0%} of dense bytes, perplexity "
+            f"{quant['metrics.ppl']:.1f}, vs dropping {drop['series']} at {drop['metrics.size_fraction']:.0%}, "
+            f"{drop['metrics.ppl']:.1f}")

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 from engine.scores.outliers import WeightOutliers
 from engine.scores.ranking import spearman, zd_importance
 from engine.scores.redundancy import LayerRedundancy
+
+
+def has_sublayer_cosines(scores: LayerRedundancy) -> bool:
+    """Whether every layer has finite attention and MLP cosines (not NaN: the architecture has no usable split)."""
+    values = list(scores.attn_cos) + list(scores.mlp_cos)
+    return bool(values) and all(math.isfinite(v) for v in values)
 
 
 def most_redundant(scores: LayerRedundancy, k: int = 5) -> list[int]:
@@ -28,9 +36,10 @@ def redundancy_findings(scores: LayerRedundancy, outliers: WeightOutliers | None
     if spread < 0.05:
         lines.append(f"Most layers lie within {spread:.3f} of each other: LR separates them only weakly, "
                      "so check the ordering against measured damage before trusting it.")
-    attention_more = sum(a > m for a, m in zip(scores.attn_cos, scores.mlp_cos))
-    lines.append(f"The attention block changes the stream less than the MLP block in {attention_more} of "
-                 f"{len(lr)} layers (higher cosine = smaller change).")
+    if has_sublayer_cosines(scores):  # no sentence about attention vs MLP where the model has no such split
+        attention_more = sum(a > m for a, m in zip(scores.attn_cos, scores.mlp_cos))
+        lines.append(f"The attention block changes the stream less than the MLP block in {attention_more} of "
+                     f"{len(lr)} layers (higher cosine = smaller change).")
     if outliers is not None:
         rho = spearman(scores.lim, zd_importance(outliers.zd_layer))
         meaning = ("they rank layers almost independently, so an allocation by one says little about the other"

@@ -164,19 +164,26 @@ def layer_redundancy(
     batch_size: int = 4,
     progress: ProgressFn | None = None,
 ) -> LayerRedundancy:
-    """LR and sublayer cosines over ``windows`` (``attention_mask`` [n, seqlen], 1 = real token)."""
+    """LR and sublayer cosines over ``windows`` (``attention_mask`` [n, seqlen], 1 = real token).
+
+    A BOS position (windows that start with BOS) is attended to but not scored: its hidden state carries no
+    text, and its outsized norm (an attention sink) would otherwise weigh on every layer's mean.
+    """
     layers = arch.decoder_layers(model)
     ids = windows.input_ids
     mask_all = torch.ones_like(ids) if attention_mask is None else attention_mask
+    scored_all = mask_all.clone()
+    scored_all[:, : windows.first_scored] = 0
     acc = _Accumulator(len(layers), ids.shape[0], ids.shape[1])
     hooks = [_LayerHooks(i, layer, arch, acc) for i, layer in enumerate(layers)]
     device = model_device(model)
     try:
         for start in range(0, ids.shape[0], batch_size):
             batch, mask = ids[start : start + batch_size], mask_all[start : start + batch_size]
+            scored = scored_all[start : start + batch_size]
             for hook in hooks:
-                hook.batch_mask, hook.first_window = mask, start
-            acc.add_batch_mask(mask, start)
+                hook.batch_mask, hook.first_window = scored, start
+            acc.add_batch_mask(scored, start)
             model(input_ids=batch.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)
             if progress is not None:
                 progress(min(start + batch_size, ids.shape[0]), ids.shape[0])
@@ -188,7 +195,7 @@ def layer_redundancy(
 
 def _finish(acc: _Accumulator, windows: TokenWindows) -> LayerRedundancy:
     tokens = max(acc.tokens, 1)
-    position = acc.position / acc.position_count.clamp(min=1)
+    position = torch.where(acc.position_count > 0, acc.position / acc.position_count.clamp(min=1), float("nan"))
     window = acc.window / acc.window_count.clamp(min=1)
     return LayerRedundancy(
         lr=(acc.total / tokens).tolist(),

@@ -50,7 +50,7 @@ def check_actions(loaded: LoadedModel, actions: list[Action]) -> None:
 
 def damage_key(loaded: LoadedModel, windows: TokenWindows, action: Action) -> str:
     return cache_key(kind="sensitivity", version=SENSITIVITY_VERSION, fingerprint=loaded.fingerprint,
-                     data=windows.spec.to_dict(), n_windows=windows.n_windows, seqlen=windows.seqlen,
+                     data=windows.key(), n_windows=windows.n_windows, seqlen=windows.seqlen,
                      action=action.key)
 
 

@@ -7,11 +7,14 @@ computed on.
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import plotly.graph_objects as go
 
 from engine.quant.grid import MAX_BITS, MIN_BITS
 from engine.quant.layer_bits import LayerBits
+from engine.scores.findings import has_sublayer_cosines
 from engine.scores.redundancy import HIST_BINS, LayerRedundancy
 
 from engine.scores.outliers import WeightOutliers
@@ -66,7 +69,7 @@ def lr_position_heatmap(scores: LayerRedundancy, subtitle: str, robust: bool = F
     the differences among the many similar layers stay visible when one or two
     layers (typically layer 0) sit near 0; such cells then share one colour.
     """
-    cells = sorted(v for row in scores.position_cos for v in row)
+    cells = sorted(v for row in scores.position_cos for v in row if math.isfinite(v))  # a BOS column is NaN
     zmin = cells[len(cells) // 10] if robust else min(0.0, cells[0])
     fig = go.Figure(go.Heatmap(
         z=scores.position_cos, colorscale="Viridis", zmin=zmin,
@@ -86,19 +89,20 @@ def lr_profile_chart(scores: LayerRedundancy, subtitle: str, zoom: bool = True) 
     """
     layers = list(range(len(scores.lr)))
     fig = go.Figure()
+    sublayers = has_sublayer_cosines(scores)  # no empty legend entries for a split the model does not have
+    series = (("LR", scores.lr), ("attention", scores.attn_cos), ("MLP", scores.mlp_cos))[: 3 if sublayers else 1]
     for (name, values), colour in zip((("layer (LR)", scores.lr), ("attention block", scores.attn_cos),
-                                       ("MLP block", scores.mlp_cos)), PALETTE):
+                                       ("MLP block", scores.mlp_cos))[: len(series)], PALETTE):
         fig.add_trace(go.Scatter(x=layers, y=values, mode="lines+markers", name=name, line={"color": colour},
                                  marker={"color": colour},
                                  hovertemplate="layer %{x}<br>%{y:.4f}<extra>" + name + "</extra>"))
     _titled(fig, "Layer redundancy: cosine(input, output) per layer", subtitle,
             xaxis_title="layer", yaxis_title="mean cosine (1 = layer changes nothing)")
     if zoom:
-        y_range, below = robust_range(scores.lr + scores.attn_cos + scores.mlp_cos)
+        y_range, below = robust_range([v for _name, values in series for v in values])
         fig.update_yaxes(range=y_range)
         shown = sorted({i % len(layers) for i in below})
         if shown:
-            series = (("LR", scores.lr), ("attention", scores.attn_cos), ("MLP", scores.mlp_cos))
             parts = []
             for i in shown:  # every series of that layer the axis leaves out, not only LR
                 values = ", ".join(f"{name} {values[i]:.3f}" for name, values in series if values[i] < y_range[0])

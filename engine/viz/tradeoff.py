@@ -117,7 +117,9 @@ def _hover(row: pd.Series, x: str, y: str, same: list[str] | None = None) -> str
         parts.append("same point as " + ", ".join(same))
     change = row.get("metrics.ppl_change")
     if y == "metrics.ppl" and pd.notna(change):
-        parts.append(f"perplexity {row[y]:.4g} ({change:+.1%} vs dense on the same windows)")
+        low, high = row.get("metrics.ppl_change_low"), row.get("metrics.ppl_change_high")
+        paired = f", paired 95% interval {low:+.1%} to {high:+.1%}" if pd.notna(low) and pd.notna(high) else ""
+        parts.append(f"perplexity {row[y]:.4g} ({change:+.1%} vs dense on the same windows{paired})")
     for key in ("config.target", "config.basis", "config.low_bits", "config.ordering", "config.quantizer"):
         if key in row and pd.notna(row[key]):
             parts.append(f"{key.removeprefix('config.')} = {row[key]}")

@@ -44,16 +44,6 @@ def test_report_with_three_pinned_charts_is_self_contained_and_fits_a_laptop(sto
     assert "1.5679e+08" not in html
 
 
-def test_executive_summary_is_written_from_the_numbers(store):
-    lines = executive_summary(_runs(store), DATA["label"])
-    assert lines[0].startswith("Dense model: perplexity 20.00")
-    at_half = next(line for line in lines if line.startswith("At ≤ ") and "50%" in line.split(" of dense")[0])
-    assert "quantization best is lim 4/3-bit rtn" in at_half and "+5.0% vs dense" in at_half
-    assert "slicing" not in at_half  # no slicing run is that small
-    assert any(line.startswith("Recommended at ≤ 90%") and "quantization" in line for line in lines)
-    assert "overlap the dense interval" in lines[-1]
-
-
 def test_compact_table_puts_stakeholder_columns_first(store):
     table = compact_table(_runs(store))
     assert list(table.columns[:6]) == ["run", "method", "series", "preview", "size vs dense (16-bit bytes)",
