@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from engine.core.data import SOURCES, DataSpec
-from engine.core.models import BUILTIN_NAME, load_model
+from engine.core.models import BUILTIN_NAME, BUILTINS, load_model
 from engine.dropping.choose import RANKINGS
 from engine.optimize.bit_budget import DEFAULT_LEVELS, GRANULARITIES, BitBudget
 from engine.runs.bits_optimizer import DEFAULT_CANDIDATES, DEFAULT_HELD_OUT, BitsOptimizerPlan, optimize_bits
@@ -67,7 +67,8 @@ def _actions(text: str) -> list:
 
 
 def _common(parser: argparse.ArgumentParser, calibration: bool = True, evaluation: bool = True) -> None:
-    parser.add_argument("--model", default=BUILTIN_NAME, help="hub id, local folder, or the built-in name")
+    parser.add_argument("--model", default=BUILTIN_NAME,
+                        help=f"hub id, local folder, or a built-in name ({', '.join(BUILTINS)})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--device-map", default=None, help="'auto' spreads a large model over all GPUs (accelerate)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])

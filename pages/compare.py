@@ -79,7 +79,9 @@ with st.expander("Sweep every method at matched sizes"):
 
 with st.expander("Stack two methods: slice or drop, then quantize"):
     cols = st.columns(3)
-    first_kind = cols[0].radio("First", ["slice", "drop layers"], key=kept("stack_first"),
+    can_slice = loaded.architecture.reason("slicing") is None
+    first_kind = cols[0].radio("First", ["slice", "drop layers"] if can_slice else ["drop layers"],
+                               key=kept("stack_first"),
                                help="SliceGPT's final rotation is meant to help later quantization.")
     if first_kind == "slice":
         first = SlicingPlan("constant", cols[1].slider("Slicing SP %", 5, 40, 20, key=kept("stack_sp")) / 100,

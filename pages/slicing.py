@@ -45,6 +45,10 @@ st.caption(
     "calibration text) and drop the least important dimensions. Dynamic slicing gives redundant layers "
     "(high LR) more slicing: FS_i = SB + (SP − SB)·v_i / mean(v), v = min-max normalised LR."
 )
+unavailable = loaded.architecture.unavailable_message("slicing")
+if unavailable:  # before any control: nothing to set up for a run that would be refused
+    st.warning(unavailable + " Dropping whole layers works on every model.")
+    st.stop()
 calibration, evaluation, zero_shot = calibration_and_evaluation(loaded)
 cols = st.columns(4)
 source = cols[0].radio("Schedule", ["dynamic", "constant", "custom", "best"], key=kept("slicing_schedule"),

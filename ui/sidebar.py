@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from engine.core.models import BUILTIN_NAME
+from engine.core.models import BUILTINS
 from ui.session import current_model, default_source, request_model
+
+
+TYPED = "(the id or path above)"
 
 
 def model_sidebar() -> None:
@@ -15,8 +18,11 @@ def model_sidebar() -> None:
         with st.form("model_form"):
             source = st.text_input(
                 "Hugging Face id or local path", value=default_source(),
-                help=f"'{BUILTIN_NAME}' is the built-in offline model.",
+                help=f"Built-in offline models: {', '.join(BUILTINS)} (type the name, or pick it below).",
             )
+            builtin = st.selectbox("…or a built-in model", [TYPED, *BUILTINS],
+                                   help="Offline models shipped on PyPI (both were quantized before LayerLab got "
+                                   "them: see the Model page).")
             device = st.selectbox("Device", ["auto", "cpu", "cuda", "mps"])
             dtype = st.selectbox("Dtype", ["auto", "float32", "bfloat16", "float16"])
             trust = st.checkbox(
@@ -27,7 +33,7 @@ def model_sidebar() -> None:
         if trust:
             st.warning("Remote code will run with your permissions when this model loads.")
         if submitted:
-            request_model(source, device, dtype, trust)
+            request_model(source if builtin == TYPED else builtin, device, dtype, trust)
         loaded = current_model()
         if loaded is not None:
             st.caption(

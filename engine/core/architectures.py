@@ -36,6 +36,9 @@ FEATURES = {
     "drop-mlp": "dropping MLP blocks",
     "slicing": "slicing (SliceGPT)",
 }
+METHOD_FEATURES = ("quantization", "gptq", "slicing", "drop-attention", "drop-mlp")
+"""Features that are compression methods (offered instead when one is unavailable); dropping whole layers
+works on every model."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,16 @@ class Architecture:
     def reason(self, feature: str) -> str | None:
         """Why ``feature`` (a :data:`FEATURES` key) is unavailable for this model, or ``None`` if it works."""
         return self.unavailable.get(feature)
+
+    def unavailable_message(self, feature: str) -> str | None:
+        """A plain sentence for a user: why ``feature`` cannot run on this model and what does; ``None`` if it
+        works."""
+        why = self.reason(feature)
+        if why is None:
+            return None
+        working = [FEATURES[key] for key in METHOD_FEATURES if key != feature and self.reason(key) is None]
+        return (f"{FEATURES[feature][0].upper()}{FEATURES[feature][1:]} is not available for this model "
+                f"({self.model_type}): {why} What works for it: {', '.join(working) or 'the scores only'}.")
 
     def with_unavailable(self, unavailable: dict[str, str]) -> "Architecture":
         """A copy with ``unavailable`` replaced."""
