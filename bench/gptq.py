@@ -1,17 +1,17 @@
-"""GPTQ against RTN on the built-in model, next to the llm-compressor reference (METHODS.md section 10).
+"""GPTQ against RTN on the built-in model, next to the llm-compressor reference (docs/methods.md §10).
 
     python -m bench.gptq [--bits 4 3] [--eval-windows 8] [--threads N] [--extra]
 
-Setup of METHODS §10: every layer at the same level, asymmetric integer grid,
+Setup of docs/methods.md §10: every layer at the same level, asymmetric integer grid,
 group 128, damping 0.01, calibration 16 × 512 tokens of the wiki-offline
 *calibration* split, perplexity on 8 × 512 tokens of its *evaluation* split.
 Rows per bit level: RTN; GPTQ (sequential propagation, static act-order: the
 default); GPTQ without act-order; GPTQ calibrated on dense signals
 (``propagation="dense"``, the what-if mode); with ``--extra`` also dynamic
 act-order groups (``g_idx``) and GPTQ without act-order with ``v_proj`` put
-back to RTN (the METHODS §10 diagnosis).  ``quantize_s`` is the wall time to
+back to RTN (the docs/methods.md §10 diagnosis).  ``quantize_s`` is the wall time to
 quantize all 30 layers from scratch (no cache; deep copy and calibration
-capture included).  ``ref_*`` columns are *quoted from METHODS.md §10*
+capture included).  ``ref_*`` columns are *quoted from docs/methods.md §10*
 (llm-compressor 0.14 on CPU, its own run; 8 or 64 evaluation windows), not
 measured here: compare ratios to RTN and to dense, since the dense
 perplexity of this checkout's evaluation windows differs from the one quoted
@@ -35,7 +35,7 @@ from engine.evaluation.perplexity import perplexity
 from engine.quant.grid import QuantizerSpec, rtn_quantize
 from engine.quant.quantize_model import quantize_model
 
-# METHODS.md §10, quoted: per number of evaluation windows of 512 tokens (8: the table; 64: its brackets)
+# docs/methods.md §10, quoted: per number of evaluation windows of 512 tokens (8: the table; 64: its brackets)
 REFERENCES = {
     8: {"dense": 22.89, (4, "rtn"): "28.88", (4, "gptq"): "27.64-28.17", (4, "gptq no act-order"): "30.48-31.26",
         (3, "rtn"): "101.3", (3, "gptq"): "52.8"},
@@ -77,7 +77,7 @@ def run_variant(loaded, name: str, spec: QuantizerSpec, bits: int, calibration, 
     result = perplexity(qm.model, evaluation)
     return {"bits": bits, "variant": name, "label": layer_spec.label(), "ppl": result.ppl,
             "ci_low": result.ci_low, "ci_high": result.ci_high, "quantize_s": seconds,
-            "ref_ppl (METHODS §10, quoted)": reference.get((bits, name), "-"),
+            "ref_ppl (docs/methods.md §10, quoted)": reference.get((bits, name), "-"),
             "ref_vs_rtn (quoted)": _quoted_ratio(reference, (bits, name), (bits, "rtn")),
             "ref_vs_dense (quoted)": _quoted_ratio(reference, (bits, name), "dense")}
 
@@ -93,7 +93,7 @@ def _quoted_ratio(reference: dict, key, over) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3])
-    parser.add_argument("--eval-windows", type=int, default=8, help="METHODS §10 quotes 8, and 64 at 4 bits")
+    parser.add_argument("--eval-windows", type=int, default=8, help="docs/methods.md §10 quotes 8, and 64 at 4 bits")
     parser.add_argument("--calibration-windows", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -120,7 +120,7 @@ def main() -> None:
         rows += level
     meta = {"model": loaded.source, "layers": loaded.num_layers, "calibration": calibration.label(),
             "evaluation": evaluation.label(), "dense_ppl": round(dense, 4),
-            "reference_dense_ppl (METHODS §10, quoted)": reference.get("dense", "-"), "threads": torch.get_num_threads(),
+            "reference_dense_ppl (docs/methods.md §10, quoted)": reference.get("dense", "-"), "threads": torch.get_num_threads(),
             "grid": "asymmetric, integer zero points, group 128, damping 0.01"}
     suffix = "" if args.eval_windows == 8 else f"_eval{args.eval_windows}"
     report("gptq" + suffix, rows, meta)

@@ -1,4 +1,4 @@
-"""LayerLab's GPTQ against llm-compressor's on the same tokens (issue #19, METHODS.md section 10).
+"""LayerLab's GPTQ against llm-compressor's on the same tokens (issue #19, docs/methods.md §10).
 
 Runs in a separate virtual environment that has llm-compressor (it pins an
 older transformers than the project, so it never goes into ``.venv``)::

@@ -1,4 +1,4 @@
-"""Layer-wise mixed-precision quantization on the built-in model (METHODS.md section 4).
+"""Layer-wise mixed-precision quantization on the built-in model (docs/methods.md §4).
 
     python -m bench.quantize [--quick] [--eval-windows N] [--seqlen S] [--gptq-sweep]
                              [--group-size 128] [--zero-point integer|float]

@@ -64,7 +64,7 @@ class PeakRSS:
 
 
 def lr_scores(loaded, windows: TokenWindows) -> list[float]:
-    """LR per layer from the engine's scorer (hooks on decoder layers, METHODS §1)."""
+    """LR per layer from the engine's scorer (hooks on decoder layers, docs/methods.md §1)."""
     from engine.scores.redundancy import layer_redundancy
 
     return layer_redundancy(loaded.model, loaded.architecture, windows).lr

@@ -250,7 +250,7 @@ def _print_run(kind: str, outcome) -> None:
         print(f"warning: {warning}", file=sys.stderr)
     shown = {k: v for k, v in record.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
              and not k.startswith("acc_n")}
-    print(json.dumps({"run": record.id, "kind": kind, "series": record.series,
+    print(json.dumps({"run": record.id, "kind": kind, "series": record.series, "data": record.data_label,
                       **{k: round(v, 5) for k, v in shown.items()}}))
 
 

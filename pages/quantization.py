@@ -39,7 +39,7 @@ n_layers = loaded.num_layers
 
 st.title("Quantization")
 st.caption(
-    "Layer-wise mixed precision (METHODS §4): layers are ranked by importance and the least important move "
+    "Layer-wise mixed precision (docs/methods.md §4): layers are ranked by importance and the least important move "
     "to the low bit level first. Weights are quantized group-wise (fp16 scale, and a zero point unless symmetric)."
 )
 if loaded.note:

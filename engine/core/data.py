@@ -1,4 +1,4 @@
-"""Text sources and token windows (METHODS.md section 5).
+"""Text sources and token windows (docs/methods.md §5).
 
 A :class:`DataSpec` names a text source, a split, a window length and a
 number of windows.  :func:`token_windows` tokenizes the split once, joins

@@ -1,4 +1,4 @@
-"""Perplexity in the GPTQ / SliceGPT convention (METHODS.md section 5).
+"""Perplexity in the GPTQ / SliceGPT convention (docs/methods.md §5).
 
 Non-overlapping windows, each predicting tokens 1..seqlen-1 from their prefix;
 ppl = exp(mean token NLL over all windows).  A bootstrap over windows gives a

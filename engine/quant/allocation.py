@@ -1,4 +1,4 @@
-"""Bit allocation across decoder layers (METHODS.md section 4, steps 1-2).
+"""Bit allocation across decoder layers (docs/methods.md §4, steps 1-2).
 
 Everything here works on plain per-layer importance vectors (``list[float]``,
 higher = more important: pass LIM as is and ZD negated), so it does not

@@ -1,4 +1,4 @@
-"""Weight quantizers: pure tensor math, no model wiring (METHODS.md section 4).
+"""Weight quantizers: pure tensor math, no model wiring (docs/methods.md §4).
 
 Two methods share one grid, group-wise along the input dimension; by
 default asymmetric (as in GPTQ's reference quantizer):

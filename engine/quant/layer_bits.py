@@ -2,7 +2,7 @@
 
 An allocation is a sequence with one entry per decoder layer.  An entry is
 either an ``int`` (every linear of the layer at that many code bits, the
-layer-wise allocation of METHODS.md section 4) or a mapping from the layer's
+layer-wise allocation of docs/methods.md §4) or a mapping from the layer's
 short linear names (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down``;
 the architecture table's keys) to bits: a *per-module* allocation, as the
 budget optimizer's module granularity returns.

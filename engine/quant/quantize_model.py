@@ -1,4 +1,4 @@
-"""Layer-wise mixed-precision quantization of a model copy (METHODS.md section 4).
+"""Layer-wise mixed-precision quantization of a model copy (docs/methods.md §4).
 
 ``quantize_model(loaded, allocation, calibration, spec=spec)`` returns a
 :class:`QuantizedModel`: a deep copy of the dense model whose decoder-layer

@@ -1,4 +1,4 @@
-"""Honest size of a layer-wise quantized model (METHODS.md section 4).
+"""Honest size of a layer-wise quantized model (docs/methods.md §4).
 
 Bits per weight include the fp16 scale and fp16 zero point of every group
 (4 bits, group 128: 4.25), and every parameter that stays unquantized

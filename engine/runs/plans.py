@@ -59,7 +59,7 @@ class SlicingPlan:
 
 @dataclass(frozen=True)
 class QuantPlan:
-    """Layer-wise quantization settings (METHODS.md §4)."""
+    """Layer-wise quantization settings (docs/methods.md §4)."""
 
     quantizer: str = "rtn"
     group_size: int | None = 128
@@ -104,7 +104,7 @@ class QuantPlan:
 
 @dataclass(frozen=True)
 class DropPlan:
-    """Layer dropping (METHODS.md §8): what to drop (``layer``, ``attention`` or ``mlp`` blocks), how many,
+    """Layer dropping (docs/methods.md §8): what to drop (``layer``, ``attention`` or ``mlp`` blocks), how many,
     ranked by what (``lr``, ``attention``, ``mlp`` cosine, measured ``sensitivity``, or a ``custom`` list),
     at once from the dense model's ranking or ``iterative``-ly (re-ranked after each drop)."""
 

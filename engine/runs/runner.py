@@ -328,7 +328,7 @@ def run_quantization(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, 
         "bytes": size.total_bytes, "bytes_16bit": size.total_bytes_16bit, "size_fraction": size.compression_16bit,
         "params": dense["params"],
         "param_fraction": 1.0, "bits_per_weight": size.bits_per_weight,
-        # per layer as METHODS.md averages them; per-module allocations by weight (code bits per weight)
+        # per layer as docs/methods.md averages them; per-module allocations by weight (code bits per weight)
         "avg_bits": size.code_bits_per_weight if allocation.per_module else allocation.average_bits,
         "unquantized_bytes": size.unquantized_bytes, "unquantized_fraction": size.unquantized_fraction,
         "cache_computed": quantized.stats.computed,

@@ -1,4 +1,4 @@
-"""Weight outliers (METHODS.md section 1): ZD fractions and |z| > k counts, from weights only."""
+"""Weight outliers (docs/methods.md §1): ZD fractions and |z| > k counts, from weights only."""
 
 from __future__ import annotations
 

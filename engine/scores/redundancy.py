@@ -1,4 +1,4 @@
-"""Layer Redundancy (METHODS.md section 1): LR cosine and its attention / MLP parts.
+"""Layer Redundancy (docs/methods.md §1): LR cosine and its attention / MLP parts.
 
 ``layer_redundancy`` streams calibration windows through the model once, with
 forward hooks on every decoder layer and on its attention block, and

@@ -1,4 +1,4 @@
-"""Measured per-layer sensitivity (METHODS.md §6): what each action on one layer really costs.
+"""Measured per-layer sensitivity (docs/methods.md §6): what each action on one layer really costs.
 
 Pure computation, no streamlit.  Modules, in the order data flows:
 

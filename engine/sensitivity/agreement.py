@@ -1,4 +1,4 @@
-"""How well each layer score predicts each measured sensitivity (METHODS.md §6).
+"""How well each layer score predicts each measured sensitivity (docs/methods.md §6).
 
 Every score is turned into a *predicted cost* (higher = the score says this
 layer should hurt more when touched), following its paper's reading:

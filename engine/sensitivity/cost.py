@@ -1,4 +1,4 @@
-"""What a sensitivity scan costs, in forward-equivalents (METHODS.md §6).
+"""What a sensitivity scan costs, in forward-equivalents (docs/methods.md §6).
 
 Unit: one *forward-equivalent* is one dense forward pass (every layer and the
 head) over the calibration sample.  Per token, a layer costs the

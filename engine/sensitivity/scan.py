@@ -1,4 +1,4 @@
-"""Measure one action on every layer alone, from the dense reference (METHODS.md §6).
+"""Measure one action on every layer alone, from the dense reference (docs/methods.md §6).
 
 For layer ``i``: build the modified layer (:mod:`engine.sensitivity.layer_actions`),
 feed it the cached dense input of layer ``i``, run the shared model's layers

@@ -1,4 +1,4 @@
-"""Pure math of SliceGPT (METHODS.md section 3): norm fusion, PCA, rotations.
+"""Pure math of SliceGPT (docs/methods.md §3): norm fusion, PCA, rotations.
 
 Conventions: an ``nn.Linear`` weight is ``[out_features, in_features]`` and
 computes ``y = x Wᵀ + b``; hidden states are row vectors ``[..., D]``.  A
@@ -165,7 +165,7 @@ def _centre_rows(weight: torch.Tensor) -> torch.Tensor:
 def _bake_mean(linear: nn.Linear) -> None:
     """Make a linear that writes the residual stream write mean-zero vectors: ``W ← C W``, ``b ← C b``.
 
-    ``C = I - 11ᵀ/D`` removes the mean over the ``D`` outputs (METHODS §3 "bake the mean").
+    ``C = I - 11ᵀ/D`` removes the mean over the ``D`` outputs (docs/methods.md §3 "bake the mean").
     """
     weight = linear.weight.data
     work = weight.to(compute_dtype(weight.dtype))
@@ -232,7 +232,7 @@ def _fuse_layer_norms(model: nn.Module, architecture: Architecture, hidden_size:
     The embeddings' rows are centred and every residual writer bakes the
     mean out of its outputs, so the residual stream is mean-zero everywhere
     and ``LayerNorm(x) = x / rms(x) · g + β``: ``g`` and ``β`` fold into the
-    readers, leaving a weightless RMSNorm over ``D`` (METHODS §3 step 1).
+    readers, leaving a weightless RMSNorm over ``D`` (docs/methods.md §3 step 1).
     """
     if fold:
         for embedding in _embeddings(model, architecture):  # a new parameter: the base's is never written

@@ -1,4 +1,4 @@
-"""Slicing schedules (METHODS.md §2): constant, LR-dynamic or custom per-layer fractions, and rounding.
+"""Slicing schedules (docs/methods.md §2): constant, LR-dynamic or custom per-layer fractions, and rounding.
 
 Fractions are unitless in [0, 1) (0.25 = drop 25% of the residual
 dimensions); dims are counts of residual dimensions.

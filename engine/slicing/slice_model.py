@@ -1,4 +1,4 @@
-"""SliceGPT with constant, LR-driven dynamic or custom schedules (METHODS.md §2, §3).
+"""SliceGPT with constant, LR-driven dynamic or custom schedules (docs/methods.md §2, §3).
 
 Public API::
 
@@ -10,7 +10,7 @@ Public API::
 Slicing fractions are unitless in [0, 1) (0.25 = drop 25% of the residual
 dimensions); dims are counts of residual dimensions; times are seconds.
 
-Wiring (METHODS §2 step 4, also used for constant schedules): the embedding
+Wiring (docs/methods.md §2 step 4, also used for constant schedules): the embedding
 writes ``d_0``; layer ``i`` reads ``d_i``, keeps ``d_i`` between attention and
 MLP, and writes ``d_{i+1}``; the last layer writes the full hidden size ``D``
 (rotated, not sliced), so the head is rotated but not sliced.  This matches

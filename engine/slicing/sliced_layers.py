@@ -63,7 +63,7 @@ class LayerWidths:
 
 
 def layer_widths(dims: list[int], hidden_size: int) -> list[LayerWidths]:
-    """Wiring of METHODS §2 step 4 for per-layer dims ``d_0 .. d_{L-1}``.
+    """Wiring of docs/methods.md §2 step 4 for per-layer dims ``d_0 .. d_{L-1}``.
 
     The embedding writes ``d_0``; layer ``i`` reads ``d_i``, keeps ``d_i``
     between attention and MLP and writes ``d_{i+1}``; the last layer writes the

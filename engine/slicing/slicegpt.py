@@ -1,4 +1,4 @@
-"""The SliceGPT procedure (METHODS.md §3 step 2): calibration signals, then rotate and slice.
+"""The SliceGPT procedure (docs/methods.md §3 step 2): calibration signals, then rotate and slice.
 
 :func:`rotate_and_slice` works *in place* on a model whose norms are already
 fused (:func:`engine.rotation.fuse_norms`) and whose head is untied; callers

@@ -373,7 +373,7 @@ def test_matches_llm_compressor_on_a_tiny_llama(tiny_folder):  # pragma: no cove
 
 @pytest.mark.slow
 def test_builtin_gptq_beats_rtn_clearly_at_3_bits(builtin):
-    """METHODS §10 setup with fewer tokens: sequential static act-order GPTQ at 3 bits, group 128.
+    """docs/methods.md §10 setup with fewer tokens: sequential static act-order GPTQ at 3 bits, group 128.
 
     METHODS' 16 × 512 calibration gives 0.56 × RTN's perplexity on 8 evaluation windows (llm-compressor: 0.52);
     the 32 × 128 used here (half the tokens, a third of the time) measured 0.59 × RTN on 4 × 512 evaluation
