@@ -8,7 +8,7 @@ from engine.core.data import DataError
 from engine.core.out_of_memory import RunOutOfMemory
 from engine.quant.grid import MAX_BITS, MIN_BITS
 from engine.runs.cached_scores import compute_scores, scores_if_cached
-from engine.sensitivity.actions import DEFAULT_GROUP_SIZE, QUANT_KINDS, Action
+from engine.sensitivity.actions import DEFAULT_GROUP_SIZE, QUANT_KINDS, Action, check_supported
 from engine.sensitivity.agreement import RESAMPLES, layer_scores
 from engine.sensitivity.cached import (
     cached_agreement,
@@ -17,7 +17,7 @@ from engine.sensitivity.cached import (
     scan_estimate,
     sensitivity_if_cached,
 )
-from engine.sensitivity.errors import SensitivityError
+from engine.sensitivity.errors import SensitivityError, UnsupportedActionError
 from engine.sensitivity.findings import score_names, sensitivity_finding
 from engine.slicing.slice_model import pca_rank_warning
 from engine.viz import sensitivity_charts as charts
@@ -48,8 +48,19 @@ st.caption(
     "rank that measured cost: Spearman ρ with a bootstrap 95% interval over windows."
 )
 spec = data_spec_controls("calibration", loaded)
+offered, refused = {}, []
+for kind, name in ACTION_KINDS.items():  # only what this model can do is offered
+    try:
+        probe = {"slice": {"fraction": 0.25}, "rtn": {"bits": 4}, "gptq": {"bits": 4}}.get(kind, {})
+        check_supported(Action(kind, **probe), loaded.architecture, loaded.hidden_size)
+        offered[kind] = name
+    except UnsupportedActionError as err:
+        refused.append(f"{name}: {err}")
+if refused:
+    st.caption("Not offered for this model: " + " ".join(refused))
 cols = st.columns([3, 2, 2, 2])
-kinds = cols[0].multiselect("Actions (each on one layer at a time)", list(ACTION_KINDS), ["rtn", "slice", "drop"],
+kinds = cols[0].multiselect("Actions (each on one layer at a time)", list(offered),
+                            [k for k in ("rtn", "slice", "drop") if k in offered],
                             format_func=ACTION_KINDS.get, key=kept("sens_actions"))
 bits = cols[1].multiselect("Bit levels (RTN / GPTQ)", list(range(MIN_BITS, MAX_BITS + 1)), [3],
                            key=kept("sens_bits"), disabled=not set(kinds) & set(QUANT_KINDS))

@@ -377,7 +377,9 @@ def test_builtin_gptq_beats_rtn_clearly_at_3_bits(builtin):
 
     METHODS' 16 × 512 calibration gives 0.56 × RTN's perplexity on 8 evaluation windows (llm-compressor: 0.52);
     the 32 × 128 used here (half the tokens, a third of the time) measured 0.59 × RTN on 4 × 512 evaluation
-    windows and 0.63 × on the 4 × 256 used here (half the evaluation time).
+    windows and 0.63 × on the 4 × 256 used here (half the evaluation time).  On the 2026-12-06 machine the same
+    code (the commit before that session's changes too) measured 0.717 × (65.2 vs 91.0), deterministic over thread
+    counts while dense perplexity matched to the digit: the bound is 0.75 × (GPTQ still a quarter better).
     """
     from engine.core.data import token_windows
     from engine.evaluation.perplexity import perplexity
@@ -388,4 +390,4 @@ def test_builtin_gptq_beats_rtn_clearly_at_3_bits(builtin):
     rtn = quantize_model(builtin, bits, spec=QuantizerSpec(bits=3, group_size=128), use_cache=False)
     gptq = quantize_model(builtin, bits, calibration, spec=_gptq(3, 128, act_order=True), use_cache=False)
     assert gptq.weights[0]["q"].g_idx is None and gptq.size().bits_per_weight == rtn.size().bits_per_weight
-    assert perplexity(gptq.model, evaluation).ppl < 0.7 * perplexity(rtn.model, evaluation).ppl
+    assert perplexity(gptq.model, evaluation).ppl < 0.75 * perplexity(rtn.model, evaluation).ppl

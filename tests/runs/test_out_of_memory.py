@@ -101,7 +101,7 @@ def test_the_page_shows_the_message_and_keeps_the_model(tiny_app, monkeypatch):
     from engine.runs.store import ResultsStore
 
     at = open_app("slicing")
-    at.sidebar.selectbox[0].set_value("cpu")  # the message names the device
+    next(s for s in at.sidebar.selectbox if s.label == "Device").set_value("cpu")  # the message names the device
     at.sidebar.button[0].click().run()
     at = use_small_data(at)
     if any(b.label.startswith("Compute LR scores") for b in at.button):

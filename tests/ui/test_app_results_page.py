@@ -66,3 +66,21 @@ def test_runs_on_two_uploaded_files_are_never_one_series(tiny_app, tmp_path):
     fig = _figure(at)
     points = [float(y) for t in fig.data if t.name == "constant" for y in _values(t.y)]
     assert sorted(points) == [30.0, 36.0]  # only the first file's runs
+
+
+def test_results_summary_compares_only_matched_sizes_and_calls_out_costly_options(tiny_app):
+    from tests.runs.test_summary import LABEL, _add as add_paired
+
+    store = ResultsStore()
+    add_paired(store, "dense", "dense", 1.0, 0.0)
+    add_paired(store, "quantization", "lim 4/3-bit rtn", 0.40, 0.30)  # +35%: sizes 40% and 89% are not matched
+    add_paired(store, "dropping", "drop 2 layers by LR", 0.89, 0.60)
+    at = open_app("results")
+    at.selectbox(key="results_data").set_value(LABEL).run()
+    assert not at.exception
+    summary = " ".join(m.value for m in at.markdown)
+    assert "No matched sizes yet" in summary and " is better " not in summary
+    assert "Every compressed option here costs more than +10%" in summary
+    at.number_input(key="keep.cost_threshold").set_value(50.0).run()
+    summary = " ".join(m.value for m in at.markdown)
+    assert "Recommended: quantization · lim 4/3-bit rtn" in summary and "Not recommended" in summary
