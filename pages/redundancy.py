@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from engine.core.data import DataError
+from engine.core.data import BOS_LABEL, DataError
 from engine.core.out_of_memory import RunOutOfMemory
 from engine.runs.cached_scores import compute_scores, scores_if_cached
 from engine.runs.runner import scoring_estimate
@@ -62,7 +62,8 @@ else:
 on_data = computed_on(loaded, lr.data_label)
 on_weights = computed_on(loaded, "weights only")
 st.subheader("What this says")
-st.markdown("\n".join(f"- {line}" for line in redundancy_findings(lr, zd)) + f"\n- {lr.n_tokens:,} tokens scored.")
+st.markdown("\n".join(f"- {line}" for line in redundancy_findings(lr, zd)) + f"\n- {lr.n_tokens:,} tokens scored" + (" (the BOS that starts each window is attended to, not scored)."
+                                                  if lr.data_label.endswith(BOS_LABEL) else "."))
 
 left, right = st.columns(2)
 with left:

@@ -126,7 +126,9 @@ def dominated(compressed: pd.DataFrame) -> set[int]:
 
 
 def _describe(run: pd.Series) -> str:
-    return (f"{run['method']} · {run['series']} (run {run['id']}, {run['metrics.size_fraction']:.0%} of dense bytes): "
+    series = str(run["series"])  # pages may have prefixed the method already ("quantization · lim 4/3-bit rtn")
+    name = series if series.startswith(str(run["method"])) else f"{run['method']} · {series}"
+    return (f"{name} (run {run['id']}, {run['metrics.size_fraction']:.0%} of dense bytes): "
             f"perplexity {run['metrics.ppl']:.2f}, {change_text(run)}")
 
 
