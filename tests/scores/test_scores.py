@@ -165,3 +165,24 @@ def test_concurrent_forward_from_another_thread_does_not_disturb_scoring():
     assert not errors
     assert together.lr == pytest.approx(alone.lr, abs=1e-6)
     assert together.n_tokens == alone.n_tokens
+
+
+def test_a_model_without_sublayer_cosines_gets_no_sentence_or_legend_entry_about_them():
+    from engine.scores.findings import redundancy_findings
+    from engine.scores.redundancy import LayerRedundancy
+    from engine.viz.charts import lr_profile_chart
+
+    nan = float("nan")
+    lr = [0.2, 0.9, 0.95, 0.97, 0.96, 0.8]
+    scores = LayerRedundancy(lr=lr, attn_cos=[nan] * 6, mlp_cos=[nan] * 6,
+                             position_cos=[[nan, v, v] for v in lr], window_cos=[[v] for v in lr],
+                             histogram=[[0] * 200 for _ in lr], n_tokens=12, n_windows=1, seqlen=3, data_label="d")
+    text = " ".join(redundancy_findings(scores))
+    assert "attention block" not in text and "Most redundant layers" in text
+    figure = lr_profile_chart(scores, "d")
+    assert [t.name for t in figure.data] == ["layer (LR)"]
+    low, high = figure.layout.yaxis.range
+    assert all(low <= v <= high for v in lr)  # NaN sublayer values do not widen or break the axis
+    with_sublayers = LayerRedundancy(**{**scores.__dict__, "attn_cos": lr, "mlp_cos": lr})
+    assert "attention block" in " ".join(redundancy_findings(with_sublayers))
+    assert len(lr_profile_chart(with_sublayers, "d").data) == 3
