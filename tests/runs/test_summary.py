@@ -136,3 +136,13 @@ def test_runs_stored_before_paired_intervals_are_read_without_a_noise_claim():
                              "ci_overlaps_dense": True, "size_fraction": 0.4})
     assert not any("noise" in w for w in run_warnings(old))
     assert torch.isfinite(torch.tensor(old.metrics["ppl"]))
+
+
+def test_runs_without_any_change_against_dense_get_no_recommendation(store):
+    for method, size in (("quantization", 0.4), ("dropping", 0.41)):
+        store.add_run(model="m", model_fingerprint="f", method=method, config={"series": method, "preview": False},
+                      data=DATA, metrics={"ppl": 30.0, "size_fraction": size}, duration_s=1.0)
+    lines = executive_summary(store.runs_frame(), LABEL)
+    assert any(line.startswith("No dense baseline") for line in lines)
+    assert any(line.startswith("No recommendation") for line in lines)
+    assert any("has the lower perplexity (no paired interval" in line or "At 40%" in line for line in lines)
