@@ -87,7 +87,6 @@ BUILTINS = {
         license="Gemma Terms of Use (https://ai.google.dev/gemma/terms): by using the model you accept them",
         license_files=("data/GEMMA_TERMS.html", "data/NOTICE.md")),
 }
-BUILTIN_NOTE = BUILTINS[BUILTIN_NAME].note
 
 
 def _smollm2_gguf(model: BuiltinModel) -> Path:

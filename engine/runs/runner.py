@@ -33,7 +33,7 @@ from engine.runs.cached_scores import scores_for
 from engine.runs.drop_choice import dropped_layers
 from engine.runs.memory_check import check_memory, run_memory_plan
 from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, SlicingPlan
-from engine.runs.record import PPL, WINDOW_NLL, RunRecord, task_metrics
+from engine.runs.record import CHANGE, CHANGE_HIGH, CHANGE_LOW, PPL, WINDOW_NLL, RunRecord, task_metrics
 from engine.runs.store import ResultsStore
 from engine.scores.ranking import zd_importance
 from engine.slicing.schedules import SlicingSchedule, schedule_constant, schedule_custom, schedule_dynamic
@@ -133,11 +133,11 @@ def compare_with_dense(metrics: dict, dense: RunRecord) -> dict:
     from the paired per-window losses, its 95% interval ``ppl_change_low`` / ``ppl_change_high``."""
     out = {"dense_run": dense.id, "dense_ppl": dense.metrics.get(PPL)}
     if metrics.get(PPL) is not None and dense.metrics.get(PPL):
-        out["ppl_change"] = metrics[PPL] / dense.metrics[PPL] - 1.0
+        out[CHANGE] = metrics[PPL] / dense.metrics[PPL] - 1.0
         mine, theirs = metrics.get(WINDOW_NLL) or [], dense.metrics.get(WINDOW_NLL) or []
         if mine and len(mine) == len(theirs):
             paired = paired_change(theirs, mine, int(metrics["seqlen"]) - 1)
-            out.update({"ppl_change": paired.change, "ppl_change_low": paired.low, "ppl_change_high": paired.high})
+            out.update({CHANGE: paired.change, CHANGE_LOW: paired.low, CHANGE_HIGH: paired.high})
     return out
 
 

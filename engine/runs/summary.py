@@ -186,15 +186,11 @@ def executive_summary(runs: pd.DataFrame, data_label: str, tolerance: float = MA
         lines.append(f"At {span} of dense bytes (matched within ±{tolerance * 100:.0f} points): {parts}. "
                      f"{verdict[0].upper()}{verdict[1:]}.")
     beaten = dominated(compressed)
-    if "metrics.ppl_change" not in compressed or compressed["metrics.ppl_change"].isna().all():
-        affordable = None
+    candidates = compressed[~compressed["id"].astype(int).isin(beaten)]
+    changes = candidates.get("metrics.ppl_change", pd.Series(float("nan"), index=candidates.index))
+    affordable = candidates[changes.notna() & (changes <= threshold)]
+    if changes.isna().all():
         lines.append("No recommendation: no run has a change against dense on these windows.")
-    else:
-        candidates = compressed[~compressed["id"].astype(int).isin(beaten)]
-        changes = candidates["metrics.ppl_change"]
-        affordable = candidates[changes.notna() & (changes <= threshold)]
-    if affordable is None:
-        pass
     elif affordable.empty:
         least = compressed.sort_values("metrics.ppl_change").iloc[0]
         lines.append(f"Every compressed option here costs more than {threshold:+.0%} perplexity; none is within the "
