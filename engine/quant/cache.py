@@ -96,7 +96,8 @@ def quant_cache_key(loaded: LoadedModel, spec: QuantizerSpec, calibration: dict 
         extra["module_bits"] = cache_form(module_bits)
     return cache_key(kind="quant_layers", version=QUANT_VERSION, fingerprint=loaded.fingerprint,
                      model_type=loaded.architecture.model_type, spec=spec.to_dict(),
-                     calibration=calibration if gptq else None, device=loaded.device.type if gptq else None, **extra)
+                     calibration=calibration if spec.needs_calibration else None,
+                     device=loaded.device.type if gptq else None, **extra)
 
 
 def _disk_path(key: str, layer: int):

@@ -24,6 +24,8 @@ from safetensors.torch import save_file
 
 from engine.core.paths import atomic_file
 
+from engine.quant.ggml_types import tensor_bytes
+from engine.quant.ggml_weight import GgmlWeight
 from engine.quant.grid import ZERO_POINTS, QuantizationError, QuantizedWeight, symmetric_zero
 
 FORMAT = "layerlab-quant"
@@ -146,16 +148,34 @@ def weight_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, config: d
                            method=str(config.get("method", "rtn")), g_idx=g_idx, zero_point=zero_point)
 
 
-def layer_to_tensors(weights: dict[str, QuantizedWeight]) -> tuple[dict[str, torch.Tensor], dict]:
+def _ggml_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, config: dict) -> GgmlWeight:
+    try:
+        out, inp = (int(v) for v in config["shape"])
+        blocks, qtype = tensors[f"{prefix}.blocks"], str(config["qtype"])
+        expected = out * (2 * inp if qtype == "F16" else 4 * inp if qtype == "F32" else tensor_bytes(qtype, 1, inp))
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorruptFileError(f"llama.cpp weight '{prefix}' is missing data ({err}).") from err
+    if blocks.dtype != torch.uint8 or blocks.numel() != expected:
+        raise CorruptFileError(f"llama.cpp weight '{prefix}' does not hold {out}x{inp} {qtype} weights.")
+    return GgmlWeight(blocks.reshape(out, -1), qtype, inp, int(config["bits"]), str(config.get("wanted", qtype)),
+                      bool(config.get("imatrix", False)))
+
+
+def layer_to_tensors(weights: dict[str, QuantizedWeight | GgmlWeight]) -> tuple[dict[str, torch.Tensor], dict]:
     """One layer's quantized linears -> (tensors, JSON config per linear)."""
     tensors: dict[str, torch.Tensor] = {}
     config = {}
     for name, weight in weights.items():
+        if isinstance(weight, GgmlWeight):
+            tensors[f"{name}.blocks"] = weight.blocks.contiguous()
+            config[name] = weight.config()
+            continue
         tensors.update(weight_to_tensors(weight, name))
         config[name] = weight_config(weight)
     return tensors, config
 
 
-def layer_from_tensors(tensors: dict[str, torch.Tensor], config: dict) -> dict[str, QuantizedWeight]:
+def layer_from_tensors(tensors: dict[str, torch.Tensor], config: dict) -> dict[str, QuantizedWeight | GgmlWeight]:
     """Inverse of :func:`layer_to_tensors`."""
-    return {name: weight_from_tensors(tensors, name, cfg) for name, cfg in config.items()}
+    return {name: _ggml_from_tensors(tensors, name, cfg) if cfg.get("format") == "ggml"
+            else weight_from_tensors(tensors, name, cfg) for name, cfg in config.items()}

@@ -48,7 +48,8 @@ import torch
 from engine.quant.packing import pack_rows, unpack_rows
 
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "llama.cpp")
+LLAMACPP = "llama.cpp"  # llama.cpp's own types and quantizer (engine.quant.ggml_weight)
 ZERO_POINTS = ("integer", "float", "symmetric")
 GROUP_PARAMS = ("static", "dynamic")
 PROPAGATIONS = ("sequential", "dense")
@@ -96,10 +97,26 @@ class QuantizerSpec:
     zero_point: str = "integer"
     group_params: str = "static"
     propagation: str = "sequential"
+    ggml_types: str = "k-quants"
+    imatrix: bool = False
+    output_type: str = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise QuantizationError(f"Unknown quantizer '{self.method}'. Choose 'rtn' or 'gptq'.")
+            raise QuantizationError(f"Unknown quantizer '{self.method}'. Choose one of {', '.join(METHODS)}.")
+        if self.method == LLAMACPP:
+            from engine.quant.ggml_types import OUTPUT_TYPES, TypeChoiceError, levels
+
+            try:
+                offered = levels(self.ggml_types)
+            except TypeChoiceError as err:
+                raise QuantizationError(str(err)) from err
+            if self.bits not in offered:
+                raise QuantizationError(f"llama.cpp's {self.ggml_types} types have no {self.bits}-bit type; choose "
+                                        f"one of {', '.join(map(str, offered))} bits.")
+            if self.output_type not in OUTPUT_TYPES:
+                raise QuantizationError(f"Unknown output type '{self.output_type}'; choose one of "
+                                        f"{', '.join(OUTPUT_TYPES)}.")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
             raise QuantizationError(
                 f"{self.bits!r} bits is not supported: choose an integer from {MIN_BITS} to {MAX_BITS} "
@@ -123,6 +140,11 @@ class QuantizerSpec:
             raise QuantizationError(f"Unknown propagation '{self.propagation}'. Choose 'sequential' or 'dense'.")
 
     @property
+    def needs_calibration(self) -> bool:
+        """Whether quantizing needs calibration windows (GPTQ; llama.cpp types with an imatrix)."""
+        return self.method == "gptq" or (self.method == LLAMACPP and self.imatrix)
+
+    @property
     def stores_group_index(self) -> bool:
         """Whether quantized weights carry a per-column group index (dynamic-group act-order GPTQ)."""
         return self.method == "gptq" and self.act_order and self.group_params == "dynamic"
@@ -137,9 +159,17 @@ class QuantizerSpec:
         return replace(self, bits=bits)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields; the llama.cpp-only ones only for llama.cpp specs (other specs' cache keys stay as they were)."""
+        fields = asdict(self)
+        if self.method != LLAMACPP:
+            for name in ("ggml_types", "imatrix", "output_type"):
+                fields.pop(name)
+        return fields
 
     def label(self) -> str:
+        if self.method == LLAMACPP:
+            return (f"llama.cpp {self.ggml_types}{', imatrix' if self.imatrix else ''}"
+                    f"{'' if self.output_type == 'auto' else f', output {self.output_type}'}")
         group = "per-row" if self.group_size is None else f"g{self.group_size}"
         extra = ""
         if self.method == "gptq":

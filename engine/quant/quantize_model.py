@@ -66,7 +66,9 @@ from engine.quant.layer_bits import LayerBits, all_levels, levels_of, linear_bit
 from engine.quant.size import SizeReport, check_bits, size_report
 from engine.quant.gptq_pipeline import gptq_dense_signals, gptq_sequential, restore_dense, write_weights
 from engine.quant.quantized_linear import can_hold_codes, quantized_variant
-from engine.quant.grid import QuantizationError, QuantizerSpec, rtn_quantize
+from engine.quant.ggml_weight import ggml_quantize, with_output_type
+from engine.quant.grid import LLAMACPP, QuantizationError, QuantizerSpec, rtn_quantize
+from engine.quant.imatrix import collect_importance
 
 DEFAULT_BATCH = 4  # calibration windows per forward, unless sequential GPTQ takes them all at once
 SEQUENTIAL_BATCH_TOKENS = 32768  # sequential GPTQ runs up to this many calibration tokens in one forward
@@ -123,9 +125,15 @@ class QuantizedModel:
 
 # --- the linears of a layer -------------------------------------------------------
 
-def _rtn_layer(linears: dict[str, nn.Linear], spec: QuantizerSpec, levels: Sequence[int]) -> dict[int, LayerWeights]:
-    """RTN of one layer's linears at each level; results on CPU."""
+def _rtn_layer(linears: dict[str, nn.Linear], spec: QuantizerSpec, levels: Sequence[int],
+               importance: dict[str, torch.Tensor] | None = None) -> dict[int, LayerWeights]:
+    """One layer's linears at each level by a quantizer that needs no signals (RTN, llama.cpp's types with
+    the imatrix ``importance[name]`` when given); results on CPU."""
     cpu = torch.device("cpu")
+    if spec.method == LLAMACPP:
+        return {b: {name: ggml_quantize(linear.weight, b, spec.ggml_types,
+                                        None if importance is None else importance[name])
+                    for name, linear in linears.items()} for b in levels}
     return {b: {name: rtn_quantize(linear.weight, spec.with_bits(b)).to(cpu)
                 for name, linear in linears.items()} for b in levels}
 
@@ -140,9 +148,12 @@ def _compute_independent(loaded: LoadedModel, work: nn.Module, spec: QuantizerSp
     arch = loaded.architecture
     layers = arch.decoder_layers(work)
     out: dict[tuple[int, int], LayerWeights] = {}
-    if spec.method == "rtn":
+    if spec.method != "gptq":
+        found = collect_importance(loaded, calibration, batch_size) if spec.imatrix else None
         for done, i in enumerate(sorted(needs), start=1):
-            for b, weights in _rtn_layer(arch.layer_linears(layers[i]), spec, needs[i]).items():
+            linears = arch.layer_linears(layers[i])
+            importance = None if found is None else {name: found.mean(i, name) for name in linears}
+            for b, weights in _rtn_layer(linears, spec, needs[i], importance).items():
                 out[(i, b)] = weights
             if progress:
                 progress(done, len(needs))
@@ -194,7 +205,9 @@ def layer_weights(
                                 "allocations (allocation_weights / quantize_model), or use propagation='dense'.")
     stats = stats if stats is not None else QuantizeStats()
     batch_size = resolve_batch_size(spec, calibration, batch_size)
-    calib = calibration_id(calibration, batch_size) if spec.method == "gptq" else None
+    if spec.needs_calibration and calibration is None:
+        raise QuantizationError(f"{spec.label()} needs calibration windows; pass calibration=token_windows(...).")
+    calib = calibration_id(calibration, batch_size) if spec.needs_calibration else None
     found: dict[tuple[int, int], LayerWeights] = {}
     missing: dict[int, list[int]] = {}
     for layer, levels in needs.items():
@@ -209,8 +222,8 @@ def layer_weights(
         if progress:
             progress(1, 1)
         return found
-    if spec.method == "rtn":
-        work = loaded.model  # RTN only reads the dense weights
+    if spec.method != "gptq":
+        work = loaded.model  # RTN and llama.cpp's quantizer only read the dense weights
     else:
         if calibration is None:
             raise QuantizationError("GPTQ needs calibration windows; pass calibration=token_windows(...).")
@@ -294,8 +307,8 @@ def allocation_weights(
     """
     bits = check_bits(bits, loaded.num_layers, list(loaded.architecture.linears))
     stats = stats if stats is not None else QuantizeStats()
-    if spec.method == "gptq" and calibration is None:
-        raise QuantizationError("GPTQ needs calibration windows; pass calibration=token_windows(...).")
+    if spec.needs_calibration and calibration is None:
+        raise QuantizationError(f"{spec.label()} needs calibration windows; pass calibration=token_windows(...).")
     if spec.sequential:
         work = work if work is not None else copy.deepcopy(loaded.model)
         return _sequential_weights(loaded, work, spec, bits, calibration,
@@ -385,8 +398,8 @@ def quantize_model(
                       list(loaded.architecture.linears))
     for b in all_levels(bits):
         spec.with_bits(b)  # validates every level before any work
-    if spec.method == "gptq" and calibration is None:
-        raise QuantizationError("GPTQ needs calibration windows; pass calibration=token_windows(...).")
+    if spec.needs_calibration and calibration is None:
+        raise QuantizationError(f"{spec.label()} needs calibration windows; pass calibration=token_windows(...).")
     holds_codes = can_hold_codes(loaded.model, loaded.architecture)
     target = None if holds_codes else copy.deepcopy(loaded.model)
     stats = QuantizeStats()
@@ -404,8 +417,10 @@ def quantize_model(
     stats.seconds = time.perf_counter() - start
     gptq = spec.method == "gptq"
     warning = calibration_warning(loaded, calibration) if gptq else None
+    if spec.method == LLAMACPP:
+        target = with_output_type(target, loaded, spec)
     return QuantizedModel(model=target, architecture=loaded.architecture, spec=spec, bits=bits, weights=weights,
                           source=loaded.source, fingerprint=loaded.fingerprint,
                           dense=loaded.model if holds_codes else None,
-                          calibration=calibration_id(calibration, batch_size) if gptq else None,
+                          calibration=calibration_id(calibration, batch_size) if spec.needs_calibration else None,
                           stats=stats, tokenizer=loaded.tokenizer, warnings=[warning] if warning else [])

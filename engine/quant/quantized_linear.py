@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from engine.core.architectures import Architecture, get_submodule
 from engine.core.sharing import shell_copy
+from engine.quant.ggml_weight import GgmlWeight
 from engine.quant.grid import QuantizedWeight
 
 
@@ -81,6 +82,40 @@ class QuantizedLinear(nn.Module):
                f"group_size={self.group_size}"
 
 
+class GgmlLinear(nn.Module):
+    """A linear layer whose weight is held as llama.cpp blocks (:class:`~engine.quant.ggml_weight.GgmlWeight`):
+    ``x @ to_float(blocks).T + bias``, dequantized by llama.cpp's own code in every forward."""
+
+    def __init__(self, stored: GgmlWeight, bias: torch.Tensor | None, weight_dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.out_features, self.in_features = stored.shape
+        self.held, self.weight_dtype, self.device_ = stored, weight_dtype, device
+        self.register_buffer("blocks", stored.blocks)  # CPU: llama.cpp's dequantizer reads it there
+        self.bias = bias
+
+    def stored(self) -> GgmlWeight:
+        return self.held
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.held.dequantize(self.weight_dtype).to(self.device_)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def held_bytes(self) -> int:
+        return self.held.nbytes_in_memory()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        destination[prefix + "weight"] = self.weight
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, type={self.held.choice.label()}"
+
+
 def can_hold_codes(model: nn.Module, arch: Architecture) -> bool:
     """Whether every decoder linear of ``model`` is a plain ``nn.Linear`` (fused experts and GPT-2's
     Conv1D get a materialised copy instead)."""
@@ -99,10 +134,11 @@ def quantized_variant(base: nn.Module, arch: Architecture, weights: list[dict[st
             parent_path, _, name = arch.linears[short].rpartition(".")
             parent = get_submodule(layer, parent_path) if parent_path else layer
             linear = getattr(parent, name)
-            setattr(parent, name, QuantizedLinear(stored, linear.bias, linear.weight.dtype, linear.weight.device))
+            kind = GgmlLinear if isinstance(stored, GgmlWeight) else QuantizedLinear
+            setattr(parent, name, kind(stored, linear.bias, linear.weight.dtype, linear.weight.device))
     return variant.eval()
 
 
 def held_code_bytes(model: nn.Module) -> int:
     """Bytes held by the :class:`QuantizedLinear` layers of ``model`` (0 for a materialised model)."""
-    return sum(m.held_bytes() for m in model.modules() if isinstance(m, QuantizedLinear))
+    return sum(m.held_bytes() for m in model.modules() if isinstance(m, (QuantizedLinear, GgmlLinear)))

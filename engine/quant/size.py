@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from engine.core.architectures import Architecture
-from engine.quant.grid import QuantizationError, QuantizerSpec, weight_storage_bits
+from engine.quant.ggml_types import tensor_bytes, type_for_level
+from engine.quant.grid import LLAMACPP, QuantizationError, QuantizerSpec, weight_storage_bits
 from engine.quant.layer_bits import LayerBits, linear_bits, normalize_all
 
 
@@ -36,6 +37,7 @@ class SizeReport:
     notes: list[str]
     dense_params: int = 0
     unquantized_params: int = 0
+    file_bytes: float | None = None  # the deployed file's exact bytes, where the format fixes them (GGUF)
 
     @property
     def unquantized_bytes(self) -> int:
@@ -57,7 +59,10 @@ class SizeReport:
 
     @property
     def total_bytes_16bit(self) -> float:
-        """Bytes with every unquantized parameter at 16 bits (fp16 / bf16: how models are deployed)."""
+        """Bytes as deployed: the file's exact bytes where known (llama.cpp's types: the GGUF file), else every
+        unquantized parameter at 16 bits (fp16 / bf16: how models are deployed)."""
+        if self.file_bytes is not None:
+            return self.file_bytes
         return self.quantized_bytes + 2 * self.unquantized_params
 
     @property
@@ -75,6 +80,8 @@ class SizeReport:
 def linear_storage(linear: nn.Module, bits: int, spec: QuantizerSpec) -> int:
     """Storage bits of one linear's weight at ``bits`` (codes, scales, zeros)."""
     out, inp = linear.weight.shape
+    if spec.method == LLAMACPP:
+        return 8 * tensor_bytes(type_for_level(bits, int(inp), spec.ggml_types).qtype, int(out), int(inp))
     return weight_storage_bits(out, inp, bits, spec.group_size, spec.stores_group_index, spec.zero_point)
 
 
@@ -124,6 +131,14 @@ def size_report(model: nn.Module, arch: Architecture, bits: Sequence[LayerBits],
             unquantized["biases"] += nbytes
         else:
             unquantized["other"] += nbytes
+    if spec.method == LLAMACPP:
+        notes = [f"llama.cpp's {spec.ggml_types} types as llama.cpp stores them (rows that are not a multiple of 256 "
+                 "use llama.cpp's fallback type)", "the whole model's size is the GGUF file's bytes when the run "
+                 "knows them (embedding and output in the output type, norms F32, metadata)"]
+        return SizeReport(dense_bytes=dense, quantized_weights=n_weights, quantized_bytes=q_bits / 8,
+                          bits_per_weight=q_bits / n_weights, code_bits_per_weight=code_bits / n_weights,
+                          unquantized=unquantized, per_layer_bits_per_weight=per_layer, notes=notes,
+                          dense_params=dense_params, unquantized_params=unquantized_params)
     zero_note = {"integer": "zero points are integers stored as fp16 and counted at 16 bits",
                  "float": "each group stores its fp16 minimum as the zero point (16 bits)",
                  "symmetric": "symmetric grid: the zero point is fixed at 2^(bits-1) and not stored"}[spec.zero_point]

@@ -72,19 +72,29 @@ class QuantPlan:
     seed: int = 0
     zero_point: str = "integer"
     act_order: bool = False
+    ggml_types: str = "k-quants"  # llama.cpp quantizer only: type set, imatrix, output type
+    imatrix: bool = False
+    output_type: str = "auto"
 
     @property
     def top_bits(self) -> int:
         """The highest code width the plan allocates (what packed codes are sized by)."""
         return max(self.high_bits, self.low_bits)
 
+    @property
+    def quantizer_label(self) -> str:
+        """``rtn``, ``gptq``, or ``llama.cpp k-quants[+imatrix]``."""
+        if self.quantizer != "llama.cpp":
+            return self.quantizer
+        return f"llama.cpp {self.ggml_types}{'+imatrix' if self.imatrix else ''}"
+
     def series(self) -> str:
         """Curve label on trade-off charts."""
         if self.ordering == "optimizer":
-            return f"optimizer {self.low_bits}-{self.high_bits}-bit {self.quantizer}"
+            return f"optimizer {self.low_bits}-{self.high_bits}-bit {self.quantizer_label}"
         if self.ordering == "optimizer-module":
-            return f"optimizer per linear {self.low_bits}-{self.high_bits}-bit {self.quantizer}"
-        return f"{self.ordering} {self.high_bits}/{self.low_bits}-bit {self.quantizer}"
+            return f"optimizer per linear {self.low_bits}-{self.high_bits}-bit {self.quantizer_label}"
+        return f"{self.ordering} {self.high_bits}/{self.low_bits}-bit {self.quantizer_label}"
 
     def setting(self) -> str:
         """What tells this plan from the others of its series: ``50% of layers at 3 bits`` or ``3.25 bits average``."""
@@ -98,6 +108,9 @@ class QuantPlan:
 
     def spec(self) -> QuantizerSpec:
         """The underlying per-weight quantizer (at the high level)."""
+        if self.quantizer == "llama.cpp":
+            return QuantizerSpec(method=self.quantizer, bits=self.high_bits, ggml_types=self.ggml_types,
+                                 imatrix=self.imatrix, output_type=self.output_type)
         return QuantizerSpec(method=self.quantizer, bits=self.high_bits, group_size=self.group_size,
                              zero_point=self.zero_point, act_order=self.act_order and self.quantizer == "gptq")
 

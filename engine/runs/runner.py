@@ -11,7 +11,7 @@ every compression works on a copy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +27,8 @@ from engine.evaluation.paired import paired_change
 from engine.evaluation.perplexity import perplexity
 from engine.evaluation.zeroshot import TaskUnavailableError, zero_shot
 from engine.quant.allocation import Allocation, allocate_average, allocate_fraction, layer_order
+from engine.export.gguf_llamacpp import llamacpp_details
+from engine.quant.grid import LLAMACPP
 from engine.quant.quantize_model import quantize_model
 from engine.quant.save import save_quantized
 from engine.runs.cached_scores import scores_for
@@ -311,18 +313,21 @@ def run_quantization(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, 
     ``allocation``: the bit map the user previewed (computed from ``plan`` if None).
     """
     top = max(allocation.levels) if allocation is not None else plan.top_bits
-    check_memory(run_memory_plan(loaded, f"quantization-{plan.quantizer}", calibration, evaluation, plan.group_size,
-                                 top))
+    check_memory(run_memory_plan(loaded, f"quantization-{'gptq' if plan.quantizer == 'gptq' else 'rtn'}",
+                                 calibration, evaluation, plan.group_size, top))
     if allocation is None:
         allocation, _importance = allocation_for(store, loaded, plan, calibration, progress)
     spec = plan.spec()
     windows: TokenWindows | None = None
-    if plan.quantizer == "gptq":
+    if spec.needs_calibration:
         windows = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen)
     with Timer() as timer:
         quantized = quantize_model(loaded, allocation, windows, spec=spec,
                                    progress=stage_callback(progress, "quantizing"))
     size = quantized.size()
+    llamacpp = llamacpp_details(loaded, spec, quantized.bits) if spec.method == LLAMACPP else {}
+    if llamacpp.get("file_bytes"):
+        size = replace(size, file_bytes=llamacpp["file_bytes"])
     dense = model_size(loaded.model)
     metrics = {
         "bytes": size.total_bytes, "bytes_16bit": size.total_bytes_16bit, "size_fraction": size.compression_16bit,
@@ -343,6 +348,7 @@ def run_quantization(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, 
         "calibration": windows.label() if windows is not None else None,
         "quantizer_spec": spec.to_dict(),  # with calibration_spec, lets exports rebuild the same model
         "calibration_spec": calibration.to_dict() if windows is not None else None,
+        **llamacpp,
     }
     if save_to:
         config["saved_to"] = str(save_quantized(quantized, save_to, tokenizer=loaded.tokenizer))

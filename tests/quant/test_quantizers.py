@@ -91,7 +91,7 @@ def test_more_bits_means_less_error():
         ({"bits": 3.5}, "from 2 to 8"),
         ({"group_size": 0}, "positive number"),
         ({"group_size": -128}, "positive number"),
-        ({"method": "awq"}, "rtn' or 'gptq"),
+        ({"method": "awq"}, "Choose one of rtn, gptq, llama.cpp"),
         ({"act_order": True}, "only applies to GPTQ"),
         ({"method": "gptq", "damp": 0.0}, "damping"),
         ({"zero_point": "asymmetric"}, "integer, float, symmetric"),
