@@ -72,3 +72,17 @@ def test_lr_findings_and_a_dropping_run_with_a_paired_change(gemma, store):
         assert not any("within the noise" in w for w in run_warnings(outcome.record))
     lines = executive_summary(store.runs_frame(), outcome.record.data_label)
     assert lines[0].startswith("Dense model: perplexity") and any("No matched sizes yet" in line for line in lines)
+
+
+@pytest.mark.skipif(not __import__("engine.llamacpp.runtime", fromlist=["status"]).status().available,
+                    reason="llama.cpp is not built here (make llamacpp)")
+def test_llamacpp_measures_the_same_perplexity_on_the_same_gguf_and_windows(gemma):
+    """The world's check of LayerLab's protocol: llama.cpp runs the very GGUF file the built-in model came from on
+    LayerLab's windows (BOS + 255 tokens each); both perplexities agree within 2%."""
+    from engine.core.models import builtin_gguf_path
+    from engine.llamacpp.agreement import agreement
+
+    windows = token_windows(DataSpec(split="evaluation", seqlen=256, n_windows=8), gemma.tokenizer, gemma.max_seqlen)
+    result = agreement(gemma.model, builtin_gguf_path("gemma3-270m"), windows)
+    assert abs(result.ppl_gap) < 0.02, result.describe()
+    assert result.same_top > 0.9 and result.kld_mean < 0.02

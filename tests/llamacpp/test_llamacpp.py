@@ -1,0 +1,152 @@
+"""llama.cpp's types in the engine: bit-exact with llama.cpp and gguf, exact files and sizes, llama.cpp in the loop.
+
+Skipped (with the reason) where llama.cpp is not built on the machine: ``make llamacpp`` builds it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from engine.core.data import DataSpec, token_windows
+from engine.export.gguf_file import _permute_rows
+from engine.export.gguf_llamacpp import gguf_file_bytes, layout, llamacpp_details, write_llamacpp_gguf
+from engine.export.hf_folder import ExportError
+from engine.llamacpp.runtime import status
+from engine.quant.ggml_types import TypeChoiceError, output_type, type_for_level
+from engine.quant.grid import QuantizationError, QuantizerSpec
+from engine.quant.quantize_model import quantize_model
+
+needs_llamacpp = pytest.mark.skipif(not status().available, reason=f"llama.cpp: {status().reason}")
+TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS")
+
+
+def _weights(rows: int = 48, cols: int = 512) -> np.ndarray:
+    generator = np.random.default_rng(0)
+    w = generator.standard_normal((rows, cols)).astype(np.float32) * 0.02
+    w[3, 17] = 0.9  # an outlier, as real layers have
+    return w
+
+
+def test_levels_map_to_llamacpp_types_with_its_fallbacks():
+    assert type_for_level(4, 1536).qtype == "Q4_K"
+    # rows that are not a multiple of 256 (SmolLM2's 576, Gemma-3's 640) get llama.cpp's fallback types
+    assert [type_for_level(b, 576).qtype for b in (2, 3, 4, 5, 6, 8)] == ["Q4_0", "Q4_0", "Q5_0", "Q5_1", "Q8_0",
+                                                                          "Q8_0"]
+    assert type_for_level(4, 576).label() == "Q5_0 (for Q4_K)"
+    assert type_for_level(4, 40).qtype == "F16"  # not even a multiple of 32
+    assert type_for_level(4, 576, "legacy+min").qtype == "Q4_1"
+    assert output_type(576).qtype == "Q8_0" and output_type(1024).qtype == "Q6_K"
+    with pytest.raises(TypeChoiceError, match="no 3-bit type; choose one of 4 \\(Q4_0\\)"):
+        type_for_level(3, 512, "legacy")
+
+
+def test_specs_refuse_levels_the_type_set_lacks():
+    with pytest.raises(QuantizationError, match="no 7-bit type; choose one of 2, 3, 4, 5, 6, 8"):
+        QuantizerSpec(method="llama.cpp", bits=7)
+    spec = QuantizerSpec(method="llama.cpp", bits=4, imatrix=True)
+    assert spec.needs_calibration and "imatrix" in spec.label()
+    assert "ggml_types" not in QuantizerSpec().to_dict()  # research-grid cache keys are unchanged
+
+
+@needs_llamacpp
+@pytest.mark.parametrize("qtype", TYPES)
+def test_llamacpp_dequantization_equals_gguf_bit_for_bit(qtype):
+    from engine.llamacpp import ggml
+
+    w = _weights()
+    blocks = ggml.quantize(w, qtype)
+    ours = ggml.dequantize(blocks, qtype, w.shape[1])
+    theirs = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype]).reshape(w.shape)
+    assert np.array_equal(ours, theirs)
+    assert blocks.shape == (w.shape[0], w.shape[1] // gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][0]
+                            * gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][1])
+    assert 0 < float(((ours - w) ** 2).mean()) < float((w ** 2).mean()) / 4  # a real quantization, not a copy
+
+
+@needs_llamacpp
+@pytest.mark.parametrize("qtype", ("Q4_K", "Q3_K", "Q5_0", "IQ4_NL"))
+def test_an_imatrix_lowers_the_importance_weighted_error(qtype):
+    from engine.llamacpp import ggml
+
+    w = _weights(64, 512)
+    importance = np.exp(np.random.default_rng(1).standard_normal(512) * 2).astype(np.float32)  # uneven columns
+
+    def weighted_error(blocks: np.ndarray) -> float:
+        return float((((ggml.dequantize(blocks, qtype, 512) - w) ** 2) * importance).sum())
+
+    assert weighted_error(ggml.quantize(w, qtype, importance)) < weighted_error(ggml.quantize(w, qtype))
+
+
+@needs_llamacpp
+def test_tiny_model_run_exports_the_bytes_it_measured(tiny_loaded, tmp_path):
+    spec = QuantizerSpec(method="llama.cpp", bits=4)
+    bits = (8, {"q": 2, "k": 3, "v": 4, "o": 5, "gate": 6, "up": 8, "down": 4}, 5, 4)
+    quantized = quantize_model(tiny_loaded, bits, spec=spec, use_cache=False)
+    info = write_llamacpp_gguf(quantized, tiny_loaded, tmp_path / "g")
+    assert info["bytes"] == gguf_file_bytes(tiny_loaded, spec, quantized.bits)  # the size shown is the file's
+    reader = gguf.GGUFReader(info["file"])
+    tensors = {t.name: t for t in reader.tensors}
+    config = tiny_loaded.model.config
+    entries, _ = layout(tiny_loaded, spec, quantized.bits)
+    linears = [e for e in entries if e.role == "linear"]
+    assert len(linears) == 28
+    for entry in linears:
+        stored = tensors[entry.name]
+        assert stored.tensor_type.name == entry.qtype
+        from_file = gguf.quants.dequantize(np.asarray(stored.data), stored.tensor_type).reshape(entry.rows, entry.cols)
+        in_app = quantized.weights[entry.layer][entry.linear].dequantize().numpy()
+        if entry.linear in ("q", "k"):  # llama.cpp's row order for Llama q/k
+            in_app = _permute_rows(in_app, config.num_attention_heads if entry.linear == "q"
+                                   else config.num_key_value_heads)
+        assert np.array_equal(from_file, in_app), entry.name
+    # the in-app model computes with exactly those weights, and with the output type's embedding
+    embedding = quantized.model.get_input_embeddings().weight
+    token_embd = tensors["token_embd.weight"]
+    assert token_embd.tensor_type.name == "Q8_0"
+    assert torch.equal(embedding, torch.from_numpy(gguf.quants.dequantize(
+        np.asarray(token_embd.data), token_embd.tensor_type).reshape(embedding.shape)))
+    details = llamacpp_details(tiny_loaded, spec, quantized.bits)
+    assert details["tensor_types"]["Q4_0 (for Q2_K)"] == 1 and details["file_bytes"] == info["bytes"]
+
+
+def test_research_grid_runs_are_not_exported_as_exact(tiny_loaded):
+    with pytest.raises(ExportError, match="research grid.*llama.cpp quantizer"):
+        layout(tiny_loaded, QuantizerSpec(bits=4), (4,) * 4)
+
+
+@needs_llamacpp
+def test_llamacpp_runs_the_exported_file_as_the_app_does(tiny_loaded, tmp_path):
+    from engine.llamacpp.agreement import agreement
+
+    quantized = quantize_model(tiny_loaded, [4, 2, 8, 5], spec=QuantizerSpec(method="llama.cpp", bits=4),
+                               use_cache=False)
+    info = write_llamacpp_gguf(quantized, tiny_loaded, tmp_path / "g")
+    windows = token_windows(DataSpec(seqlen=64, n_windows=2), tiny_loaded.tokenizer)
+    result = agreement(quantized.model, info["file"], windows)
+    assert result.n_tokens == 2 * 63
+    assert abs(result.ppl_gap) < 0.005 and result.kld_mean < 0.005
+
+
+@needs_llamacpp
+def test_llama_quantize_reads_layerlab_imatrix_file(tiny_loaded, tmp_path):
+    from engine.llamacpp.runtime import tool
+    from engine.quant.imatrix import collect_importance, write_imatrix_gguf
+
+    quantized = quantize_model(tiny_loaded, [8] * 4, spec=QuantizerSpec(method="llama.cpp", bits=8), use_cache=False)
+    info = write_llamacpp_gguf(quantized, tiny_loaded, tmp_path / "g")
+    windows = token_windows(DataSpec(split="calibration", seqlen=64, n_windows=2), tiny_loaded.tokenizer)
+    importance = collect_importance(tiny_loaded, windows)
+    entries, _ = layout(tiny_loaded, QuantizerSpec(method="llama.cpp", bits=8), quantized.bits)
+    names = {(e.layer, e.linear): e.name for e in entries if e.role == "linear"}
+    imatrix = write_imatrix_gguf(importance, names, tmp_path / "imatrix.gguf", chunk_size=64)
+    assert importance.count == 128 and torch.all(importance.mean(0, "q") > 0)
+    done = subprocess.run([str(tool("llama-quantize")), "--allow-requantize", "--imatrix", str(imatrix), info["file"],
+                           str(tmp_path / "q4.gguf"), "Q4_0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "imatrix" in (done.stdout + done.stderr).lower()
+    assert (tmp_path / "q4.gguf").stat().st_size < (tmp_path / "g" / "model.gguf").stat().st_size
