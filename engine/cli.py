@@ -19,7 +19,8 @@ from engine.core.models import BUILTIN_NAME, BUILTINS, load_model
 from engine.dropping.choose import RANKINGS
 from engine.optimize.bit_budget import DEFAULT_LEVELS, GRANULARITIES, BitBudget
 from engine.runs.bits_optimizer import DEFAULT_CANDIDATES, DEFAULT_HELD_OUT, BitsOptimizerPlan, optimize_bits
-from engine.quant.grid import ZERO_POINTS
+from engine.quant.ggml_types import OUTPUT_TYPES, TYPE_SETS
+from engine.quant.grid import METHODS, ZERO_POINTS
 from engine.runs.memory_check import run_memory_plan
 from engine.runs.plans import (
     DEFAULT_CALIB_SEQLEN,
@@ -101,8 +102,22 @@ def _slicing_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
     parser.add_argument("--final-rotation", action="store_true")
 
 
+def _llamacpp_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ggml-types", choices=list(TYPE_SETS), default="k-quants",
+                        help="--quantizer llama.cpp: which llama.cpp types the levels mean (k-quants: 2->Q2_K ... "
+                        "6->Q6_K, 8->Q8_0; legacy: 4->Q4_0, 5->Q5_0, 8->Q8_0; legacy+min: Q4_1, Q5_1, Q8_0)")
+    parser.add_argument("--imatrix", action="store_true",
+                        help="--quantizer llama.cpp: weight rounding errors by the calibration windows' importance "
+                        "matrix, as llama-quantize --imatrix does")
+    parser.add_argument("--output-type", choices=list(OUTPUT_TYPES), default="auto",
+                        help="--quantizer llama.cpp: type of the embedding/output matrix (auto: llama.cpp's rule)")
+
+
 def _quant_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
-    parser.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn")
+    parser.add_argument("--quantizer", choices=list(METHODS), default="rtn",
+                        help="rtn / gptq: LayerLab's research grid; llama.cpp: llama.cpp's own types and quantizer "
+                        "(the run is the GGUF file it exports)")
+    _llamacpp_options(parser)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--zero-point", choices=list(ZERO_POINTS), default="integer",
                         help="integer (GPTQ's asymmetric grid), float (GGUF Q4_1's scale + minimum) or symmetric "
@@ -172,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sensitivity, evaluation=False)
     sensitivity.add_argument("--actions", type=_actions, default="quant:3,slice:0.25,drop",
                              help="comma-separated: quant:3 (RTN), gptq:3, quant:3/g64, quant:3@down (one linear "
-                             "of each layer), slice:0.25, drop, drop-attn, drop-mlp")
+                             "of each layer), quant:Q3_K (llama.cpp's type), slice:0.25, drop, drop-attn, drop-mlp")
     sensitivity.add_argument("--k", type=float, default=3.0, help="outlier threshold |z| > k")
     sensitivity.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward")
     sensitivity.add_argument("--json", default=None, help="write the per-layer matrix and the agreement table here")
@@ -181,9 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(bits)
     budget = bits.add_mutually_exclusive_group(required=True)
     budget.add_argument("--avg-bits", type=float, help="honest bits per quantized weight (scales and zeros included)")
-    budget.add_argument("--bytes", type=float, help="whole-model bytes (unquantized parts at 16 bits)")
+    budget.add_argument("--bytes", type=float, help="whole-model bytes (unquantized parts at 16 bits; with "
+                        "--quantizer llama.cpp: the GGUF file's bytes)")
     bits.add_argument("--levels", type=_ints, default=list(DEFAULT_LEVELS), help="allowed levels, e.g. 2,3,4,8")
-    bits.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn")
+    bits.add_argument("--quantizer", choices=list(METHODS), default="rtn")
     bits.add_argument("--group-size", type=int, default=128)
     bits.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help="solver candidates checked on held-out windows")
     bits.add_argument("--held-out", type=int, default=DEFAULT_HELD_OUT, help="calibration windows after --calib-windows used to "
@@ -275,9 +291,11 @@ def _export(args) -> None:
     for note in result["notes"]:
         print(f"note: {note}", file=sys.stderr)
     print(json.dumps({k: result[k] for k in ("format", "folder", "bytes", "files", "remote_code", "seconds",
-                                             "verification")}, default=float))
-    if result["verification"]["passed"] is False:
+                                             "verification", "llamacpp") if k in result}, default=float))
+    if result.get("verification", {}).get("passed") is False or "unavailable" in result.get("llamacpp", {}):
         print(f"warning: {result['summary']}", file=sys.stderr)
+    elif "llamacpp" in result:
+        print(result["summary"], file=sys.stderr)
 
 
 def run(args) -> None:
@@ -301,9 +319,9 @@ def run(args) -> None:
     elif args.command == "quantize":
         plan = QuantPlan(args.quantizer, args.group_size, args.high_bits, args.low_bits, args.low_fraction,
                          args.target_bits, args.ordering, tuple(args.custom_order), args.seed, args.zero_point,
-                         args.act_order)
-        _print_memory(loaded, f"quantization-{args.quantizer}", calibration, evaluation, args.group_size,
-                      plan.top_bits)
+                         args.act_order, args.ggml_types, args.imatrix, args.output_type)
+        _print_memory(loaded, f"quantization-{'gptq' if args.quantizer == 'gptq' else 'rtn'}", calibration,
+                      evaluation, args.group_size, plan.top_bits)
         _print_run("quantization", run_quantization(store, loaded, plan, calibration, evaluation,
                                                     save_to=args.save, progress=_progress))
     elif args.command == "sweep-slicing":
@@ -342,7 +360,8 @@ def _sweep_slicing(args, store, loaded, calibration, evaluation) -> None:
 
 def _sweep_quantization(args, store, loaded, calibration, evaluation) -> None:
     base = QuantPlan(args.quantizer, args.group_size, args.high_bits, seed=args.seed, zero_point=args.zero_point,
-                     act_order=args.act_order)
+                     act_order=args.act_order, ggml_types=args.ggml_types, imatrix=args.imatrix,
+                     output_type=args.output_type)
     plans = quantization_sweep(base, args.low_bits, [o for o in args.orderings.split(",") if o], args.low_fractions)
     _run_sweep(plans, lambda plan: run_quantization(store, loaded, plan, calibration, evaluation, progress=_progress),
                "quantization", store, loaded, evaluation)

@@ -3,18 +3,23 @@
 llama.cpp (through ``llama-cpp-python``, the library built by
 :mod:`engine.llamacpp.build`) runs a GGUF file on exactly the token ids of a
 :class:`~engine.core.data.TokenWindows` (BOS included where the windows have
-it), one window per context, logits kept for every position.  The in-app
-model runs the same windows.  Per window, both sides' next-token
-distributions are compared at every scored position:
+it), one window per context, logits kept for every position.  In-app models
+run the same windows.  :func:`compare_sides` scores any number of *sides*
+(a torch model or a GGUF file each) on every scored position:
 
 - perplexity of each side: ``exp(mean NLL)`` of tokens ``1..seqlen-1``;
-- KL divergence ``KL(P_layerlab || Q_llamacpp)`` per position (nats), as
+- for every pair ``(a, b)`` with ``a`` before ``b``: the KL divergence
+  ``KL(P_a || P_b)`` per position (nats), summarised as
   ``llama-perplexity --kl-divergence`` prints it against its base model:
   mean, median, 99th percentile, and "same top" (how often both put the
   highest probability on the same token).
 
-Memory: one window's logits of both sides at a time (``2 x seqlen x vocab``
-float32: 0.5 GiB for 256 positions of Gemma-3's 262,144 words).
+:func:`agreement` is the two-side case (an in-app model and a GGUF file);
+:func:`verify_export` the three-side check after an export (dense in-app,
+the compressed in-app model, llama.cpp running the file).
+
+Memory: one window's logits of every side at a time (``seqlen x vocab``
+float32 each: 0.25 GiB for 256 positions of Gemma-3's 262,144 words).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -32,6 +38,17 @@ from engine.core.progress import ProgressFn
 from engine.llamacpp.runtime import require
 
 _ROWS = 64  # positions per float64 log-softmax chunk
+Side = torch.nn.Module | str | Path
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """KL(P_a || P_b) per position, summarised (nats), and top-1 agreement."""
+
+    mean: float
+    median: float
+    p99: float
+    same_top: float
 
 
 @dataclass(frozen=True)
@@ -72,11 +89,22 @@ def open_gguf(path: str | Path, seqlen: int):
                            verbose=False, n_threads=os.cpu_count() or 1, seed=0)
 
 
-def llamacpp_logits(llm, tokens: list[int]) -> np.ndarray:
-    """llama.cpp's logits ``[len(tokens), vocab]`` float32 for one window run from an empty context."""
-    llm.reset()
-    llm.eval(tokens)
-    return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+def _logits_fn(side: Side, seqlen: int) -> Callable[[torch.Tensor], np.ndarray]:
+    """Logits ``[seqlen - 1, vocab]`` float32 of one window ``[seqlen]`` (the predictions of tokens 1..)."""
+    if isinstance(side, torch.nn.Module):
+        device = next(side.parameters()).device
+
+        def run_model(ids: torch.Tensor) -> np.ndarray:
+            with torch.no_grad():
+                return side(input_ids=ids[None].to(device), use_cache=False).logits[0, :-1].float().cpu().numpy()
+        return run_model
+    llm = open_gguf(side, seqlen)
+
+    def run_gguf(ids: torch.Tensor) -> np.ndarray:
+        llm.reset()
+        llm.eval(ids.tolist())
+        return np.array(llm.scores[: len(ids) - 1], dtype=np.float32)
+    return run_gguf
 
 
 def _log_softmax(rows: np.ndarray) -> np.ndarray:
@@ -85,33 +113,75 @@ def _log_softmax(rows: np.ndarray) -> np.ndarray:
     return rows - np.log(np.exp(rows).sum(axis=1, keepdims=True))
 
 
-@torch.no_grad()
-def agreement(model: torch.nn.Module, gguf: str | Path, windows: TokenWindows,
-              progress: ProgressFn | None = None) -> Agreement:
-    """Perplexity and KL divergence of llama.cpp running ``gguf`` against ``model`` on ``windows``."""
-    llm = open_gguf(gguf, windows.seqlen)
-    n_vocab = llm.n_vocab()
-    device = next(model.parameters()).device
-    nll_a = nll_b = 0.0
-    klds, same = [], 0
+@dataclass(frozen=True)
+class Comparison:
+    """Perplexity of every side and the divergence of every pair ``(a, b)``, ``a`` before ``b`` in the sides."""
+
+    names: tuple[str, ...]
+    windows: str
+    n_tokens: int
+    ppl: dict[str, float]
+    divergence: dict[tuple[str, str], Divergence]
+
+    def to_dict(self) -> dict:
+        return {"sides": list(self.names), "windows": self.windows, "n_tokens": self.n_tokens, "ppl": self.ppl,
+                "kld": {f"{a} -> {b}": asdict(d) for (a, b), d in self.divergence.items()}}
+
+
+def compare_sides(sides: dict[str, Side], windows: TokenWindows, progress: ProgressFn | None = None) -> Comparison:
+    """Perplexity of each side and KL divergences between them on ``windows`` (see the module docstring)."""
+    names = tuple(sides)
+    run = {name: _logits_fn(side, windows.seqlen) for name, side in sides.items()}
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    nll = dict.fromkeys(names, 0.0)
+    klds: dict[tuple[str, str], list[np.ndarray]] = {p: [] for p in pairs}
+    same = dict.fromkeys(pairs, 0)
     for w, ids in enumerate(windows.input_ids):
-        ours = model(input_ids=ids[None].to(device), use_cache=False).logits[0, :-1].float().cpu().numpy()
-        if ours.shape[1] != n_vocab:
-            raise ValueError(f"The GGUF file has {n_vocab} words and the model {ours.shape[1]}: not the same model.")
-        theirs = llamacpp_logits(llm, ids.tolist())[:-1]
+        logits = {name: run[name](ids) for name in names}
+        vocab = {v.shape[1] for v in logits.values()}
+        if len(vocab) != 1:
+            raise ValueError(f"The sides have different vocabularies ({sorted(vocab)} words): not the same model.")
         targets = ids[1:].numpy()
         for start in range(0, len(targets), _ROWS):
             rows = slice(start, start + _ROWS)
-            p, q = _log_softmax(ours[rows]), _log_softmax(theirs[rows])
-            index = np.arange(p.shape[0])
-            nll_a -= p[index, targets[rows]].sum()
-            nll_b -= q[index, targets[rows]].sum()
-            klds.append((np.exp(p) * (p - q)).sum(axis=1))
-            same += int((p.argmax(axis=1) == q.argmax(axis=1)).sum())
+            logp = {name: _log_softmax(v[rows]) for name, v in logits.items()}
+            index = np.arange(len(targets[rows]))
+            for name, lp in logp.items():
+                nll[name] -= float(lp[index, targets[rows]].sum())
+            for a, b in pairs:
+                klds[(a, b)].append((np.exp(logp[a]) * (logp[a] - logp[b])).sum(axis=1))
+                same[(a, b)] += int((logp[a].argmax(axis=1) == logp[b].argmax(axis=1)).sum())
         if progress:
             progress(w + 1, windows.n_windows)
-    kld = np.concatenate(klds)
-    n = kld.size
-    return Agreement(gguf=str(gguf), windows=windows.label(), n_tokens=n, ppl_layerlab=math.exp(nll_a / n),
-                     ppl_llamacpp=math.exp(nll_b / n), kld_mean=float(kld.mean()), kld_median=float(np.median(kld)),
-                     kld_p99=float(np.percentile(kld, 99)), same_top=same / n)
+    n = windows.n_windows * (windows.seqlen - 1)
+    divergence = {}
+    for pair in pairs:
+        values = np.concatenate(klds[pair])
+        divergence[pair] = Divergence(float(values.mean()), float(np.median(values)),
+                                      float(np.percentile(values, 99)), same[pair] / n)
+    return Comparison(names, windows.label(), n, {k: math.exp(v / n) for k, v in nll.items()}, divergence)
+
+
+def agreement(model: torch.nn.Module, gguf: str | Path, windows: TokenWindows,
+              progress: ProgressFn | None = None) -> Agreement:
+    """Perplexity and KL divergence of llama.cpp running ``gguf`` against ``model`` on ``windows``."""
+    found = compare_sides({"LayerLab": model, "llama.cpp": gguf}, windows, progress)
+    d = found.divergence[("LayerLab", "llama.cpp")]
+    return Agreement(gguf=str(gguf), windows=found.windows, n_tokens=found.n_tokens,
+                     ppl_layerlab=found.ppl["LayerLab"], ppl_llamacpp=found.ppl["llama.cpp"], kld_mean=d.mean,
+                     kld_median=d.median, kld_p99=d.p99, same_top=d.same_top)
+
+
+def verify_export(dense: torch.nn.Module, compressed: torch.nn.Module, gguf: str | Path, windows: TokenWindows,
+                  progress: ProgressFn | None = None) -> dict:
+    """"Verify in llama.cpp": dense (in-app), the compressed model (in-app) and llama.cpp running the exported
+    file, on the same windows.  Returns perplexities, KL divergence to dense of both compressed sides (what the
+    app showed, what llama.cpp gives) and between them, and a one-line summary."""
+    found = compare_sides({"dense": dense, "LayerLab": compressed, "llama.cpp": gguf}, windows, progress)
+    in_app, deployed = found.divergence[("dense", "LayerLab")], found.divergence[("dense", "llama.cpp")]
+    gap = found.ppl["llama.cpp"] / found.ppl["LayerLab"] - 1.0
+    summary = (f"llama.cpp ran the file: perplexity {found.ppl['llama.cpp']:.3f} vs {found.ppl['LayerLab']:.3f} in "
+               f"the app ({gap:+.2%}; dense {found.ppl['dense']:.3f}); KL divergence to dense {deployed.mean:.4f} "
+               f"(app: {in_app.mean:.4f}), same top token as dense {deployed.same_top:.1%} "
+               f"(app: {in_app.same_top:.1%}); {found.n_tokens:,} positions of {found.windows}.")
+    return {**found.to_dict(), "ppl_gap": gap, "summary": summary}

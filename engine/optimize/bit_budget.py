@@ -59,6 +59,12 @@ class LayerCosts:
     weights: list[int]
     unquantized_params: int
     module_bits: list[dict[str, list[int]]] = field(default_factory=list)
+    fixed_bytes: float | None = None  # bytes outside the decoder linears as deployed (GGUF); None: 16 bits each
+
+    @property
+    def fixed(self) -> float:
+        """Bytes of everything but the decoder linears: the format's (``fixed_bytes``) or 16 bits per parameter."""
+        return self.fixed_bytes if self.fixed_bytes is not None else 2 * self.unquantized_params
 
     @property
     def total_weights(self) -> int:
@@ -90,8 +96,8 @@ class LayerCosts:
         return self.total_bits(per_layer) / self.total_weights
 
     def model_bytes(self, per_layer: Sequence[LayerBits]) -> float:
-        """Whole-model bytes of an allocation, unquantized parts at 16 bits."""
-        return self.total_bits(per_layer) / 8 + 2 * self.unquantized_params
+        """Whole-model bytes of an allocation, the rest as :attr:`fixed` counts it."""
+        return self.total_bits(per_layer) / 8 + self.fixed
 
 
 def layer_costs(model: nn.Module, arch: Architecture, levels: Sequence[int], spec: QuantizerSpec) -> LayerCosts:
@@ -130,13 +136,13 @@ class BitBudget:
     def layer_bits(self, costs: LayerCosts) -> int:
         """The bits the decoder layers may use; refuses budgets outside what ``costs.levels`` can reach."""
         budget = (self.avg_bits * costs.total_weights if self.avg_bits is not None
-                  else 8 * self.total_bytes - 16 * costs.unquantized_params)
+                  else 8 * (self.total_bytes - costs.fixed))
         low = sum(row[0] for row in costs.bits)
         high = sum(row[-1] for row in costs.bits)
         if not low <= budget <= high:
             lo_avg, hi_avg = low / costs.total_weights, high / costs.total_weights
-            lo_mib = (low / 8 + 2 * costs.unquantized_params) / 2**20
-            hi_mib = (high / 8 + 2 * costs.unquantized_params) / 2**20
+            lo_mib = (low / 8 + costs.fixed) / 2**20
+            hi_mib = (high / 8 + costs.fixed) / 2**20
             side = "below the smallest" if budget < low else "above the largest"
             raise BudgetError(
                 f"A budget of {self.label()} is {side} size these levels {list(costs.levels)} can give: choose "

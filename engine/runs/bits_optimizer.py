@@ -49,7 +49,8 @@ from engine.optimize.bit_budget import (
 from engine.optimize.damage import blended
 from engine.optimize.knapsack import solve
 from engine.quant.allocation import Allocation, layer_order
-from engine.quant.grid import QuantizerSpec
+from engine.export.gguf_llamacpp import llamacpp_details
+from engine.quant.grid import LLAMACPP, QuantizationError, QuantizerSpec
 from engine.quant.layer_bits import LayerBits, describe_all, mean_level, normalize
 from engine.quant.quantize_model import quantize_model
 from engine.runs.plans import QuantPlan
@@ -86,6 +87,8 @@ class BitsOptimizerPlan:
 
     def spec(self) -> QuantizerSpec:
         """The quantizer at the highest level (GPTQ with static act-order, as the sensitivity lab measures it)."""
+        if self.quantizer == LLAMACPP:
+            return QuantizerSpec(method=LLAMACPP, bits=max(check_levels(self.levels)))
         return QuantizerSpec(method=self.quantizer, bits=max(check_levels(self.levels)), group_size=self.group_size,
                              act_order=self.quantizer == "gptq")
 
@@ -93,7 +96,8 @@ class BitsOptimizerPlan:
         """The sensitivity actions to measure, level by level (per linear, ``linears`` in layer order, for
         ``granularity="module"``)."""
         modules = [None] if self.granularity == "layer" else list(linears or [])
-        return [Action(self.quantizer, bits=b, group_size=self.group_size, module=m)
+        group = None if self.quantizer == LLAMACPP else self.group_size
+        return [Action(self.quantizer, bits=b, group_size=group, module=m)
                 for b in check_levels(self.levels) for m in modules]
 
     def quant_plan(self, ordering: str = "optimizer", bits: list[int] | None = None) -> QuantPlan:
@@ -242,11 +246,29 @@ def _key(loaded: LoadedModel, plan: BitsOptimizerPlan, calibration: DataSpec) ->
                      plan=fields, data=calibration.to_dict())
 
 
+def plan_costs(loaded: LoadedModel, plan: BitsOptimizerPlan) -> LayerCosts:
+    """Storage of every layer and linear at the plan's levels; for llama.cpp's types the rest of the model is
+    counted as the GGUF file holds it (embedding/output in the output type, norms, metadata), so a budget in
+    bytes is a budget on the file."""
+    spec = plan.spec()
+    costs = layer_costs(loaded.model, loaded.architecture, plan.levels, spec)
+    if spec.method != LLAMACPP:
+        return costs
+    lowest = tuple([min(plan.levels)] * loaded.num_layers)
+    details = llamacpp_details(loaded, spec, lowest)
+    if details["file_bytes"] is None:
+        return costs
+    return replace(costs, fixed_bytes=details["file_bytes"] - costs.total_bits(lowest) / 8)
+
+
 def check_plan(loaded: LoadedModel, plan: BitsOptimizerPlan) -> int:
     """The budget in bits for the layers; refuses bad levels and budgets they cannot reach (nothing runs)."""
     if plan.candidates < 1 or plan.held_out_windows < 1:
         raise BudgetError("Check at least one solver candidate on at least one held-out window.")
-    return plan.budget.layer_bits(layer_costs(loaded.model, loaded.architecture, plan.levels, plan.spec()))
+    try:
+        return plan.budget.layer_bits(plan_costs(loaded, plan))
+    except QuantizationError as err:
+        raise BudgetError(str(err)) from None
 
 
 def optimization_if_cached(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerPlan,
@@ -334,9 +356,9 @@ def optimize_bits(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerP
     if cached is not None:
         return cached
     start = time.perf_counter()
-    spec = plan.spec()
-    costs = layer_costs(loaded.model, loaded.architecture, plan.levels, spec)
     budget_bits = check_plan(loaded, plan)  # bad input refused before anything runs
+    spec = plan.spec()
+    costs = plan_costs(loaded, plan)
     held_out = token_windows(held_out_spec(calibration, plan.held_out_windows), loaded.tokenizer, loaded.max_seqlen)
     if held_out.n_windows < 1:
         raise DataError("No calibration text is left for the held-out check: use fewer calibration windows.")

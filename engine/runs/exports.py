@@ -29,7 +29,9 @@ from engine.export.hf_folder import ExportError, load_hf_folder, write_hf_folder
 from engine.export.verify import round_trip
 from engine.quant.layer_bits import normalize_all
 from engine.quant.allocation import Allocation
-from engine.quant.grid import QuantizerSpec
+from engine.export.gguf_llamacpp import llamacpp_details, write_llamacpp_gguf
+from engine.llamacpp.runtime import LlamaCppUnavailable
+from engine.quant.grid import LLAMACPP, QuantizerSpec
 from engine.quant.quantize_model import QuantizedModel, quantize_model
 from engine.runs.record import RunRecord
 from engine.runs.store import ResultsStore
@@ -57,6 +59,9 @@ def export_formats(record: RunRecord, loaded: LoadedModel | None = None) -> dict
         f"{method} runs have nothing to export beyond the base model.")
     gguf = None if method == "quantization" else "GGUF export is for quantized runs (a tensor type per layer)."
     ct = None if method == "quantization" else "compressed-tensors export is for quantized runs."
+    if ct is None and quantizer_spec_of(record).method == LLAMACPP:
+        ct = ("this run holds llama.cpp's types, which only GGUF stores; quantize with the symmetric research grid "
+              "for a compressed-tensors folder.")
     if ct is None and loaded is not None:
         ct = ct_unsupported(loaded, quantizer_spec_of(record))
     if method == "stacked":
@@ -113,6 +118,13 @@ def gguf_type_lines(loaded: LoadedModel, record: RunRecord, mode: str = "exact")
     """What the GGUF file of a quantization run will hold: one line per (bits, type), with the reason."""
     from engine.export.gguf_file import describe_choices, plan_gguf_types
 
+    spec = quantizer_spec_of(record)
+    if spec.method == LLAMACPP:
+        details = llamacpp_details(loaded, spec, normalize_all(record.config["bits"]))
+        if details["file_bytes"] is None:
+            return [details.get("file_note", "")]
+        return [f"{count} tensors in {qtype}" for qtype, count in details["tensor_types"].items()] + [
+            f"exactly as the run measured them (llama.cpp's own quantizer); file {details['file_bytes'] / 2**20:.1f} MiB"]
     return describe_choices(plan_gguf_types(loaded, list(normalize_all(record.config["bits"])),
                                             quantizer_spec_of(record), mode))
 
@@ -147,12 +159,24 @@ def rebuild_model(loaded: LoadedModel, record: RunRecord,
     if record.method == "quantization":
         spec = quantizer_spec_of(record)
         windows = None
-        if spec.method == "gptq":
+        if spec.needs_calibration:
             windows = token_windows(_calibration(record), loaded.tokenizer, loaded.max_seqlen)
         bits = normalize_all(config["bits"])
         return quantize_model(loaded, Allocation(bits, tuple(range(len(bits)))), windows, spec=spec,
                               progress=stage_callback(progress, "quantizing"))
     raise ExportError(f"Run {record.id} ({record.method}) has no model to export.")
+
+
+def verify_in_llamacpp(loaded: LoadedModel, compressed: torch.nn.Module, gguf: str, windows,
+                       progress: StageProgress | None = None) -> dict:
+    """llama.cpp runs the exported file beside the dense and compressed in-app models on ``windows``
+    (:func:`engine.llamacpp.agreement.verify_export`); without llama.cpp, a note saying why it was not run."""
+    try:
+        from engine.llamacpp.agreement import verify_export
+
+        return verify_export(loaded.model, compressed, gguf, windows, stage_callback(progress, "llama.cpp check"))
+    except LlamaCppUnavailable as err:
+        return {"summary": f"Written, not checked in llama.cpp: {err}", "unavailable": str(err)}
 
 
 def verification_windows(loaded: LoadedModel, record: RunRecord, n_windows: int = VERIFY_WINDOWS):
@@ -222,13 +246,23 @@ def export_run(store: ResultsStore, loaded: LoadedModel, record: RunRecord, fmt:
             if not isinstance(built, QuantizedModel):
                 raise ExportError("GGUF export needs the quantized model of a quantization run.")
             torch_model = built.model
-            written = write_gguf(built, loaded, out, overwrite=overwrite, notes=notes, mode=gguf_types)
-            reloaded = load_gguf(out)
+            if built.spec.method == LLAMACPP:
+                written = write_llamacpp_gguf(built, loaded, out, overwrite=overwrite, notes=notes)
+                reloaded = None
+            else:
+                written = write_gguf(built, loaded, out, overwrite=overwrite, notes=notes, mode=gguf_types)
+                reloaded = load_gguf(out)
     except OSError as err:
         raise ExportError(f"Writing the export to '{out}' failed ({err}); nothing was left there. "
                           "Free some disk space or choose another folder.") from None
     seconds = time.perf_counter() - started - rebuild_s
     windows = verification_windows(loaded, record, verify_windows)
+    if reloaded is None:  # llama.cpp's types: the deployed runtime itself checks the file
+        check = verify_in_llamacpp(loaded, torch_model, written["file"], windows, progress)
+        result = {"format": fmt, "dtype": "GGUF types", **written, "seconds": seconds, "rebuild_s": rebuild_s,
+                  "llamacpp": check, "summary": check["summary"], "notes": written.get("notes", [])}
+        store.add_export(record.id, result)
+        return result
     exact = fmt != "gguf" or written.get("exact_fraction") == 1.0
     check = round_trip(torch_model, reloaded, windows, TOLERANCE[fmt] if exact else None)
     result = {"format": fmt, "dtype": dtype or str(next(torch_model.parameters()).dtype).removeprefix("torch."),

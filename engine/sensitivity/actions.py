@@ -8,6 +8,8 @@ them (comma-separated in ``--actions``):
 ``quant:3``         round-to-nearest (RTN) at 3 bits (same as ``rtn:3``)
 ``gptq:3``          GPTQ at 3 bits (static act-order, Hessians from the dense layer's inputs)
 ``quant:3@down``    only one linear of the layer (its short name, e.g. q, k, v, o, gate, up, down)
+``quant:Q3_K``      llama.cpp's Q3_K (its own quantizer; also ``llama.cpp:3``), with llama.cpp's fallback
+                    type for rows that are not a multiple of 256
 ``slice:0.25``      slice 25% of the layer's residual width (SliceGPT on this layer only)
 ``drop``            remove the layer (its output is its input)
 ``drop-attn``       remove only its attention block
@@ -26,11 +28,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from engine.core.architectures import Architecture
-from engine.quant.grid import MAX_BITS, MIN_BITS, QuantizationError, QuantizerSpec
+from engine.quant.ggml_types import TYPE_SETS
+from engine.quant.grid import LLAMACPP, MAX_BITS, MIN_BITS, QuantizationError, QuantizerSpec
 from engine.sensitivity.errors import ActionSpecError, UnsupportedActionError
 from engine.slicing.schedules import DEFAULT_ROUND_TO, round_dim
 
-QUANT_KINDS = ("rtn", "gptq")
+QUANT_KINDS = ("rtn", "gptq", LLAMACPP)
 DROP_KINDS = ("drop", "drop-attn", "drop-mlp")
 KINDS = (*QUANT_KINDS, "slice", *DROP_KINDS)
 SLICE_ROUND_TO = DEFAULT_ROUND_TO
@@ -64,7 +67,7 @@ class Action:
             if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
                 raise ActionSpecError(f"Bit level {bits!r} is out of range: choose an integer from {MIN_BITS} "
                                       f"to {MAX_BITS} (e.g. quant:3).")
-            if self.group_size is None:
+            if self.group_size is None and self.kind != LLAMACPP:
                 object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE)
             self.quantizer()  # validates the group size with the quantizer's own message
         elif self.bits is not None:
@@ -85,6 +88,8 @@ class Action:
     @property
     def key(self) -> str:
         """Stable short name: ``rtn3-g128``, ``gptq3-g128``, ``slice0.25``, ``drop``, ``drop-attn``, ``drop-mlp``."""
+        if self.kind == LLAMACPP:
+            return f"ggml-{self.ggml_type}" + (f"-{self.module}" if self.module else "")
         if self.kind in QUANT_KINDS:
             group = "row" if self.group_size is None else self.group_size
             return f"{self.kind}{self.bits}-g{group}" + (f"-{self.module}" if self.module else "")
@@ -94,7 +99,9 @@ class Action:
 
     @property
     def label(self) -> str:
-        """Chart label: ``RTN 3-bit``, ``GPTQ 3-bit``, ``slice 25%``, ``drop layer``..."""
+        """Chart label: ``RTN 3-bit``, ``GPTQ 3-bit``, ``Q3_K``, ``slice 25%``, ``drop layer``..."""
+        if self.kind == LLAMACPP:
+            return self.ggml_type + (f" {self.module}" if self.module else "")
         if self.kind in QUANT_KINDS:
             group = "" if self.group_size == DEFAULT_GROUP_SIZE else f" g{self.group_size or 'row'}"
             return f"{self.kind.upper()} {self.bits}-bit{group}" + (f" {self.module}" if self.module else "")
@@ -105,14 +112,28 @@ class Action:
     @property
     def cost_word(self) -> str:
         """How findings name this action's cost: ``3-bit RTN``, ``25% slicing``, ``dropping the layer``..."""
+        if self.kind == LLAMACPP:
+            return f"llama.cpp's {self.ggml_type}" + (f" of {self.module}" if self.module else "")
         if self.kind in QUANT_KINDS:
             return f"{self.bits}-bit {self.kind.upper()}" + (f" of {self.module}" if self.module else "")
         if self.kind == "slice":
             return f"{100 * self.fraction:g}% slicing"
         return {"drop": "layer-drop", "drop-attn": "attention-drop", "drop-mlp": "MLP-drop"}[self.kind]
 
+    @property
+    def ggml_type(self) -> str:
+        """llama.cpp's k-quant type of a ``llama.cpp`` action's level (before the fallback for narrow rows)."""
+        return TYPE_SETS["k-quants"].get(self.bits, f"{self.bits}-bit")
+
     def quantizer(self) -> QuantizerSpec:
         """The per-weight quantizer (GPTQ: static act-order, calibrated on the dense layer's own inputs)."""
+        if self.kind == LLAMACPP:
+            if self.group_size is not None:
+                raise ActionSpecError("llama.cpp's types fix their own blocks: give no group size.")
+            try:
+                return QuantizerSpec(method=LLAMACPP, bits=self.bits)
+            except QuantizationError as err:
+                raise ActionSpecError(str(err)) from None
         try:
             return QuantizerSpec(method=self.kind, bits=self.bits, group_size=self.group_size,
                                  act_order=self.kind == "gptq", propagation="dense")
@@ -145,12 +166,23 @@ def parse_action(text: str) -> Action:
     name = {"quant": "rtn", "quantize": "rtn", "drop-attention": "drop-attn"}.get(name.strip().lower(),
                                                                                   name.strip().lower())
     value = value.strip()
+    if name == "ggml":
+        name = LLAMACPP
+    if name == "rtn" and value.upper().startswith("Q"):  # quant:Q3_K@down: llama.cpp's own type
+        qtype, at, module = value.partition("@")
+        levels = {t: b for b, t in TYPE_SETS["k-quants"].items()}
+        if qtype.upper() not in levels or (at and not module.strip()):
+            raise ActionSpecError(f"'{text}': llama.cpp actions name a k-quant type, one of {', '.join(levels)} "
+                                  "(e.g. quant:Q3_K or quant:Q3_K@down).")
+        return Action(LLAMACPP, bits=levels[qtype.upper()], module=module.strip() or None)
     if name in QUANT_KINDS:
         value, at, module = value.partition("@")
         bits, _, group = value.partition("/g")
         if not (bits.isdigit() and (not group or group.isdigit())) or (at and not module.strip()):
             raise ActionSpecError(f"'{text}' needs an integer bit level from {MIN_BITS} to {MAX_BITS}, e.g. "
                                   f"{name}:3 (or {name}:3/g64 for group size 64, {name}:3@down for one linear).")
+        if name == LLAMACPP and group:
+            raise ActionSpecError(f"'{text}': llama.cpp's types fix their own blocks; drop the /g part.")
         return Action(name, bits=int(bits), group_size=int(group) if group else None,
                       module=module.strip() or None)
     if name == "slice":

@@ -65,7 +65,7 @@ def layer_costs(model: nn.Module, architecture: Architecture) -> LayerCosts:
 def layer_step_cost(costs: LayerCosts, action: Action, index: int) -> int:
     """Per-token cost of measuring ``action`` on layer ``index``: preparation, the modified layer, the tail."""
     layer = costs.layer(index)
-    own = {"rtn": layer, "gptq": 2 * layer, "slice": costs.attention[index] + layer, "drop": 0,
+    own = {"rtn": layer, "llama.cpp": layer, "gptq": 2 * layer, "slice": costs.attention[index] + layer, "drop": 0,
            "drop-attn": costs.mlp[index], "drop-mlp": costs.attention[index]}[action.kind]
     return own + costs.tail(index + 1)
 

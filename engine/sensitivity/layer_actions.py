@@ -46,8 +46,9 @@ from torch import nn
 
 from engine.core.architectures import Architecture, get_submodule
 from engine.quant.gptq import HessianAccumulator, quantize_weight
-from engine.quant.grid import rtn_quantize
-from engine.sensitivity.actions import Action
+from engine.quant.ggml_weight import ggml_quantize
+from engine.quant.grid import LLAMACPP, rtn_quantize
+from engine.sensitivity.actions import QUANT_KINDS, Action
 from engine.slicing.rotation import Covariance, compute_dtype, pca_basis
 
 Batches = Callable[[], Iterable[tuple[torch.Tensor, dict]]]
@@ -177,7 +178,12 @@ def quantized_layer(layer: nn.Module, arch: Architecture, action: Action,
         if action.module is not None and name != action.module:
             continue
         weight = linear.weight
-        result = quantize_weight(weight, spec, hessians[name]) if spec.method == "gptq" else rtn_quantize(weight, spec)
+        if spec.method == LLAMACPP:
+            result = ggml_quantize(weight, spec.bits, spec.ggml_types)
+        elif spec.method == "gptq":
+            result = quantize_weight(weight, spec, hessians[name])
+        else:
+            result = rtn_quantize(weight, spec)
         weight.copy_(result.dequantize(weight.dtype).to(weight.device))
         bits += result.storage_bits()
         weights += weight.numel()
@@ -187,7 +193,7 @@ def quantized_layer(layer: nn.Module, arch: Architecture, action: Action,
 def layer_for_action(layer: nn.Module, arch: Architecture, action: Action,
                      batches: Batches) -> tuple[nn.Module | None, dict]:
     """The modified layer for ``action`` (``None``: the layer is dropped) and facts about it."""
-    if action.kind in ("rtn", "gptq"):
+    if action.kind in QUANT_KINDS:
         return quantized_layer(layer, arch, action, batches)
     if action.kind == "slice":
         return sliced_layer(layer, arch, action, batches)
