@@ -5,7 +5,10 @@ from dataclasses import replace
 import streamlit as st
 
 from engine.core.data import DataError
-from engine.quant.grid import ZERO_POINTS
+from engine.export.gguf_llamacpp import llamacpp_details
+from engine.llamacpp.runtime import status as llamacpp_status
+from engine.quant.ggml_types import OUTPUT_TYPES, TYPE_SETS
+from engine.quant.grid import LLAMACPP, METHODS, ZERO_POINTS
 from engine.quant.size import describe_size, size_report
 from engine.runs.cached_scores import compute_scores
 from engine.runs.plans import PREVIEW_WINDOWS, EvalPlan, QuantPlan
@@ -33,6 +36,8 @@ enter_through_the_router()  # a page opened by its own URL on a new server goes 
 ORDER_LABELS = {"lim": "LIM (layer input modification)", "zd": "ZD (weight z-scores)", "random": "random (seeded)",
                 "reversed-lim": "reversed LIM", "custom": "custom order"}
 
+QUANTIZERS = {"rtn": "round-to-nearest", "gptq": "GPTQ (calibrated)", LLAMACPP: "llama.cpp types (exact GGUF)"}
+
 loaded = require_model()
 store = results_store()
 n_layers = loaded.num_layers
@@ -49,28 +54,54 @@ choose = st.radio("Choose the bits", ["ordering", "optimizer"], key=kept("quant_
                   format_func={"ordering": "by an importance ordering (the paper)",
                                "optimizer": "optimize for a size budget (measured)"}.get)
 cols = st.columns(4)
-quantizer = cols[0].selectbox("Quantizer", ["rtn", "gptq"], key=kept("quant_method"),
-                              format_func={"rtn": "round-to-nearest", "gptq": "GPTQ (calibrated)"}.get)
-act_order = cols[0].checkbox("GPTQ act-order", value=True, key=kept("quant_act_order"), disabled=quantizer != "gptq",
-                             help="Quantize columns by decreasing activation energy, group scales fixed in the "
-                             "original column order ('static' groups). Helps most on models whose weights were "
-                             "quantized before (like the built-in one).")
-group_size = cols[0].selectbox("Group size", [32, 64, 128, 256], index=2, key=kept("quant_group"))
-zero_point = cols[0].radio("Zero point", list(ZERO_POINTS), key=kept("quant_zero"), horizontal=True,
-                           help="integer: GPTQ-style asymmetric grid; float: fp16 group minimum (Q4_1 style); "
-                           "symmetric: zero fixed at the middle code, not stored (exports exactly as a "
-                           "compressed-tensors folder for transformers / vLLM, and as GGUF Q4_0 / Q5_0 / Q8_0).")
+quantizer = cols[0].selectbox("Quantizer", list(METHODS), key=kept("quant_method"), format_func=QUANTIZERS.get,
+                              help="round-to-nearest and GPTQ use LayerLab's research grid (group-wise fp16 scales); "
+                              "llama.cpp types are llama.cpp's own quantizer and block formats: the run is, bit for "
+                              "bit, the GGUF file it exports, and its size is that file's.")
+act_order, group_size, zero_point = False, 128, "integer"
+ggml_types, imatrix, output_type = "k-quants", False, "auto"
+if quantizer == LLAMACPP:
+    found = llamacpp_status()
+    if not found.available:
+        st.warning(f"llama.cpp types are unavailable here: {found.reason}")
+        st.stop()
+    ggml_types = cols[0].selectbox("llama.cpp types", list(TYPE_SETS), key=kept("quant_ggml_types"),
+                                   format_func=lambda t: f"{t}: " + ", ".join(f"{b}→{q}" for b, q in TYPE_SETS[t].items()))
+    imatrix = cols[0].checkbox("importance matrix (imatrix)", key=kept("quant_imatrix"),
+                               help="Weight each rounding error by how strongly its input column is used on the "
+                               "calibration windows, as llama-quantize --imatrix does.")
+    output_type = cols[0].selectbox("Embedding / output type", list(OUTPUT_TYPES), key=kept("quant_output_type"),
+                                    help="auto: llama.cpp's rule (Q6_K, or Q8_0 when rows are not a multiple of 256).")
+    level_options = list(TYPE_SETS[ggml_types])
+    level_label = lambda b: f"{b} ({TYPE_SETS[ggml_types][b]})"  # noqa: E731
+else:
+    act_order = cols[0].checkbox("GPTQ act-order", value=True, key=kept("quant_act_order"),
+                                 disabled=quantizer != "gptq",
+                                 help="Quantize columns by decreasing activation energy, group scales fixed in the "
+                                 "original column order ('static' groups). Helps most on models whose weights were "
+                                 "quantized before (like the built-in one).") and quantizer == "gptq"
+    group_size = cols[0].selectbox("Group size", [32, 64, 128, 256], index=2, key=kept("quant_group"))
+    zero_point = cols[0].radio("Zero point", list(ZERO_POINTS), key=kept("quant_zero"), horizontal=True,
+                               help="integer: GPTQ-style asymmetric grid; float: fp16 group minimum (Q4_1 style); "
+                               "symmetric: zero fixed at the middle code, not stored (exports exactly as a "
+                               "compressed-tensors folder for transformers / vLLM, and as GGUF Q4_0 / Q5_0 / Q8_0).")
+    level_options = list(range(2, 9))
+    level_label = str
 if choose == "optimizer":
     if calibration is None or evaluation is None:
         st.stop()
-    bits_optimizer_panel(store, loaded, calibration, EvalPlan(evaluation, **zero_shot), quantizer, group_size)
+    bits_optimizer_panel(store, loaded, calibration, EvalPlan(evaluation, **zero_shot), quantizer, group_size,
+                         level_options)
     st.subheader("Trade-off")
     method_tradeoff(store, loaded, "quantization", evaluation, "quantization_tradeoff")
     st.subheader("Export")
     export_section(store, loaded, "quantization", "quantization")
     st.stop()
-high_bits = cols[1].select_slider("High bits", list(range(2, 9)), 4, key=kept("quant_high"))
-low_bits = cols[1].select_slider("Low bits", list(range(2, 9)), 2, key=kept("quant_low"))
+family = f"_ggml_{ggml_types}" if quantizer == LLAMACPP else ""  # each level set keeps its own sliders
+high_bits = cols[1].select_slider("High bits", level_options, 4, format_func=level_label,
+                                  key=kept(f"quant_high{family}"))
+low_bits = cols[1].select_slider("Low bits", level_options, 2 if 2 in level_options else min(level_options),
+                                 format_func=level_label, key=kept(f"quant_low{family}"))
 mode = cols[2].radio("Allocate by", ["fraction", "average"], key=kept("quant_mode"),
                      format_func={"fraction": "fraction of layers at low bits", "average": "target average bits"}.get)
 low_fraction = target_bits = None
@@ -86,7 +117,7 @@ if ordering == "custom":
                            disabled=["position (least important first)"], key="quant_custom", hide_index=True)
     custom = tuple(int(v) for v in table["layer"])
 plan = QuantPlan(quantizer, group_size, high_bits, low_bits, low_fraction, target_bits, ordering, custom, int(seed),
-                 zero_point, act_order)
+                 zero_point, act_order, ggml_types, imatrix, output_type)
 
 if calibration is None or evaluation is None:
     st.stop()
@@ -96,8 +127,16 @@ allocation, importance = preview_or_stop(lambda: allocation_for(store, loaded, p
 spec = preview_or_stop(plan.spec, store, loaded, calibration, "")
 bit_table = charts.bit_map_table(list(allocation.bits), importance, "−ZD" if ordering == "zd" else "LIM")
 size = size_report(loaded.model, loaded.architecture, allocation.bits, spec)
+size_text = describe_size(size)
+if quantizer == LLAMACPP:
+    details = llamacpp_details(loaded, spec, allocation.bits)
+    types = ", ".join(f"{qtype} ×{n}" for qtype, n in details.get("tensor_types", {}).items())
+    size_text = (f"{size.bits_per_weight:.3f} bits per weight in the decoder linears as llama.cpp stores them; "
+                 + (f"GGUF file {details['file_bytes'] / 2**20:.1f} MiB (= the exported file's bytes). "
+                    if details["file_bytes"] else f"{details.get('file_note', '')} ")
+                 + f"Types: {types}.")
 show_chart(charts.bit_map_chart(bit_table, f"{loaded.source}; order {ORDER_LABELS[ordering]}"), "bit_map",
-           f"Average {allocation.average_bits:.3f} code bits per layer ({allocation.note}); {describe_size(size)} "
+           f"Average {allocation.average_bits:.3f} code bits per layer ({allocation.note}); {size_text} "
            f"Scores from {calibration.label()}.", bit_table)
 
 left, mid, right = st.columns(3)
@@ -105,7 +144,7 @@ with right:
     cancel_button("quantization")
 full_plan = EvalPlan(evaluation, **zero_shot)
 preview_plan = EvalPlan(replace(evaluation, n_windows=min(PREVIEW_WINDOWS, evaluation.n_windows)), preview=True)
-cost = f"quantization-{quantizer}"
+cost = f"quantization-{'gptq' if quantizer == 'gptq' else 'rtn'}"
 preview = left.button(f"Preview ({preview_plan.data.n_windows} windows, {run_estimate(loaded, cost, calibration, preview_plan, store)})",
                       type="primary",
                       help="A quick, noisy look: stored and drawn as a preview, with dense on the same windows.")

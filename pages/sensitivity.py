@@ -6,7 +6,8 @@ import streamlit as st
 
 from engine.core.data import DataError
 from engine.core.out_of_memory import RunOutOfMemory
-from engine.quant.grid import MAX_BITS, MIN_BITS
+from engine.llamacpp.runtime import status as llamacpp_status
+from engine.quant.grid import LLAMACPP, MAX_BITS, MIN_BITS
 from engine.runs.cached_scores import compute_scores, scores_if_cached
 from engine.sensitivity.actions import DEFAULT_GROUP_SIZE, QUANT_KINDS, Action, check_supported
 from engine.sensitivity.agreement import RESAMPLES, layer_scores
@@ -34,8 +35,8 @@ from ui.widgets import (
 
 enter_through_the_router()  # a page opened by its own URL on a new server goes through app.py
 
-ACTION_KINDS = {"rtn": "quantize (RTN)", "gptq": "quantize (GPTQ)", "slice": "slice", "drop": "drop layer",
-                "drop-attn": "drop attention", "drop-mlp": "drop MLP"}
+ACTION_KINDS = {"rtn": "quantize (RTN)", "gptq": "quantize (GPTQ)", LLAMACPP: "quantize (llama.cpp k-quant types)",
+                "slice": "slice", "drop": "drop layer", "drop-attn": "drop attention", "drop-mlp": "drop MLP"}
 
 loaded = require_model()
 store = results_store()
@@ -50,8 +51,11 @@ st.caption(
 spec = data_spec_controls("calibration", loaded)
 offered, refused = {}, []
 for kind, name in ACTION_KINDS.items():  # only what this model can do is offered
+    if kind == LLAMACPP and not llamacpp_status().available:
+        refused.append(f"{name}: {llamacpp_status().reason}")
+        continue
     try:
-        probe = {"slice": {"fraction": 0.25}, "rtn": {"bits": 4}, "gptq": {"bits": 4}}.get(kind, {})
+        probe = {"slice": {"fraction": 0.25}, "rtn": {"bits": 4}, "gptq": {"bits": 4}, LLAMACPP: {"bits": 4}}.get(kind, {})
         check_supported(Action(kind, **probe), loaded.architecture, loaded.hidden_size)
         offered[kind] = name
     except UnsupportedActionError as err:
@@ -62,7 +66,8 @@ cols = st.columns([3, 2, 2, 2])
 kinds = cols[0].multiselect("Actions (each on one layer at a time)", list(offered),
                             [k for k in ("rtn", "slice", "drop") if k in offered],
                             format_func=ACTION_KINDS.get, key=kept("sens_actions"))
-bits = cols[1].multiselect("Bit levels (RTN / GPTQ)", list(range(MIN_BITS, MAX_BITS + 1)), [3],
+bits = cols[1].multiselect("Bit levels (RTN / GPTQ; llama.cpp: 2→Q2_K … 6→Q6_K, 8→Q8_0)",
+                           list(range(MIN_BITS, MAX_BITS + 1)), [3],
                            key=kept("sens_bits"), disabled=not set(kinds) & set(QUANT_KINDS))
 group_size = cols[1].number_input("Group size", 8, 8192, DEFAULT_GROUP_SIZE, 8, key=kept("sens_group"),
                                   disabled=not set(kinds) & set(QUANT_KINDS))
@@ -89,7 +94,7 @@ try:
     actions = []
     for kind in kinds:
         if kind in QUANT_KINDS:
-            actions += [Action(kind, bits=int(b), group_size=int(group_size),
+            actions += [Action(kind, bits=int(b), group_size=None if kind == LLAMACPP else int(group_size),
                                module=None if module == WHOLE_LAYER else module)
                         for b in sorted(bits) for module in modules]
         else:

@@ -10,13 +10,17 @@ from engine.core.models import LoadedModel
 from engine.runs.exports import (
     FORMATS,
     TOLERANCE,
+    TOLERANCE_LLAMACPP,
+    VERIFY_WINDOWS,
     default_export_folder,
     export_archive,
     export_estimate,
     export_formats,
     export_run,
     gguf_type_lines,
+    quantizer_spec_of,
 )
+from engine.quant.grid import LLAMACPP
 from engine.runs.record import RunRecord
 from engine.runs.store import ResultsStore
 from ui.widgets import cancel_button, progress_callback
@@ -41,19 +45,32 @@ def _run_label(record: RunRecord) -> str:
     return f"run {record.id} · {record.method} · {record.series}" + (f" · ppl {ppl:.2f}" if ppl else "")
 
 
+def _export_row(e: dict) -> dict:
+    row = {"format": e["format"], "weights / types": e.get("type_choice") or e.get("dtype", ""),
+           "folder": e["folder"], "MiB on disk": round(e["bytes"] / 2**20, 2)}
+    check = e.get("verification")
+    if check is not None:
+        return {**row, "checked by": "transformers", "ppl in app": round(check["ppl_in_app"], 3),
+                "ppl reloaded": round(check["ppl_export"], 3), "change": f"{check['rel_diff']:+.3%}",
+                "within promise": check["passed"]}
+    llama = e.get("llamacpp", {})
+    if "ppl" not in llama:
+        return {**row, "checked by": "not checked (llama.cpp unavailable)"}
+    kld = llama["kld"]
+    return {**row, "checked by": "llama.cpp", "ppl in app": round(llama["ppl"]["LayerLab"], 3),
+            "ppl reloaded": round(llama["ppl"]["llama.cpp"], 3), "change": f"{llama['ppl_gap']:+.3%}",
+            "within promise": abs(llama["ppl_gap"]) <= TOLERANCE_LLAMACPP,
+            "KLD to dense (app)": round(kld["dense -> LayerLab"]["mean"], 4),
+            "KLD to dense (llama.cpp)": round(kld["dense -> llama.cpp"]["mean"], 4)}
+
+
 def _exports_table(record: RunRecord) -> pd.DataFrame:
-    rows = [{"format": e["format"], "weights / types": e.get("type_choice") or e.get("dtype", ""),
-             "folder": e["folder"], "MiB on disk": round(e["bytes"] / 2**20, 2),
-             "ppl in app": round(e["verification"]["ppl_in_app"], 3),
-             "ppl reloaded": round(e["verification"]["ppl_export"], 3),
-             "change": f"{e['verification']['rel_diff']:+.3%}", "within promise": e["verification"]["passed"]}
-            for e in record.config.get("exports", [])]
-    return pd.DataFrame(rows)
+    return pd.DataFrame([_export_row(e) for e in record.config.get("exports", [])])
 
 
 def _show_result(result: dict) -> None:
-    check = result["verification"]
-    (st.warning if check["passed"] is False else st.success)(
+    passed = _export_row(result).get("within promise")
+    (st.warning if passed is False or "unavailable" in result.get("llamacpp", {}) else st.success)(
         f"Exported to `{result['folder']}` ({result['bytes'] / 2**20:.1f} MiB on disk, {result['seconds']:.1f} s). "
         + result["summary"])
     for note in result.get("notes", []):
@@ -84,7 +101,15 @@ def export_section(store: ResultsStore, loaded: LoadedModel, method: str | None,
         return
     fmt = st.radio("Format", available, format_func=FORMATS.get, horizontal=True, key=f"{key}_export_format")
     gguf_types = "exact"
-    if fmt == "gguf":
+    llamacpp_run = quantizer_spec_of(record).method == LLAMACPP if record.method == "quantization" else False
+    if fmt == "gguf" and llamacpp_run:
+        lines = gguf_type_lines(loaded, record)
+        st.markdown("**Tensor types in the file** (llama.cpp's own, as the run holds them):\n"
+                    + "\n".join(f"- {line}" for line in lines))
+        st.caption("After writing, llama.cpp itself runs the file beside the dense and the in-app model on "
+                   f"{VERIFY_WINDOWS} evaluation windows of the run: perplexity and KL divergence to dense, as "
+                   f"llama.cpp computes them (promise: perplexity within ±{TOLERANCE_LLAMACPP:.1%} of the app's).")
+    elif fmt == "gguf":
         gguf_types = st.radio("Tensor types", ["exact", "compact"], horizontal=True, key=f"{key}_export_types",
                               format_func={"exact": "exact (LayerLab's codes kept)",
                                            "compact": "compact (nearest k-quants, re-quantized)"}.get,
@@ -118,7 +143,8 @@ def export_section(store: ResultsStore, loaded: LoadedModel, method: str | None,
         cancel_button(f"{key}_export", "Cancel export")
     if left.button(f"Export and verify ({export_estimate(loaded, record)})", key=f"{key}_export_go", type="primary",
                    help="Writes to a staging folder renamed at the end (never half-written), reloads it with "
-                   "transformers and compares perplexity with the in-app model on 4 evaluation windows."):
+                   "its runtime (llama.cpp for llama.cpp-type runs, else transformers) and compares perplexity "
+                   f"with the in-app model on {VERIFY_WINDOWS} evaluation windows."):
         try:
             result = export_run(store, loaded, record, fmt, folder, overwrite=overwrite, dtype=dtype,
                                 gguf_types=gguf_types,

@@ -7,7 +7,7 @@ import streamlit as st
 from engine.core.data import DataError, DataSpec
 from engine.core.models import LoadedModel
 from engine.optimize.bit_budget import DEFAULT_LEVELS, BitBudget
-from engine.quant.grid import MAX_BITS, MIN_BITS
+from engine.quant.grid import LLAMACPP, MAX_BITS, MIN_BITS
 from engine.quant.layer_bits import is_per_module
 from engine.runs.bits_optimizer import (
     DEFAULT_CANDIDATES,
@@ -27,7 +27,7 @@ from ui.widgets import cancel_button, progress_callback, show_chart, show_outcom
 
 
 def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, evaluation: EvalPlan, quantizer: str,
-                         group_size: int) -> None:
+                         group_size: int, level_options: list[int] | None = None) -> None:
     """Budget, levels, candidates → Optimize (measure, solve, check on held-out) → run on evaluation text."""
     st.subheader("Optimize for budget")
     st.caption(
@@ -37,8 +37,11 @@ def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, eval
         "a unit whose ΔNLL reads zero by chance is not free), an exact solver for the budget, then the "
         "solver's best candidates, the uniform allocation and the LIM / ZD / random orderings at the same budget "
         "are all measured on held-out calibration windows, and the best measured one is chosen: the optimizer is "
-        "never worse than what it competes with there. Sizes are honest (scales and zeros included); integer zero "
-        f"points; {quantizer.upper()} with groups of {group_size}.")
+        "never worse than what it competes with there. " + (
+            "Sizes are the GGUF file's bytes; llama.cpp's own types and quantizer (the levels name their types)."
+            if quantizer == LLAMACPP else
+            f"Sizes are honest (scales and zeros included); integer zero points; {quantizer.upper()} with groups of "
+            f"{group_size}."))
     cols = st.columns(4)
     kind = cols[0].radio("Budget as", ["bits", "MiB"], key=kept("opt_budget_kind"), horizontal=True,
                          format_func={"bits": "bits per weight", "MiB": "model MiB"}.get)
@@ -48,8 +51,9 @@ def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, eval
     else:
         budget = BitBudget(total_bytes=cols[0].number_input("Model size (MiB)", 1.0, 1e6, 100.0, 1.0,
                                                             key=kept("opt_mib")) * 2**20)
-    levels = cols[1].multiselect("Allowed levels", list(range(MIN_BITS, MAX_BITS + 1)), list(DEFAULT_LEVELS),
-                                 key=kept("opt_levels"))
+    options = level_options or list(range(MIN_BITS, MAX_BITS + 1))
+    levels = cols[1].multiselect("Allowed levels", options, [b for b in DEFAULT_LEVELS if b in options],
+                                 key=kept("opt_levels" if quantizer != LLAMACPP else "opt_levels_llamacpp"))
     candidates = cols[2].slider("Solver candidates", 1, 8, DEFAULT_CANDIDATES, key=kept("opt_candidates"),
                                 help="Damage does not add up exactly: the best few allocations by the sum are "
                                 "measured, not only the first.")
@@ -100,9 +104,11 @@ def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, eval
         bits = charts.bit_map_table(result.best.bits, None, "")
         figure = charts.bit_map_chart(bits, subtitle)
     show_chart(figure, "optimizer_bit_map", f"The chosen allocation: {result.best.avg_bits:.3f} bits per weight "
-               f"({result.best.model_bytes / 2**20:.1f} MiB with unquantized parts at 16 bits).", bits)
+               f"({result.best.model_bytes / 2**20:.1f} MiB "
+               f"{'as a GGUF file' if quantizer == LLAMACPP else 'with unquantized parts at 16 bits'}).", bits)
     runs = result.comparison_runs()
-    cost = run_estimate(loaded, f"quantization-{quantizer}", calibration, evaluation, store)
+    cost = run_estimate(loaded, f"quantization-{'gptq' if quantizer == 'gptq' else 'rtn'}", calibration,
+                        evaluation, store)
     if st.button(f"Run the optimizer's allocation and the {len(runs) - 1} orderings on evaluation text "
                  f"(≈ {len(runs)} × {cost})"):
         progress = progress_callback("Evaluating")

@@ -95,3 +95,34 @@ def test_optimize_per_linear_draws_the_layers_by_linears_map(tiny_app):
     heat = figure["data"][0]
     assert heat["type"] == "heatmap" and heat["y"] == ["q", "k", "v", "o", "gate", "up", "down"]
     assert {v for row in heat["z"] for v in row} <= {2, 4}
+
+
+@pytest.mark.skipif(not __import__("engine.llamacpp.runtime", fromlist=["status"]).status().available,
+                    reason="llama.cpp is not built here (make llamacpp)")
+def test_llamacpp_types_show_their_file_then_run_and_export_verified_by_llamacpp(tiny_app, tmp_path):
+    at = _ready()
+    at.selectbox(key="keep.quant_method").set_value("llama.cpp").run()
+    assert not at.exception and not at.error, at.error
+    labels = [w.label for w in at.select_slider]
+    assert labels == ["High bits", "Low bits"] and "Group size" not in [s.label for s in at.selectbox]
+    caption = _bits_caption(at)
+    assert "GGUF file" in caption and "(= the exported file's bytes)" in caption
+    assert "Q4_0 (for Q2_K)" in caption  # the tiny model's 64-wide rows fall back as llama.cpp's do
+    at.select_slider(key="keep.quant_low_ggml_k-quants").set_value(3).run()
+    assert "Q4_0 (for Q3_K)" in _bits_caption(at)
+    at.selectbox(key="keep.quant_ggml_types").set_value("legacy").run()
+    assert not at.exception
+    assert at.select_slider(key="keep.quant_high_ggml_legacy").options == ["4 (Q4_0)", "5 (Q5_0)", "8 (Q8_0)"]
+    at.selectbox(key="keep.quant_ggml_types").set_value("k-quants").run()
+    click(at, "Preview")
+    assert not at.exception and not at.error, at.error
+    run = ResultsStore().runs()[0]
+    assert run.config["runtime"] == "llama.cpp (GGUF)" and run.metrics["bytes_16bit"] == run.config["file_bytes"]
+    assert "llama.cpp k-quants" in run.series
+    at.text_input(key=f"quantization_export_folder_{run.id}_gguf").set_value(str(tmp_path / "e")).run()
+    click(at, "Export and verify")
+    assert not at.exception and not at.error, at.error
+    assert any("llama.cpp ran the file" in s.value for s in at.success)
+    export = ResultsStore().get_run(run.id).config["exports"][0]
+    assert export["bytes"] == run.config["file_bytes"]  # the size the run showed is the file's
+    assert abs(export["llamacpp"]["ppl_gap"]) < 0.005
