@@ -9,7 +9,7 @@ from engine.core.models import LoadedModel
 from engine.runs.plans import DEFAULT_CALIB_SEQLEN, DEFAULT_CALIB_WINDOWS, DEFAULT_EVAL_SEQLEN, DEFAULT_EVAL_WINDOWS
 from engine.runs.record import accuracy_tasks, acc_metric_key, acc_n_key, acc_stderr_key, acc_key
 from engine.runs.summary import COST_THRESHOLD, change_text, run_warnings
-from engine.viz.tradeoff import filter_runs, size_axes, tradeoff_figure
+from engine.viz.tradeoff import filter_runs, quality_axes, size_axes, tradeoff_figure
 from ui.report_pins import pin_button
 from ui.state import kept
 
@@ -125,6 +125,13 @@ def show_outcome(outcome, loaded: LoadedModel) -> None:
     cols[1].metric("Size vs dense (16-bit bytes)", f"{m['size_fraction']:.3f}")
     cols[2].metric("Parameters vs dense", f"{m['param_fraction']:.3f}")
     cols[3].metric("Compression time", f"{m['compress_s']:.1f} s")
+    if m.get("kld_mean") is not None:
+        cols = st.columns(4)
+        cols[0].metric("KL divergence to dense", f"{m['kld_mean']:.4f}",
+                       help="Mean over scored positions (nats per token) of KL(dense ‖ this model)'s next-token "
+                       "distributions on the same windows, as llama.cpp's --kl-divergence reports it.")
+        cols[1].metric("KLD median / 99%", f"{m['kld_median']:.4f} / {m['kld_p99']:.3f}")
+        cols[2].metric("Same top token as dense", f"{m['same_top']:.1%}")
     show_accuracies(m)
     for warning in run_warnings(record):
         st.warning(warning)
@@ -150,11 +157,20 @@ def method_tradeoff(store, loaded: LoadedModel, method: str, evaluation: DataSpe
         st.caption(f"No {method} runs evaluated on {label} yet.")
         return
     x = st.radio("x axis", list(axes), format_func=axes.get, horizontal=True, key=f"{method}_x")
-    subtitle = f"{loaded.source}; perplexity on {label}"
-    show_chart(tradeoff_figure(shown, x, "metrics.ppl", subtitle), name,
+    qualities = {k: v for k, v in quality_axes(shown[shown["method"] == method]).items()
+                 if k in ("metrics.ppl", "metrics.kld_mean")}
+    y = st.radio("y axis", list(qualities), format_func=qualities.get, horizontal=True, key=f"{method}_y") \
+        if len(qualities) > 1 else "metrics.ppl"
+    what = "KL divergence to dense" if y == "metrics.kld_mean" else "perplexity"
+    subtitle = f"{loaded.source}; {what} on {label}"
+    columns = ["id", "method", "series", "preview", x, "metrics.ppl", "metrics.ci_low", "metrics.ci_high"]
+    columns += [c for c in ("metrics.kld_mean", "metrics.kld_p99", "metrics.same_top") if c in shown]
+    show_chart(tradeoff_figure(shown, x, y, subtitle), name,
                f"Computed on: {subtitle}. Dense (black star, dotted line) measured on the same windows; "
-               "hollow dashed points are previews; the grey band is the Pareto frontier; bars are 95% intervals.",
-               shown[["id", "method", "series", "preview", x, "metrics.ppl", "metrics.ci_low", "metrics.ci_high"]])
+               "hollow dashed points are previews; the grey band is the Pareto frontier"
+               + ("; bars are 95% intervals." if y == "metrics.ppl" else
+                  "; KL divergence per scored position to dense's next-token distribution (0 = dense), as "
+                  "llama.cpp's --kl-divergence reports it."), shown[columns])
 
 
 def cancel_button(key: str, label: str = "Cancel run") -> None:

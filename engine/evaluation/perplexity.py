@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -106,7 +107,12 @@ def head_chunk(model: torch.nn.Module) -> int | None:
     return HEAD_CHUNK if chunked_head(model) is not None else None
 
 
-def _nll_sums_chunked(decoder: torch.nn.Module, head: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+LogitsObserver = Callable[[torch.Tensor, torch.Tensor], None]
+"""Called with flat scored positions ``[m]`` (window × (seqlen − 1) + position) and their logits ``[m, V]``."""
+
+
+def _nll_sums_chunked(decoder: torch.nn.Module, head: torch.nn.Module, batch: torch.Tensor,
+                      observer: LogitsObserver | None = None, first_window: int = 0) -> torch.Tensor:
     """Summed NLL (fp64) of each row of ``batch`` ``[b, T]``, the head applied to :data:`HEAD_CHUNK` positions
     (of all rows together) at a time."""
     b, t = batch.shape
@@ -118,6 +124,8 @@ def _nll_sums_chunked(decoder: torch.nn.Module, head: torch.nn.Module, batch: to
         end = start + HEAD_CHUNK
         logits = head(hidden[start:end]).float()  # the head's device (layers may be spread over devices)
         nll = F.cross_entropy(logits, targets[start:end].to(logits.device), reduction="none")
+        if observer is not None:
+            observer(first_window * (t - 1) + torch.arange(start, start + logits.shape[0]), logits)
         sums.index_add_(0, window[start:end], nll.double().to(sums.device))
     return sums.cpu()
 
@@ -128,8 +136,10 @@ def window_nll_sums(
     windows: TokenWindows,
     batch_size: int = 4,
     progress: ProgressFn | None = None,
+    observer: LogitsObserver | None = None,
 ) -> torch.Tensor:
-    """Summed next-token NLL (nats, fp64) of each window: shape ``[n_windows]``."""
+    """Summed next-token NLL (nats, fp64) of each window: shape ``[n_windows]``; ``observer`` sees every scored
+    position's logits (:mod:`engine.evaluation.divergence`)."""
     device = model_device(model)
     ids = windows.input_ids
     sums = torch.empty(ids.shape[0], dtype=torch.float64)
@@ -137,7 +147,7 @@ def window_nll_sums(
     for start in range(0, ids.shape[0], batch_size):
         batch = ids[start : start + batch_size].to(device)
         if parts is not None:
-            sums[start : start + batch.shape[0]] = _nll_sums_chunked(*parts, batch)
+            sums[start : start + batch.shape[0]] = _nll_sums_chunked(*parts, batch, observer, start)
             if progress is not None:
                 progress(min(start + batch_size, ids.shape[0]), ids.shape[0])
             continue
@@ -145,6 +155,9 @@ def window_nll_sums(
         for row in range(batch.shape[0]):  # one window at a time: log-softmax buffers of [T, V], not [b, T, V]
             nll = F.cross_entropy(logits[row, :-1].float(), batch[row, 1:], reduction="none")
             sums[start + row] = nll.sum().double().cpu()
+            if observer is not None:
+                t = batch.shape[1] - 1
+                observer((start + row) * t + torch.arange(t), logits[row, :-1].float())
         del logits
         if progress is not None:
             progress(min(start + batch_size, ids.shape[0]), ids.shape[0])
@@ -171,9 +184,10 @@ def perplexity(
     windows: TokenWindows,
     batch_size: int = 4,
     progress: ProgressFn | None = None,
+    observer: LogitsObserver | None = None,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` on ``windows`` (no overlap, no stride)."""
-    sums = window_nll_sums(model, windows, batch_size=batch_size, progress=progress)
+    """Perplexity of ``model`` on ``windows`` (no overlap, no stride); ``observer``: see :func:`window_nll_sums`."""
+    sums = window_nll_sums(model, windows, batch_size=batch_size, progress=progress, observer=observer)
     tokens_per_window = windows.seqlen - 1
     n_tokens = tokens_per_window * windows.n_windows
     mean_nll = float(sums.sum()) / n_tokens

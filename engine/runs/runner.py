@@ -23,6 +23,7 @@ from engine.core.out_of_memory import explain_out_of_memory
 from engine.core.paths import cache_root, unused_folder
 from engine.core.progress import StageProgress, Timer, stage_callback
 from engine.evaluation.latency import compare_latency, describe_seconds, estimate_seconds
+from engine.evaluation.divergence import DenseReference, DivergenceMeter, cached_reference, remember
 from engine.evaluation.paired import paired_change
 from engine.evaluation.perplexity import perplexity
 from engine.evaluation.zeroshot import TaskUnavailableError, zero_shot
@@ -70,13 +71,38 @@ class RunOutcome:
 # ---------------------------------------------------------------- evaluation
 
 
+def dense_reference(loaded: LoadedModel, windows: TokenWindows,
+                    progress: StageProgress | None = None) -> DenseReference:
+    """Dense's top-k next-token distribution on ``windows`` (cached; one dense pass when missing)."""
+    found = cached_reference(loaded.fingerprint, windows)
+    if found is None:
+        found = DenseReference.empty(windows.n_windows * (windows.seqlen - 1))
+        batch = evaluation_batch(ModelShape.of(loaded.model, loaded.architecture), windows.seqlen)
+        perplexity(loaded.model, windows, batch_size=batch, progress=stage_callback(progress, "dense reference"),
+                   observer=found.observe)
+        remember(loaded.fingerprint, windows, found)
+    return found
+
+
 def evaluate_model(loaded: LoadedModel, model: torch.nn.Module, plan: EvalPlan,
-                   progress: StageProgress | None = None) -> tuple[dict, dict]:
-    """(metrics, data) of ``model``: perplexity, its interval, and zero-shot accuracies."""
+                   progress: StageProgress | None = None, dense: bool = False) -> tuple[dict, dict]:
+    """(metrics, data) of ``model``: perplexity, its interval, KL divergence to dense on the same windows
+    (compressed models; ``dense=True`` records dense's reference instead), and zero-shot accuracies."""
     windows = token_windows(plan.data, loaded.tokenizer, loaded.max_seqlen)
     batch = evaluation_batch(ModelShape.of(loaded.model, loaded.architecture), windows.seqlen, plan.batch_size)
-    result = perplexity(model, windows, batch_size=batch, progress=stage_callback(progress, "perplexity"))
+    if dense:
+        recorder = DenseReference.empty(windows.n_windows * (windows.seqlen - 1))
+        observer = recorder.observe
+    else:
+        meter = DivergenceMeter(dense_reference(loaded, windows, progress))
+        observer = meter.observe
+    result = perplexity(model, windows, batch_size=batch, progress=stage_callback(progress, "perplexity"),
+                        observer=observer)
     metrics = result.to_metrics()
+    if dense:
+        remember(loaded.fingerprint, windows, recorder)
+    else:
+        metrics.update(meter.result().to_metrics())
     task_error = None
     if plan.tasks:
         try:
@@ -117,7 +143,7 @@ def run_dense(store: ResultsStore, loaded: LoadedModel, plan: EvalPlan,
               progress: StageProgress | None = None) -> RunOutcome:
     """Evaluate the uncompressed model and store it as method ``dense``."""
     with Timer() as timer:
-        metrics, data = evaluate_model(loaded, loaded.model, plan, progress)
+        metrics, data = evaluate_model(loaded, loaded.model, plan, progress, dense=True)
     metrics.update(dense_size_metrics(loaded.model))
     config = {"series": "dense", "preview": plan.preview}
     return RunOutcome(_store(store, loaded, "dense", config, data, metrics, timer.seconds), loaded.model)

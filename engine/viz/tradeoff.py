@@ -33,7 +33,8 @@ SIZE_AXES = {
     "metrics.avg_bits": SizeAxis("average code bits (per layer; per weight for a level per linear)"),
     "metrics.params": SizeAxis("parameters"),
 }
-LOWER_IS_BETTER = {"metrics.ppl"}
+KLD = "metrics.kld_mean"
+LOWER_IS_BETTER = {"metrics.ppl", KLD}
 
 
 def size_axes(frame: pd.DataFrame) -> dict[str, str]:
@@ -44,6 +45,8 @@ def size_axes(frame: pd.DataFrame) -> dict[str, str]:
 def quality_axes(frame: pd.DataFrame) -> dict[str, str]:
     """Quality columns present in ``frame``: perplexity and per-task accuracies."""
     axes = {"metrics.ppl": "perplexity"} if "metrics.ppl" in frame and frame["metrics.ppl"].notna().any() else {}
+    if KLD in frame and frame[KLD].notna().any():
+        axes[KLD] = "KL divergence to dense (mean, nats per token)"
     for column in frame.columns:
         if column.startswith(f"metrics.{ACC_PREFIX}") and frame[column].notna().any():
             axes[column] = f"accuracy: {column.removeprefix(f'metrics.{ACC_PREFIX}')}"
@@ -133,6 +136,8 @@ def tradeoff_figure(frame: pd.DataFrame, x: str, y: str, subtitle: str, log_y: b
 
     ``log_y``: None picks a log axis only when the values span a decade.
     """
+    if y == KLD and y in frame:  # dense is the reference: its divergence to itself is 0
+        frame = frame.assign(**{KLD: frame[KLD].where(frame["method"] != "dense", 0.0)})
     dense = frame[frame["method"] == "dense"].dropna(subset=[y]) if y in frame else frame.iloc[0:0]
     points = frame[frame["method"] != "dense"].dropna(subset=[x, y]) if {x, y} <= set(frame) else frame.iloc[0:0]
     points = points.sort_values(x)
@@ -190,7 +195,7 @@ def tradeoff_figure(frame: pd.DataFrame, x: str, y: str, subtitle: str, log_y: b
             line={"color": PARETO_COLOUR, "width": 6, "shape": "hv" if axis.larger_is_bigger else "vh"},
             opacity=0.25, hoverinfo="skip",
         ))
-    quality = y.removeprefix("metrics.").replace(ACC_PREFIX, "accuracy: ")
+    quality = "KL divergence to dense" if y == KLD else y.removeprefix("metrics.").replace(ACC_PREFIX, "accuracy: ")
     styled(fig, f"{quality} vs {axis.label}", subtitle, xaxis_title=axis.label,
            yaxis_title=quality + (" (log scale)" if log else ""))
     fig.update_xaxes(range=padded_range(xs), zeroline=False)

@@ -81,9 +81,9 @@ def test_evaluation_batch_keeps_activations_within_the_budget(tiny_loaded, monke
     assert evaluation_batch(shape, 8, requested=2) == 2  # never more than asked
     seen = []  # a run evaluates with that batch
 
-    def spy(model, windows, batch_size, progress=None):
+    def spy(model, windows, batch_size, progress=None, observer=None):
         seen.append(batch_size)
-        return perplexity(model, windows, batch_size=batch_size)
+        return perplexity(model, windows, batch_size=batch_size, observer=observer)
 
     monkeypatch.setattr("engine.runs.runner.perplexity", spy)
     long_eval = EvalPlan(DataSpec(split="evaluation", seqlen=512, n_windows=2))

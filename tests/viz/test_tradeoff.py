@@ -143,3 +143,21 @@ def test_runs_with_the_same_numbers_stay_visible_and_name_each_other(store):
     assert f"same point as run {measured_run} · drop by sensitivity" in lr.text[list(lr.y).index(31.0)]
     assert f"same point as run {lr_run} · drop by LR" in measured.text[0]
     assert "same point" not in lr.text[list(lr.y).index(55.0)] and len(ids) == 4
+
+
+def test_kld_axis_puts_dense_at_zero_and_orders_the_frontier_by_lower_divergence(store):
+    for method, series, fraction, kld in [("dense", None, 1.0, None), ("quantization", "lim", 0.5, 0.20),
+                                          ("quantization", "lim", 0.4, 0.35), ("quantization", "zd", 0.5, 0.30)]:
+        metrics = {"ppl": 20.0, "size_fraction": fraction}
+        if kld is not None:
+            metrics.update(kld_mean=kld, kld_median=kld / 2, kld_p99=kld * 5, same_top=0.8)
+        store.add_run(model="m", model_fingerprint="f", method=method, config={"series": series or method},
+                      data=DATA, metrics=metrics, duration_s=1.0)
+    frame = store.runs_frame()
+    assert quality_axes(frame)["metrics.kld_mean"].startswith("KL divergence to dense")
+    fig = tradeoff_figure(frame, "metrics.size_fraction", "metrics.kld_mean", "test data")
+    dense_line = next(t for t in fig.data if t.name.startswith("dense ("))
+    assert list(dense_line.y) == [0.0, 0.0] and fig.layout.yaxis.range[0] == 0.0
+    frontier = next(t for t in fig.data if t.name == "Pareto frontier")
+    assert sorted(zip(frontier.x, frontier.y)) == [(0.4, 0.35), (0.5, 0.2), (1.0, 0.0)]  # zd (0.30 at 0.5) is beaten
+    assert "KL divergence to dense" in fig.layout.title.text
