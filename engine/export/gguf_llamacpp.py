@@ -25,7 +25,8 @@ from __future__ import annotations
 import json
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 from pathlib import Path
 
 import gguf
@@ -224,6 +225,29 @@ def _rows_order(entry: Entry, loaded: LoadedModel, permute: bool) -> int | None:
         getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
 
 
+def _write_file(loaded: LoadedModel, entries: list[Entry], template_path: Path | None, folder: str | Path,
+                overwrite: bool, tensor_data: Callable[[Entry], np.ndarray], notes: dict) -> tuple[Path, Counter, list]:
+    """Write ``entries`` (data from ``tensor_data``; template tensors copied) into ``folder/model.gguf``."""
+    template = gguf.GGUFReader(str(template_path)) if template_path else None
+    template_data = {t.name: t for t in template.tensors} if template else {}
+    types: Counter = Counter()
+    folder = Path(folder)
+    with atomic_folder(folder, overwrite) as staging:
+        writer, lines = _writer(staging / GGUF_NAME, loaded, template_path)
+        for entry in entries:
+            data = np.asarray(template_data[entry.name].data) if entry.role == "copy" else tensor_data(entry)
+            writer.add_tensor(entry.name, data, raw_dtype=None if entry.qtype in ("F32", "F16") else T[entry.qtype])
+            types[entry.qtype] += 1
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        (staging / "layerlab_export.json").write_text(json.dumps(
+            {**notes, "types": [{"name": e.name, "type": e.qtype, "role": e.role} for e in entries]}, indent=2,
+            default=str))
+    return folder / GGUF_NAME, types, lines
+
+
 def write_llamacpp_gguf(quantized: QuantizedModel, loaded: LoadedModel, folder: str | Path, *,
                         overwrite: bool = False, notes: dict | None = None) -> dict:
     """Write ``folder/model.gguf`` holding the run's llama.cpp blocks as they are; returns what was written.
@@ -232,49 +256,63 @@ def write_llamacpp_gguf(quantized: QuantizedModel, loaded: LoadedModel, folder: 
     """
     entries, template_path = layout(loaded, quantized.spec, quantized.bits)
     template = gguf.GGUFReader(str(template_path)) if template_path else None
-    template_data = {t.name: t for t in template.tensors} if template else {}
     _, permute = _gguf_arch(loaded, template)
-    types: Counter = Counter()
-    folder = Path(folder)
-    with atomic_folder(folder, overwrite) as staging:
-        writer, lines = _writer(staging / GGUF_NAME, loaded, template_path)
-        for entry in entries:
-            if entry.role == "linear":
-                stored = quantized.weights[entry.layer][entry.linear]
-                if not isinstance(stored, GgmlWeight) or stored.qtype != entry.qtype:
-                    raise ExportError(f"Layer {entry.layer} {entry.linear} is not held as {entry.qtype}: the run "
-                                      "does not match its allocation; re-run it.")
-                data = stored.blocks.numpy()
-                heads = _rows_order(entry, loaded, permute)
-                if heads is not None:
-                    data = np.ascontiguousarray(_permute_rows(data, heads))
-            elif entry.role == "output":
-                weight = get_submodule(loaded.model, entry.path).weight
-                data = output_weight(weight, quantized.spec.output_type).blocks.numpy()
-            elif entry.role == "copy":
-                data = np.asarray(template_data[entry.name].data)
-            else:
-                values = loaded.model.state_dict()[entry.path].detach().float().cpu().numpy()
-                data = values.astype(np.float32 if entry.qtype == "F32" else np.float16)
-            raw = None if entry.qtype in ("F32", "F16") else T[entry.qtype]
-            writer.add_tensor(entry.name, data, raw_dtype=raw)
-            types[entry.qtype] += 1
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        (staging / "layerlab_export.json").write_text(json.dumps(
-            {**(notes or {}), "quantizer": quantized.spec.to_dict(),
-             "types": [{"name": e.name, "type": e.qtype, "role": e.role} for e in entries]}, indent=2, default=str))
-    path = folder / GGUF_NAME
+
+    def tensor_data(entry: Entry) -> np.ndarray:
+        if entry.role == "linear":
+            stored = quantized.weights[entry.layer][entry.linear]
+            if not isinstance(stored, GgmlWeight) or stored.qtype != entry.qtype:
+                raise ExportError(f"Layer {entry.layer} {entry.linear} is not held as {entry.qtype}: the run "
+                                  "does not match its allocation; re-run it.")
+            heads = _rows_order(entry, loaded, permute)
+            data = stored.blocks.numpy()
+            return data if heads is None else np.ascontiguousarray(_permute_rows(data, heads))
+        if entry.role == "output":
+            return output_weight(get_submodule(loaded.model, entry.path).weight,
+                                 quantized.spec.output_type).blocks.numpy()
+        values = loaded.model.state_dict()[entry.path].detach().float().cpu().numpy()
+        return values.astype(np.float32 if entry.qtype == "F32" else np.float16)
+
+    path, types, lines = _write_file(loaded, entries, template_path, folder, overwrite, tensor_data,
+                                     {**(notes or {}), "quantizer": quantized.spec.to_dict()})
     fallbacks = sum(1 for e in entries if e.role == "linear" and
                     type_for_level(linear_bits(quantized.bits[e.layer], e.linear), e.cols,
                                    quantized.spec.ggml_types).fell_back)
     lines.insert(0, f"Every tensor written as the run holds it (llama.cpp's own quantizer and types); {fallbacks} "
                     "linears use llama.cpp's fallback type for rows that are not a multiple of 256.")
-    return {"folder": str(folder), "file": str(path), "files": sorted(p.name for p in folder.iterdir()),
+    return {"folder": str(folder), "file": str(path), "files": sorted(p.name for p in Path(folder).iterdir()),
             "bytes": path.stat().st_size, "remote_code": False, "types": dict(types), "exact_fraction": 1.0,
             "type_choice": "llama.cpp", "notes": lines}
+
+
+def write_float_gguf(loaded: LoadedModel, folder: str | Path, qtype: str = "F32", *, overwrite: bool = False) -> Path:
+    """The loaded model as an unquantized GGUF (every matrix in ``qtype``: F32 or F16, vectors F32): the input
+    ``llama-quantize`` and ``llama-imatrix`` start from, with the same metadata as LayerLab's own files."""
+    if qtype not in ("F32", "F16"):
+        raise ExportError(f"An unquantized GGUF holds F32 or F16 tensors, not {qtype}.")
+    n = loaded.num_layers
+    entries, template_path = layout(loaded, QuantizerSpec(method=LLAMACPP, bits=8), tuple([8] * n))
+    entries = [replace(e, qtype=qtype) if e.role in ("linear", "output") else e for e in entries]
+    template = gguf.GGUFReader(str(template_path)) if template_path else None
+    _, permute = _gguf_arch(loaded, template)
+    arch = loaded.architecture
+
+    def tensor_data(entry: Entry) -> np.ndarray:
+        if entry.role == "linear":
+            weight = arch.layer_linears(arch.decoder_layers(loaded.model)[entry.layer])[entry.linear].weight
+        elif entry.role == "output":
+            weight = get_submodule(loaded.model, entry.path).weight
+        else:
+            weight = loaded.model.state_dict()[entry.path]
+        values = weight.detach().float().cpu().numpy()
+        heads = _rows_order(entry, loaded, permute)
+        values = values if heads is None else _permute_rows(values, heads)
+        return np.ascontiguousarray(values.astype(np.float32 if entry.qtype == "F32" or values.ndim == 1
+                                                  else np.float16))
+
+    path, _, _ = _write_file(loaded, entries, template_path, folder, overwrite, tensor_data,
+                             {"model": loaded.source, "unquantized": qtype})
+    return path
 
 
 def llamacpp_details(loaded: LoadedModel, spec: QuantizerSpec, bits: tuple[LayerBits, ...]) -> dict:

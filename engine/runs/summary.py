@@ -11,7 +11,8 @@ from engine.evaluation.paired import PairedChange, paired_change
 from engine.runs.record import ACC_PREFIX, CHANGE, CHANGE_HIGH, CHANGE_LOW
 
 def compact_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per run, stakeholder columns only: method, series, size, perplexity and change, accuracy, latency."""
+    """One row per run, stakeholder columns only: method, series, size, perplexity and change, KL divergence to
+    dense and top-token agreement, the runtime a run was made for, accuracy, latency."""
     if runs.empty:
         return pd.DataFrame()
     out = pd.DataFrame({
@@ -23,6 +24,11 @@ def compact_table(runs: pd.DataFrame) -> pd.DataFrame:
         "change vs dense": runs.get("metrics.ppl_change"),
         "change 95% interval (paired)": [_change_interval(r) for _, r in runs.iterrows()],
     })
+    if "metrics.kld_mean" in runs and runs["metrics.kld_mean"].notna().any():
+        out["KL divergence to dense"] = runs["metrics.kld_mean"]
+        out["same top token"] = runs.get("metrics.same_top")
+    if "config.runtime" in runs and runs["config.runtime"].notna().any():
+        out["runtime"] = runs["config.runtime"].fillna("")
     for column in runs.columns:
         if column.startswith(f"metrics.{ACC_PREFIX}"):
             out[f"accuracy {column.removeprefix(f'metrics.{ACC_PREFIX}')}"] = runs[column]
@@ -30,6 +36,9 @@ def compact_table(runs: pd.DataFrame) -> pd.DataFrame:
         out["speed vs dense"] = runs["metrics.latency_speedup"]
     dense = out["method"] == "dense"  # dense against itself: no change, the same speed (not an empty cell)
     out.loc[dense, "change vs dense"] = out.loc[dense, "change vs dense"].fillna(0.0)
+    if "KL divergence to dense" in out:
+        out.loc[dense, "KL divergence to dense"] = 0.0
+        out.loc[dense, "same top token"] = 1.0
     if "speed vs dense" in out:
         out.loc[dense, "speed vs dense"] = out.loc[dense, "speed vs dense"].fillna(1.0)
     return out.sort_values(["method", "size vs dense (16-bit bytes)"], ascending=[True, False])
