@@ -86,3 +86,16 @@ def test_llamacpp_measures_the_same_perplexity_on_the_same_gguf_and_windows(gemm
     result = agreement(gemma.model, builtin_gguf_path("gemma3-270m"), windows)
     assert abs(result.ppl_gap) < 0.02, result.describe()
     assert result.same_top > 0.9 and result.kld_mean < 0.02
+
+
+@pytest.mark.skipif(not __import__("engine.llamacpp.runtime", fromlist=["status"]).status().available,
+                    reason="llama.cpp is not built here (make llamacpp)")
+def test_llama_perplexity_protocol_reproduced_in_app_within_two_percent(gemma):
+    """llama-perplexity's own protocol (its chunking, BOS per chunk, second-half scoring) on the same GGUF and text."""
+    from engine.core.models import builtin_gguf_path
+    from engine.llamacpp.protocol import inapp_perplexity, llama_perplexity
+
+    text = split_text(DataSpec(split="evaluation"))
+    ours = inapp_perplexity(gemma.model, gemma.tokenizer, text, 256, 8)
+    theirs = llama_perplexity(builtin_gguf_path("gemma3-270m"), text, 256, 8)
+    assert abs(theirs / ours - 1) < 0.02, (ours, theirs)
