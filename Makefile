@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test install chromium llamacpp clean-venv
 
-install: $(STAMP)
+install: $(STAMP) llamacpp
 
 $(STAMP): requirements.txt requirements-test.txt
 	$(PYTHON) -m venv $(VENV)

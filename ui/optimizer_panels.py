@@ -66,7 +66,7 @@ def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, eval
         help=f"Per linear, each of the {len(linears)} linears of every layer gets its own level: one damage scan "
         f"per linear and level ({len(linears)}× the measurements), a finer choice under the same budget. On the "
         "built-in model at 3.5 bits per weight it beat the best ordering by 12% on evaluation text, a level per "
-        "layer by 5% (README, bench/optimize.py).")
+        "layer by 5% (docs/benchmarks.md, bench/optimize.py).")
     try:
         plan = BitsOptimizerPlan(budget, tuple(levels), quantizer, group_size, candidates, int(held_out),
                                  granularity)

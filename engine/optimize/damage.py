@@ -59,5 +59,5 @@ def blended(kl: Sequence[float], dnll: Sequence[float], window_dnll: Sequence[Se
 
     The mean is taken before the monotone step: making ΔNLL + SE monotone first raised the low levels of
     units with noisy high levels and measured worse (per linear at 3.5 bits on the built-in model, 68.8 against
-    66.1 on fresh evaluation windows; README)."""
+    66.1 on fresh evaluation windows; docs/benchmarks.md)."""
     return monotone_in_bits([(a + b) / 2 for a, b in zip(kl, _plus_standard_error(dnll, window_dnll), strict=True)])

@@ -9,7 +9,7 @@
 2. Solve: the ``k`` allocations of least summed damage whose honest size
    fits the budget (:mod:`engine.optimize.knapsack`, exact).  The damage is
    :func:`engine.optimize.damage.blended`: the mean of KL and a noise-aware
-   ΔNLL, monotone in bits (why: that module's docstring and the README's
+   ΔNLL, monotone in bits (why: that module's docstring and docs/benchmarks.md's
    benchmark, where it beat KL alone and ΔNLL alone).
 3. Check: damage is not exactly additive, so every solver candidate, the
    uniform allocation and the LIM / ZD / random orderings at the same budget
@@ -64,7 +64,7 @@ from engine.sensitivity.scan import StopCheck
 
 OPTIMIZER_VERSION = 3  # 3: candidates by the blended damage (were by KL; 2 was a reverted experiment)
 DEFAULT_CANDIDATES = 5
-DEFAULT_HELD_OUT = 8  # with 4, the held-out choice disagreed with evaluation text (bench/optimize.py, README)
+DEFAULT_HELD_OUT = 8  # with 4, the held-out choice disagreed with evaluation text (bench/optimize.py, docs/benchmarks.md)
 
 
 @dataclass(frozen=True)
