@@ -26,6 +26,7 @@ run: $(STAMP) llamacpp
 	$(PY) -m streamlit run app.py
 
 test: $(STAMP) chromium llamacpp
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 # Browser tests drive Debian's Chromium; no test tool downloads a browser of its own.

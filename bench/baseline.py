@@ -9,9 +9,9 @@ import argparse
 
 from bench.common import report
 from engine.core.data import DataSpec, token_windows
-from engine.evaluation.perplexity import perplexity
 from engine.core.models import load_model
 from engine.core.progress import Timer
+from engine.evaluation.perplexity import perplexity
 
 
 def main() -> None:

@@ -6,7 +6,8 @@
 The sensitivity scans (KL and ΔNLL of quantizing each unit alone at each
 level, RTN g128, 8 × 256 calibration windows) must already be in the store
 ``S``: run ``bench.optimize --part bits --calib-windows 8 --store S`` first
-(with ``--granularity module --levels 2,3,4,5`` for the per-linear scans).  For each damage model the exact solver's ``k`` best allocations at
+(with ``--granularity module --levels 2,3,4,5`` for the per-linear scans).
+For each damage model the exact solver's ``k`` best allocations at
 each budget are quantized and measured on 24 held-out calibration windows
 (``ho8``: the first 8, what the optimizer checks on by default) and on the 16
 evaluation windows ``bench.optimize`` reports; LIM and ZD alongside.

@@ -89,11 +89,14 @@ def main() -> None:
                                 gguf_types=types)
             check = result["verification"]
             rows.append({
-                "case": label, "format": fmt + (f" ({dtype[0]})" if dtype else f" {types}" if fmt == "gguf" else ""), "MiB": result["bytes"] / 2**20,
+                "case": label, "format": fmt + (f" ({dtype[0]})" if dtype else f" {types}" if fmt == "gguf" else ""),
+                "MiB": result["bytes"] / 2**20,
                 "types": ", ".join(f"{k}×{v}" for k, v in sorted(result.get("types", {}).items())) or "-",
-                "exact": result.get("exact_fraction", 1.0), "export_s": result["seconds"], "rebuild_s": result["rebuild_s"],
+                "exact": result.get("exact_fraction", 1.0), "export_s": result["seconds"],
+                "rebuild_s": result["rebuild_s"],
                 "ppl_app": check["ppl_in_app"], "ppl_export": check["ppl_export"], "change_%": 100 * check["rel_diff"],
-                "promise_%": None if check["tolerance"] is None else 100 * check["tolerance"], "passed": check["passed"],
+                "promise_%": None if check["tolerance"] is None else 100 * check["tolerance"],
+                "passed": check["passed"],
             })
             print(rows[-1], flush=True)
     report("export", rows, {"model": loaded.source, "verification": f"{args.eval_windows} x {args.seqlen} evaluation "

@@ -120,7 +120,8 @@ def main() -> None:
         rows += level
     meta = {"model": loaded.source, "layers": loaded.num_layers, "calibration": calibration.label(),
             "evaluation": evaluation.label(), "dense_ppl": round(dense, 4),
-            "reference_dense_ppl (docs/methods.md §10, quoted)": reference.get("dense", "-"), "threads": torch.get_num_threads(),
+            "reference_dense_ppl (docs/methods.md §10, quoted)": reference.get("dense", "-"),
+            "threads": torch.get_num_threads(),
             "grid": "asymmetric, integer zero points, group 128, damping 0.01"}
     suffix = "" if args.eval_windows == 8 else f"_eval{args.eval_windows}"
     report("gptq" + suffix, rows, meta)

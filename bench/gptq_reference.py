@@ -46,12 +46,12 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+import engine.quant.gptq_pipeline as pipeline
 from bench.common import report
 from engine.core.data import DataSpec, token_windows
 from engine.core.models import load_model
 from engine.evaluation.perplexity import perplexity
 from engine.quant.grid import QuantizerSpec
-import engine.quant.gptq_pipeline as pipeline
 from engine.quant.quantize_model import quantize_model
 
 os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")  # else one INFO and two METRIC lines per linear
@@ -300,7 +300,7 @@ def main() -> None:
                 ours = quantize_model(loaded, [bits] * loaded.num_layers, calibration, spec=spec, use_cache=False)
             row(name, ours.model, time.perf_counter() - start, **same_codes(ours.model))
             del ours
-        del theirs
+        theirs = None
         rows += _ratios(level, dense)
     meta = {"model": loaded.source, "layers": loaded.num_layers, "calibration": calibration.label(),
             "evaluation": evaluation.label(), "dense_ppl": round(dense, 4), "threads": torch.get_num_threads(),

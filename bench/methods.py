@@ -21,8 +21,8 @@ from bench.common import report
 from engine.core.data import DataSpec
 from engine.core.models import load_model
 from engine.core.progress import Timer
-from engine.runs.plans import EvalPlan, QuantPlan
 from engine.runs.cached_scores import compute_scores
+from engine.runs.plans import EvalPlan, QuantPlan
 from engine.runs.runner import ensure_dense, run_dropping, run_quantization
 from engine.runs.store import ResultsStore
 from engine.runs.summary import quantization_vs_dropping

@@ -1,7 +1,7 @@
 """One-click optimizers on the built-in model: bits under a budget vs the orderings; solver time.
 
-    python -m bench.optimize [--budgets 3.0,3.5] [--levels 2,3,4,5,6,8] [--quantizer rtn] [--candidates 5] [--held-out 8]
-                             [--granularity layer|module] [--part bits|slicing|all] [--store FILE]
+    python -m bench.optimize [--budgets 3.0,3.5] [--levels 2,3,4,5,6,8] [--quantizer rtn] [--candidates 5]
+                             [--held-out 8] [--granularity layer|module] [--part bits|slicing|all] [--store FILE]
 
 Bits: for each budget (honest bits per weight, scales and zeros included),
 ``engine.runs.bits_optimizer.optimize_bits`` measures per-layer KL at every

@@ -19,17 +19,17 @@ import argparse
 import time
 
 from bench.common import report
-from engine.quant.allocation import allocate_fraction, layer_order
 from engine.core.data import DataSpec, token_windows
-from engine.evaluation.perplexity import perplexity
 from engine.core.models import load_model
+from engine.evaluation.perplexity import perplexity
+from engine.quant.allocation import allocate_fraction, layer_order
+from engine.quant.grid import QuantizerSpec
 from engine.quant.quantize_model import (
     calibration_warning,
     clear_memory_cache,
     prepare_levels,
     quantize_model,
 )
-from engine.quant.grid import QuantizerSpec
 
 
 def _ppl(model, windows) -> tuple[float, object]:
@@ -100,9 +100,9 @@ def main() -> None:
     parser.add_argument("--zero-point", choices=["integer", "float"], default="integer",
                         help="float + group 32 reproduces the built-in's Q4_1 weights exactly at 4 bits")
     args = parser.parse_args()
-    from engine.scores.redundancy import layer_redundancy
     from engine.scores.outliers import weight_outliers
     from engine.scores.ranking import zd_importance
+    from engine.scores.redundancy import layer_redundancy
 
     quick = args.quick
     eval_n = args.eval_windows or (4 if quick else 16)

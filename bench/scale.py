@@ -73,7 +73,7 @@ class PeakMemory:
             self.peak = max(self.peak, rss_bytes())
             time.sleep(0.005)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:

@@ -18,9 +18,9 @@ import torch
 from bench.common import report
 from engine.core.data import DataSpec, token_windows
 from engine.core.models import load_model
-from engine.scores.redundancy import layer_redundancy
-from engine.scores.outliers import weight_outliers
 from engine.core.progress import Timer
+from engine.scores.outliers import weight_outliers
+from engine.scores.redundancy import layer_redundancy
 
 
 def max_rss_mib() -> float:

@@ -22,10 +22,10 @@ import torch
 
 from bench.common import report
 from engine.core.data import DataSpec, TokenWindows, token_windows
-from engine.evaluation.perplexity import perplexity
 from engine.core.models import load_model, model_size
-from engine.slicing.schedules import ScheduleError, schedule_constant, schedule_dynamic
 from engine.evaluation.latency import compare_latency
+from engine.evaluation.perplexity import perplexity
+from engine.slicing.schedules import ScheduleError, schedule_constant, schedule_dynamic
 from engine.slicing.slice_model import slice_model
 
 FULL = dict(targets=[0.10, 0.20, 0.25, 0.30], bases=[0.0, 0.05, 0.10, 0.15, 0.20], cal=32, sel=4, eval=16, seqlen=256)
@@ -106,15 +106,18 @@ def best_dynamic(loaded, cal, sel, ev, lr, target, bases, probe) -> tuple[list[d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="SP 10/25%%, SB {0, 0.1}, 16+2 × 256 calibration, 8 × 256 eval")
+    parser.add_argument("--quick", action="store_true",
+                        help="SP 10/25%%, SB {0, 0.1}, 16+2 × 256 calibration, 8 × 256 eval")
     args = parser.parse_args()
     grid = QUICK if args.quick else FULL
     loaded = load_model()
     seqlen = grid["seqlen"]
     pool = token_windows(DataSpec(split="calibration", seqlen=seqlen, n_windows=grid["cal"] + grid["sel"]),
                          loaded.tokenizer)
-    cal = TokenWindows(pool.input_ids[: grid["cal"]], DataSpec(split="calibration", seqlen=seqlen, n_windows=grid["cal"]))
-    sel = TokenWindows(pool.input_ids[grid["cal"]:], DataSpec(split="calibration", seqlen=seqlen, n_windows=grid["sel"]))
+    cal = TokenWindows(pool.input_ids[: grid["cal"]],
+                       DataSpec(split="calibration", seqlen=seqlen, n_windows=grid["cal"]))
+    sel = TokenWindows(pool.input_ids[grid["cal"]:],
+                       DataSpec(split="calibration", seqlen=seqlen, n_windows=grid["sel"]))
     ev = token_windows(DataSpec(split="evaluation", seqlen=seqlen, n_windows=grid["eval"]), loaded.tokenizer)
     probe = ev.input_ids[:1]
     started = time.perf_counter()

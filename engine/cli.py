@@ -16,11 +16,13 @@ from collections.abc import Sequence
 
 from engine.core.data import SOURCES, DataSpec
 from engine.core.models import BUILTIN_NAME, BUILTINS, load_model
+from engine.core.paths import atomic_file
 from engine.dropping.choose import RANKINGS
 from engine.optimize.bit_budget import DEFAULT_LEVELS, GRANULARITIES, BitBudget
-from engine.runs.bits_optimizer import DEFAULT_CANDIDATES, DEFAULT_HELD_OUT, BitsOptimizerPlan, optimize_bits
 from engine.quant.ggml_types import OUTPUT_TYPES, TYPE_SETS
 from engine.quant.grid import METHODS, ZERO_POINTS
+from engine.runs.bits_optimizer import DEFAULT_CANDIDATES, DEFAULT_HELD_OUT, BitsOptimizerPlan, optimize_bits
+from engine.runs.cached_scores import compute_scores
 from engine.runs.memory_check import run_memory_plan
 from engine.runs.plans import (
     DEFAULT_CALIB_SEQLEN,
@@ -34,15 +36,13 @@ from engine.runs.plans import (
     QuantPlan,
     SlicingPlan,
 )
-from engine.runs.cached_scores import compute_scores
 from engine.runs.runner import ensure_dense, run_dense, run_dropping, run_quantization, run_slicing, run_stacked
-from engine.runs.summary import quantization_vs_dropping, run_warnings
 from engine.runs.store import ResultsStore
+from engine.runs.summary import quantization_vs_dropping, run_warnings
 from engine.runs.sweeps import matched_size_sweep, parse_sizes, quantization_sweep, run_sweep, slicing_sweep
-from engine.core.paths import atomic_file
 from engine.sensitivity.actions import parse_actions
-from engine.sensitivity.errors import ActionSpecError
 from engine.sensitivity.cached import cached_agreement, measure_sensitivity, sensitivity_summary
+from engine.sensitivity.errors import ActionSpecError
 from engine.sensitivity.findings import sensitivity_finding
 
 
@@ -139,7 +139,8 @@ def _quant_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
 
 
 def _drop_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--blocks", choices=["layer", "attention", "mlp"], default="layer", help="what of each layer goes")
+    parser.add_argument("--blocks", choices=["layer", "attention", "mlp"], default="layer",
+                        help="what of each layer goes")
     parser.add_argument("--count", type=int, default=4, help="how many layers / blocks to drop")
     parser.add_argument("--by", choices=list(RANKINGS), default="lr",
                         help="ranking: a score, the measured KL of dropping each block alone (sensitivity), or "
@@ -201,9 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     bits.add_argument("--levels", type=_ints, default=list(DEFAULT_LEVELS), help="allowed levels, e.g. 2,3,4,8")
     bits.add_argument("--quantizer", choices=list(METHODS), default="rtn")
     bits.add_argument("--group-size", type=int, default=128)
-    bits.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help="solver candidates checked on held-out windows")
-    bits.add_argument("--held-out", type=int, default=DEFAULT_HELD_OUT, help="calibration windows after --calib-windows used to "
-                      "check candidates")
+    bits.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
+                      help="solver candidates checked on held-out windows")
+    bits.add_argument("--held-out", type=int, default=DEFAULT_HELD_OUT,
+                      help="calibration windows after --calib-windows used to check candidates")
     bits.add_argument("--granularity", choices=GRANULARITIES, default="layer",
                       help="a level per layer, or per linear of each layer (q, k, v, o, gate, up, down: one damage "
                       "scan per linear and level)")
@@ -219,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     slicing.add_argument("--sb-checks", type=int, default=1,
                          help="best predicted SB values sliced and checked (SB = 0 and the measured schedule "
                               "always are)")
-    slicing.add_argument("--held-out", type=int, default=DEFAULT_HELD_OUT, help="calibration windows after --calib-windows used "
-                         "to check candidates")
+    slicing.add_argument("--held-out", type=int, default=DEFAULT_HELD_OUT,
+                         help="calibration windows after --calib-windows used to check candidates")
     slicing.add_argument("--json", default=None, help="write the candidates, the choice and its evaluation here")
     export = commands.add_parser("export", help="write a stored run's model as a Hugging Face folder (dropped, "
                                  "sliced), a mixed-bit GGUF file or a compressed-tensors folder (quantized), "
@@ -376,7 +378,8 @@ def _sweep_methods(args, store, loaded, calibration, evaluation) -> None:
                "sweep", store, loaded, evaluation)
     label = ensure_dense(store, loaded, evaluation).data_label
     runs = store.runs_frame(model=loaded.source)
-    verdict = quantization_vs_dropping(runs[(runs["fingerprint"] == loaded.fingerprint) & (runs["data_label"] == label)])
+    verdict = quantization_vs_dropping(runs[(runs["fingerprint"] == loaded.fingerprint)
+                                            & (runs["data_label"] == label)])
     print(json.dumps({"verdict": verdict}))
     if args.json:
         rows = [{"method": p.method, "plan": p.plan.series(), "target": p.target, "predicted_size": p.predicted_size}

@@ -20,8 +20,8 @@ from ui.session import require_model, results_store
 from ui.state import kept
 from ui.widgets import (
     calibration_and_evaluation,
-    cost_threshold,
     cancel_button,
+    cost_threshold,
     progress_callback,
     show_chart,
     show_outcome,

@@ -66,7 +66,8 @@ if quantizer == LLAMACPP:
         st.warning(f"llama.cpp types are unavailable here: {found.reason}")
         st.stop()
     ggml_types = cols[0].selectbox("llama.cpp types", list(TYPE_SETS), key=kept("quant_ggml_types"),
-                                   format_func=lambda t: f"{t}: " + ", ".join(f"{b}→{q}" for b, q in TYPE_SETS[t].items()))
+                                   format_func=lambda t: f"{t}: " + ", ".join(f"{b}→{q}"
+                                                                               for b, q in TYPE_SETS[t].items()))
     imatrix = cols[0].checkbox("importance matrix (imatrix)", key=kept("quant_imatrix"),
                                help="Weight each rounding error by how strongly its input column is used on the "
                                "calibration windows, as llama-quantize --imatrix does.")
@@ -145,7 +146,8 @@ with right:
 full_plan = EvalPlan(evaluation, **zero_shot)
 preview_plan = EvalPlan(replace(evaluation, n_windows=min(PREVIEW_WINDOWS, evaluation.n_windows)), preview=True)
 cost = f"quantization-{'gptq' if quantizer == 'gptq' else 'rtn'}"
-preview = left.button(f"Preview ({preview_plan.data.n_windows} windows, {run_estimate(loaded, cost, calibration, preview_plan, store)})",
+preview = left.button(f"Preview ({preview_plan.data.n_windows} windows, "
+                      f"{run_estimate(loaded, cost, calibration, preview_plan, store)})",
                       type="primary",
                       help="A quick, noisy look: stored and drawn as a preview, with dense on the same windows.")
 full = mid.button(f"Full evaluation ({evaluation.n_windows} windows, "

@@ -62,8 +62,9 @@ else:
 on_data = computed_on(loaded, lr.data_label)
 on_weights = computed_on(loaded, "weights only")
 st.subheader("What this says")
-st.markdown("\n".join(f"- {line}" for line in redundancy_findings(lr, zd)) + f"\n- {lr.n_tokens:,} tokens scored" + (" (the BOS that starts each window is attended to, not scored)."
-                                                  if lr.data_label.endswith(BOS_LABEL) else "."))
+st.markdown("\n".join(f"- {line}" for line in redundancy_findings(lr, zd)) + f"\n- {lr.n_tokens:,} tokens scored"
+            + (" (the BOS that starts each window is attended to, not scored)."
+               if lr.data_label.endswith(BOS_LABEL) else "."))
 
 left, right = st.columns(2)
 with left:

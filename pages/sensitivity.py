@@ -55,7 +55,8 @@ for kind, name in ACTION_KINDS.items():  # only what this model can do is offere
         refused.append(f"{name}: {llamacpp_status().reason}")
         continue
     try:
-        probe = {"slice": {"fraction": 0.25}, "rtn": {"bits": 4}, "gptq": {"bits": 4}, LLAMACPP: {"bits": 4}}.get(kind, {})
+        probe = {"slice": {"fraction": 0.25}, "rtn": {"bits": 4}, "gptq": {"bits": 4},
+                 LLAMACPP: {"bits": 4}}.get(kind, {})
         check_supported(Action(kind, **probe), loaded.architecture, loaded.hidden_size)
         offered[kind] = name
     except UnsupportedActionError as err:

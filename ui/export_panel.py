@@ -7,6 +7,7 @@ import streamlit as st
 
 from engine.core.data import DataError
 from engine.core.models import LoadedModel
+from engine.quant.grid import LLAMACPP
 from engine.runs.exports import (
     FORMATS,
     TOLERANCE,
@@ -20,7 +21,6 @@ from engine.runs.exports import (
     gguf_type_lines,
     quantizer_spec_of,
 )
-from engine.quant.grid import LLAMACPP
 from engine.runs.record import RunRecord
 from engine.runs.store import ResultsStore
 from ui.widgets import cancel_button, progress_callback
@@ -120,7 +120,8 @@ def export_section(store: ResultsStore, loaded: LoadedModel, method: str | None,
         except ValueError as err:
             st.warning(str(err))
             return
-        st.markdown("**Tensor types in the file** (embeddings F16, norms F32):\n" + "\n".join(f"- {l}" for l in lines))
+        st.markdown("**Tensor types in the file** (embeddings F16, norms F32):\n"
+                    + "\n".join(f"- {line}" for line in lines))
         st.caption("Exact types need a group size that is a multiple of 32; a float zero point is copied bit for "
                    "bit (an integer one is rounded to an fp16 minimum). Re-quantized tensors round a second time: "
                    f"the check below shows the difference (promise: ±{TOLERANCE['gguf']:.0%} for exact types).")
@@ -136,7 +137,8 @@ def export_section(store: ResultsStore, loaded: LoadedModel, method: str | None,
                                  next(loaded.model.parameters()).dtype).removeprefix("torch.") + ")" if d is None
                              else f"{d} (half the bytes)",
                              help="16-bit weights halve the folder; the check shows what the rounding costs.")
-    folder = st.text_input("Folder", str(default_export_folder(record, fmt)), key=f"{key}_export_folder_{record.id}_{fmt}")
+    folder = st.text_input("Folder", str(default_export_folder(record, fmt)),
+                           key=f"{key}_export_folder_{record.id}_{fmt}")
     overwrite = st.checkbox("Overwrite the folder if it exists", key=f"{key}_export_overwrite")
     left, right = st.columns(2)
     with right:

@@ -132,6 +132,7 @@ def slicing_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, e
     """Target, measured fractions → Find best schedule (measure, predict, check on held-out) → run on evaluation."""
     import pandas as pd
 
+    from engine.optimize.slicing_budget import check_reachable
     from engine.runs.runner import run_slicing
     from engine.runs.slicing_optimizer import (
         SlicingOptimizerPlan,
@@ -139,7 +140,6 @@ def slicing_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, e
         slicing_optimization_if_cached,
         slicing_optimize_estimate,
     )
-    from engine.optimize.slicing_budget import check_reachable
     from engine.slicing.slice_model import pca_rank_warning
     from engine.viz.optimizer_charts import basis_search_chart
 

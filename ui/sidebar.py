@@ -7,7 +7,6 @@ import streamlit as st
 from engine.core.models import BUILTINS
 from ui.session import current_model, default_source, request_model
 
-
 TYPED = "(the id or path above)"
 
 

@@ -7,7 +7,7 @@ import streamlit as st
 from engine.core.data import SOURCES, DataError, DataSpec, save_upload, token_windows
 from engine.core.models import LoadedModel
 from engine.runs.plans import DEFAULT_CALIB_SEQLEN, DEFAULT_CALIB_WINDOWS, DEFAULT_EVAL_SEQLEN, DEFAULT_EVAL_WINDOWS
-from engine.runs.record import accuracy_tasks, acc_metric_key, acc_n_key, acc_stderr_key, acc_key
+from engine.runs.record import acc_key, acc_metric_key, acc_n_key, acc_stderr_key, accuracy_tasks
 from engine.runs.summary import COST_THRESHOLD, change_text, run_warnings
 from engine.viz.tradeoff import filter_runs, quality_axes, size_axes, tradeoff_figure
 from ui.report_pins import pin_button

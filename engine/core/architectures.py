@@ -104,7 +104,7 @@ class Architecture:
         return (f"{FEATURES[feature][0].upper()}{FEATURES[feature][1:]} is not available for this model "
                 f"({self.model_type}): {why} What works for it: {', '.join(working) or 'the scores only'}.")
 
-    def with_unavailable(self, unavailable: dict[str, str]) -> "Architecture":
+    def with_unavailable(self, unavailable: dict[str, str]) -> Architecture:
         """A copy with ``unavailable`` replaced."""
         return replace(self, unavailable=dict(unavailable))
 
@@ -125,7 +125,8 @@ class Architecture:
     def linear_paths(self, n_layers: int) -> dict[str, tuple[int, str]]:
         """Module path of every decoder-layer linear -> ``(layer, short name)``, e.g.
         ``"model.layers.0.self_attn.q_proj" -> (0, "q")`` (add ``.weight`` for the state-dict key)."""
-        return {f"{self.layers}.{i}.{path}": (i, short) for i in range(n_layers) for short, path in self.linears.items()}
+        return {f"{self.layers}.{i}.{path}": (i, short)
+                for i in range(n_layers) for short, path in self.linears.items()}
 
     @property
     def linear_names(self) -> list[str]:

@@ -132,7 +132,8 @@ class TokenWindows:
         return 1 if self.bos else 0
 
     def usage(self) -> str:
-        """Windows used, asked for and available, e.g. ``"2,189 windows of 512 tokens (4,096 asked, 2,189 available)"``."""
+        """Windows used, asked for and available, e.g.
+        ``"2,189 windows of 512 tokens (4,096 asked, 2,189 available)"``."""
         asked = "all" if self.spec.n_windows is None else f"{self.spec.n_windows:,}"
         available = "" if self.available is None else f", {self.available:,} available"
         bos = ", each BOS + text" if self.bos else ""

@@ -242,7 +242,8 @@ def probe_norm_kind(norm: nn.Module, hidden: int) -> str:
         candidates = {"rms": rms * w, "rms_offset": rms * (1 + w),
                       "layer": nn.functional.layer_norm(x, (hidden,), w, bias, eps)}
     for kind, expected in candidates.items():
-        if isinstance(y, torch.Tensor) and y.shape == expected.shape and torch.allclose(y, expected, rtol=1e-4, atol=1e-5):
+        if isinstance(y, torch.Tensor) and y.shape == expected.shape \
+                and torch.allclose(y, expected, rtol=1e-4, atol=1e-5):
             return kind
     return "unknown"
 

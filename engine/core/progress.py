@@ -20,7 +20,7 @@ def stage_callback(progress: StageProgress | None, name: str) -> ProgressFn | No
 class Timer:
     """Context manager measuring wall time in seconds (``.seconds``)."""
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self._start = time.perf_counter()
         self.seconds = 0.0
         return self

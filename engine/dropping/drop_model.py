@@ -26,8 +26,8 @@ from torch import nn
 
 from engine.core.architectures import Architecture, architecture_of, get_submodule
 from engine.core.models import LoadedModel
-from engine.core.sharing import shell_copy
 from engine.core.paths import atomic_folder
+from engine.core.sharing import shell_copy
 from engine.dropping.choose import DropError, check_drop
 
 INFO_FILE = "dropping.json"

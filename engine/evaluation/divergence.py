@@ -39,7 +39,7 @@ from engine.core.paths import cache_root
 TOP_K = 64
 TAIL_SAMPLES = 64
 _KEPT = 8
-_memory: "OrderedDict[str, DenseReference]" = OrderedDict()
+_memory: OrderedDict[str, DenseReference] = OrderedDict()
 _TINY = 1e-12
 
 
@@ -57,7 +57,7 @@ class DenseReference:
     sample_logp: torch.Tensor
 
     @classmethod
-    def empty(cls, n_positions: int, k: int = TOP_K, s: int = TAIL_SAMPLES) -> "DenseReference":
+    def empty(cls, n_positions: int, k: int = TOP_K, s: int = TAIL_SAMPLES) -> DenseReference:
         return cls(torch.zeros(n_positions, k), torch.zeros(n_positions, k, dtype=torch.int32),
                    torch.zeros(n_positions, dtype=torch.float64), torch.zeros(n_positions, s, dtype=torch.int32),
                    torch.zeros(n_positions, s))

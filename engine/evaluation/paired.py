@@ -11,8 +11,8 @@ resampling windows (with replacement) and recomputing the mean ΔNLL.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

@@ -26,7 +26,6 @@ from engine.core.data import TokenWindows
 from engine.core.progress import ProgressFn
 
 
-
 @dataclass(frozen=True)
 class PerplexityResult:
     """Token perplexity with its bootstrap 95% interval over windows.
@@ -70,7 +69,7 @@ def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
     return decoder, head
 
 
-_PROBED: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+_PROBED: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()

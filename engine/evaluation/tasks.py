@@ -68,7 +68,8 @@ def continuation_items(paragraphs: list[Paragraph], rng: random.Random) -> list[
         cut = min(len(paragraph.sentences) - 1, 3)
         context, gold = " ".join(paragraph.sentences[:cut]), paragraph.sentences[cut]
         length = len(gold.split())
-        candidates = [s for a, s in pool if a != paragraph.article and abs(len(s.split()) - length) <= max(3, length // 3)]
+        candidates = [s for a, s in pool
+                      if a != paragraph.article and abs(len(s.split()) - length) <= max(3, length // 3)]
         if len(candidates) < 3:
             continue
         choices = rng.sample(candidates, 3) + [gold]

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from engine.core.models import hub_reachable
-from engine.evaluation.tasks import CONTINUATION_TASK, LASTWORD_TASK, OFFLINE_TASKS, build_offline_tasks
 from engine.core.progress import ProgressFn
+from engine.evaluation.tasks import CONTINUATION_TASK, LASTWORD_TASK, OFFLINE_TASKS, build_offline_tasks
 
 STANDARD_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "mmlu")
 REPORTED_METRIC = {"winogrande": "acc", LASTWORD_TASK: "acc", "mmlu": "acc"}

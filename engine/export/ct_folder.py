@@ -49,7 +49,8 @@ FORMAT = "pack-quantized"
 
 
 def ct_unsupported(loaded: LoadedModel, spec: QuantizerSpec) -> str | None:
-    """Why a quantization with ``spec`` of the loaded model cannot be a compressed-tensors folder; ``None`` if it can."""
+    """Why a quantization with ``spec`` of the loaded model cannot be a compressed-tensors folder;
+    ``None`` if it can."""
     if importlib.util.find_spec("compressed_tensors") is None:
         return "the compressed-tensors package is not installed here: `pip install compressed-tensors`."
     if spec.zero_point != "symmetric":

@@ -40,8 +40,8 @@ from torch import nn
 from engine.core.models import LoadedModel
 from engine.core.paths import atomic_folder
 from engine.export.hf_folder import ExportError
-from engine.quant.layer_bits import LayerBits, linear_bits
 from engine.quant.grid import QuantizedWeight, QuantizerSpec, effective_group_size
+from engine.quant.layer_bits import LayerBits, linear_bits
 from engine.quant.quantize_model import QuantizedModel
 
 GGUF_NAME = "model.gguf"
@@ -236,7 +236,8 @@ def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> 
     data = json.loads(backend.to_str())
     model = data.get("model", {})
     if model.get("type") != "BPE" or (data.get("pre_tokenizer") or {}).get("type") not in ("ByteLevel", "Sequence"):
-        return "the tokenizer is not byte-level BPE: the file has no tokenizer (use llama.cpp's converter on the HF export)"
+        return ("the tokenizer is not byte-level BPE: the file has no tokenizer "
+                "(use llama.cpp's converter on the HF export)")
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [gguf.TokenType.UNUSED] * vocab_size
     for token, index in model["vocab"].items():
@@ -341,8 +342,8 @@ def write_gguf(quantized: QuantizedModel, loaded: LoadedModel, folder: str | Pat
     path = folder / GGUF_NAME
     exact = sum(c.exact for c in choices) / len(choices) if choices else 1.0
     return {"folder": str(folder), "file": str(path), "files": sorted(p.name for p in folder.iterdir()),
-            "bytes": path.stat().st_size, "remote_code": False, "types": dict(types), "exact_fraction": exact, "type_choice": mode,
-            "notes": lines}
+            "bytes": path.stat().st_size, "remote_code": False, "types": dict(types), "exact_fraction": exact,
+            "type_choice": mode, "notes": lines}
 
 
 def load_gguf(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -25,19 +25,24 @@ from __future__ import annotations
 import json
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 from pathlib import Path
 
 import gguf
 import numpy as np
-import torch
 
 from engine.core.architectures import get_submodule
 from engine.core.models import BUILTINS, LoadedModel, builtin_gguf_path
 from engine.core.paths import atomic_folder
-from engine.export.gguf_file import (GGUF_FAMILIES, GGUF_NAME, _hyperparameters, _permute_rows,
-                                     _tokenizer_metadata, check_gguf_family)
+from engine.export.gguf_file import (
+    GGUF_FAMILIES,
+    GGUF_NAME,
+    _hyperparameters,
+    _permute_rows,
+    _tokenizer_metadata,
+    check_gguf_family,
+)
 from engine.export.hf_folder import ExportError
 from engine.quant.ggml_types import output_type, tensor_bytes, type_for_level
 from engine.quant.ggml_weight import GgmlWeight, output_weight

@@ -46,7 +46,7 @@ values ggml will compute from the bytes (used by the tests, which check that
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import gguf
 import numpy as np
@@ -259,7 +259,8 @@ def _pick_asymmetric(
             continue
         better = err < best[0]
         best = [np.where(better, err, best[0]), np.where(better, sc, best[1]), np.where(better, m, best[2]),
-                np.where(better, step, best[3]), np.where(better, shift, best[4]), np.where(better[..., None], q, best[5])]
+                np.where(better, step, best[3]), np.where(better, shift, best[4]),
+                np.where(better[..., None], q, best[5])]
     return best[1], best[2], best[3], best[4], best[5]
 
 
@@ -276,18 +277,21 @@ def _pack_2bit(low: np.ndarray) -> np.ndarray:
 
 
 def _pack_nibbles_k4(low: np.ndarray) -> np.ndarray:
-    """``(nb, 256)`` uint8 in 0..15 -> ``(nb, 128)`` as Q4_K/Q5_K: byte ``32c + l`` = weight ``64c + l`` | weight ``64c + 32 + l`` << 4."""
+    """``(nb, 256)`` uint8 in 0..15 -> ``(nb, 128)`` as Q4_K/Q5_K:
+    byte ``32c + l`` = weight ``64c + l`` | weight ``64c + 32 + l`` << 4."""
     q = low.reshape(-1, 4, 2, 32)
     return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
 
 
 def _pack_high_bits(bit: np.ndarray) -> np.ndarray:
-    """``(nb, 256)`` uint8 in 0..1 -> ``(nb, 32)``: bit ``k`` of byte ``l`` is weight ``32k + l`` (Q3_K hmask, Q5_K qh)."""
+    """``(nb, 256)`` uint8 in 0..1 -> ``(nb, 32)``: bit ``k`` of byte ``l`` is weight ``32k + l``
+    (Q3_K hmask, Q5_K qh)."""
     return _or_shifted(bit.reshape(-1, 8, 32), list(range(8)), axis=1)
 
 
 def _pack_scales_k4(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
-    """Eight 6-bit scales and mins ``(nb, 8)`` uint8 -> Q4_K/Q5_K's 12 bytes (see ``gguf.quants.Q4_K.get_scale_min``)."""
+    """Eight 6-bit scales and mins ``(nb, 8)`` uint8 -> Q4_K/Q5_K's 12 bytes
+    (see ``gguf.quants.Q4_K.get_scale_min``)."""
     lo = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
     mid = mn[:, :4] | ((mn[:, 4:] >> 4) << 6)
     hi = (sc[:, 4:] & 0xF) | ((mn[:, 4:] & 0xF) << 4)
@@ -465,7 +469,8 @@ def _packer(qtype: T) -> Callable[[np.ndarray], np.ndarray]:
         return quantize_kquant(weights, qtype)
 
     pack.__name__ = f"pack_{qtype.name.lower()}"
-    pack.__doc__ = f"float32 (rows, n), n % 256 == 0 -> uint8 (rows, n // 256 * {gguf.GGML_QUANT_SIZES[qtype][1]}) as {qtype.name}."
+    pack.__doc__ = (f"float32 (rows, n), n % 256 == 0 -> uint8 (rows, n // 256 * {gguf.GGML_QUANT_SIZES[qtype][1]}) "
+                    f"as {qtype.name}.")
     return pack
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
 from transformers import LlamaForCausalLM as FamilyForCausalLM  # family
 
 

@@ -43,8 +43,8 @@ def status() -> LlamaCppStatus:
                               "(once per machine, about 10 minutes).", home)
     missing = [t for t in build.TOOLS if not (home / "bin" / t).exists()]
     if missing or not (home / "lib" / "libggml-base.so").exists():
-        return LlamaCppStatus(False, f"the llama.cpp build in {home} is incomplete ({', '.join(missing) or 'libggml-base.so'} "
-                              "missing): run `make llamacpp`.", home)
+        return LlamaCppStatus(False, f"the llama.cpp build in {home} is incomplete "
+                              f"({', '.join(missing) or 'libggml-base.so'} missing): run `make llamacpp`.", home)
     if not build._binding_installed():
         return LlamaCppStatus(False, f"llama-cpp-python {build.BINDING_VERSION} is not installed in this Python: "
                               "run `make llamacpp`.", home)

@@ -170,7 +170,8 @@ def allocate_fractions(order: Sequence[int], fractions: Mapping[int, float]) -> 
     if any(not 0.0 <= f <= 1.0 for f in values.values()):
         raise AllocationError("Every level's fraction of layers must be between 0 and 1.")
     if abs(sum(values.values()) - 1.0) > 1e-6:
-        raise AllocationError(f"Fractions of layers per level must add up to 1; they add up to {sum(values.values()):.4g}.")
+        raise AllocationError("Fractions of layers per level must add up to 1; "
+                              f"they add up to {sum(values.values()):.4g}.")
     n = len(order)
     exact = {b: round(values[b] * n, 9) for b in levels}
     counts = {b: math.floor(exact[b]) for b in levels}

@@ -17,6 +17,7 @@ from collections import OrderedDict
 import torch
 
 from engine.core.data import TokenWindows
+from engine.core.keys import cache_key
 from engine.core.models import LoadedModel
 from engine.core.paths import cache_root
 from engine.quant.files import (
@@ -28,7 +29,6 @@ from engine.quant.files import (
 )
 from engine.quant.grid import QuantizedWeight, QuantizerSpec
 from engine.quant.layer_bits import LayerBits, cache_form
-from engine.runs.store import cache_key
 
 LayerWeights = dict[str, QuantizedWeight]  # short linear name -> stored weight
 QUANT_VERSION = 2  # 2: static-group GPTQ, sequential propagation, fp64 Hessians

@@ -23,7 +23,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.core.paths import atomic_file
-
 from engine.quant.ggml_types import tensor_bytes
 from engine.quant.ggml_weight import GgmlWeight
 from engine.quant.grid import ZERO_POINTS, QuantizationError, QuantizedWeight, symmetric_zero

@@ -45,7 +45,7 @@ class GgmlWeight:
     def choice(self) -> TypeChoice:
         return TypeChoice(self.wanted, self.qtype)
 
-    def to(self, device: torch.device | str) -> "GgmlWeight":
+    def to(self, device: torch.device | str) -> GgmlWeight:
         """Blocks live on the CPU (llama.cpp's dequantizer reads them there); ``self``."""
         return self
 

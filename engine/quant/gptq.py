@@ -305,7 +305,8 @@ def _make_grid(weights, specs, gs: int, device, dtype, perm: torch.Tensor | None
                  zero=group_zeros.to(dtype)[column_group], group_scales=group_scales, group_zeros=group_zeros)
 
 
-def _split(codes: torch.Tensor, grid: _Grid, weights, specs, gs: int, perm: torch.Tensor | None) -> list[QuantizedWeight]:
+def _split(codes: torch.Tensor, grid: _Grid, weights, specs, gs: int,
+           perm: torch.Tensor | None) -> list[QuantizedWeight]:
     """Per-weight :class:`QuantizedWeight` from the stacked codes ``[rows, in]`` (processing order)."""
     g_idx = None
     if perm is not None:

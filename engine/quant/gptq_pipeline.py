@@ -32,12 +32,13 @@ from torch import nn
 from engine.core.architectures import Architecture
 from engine.core.capture import LayerInputs, capture_layer_inputs
 from engine.core.data import TokenWindows
-from engine.core.progress import ProgressFn
 from engine.core.models import LoadedModel
+from engine.core.progress import ProgressFn
 from engine.quant.cache import LayerWeights
 from engine.quant.gptq import HessianAccumulator, gptq_quantize_shared
 from engine.quant.grid import QuantizerSpec
 from engine.quant.layer_bits import LayerBits, linear_bits
+
 
 def linear_stages(arch: Architecture) -> list[tuple[str, ...]]:
     """A layer's linears grouped by the input they read, in the order they run.

@@ -47,7 +47,6 @@ import torch
 
 from engine.quant.packing import pack_rows, unpack_rows
 
-
 METHODS = ("rtn", "gptq", "llama.cpp")
 LLAMACPP = "llama.cpp"  # llama.cpp's own types and quantizer (engine.quant.ggml_weight)
 ZERO_POINTS = ("integer", "float", "symmetric")
@@ -154,7 +153,7 @@ class QuantizerSpec:
         """Whether a layer's result depends on the bits of the layers before it (sequential GPTQ)."""
         return self.method == "gptq" and self.propagation == "sequential"
 
-    def with_bits(self, bits: int) -> "QuantizerSpec":
+    def with_bits(self, bits: int) -> QuantizerSpec:
         """The same quantizer at another bit width (validated)."""
         return replace(self, bits=bits)
 
@@ -240,11 +239,12 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int]:
         return int(self.packed.shape[0]), self.in_features
 
-    def to(self, device: torch.device | str) -> "QuantizedWeight":
+    def to(self, device: torch.device | str) -> QuantizedWeight:
         """The same weight on ``device`` (packed tensors moved, nothing unpacked); ``self`` if already there."""
         if self.packed.device == torch.device(device):
             return self
-        move = (lambda t: None if t is None else t.to(device))
+        def move(t):
+            return None if t is None else t.to(device)
         return QuantizedWeight(scales=move(self.scales), zeros=move(self.zeros), bits=self.bits,
                                group_size=self.group_size, method=self.method, g_idx=move(self.g_idx),
                                zero_point=self.zero_point, packed=move(self.packed), in_features=self.in_features)

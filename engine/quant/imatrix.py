@@ -33,7 +33,7 @@ from engine.core.progress import ProgressFn
 from engine.core.sharing import shell_copy
 
 _KEPT = 4
-_memory: "OrderedDict[tuple, Importance]" = OrderedDict()
+_memory: OrderedDict[tuple, Importance] = OrderedDict()
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,8 @@ def collect_importance(loaded: LoadedModel, windows: TokenWindows, batch_size: i
         return record
 
     handles = [linear.register_forward_pre_hook(hook((i, short)))
-               for i, layer in enumerate(arch.decoder_layers(model)) for short, linear in arch.layer_linears(layer).items()]
+               for i, layer in enumerate(arch.decoder_layers(model))
+               for short, linear in arch.layer_linears(layer).items()]
     device = next(model.parameters()).device
     try:
         ids = windows.input_ids

@@ -47,7 +47,8 @@ def normalize(entry: int | Mapping[str, int], linears: Sequence[str] | None = No
     return distinct.pop() if len(distinct) == 1 else levels
 
 
-def normalize_all(bits: Sequence[int | Mapping[str, int]], linears: Sequence[str] | None = None) -> tuple[LayerBits, ...]:
+def normalize_all(bits: Sequence[int | Mapping[str, int]],
+                  linears: Sequence[str] | None = None) -> tuple[LayerBits, ...]:
     """:func:`normalize` for every layer's entry."""
     return tuple(normalize(entry, linears) for entry in bits)
 

@@ -14,21 +14,11 @@ zero codes to a whole byte.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from engine.core.memory import packed_row_bytes, slot_bits
 
-def slot_bits(bits: int) -> int:
-    """The slot width (2, 4 or 8 bits) that holds a ``bits``-bit code."""
-    if not 1 <= bits <= 8:
-        raise ValueError(f"Codes of {bits} bits cannot be packed into bytes (1 to 8 bits).")
-    return 2 if bits <= 2 else 4 if bits <= 4 else 8
-
-
-def packed_row_bytes(in_features: int, bits: int) -> int:
-    """Bytes one packed row of ``in_features`` codes takes."""
-    return math.ceil(in_features * slot_bits(bits) / 8)
+__all__ = ["slot_bits", "packed_row_bytes", "pack_rows", "unpack_rows"]
 
 
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:

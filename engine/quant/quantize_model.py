@@ -46,12 +46,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from engine.quant.allocation import Allocation
 from engine.core.architectures import Architecture
 from engine.core.cpu import trim_freed_heap
 from engine.core.data import TokenWindows
-from engine.core.progress import ProgressFn
 from engine.core.models import LoadedModel
+from engine.core.progress import ProgressFn
+from engine.quant.allocation import Allocation
 from engine.quant.cache import (
     LayerWeights,
     calibration_id,
@@ -62,13 +62,13 @@ from engine.quant.cache import (
     memory_put,
     quant_cache_key,
 )
-from engine.quant.layer_bits import LayerBits, all_levels, levels_of, linear_bits
-from engine.quant.size import SizeReport, check_bits, size_report
-from engine.quant.gptq_pipeline import gptq_dense_signals, gptq_sequential, restore_dense, write_weights
-from engine.quant.quantized_linear import can_hold_codes, quantized_variant
 from engine.quant.ggml_weight import ggml_quantize, with_output_type
+from engine.quant.gptq_pipeline import gptq_dense_signals, gptq_sequential, restore_dense, write_weights
 from engine.quant.grid import LLAMACPP, QuantizationError, QuantizerSpec, rtn_quantize
 from engine.quant.imatrix import collect_importance
+from engine.quant.layer_bits import LayerBits, all_levels, levels_of, linear_bits
+from engine.quant.quantized_linear import can_hold_codes, quantized_variant
+from engine.quant.size import SizeReport, check_bits, size_report
 
 DEFAULT_BATCH = 4  # calibration windows per forward, unless sequential GPTQ takes them all at once
 SEQUENTIAL_BATCH_TOKENS = 32768  # sequential GPTQ runs up to this many calibration tokens in one forward

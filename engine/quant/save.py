@@ -24,7 +24,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from engine.core.architectures import architecture_of
 from engine.core.paths import atomic_folder
-from engine.quant.layer_bits import normalize_all
 from engine.quant.files import (
     read_checked,
     weight_config,
@@ -32,8 +31,9 @@ from engine.quant.files import (
     weight_to_tensors,
     write_checked,
 )
-from engine.quant.quantize_model import QuantizedModel, QuantizeStats, apply_weights
 from engine.quant.grid import QuantizationError, QuantizerSpec
+from engine.quant.layer_bits import normalize_all
+from engine.quant.quantize_model import QuantizedModel, QuantizeStats, apply_weights
 
 SAVE_FORMAT = "layerlab-quantized-model"
 SAVE_VERSION = 1
@@ -107,7 +107,8 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> Qu
     quantized = {f"{path}.weight" for path in arch.linear_paths(len(bits))}
     tied = {f"{arch.head}.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if unexpected or set(missing) - quantized - tied:
-        raise QuantizationError(f"'{folder}' does not match its config: missing {sorted(set(missing) - quantized - tied)}"
+        raise QuantizationError(f"'{folder}' does not match its config: "
+                                f"missing {sorted(set(missing) - quantized - tied)}"
                                 f", unexpected {sorted(unexpected)}.")
     if tied:
         model.tie_weights()

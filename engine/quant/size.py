@@ -72,7 +72,8 @@ class SizeReport:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "total_bytes_16bit": self.total_bytes_16bit,
-                "compression_16bit": self.compression_16bit, "unquantized_bytes": self.unquantized_bytes, "total_bytes": self.total_bytes,
+                "compression_16bit": self.compression_16bit, "unquantized_bytes": self.unquantized_bytes,
+                "total_bytes": self.total_bytes,
                 "unquantized_fraction": self.unquantized_fraction, "compression": self.compression,
                 "unquantized_fractions": {k: v / self.dense_bytes for k, v in self.unquantized.items()}}
 

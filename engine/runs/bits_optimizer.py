@@ -31,10 +31,12 @@ from dataclasses import asdict, dataclass, field, replace
 import pandas as pd
 
 from engine.core.data import DataError, DataSpec, token_windows
+from engine.core.keys import cache_key
 from engine.core.models import LoadedModel
 from engine.core.out_of_memory import explain_out_of_memory
 from engine.core.progress import StageProgress, stage_callback
 from engine.evaluation.perplexity import perplexity
+from engine.export.gguf_llamacpp import llamacpp_details
 from engine.optimize.bit_budget import (
     DEFAULT_LEVELS,
     GRANULARITIES,
@@ -49,13 +51,12 @@ from engine.optimize.bit_budget import (
 from engine.optimize.damage import blended
 from engine.optimize.knapsack import solve
 from engine.quant.allocation import Allocation, layer_order
-from engine.export.gguf_llamacpp import llamacpp_details
 from engine.quant.grid import LLAMACPP, QuantizationError, QuantizerSpec
 from engine.quant.layer_bits import LayerBits, describe_all, mean_level, normalize
 from engine.quant.quantize_model import quantize_model
-from engine.runs.plans import QuantPlan
 from engine.runs.cached_scores import compute_scores
-from engine.runs.store import ResultsStore, cache_key
+from engine.runs.plans import QuantPlan
+from engine.runs.store import ResultsStore
 from engine.scores.ranking import zd_importance
 from engine.sensitivity.actions import Action
 from engine.sensitivity.cached import measure_sensitivity, scan_estimate
@@ -64,7 +65,8 @@ from engine.sensitivity.scan import StopCheck
 
 OPTIMIZER_VERSION = 3  # 3: candidates by the blended damage (were by KL; 2 was a reverted experiment)
 DEFAULT_CANDIDATES = 5
-DEFAULT_HELD_OUT = 8  # with 4, the held-out choice disagreed with evaluation text (bench/optimize.py, docs/benchmarks.md)
+# with 4, the held-out choice disagreed with evaluation text (bench/optimize.py, docs/benchmarks.md)
+DEFAULT_HELD_OUT = 8
 
 
 @dataclass(frozen=True)
@@ -219,7 +221,7 @@ class BitsOptimization:
                 "seconds": self.seconds}
 
     @classmethod
-    def from_dict(cls, payload: dict) -> "BitsOptimization":
+    def from_dict(cls, payload: dict) -> BitsOptimization:
         plan = dict(payload["plan"])
         plan["budget"] = BitBudget(**plan["budget"])
         plan["levels"] = tuple(plan["levels"])

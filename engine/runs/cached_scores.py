@@ -12,10 +12,11 @@ import torch
 
 from engine.core.architectures import Architecture
 from engine.core.data import DataSpec, TokenWindows, token_windows
+from engine.core.keys import cache_key
 from engine.core.models import LoadedModel
 from engine.core.out_of_memory import explain_out_of_memory
 from engine.core.progress import ProgressFn, StageProgress, stage_callback
-from engine.runs.store import ResultsStore, cache_key
+from engine.runs.store import ResultsStore
 from engine.scores.outliers import WeightOutliers, weight_outliers
 from engine.scores.redundancy import LayerRedundancy, layer_redundancy
 

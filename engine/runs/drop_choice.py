@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from engine.core.data import DataSpec, token_windows
+from engine.core.keys import cache_key
 from engine.core.models import LoadedModel
 from engine.core.progress import StageProgress
 from engine.dropping.choose import (
@@ -31,7 +32,7 @@ from engine.dropping.drop_model import drop_model
 from engine.evaluation.latency import describe_seconds, estimate_seconds
 from engine.runs.cached_scores import ScoresNotComputed, scores_for
 from engine.runs.plans import DropPlan
-from engine.runs.store import ResultsStore, cache_key
+from engine.runs.store import ResultsStore
 from engine.sensitivity.actions import Action, check_supported
 from engine.sensitivity.cached import measure_sensitivity, sensitivity_if_cached
 

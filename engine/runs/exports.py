@@ -25,13 +25,13 @@ from engine.core.out_of_memory import explain_out_of_memory
 from engine.core.paths import FolderExistsError, cache_root
 from engine.core.progress import StageProgress, stage_callback
 from engine.dropping.drop_model import drop_model
+from engine.export.gguf_llamacpp import llamacpp_details, write_llamacpp_gguf
 from engine.export.hf_folder import ExportError, load_hf_folder, write_hf_folder
 from engine.export.verify import round_trip
-from engine.quant.layer_bits import normalize_all
-from engine.quant.allocation import Allocation
-from engine.export.gguf_llamacpp import llamacpp_details, write_llamacpp_gguf
 from engine.llamacpp.runtime import LlamaCppUnavailable
+from engine.quant.allocation import Allocation
 from engine.quant.grid import LLAMACPP, QuantizerSpec
+from engine.quant.layer_bits import normalize_all
 from engine.quant.quantize_model import QuantizedModel, quantize_model
 from engine.runs.record import RunRecord
 from engine.runs.store import ResultsStore
@@ -125,7 +125,8 @@ def gguf_type_lines(loaded: LoadedModel, record: RunRecord, mode: str = "exact")
         if details["file_bytes"] is None:
             return [details.get("file_note", "")]
         return [f"{count} tensors in {qtype}" for qtype, count in details["tensor_types"].items()] + [
-            f"exactly as the run measured them (llama.cpp's own quantizer); file {details['file_bytes'] / 2**20:.1f} MiB"]
+            "exactly as the run measured them (llama.cpp's own quantizer); "
+            f"file {details['file_bytes'] / 2**20:.1f} MiB"]
     return describe_choices(plan_gguf_types(loaded, list(normalize_all(record.config["bits"])),
                                             quantizer_spec_of(record), mode))
 

@@ -22,13 +22,14 @@ from engine.core.models import LoadedModel, dense_size_metrics, model_size
 from engine.core.out_of_memory import explain_out_of_memory
 from engine.core.paths import cache_root, unused_folder
 from engine.core.progress import StageProgress, Timer, stage_callback
-from engine.evaluation.latency import compare_latency, describe_seconds, estimate_seconds
+from engine.dropping.drop_model import drop_model, save_dropped
 from engine.evaluation.divergence import DenseReference, DivergenceMeter, cached_reference, remember
+from engine.evaluation.latency import compare_latency, describe_seconds, estimate_seconds
 from engine.evaluation.paired import paired_change
 from engine.evaluation.perplexity import perplexity
 from engine.evaluation.zeroshot import TaskUnavailableError, zero_shot
-from engine.quant.allocation import Allocation, allocate_average, allocate_fraction, layer_order
 from engine.export.gguf_llamacpp import llamacpp_details
+from engine.quant.allocation import Allocation, allocate_average, allocate_fraction, layer_order
 from engine.quant.grid import LLAMACPP
 from engine.quant.quantize_model import quantize_model
 from engine.quant.save import save_quantized
@@ -41,7 +42,6 @@ from engine.runs.store import ResultsStore
 from engine.scores.ranking import zd_importance
 from engine.slicing.schedules import SlicingSchedule, schedule_constant, schedule_custom, schedule_dynamic
 from engine.slicing.slice_model import save_sliced, slice_model
-from engine.dropping.drop_model import drop_model, save_dropped
 
 
 @dataclass
@@ -410,7 +410,8 @@ def run_dropping(store: ResultsStore, loaded: LoadedModel, plan: DropPlan, calib
     latency = compare_latency(loaded.model, dropped.model, windows.input_ids[:1], repeats=3)
     size.update({f"latency_{k}": v for k, v in latency.items()})
     config = {"series": plan.series(), "block": plan.block, "by": plan.by, "count": len(layers),
-              "layers": layers, "protect_ends": plan.protect_ends, "choice": plan.choice(), "iterative": plan.is_iterative,
+              "layers": layers, "protect_ends": plan.protect_ends, "choice": plan.choice(),
+              "iterative": plan.is_iterative,
               "calibration": calibration.label() if plan.by != "custom" else None}
     if save_to:
         config["saved_to"] = str(save_dropped(dropped, save_to, tokenizer=loaded.tokenizer))
@@ -446,7 +447,8 @@ def run_stacked(store: ResultsStore, loaded: LoadedModel, first: SlicingPlan | D
             stage_config = {"method": "dropping", "series": first.series(), "block": first.block, "layers": layers}
         else:
             raise ValueError("The first stage of a stack is slicing or dropping.")
-        middle = LoadedModel.from_model(stage.model, loaded.tokenizer, source=f"{loaded.source} ({stage_config['series']})")
+        middle = LoadedModel.from_model(stage.model, loaded.tokenizer,
+                                        source=f"{loaded.source} ({stage_config['series']})")
         # slicing keeps every layer (ranked by the dense model's scores); a dropped model is scored anew
         ranked_on = loaded if isinstance(first, SlicingPlan) else middle
         allocation, _ = allocation_for(store, ranked_on, then, calibration, progress)

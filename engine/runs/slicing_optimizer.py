@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 import pandas as pd
 
 from engine.core.data import DataSpec, token_windows
+from engine.core.keys import cache_key
 from engine.core.models import LoadedModel
 from engine.core.out_of_memory import explain_out_of_memory
 from engine.core.progress import StageProgress, stage_callback
@@ -45,9 +46,9 @@ from engine.optimize.slicing_budget import (
     predicted_damage,
 )
 from engine.runs.bits_optimizer import DEFAULT_HELD_OUT, held_out_spec
-from engine.runs.plans import SlicingPlan
 from engine.runs.cached_scores import compute_scores
-from engine.runs.store import ResultsStore, cache_key
+from engine.runs.plans import SlicingPlan
+from engine.runs.store import ResultsStore
 from engine.sensitivity.actions import Action
 from engine.sensitivity.cached import measure_sensitivity, scan_estimate
 from engine.sensitivity.errors import ScanCancelled
@@ -143,7 +144,7 @@ class SlicingOptimization:
                 "seconds": self.seconds}
 
     @classmethod
-    def from_dict(cls, payload: dict) -> "SlicingOptimization":
+    def from_dict(cls, payload: dict) -> SlicingOptimization:
         plan = dict(payload["plan"])
         plan["fractions"] = tuple(plan["fractions"])
         rest = {k: v for k, v in payload.items() if k not in ("plan", "candidates")}

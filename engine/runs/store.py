@@ -12,7 +12,7 @@ import json
 import platform
 import sqlite3
 from contextlib import closing
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -52,12 +52,7 @@ def library_versions() -> dict[str, str]:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def cache_key(**parts) -> str:
-    """Stable key from keyword parts (JSON-serialisable values)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class ResultsStore:

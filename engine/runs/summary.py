@@ -10,6 +10,7 @@ import pandas as pd
 from engine.evaluation.paired import PairedChange, paired_change
 from engine.runs.record import ACC_PREFIX, CHANGE, CHANGE_HIGH, CHANGE_LOW
 
+
 def compact_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per run, stakeholder columns only: method, series, size, perplexity and change, KL divergence to
     dense and top-token agreement, the runtime a run was made for, accuracy, latency."""
@@ -213,7 +214,8 @@ def executive_summary(runs: pd.DataFrame, data_label: str, tolerance: float = MA
         lines.append(f"Not recommended, because another run is smaller and at least as good: "
                      f"{', '.join(f'run {i}' for i in sorted(beaten))}.")
     noisy = [int(r["id"]) for _, r in compressed.iterrows() if within_noise(r)]
-    windows = runs["data.n_windows"].dropna().iloc[0] if "data.n_windows" in runs and runs["data.n_windows"].notna().any() else "?"
+    windows = runs["data.n_windows"].dropna().iloc[0] \
+        if "data.n_windows" in runs and runs["data.n_windows"].notna().any() else "?"
     caveat = (f"Caveats: perplexity on {windows} evaluation windows ({data_label}); changes against dense are paired "
               "over the same windows, with 95% bootstrap intervals")
     if noisy:
@@ -227,7 +229,8 @@ def run_warnings(record) -> list[str]:
     m, warnings = record.metrics, list(record.config.get("warnings") or [])
     if _number(m.get("size_fraction")) and m["size_fraction"] > 1.0:
         warnings.append(f"This model is larger than dense ({m['size_fraction']:.2f}× the 16-bit bytes): "
-                        "the shortcut matrices and untied head outweigh what was removed. Slice more, or use another method.")
+                        "the shortcut matrices and untied head outweigh what was removed. "
+                        "Slice more, or use another method.")
     if _number(m.get("latency_speedup")) and m["latency_speedup"] < 1.0:
         warnings.append(f"This model ran slower than dense ({m['latency_speedup']:.2f}× speed, median of 3 forwards"
                         " on one window; CPU timings on a shared machine are noisy).")

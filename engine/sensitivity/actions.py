@@ -156,7 +156,7 @@ class Action:
         return {k: v for k, v in asdict(self).items() if k != "module" or v is not None}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Action":
+    def from_dict(cls, data: dict) -> Action:
         return cls(**data)
 
 

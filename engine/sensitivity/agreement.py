@@ -103,7 +103,7 @@ class Agreement:
         return {**asdict(self), "verdict": self.verdict}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Agreement":
+    def from_dict(cls, data: dict) -> Agreement:
         return cls(**{k: v for k, v in data.items() if k != "verdict"})
 
 

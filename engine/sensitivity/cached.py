@@ -13,11 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.core.data import DataSpec, TokenWindows, token_windows
+from engine.core.keys import PayloadCache, cache_key
 from engine.core.models import LoadedModel
 from engine.core.out_of_memory import explain_out_of_memory
 from engine.core.progress import StageProgress
 from engine.evaluation.latency import describe_seconds, estimate_seconds
-from engine.runs.store import ResultsStore, cache_key
 from engine.scores.outliers import WeightOutliers
 from engine.scores.redundancy import LayerRedundancy
 from engine.sensitivity.actions import Action, check_supported
@@ -74,7 +74,7 @@ class SensitivityMatrix:
         return {"actions": [d.spec.key for d in self.damages], "damages": [d.to_dict() for d in self.damages]}
 
 
-def _found(store: ResultsStore, keys: list[str]) -> list[ActionDamage | None]:
+def _found(store: PayloadCache, keys: list[str]) -> list[ActionDamage | None]:
     found = []
     for key in keys:
         payload = store.get_cached(key)
@@ -82,7 +82,7 @@ def _found(store: ResultsStore, keys: list[str]) -> list[ActionDamage | None]:
     return found
 
 
-def sensitivity_if_cached(store: ResultsStore, loaded: LoadedModel, spec: DataSpec,
+def sensitivity_if_cached(store: PayloadCache, loaded: LoadedModel, spec: DataSpec,
                           actions: list[Action]) -> SensitivityMatrix | None:
     """The matrix when every action was measured on these windows before, else None (nothing runs)."""
     windows = calibration_windows(loaded, spec)
@@ -95,7 +95,7 @@ def sensitivity_if_cached(store: ResultsStore, loaded: LoadedModel, spec: DataSp
 
 @explain_out_of_memory("The sensitivity scan")
 def measure_sensitivity(
-    store: ResultsStore,
+    store: PayloadCache,
     loaded: LoadedModel,
     spec: DataSpec,
     actions: list[Action],
@@ -147,7 +147,7 @@ class ScanEstimate:
                 f"{describe_seconds(self.seconds)}")
 
 
-def scan_estimate(store: ResultsStore, loaded: LoadedModel, spec: DataSpec, actions: list[Action]) -> ScanEstimate:
+def scan_estimate(store: PayloadCache, loaded: LoadedModel, spec: DataSpec, actions: list[Action]) -> ScanEstimate:
     """What :func:`measure_sensitivity` would cost now (cached actions are free).
 
     Seconds come from the model's measured forward throughput (GPTQ's own
@@ -163,7 +163,7 @@ def scan_estimate(store: ResultsStore, loaded: LoadedModel, spec: DataSpec, acti
     return ScanEstimate(total, per_action, tokens, seconds, len(actions) - len(per_action))
 
 
-def cached_agreement(store: ResultsStore, loaded: LoadedModel, matrix: SensitivityMatrix, lr: LayerRedundancy,
+def cached_agreement(store: PayloadCache, loaded: LoadedModel, matrix: SensitivityMatrix, lr: LayerRedundancy,
                      outliers: WeightOutliers, top_k: int | None = None,
                      resamples: int = RESAMPLES) -> list[Agreement]:
     """The agreement table of ``matrix`` against the LR / ZD scores, cached per inputs (the bootstrap takes ~1 s)."""

@@ -36,8 +36,8 @@ from torch import nn
 
 from engine.core.architectures import Architecture, get_submodule
 from engine.core.capture import LayerInputs, capture_layer_inputs
-from engine.core.sharing import shell_copy
 from engine.core.progress import StageProgress
+from engine.core.sharing import shell_copy
 from engine.sensitivity.cost import LayerCosts, layer_costs
 
 LOGIT_CHUNK_ELEMENTS = 1 << 22  # logits materialised at once: 16 MiB in fp32 (85 tokens of a 49k vocabulary)

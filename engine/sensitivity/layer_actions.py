@@ -45,8 +45,8 @@ import torch
 from torch import nn
 
 from engine.core.architectures import Architecture, get_submodule
-from engine.quant.gptq import HessianAccumulator, quantize_weight
 from engine.quant.ggml_weight import ggml_quantize
+from engine.quant.gptq import HessianAccumulator, quantize_weight
 from engine.quant.grid import LLAMACPP, rtn_quantize
 from engine.sensitivity.actions import QUANT_KINDS, Action
 from engine.slicing.rotation import Covariance, compute_dtype, pca_basis

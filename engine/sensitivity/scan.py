@@ -76,7 +76,7 @@ class ActionDamage:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ActionDamage":
+    def from_dict(cls, data: dict) -> ActionDamage:
         return cls(**data)
 
 

@@ -48,8 +48,8 @@ from engine.slicing.schedules import (
     schedule_custom,
     schedule_dims,
 )
-from engine.slicing.slicegpt import rotate_and_slice
 from engine.slicing.sliced_layers import load_sliced_folder, save_sliced_folder
+from engine.slicing.slicegpt import rotate_and_slice
 
 
 class SlicingUnsupportedError(ValueError):

@@ -22,7 +22,6 @@ pass a copy (see :func:`engine.slicing.slice_model`).
 from __future__ import annotations
 
 import copy
-
 from collections.abc import Callable
 from dataclasses import dataclass
 

@@ -15,11 +15,9 @@ import plotly.graph_objects as go
 from engine.quant.grid import MAX_BITS, MIN_BITS
 from engine.quant.layer_bits import LayerBits
 from engine.scores.findings import has_sublayer_cosines
-from engine.scores.redundancy import HIST_BINS, LayerRedundancy
-
 from engine.scores.outliers import WeightOutliers
-
 from engine.scores.ranking import ranks, spearman, zd_importance
+from engine.scores.redundancy import HIST_BINS, LayerRedundancy
 from engine.viz.style import PALETTE, log_ticks, padded_range, styled, wants_log
 
 

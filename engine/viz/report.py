@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import html
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
@@ -67,7 +67,7 @@ def _csv_link(frame: pd.DataFrame, name: str) -> str:
 def build_report(title: str, model_cards: dict[str, dict], items: list[ReportItem], runs: pd.DataFrame,
                  summary: list[str] = (), compact: pd.DataFrame | None = None) -> str:
     """The whole report as one HTML document (UTF-8 text)."""
-    created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    created = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",

@@ -122,9 +122,10 @@ class Steps:
         stretched to that block's height for the shot."""
         size = self.page.viewport_size
         height = self.page.evaluate(
-            "() => Math.max(...[...document.querySelectorAll('[data-testid=stMain], [data-testid=stMainBlockContainer]')]"
-            ".map(e => e.scrollHeight), 0)")
-        self.page.set_viewport_size({"width": size["width"], "height": int(min(max(size["height"], height + 80), 8000))})
+            "() => Math.max(...[...document.querySelectorAll('[data-testid=stMain], "
+            "[data-testid=stMainBlockContainer]')].map(e => e.scrollHeight), 0)")
+        self.page.set_viewport_size({"width": size["width"],
+                                     "height": int(min(max(size["height"], height + 80), 8000))})
         self.page.wait_for_timeout(500)
         self.page.screenshot(path=str(self.path(label)), full_page=True)
         self.page.set_viewport_size(size)

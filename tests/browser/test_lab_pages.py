@@ -1,5 +1,6 @@
 """The measuring pages in a real browser on the built-in model: Dropping (by measured sensitivity, iterative),
-Sensitivity, the two optimizers, and every run on the Compare chart.  Small data keeps it to a few minutes; screenshots of every step
+Sensitivity, the two optimizers, and every run on the Compare chart.
+Small data keeps it to a few minutes; screenshots of every step
 go to ``test-artifacts/browser/`` (look at them).
 
 Opt-in (``-m opt_in``): it drives long computations through many reruns and was not yet

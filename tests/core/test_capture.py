@@ -63,6 +63,7 @@ def test_signals_are_kept_where_asked_and_shared_tensors_once():
     assert inputs.hidden[0].device.type == "meta" and inputs.masks[0] is not None
     rotary = [inputs.layer_kwargs[i][0]["position_embeddings"][0] for i in range(3)]
     assert rotary[0].device.type == "meta" and rotary[0] is rotary[1] is rotary[2]
-    assert inputs.layer_kwargs[0][0]["position_embeddings"][0] is not inputs.layer_kwargs[0][1]["position_embeddings"][0]
+    assert (inputs.layer_kwargs[0][0]["position_embeddings"][0]
+            is not inputs.layer_kwargs[0][1]["position_embeddings"][0])
     moved = move_to({"a": (torch.ones(2), [torch.zeros(1)]), "n": 3}, "meta")
     assert moved["a"][0].device.type == "meta" and isinstance(moved["a"][1], list) and moved["n"] == 3

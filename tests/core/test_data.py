@@ -6,23 +6,14 @@ import pytest
 import torch
 
 from engine.core.data import (
-
     DataError,
-
     DataSpec,
-
     DataUnavailableError,
-
     save_upload,
-
     split_text,
-
     token_windows,
-
     validate_text_bytes,
-
     wiki_offline_split,
-
 )
 
 

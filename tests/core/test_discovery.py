@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, BartConfig, LlamaConfig, T5Config
+from transformers import AutoConfig, BartConfig, LlamaConfig, T5Config
 
 from engine.core.architectures import UnsupportedArchitectureError, architecture_for, architecture_of
 from engine.core.discovery import discover_architecture
@@ -67,7 +67,8 @@ def test_made_up_tree_is_discovered():
 
 def test_made_up_tree_without_blocks_is_refused_clearly():
     model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 10))
-    with pytest.raises(UnsupportedArchitectureError, match="no decoder-layer stack.*top-level modules: 0 \\(Embedding\\)"):
+    with pytest.raises(UnsupportedArchitectureError,
+                       match="no decoder-layer stack.*top-level modules: 0 \\(Embedding\\)"):
         architecture_of(model)
     with pytest.raises(UnsupportedArchitectureError, match="no decoder-layer stack"):
         LoadedModel.from_model(model)

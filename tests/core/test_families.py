@@ -109,7 +109,8 @@ def test_one_dropped_layer_and_blocks(family):
 
 
 @pytest.mark.parametrize("name", ["qwen3", pytest.param("gemma", marks=pytest.mark.slow),
-                                  pytest.param("opt", marks=pytest.mark.slow), pytest.param("phi", marks=pytest.mark.slow)])
+                                  pytest.param("opt", marks=pytest.mark.slow),
+                                  pytest.param("phi", marks=pytest.mark.slow)])
 def test_gptq_on_discovered_and_layernorm_families(name):
     from engine.core.models import LoadedModel
 

@@ -10,7 +10,6 @@ from engine.core.architectures import ARCHITECTURES, UnsupportedArchitectureErro
 from engine.core.models import (
     ModelLoadError,
     NotCausalLMError,
-    UnsupportedModelError,
     load_model,
     resolve_dtype,
     weights_fingerprint,
@@ -132,6 +131,7 @@ def test_a_model_larger_than_free_memory_is_refused_before_any_weight_is_read(ti
     assert f"only {weights // 2 / 2**20:.1f} MiB is free on cpu" in message and "bfloat16 or float16" in message
     assert not read  # refused from the config alone
     with pytest.raises(ModelLoadError) as refused_16:
-        load_model(tiny_folder, device="cpu", dtype="bfloat16")  # half the bytes: still just over the free half (5% headroom)
+        # half the bytes: still just over the free half (5% headroom)
+        load_model(tiny_folder, device="cpu", dtype="bfloat16")
     assert "bfloat16 or float16" not in str(refused_16.value) and "choose a smaller model" in str(refused_16.value)
     assert skeleton_of(loaded.model.config) is not None

@@ -78,7 +78,8 @@ def test_dropping_a_block_equals_zeroing_its_output(block, output):
     zeroed = TINY_FACTORIES["llama"]()
     with torch.no_grad():
         for i in (0, 2):
-            get_submodule(base.architecture.decoder_layers(zeroed)[i], getattr(base.architecture, output)).weight.zero_()
+            get_submodule(base.architecture.decoder_layers(zeroed)[i],
+                          getattr(base.architecture, output)).weight.zero_()
     torch.testing.assert_close(_logits(dropped.model), _logits(zeroed), rtol=1e-5, atol=1e-5)
 
 

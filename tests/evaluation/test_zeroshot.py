@@ -10,7 +10,12 @@ import torch
 
 from engine.core.data import wiki_offline_split
 from engine.evaluation.tasks import CONTINUATION_TASK, LASTWORD_TASK, build_offline_tasks
-from engine.evaluation.zeroshot import TaskUnavailableError, _datasets_offline_unless_reachable, _task_manager, zero_shot
+from engine.evaluation.zeroshot import (
+    TaskUnavailableError,
+    _datasets_offline_unless_reachable,
+    _task_manager,
+    zero_shot,
+)
 
 
 def _rows(folder, task):

@@ -90,7 +90,8 @@ def test_exact_types_hold_the_codes_for_any_group_that_is_a_multiple_of_32():
     integer, floating = QuantizerSpec(bits=4, group_size=128), QuantizerSpec(bits=4, group_size=64, zero_point="float")
     assert [choose_type(b, 1536, integer).qtype for b in range(2, 9)] == ["Q4_1"] * 3 + ["Q5_1", "Q8_0", "Q8_0", "Q8_0"]
     assert [choose_type(b, 1536, integer).exact for b in range(2, 9)] == [True] * 6 + [False]  # 8-bit: code-zero > int8
-    assert [choose_type(b, 576, floating).exact for b in range(2, 9)] == [True] * 4 + [False] * 3  # float: no Q8_0 offset
+    # float: no Q8_0 offset
+    assert [choose_type(b, 576, floating).exact for b in range(2, 9)] == [True] * 4 + [False] * 3
     assert not choose_type(4, 576, QuantizerSpec(bits=4, group_size=48)).exact  # blocks would straddle groups
     dynamic = QuantizerSpec(method="gptq", bits=4, group_size=32, act_order=True, group_params="dynamic")
     assert not choose_type(4, 64, dynamic).exact  # permuted groups are no GGUF blocks

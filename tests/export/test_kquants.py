@@ -89,7 +89,8 @@ def test_quality_on_gaussian_weights_is_ordered_by_bits():
 
 
 @pytest.mark.parametrize(
-    ("qtype", "bound"), [(T.Q2_K, 0.95), (T.Q3_K, 0.3), (T.Q4_K, 0.35), (T.Q5_K, 0.3), (T.Q6_K, 0.04)], ids=lambda v: getattr(v, "name", "")
+    ("qtype", "bound"), [(T.Q2_K, 0.95), (T.Q3_K, 0.3), (T.Q4_K, 0.35), (T.Q5_K, 0.3), (T.Q6_K, 0.04)],
+    ids=lambda v: getattr(v, "name", "")
 )
 def test_an_outlier_does_not_wipe_out_its_super_block(qtype, bound):
     """A 100-sigma weight sets the super-block scale; the other sub-blocks still decode better than zeros.
@@ -118,7 +119,8 @@ def test_symmetric_grid_reproduces_exactly(qtype):
 
 
 @pytest.mark.parametrize(
-    ("qtype", "levels", "sub"), [(T.Q2_K, 3, 16), (T.Q4_K, 15, 32), (T.Q5_K, 31, 32)], ids=lambda v: getattr(v, "name", str(v))
+    ("qtype", "levels", "sub"), [(T.Q2_K, 3, 16), (T.Q4_K, 15, 32), (T.Q5_K, 31, 32)],
+    ids=lambda v: getattr(v, "name", str(v))
 )
 def test_asymmetric_grid_reproduces_almost_exactly(qtype, levels, sub):
     rng = np.random.default_rng(2)

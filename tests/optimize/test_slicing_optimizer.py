@@ -10,7 +10,13 @@ import pytest
 import engine.runs.slicing_optimizer as slicing_optimizer
 from engine.cli import main
 from engine.core.data import DataSpec
-from engine.optimize.slicing_budget import DamageCurves, check_reachable, check_target, measured_widths, predicted_damage
+from engine.optimize.slicing_budget import (
+    DamageCurves,
+    check_reachable,
+    check_target,
+    measured_widths,
+    predicted_damage,
+)
 from engine.runs.slicing_optimizer import SlicingOptimizerPlan, optimize_slicing, slicing_optimization_if_cached
 from engine.slicing.schedules import ScheduleError
 

@@ -14,6 +14,7 @@ from engine.core.architectures import architecture_for
 from engine.core.data import DataSpec, TokenWindows
 from engine.core.models import LoadedModel, weights_fingerprint
 from engine.quant.gptq import HessianAccumulator, gptq_quantize, gptq_quantize_shared, gram, prepare_hessian
+from engine.quant.gptq_pipeline import linear_stages
 from engine.quant.grid import (
     QuantizerSpec,
     apply_grid,
@@ -22,7 +23,6 @@ from engine.quant.grid import (
     quantize_to_grid,
     rtn_quantize,
 )
-from engine.quant.gptq_pipeline import linear_stages
 from engine.quant.quantize_model import quantize_model
 from tests.tiny_models import TINY_FACTORIES
 

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from engine.quant.allocation import allocate_fraction, layer_order
 from engine.core.architectures import architecture_for
 from engine.core.data import DataSpec, TokenWindows, token_windows
-from engine.evaluation.perplexity import perplexity
 from engine.core.models import LoadedModel, weights_fingerprint
 from engine.core.paths import FolderExistsError, cache_root
-from engine.quant.save import load_quantized, save_quantized
+from engine.evaluation.perplexity import perplexity
+from engine.quant.allocation import allocate_fraction, layer_order
+from engine.quant.grid import QuantizationError, QuantizerSpec, rtn_quantize
 from engine.quant.quantize_model import (
     clear_memory_cache,
     layer_weights,
@@ -21,7 +21,7 @@ from engine.quant.quantize_model import (
     quantize_model,
     size_report,
 )
-from engine.quant.grid import QuantizationError, QuantizerSpec, rtn_quantize
+from engine.quant.save import load_quantized, save_quantized
 from tests.tiny_models import TINY_FACTORIES
 
 RTN = QuantizerSpec(method="rtn", group_size=32)

@@ -8,27 +8,20 @@ import pytest
 import torch
 
 from engine.quant.allocation import (
-
     AllocationError,
-
     allocate_average,
-
     allocate_fraction,
-
     allocate_fractions,
-
     layer_order,
-
     uniform_allocation,
-
 )
 from engine.quant.files import (
     CorruptFileError,
     pack_codes,
     read_checked,
     unpack_codes,
-    weight_from_tensors,
     weight_config,
+    weight_from_tensors,
     weight_to_tensors,
     write_checked,
 )

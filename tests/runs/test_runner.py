@@ -8,8 +8,8 @@ import pytest
 
 from engine.core.data import DataSpec
 from engine.core.paths import FolderExistsError
-from engine.runs.plans import EvalPlan, QuantPlan, SlicingPlan
 from engine.runs.cached_scores import ScoresNotComputed
+from engine.runs.plans import EvalPlan, QuantPlan, SlicingPlan
 from engine.runs.runner import (
     allocation_for,
     default_save_folder,
@@ -77,8 +77,8 @@ def test_sweeps_are_generated_in_one_place_and_keep_going_after_an_error(store, 
 
 
 def test_dropping_runs_store_honest_sizes_and_stacks_reload(store, tiny_loaded):
-    from engine.runs.plans import DropPlan
     from engine.runs.drop_choice import dropped_layers
+    from engine.runs.plans import DropPlan
     from engine.runs.runner import run_dropping, run_stacked
 
     plan = DropPlan(block="layer", count=1, by="lr")
@@ -104,8 +104,8 @@ def test_dropping_by_measured_sensitivity_drops_a_constructed_identity_layer(sto
     """Layer 2 adds nothing to the residual stream: its measured drop KL is 0, so it goes first."""
     from engine.core.architectures import get_submodule
     from engine.core.models import load_model
-    from engine.runs.plans import DropPlan
     from engine.runs.drop_choice import dropped_layers, measured_drop_kl
+    from engine.runs.plans import DropPlan
 
     loaded = load_model(tiny_folder)
     layer = loaded.architecture.decoder_layers(loaded.model)[2]
@@ -126,8 +126,8 @@ def test_dropping_by_measured_sensitivity_drops_a_constructed_identity_layer(sto
 
 
 def test_iterative_dropping_re_scores_the_smaller_model_and_is_stored(store, tiny_loaded):
-    from engine.runs.plans import DropPlan
     from engine.runs.drop_choice import dropped_layers
+    from engine.runs.plans import DropPlan
     from engine.runs.runner import run_dropping
 
     at_once = dropped_layers(store, tiny_loaded, DropPlan(count=2, protect_ends=False), CALIB)
@@ -144,8 +144,8 @@ def test_iterative_dropping_re_scores_the_smaller_model_and_is_stored(store, tin
 
 @pytest.mark.parametrize("block", ["attention", "mlp"])
 def test_iterative_block_dropping_by_sensitivity_re_measures_the_smaller_model(store, tiny_loaded, block):
-    from engine.runs.plans import DropPlan
     from engine.runs.drop_choice import dropped_layers
+    from engine.runs.plans import DropPlan
 
     plan = DropPlan(block, 2, "sensitivity", protect_ends=False, iterative=True)
     calib = replace(CALIB, n_windows=4)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 
-from engine.runs.store import ResultsStore, cache_key
+from engine.core.keys import cache_key
+from engine.runs.store import ResultsStore
 
 
 def _add(store, method="dense", ppl=20.0, model="m"):

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 from engine.core.architectures import architecture_for, get_submodule
 from engine.core.data import DataSpec, TokenWindows
-from engine.scores.redundancy import HIST_BINS, layer_redundancy
 from engine.runs.cached_scores import cached_layer_redundancy, cached_weight_outliers
-from engine.scores.ranking import importance_order, ranks, spearman
 from engine.scores.outliers import weight_outliers
+from engine.scores.ranking import importance_order, ranks, spearman
+from engine.scores.redundancy import HIST_BINS, layer_redundancy
 from tests.tiny_models import TINY_FACTORIES
 
 

@@ -6,7 +6,9 @@ import random
 
 import pytest
 
+from engine.scores.outliers import WeightOutliers
 from engine.scores.ranking import spearman
+from engine.scores.redundancy import LayerRedundancy
 from engine.sensitivity.actions import parse_action
 from engine.sensitivity.agreement import (
     Agreement,
@@ -20,8 +22,6 @@ from engine.sensitivity.agreement import (
 from engine.sensitivity.errors import SampleTooSmallError
 from engine.sensitivity.findings import score_names, sensitivity_finding
 from engine.sensitivity.scan import ActionDamage
-from engine.scores.outliers import WeightOutliers
-from engine.scores.redundancy import LayerRedundancy
 
 
 def damage(text: str, window_kl: list[list[float]]) -> ActionDamage:

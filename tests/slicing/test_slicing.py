@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from engine.core.architectures import architecture_for, get_submodule
-from engine.core.models import LoadedModel
-from engine.core.paths import FolderExistsError
 from engine.core.data import DataSpec, TokenWindows, token_windows
+from engine.core.models import LoadedModel, weights_fingerprint
+from engine.core.paths import FolderExistsError
+from engine.evaluation.latency import compare_latency
 from engine.evaluation.perplexity import perplexity
-from engine.core.models import weights_fingerprint
-from engine.slicing.sliced_layers import SlicedLayerMixin, SlicedModelError, layer_widths
 from engine.slicing.schedules import (
     ScheduleError,
     achieved_fraction,
@@ -23,8 +22,8 @@ from engine.slicing.schedules import (
     schedule_dims,
     schedule_dynamic,
 )
-from engine.evaluation.latency import compare_latency
 from engine.slicing.slice_model import load_sliced, save_sliced, slice_model
+from engine.slicing.sliced_layers import SlicedLayerMixin, SlicedModelError, layer_widths
 from tests.tiny_models import TINY_FACTORIES
 
 D = 64  # tiny models' hidden size
@@ -265,7 +264,8 @@ def test_wrong_schedule_length_and_dims_are_refused():
 def test_attention_mask_of_wrong_shape_is_refused():
     model = tiny("llama")
     with pytest.raises(ValueError, match="one 0/1 entry per token"):
-        slice_model(LoadedModel.from_model(model), schedule_constant(0.2, 3), windows(), attention_mask=torch.ones(6, 5))
+        slice_model(LoadedModel.from_model(model), schedule_constant(0.2, 3), windows(),
+                    attention_mask=torch.ones(6, 5))
 
 
 def test_explicit_dims_are_used_as_given():

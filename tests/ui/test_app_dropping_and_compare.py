@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 import plotly.io
+import pytest
 
 from engine.runs.store import ResultsStore
 from tests.apptest import click, open_app, plotly_values, use_small_data

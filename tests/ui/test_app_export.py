@@ -34,7 +34,8 @@ def test_dropping_page_exports_a_run_and_refuses_a_full_folder(tiny_app, tmp_pat
     before = {r.id for r in ResultsStore().runs()}
     click(at, "Run dropping")
     run = _new_run(before, "dropping")
-    assert len(at.radio(key="dropping_export_format").options) == 1 and at.radio(key="dropping_export_format").value == "hf"
+    assert (len(at.radio(key="dropping_export_format").options) == 1
+            and at.radio(key="dropping_export_format").value == "hf")
     assert any("GGUF export is for quantized runs" in c.value for c in at.caption)
     folder = at.text_input(key=f"dropping_export_folder_{run.id}_hf")
     (tmp_path / "full").mkdir()

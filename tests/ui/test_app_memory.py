@@ -44,7 +44,8 @@ def test_a_model_too_large_for_free_memory_is_refused_and_the_current_one_stays(
     other = shutil.copytree(tiny_app, tmp_path / "other-model")
     monkeypatch.setattr("engine.core.memory.free_bytes", lambda device: 2**10)  # 1 KiB free
     at.sidebar.text_input[0].set_value(str(other))
-    next(s for s in at.sidebar.selectbox if s.label == "Device").set_value("cpu")  # the message names the device and the 32-bit dtype
+    # the message names the device and the 32-bit dtype
+    next(s for s in at.sidebar.selectbox if s.label == "Device").set_value("cpu")
     next(s for s in at.sidebar.selectbox if s.label == "Dtype").set_value("float32")
     at.sidebar.button[0].click().run()
     assert not at.exception

@@ -5,7 +5,8 @@ from __future__ import annotations
 import plotly.io
 
 from engine.runs.store import ResultsStore
-from tests.apptest import open_app, plotly_values as _values
+from tests.apptest import open_app
+from tests.apptest import plotly_values as _values
 
 DATA = {"source": "wiki-offline", "split": "evaluation", "n_windows": 3, "seqlen": 48,
         "label": "wiki-offline evaluation, 3 windows × 48 tokens"}
@@ -69,7 +70,8 @@ def test_runs_on_two_uploaded_files_are_never_one_series(tiny_app, tmp_path):
 
 
 def test_results_summary_compares_only_matched_sizes_and_calls_out_costly_options(tiny_app):
-    from tests.runs.test_summary import LABEL, _add as add_paired
+    from tests.runs.test_summary import LABEL
+    from tests.runs.test_summary import _add as add_paired
 
     store = ResultsStore()
     add_paired(store, "dense", "dense", 1.0, 0.0)
