@@ -11,7 +11,8 @@ enter_through_the_router()
 restore_widget_state()
 
 PAGES = [
-    st.Page("pages/model.py", title="Model", default=True),
+    st.Page("pages/start.py", title="Start", default=True),
+    st.Page("pages/model.py", title="Model"),
     st.Page("pages/redundancy.py", title="Layer redundancy"),
     st.Page("pages/sensitivity.py", title="Sensitivity"),
     st.Page("pages/slicing.py", title="Slicing"),

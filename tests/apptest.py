@@ -11,7 +11,7 @@ from streamlit.testing.v1 import AppTest
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 
 
-def open_app(page: str | None = None, timeout: float = 300) -> AppTest:
+def open_app(page: str | None = "model", timeout: float = 300) -> AppTest:
     """Run the app (the default model loads), optionally switch to ``pages/<page>.py``.
 
     The default model is the built-in one, or the tiny one when the test uses the ``tiny_app`` fixture.

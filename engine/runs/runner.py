@@ -209,16 +209,17 @@ RUN_FIXED_PER_HIDDEN = {"slicing": 4.6, "quantization-rtn": 0.7, "quantization-g
 
 
 def estimate_run_seconds(loaded: LoadedModel, method: str, calibration: DataSpec, evaluation: EvalPlan,
-                         store: ResultsStore | None = None) -> float:
+                         store: ResultsStore | None = None, dense_needed: bool | None = None) -> float:
     """Rough wall time (s) of one run: compression, plus dense and compressed evaluation.
 
     ``method``: ``slicing``, ``quantization-rtn``, ``quantization-gptq`` or ``dropping``.  Dense is counted
-    only when no dense run on these windows is stored yet.  ``bench/estimates.py`` compares it with
-    measured runs.
+    only when no dense run on these windows is stored yet (or as ``dense_needed`` says).  ``bench/estimates.py``
+    compares it with measured runs.
     """
     calib = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen).input_ids.numel()
     evaluated = token_windows(evaluation.data, loaded.tokenizer, loaded.max_seqlen).input_ids.numel()
-    dense_needed = store is None or find_dense(store, loaded, evaluation) is None
+    if dense_needed is None:
+        dense_needed = store is None or find_dense(store, loaded, evaluation) is None
     passes_eval = 1 + int(dense_needed)
     fixed = RUN_FIXED_PER_HIDDEN[method] * loaded.hidden_size
     return estimate_seconds(loaded.model, RUN_PASSES[method] * calib + passes_eval * evaluated + fixed)
@@ -229,6 +230,11 @@ def run_estimate(loaded: LoadedModel, method: str, calibration: DataSpec, evalua
     """:func:`estimate_run_seconds` as button text, e.g. ``"≈ 40 s"``."""
     seconds = estimate_run_seconds(loaded, method, calibration, evaluation, store)
     return describe_seconds(seconds) + (" + zero-shot tasks" if evaluation.tasks else "")
+
+
+def evaluation_seconds(loaded: LoadedModel, spec: DataSpec) -> float:
+    """Rough wall time (s) of one perplexity evaluation over ``spec``'s windows."""
+    return estimate_seconds(loaded.model, token_windows(spec, loaded.tokenizer, loaded.max_seqlen).input_ids.numel())
 
 
 def scoring_seconds(loaded: LoadedModel, spec: DataSpec) -> float:

@@ -36,7 +36,7 @@ def _press(page, name: str) -> None:
 
 
 def test_sensitivity_dropping_compare_and_optimizers(page, steps, server):
-    page.goto(server)
+    page.goto(f"{server}/model")
     page.get_by_text("Baseline perplexity", exact=True).wait_for()
 
     page.get_by_role("link", name="Dropping").click()

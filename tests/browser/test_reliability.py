@@ -35,14 +35,14 @@ def _small_data(page, calib_windows: int = 2, calib_seqlen: int = 32) -> None:
 
 
 def _verify_weights(page, server) -> None:
-    page.goto(server)
+    page.goto(f"{server}/model")
     page.get_by_role("button", name="Verify weights").click()
     page.get_by_text("Weights unchanged since load").wait_for()
 
 
 def test_bad_inputs_show_messages_and_change_nothing(page, steps, server, tmp_path):
     rows = [r.id for r in ResultsStore().runs()]
-    page.goto(server)
+    page.goto(f"{server}/model")
     page.get_by_text("Baseline perplexity", exact=True).wait_for()
     source = page.get_by_role("textbox", name="Hugging Face id or local path")
     source.fill("nobody/no-such-model")
@@ -65,7 +65,7 @@ def test_bad_inputs_show_messages_and_change_nothing(page, steps, server, tmp_pa
     page.get_by_text("looks binary").wait_for()
     steps.shot("binary-upload")
 
-    page.goto(server)
+    page.goto(f"{server}/model")
     _set(page, "Evaluation seqlen (tokens)", 9000)
     page.get_by_text("longer than this model allows").wait_for()
     steps.shot("seqlen-too-long")

@@ -52,7 +52,7 @@ def _assert_inside(plot) -> None:
 
 
 def test_score_compress_compare_and_report(page, steps, server, tmp_path):
-    page.goto(server)
+    page.goto(f"{server}/model")
     page.get_by_text("Baseline perplexity", exact=True).wait_for()
     page.get_by_text("as a 4-bit (Q4_1").wait_for()
     _set_number(page, "Evaluation windows", EVAL[0])

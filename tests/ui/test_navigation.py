@@ -29,7 +29,7 @@ def test_first_run_leaves_legacy_mode_and_runs_the_router(tiny_app, monkeypatch)
     at = AppTest.from_file(APP, default_timeout=120).run()
     assert not at.exception
     assert PagesManager.uses_pages_directory is False
-    assert at.title[0].value == "Model" and at.sidebar.text_input[0].value == tiny_app
+    assert at.title[0].value == "LayerLab" and at.sidebar.text_input[0].value == tiny_app  # the Start page
 
 
 def test_every_page_enters_through_the_router_before_drawing_anything():
@@ -40,7 +40,7 @@ def test_every_page_enters_through_the_router_before_drawing_anything():
     from pathlib import Path
 
     pages = sorted((Path(__file__).resolve().parents[2] / "pages").glob("*.py"))
-    assert len(pages) == 8
+    assert len(pages) == 9
     for page in pages:
         body = [n for n in ast.parse(page.read_text()).body
                 if not isinstance(n, (ast.Import, ast.ImportFrom))

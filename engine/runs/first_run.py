@@ -1,0 +1,124 @@
+"""The guided first run of the Start page: one pass through the product on small data, each step in plain words.
+
+On the loaded model, with 8 calibration and 8 evaluation windows of 128 tokens:
+
+1. **baseline**: dense perplexity (every later run is compared with it on the same windows);
+2. **scores**: Layer Redundancy (LR) and weight outliers (ZD), read out as findings;
+3. **quantization**: 4/3-bit, half the layers at 3 bits, the least important by LIM first (RTN);
+4. **slicing**: SliceGPT at 25% with the LR-dynamic schedule (skipped, with the reason, where the model cannot
+   be sliced);
+5. **dropping**: the 2 layers with the highest LR (first and last protected).
+
+Each step returns one sentence of what it found; the runs are stored like any other (the Results page and
+the trade-off charts show them).  :func:`first_run_seconds` is the estimate the button shows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from engine.core.data import DataSpec
+from engine.core.models import LoadedModel
+from engine.core.progress import StageProgress
+from engine.runs.cached_scores import compute_scores, scores_if_cached
+from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, SlicingPlan
+from engine.runs.record import RunRecord
+from engine.runs.runner import (
+    ensure_dense,
+    estimate_run_seconds,
+    evaluation_seconds,
+    find_dense,
+    run_dropping,
+    run_quantization,
+    run_slicing,
+    scoring_seconds,
+)
+from engine.runs.store import ResultsStore
+from engine.runs.summary import change_text
+from engine.scores.findings import redundancy_findings
+
+CALIBRATION = DataSpec(split="calibration", seqlen=128, n_windows=8)
+EVALUATION = EvalPlan(DataSpec(split="evaluation", seqlen=128, n_windows=8))
+QUANTIZATION = QuantPlan("rtn", 128, 4, 3, 0.5, ordering="lim")
+SLICING = SlicingPlan("dynamic", 0.25, 0.10)
+DROPPING = DropPlan("layer", 2, "lr")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step: a ``title``, what it does in words, its estimated seconds, and ``run(progress) -> finding``."""
+
+    key: str
+    title: str
+    what: str
+    seconds: float
+    run: Callable[[StageProgress | None], str]
+
+
+def run_sentence(record: RunRecord) -> str:
+    """One sentence of a stored run against dense: perplexity and change, size, KL divergence, speed."""
+    m = record.metrics
+    parts = [f"perplexity {m['ppl']:.1f}, {change_text(m)}", f"{m['size_fraction']:.0%} of dense's 16-bit bytes"]
+    if m.get("kld_mean") is not None:
+        parts.append(f"KL divergence to dense {m['kld_mean']:.3f}, same top token as dense {m['same_top']:.0%}")
+    if m.get("latency_speedup"):
+        parts.append(f"{m['latency_speedup']:.2f}× dense's speed")
+    sentence = f"{record.series}: " + "; ".join(parts) + "."
+    if m.get("param_fraction", 0) > 1.0:
+        sentence += (" The sliced model is bigger than dense: SliceGPT adds a small matrix at every residual "
+                     "connection and unties the embeddings, which a model this small does not win back. Slicing "
+                     "pays off on wider models; here quantization or dropping shrink it.")
+    return sentence
+
+
+def first_run_steps(store: ResultsStore, loaded: LoadedModel) -> list[Step]:
+    """The steps of the guided run for ``loaded`` (slicing only where the model supports it)."""
+
+    def baseline(progress: StageProgress | None) -> str:
+        dense = ensure_dense(store, loaded, EVALUATION, progress)
+        return (f"Dense perplexity {dense.metrics['ppl']:.2f} on {dense.data_label}: every run below is compared "
+                "with it on these same windows.")
+
+    def scores(progress: StageProgress | None) -> str:
+        lr, zd, _hit = compute_scores(store, loaded, CALIBRATION, progress=progress)
+        return " ".join(redundancy_findings(lr, zd)[:2])
+
+    def quantization(progress: StageProgress | None) -> str:
+        return run_sentence(run_quantization(store, loaded, QUANTIZATION, CALIBRATION, EVALUATION,
+                                             progress=progress).record)
+
+    def slicing(progress: StageProgress | None) -> str:
+        return run_sentence(run_slicing(store, loaded, SLICING, CALIBRATION, EVALUATION, progress=progress).record)
+
+    def dropping(progress: StageProgress | None) -> str:
+        return run_sentence(run_dropping(store, loaded, DROPPING, CALIBRATION, EVALUATION, progress=progress).record)
+
+    dense_s = 0.0 if find_dense(store, loaded, EVALUATION) is not None else evaluation_seconds(loaded,
+                                                                                            EVALUATION.data)
+    steps = [Step("baseline", "Baseline", "dense perplexity on the evaluation windows", dense_s, baseline),
+             Step("scores", "Layer scores", "LR (how little each layer changes its input) and ZD (weight outliers)",
+                  0.0 if scores_if_cached(store, loaded, CALIBRATION) else scoring_seconds(loaded, CALIBRATION),
+                  scores),
+             Step("quantization", "Quantization", "4/3 bits, the less important half of the layers at 3 bits",
+                  _run_seconds(loaded, "quantization-rtn"), quantization)]
+    if loaded.architecture.unavailable_message("slicing") is None:
+        steps.append(Step("slicing", "Slicing", "SliceGPT, 25% of the width on average, LR-dynamic schedule",
+                          _run_seconds(loaded, "slicing"), slicing))
+    steps.append(Step("dropping", "Dropping", "the 2 most redundant layers by LR", _run_seconds(loaded, "dropping"),
+                      dropping))
+    return steps
+
+
+def _run_seconds(loaded: LoadedModel, method: str) -> float:
+    """A run's estimate without the dense evaluation (the baseline step measures it once)."""
+    return estimate_run_seconds(loaded, method, CALIBRATION, EVALUATION, dense_needed=False)
+
+
+def first_run_seconds(steps: list[Step]) -> float:
+    return sum(step.seconds for step in steps)
+
+
+def skipped_note(loaded: LoadedModel) -> str | None:
+    """Why the guided run leaves slicing out for this model, or ``None``."""
+    return loaded.architecture.unavailable_message("slicing")

@@ -1,0 +1,27 @@
+"""AppTest of the Start page: the path through the pages and the guided first run on the tiny model."""
+
+from __future__ import annotations
+
+from engine.runs.store import ResultsStore
+from tests.apptest import click, open_app
+
+
+def test_start_page_is_the_first_page_and_the_guided_run_stores_runs_and_says_what_it_found(tiny_app):
+    at = open_app(page=None)
+    assert at.title[0].value == "LayerLab"
+    steps = [m.value for m in at.markdown if m.value[:2] in ("1.", "2.", "3.", "4.", "5.")]
+    assert [s.split("**")[1] for s in steps] == ["Baseline", "Layer scores", "Quantization", "Slicing", "Dropping"]
+    button = next(b for b in at.button if b.label.startswith("Start the guided run"))
+    assert "(≈" in button.label or "s)" in button.label  # the estimate is on the button
+    before = {r.id for r in ResultsStore().runs()}  # the session's store may hold other tests' runs
+    click(at, "Start the guided run")
+    assert not at.exception and not at.error, at.error
+    runs = [r for r in ResultsStore().runs() if r.id not in before]
+    assert {r.method for r in runs} >= {"quantization", "slicing", "dropping"}
+    assert all(r.data_label.endswith("8 windows × 128 tokens") for r in runs)
+    found = [m.value for m in at.markdown if m.value.startswith("**")]
+    assert any(f.startswith("**Baseline.** Dense perplexity") for f in found)
+    assert any(f.startswith("**Quantization.**") and "vs dense (95% interval" in f for f in found)
+    assert any("KL divergence to dense" in f for f in found)
+    specs = [c.proto.spec for c in at.get("plotly_chart")]
+    assert any("ppl vs size" in spec and "dense model" in spec for spec in specs)  # with dense as the star
