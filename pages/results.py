@@ -80,8 +80,13 @@ items = pinned()
 st.caption(f"{len(items)} pinned chart(s): pin any chart with its **Add to report** button on any page. "
            "The trade-off chart above is included when nothing is pinned.")
 for number, item in enumerate(items):
-    left, right = st.columns([5, 1])
-    left.markdown(f"{number + 1}. **{item.title}**" + (f" — {item.note}" if item.note else ""))
+    left, up, right = st.columns([5, 1, 1])
+    left.markdown(f"{number + 1}. **{item.title}**" + (f" — {item.note}" if item.note else "")
+                  + f"  \n<small>{item.computed_on.removeprefix('Computed on: ')}</small>", unsafe_allow_html=True)
+    if number and up.button("Move up", key=f"pin_up_{number}"):
+        items[number - 1], items[number] = items[number], items[number - 1]
+        st.session_state[PINS] = items
+        st.rerun()
     if right.button("Remove", key=f"unpin_{number}"):
         st.session_state[PINS] = [i for i in items if i is not item]
         st.rerun()
@@ -91,7 +96,8 @@ report_items = items or [ReportItem(figure.layout.title.text.split("<br>")[0], f
                                     on_data[["id", "method", "series", x, y]])]
 st.download_button(  # built only when clicked: inlining plotly.js is too heavy for every rerun
     "Download HTML report",
-    lambda: build_report("LayerLab report", cards, report_items, shown, summary,
+    lambda: build_report(f"LayerLab report: {', '.join(models)} ({pd.Timestamp.now(tz='UTC'):%Y-%m-%d})", cards,
+                         report_items, shown, summary,
                          compact_table(on_data)).encode(),
     "layerlab-report.html", "text/html",
 )

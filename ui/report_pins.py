@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import streamlit as st
 
 from engine.viz.report import ReportItem
@@ -14,17 +16,30 @@ def pinned() -> list[ReportItem]:
     return st.session_state.setdefault(PINS, [])
 
 
+def pin_key(fig, caption: str) -> str:
+    """What a pin shows: the figure's data and layout and what it was computed on (two charts with the same
+    title but other runs or data are two pins; the very same chart pinned again is one)."""
+    return hashlib.sha256((fig.to_json() + caption).encode()).hexdigest()[:16]
+
+
 def pin_button(fig, name: str, caption: str, table) -> None:
-    """'Add to report' with an optional note; pinning the same chart again replaces it."""
+    """'Add to report' with an optional note; pinning the very same chart again only updates its note."""
     with st.popover("Add to report", width="stretch"):
         note = st.text_area("Note for the report (optional)", key=f"pin_note_{name}")
         if st.button("Pin this chart", key=f"pin_{name}"):
             title = (fig.layout.title.text or name).split("<br>")[0]
-            items = [item for item in pinned() if item.title != title]
-            items.append(ReportItem(title=title, figure=fig, computed_on=caption,
-                                    table=table if table is not None else _empty(), note=note))
+            key = pin_key(fig, caption)
+            items = list(pinned())
+            same = next((i for i, item in enumerate(items) if item.key == key), None)
+            item = ReportItem(title=title, figure=fig, computed_on=caption,
+                              table=table if table is not None else _empty(), note=note, key=key)
+            if same is None:
+                items.append(item)
+            else:
+                items[same] = item
             st.session_state[PINS] = items
-            st.toast(f"Pinned '{name}' ({len(items)} chart(s) in the report; build it on the Results page).")
+            st.toast(f"{'Pinned' if same is None else 'Updated the note of'} '{title}' ({len(items)} chart(s) in "
+                     "the report; build it on the Results page).")
 
 
 def _empty():

@@ -32,6 +32,7 @@ class ReportItem:
     computed_on: str
     table: pd.DataFrame
     note: str = ""
+    key: str = ""  # what the chart shows (ui.report_pins.pin_key): two pins never share one
 
 
 PERCENT_COLUMNS = ("change vs dense",)
@@ -97,7 +98,7 @@ def build_report(title: str, model_cards: dict[str, dict], items: list[ReportIte
             parts.append(f"<p class='note'>{html.escape(item.note)}</p>")
         parts += [
             f"<div class='chart'>{chart}</div>",
-            f"<p class='meta'>Computed on: {html.escape(item.computed_on)}</p>",
+            f"<p class='meta'>Computed on: {html.escape(item.computed_on.removeprefix('Computed on: '))}</p>",
             f"<details><summary>Data behind this chart</summary><div class='scroll'>{_table_html(item.table)}"
             "</div></details>",
         ]

@@ -129,6 +129,13 @@ def _hover(row: pd.Series, x: str, y: str, same: list[str] | None = None) -> str
     return "<br>".join(parts)
 
 
+def full_series_name(method: str, series: str) -> str:
+    """A series as a reader names it: with its method (``slicing, constant``; ``quantization, lim 4/3-bit rtn``)
+    unless the series already says it (``drop layers by lr``, ``stacked: ...``)."""
+    words = {"dropping": "drop", "stacked": "stack"}.get(method, method)
+    return series if series.lower().startswith((method, words)) else f"{method}, {series}"
+
+
 def tradeoff_figure(frame: pd.DataFrame, x: str, y: str, subtitle: str, log_y: bool | None = None) -> go.Figure:
     """Quality ``y`` vs size ``x``: one colour and marker per series, previews hollow and dashed, error bars from the
     bootstrap interval, dense as a black star and dotted reference line, Pareto frontier (over the full
@@ -159,8 +166,9 @@ def tradeoff_figure(frame: pd.DataFrame, x: str, y: str, subtitle: str, log_y: b
             error = {"type": "data", "symmetric": False, "color": colour, "thickness": 1,
                      "array": (group["metrics.ci_high"] - group[y]).tolist(),
                      "arrayminus": (group[y] - group["metrics.ci_low"]).tolist()}
+        shown = full_series_name(str(group["method"].iloc[0]), str(series))
         fig.add_trace(go.Scatter(
-            x=group[x], y=group[y], mode="lines+markers", name=f"{series} (preview)" if preview else str(series),
+            x=group[x], y=group[y], mode="lines+markers", name=f"{shown} (preview)" if preview else shown,
             line={"color": colour, "dash": "dash" if preview else "solid", "width": 2},
             marker={"color": "white" if preview else colour, "size": 9, "line": {"color": colour, "width": 2},
                     "symbol": symbols[series]},

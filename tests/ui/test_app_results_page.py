@@ -35,7 +35,7 @@ def test_results_page_lists_runs_draws_tradeoff_and_builds_the_report(tiny_app):
     assert len(at.dataframe[0].value) >= 3
     fig = _figure(at)
     names = [t.name for t in fig.data]
-    assert "constant" in names and any(n and n.startswith("dense") for n in names)
+    assert "slicing, constant" in names and any(n and n.startswith("dense") for n in names)
     assert fig.layout.yaxis.type == "linear"  # 20..35 spans less than a decade
     labels = [d.proto.label for d in at.get("download_button")]
     assert "Download runs.csv" in labels and "Download HTML report" in labels
@@ -65,7 +65,7 @@ def test_runs_on_two_uploaded_files_are_never_one_series(tiny_app, tmp_path):
     assert set(labels) <= set(at.selectbox(key="results_data").options)
     at.selectbox(key="results_data").set_value(labels[0]).run()
     fig = _figure(at)
-    points = [float(y) for t in fig.data if t.name == "constant" for y in _values(t.y)]
+    points = [float(y) for t in fig.data if t.name == "slicing, constant" for y in _values(t.y)]
     assert sorted(points) == [30.0, 36.0]  # only the first file's runs
 
 
@@ -86,3 +86,30 @@ def test_results_summary_compares_only_matched_sizes_and_calls_out_costly_option
     at.number_input(key="keep.cost_threshold").set_value(50.0).run()
     summary = " ".join(m.value for m in at.markdown)
     assert "Recommended: quantization · lim 4/3-bit rtn" in summary and "Not recommended" in summary
+
+
+def test_pins_with_equal_titles_are_kept_apart_and_can_be_reordered(tiny_app):
+    """Pins are keyed by what they show: three charts with the same title are three pins, each with its note."""
+    import plotly.graph_objects as go
+
+    from engine.viz.report import build_report
+    from ui.report_pins import pin_key
+
+    figures = [go.Figure(go.Scatter(x=[1, 2], y=[v, v + 1]), layout={"title": {"text": "ppl vs size"}})
+               for v in (1, 2, 3)]
+    keys = {pin_key(f, "Computed on: data") for f in figures}
+    assert len(keys) == 3 and pin_key(figures[0], "Computed on: data") == pin_key(figures[0], "Computed on: data")
+    assert pin_key(figures[0], "Computed on: other windows") != pin_key(figures[0], "Computed on: data")
+    from engine.viz.report import ReportItem
+
+    items = [ReportItem("ppl vs size", f, "Computed on: data", _empty_frame(), note=f"note {i}", key=pin_key(f, "d"))
+             for i, f in enumerate(figures)]
+    text = build_report("LayerLab report: m (2026-12-06)", {}, items, _empty_frame())
+    assert text.count("<h2>ppl vs size</h2>") == 3 and all(f"note {i}" in text for i in range(3))
+    assert "Computed on: Computed on:" not in text
+
+
+def _empty_frame():
+    import pandas as pd
+
+    return pd.DataFrame()

@@ -54,7 +54,8 @@ def test_linear_axis_spans_the_data_with_padding_and_dense(store):
         assert _inside(fig, "yaxis", trace.y, False), trace.name
         assert _inside(fig, "xaxis", trace.x, False), trace.name
     names = [t.name for t in fig.data]
-    assert {"constant", "dynamic SB=0.1", "Pareto frontier"} <= set(names) and "dense (20)" in names
+    # legends name the method with the series (a report reader sees "slicing, constant", not "constant")
+    assert {"slicing, constant", "slicing, dynamic SB=0.1", "Pareto frontier"} <= set(names) and "dense (20)" in names
     front = fig.data[names.index("Pareto frontier")]
     assert sorted(zip(front.x, front.y)) == [(0.8, 40.0), (0.9, 30.0), (1.0, 20.0)]  # dense ends the frontier
     assert "test data" in fig.layout.title.text
@@ -95,7 +96,7 @@ def test_previews_are_hollow_and_dashed(store):
     _frame(store, BASIC)
     frame = _frame(store, [("slicing", "constant", 0.85, 36.0)], preview=True)
     fig = tradeoff_figure(frame, "metrics.size_fraction", "metrics.ppl", "t")
-    preview = next(t for t in fig.data if t.name == "constant (preview)")
+    preview = next(t for t in fig.data if t.name == "slicing, constant (preview)")
     assert preview.line.dash == "dash" and preview.marker.color == "white"
     front = next(t for t in fig.data if t.name == "Pareto frontier")
     assert 36.0 not in front.y  # previews never define the frontier
@@ -103,7 +104,8 @@ def test_previews_are_hollow_and_dashed(store):
 
 def test_colours_are_explicit_distinct_and_stable(store):
     fig = tradeoff_figure(_frame(store, BASIC), "metrics.size_fraction", "metrics.ppl", "t")
-    colours = {t.name: t.line.color for t in fig.data if t.name in ("constant", "dynamic SB=0.1")}
+    colours = {t.name.removeprefix("slicing, "): t.line.color for t in fig.data
+               if t.name in ("slicing, constant", "slicing, dynamic SB=0.1")}
     assert all(c and c.startswith("#") for c in colours.values())
     assert len(set(colours.values())) == 2
     assert colours["constant"] == series_colour("constant")
@@ -114,7 +116,7 @@ def test_colours_are_explicit_distinct_and_stable(store):
 @pytest.mark.parametrize("x", ["metrics.size_fraction", "config.low_fraction"])
 def test_every_point_has_an_error_bar(store, x):
     fig = tradeoff_figure(_frame(store, BASIC), x, "metrics.ppl", "t")
-    constant = next(t for t in fig.data if t.name == "constant")
+    constant = next(t for t in fig.data if t.name == "slicing, constant")
     assert list(constant.error_y.array) == pytest.approx([v * 0.05 for v in constant.y])
 
 
