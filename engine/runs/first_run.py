@@ -57,13 +57,12 @@ class Step:
 
 
 def run_sentence(record: RunRecord) -> str:
-    """One sentence of a stored run against dense: perplexity and change, size, KL divergence, speed."""
+    """One sentence of a stored run against dense: perplexity and change, size, KL divergence (speed, a noisy
+    measurement on a busy CPU, is on the Results page)."""
     m = record.metrics
     parts = [f"perplexity {m['ppl']:.1f}, {change_text(m)}", f"{m['size_fraction']:.0%} of dense's 16-bit bytes"]
     if m.get("kld_mean") is not None:
         parts.append(f"KL divergence to dense {m['kld_mean']:.3f}, same top token as dense {m['same_top']:.0%}")
-    if m.get("latency_speedup"):
-        parts.append(f"{m['latency_speedup']:.2f}× dense's speed")
     sentence = f"{record.series}: " + "; ".join(parts) + "."
     if m.get("param_fraction", 0) > 1.0:
         sentence += (" The sliced model is bigger than dense: SliceGPT adds a small matrix at every residual "
