@@ -42,6 +42,7 @@ from torch import nn
 from engine.core.models import LoadedModel
 from engine.core.paths import atomic_folder
 from engine.export.hf_folder import WEIGHTS_FILE, ExportError, folder_bytes, tensors_to_save
+from engine.export.vllm_rules import vllm_problems, vllm_verdict
 from engine.quant.grid import QuantizedWeight, QuantizerSpec, symmetric_zero
 from engine.quant.quantize_model import QuantizedModel
 
@@ -126,6 +127,7 @@ def write_ct_folder(quantized: QuantizedModel, loaded: LoadedModel, folder: str 
     lines = [f"{len(modules)} linears at {bits} bits (pack-quantized int{bits}, symmetric, "
              f"{'group ' + str(quantized.spec.group_size) if quantized.spec.group_size else 'per row'})"
              for bits, modules in sorted(by_bits.items())]
+    lines.append(vllm_verdict(config.quantization_config))
     lines.append("codes and fp16 scales copied as they are" + (
         f"; the unquantized tensors rounded to {str(dtype).removeprefix('torch.')}" if dtype is not None else
         ": the folder computes what the app measured"))
@@ -140,7 +142,8 @@ def write_ct_folder(quantized: QuantizedModel, loaded: LoadedModel, folder: str 
         (staging / "layerlab_export.json").write_text(json.dumps({**(notes or {}), "types": lines}, indent=2,
                                                                  default=str))
     return {"folder": str(folder), "files": sorted(p.name for p in folder.iterdir()), "bytes": folder_bytes(folder),
-            "remote_code": False, "exact_fraction": 1.0, "notes": lines}
+            "remote_code": False, "exact_fraction": 1.0, "notes": lines,
+            "vllm_problems": vllm_problems(config.quantization_config)}
 
 
 def load_ct_folder(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:

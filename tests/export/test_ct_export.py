@@ -119,3 +119,22 @@ def test_a_symmetric_run_exports_and_verifies_exactly(store, tiny_loaded, tmp_pa
     with pytest.raises(ExportError, match="cannot be exported as ct.*symmetric"):
         check_export(tiny_loaded, integer.record, "ct", tmp_path / "x", overwrite=False)
     assert not Path(tmp_path / "x").exists()
+
+
+def test_vllm_rules_name_what_vllm_would_refuse(tiny_loaded, tmp_path):
+    """vLLM's WNA16 scheme: 4 or 8 bits, zero points only at 4/8, group or channel, one scheme per fused module."""
+    from engine.export.vllm_rules import vllm_problems
+
+    arch = tiny_loaded.architecture
+    served = quantize_model(tiny_loaded, [4, 8, 4, 8], spec=SYMMETRIC)
+    assert write_ct_folder(served, tiny_loaded, tmp_path / "ok")["vllm_problems"] == []
+    per_linear = {name: 8 if name == "v" else 4 for name in arch.linears}  # q, k at 4 bits, v at 8: split qkv
+    mixed = quantize_model(tiny_loaded, [3, per_linear, 4, 4], spec=SYMMETRIC)
+    info = write_ct_folder(mixed, tiny_loaded, tmp_path / "mixed")
+    problems = info["vllm_problems"]
+    assert any(p.startswith("group_3bit: 3-bit weights") for p in problems)
+    assert any("fused modules whose parts have different bit widths" in p and "qkv_proj" in p for p in problems)
+    assert any(n.startswith("vLLM would refuse this folder") for n in info["notes"])
+    assert vllm_problems({"config_groups": {"g": {"targets": ["x"], "weights": {
+        "num_bits": 8, "symmetric": False, "strategy": "group", "group_size": None}}}}) == [
+        "g: strategy 'group' with group size None (vLLM takes 'group' with a group size, or 'channel')"]

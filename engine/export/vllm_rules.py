@@ -1,0 +1,72 @@
+"""Would vLLM serve this compressed-tensors folder?  Its weight-only scheme's rules, checked on the config.
+
+vLLM runs compressed-tensors ``pack-quantized`` int weights with ``CompressedTensorsWNA16``
+(``vllm/model_executor/layers/quantization/compressed_tensors/schemes/compressed_tensors_wNa16.py``, read in
+vllm-project/vllm through the code index).  Its rules, as released there:
+
+- ``num_bits`` in ``WNA16_SUPPORTED_BITS = [4, 8]`` (symmetric types ``uint4b8`` / ``uint8b128``); a zero point
+  (``symmetric: false``) only at 4 and 8 bits (``uint4`` / ``uint8``).  Some newer forks list 2-8 symmetric bits
+  for particular kernels; LayerLab checks the released rule;
+- ``strategy`` ``group`` with a ``group_size``, or ``channel`` (one scale per output row);
+- vLLM fuses ``q_proj``/``k_proj``/``v_proj`` into one ``qkv_proj`` and ``gate_proj``/``up_proj`` into one
+  ``gate_up_proj``: the parts of one fused module must carry one scheme (a checkpoint whose fused parts differ
+  does not load; reported for AutoRound's mixed-bit exports, intel/auto-round #2174).
+
+:func:`vllm_problems` lists every rule a config breaks (empty: vLLM loads it); the export states the verdict.
+"""
+
+from __future__ import annotations
+
+SUPPORTED_BITS = (4, 8)
+ZERO_POINT_BITS = (4, 8)
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _scheme_of(config_groups: dict) -> dict[str, tuple]:
+    """Module name -> (num_bits, symmetric, strategy, group_size) from ``config_groups``' targets."""
+    found = {}
+    for group in config_groups.values():
+        weights = group.get("weights") or {}
+        scheme = (weights.get("num_bits"), weights.get("symmetric"), weights.get("strategy"),
+                  weights.get("group_size"))
+        for target in group.get("targets", []):
+            found[target] = scheme
+    return found
+
+
+def vllm_problems(quantization_config: dict) -> list[str]:
+    """Every vLLM WNA16 rule the folder's ``quantization_config`` breaks, in words (empty: it loads)."""
+    problems = []
+    groups = quantization_config.get("config_groups", {})
+    for name, group in groups.items():
+        weights = group.get("weights") or {}
+        bits, symmetric = weights.get("num_bits"), weights.get("symmetric", True)
+        if bits not in SUPPORTED_BITS:
+            problems.append(f"{name}: {bits}-bit weights (vLLM's weight-only kernels take 4 or 8 bits)")
+        elif not symmetric and bits not in ZERO_POINT_BITS:
+            problems.append(f"{name}: a zero point at {bits} bits (vLLM takes zero points at 4 or 8 bits)")
+        strategy = weights.get("strategy")
+        if strategy not in ("group", "channel") or (strategy == "group" and not weights.get("group_size")):
+            problems.append(f"{name}: strategy {strategy!r} with group size {weights.get('group_size')!r} "
+                            "(vLLM takes 'group' with a group size, or 'channel')")
+    schemes = _scheme_of(groups)
+    fused_seen: dict[tuple[str, str], set] = {}
+    for module, scheme in schemes.items():
+        parent, _, leaf = module.rpartition(".")
+        for fused, parts in FUSED.items():
+            if leaf in parts:
+                fused_seen.setdefault((parent, fused), set()).add(scheme[:2])
+    split = sorted(f"{parent}.{fused}" for (parent, fused), kinds in fused_seen.items() if len(kinds) > 1)
+    if split:
+        problems.append(f"{len(split)} fused modules whose parts have different bit widths (e.g. {split[0]}): vLLM "
+                        "loads q/k/v and gate/up as one module each, with one scheme")
+    return problems
+
+
+def vllm_verdict(quantization_config: dict) -> str:
+    """One line for the export dialog: vLLM serves it, or why not and what would."""
+    problems = vllm_problems(quantization_config)
+    if not problems:
+        return "vLLM (compressed-tensors WNA16): loads as written."
+    return ("vLLM would refuse this folder: " + "; ".join(problems) + ". transformers loads it; for vLLM quantize "
+            "at 4 and 8 bits only, with q/k/v and gate/up at one level each.")
