@@ -35,20 +35,11 @@ import torch
 
 from engine.core.data import TokenWindows
 from engine.core.progress import ProgressFn
+from engine.evaluation.divergence import Divergence
 from engine.llamacpp.runtime import require
 
 _ROWS = 64  # positions per float64 log-softmax chunk
 Side = torch.nn.Module | str | Path
-
-
-@dataclass(frozen=True)
-class Divergence:
-    """KL(P_a || P_b) per position, summarised (nats), and top-1 agreement."""
-
-    mean: float
-    median: float
-    p99: float
-    same_top: float
 
 
 @dataclass(frozen=True)

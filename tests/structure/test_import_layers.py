@@ -1,6 +1,6 @@
 """Imports point one way: each engine package imports only from its own layer or the layers below it.
 
-    core -> llamacpp -> evaluation, scores, quant, slicing, dropping -> sensitivity, optimize -> export -> runs
+    core -> evaluation, scores, quant, slicing, dropping, llamacpp -> sensitivity, optimize -> export -> runs
          -> viz -> cli
 
 (``docs/architecture.md`` draws it).  The engine never imports Streamlit, ``ui`` or ``pages``; module-level
@@ -13,7 +13,7 @@ import ast
 from pathlib import Path
 
 ENGINE = Path(__file__).resolve().parents[2] / "engine"
-LAYERS = [["core"], ["llamacpp"], ["evaluation", "scores", "quant", "slicing", "dropping"], ["sensitivity", "optimize"],
+LAYERS = [["core"], ["evaluation", "scores", "quant", "slicing", "dropping", "llamacpp"], ["sensitivity", "optimize"],
           ["export"], ["runs"], ["viz"], ["cli", "__main__"]]
 LEVEL = {package: i for i, group in enumerate(LAYERS) for package in group}
 
