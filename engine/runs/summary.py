@@ -138,8 +138,10 @@ def dominated(compressed: pd.DataFrame) -> set[int]:
 def _describe(run: pd.Series) -> str:
     series = str(run["series"])  # pages may have prefixed the method already ("quantization · lim 4/3-bit rtn")
     name = series if series.startswith(str(run["method"])) else f"{run['method']} · {series}"
+    kld = run.get("metrics.kld_mean")
     return (f"{name} (run {run['id']}, {run['metrics.size_fraction']:.0%} of dense bytes): "
-            f"perplexity {run['metrics.ppl']:.2f}, {change_text(run)}")
+            f"perplexity {run['metrics.ppl']:.2f}, {change_text(run)}"
+            + (f", KL divergence to dense {kld:.3f}" if _number(kld) else ""))
 
 
 def paired_between(a: pd.Series, b: pd.Series) -> PairedChange | None:

@@ -146,3 +146,11 @@ def test_runs_without_any_change_against_dense_get_no_recommendation(store):
     assert any(line.startswith("No dense baseline") for line in lines)
     assert any(line.startswith("No recommendation") for line in lines)
     assert any("has the lower perplexity (no paired interval" in line or "At 40%" in line for line in lines)
+
+
+def test_the_recommendation_shows_kl_divergence_when_the_run_has_it(dense_store):
+    run = _add(dense_store, "quantization", "q 3.5 bits", 0.30, 0.04)
+    frame = dense_store.runs_frame()
+    frame.loc[frame["id"] == run, "metrics.kld_mean"] = 0.0421
+    recommended = next(line for line in executive_summary(frame, LABEL) if line.startswith("Recommended"))
+    assert f"run {run}" in recommended and "KL divergence to dense 0.042" in recommended
