@@ -117,7 +117,7 @@ def builtin_gguf_path(name: str = BUILTIN_NAME) -> Path:
     return _GGUF_OF[name](BUILTINS[name])
 
 
-LAYOUT_SOURCES = {"table": "a family LayerLab knows (its architecture table)",
+LAYOUT_SOURCES = {"table": "table: a family LayerLab knows (its architecture table)",
                   "discovered": "discovered: read off the module tree"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

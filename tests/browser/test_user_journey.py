@@ -96,7 +96,7 @@ def test_score_compress_compare_and_report(page, steps, server, tmp_path):
     steps.shot("slicing-two-runs")
     tradeoff = _plot_data(page, -1)
     names = [t["name"] for t in tradeoff["data"]]
-    assert any(n and n.startswith("dense") for n in names) and "dynamic SB=0.1" in names
+    assert any(n and n.startswith("dense") for n in names) and "slicing, dynamic SB=0.1" in names
     _assert_inside(tradeoff)
 
     page.get_by_role("link", name="Quantization").click()
