@@ -76,11 +76,11 @@ if quantizer == LLAMACPP:
     level_options = list(TYPE_SETS[ggml_types])
     level_label = lambda b: f"{b} ({TYPE_SETS[ggml_types][b]})"  # noqa: E731
 else:
-    act_order = cols[0].checkbox("GPTQ act-order", value=True, key=kept("quant_act_order"),
-                                 disabled=quantizer != "gptq",
-                                 help="Quantize columns by decreasing activation energy, group scales fixed in the "
-                                 "original column order ('static' groups). Helps most on models whose weights were "
-                                 "quantized before (like the built-in one).") and quantizer == "gptq"
+    if quantizer == "gptq":  # round-to-nearest has no column order: no box at all rather than a greyed one
+        act_order = cols[0].checkbox("GPTQ act-order", value=True, key=kept("quant_act_order"),
+                                     help="Quantize columns by decreasing activation energy, group scales fixed in "
+                                     "the original column order ('static' groups). Helps most on models whose "
+                                     "weights were quantized before (like the built-in one).")
     group_size = cols[0].selectbox("Group size", [32, 64, 128, 256], index=2, key=kept("quant_group"))
     zero_point = cols[0].radio("Zero point", list(ZERO_POINTS), key=kept("quant_zero"), horizontal=True,
                                help="integer: GPTQ-style asymmetric grid; float: fp16 group minimum (Q4_1 style); "
