@@ -91,8 +91,12 @@ else:
 if choose == "optimizer":
     if calibration is None or evaluation is None:
         st.stop()
+    if quantizer == LLAMACPP and ggml_types != "k-quants":
+        st.info("The optimizer measures llama.cpp's k-quant types (levels 2-6 and 8): choose the k-quants type set "
+                "to optimize, or allocate the legacy types by an ordering.")
+        st.stop()
     bits_optimizer_panel(store, loaded, calibration, EvalPlan(evaluation, **zero_shot), quantizer, group_size,
-                         level_options)
+                         level_options, imatrix, output_type)
     st.subheader("Trade-off")
     method_tradeoff(store, loaded, "quantization", evaluation, "quantization_tradeoff")
     st.subheader("Export")

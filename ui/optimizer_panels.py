@@ -27,7 +27,8 @@ from ui.widgets import cancel_button, progress_callback, show_chart, show_outcom
 
 
 def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, evaluation: EvalPlan, quantizer: str,
-                         group_size: int, level_options: list[int] | None = None) -> None:
+                         group_size: int, level_options: list[int] | None = None, imatrix: bool = False,
+                         output_type: str = "auto") -> None:
     """Budget, levels, candidates → Optimize (measure, solve, check on held-out) → run on evaluation text."""
     st.subheader("Optimize for budget")
     st.caption(
@@ -69,7 +70,7 @@ def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, eval
         "layer by 5% (docs/benchmarks.md, bench/optimize.py).")
     try:
         plan = BitsOptimizerPlan(budget, tuple(levels), quantizer, group_size, candidates, int(held_out),
-                                 granularity)
+                                 granularity, imatrix, output_type)
         check_plan(loaded, plan)
         result = optimization_if_cached(store, loaded, plan, calibration)
         estimate = optimize_estimate(store, loaded, plan, calibration) if result is None else ""

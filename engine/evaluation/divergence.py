@@ -100,8 +100,9 @@ class DivergenceMeter:
     def __init__(self, reference: DenseReference) -> None:
         self.reference = reference
         n = reference.rest.shape[0]
-        self.kld = torch.full((n,), float("nan"), dtype=torch.float64)
+        self.kld = torch.zeros(n, dtype=torch.float64)
         self.same = torch.zeros(n, dtype=torch.bool)
+        self.scored = torch.zeros(n, dtype=torch.bool)
 
     def observe(self, positions: torch.Tensor, logits: torch.Tensor) -> None:
         ref = self.reference
@@ -115,9 +116,10 @@ class DivergenceMeter:
             + torch.exp(ref.rest[positions]) * (p_tail - q_tail).mean(dim=-1)
         self.kld[positions] = kld
         self.same[positions] = logq.argmax(dim=-1).cpu() == ref.index[positions, 0].long()
+        self.scored[positions] = True
 
     def result(self) -> Divergence:
-        if torch.isnan(self.kld).any():
+        if not bool(self.scored.all()):
             raise RuntimeError("Some positions were not scored: the windows differ from the reference's.")
         kld = self.kld
         return Divergence(float(kld.mean()), float(kld.median()), float(torch.quantile(kld, 0.99)),

@@ -17,7 +17,7 @@ from pathlib import Path
 from engine.llamacpp import build
 
 
-class LlamaCppUnavailable(RuntimeError):
+class LlamaCppUnavailable(ValueError):
     """llama.cpp is not usable on this machine; the message says why and what to run."""
 
 

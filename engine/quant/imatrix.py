@@ -31,6 +31,7 @@ from engine.core.data import TokenWindows
 from engine.core.models import LoadedModel
 from engine.core.progress import ProgressFn
 from engine.core.sharing import shell_copy
+from engine.quant.grid import QuantizationError
 
 _KEPT = 4
 _memory: OrderedDict[tuple, Importance] = OrderedDict()
@@ -72,14 +73,19 @@ def collect_importance(loaded: LoadedModel, windows: TokenWindows, batch_size: i
             sums[name] = sums.get(name, 0) + (x * x).sum(dim=0).cpu()
         return record
 
-    handles = [linear.register_forward_pre_hook(hook((i, short)))
-               for i, layer in enumerate(arch.decoder_layers(model))
+    linears = [(i, short, linear) for i, layer in enumerate(arch.decoder_layers(model))
                for short, linear in arch.layer_linears(layer).items()]
+    if any(not isinstance(linear, torch.nn.Linear) for _, _, linear in linears):
+        raise QuantizationError(f"An importance matrix needs plain linear layers; {arch.model_type} has fused "
+                                "experts or another kind: quantize it with llama.cpp's types without an imatrix.")
+    handles = [linear.register_forward_pre_hook(hook((i, short))) for i, short, linear in linears]
     device = next(model.parameters()).device
-    try:
+    try:  # the decoder alone where the model exposes it: the head's logits (batch x seqlen x vocab) are not needed
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        run = decoder if isinstance(decoder, torch.nn.Module) and decoder is not model else model
         ids = windows.input_ids
         for start in range(0, ids.shape[0], batch_size):
-            model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
+            run(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
             if progress:
                 progress(min(start + batch_size, ids.shape[0]), ids.shape[0])
     finally:

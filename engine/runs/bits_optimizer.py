@@ -81,6 +81,8 @@ class BitsOptimizerPlan:
     candidates: int = DEFAULT_CANDIDATES
     held_out_windows: int = DEFAULT_HELD_OUT
     granularity: str = "layer"
+    imatrix: bool = False  # llama.cpp quantizer only: the chosen allocation is quantized with an imatrix
+    output_type: str = "auto"  # llama.cpp quantizer only: embedding / output type (and its bytes in the budget)
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -89,8 +91,9 @@ class BitsOptimizerPlan:
 
     def spec(self) -> QuantizerSpec:
         """The quantizer at the highest level (GPTQ with static act-order, as the sensitivity lab measures it)."""
-        if self.quantizer == LLAMACPP:
-            return QuantizerSpec(method=LLAMACPP, bits=max(check_levels(self.levels)))
+        if self.quantizer == LLAMACPP:  # damage is measured on k-quants without an imatrix (Action), sizes exact
+            return QuantizerSpec(method=LLAMACPP, bits=max(check_levels(self.levels)), imatrix=self.imatrix,
+                                 output_type=self.output_type)
         return QuantizerSpec(method=self.quantizer, bits=max(check_levels(self.levels)), group_size=self.group_size,
                              act_order=self.quantizer == "gptq")
 
@@ -111,7 +114,7 @@ class BitsOptimizerPlan:
             ordering = "optimizer-module"
         return QuantPlan(quantizer=self.quantizer, group_size=self.group_size, high_bits=max(levels),
                          low_bits=min(levels), low_fraction=low_fraction, ordering=ordering,
-                         act_order=self.quantizer == "gptq")
+                         act_order=self.quantizer == "gptq", imatrix=self.imatrix, output_type=self.output_type)
 
 
 @dataclass
@@ -244,6 +247,9 @@ def _key(loaded: LoadedModel, plan: BitsOptimizerPlan, calibration: DataSpec) ->
     fields = {**asdict(plan), "budget": asdict(plan.budget)}
     if plan.granularity == "layer":
         del fields["granularity"]  # per-layer keys keep the shape they had before module granularity
+    for name, default in (("imatrix", False), ("output_type", "auto")):
+        if fields[name] == default:
+            del fields[name]  # keys of plans without them are what they were
     return cache_key(kind="bits_optimizer", version=OPTIMIZER_VERSION, fingerprint=loaded.fingerprint,
                      plan=fields, data=calibration.to_dict())
 

@@ -179,6 +179,9 @@ def verify_in_llamacpp(loaded: LoadedModel, compressed: torch.nn.Module, gguf: s
         return verify_export(loaded.model, compressed, gguf, windows, stage_callback(progress, "llama.cpp check"))
     except LlamaCppUnavailable as err:
         return {"summary": f"Written, not checked in llama.cpp: {err}", "unavailable": str(err)}
+    except Exception as err:  # noqa: BLE001 - the file is written and kept; say why llama.cpp could not run it
+        return {"summary": f"Written; llama.cpp could not run it ({err}). The file may lack what llama.cpp needs "
+                "(e.g. a tokenizer it reads).", "unavailable": str(err)}
 
 
 def verification_windows(loaded: LoadedModel, record: RunRecord, n_windows: int = VERIFY_WINDOWS):

@@ -98,9 +98,10 @@ def first_run_steps(store: ResultsStore, loaded: LoadedModel) -> list[Step]:
     steps = [Step("baseline", "Baseline", "dense perplexity on the evaluation windows", dense_s, baseline),
              Step("scores", "Layer scores", "LR (how little each layer changes its input) and ZD (weight outliers)",
                   0.0 if scores_if_cached(store, loaded, CALIBRATION) else scoring_seconds(loaded, CALIBRATION),
-                  scores),
-             Step("quantization", "Quantization", "4/3 bits, the less important half of the layers at 3 bits",
-                  _run_seconds(loaded, "quantization-rtn"), quantization)]
+                  scores)]
+    if loaded.architecture.unavailable_message("quantization") is None:
+        steps.append(Step("quantization", "Quantization", "4/3 bits, the less important half of the layers at 3 bits",
+                          _run_seconds(loaded, "quantization-rtn"), quantization))
     if loaded.architecture.unavailable_message("slicing") is None:
         steps.append(Step("slicing", "Slicing", "SliceGPT, 25% of the width on average, LR-dynamic schedule",
                           _run_seconds(loaded, "slicing"), slicing))

@@ -86,7 +86,8 @@ class QuantPlan:
         """``rtn``, ``gptq``, or ``llama.cpp k-quants[+imatrix]``."""
         if self.quantizer != "llama.cpp":
             return self.quantizer
-        return f"llama.cpp {self.ggml_types}{'+imatrix' if self.imatrix else ''}"
+        output = "" if self.output_type == "auto" else f", output {self.output_type}"
+        return f"llama.cpp {self.ggml_types}{'+imatrix' if self.imatrix else ''}{output}"
 
     def series(self) -> str:
         """Curve label on trade-off charts."""

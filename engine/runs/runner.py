@@ -344,6 +344,9 @@ def run_quantization(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, 
 
     ``allocation``: the bit map the user previewed (computed from ``plan`` if None).
     """
+    if save_to and plan.quantizer == LLAMACPP:
+        raise ValueError("A run in llama.cpp's types is saved as its GGUF file: run it without saving, then export "
+                         "it as GGUF (Export, or `python -m engine export RUN --format gguf`).")
     top = max(allocation.levels) if allocation is not None else plan.top_bits
     check_memory(run_memory_plan(loaded, f"quantization-{'gptq' if plan.quantizer == 'gptq' else 'rtn'}",
                                  calibration, evaluation, plan.group_size, top))

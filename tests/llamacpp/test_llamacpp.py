@@ -150,3 +150,22 @@ def test_llama_quantize_reads_layerlab_imatrix_file(tiny_loaded, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "imatrix" in (done.stdout + done.stderr).lower()
     assert (tmp_path / "q4.gguf").stat().st_size < (tmp_path / "g" / "model.gguf").stat().st_size
+
+
+def test_llamacpp_runs_are_saved_as_gguf_not_as_codes(tiny_loaded, tmp_path):
+    from engine.core.data import DataSpec as Spec
+    from engine.runs.plans import EvalPlan, QuantPlan
+    from engine.runs.runner import run_quantization
+    from engine.runs.store import ResultsStore
+
+    with pytest.raises(ValueError, match="saved as its GGUF file"):
+        run_quantization(ResultsStore(tmp_path / "s.sqlite"), tiny_loaded, QuantPlan("llama.cpp", high_bits=4),
+                         Spec(split="calibration", seqlen=32, n_windows=2),
+                         EvalPlan(Spec(split="evaluation", seqlen=32, n_windows=2)), save_to=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_unavailable_llamacpp_is_a_value_error_the_pages_show():
+    from engine.llamacpp.runtime import LlamaCppUnavailable
+
+    assert issubclass(LlamaCppUnavailable, ValueError)
