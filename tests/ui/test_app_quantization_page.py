@@ -126,3 +126,23 @@ def test_llamacpp_types_show_their_file_then_run_and_export_verified_by_llamacpp
     export = ResultsStore().get_run(run.id).config["exports"][0]
     assert export["bytes"] == run.config["file_bytes"]  # the size the run showed is the file's
     assert abs(export["llamacpp"]["ppl_gap"]) < 0.005
+
+
+@pytest.mark.skipif(not __import__("engine.llamacpp.runtime", fromlist=["status"]).status().available,
+                    reason="llama.cpp is not built here (make llamacpp)")
+def test_optimizer_under_llamacpp_types_budgets_the_gguf_file_and_refuses_other_type_sets(tiny_app):
+    at = _ready()
+    at.selectbox(key="keep.quant_method").set_value("llama.cpp").run()
+    at.radio(key="keep.quant_choose").set_value("optimizer").run()
+    assert not at.exception
+    # the tiny model's 64-wide rows fall back to Q4_0 and up: 3.5 bits per weight cannot be reached, and it says so
+    assert "choose 4.500–8.500 bits per weight" in at.error[0].value
+    at.number_input(key="keep.opt_avg_bits").set_value(5.0)
+    at.number_input(key="keep.calib_windows").set_value(8).run()  # the optimizer's interval needs 4 or more
+    assert not at.exception and not at.error, at.error
+    assert any("Sizes are the GGUF file's bytes" in c.value for c in at.caption)
+    assert at.multiselect(key="keep.opt_levels_llamacpp").options == ["2 (Q2_K)", "3 (Q3_K)", "4 (Q4_K)", "5 (Q5_K)",
+                                                                        "6 (Q6_K)", "8 (Q8_0)"] or \
+        at.multiselect(key="keep.opt_levels_llamacpp").options == ["2", "3", "4", "5", "6", "8"]
+    at.selectbox(key="keep.quant_ggml_types").set_value("legacy").run()
+    assert any("choose the k-quants type set" in i.value for i in at.info)
