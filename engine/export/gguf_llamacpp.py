@@ -27,6 +27,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 import gguf
@@ -77,6 +78,12 @@ class Entry:
         return tensor_bytes(self.qtype, self.rows, self.cols)
 
 
+@lru_cache(maxsize=4)
+def _template(path: Path) -> gguf.GGUFReader:
+    """The template file, read once (its key/values hold a whole vocabulary: seconds to parse for Gemma-3)."""
+    return gguf.GGUFReader(str(path))
+
+
 def source_gguf(loaded: LoadedModel) -> Path | None:
     """The GGUF file the model was converted from (the built-in models), else ``None``."""
     return builtin_gguf_path(loaded.source) if loaded.source in BUILTINS else None
@@ -112,7 +119,7 @@ def layout(loaded: LoadedModel, spec: QuantizerSpec, bits: tuple[LayerBits, ...]
                           "type holds its weights exactly. Re-run it with the llama.cpp quantizer to export an "
                           "exact GGUF, or use the GGUF export's 'compact' choice (re-rounded).")
     template_path = source_gguf(loaded)
-    template = gguf.GGUFReader(str(template_path)) if template_path else None
+    template = _template(template_path) if template_path else None
     gguf_arch, _ = _gguf_arch(loaded, template)
     linears = _linear_names(loaded, gguf_arch)
     arch = loaded.architecture
@@ -164,7 +171,7 @@ def _writer(path: Path, loaded: LoadedModel, template_path: Path | None) -> tupl
     """A writer holding the file's key/values; returns it and notes on what the file lacks."""
     notes: list[str] = []
     if template_path is not None:
-        template = gguf.GGUFReader(str(template_path))
+        template = _template(template_path)
         writer = gguf.GGUFWriter(str(path), template.fields["general.architecture"].contents())
         for key, field in template.fields.items():
             if key.startswith("GGUF.") or key in ("general.architecture", *_DROPPED_KEYS):
@@ -215,7 +222,10 @@ def _header_bytes(loaded: LoadedModel, names: tuple[tuple[str, int, int], ...], 
 
 def gguf_file_bytes(loaded: LoadedModel, spec: QuantizerSpec, bits: tuple[LayerBits, ...]) -> int:
     """Exact size in bytes of the GGUF file :func:`write_llamacpp_gguf` writes for this allocation."""
-    entries, template = layout(loaded, spec, bits)
+    return _file_bytes(loaded, *layout(loaded, spec, bits))
+
+
+def _file_bytes(loaded: LoadedModel, entries: list[Entry], template: Path | None) -> int:
     names = tuple((e.name, e.rows, e.cols) for e in entries)
     header = _header_bytes(loaded, names, template)
     return header + sum(_pad(e.nbytes) for e in entries)
@@ -233,7 +243,7 @@ def _rows_order(entry: Entry, loaded: LoadedModel, permute: bool) -> int | None:
 def _write_file(loaded: LoadedModel, entries: list[Entry], template_path: Path | None, folder: str | Path,
                 overwrite: bool, tensor_data: Callable[[Entry], np.ndarray], notes: dict) -> tuple[Path, Counter, list]:
     """Write ``entries`` (data from ``tensor_data``; template tensors copied) into ``folder/model.gguf``."""
-    template = gguf.GGUFReader(str(template_path)) if template_path else None
+    template = _template(template_path) if template_path else None
     template_data = {t.name: t for t in template.tensors} if template else {}
     types: Counter = Counter()
     folder = Path(folder)
@@ -260,7 +270,7 @@ def write_llamacpp_gguf(quantized: QuantizedModel, loaded: LoadedModel, folder: 
     Returns ``{"folder", "file", "files", "bytes", "types": {type: count}, "exact_fraction": 1.0, "notes"}``.
     """
     entries, template_path = layout(loaded, quantized.spec, quantized.bits)
-    template = gguf.GGUFReader(str(template_path)) if template_path else None
+    template = _template(template_path) if template_path else None
     _, permute = _gguf_arch(loaded, template)
 
     def tensor_data(entry: Entry) -> np.ndarray:
@@ -298,7 +308,7 @@ def write_float_gguf(loaded: LoadedModel, folder: str | Path, qtype: str = "F32"
     n = loaded.num_layers
     entries, template_path = layout(loaded, QuantizerSpec(method=LLAMACPP, bits=8), tuple([8] * n))
     entries = [replace(e, qtype=qtype) if e.role in ("linear", "output") else e for e in entries]
-    template = gguf.GGUFReader(str(template_path)) if template_path else None
+    template = _template(template_path) if template_path else None
     _, permute = _gguf_arch(loaded, template)
     arch = loaded.architecture
 
@@ -328,7 +338,7 @@ def llamacpp_details(loaded: LoadedModel, spec: QuantizerSpec, bits: tuple[Layer
                "file_bytes": None}
     try:
         entries, template = layout(loaded, spec, bits)
-        details["file_bytes"] = gguf_file_bytes(loaded, spec, bits)
+        details["file_bytes"] = _file_bytes(loaded, entries, template)
     except ExportError as err:
         details["file_note"] = str(err)
         return details

@@ -25,6 +25,7 @@ import gguf
 import numpy as np
 
 from engine.llamacpp.runtime import require
+from engine.quant.ggml_types import tensor_bytes
 
 _TYPE_IDS = {t.name: int(t.value) for t in gguf.GGMLQuantizationType}
 _ROWS_PER_TASK = 256
@@ -60,17 +61,9 @@ def type_id(qtype: str) -> int:
     return _TYPE_IDS[qtype]
 
 
-def block_size(qtype: str) -> int:
-    """Weights per block (32 for Q4_0..Q8_0 and IQ4_NL, 256 for k-quants and IQ4_XS)."""
-    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][0]
-
-
 def row_bytes(qtype: str, n_per_row: int) -> int:
-    """Bytes of one row of ``n_per_row`` weights in ``qtype`` (from gguf's table; equal to ``ggml_row_size``)."""
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
-    if n_per_row % block:
-        raise ValueError(f"{qtype} needs rows that are a multiple of {block} weights, not {n_per_row}.")
-    return n_per_row // block * size
+    """Bytes of one row of ``n_per_row`` weights in ``qtype`` (gguf's table; equal to ``ggml_row_size``)."""
+    return tensor_bytes(qtype, 1, n_per_row)
 
 
 def _threads() -> int:
