@@ -35,14 +35,15 @@ def main() -> None:
     from engine.runs.runner import (
         ensure_dense,
         estimate_run_seconds,
-        run_dropping,
-        run_quantization,
-        run_slicing,
+        run,
         scoring_seconds,
     )
     from engine.runs.store import ResultsStore
 
     loaded = load_model()
+    SLICE, DROP = SlicingPlan("dynamic", 0.25, 0.1), DropPlan(count=4)
+    RTN = QuantPlan(low_bits=3, low_fraction=0.5)
+    GPTQ = QuantPlan(quantizer="gptq", low_bits=3, low_fraction=0.5, act_order=True)
     rows = []
     for size in args.sizes.split(","):
         calib_text, eval_text = size.split("/")
@@ -53,20 +54,18 @@ def main() -> None:
         ensure_dense(store, loaded, evaluation)
         runs = [
             ("LR scores", scoring_seconds(loaded, calibration), lambda: compute_scores(store, loaded, calibration)),
-            ("slicing 25% dynamic", estimate_run_seconds(loaded, "slicing", calibration, evaluation, store),
-             lambda: run_slicing(store, loaded, SlicingPlan("dynamic", 0.25, 0.1), calibration, evaluation)),
-            ("RTN 4/3-bit", estimate_run_seconds(loaded, "quantization-rtn", calibration, evaluation, store),
-             lambda: run_quantization(store, loaded, QuantPlan(low_bits=3, low_fraction=0.5), calibration,
-                                      evaluation)),
-            ("GPTQ 4/3-bit", estimate_run_seconds(loaded, "quantization-gptq", calibration, evaluation, store),
-             lambda: run_quantization(store, loaded, QuantPlan(quantizer="gptq", low_bits=3, low_fraction=0.5,
-                                                               act_order=True), calibration, evaluation)),
-            ("drop 4 layers", estimate_run_seconds(loaded, "dropping", calibration, evaluation, store),
-             lambda: run_dropping(store, loaded, DropPlan(count=4), calibration, evaluation)),
+            ("slicing 25% dynamic", estimate_run_seconds(loaded, SLICE, calibration, evaluation, store),
+             lambda: run(store, loaded, SLICE, calibration, evaluation)),
+            ("RTN 4/3-bit", estimate_run_seconds(loaded, RTN, calibration, evaluation, store),
+             lambda: run(store, loaded, RTN, calibration, evaluation)),
+            ("GPTQ 4/3-bit", estimate_run_seconds(loaded, GPTQ, calibration, evaluation, store),
+             lambda: run(store, loaded, GPTQ, calibration, evaluation)),
+            ("drop 4 layers", estimate_run_seconds(loaded, DROP, calibration, evaluation, store),
+             lambda: run(store, loaded, DROP, calibration, evaluation)),
         ]
-        for name, estimate, run in runs:
+        for name, estimate, run_one in runs:
             start = time.perf_counter()
-            run()
+            run_one()
             seconds = time.perf_counter() - start
             rows.append({"data": size, "run": name, "estimated_s": round(estimate, 1), "measured_s": round(seconds, 1),
                          "measured_over_estimated": seconds / estimate})

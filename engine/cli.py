@@ -23,7 +23,6 @@ from engine.quant.ggml_types import OUTPUT_TYPES, TYPE_SETS
 from engine.quant.grid import METHODS, ZERO_POINTS
 from engine.runs.bits_optimizer import DEFAULT_CANDIDATES, DEFAULT_HELD_OUT, BitsOptimizerPlan, optimize_bits
 from engine.runs.cached_scores import compute_scores
-from engine.runs.memory_check import run_memory_plan
 from engine.runs.plans import (
     DEFAULT_CALIB_SEQLEN,
     DEFAULT_CALIB_WINDOWS,
@@ -35,8 +34,10 @@ from engine.runs.plans import (
     EvalPlan,
     QuantPlan,
     SlicingPlan,
+    StackPlan,
 )
-from engine.runs.runner import ensure_dense, run_dense, run_dropping, run_quantization, run_slicing, run_stacked
+from engine.runs.runner import ensure_dense, run_dense, run_memory, run_quantization, run_slicing
+from engine.runs.runner import run as run_plan
 from engine.runs.store import ResultsStore
 from engine.runs.summary import quantization_vs_dropping, run_warnings
 from engine.runs.sweeps import matched_size_sweep, parse_sizes, quantization_sweep, run_sweep, slicing_sweep
@@ -261,9 +262,11 @@ def _specs(args) -> tuple[DataSpec | None, EvalPlan | None]:
     return calibration, evaluation
 
 
-def _print_run(kind: str, outcome) -> None:
-    """One JSON line per stored run (a ``RunOutcome`` or a ``RunRecord``), warnings on stderr."""
+def _print_run(outcome) -> None:
+    """One JSON line per stored run (a ``RunOutcome`` or a ``RunRecord``; ``kind``: its method), warnings on
+    stderr."""
     record = getattr(outcome, "record", outcome)
+    kind = record.method
     for warning in run_warnings(record):
         print(f"warning: {warning}", file=sys.stderr)
     shown = {k: v for k, v in record.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -300,6 +303,22 @@ def _export(args) -> None:
         print(result["summary"], file=sys.stderr)
 
 
+PLANS = {
+    "slice": lambda args: SlicingPlan(args.schedule, args.target, args.basis, tuple(args.fractions), args.round_to,
+                                      args.final_rotation),
+    "quantize": lambda args: QuantPlan(args.quantizer, args.group_size, args.high_bits, args.low_bits,
+                                       args.low_fraction, args.target_bits, args.ordering, tuple(args.custom_order),
+                                       args.seed, args.zero_point, args.act_order, args.ggml_types, args.imatrix,
+                                       args.output_type),
+    "drop": lambda args: DropPlan(args.blocks, args.count, args.by, not args.no_protect, tuple(args.layers),
+                                  args.iterative),
+    "stack": lambda args: StackPlan(SlicingPlan("constant", args.slice, final_rotation=True) if args.slice is not None
+                                    else DropPlan("layer", args.drop_layers),
+                                    QuantPlan("rtn", 128, args.quantize_bits, args.quantize_bits, 0.0)),
+}
+"""Commands that run one plan: how each builds its plan from the arguments (the runner does the rest)."""
+
+
 def run(args) -> None:
     if args.command == "export":
         return _export(args)
@@ -311,35 +330,15 @@ def run(args) -> None:
         lr, zd, hit = compute_scores(store, loaded, calibration, args.k, progress=_progress)
         print(json.dumps({"cached": hit, "data": lr.data_label, "lr": lr.lr, "zd": zd.zd_layer}))
     elif args.command == "evaluate":
-        _print_run("dense", run_dense(store, loaded, evaluation, _progress))
-    elif args.command == "slice":
-        plan = SlicingPlan(args.schedule, args.target, args.basis, tuple(args.fractions), args.round_to,
-                           args.final_rotation)
-        _print_memory(loaded, "slicing", calibration, evaluation)
-        _print_run("slicing", run_slicing(store, loaded, plan, calibration, evaluation, save_to=args.save,
-                                          progress=_progress))
-    elif args.command == "quantize":
-        plan = QuantPlan(args.quantizer, args.group_size, args.high_bits, args.low_bits, args.low_fraction,
-                         args.target_bits, args.ordering, tuple(args.custom_order), args.seed, args.zero_point,
-                         args.act_order, args.ggml_types, args.imatrix, args.output_type)
-        _print_memory(loaded, f"quantization-{'gptq' if args.quantizer == 'gptq' else 'rtn'}", calibration,
-                      evaluation, args.group_size, plan.top_bits)
-        _print_run("quantization", run_quantization(store, loaded, plan, calibration, evaluation,
-                                                    save_to=args.save, progress=_progress))
+        _print_run(run_dense(store, loaded, evaluation, _progress))
+    elif args.command in PLANS:
+        plan = PLANS[args.command](args)
+        _print_memory(loaded, plan, calibration, evaluation)
+        _print_run(run_plan(store, loaded, plan, calibration, evaluation, save_to=args.save, progress=_progress))
     elif args.command == "sweep-slicing":
         _sweep_slicing(args, store, loaded, calibration, evaluation)
     elif args.command == "sensitivity":
         _sensitivity(args, store, loaded, calibration)
-    elif args.command == "drop":
-        plan = DropPlan(args.blocks, args.count, args.by, not args.no_protect, tuple(args.layers), args.iterative)
-        _print_memory(loaded, "dropping", calibration, evaluation)
-        _print_run("dropping", run_dropping(store, loaded, plan, calibration, evaluation, save_to=args.save,
-                                            progress=_progress))
-    elif args.command == "stack":
-        first = (SlicingPlan("constant", args.slice, final_rotation=True) if args.slice is not None
-                 else DropPlan("layer", args.drop_layers))
-        then = QuantPlan("rtn", 128, args.quantize_bits, args.quantize_bits, 0.0)
-        _print_run("stacked", run_stacked(store, loaded, first, then, calibration, evaluation, progress=_progress))
     elif args.command == "optimize-slicing":
         _optimize_slicing(args, store, loaded, calibration, evaluation)
     elif args.command == "optimize-bits":
@@ -356,8 +355,7 @@ def _sweep_slicing(args, store, loaded, calibration, evaluation) -> None:
         raise ValueError(f"--schedules takes constant and/or dynamic, got '{args.schedules}'")
     base = SlicingPlan(round_to=args.round_to, final_rotation=args.final_rotation)
     plans = slicing_sweep(base, args.targets, args.bases, schedules)
-    _run_sweep(plans, lambda plan: run_slicing(store, loaded, plan, calibration, evaluation, progress=_progress),
-               "slicing", store, loaded, evaluation)
+    _run_sweep(plans, store, loaded, calibration, evaluation)
 
 
 def _sweep_quantization(args, store, loaded, calibration, evaluation) -> None:
@@ -365,17 +363,14 @@ def _sweep_quantization(args, store, loaded, calibration, evaluation) -> None:
                      act_order=args.act_order, ggml_types=args.ggml_types, imatrix=args.imatrix,
                      output_type=args.output_type)
     plans = quantization_sweep(base, args.low_bits, [o for o in args.orderings.split(",") if o], args.low_fractions)
-    _run_sweep(plans, lambda plan: run_quantization(store, loaded, plan, calibration, evaluation, progress=_progress),
-               "quantization", store, loaded, evaluation)
+    _run_sweep(plans, store, loaded, calibration, evaluation)
 
 
 def _sweep_methods(args, store, loaded, calibration, evaluation) -> None:
     """Dense, then dropping and quantization at each size; prints every run and the verdict on the papers' claim."""
     points = matched_size_sweep(loaded, parse_sizes(args.sizes), QuantPlan(quantizer=args.quantizer))
-    runners = {"dropping": run_dropping, "quantization": run_quantization}
     compute_scores(store, loaded, calibration, progress=_progress)
-    _run_sweep(points, lambda p: runners[p.method](store, loaded, p.plan, calibration, evaluation, progress=_progress),
-               "sweep", store, loaded, evaluation)
+    _run_sweep(points, store, loaded, calibration, evaluation)
     label = ensure_dense(store, loaded, evaluation).data_label
     runs = store.runs_frame(model=loaded.source)
     verdict = quantization_vs_dropping(runs[(runs["fingerprint"] == loaded.fingerprint)
@@ -412,10 +407,10 @@ def _optimize_bits(args, store, loaded, calibration, evaluation) -> None:
     for row in result.table().to_dict("records"):
         print(json.dumps({"candidate": row}, default=float))
     print(json.dumps({"summary": result.summary()}))
-    _print_run("dense", ensure_dense(store, loaded, evaluation, _progress))
+    _print_run(ensure_dense(store, loaded, evaluation, _progress))
     outcome = run_quantization(store, loaded, plan.quant_plan(result.best.ordering, result.best.bits), calibration,
                                evaluation, allocation=result.allocation(), progress=_progress)
-    _print_run("quantization", outcome)
+    _print_run(outcome)
     if args.json:
         with atomic_file(args.json) as temp:
             temp.write_text(json.dumps({**result.to_dict(), "summary": result.summary(), "run": outcome.run_id,
@@ -432,11 +427,11 @@ def _optimize_slicing(args, store, loaded, calibration, evaluation) -> None:
     for row in result.table().to_dict("records"):
         print(json.dumps({"candidate": row}, default=float))
     print(json.dumps({"summary": result.summary()}))
-    _print_run("dense", ensure_dense(store, loaded, evaluation, _progress))
+    _print_run(ensure_dense(store, loaded, evaluation, _progress))
     hidden = loaded.hidden_size
     outcome = run_slicing(store, loaded, result.best.plan(plan.target, plan.round_to, hidden), calibration,
                           evaluation, schedule=result.best.schedule(hidden), progress=_progress)
-    _print_run("slicing", outcome)
+    _print_run(outcome)
     if args.json:
         with atomic_file(args.json) as temp:
             temp.write_text(json.dumps({**result.to_dict(), "summary": result.summary(), "run": outcome.run_id,
@@ -444,18 +439,18 @@ def _optimize_slicing(args, store, loaded, calibration, evaluation) -> None:
                                        indent=2, default=float))
 
 
-def _print_memory(loaded, method: str, calibration, evaluation, group_size: int | None = 128,
-                  code_bits: int = 8) -> None:
+def _print_memory(loaded, plan, calibration, evaluation) -> None:
     """The run's memory plan on stderr before it starts (a run that does not fit is refused by the runner)."""
-    print(run_memory_plan(loaded, method, calibration, evaluation, group_size, code_bits).summary(), file=sys.stderr)
+    print(run_memory(loaded, plan, calibration, evaluation).summary(), file=sys.stderr)
 
 
-def _run_sweep(plans, run_one, kind: str, store, loaded, evaluation) -> None:
+def _run_sweep(plans, store, loaded, calibration, evaluation) -> None:
     """Dense first (the reference on the same windows), then every point; failed points are reported, not fatal."""
-    _print_run("dense", ensure_dense(store, loaded, evaluation, _progress))  # stored once per windows
-    result = run_sweep(plans, run_one)
+    _print_run(ensure_dense(store, loaded, evaluation, _progress))  # stored once per windows
+    result = run_sweep(plans, lambda plan: run_plan(store, loaded, getattr(plan, "plan", plan), calibration,
+                                                    evaluation, progress=_progress))
     for outcome in result.outcomes:
-        _print_run(kind, outcome)
+        _print_run(outcome)
     for plan, message in result.errors:
         print(f"warning: skipped {plan}: {message}", file=sys.stderr)
 

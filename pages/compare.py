@@ -6,7 +6,7 @@ from engine.core.data import DataError, token_windows
 from engine.core.out_of_memory import RunOutOfMemory
 from engine.runs.cached_scores import compute_scores
 from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, SlicingPlan
-from engine.runs.runner import run_dropping, run_quantization, run_stacked
+from engine.runs.runner import run, run_stacked
 from engine.runs.summary import executive_summary, quantization_vs_dropping
 from engine.runs.sweeps import matched_size_sweep, parse_sizes, run_sweep
 from engine.viz.tradeoff import (
@@ -67,8 +67,7 @@ with st.expander("Sweep every method at matched sizes"):
     if points and left.button(f"Run the sweep ({len(points)} runs)", type="primary"):
         try:
             compute_scores(store, loaded, calibration, progress=progress_callback("Scores"))
-            runners = {"dropping": run_dropping, "quantization": run_quantization}
-            result = run_sweep(points, lambda p: runners[p.method](store, loaded, p.plan, calibration, plan_eval),
+            result = run_sweep(points, lambda p: run(store, loaded, p.plan, calibration, plan_eval),
                                progress_callback(f"Sweep of {len(points)} runs"))
         except (DataError, RunOutOfMemory) as err:
             st.error(str(err))

@@ -80,11 +80,11 @@ else:
     st.caption(f"Dropping layers {layers or 'none'}, chosen {plan.choice()}.")
 
 plan_eval = EvalPlan(evaluation, **zero_shot)
-memory_note(loaded, "dropping", calibration, plan_eval)
-run_controls(loaded, "dropping", run_estimate(loaded, "dropping", calibration, plan_eval, store),
+memory_note(loaded, plan, calibration, plan_eval, layers)
+run_controls(loaded, "dropping", run_estimate(loaded, plan, calibration, plan_eval, store),
              "Save the dropped model under cache/dropped/",
              lambda save: run_dropping(store, loaded, plan, calibration, plan_eval, layers=layers,
-                                       save_to=default_save_folder(loaded, "dropping", plan) if save else None,
+                                       save_to=default_save_folder(loaded, plan) if save else None,
                                        progress=progress_callback("Dropping")))
 
 st.subheader("Trade-off")

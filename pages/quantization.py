@@ -7,12 +7,13 @@ import streamlit as st
 from engine.core.data import DataError
 from engine.export.gguf_llamacpp import llamacpp_details
 from engine.llamacpp.runtime import status as llamacpp_status
+from engine.methods.quantization import allocation_for
 from engine.quant.ggml_types import OUTPUT_TYPES, TYPE_SETS
 from engine.quant.grid import LLAMACPP, METHODS, ZERO_POINTS
 from engine.quant.size import describe_size, size_report
 from engine.runs.cached_scores import compute_scores
 from engine.runs.plans import PREVIEW_WINDOWS, EvalPlan, QuantPlan
-from engine.runs.runner import allocation_for, run_estimate, run_quantization
+from engine.runs.runner import run_estimate, run_quantization
 from engine.runs.sweeps import quantization_sweep, run_sweep
 from engine.viz import charts
 from ui.export_panel import export_section
@@ -149,14 +150,13 @@ with right:
     cancel_button("quantization")
 full_plan = EvalPlan(evaluation, **zero_shot)
 preview_plan = EvalPlan(replace(evaluation, n_windows=min(PREVIEW_WINDOWS, evaluation.n_windows)), preview=True)
-cost = f"quantization-{'gptq' if quantizer == 'gptq' else 'rtn'}"
 preview = left.button(f"Preview ({preview_plan.data.n_windows} windows, "
-                      f"{run_estimate(loaded, cost, calibration, preview_plan, store)})",
+                      f"{run_estimate(loaded, plan, calibration, preview_plan, store)})",
                       type="primary",
                       help="A quick, noisy look: stored and drawn as a preview, with dense on the same windows.")
 full = mid.button(f"Full evaluation ({evaluation.n_windows} windows, "
-                  f"{run_estimate(loaded, cost, calibration, full_plan, store)})")
-memory_note(loaded, cost, calibration, full_plan, group_size, plan.top_bits)
+                  f"{run_estimate(loaded, plan, calibration, full_plan, store)})")
+memory_note(loaded, plan, calibration, full_plan, allocation)
 if preview or full:
     try:
         outcome = run_quantization(store, loaded, plan, calibration, preview_plan if preview else full_plan,

@@ -2,13 +2,9 @@
 
 import streamlit as st
 
+from engine.methods.slicing import slicing_schedule
 from engine.runs.plans import EvalPlan, SlicingPlan
-from engine.runs.runner import (
-    default_save_folder,
-    run_estimate,
-    run_slicing,
-    slicing_schedule,
-)
+from engine.runs.runner import default_save_folder, run_estimate, run_slicing
 from engine.runs.sweeps import run_sweep, slicing_sweep
 from engine.slicing.schedules import (
     achieved_fraction,
@@ -96,11 +92,11 @@ if flat_note:
     st.info(flat_note)
 
 plan_eval = EvalPlan(evaluation, **zero_shot)
-memory_note(loaded, "slicing", calibration, plan_eval)
-run_controls(loaded, "slicing", run_estimate(loaded, "slicing", calibration, plan_eval, store),
+memory_note(loaded, plan, calibration, plan_eval, schedule)
+run_controls(loaded, "slicing", run_estimate(loaded, plan, calibration, plan_eval, store),
              "Save the sliced model under cache/sliced/",
              lambda save: run_slicing(store, loaded, plan, calibration, plan_eval, schedule=schedule,
-                                      save_to=default_save_folder(loaded, "slicing", plan) if save else None,
+                                      save_to=default_save_folder(loaded, plan) if save else None,
                                       progress=progress_callback("Slicing")))
 
 with st.popover("Sweep a grid"):

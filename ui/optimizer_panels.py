@@ -108,8 +108,7 @@ def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, eval
                f"({result.best.model_bytes / 2**20:.1f} MiB "
                f"{'as a GGUF file' if quantizer == LLAMACPP else 'with unquantized parts at 16 bits'}).", bits)
     runs = result.comparison_runs()
-    cost = run_estimate(loaded, f"quantization-{'gptq' if quantizer == 'gptq' else 'rtn'}", calibration,
-                        evaluation, store)
+    cost = run_estimate(loaded, plan.quant_plan(), calibration, evaluation, store)
     if st.button(f"Run the optimizer's allocation and the {len(runs) - 1} orderings on evaluation text "
                  f"(≈ {len(runs)} × {cost})"):
         progress = progress_callback("Evaluating")
@@ -199,7 +198,7 @@ def slicing_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, e
     widths = charts.schedule_table(best.schedule(hidden).fractions, best.dims, hidden, None)
     show_chart(charts.schedule_chart(widths, f"{loaded.source}; {best.name}"), "optimizer_schedule",
                f"The chosen schedule: {best.name}, average {best.fraction:.3f} removed.", widths)
-    cost = run_estimate(loaded, "slicing", calibration, evaluation, store)
+    cost = run_estimate(loaded, best.plan(target, int(round_to), hidden), calibration, evaluation, store)
     if st.button(f"Run the chosen schedule on evaluation text ({cost})"):
         try:
             outcome = run_slicing(store, loaded, best.plan(target, int(round_to), hidden), calibration, evaluation,

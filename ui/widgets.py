@@ -260,21 +260,20 @@ def preview_or_stop(preview, store, loaded: LoadedModel, calibration: DataSpec, 
         st.stop()
 
 
-def memory_note(loaded: LoadedModel, method: str, calibration: DataSpec, evaluation,
-                group_size: int | None = 128, code_bits: int = 8) -> None:
+def memory_note(loaded: LoadedModel, plan, calibration: DataSpec, evaluation, prepared=None) -> None:
     """The run's memory plan under its buttons: a caption, or a warning when it would not fit (the run
     then refuses to start, saying what would make it fit)."""
-    from engine.runs.memory_check import run_memory_plan
+    from engine.runs.runner import run_memory
 
     try:
-        plan = run_memory_plan(loaded, method, calibration, evaluation, group_size, code_bits)
+        memory = run_memory(loaded, plan, calibration, evaluation, prepared)
     except (DataError, ValueError):
         return  # the data error is shown where the data is chosen
-    refusal = plan.refusal()
+    refusal = memory.refusal()
     if refusal:
         st.warning(refusal)
     else:
-        st.caption(plan.summary())
+        st.caption(memory.summary())
 
 
 def run_controls(loaded: LoadedModel, name: str, estimate: str, save_label: str, run) -> None:

@@ -33,7 +33,8 @@ from engine.core.architectures import Architecture
 
 GIB = 2**30
 HEADROOM = 1.10  # the plan must fit with 10% to spare (allocator slack, fragmentation)
-METHODS = ("dropping", "quantization-rtn", "quantization-gptq", "slicing")
+PROFILES = ("dropping", "quantization-rtn", "quantization-gptq", "slicing")
+"""What a run holds, by kind (each method in :mod:`engine.methods` names its profile)."""
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,7 @@ def code_bytes(shape: ModelShape, group_size: int | None, code_bits: int = 8) ->
 def plan_memory(shape: ModelShape, method: str, device: torch.device | str, *, calib_tokens: int = 0,
                 eval_batch: int = 4, eval_seqlen: int = 0, group_size: int | None = 128, code_bits: int = 8,
                 holds_codes: bool = True, head_chunk: int | None = None, free: int | None = None) -> MemoryPlan:
-    """The memory plan of ``method`` (one of :data:`METHODS`) for a model of ``shape``.
+    """The memory plan of ``method`` (one of :data:`PROFILES`) for a model of ``shape``.
 
     ``calib_tokens``: calibration tokens (windows x seqlen); ``eval_seqlen``: evaluation window
     length (0: no evaluation); ``code_bits``: the highest bit level of a quantization;
@@ -217,8 +218,8 @@ def plan_memory(shape: ModelShape, method: str, device: torch.device | str, *, c
     evaluation applies the head to that many positions at a time (``None``: full logits); ``free``: free
     bytes (default: measured on ``device``).
     """
-    if method not in METHODS:
-        raise ValueError(f"Unknown method '{method}' for a memory plan; choose one of {', '.join(METHODS)}.")
+    if method not in PROFILES:
+        raise ValueError(f"Unknown memory profile '{method}'; choose one of {', '.join(PROFILES)}.")
     s, hidden = shape.element_size, shape.hidden
     held: dict[str, int] = {}  # kept from compression through evaluation
     building: dict[str, int] = {}  # only while the variant is built

@@ -24,18 +24,17 @@ from engine.core.models import LoadedModel
 from engine.core.out_of_memory import explain_out_of_memory
 from engine.core.paths import FolderExistsError, cache_root
 from engine.core.progress import StageProgress, stage_callback
-from engine.dropping.drop_model import drop_model
 from engine.export.gguf_llamacpp import llamacpp_details, write_llamacpp_gguf
 from engine.export.hf_folder import ExportError, load_hf_folder, write_hf_folder
 from engine.export.verify import round_trip
 from engine.llamacpp.runtime import LlamaCppUnavailable
-from engine.quant.allocation import Allocation
-from engine.quant.grid import LLAMACPP, QuantizerSpec
+from engine.methods import method_named
+from engine.methods.quantization import quantizer_spec_of
+from engine.quant.grid import LLAMACPP
 from engine.quant.layer_bits import normalize_all
-from engine.quant.quantize_model import QuantizedModel, quantize_model
+from engine.quant.quantize_model import QuantizedModel
 from engine.runs.record import RunRecord
 from engine.runs.store import ResultsStore
-from engine.slicing.slice_model import slice_model
 
 FORMATS = {
     "hf": "Hugging Face folder (transformers from_pretrained)",
@@ -50,24 +49,11 @@ VERIFY_WINDOWS = 4
 
 def export_formats(record: RunRecord, loaded: LoadedModel | None = None) -> dict[str, str | None]:
     """Format -> ``None`` if ``record``'s model can be exported that way, else why not (compressed-tensors also
-    depends on the quantizer and the model's widths: checked when ``loaded`` is given)."""
-    from engine.export.ct_folder import ct_unsupported
-
-    method = record.method
-    hf = None if method in ("slicing", "dropping") else (
-        "Quantized runs export as GGUF or compressed-tensors (a Hugging Face folder would hold dequantized "
-        "16-bit weights)." if method == "quantization" else
-        f"{method} runs have nothing to export beyond the base model.")
-    gguf = None if method == "quantization" else "GGUF export is for quantized runs (a tensor type per layer)."
-    ct = None if method == "quantization" else "compressed-tensors export is for quantized runs."
-    if ct is None and quantizer_spec_of(record).method == LLAMACPP:
-        ct = ("this run holds llama.cpp's types, which only GGUF stores; quantize with the symmetric research grid "
-              "for a compressed-tensors folder.")
-    if ct is None and loaded is not None:
-        ct = ct_unsupported(loaded, quantizer_spec_of(record))
-    if method == "stacked":
-        hf = gguf = ct = "Stacked runs cannot be exported yet: export each stage's own run."
-    return {"hf": hf, "gguf": gguf, "ct": ct}
+    depends on the quantizer and the model's widths: checked when ``loaded`` is given).  The run's method says."""
+    method = method_named(record.method)
+    if method is None:
+        return dict.fromkeys(FORMATS, f"{record.method} runs have nothing to export beyond the base model.")
+    return method.export_formats(record, loaded)
 
 
 def default_export_folder(record: RunRecord, fmt: str) -> Path:
@@ -96,23 +82,6 @@ def check_export(loaded: LoadedModel, record: RunRecord, fmt: str, out: str | Pa
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise FolderExistsError(f"'{out}' already exists and is not empty: choose another folder, or tick "
                                 "'overwrite' to replace it.")
-
-
-def _calibration(record: RunRecord) -> DataSpec:
-    spec = record.config.get("calibration_spec")
-    if not spec:
-        raise ExportError(f"Run {record.id} was stored before runs recorded their calibration data, so its model "
-                          "cannot be rebuilt: run the same settings again and export the new run.")
-    return DataSpec(**spec)
-
-
-def quantizer_spec_of(record: RunRecord) -> QuantizerSpec:
-    """The per-weight quantizer of a quantization run (older runs: from their plan fields)."""
-    config = record.config
-    if config.get("quantizer_spec"):
-        return QuantizerSpec(**config["quantizer_spec"])
-    return QuantizerSpec(method=config["quantizer"], group_size=config["group_size"],
-                         zero_point=config.get("zero_point", "integer"), act_order=bool(config.get("act_order")))
 
 
 def gguf_type_lines(loaded: LoadedModel, record: RunRecord, mode: str = "exact") -> list[str]:
@@ -149,24 +118,12 @@ def export_archive(result: dict) -> tuple[bytes, str, str]:
 
 def rebuild_model(loaded: LoadedModel, record: RunRecord,
                   progress: StageProgress | None = None) -> torch.nn.Module | QuantizedModel:
-    """The model ``record`` evaluated, rebuilt from its config (a :class:`QuantizedModel` for quantization)."""
-    config = record.config
-    if record.method == "dropping":
-        return drop_model(loaded, config["block"], list(config["layers"]), bool(config.get("protect_ends"))).model
-    if record.method == "slicing":
-        windows = token_windows(_calibration(record), loaded.tokenizer, loaded.max_seqlen)
-        return slice_model(loaded, [int(d) for d in config["dims"]], windows,
-                           final_rotation=bool(config.get("final_rotation")),
-                           progress=stage_callback(progress, "slicing")).model
-    if record.method == "quantization":
-        spec = quantizer_spec_of(record)
-        windows = None
-        if spec.needs_calibration:
-            windows = token_windows(_calibration(record), loaded.tokenizer, loaded.max_seqlen)
-        bits = normalize_all(config["bits"])
-        return quantize_model(loaded, Allocation(bits, tuple(range(len(bits)))), windows, spec=spec,
-                              progress=stage_callback(progress, "quantizing"))
-    raise ExportError(f"Run {record.id} ({record.method}) has no model to export.")
+    """The model ``record`` evaluated, rebuilt from its config by its method (a :class:`QuantizedModel` for
+    quantization)."""
+    method = method_named(record.method)
+    if method is None:
+        raise ExportError(f"Run {record.id} ({record.method}) has no model to export.")
+    return method.rebuild(loaded, record, progress)
 
 
 def verify_in_llamacpp(loaded: LoadedModel, compressed: torch.nn.Module, gguf: str, windows,
@@ -200,9 +157,10 @@ def export_estimate(loaded: LoadedModel, record: RunRecord, has_model: bool = Fa
     perplexity of both models on the verification windows."""
     from engine.evaluation.latency import describe_seconds, estimate_seconds
 
-    seconds = 0.0 if has_model else float(record.metrics.get("compress_s", 0.0))
-    if record.method == "quantization" and not has_model:
-        seconds *= 0.2  # per-layer results come back from the quantization cache
+    method = method_named(record.method)
+    seconds = 0.0
+    if not has_model and method is not None:
+        seconds = float(record.metrics.get("compress_s", 0.0)) * method.rebuild_share
     seqlen = int(record.data.get("seqlen", 256))
     seconds += estimate_seconds(loaded.model, verify_windows * seqlen, forward_passes=2.0)
     params = sum(p.numel() for p in loaded.model.parameters())

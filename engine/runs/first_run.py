@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from engine.core.data import DataSpec
 from engine.core.models import LoadedModel
 from engine.core.progress import StageProgress
+from engine.methods import method_for
 from engine.runs.cached_scores import compute_scores, scores_if_cached
 from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, SlicingPlan
 from engine.runs.record import RunRecord
@@ -29,9 +30,7 @@ from engine.runs.runner import (
     estimate_run_seconds,
     evaluation_seconds,
     find_dense,
-    run_dropping,
-    run_quantization,
-    run_slicing,
+    run,
     scoring_seconds,
 )
 from engine.runs.store import ResultsStore
@@ -43,6 +42,10 @@ EVALUATION = EvalPlan(DataSpec(split="evaluation", seqlen=128, n_windows=8))
 QUANTIZATION = QuantPlan("rtn", 128, 4, 3, 0.5, ordering="lim")
 SLICING = SlicingPlan("dynamic", 0.25, 0.10)
 DROPPING = DropPlan("layer", 2, "lr")
+METHOD_STEPS = ((QUANTIZATION, "4/3 bits, the less important half of the layers at 3 bits"),
+                (SLICING, "SliceGPT, 25% of the width on average, LR-dynamic schedule"),
+                (DROPPING, "the 2 most redundant layers by LR"))
+"""The guided run's compressions, in order, with what each does in words (skipped where the model cannot)."""
 
 
 @dataclass(frozen=True)
@@ -83,36 +86,26 @@ def first_run_steps(store: ResultsStore, loaded: LoadedModel) -> list[Step]:
         lr, zd, _hit = compute_scores(store, loaded, CALIBRATION, progress=progress)
         return " ".join(redundancy_findings(lr, zd)[:2])
 
-    def quantization(progress: StageProgress | None) -> str:
-        return run_sentence(run_quantization(store, loaded, QUANTIZATION, CALIBRATION, EVALUATION,
-                                             progress=progress).record)
-
-    def slicing(progress: StageProgress | None) -> str:
-        return run_sentence(run_slicing(store, loaded, SLICING, CALIBRATION, EVALUATION, progress=progress).record)
-
-    def dropping(progress: StageProgress | None) -> str:
-        return run_sentence(run_dropping(store, loaded, DROPPING, CALIBRATION, EVALUATION, progress=progress).record)
-
     dense_s = 0.0 if find_dense(store, loaded, EVALUATION) is not None else evaluation_seconds(loaded,
                                                                                             EVALUATION.data)
     steps = [Step("baseline", "Baseline", "dense perplexity on the evaluation windows", dense_s, baseline),
              Step("scores", "Layer scores", "LR (how little each layer changes its input) and ZD (weight outliers)",
                   0.0 if scores_if_cached(store, loaded, CALIBRATION) else scoring_seconds(loaded, CALIBRATION),
                   scores)]
-    if loaded.architecture.unavailable_message("quantization") is None:
-        steps.append(Step("quantization", "Quantization", "4/3 bits, the less important half of the layers at 3 bits",
-                          _run_seconds(loaded, "quantization-rtn"), quantization))
-    if loaded.architecture.unavailable_message("slicing") is None:
-        steps.append(Step("slicing", "Slicing", "SliceGPT, 25% of the width on average, LR-dynamic schedule",
-                          _run_seconds(loaded, "slicing"), slicing))
-    steps.append(Step("dropping", "Dropping", "the 2 most redundant layers by LR", _run_seconds(loaded, "dropping"),
-                      dropping))
+    for plan, what in METHOD_STEPS:
+        method = method_for(plan)
+        if method.refusal(loaded, plan) is None:
+            # the baseline step measures dense once, so a method's estimate leaves it out
+            seconds = estimate_run_seconds(loaded, plan, CALIBRATION, EVALUATION, dense_needed=False)
+            steps.append(Step(method.name, method.title.capitalize(), what, seconds, _runner(store, loaded, plan)))
     return steps
 
 
-def _run_seconds(loaded: LoadedModel, method: str) -> float:
-    """A run's estimate without the dense evaluation (the baseline step measures it once)."""
-    return estimate_run_seconds(loaded, method, CALIBRATION, EVALUATION, dense_needed=False)
+def _runner(store: ResultsStore, loaded: LoadedModel, plan) -> Callable[[StageProgress | None], str]:
+    def run_step(progress: StageProgress | None) -> str:
+        return run_sentence(run(store, loaded, plan, CALIBRATION, EVALUATION, progress=progress).record)
+
+    return run_step
 
 
 def first_run_seconds(steps: list[Step]) -> float:
@@ -120,5 +113,5 @@ def first_run_seconds(steps: list[Step]) -> float:
 
 
 def skipped_note(loaded: LoadedModel) -> str | None:
-    """Why the guided run leaves slicing out for this model, or ``None``."""
-    return loaded.architecture.unavailable_message("slicing")
+    """Why the guided run leaves a method out for this model, or ``None``."""
+    return " ".join(filter(None, (method_for(plan).refusal(loaded, plan) for plan, _ in METHOD_STEPS))) or None

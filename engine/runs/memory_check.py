@@ -21,16 +21,16 @@ class RunDoesNotFit(ValueError):
     """The run's memory plan exceeds the free memory; the message says what would make it fit."""
 
 
-def run_memory_plan(loaded: LoadedModel, method: str, calibration: DataSpec, evaluation: EvalPlan,
-                    group_size: int | None = 128, code_bits: int = 8) -> MemoryPlan:
-    """Memory plan of one run: ``method`` is ``dropping``, ``slicing``, ``quantization-rtn`` or
-    ``quantization-gptq``; calibration tokens count only where the method reads them; ``code_bits``: the
-    highest bit level of a quantization."""
+def run_memory_plan(loaded: LoadedModel, profile: str, calibration: DataSpec, evaluation: EvalPlan,
+                    group_size: int | None = 128, code_bits: int = 8, reads_calibration: bool = True) -> MemoryPlan:
+    """Memory plan of one run: ``profile`` is one of :data:`engine.core.memory.PROFILES` (a method says which:
+    :func:`engine.runs.runner.run_memory`); calibration tokens count only where the method reads them
+    (``reads_calibration``); ``code_bits``: the highest bit level of a quantization."""
     calib = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen).input_ids.numel() \
-        if method in ("slicing", "quantization-gptq") else 0
+        if reads_calibration else 0
     shape = ModelShape.of(loaded.model, loaded.architecture)
     seqlen = evaluation.data.seqlen
-    return plan_memory(shape, method, loaded.device, calib_tokens=calib,
+    return plan_memory(shape, profile, loaded.device, calib_tokens=calib,
                        eval_batch=evaluation_batch(shape, seqlen, evaluation.batch_size), eval_seqlen=seqlen,
                        group_size=group_size, code_bits=min(max(int(code_bits), 1), 8),
                        holds_codes=can_hold_codes(loaded.model, loaded.architecture),

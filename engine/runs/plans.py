@@ -153,3 +153,20 @@ class DropPlan:
 
     def name(self) -> str:
         return f"drop-{self.block}-{self.by}-{self.count}" + ("-iter" if self.is_iterative else "")
+
+
+@dataclass(frozen=True)
+class StackPlan:
+    """Compress twice: ``first`` slices or drops, ``then`` quantizes the result (docs/methods.md §8)."""
+
+    first: SlicingPlan | DropPlan
+    then: QuantPlan
+
+    def series(self) -> str:
+        return f"{self.first.series()} + {self.then.series()}"
+
+    def setting(self) -> str:
+        return f"{self.first.setting()}, then {self.then.setting()}"
+
+    def name(self) -> str:
+        return f"stack-{self.first.name()}-{self.then.name()}"

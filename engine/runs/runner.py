@@ -1,6 +1,7 @@
 """Runs: plan -> schedule / allocation -> compressed copy -> evaluation -> one stored record.
 
-Pages and the CLI call only these functions.  Every ``run_*`` evaluates
+One runner for every method (:func:`run`; the method comes from the registry in :mod:`engine.methods`).
+Pages and the CLI call only these functions.  Every run evaluates
 perplexity on ``evaluation`` (and optional zero-shot tasks), adds size metrics
 and the change against the dense model measured on the *same* windows
 (measured once and reused), and writes exactly one record at the very end, so
@@ -11,37 +12,29 @@ every compression works on a copy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from engine.core.data import DataSpec, TokenWindows, token_windows
-from engine.core.memory import ModelShape, evaluation_batch
-from engine.core.models import LoadedModel, dense_size_metrics, model_size
+from engine.core.memory import MemoryPlan, ModelShape, evaluation_batch
+from engine.core.models import LoadedModel, dense_size_metrics
 from engine.core.out_of_memory import explain_out_of_memory
 from engine.core.paths import cache_root, unused_folder
 from engine.core.progress import StageProgress, Timer, stage_callback
-from engine.dropping.drop_model import drop_model, save_dropped
 from engine.evaluation.divergence import DenseReference, DivergenceMeter, cached_reference, remember
 from engine.evaluation.latency import compare_latency, describe_seconds, estimate_seconds
 from engine.evaluation.paired import paired_change
 from engine.evaluation.perplexity import perplexity
 from engine.evaluation.zeroshot import TaskUnavailableError, zero_shot
-from engine.export.gguf_llamacpp import llamacpp_details
-from engine.quant.allocation import Allocation, allocate_average, allocate_fraction, layer_order
-from engine.quant.grid import LLAMACPP
-from engine.quant.quantize_model import quantize_model
-from engine.quant.save import save_quantized
-from engine.runs.cached_scores import scores_for
-from engine.runs.drop_choice import dropped_layers
+from engine.methods import method_for
+from engine.quant.allocation import Allocation
 from engine.runs.memory_check import check_memory, run_memory_plan
-from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, SlicingPlan
+from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, SlicingPlan, StackPlan
 from engine.runs.record import CHANGE, CHANGE_HIGH, CHANGE_LOW, PPL, WINDOW_NLL, RunRecord, task_metrics
 from engine.runs.store import ResultsStore
-from engine.scores.ranking import zd_importance
-from engine.slicing.schedules import SlicingSchedule, schedule_constant, schedule_custom, schedule_dynamic
-from engine.slicing.slice_model import save_sliced, slice_model
+from engine.slicing.schedules import SlicingSchedule
 
 
 @dataclass
@@ -184,51 +177,114 @@ def store_compressed(store: ResultsStore, loaded: LoadedModel, model: torch.nn.M
     return RunOutcome(record, model)
 
 
-# ---------------------------------------------------------------- scores
+# ---------------------------------------------------------------- any method
 
 
-def needs_scores(plan: SlicingPlan | QuantPlan | DropPlan) -> bool:
+def needs_scores(plan) -> bool:
     """Whether a plan's schedule / ordering / choice is computed from LR or ZD scores."""
-    if isinstance(plan, SlicingPlan):
-        return plan.schedule == "dynamic"
-    if isinstance(plan, DropPlan):
-        return plan.by != "custom"
-    return plan.ordering in ("lim", "zd", "reversed-lim")
+    return method_for(plan).needs_scores(plan)
 
 
-# Run time = (passes · calibration tokens + evaluations · evaluated tokens + fixed · hidden size) / forward
-# throughput (evaluations: 2 while dense is not stored on these windows, else 1), with
-# both constants fitted to measured runs of the built-in model at 8 × 128 / 4 × 128 and 16 × 256 / 16 × 256
-# (bench/estimates.py, idle machine).  The fixed part is per-layer work that does not grow with the text:
-# PCA eigendecompositions and weight rotations (slicing), GPTQ's column loops, quantizing every weight,
-# and the latency check every run makes; in forward-token equivalents it grows with the model's width.
-RUN_PASSES = {"slicing": 1.2, "quantization-rtn": 0.26, "quantization-gptq": 0.5, "dropping": 0.0}
-"""Cost of compressing that grows with the text, in forward passes over the calibration tokens."""
-RUN_FIXED_PER_HIDDEN = {"slicing": 4.6, "quantization-rtn": 0.7, "quantization-gptq": 13.2, "dropping": 2.2}
-"""Cost that does not grow with the text, in forward-token equivalents per unit of hidden size."""
+def run_memory(loaded: LoadedModel, plan, calibration: DataSpec, evaluation: EvalPlan,
+               prepared=None) -> MemoryPlan:
+    """The memory plan of running ``plan`` (``prepared``: its previewed schedule / allocation / layers)."""
+    method = method_for(plan)
+    return run_memory_plan(loaded, method.memory_profile(plan), calibration, evaluation, method.group_size(plan),
+                           method.code_bits(plan, prepared), reads_calibration=method.reads_calibration(plan))
 
 
-def estimate_run_seconds(loaded: LoadedModel, method: str, calibration: DataSpec, evaluation: EvalPlan,
-                         store: ResultsStore | None = None, dense_needed: bool | None = None) -> float:
-    """Rough wall time (s) of one run: compression, plus dense and compressed evaluation.
+def run(store: ResultsStore, loaded: LoadedModel, plan, calibration: DataSpec, evaluation: EvalPlan, *,
+        prepared=None, save_to: str | Path | None = None, progress: StageProgress | None = None) -> RunOutcome:
+    """Compress a copy as ``plan`` says (its method from the registry), evaluate it against dense on the same
+    windows, store it (and save it if ``save_to``).
 
-    ``method``: ``slicing``, ``quantization-rtn``, ``quantization-gptq`` or ``dropping``.  Dense is counted
-    only when no dense run on these windows is stored yet (or as ``dense_needed`` says).  ``bench/estimates.py``
-    compares it with measured runs.
+    ``prepared``: the schedule / allocation / layers the user previewed (computed from ``plan`` if None).
+    Refusals (the model cannot do it, it would not fit in memory) come before any work, as ``ValueError``.
     """
+    method = method_for(plan)
+
+    @explain_out_of_memory(f"The {method.title} run")
+    def _run() -> RunOutcome:
+        refusal = method.refusal(loaded, plan, saving=bool(save_to))
+        if refusal:
+            raise ValueError(refusal)
+        check_memory(run_memory(loaded, plan, calibration, evaluation, prepared))
+        chosen = prepared if prepared is not None else method.prepare(store, loaded, plan, calibration, progress)
+        with Timer() as timer:
+            compressed = method.compress(store, loaded, plan, chosen, calibration, progress)
+        size = dict(compressed.size)
+        if method.measures_latency:
+            windows = token_windows(evaluation.data, loaded.tokenizer, loaded.max_seqlen)
+            latency = compare_latency(loaded.model, compressed.model, windows.input_ids[:1], repeats=3)
+            size.update({f"latency_{k}": v for k, v in latency.items()})
+        config = dict(compressed.config)
+        if save_to:
+            config["saved_to"] = str(method.save(compressed, save_to, loaded.tokenizer))
+        return store_compressed(store, loaded, compressed.model, method.name, config, size, evaluation,
+                                timer.seconds, progress)
+
+    return _run()
+
+
+def default_save_folder(loaded: LoadedModel, plan) -> Path:
+    """A new folder under ``cache/<method folder>/`` named after the model and plan (never an existing one)."""
+    return unused_folder(cache_root() / method_for(plan).folder / f"{loaded.fingerprint}-{plan.name()}")
+
+
+def run_slicing(store: ResultsStore, loaded: LoadedModel, plan: SlicingPlan, calibration: DataSpec,
+                evaluation: EvalPlan, *, schedule: SlicingSchedule | None = None, save_to: str | Path | None = None,
+                progress: StageProgress | None = None) -> RunOutcome:
+    """:func:`run` for a slicing plan (``schedule``: the one the user previewed)."""
+    return run(store, loaded, plan, calibration, evaluation, prepared=schedule, save_to=save_to, progress=progress)
+
+
+def run_quantization(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, calibration: DataSpec,
+                     evaluation: EvalPlan, *, allocation: Allocation | None = None,
+                     save_to: str | Path | None = None, progress: StageProgress | None = None) -> RunOutcome:
+    """:func:`run` for a quantization plan (``allocation``: the bit map the user previewed)."""
+    return run(store, loaded, plan, calibration, evaluation, prepared=allocation, save_to=save_to, progress=progress)
+
+
+def run_dropping(store: ResultsStore, loaded: LoadedModel, plan: DropPlan, calibration: DataSpec,
+                 evaluation: EvalPlan, *, layers: list[int] | None = None, save_to: str | Path | None = None,
+                 progress: StageProgress | None = None) -> RunOutcome:
+    """:func:`run` for a dropping plan (``layers``: the ones the user previewed)."""
+    return run(store, loaded, plan, calibration, evaluation, prepared=layers, save_to=save_to, progress=progress)
+
+
+def run_stacked(store: ResultsStore, loaded: LoadedModel, first: SlicingPlan | DropPlan, then: QuantPlan,
+                calibration: DataSpec, evaluation: EvalPlan, *,
+                progress: StageProgress | None = None) -> RunOutcome:
+    """:func:`run` for a stack: slice or drop, then quantize the result."""
+    return run(store, loaded, StackPlan(first, then), calibration, evaluation, progress=progress)
+
+
+# ---------------------------------------------------------------- estimates
+
+
+def estimate_run_seconds(loaded: LoadedModel, plan, calibration: DataSpec, evaluation: EvalPlan,
+                         store: ResultsStore | None = None, dense_needed: bool | None = None) -> float:
+    """Rough wall time (s) of one run of ``plan``: compression, plus dense and compressed evaluation.
+
+    Run time = (passes · calibration tokens + evaluations · evaluated tokens + fixed · hidden size) / forward
+    throughput, with the method's :class:`~engine.methods.base.RunCost` (evaluations: 2 while dense is not
+    stored on these windows, or as ``dense_needed`` says, else 1).  ``bench/estimates.py`` compares it with
+    measured runs.
+    """
+    cost = method_for(plan).cost(plan)
     calib = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen).input_ids.numel()
     evaluated = token_windows(evaluation.data, loaded.tokenizer, loaded.max_seqlen).input_ids.numel()
     if dense_needed is None:
         dense_needed = store is None or find_dense(store, loaded, evaluation) is None
     passes_eval = 1 + int(dense_needed)
-    fixed = RUN_FIXED_PER_HIDDEN[method] * loaded.hidden_size
-    return estimate_seconds(loaded.model, RUN_PASSES[method] * calib + passes_eval * evaluated + fixed)
+    fixed = cost.fixed_per_hidden * loaded.hidden_size
+    return estimate_seconds(loaded.model, cost.passes * calib + passes_eval * evaluated + fixed)
 
 
-def run_estimate(loaded: LoadedModel, method: str, calibration: DataSpec, evaluation: EvalPlan,
+def run_estimate(loaded: LoadedModel, plan, calibration: DataSpec, evaluation: EvalPlan,
                  store: ResultsStore | None = None) -> str:
     """:func:`estimate_run_seconds` as button text, e.g. ``"≈ 40 s"``."""
-    seconds = estimate_run_seconds(loaded, method, calibration, evaluation, store)
+    seconds = estimate_run_seconds(loaded, plan, calibration, evaluation, store)
     return describe_seconds(seconds) + (" + zero-shot tasks" if evaluation.tasks else "")
 
 
@@ -246,233 +302,3 @@ def scoring_seconds(loaded: LoadedModel, spec: DataSpec) -> float:
 def scoring_estimate(loaded: LoadedModel, spec: DataSpec) -> str:
     """:func:`scoring_seconds` as button text."""
     return describe_seconds(scoring_seconds(loaded, spec))
-
-
-# ---------------------------------------------------------------- slicing
-
-
-def slicing_schedule(store: ResultsStore, loaded: LoadedModel, plan: SlicingPlan, calibration: DataSpec,
-                     progress: StageProgress | None = None, compute: bool = True) -> SlicingSchedule:
-    """The per-layer schedule a plan asks for (dynamic uses the LR scores of ``calibration``).
-
-    ``compute=False`` (previews): raise :class:`~engine.runs.cached_scores.ScoresNotComputed` instead of scoring.
-    """
-    if plan.schedule == "constant":
-        return schedule_constant(plan.target, loaded.num_layers)
-    if plan.schedule == "custom":
-        return schedule_custom(plan.fractions)
-    lr, _zd = scores_for(store, loaded, calibration, compute, progress)
-    return schedule_dynamic(lr.lr, plan.target, plan.basis)
-
-
-def default_save_folder(loaded: LoadedModel, method: str, plan: SlicingPlan | QuantPlan | DropPlan) -> Path:
-    """A new folder under ``cache/<method>/`` named after the model and plan (never an existing one)."""
-    kind = {"slicing": "sliced", "quantization": "quantized", "dropping": "dropped"}.get(method, method)
-    return unused_folder(cache_root() / kind / f"{loaded.fingerprint}-{plan.name()}")
-
-
-@explain_out_of_memory("The slicing run")
-def run_slicing(store: ResultsStore, loaded: LoadedModel, plan: SlicingPlan, calibration: DataSpec,
-                evaluation: EvalPlan, *, schedule: SlicingSchedule | None = None, save_to: str | Path | None = None,
-                progress: StageProgress | None = None) -> RunOutcome:
-    """Slice a copy with SliceGPT, evaluate, store (and save if ``save_to``).
-
-    ``schedule``: the one the user previewed (computed from ``plan`` if None).
-    """
-    check_memory(run_memory_plan(loaded, "slicing", calibration, evaluation))
-    if schedule is None:
-        schedule = slicing_schedule(store, loaded, plan, calibration, progress)
-    windows = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen)
-    with Timer() as timer:
-        result = slice_model(loaded, schedule, windows, round_to=plan.round_to, final_rotation=plan.final_rotation,
-                             progress=stage_callback(progress, "slicing"))
-    report = result.report
-    latency = compare_latency(loaded.model, result.model, windows.input_ids[:1], repeats=3)
-    size = {
-        "params": report.params_sliced, "param_fraction": report.param_ratio,
-        "bytes": model_size(result.model)["bytes"], "shortcut_params": report.shortcut_params,
-        "achieved_fraction": report.achieved_fraction, "nominal_fraction": report.nominal_fraction,
-        **{f"latency_{k}": v for k, v in latency.items()},
-    }
-    size["bytes_16bit"] = 2 * report.params_sliced
-    size["size_fraction"] = report.param_ratio  # bytes at 16 bits vs dense at 16 bits
-    config = {
-        "series": plan.series(), "schedule": plan.schedule, "target": plan.target,
-        "basis": plan.basis if plan.schedule == "dynamic" else None, "round_to": plan.round_to,
-        "final_rotation": plan.final_rotation, "dims": result.dims, "calibration": windows.label(),
-        "calibration_spec": calibration.to_dict(),  # lets exports rebuild the same model
-    }
-    if save_to:
-        config["saved_to"] = str(save_sliced(result, save_to))
-    return store_compressed(store, loaded, result.model, "slicing", config, size, evaluation, timer.seconds, progress)
-
-
-# ---------------------------------------------------------------- quantization
-
-
-def allocation_for(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, calibration: DataSpec,
-                   progress: StageProgress | None = None,
-                   compute: bool = True) -> tuple[Allocation, list[float] | None]:
-    """Bits per layer (the plan's ordering, then its low-bit fraction or target average),
-    and the importance scores that ordered them (None for random and custom orders).
-
-    ``compute=False`` (previews): raise :class:`~engine.runs.cached_scores.ScoresNotComputed` instead of scoring.
-    """
-    n, importance = loaded.num_layers, None
-    if plan.ordering in ("lim", "zd", "reversed-lim"):
-        lr, zd = scores_for(store, loaded, calibration, compute, progress)
-        importance = zd_importance(zd.zd_layer) if plan.ordering == "zd" else lr.lim
-        kind = "reversed" if plan.ordering == "reversed-lim" else "importance"
-        order = layer_order(n, kind, importance)
-    elif plan.ordering == "random":
-        order = layer_order(n, "random", seed=plan.seed)
-    elif plan.ordering in ("optimizer", "optimizer-module"):
-        raise ValueError("Optimizer allocations come from 'Optimize for budget' (engine.runs.bits_optimizer); "
-                         "pass the chosen allocation to the run.")
-    else:
-        order = layer_order(n, "custom", permutation=plan.custom_order)
-    if plan.target_bits is not None:
-        return allocate_average(order, [plan.high_bits, plan.low_bits], plan.target_bits), importance
-    return allocate_fraction(order, plan.high_bits, plan.low_bits, plan.low_fraction or 0.0), importance
-
-
-@explain_out_of_memory("The quantization run")
-def run_quantization(store: ResultsStore, loaded: LoadedModel, plan: QuantPlan, calibration: DataSpec,
-                     evaluation: EvalPlan, *, allocation: Allocation | None = None,
-                     save_to: str | Path | None = None, progress: StageProgress | None = None) -> RunOutcome:
-    """Quantize a copy layer-wise, evaluate, store (and save if ``save_to``).
-
-    ``allocation``: the bit map the user previewed (computed from ``plan`` if None).
-    """
-    if save_to and plan.quantizer == LLAMACPP:
-        raise ValueError("A run in llama.cpp's types is saved as its GGUF file: run it without saving, then export "
-                         "it as GGUF (Export, or `python -m engine export RUN --format gguf`).")
-    top = max(allocation.levels) if allocation is not None else plan.top_bits
-    check_memory(run_memory_plan(loaded, f"quantization-{'gptq' if plan.quantizer == 'gptq' else 'rtn'}",
-                                 calibration, evaluation, plan.group_size, top))
-    if allocation is None:
-        allocation, _importance = allocation_for(store, loaded, plan, calibration, progress)
-    spec = plan.spec()
-    windows: TokenWindows | None = None
-    if spec.needs_calibration:
-        windows = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen)
-    with Timer() as timer:
-        quantized = quantize_model(loaded, allocation, windows, spec=spec,
-                                   progress=stage_callback(progress, "quantizing"))
-    size = quantized.size()
-    llamacpp = llamacpp_details(loaded, spec, quantized.bits) if spec.method == LLAMACPP else {}
-    if llamacpp.get("file_bytes"):
-        size = replace(size, file_bytes=llamacpp["file_bytes"])
-    dense = model_size(loaded.model)
-    metrics = {
-        "bytes": size.total_bytes, "bytes_16bit": size.total_bytes_16bit, "size_fraction": size.compression_16bit,
-        "params": dense["params"],
-        "param_fraction": 1.0, "bits_per_weight": size.bits_per_weight,
-        # per layer as docs/methods.md averages them; per-module allocations by weight (code bits per weight)
-        "avg_bits": size.code_bits_per_weight if allocation.per_module else allocation.average_bits,
-        "unquantized_bytes": size.unquantized_bytes, "unquantized_fraction": size.unquantized_fraction,
-        "cache_computed": quantized.stats.computed,
-        "cache_hits": quantized.stats.memory_hits + quantized.stats.disk_hits,
-    }
-    config = {
-        "series": plan.series(), "quantizer": plan.quantizer, "group_size": plan.group_size,
-        "high_bits": plan.high_bits, "low_bits": plan.low_bits,
-        "low_fraction": None if allocation.per_module else allocation.low_fraction(plan.low_bits),
-        "target_bits": plan.target_bits, "ordering": plan.ordering, "bits": list(allocation.bits),
-        "zero_point": plan.zero_point, "act_order": spec.act_order, "warnings": quantized.warnings,
-        "calibration": windows.label() if windows is not None else None,
-        "quantizer_spec": spec.to_dict(),  # with calibration_spec, lets exports rebuild the same model
-        "calibration_spec": calibration.to_dict() if windows is not None else None,
-        **llamacpp,
-    }
-    if save_to:
-        config["saved_to"] = str(save_quantized(quantized, save_to, tokenizer=loaded.tokenizer))
-    return store_compressed(store, loaded, quantized.model, "quantization", config, metrics, evaluation,
-                            timer.seconds, progress)
-
-
-# ---------------------------------------------------------------- dropping
-
-
-def _size_metrics(loaded: LoadedModel, model: torch.nn.Module, params: int) -> dict:
-    """Size of a model with real parameters removed or added, against dense (16-bit bytes)."""
-    dense = model_size(loaded.model)["params"]
-    return {"params": params, "param_fraction": params / dense, "bytes": model_size(model)["bytes"],
-            "bytes_16bit": 2 * params, "size_fraction": params / dense}
-
-
-@explain_out_of_memory("The dropping run")
-def run_dropping(store: ResultsStore, loaded: LoadedModel, plan: DropPlan, calibration: DataSpec,
-                 evaluation: EvalPlan, *, layers: list[int] | None = None, save_to: str | Path | None = None,
-                 progress: StageProgress | None = None) -> RunOutcome:
-    """Drop layers or blocks from a copy, evaluate, store (and save if ``save_to``).
-
-    ``layers``: the ones the user previewed (chosen from ``plan`` if None).
-    """
-    check_memory(run_memory_plan(loaded, "dropping", calibration, evaluation))
-    if layers is None:
-        layers = dropped_layers(store, loaded, plan, calibration, progress)
-    windows = token_windows(evaluation.data, loaded.tokenizer, loaded.max_seqlen)
-    with Timer() as timer:
-        dropped = drop_model(loaded, plan.block, layers, plan.protect_ends)
-    size = _size_metrics(loaded, dropped.model, dropped.report.params_dropped)
-    latency = compare_latency(loaded.model, dropped.model, windows.input_ids[:1], repeats=3)
-    size.update({f"latency_{k}": v for k, v in latency.items()})
-    config = {"series": plan.series(), "block": plan.block, "by": plan.by, "count": len(layers),
-              "layers": layers, "protect_ends": plan.protect_ends, "choice": plan.choice(),
-              "iterative": plan.is_iterative,
-              "calibration": calibration.label() if plan.by != "custom" else None}
-    if save_to:
-        config["saved_to"] = str(save_dropped(dropped, save_to, tokenizer=loaded.tokenizer))
-    return store_compressed(store, loaded, dropped.model, "dropping", config, size, evaluation, timer.seconds,
-                            progress)
-
-
-# ---------------------------------------------------------------- stacking
-
-
-@explain_out_of_memory("The stacked run")
-def run_stacked(store: ResultsStore, loaded: LoadedModel, first: SlicingPlan | DropPlan, then: QuantPlan,
-                calibration: DataSpec, evaluation: EvalPlan, *,
-                progress: StageProgress | None = None) -> RunOutcome:
-    """Compress twice: slice or drop, then quantize the result (every stage's plan is stored in the record).
-
-    The second stage sees the first stage's model as its base (its own fingerprint, so quantization caches
-    never mix); sizes are against the *dense* model at 16 bits.
-    """
-    if not isinstance(then, QuantPlan):
-        raise ValueError("Stacking ends with quantization: slice or drop first, then quantize.")
-    windows = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen)
-    with Timer() as timer:
-        if isinstance(first, SlicingPlan):
-            schedule = slicing_schedule(store, loaded, first, calibration, progress)
-            stage = slice_model(loaded, schedule, windows, round_to=first.round_to,
-                                final_rotation=first.final_rotation, progress=stage_callback(progress, "slicing"))
-            stage_config = {"method": "slicing", "series": first.series(), "target": first.target,
-                            "schedule": first.schedule, "dims": stage.dims}
-        elif isinstance(first, DropPlan):
-            layers = dropped_layers(store, loaded, first, calibration, progress)
-            stage = drop_model(loaded, first.block, layers, first.protect_ends)
-            stage_config = {"method": "dropping", "series": first.series(), "block": first.block, "layers": layers}
-        else:
-            raise ValueError("The first stage of a stack is slicing or dropping.")
-        middle = LoadedModel.from_model(stage.model, loaded.tokenizer,
-                                        source=f"{loaded.source} ({stage_config['series']})")
-        # slicing keeps every layer (ranked by the dense model's scores); a dropped model is scored anew
-        ranked_on = loaded if isinstance(first, SlicingPlan) else middle
-        allocation, _ = allocation_for(store, ranked_on, then, calibration, progress)
-        quantized = quantize_model(middle, allocation, windows if then.quantizer == "gptq" else None,
-                                   spec=then.spec(), use_cache=False, progress=stage_callback(progress, "quantizing"))
-    qsize = quantized.size()
-    dense_params = model_size(loaded.model)["params"]
-    size = {"params": model_size(middle.model)["params"], "bytes": qsize.total_bytes,
-            "bytes_16bit": qsize.total_bytes_16bit, "size_fraction": qsize.total_bytes_16bit / (2 * dense_params),
-            "param_fraction": model_size(middle.model)["params"] / dense_params,
-            "avg_bits": allocation.average_bits, "bits_per_weight": qsize.bits_per_weight}
-    quant_config = {"method": "quantization", "series": then.series(), "bits": list(allocation.bits),
-                    "quantizer": then.quantizer, "group_size": then.group_size, "ordering": then.ordering,
-                    "ranked_on": "dense model" if ranked_on is loaded else "dropped model"}
-    config = {"series": f"{stage_config['series']} + {then.series()}", "stages": [stage_config, quant_config],
-              "calibration": windows.label()}
-    return store_compressed(store, loaded, quantized.model, "stacked", config, size, evaluation, timer.seconds,
-                            progress)

@@ -8,15 +8,15 @@ import pytest
 
 from engine.core.data import DataSpec
 from engine.core.paths import FolderExistsError
+from engine.methods.quantization import allocation_for
+from engine.methods.slicing import slicing_schedule
 from engine.runs.cached_scores import ScoresNotComputed
 from engine.runs.plans import EvalPlan, QuantPlan, SlicingPlan
 from engine.runs.runner import (
-    allocation_for,
     default_save_folder,
     ensure_dense,
     run_quantization,
     run_slicing,
-    slicing_schedule,
 )
 from engine.runs.sweeps import quantization_sweep, run_sweep, slicing_sweep
 from engine.slicing.schedules import schedule_custom
@@ -55,10 +55,10 @@ def test_previews_never_score_on_their_own(store, tiny_loaded):
 
 def test_saves_never_overwrite(store, tiny_loaded):
     plan = SlicingPlan("constant", 0.25)
-    folder = default_save_folder(tiny_loaded, "slicing", plan)
+    folder = default_save_folder(tiny_loaded, plan)
     outcome = run_slicing(store, tiny_loaded, plan, CALIB, EVAL, save_to=folder)
     assert outcome.config["saved_to"] == str(folder)
-    assert default_save_folder(tiny_loaded, "slicing", plan) != folder  # the next one gets a new name
+    assert default_save_folder(tiny_loaded, plan) != folder  # the next one gets a new name
     with pytest.raises(FolderExistsError):
         run_slicing(store, tiny_loaded, plan, CALIB, EVAL, save_to=folder)
 

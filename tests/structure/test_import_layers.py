@@ -1,7 +1,7 @@
 """Imports point one way: each engine package imports only from its own layer or the layers below it.
 
-    core -> evaluation, scores, quant, slicing, dropping, llamacpp -> sensitivity, optimize -> export -> runs
-         -> viz -> cli
+    core -> evaluation, scores, quant, slicing, dropping, llamacpp -> sensitivity, optimize -> export
+         -> runs, methods -> viz -> cli
 
 (``docs/architecture.md`` draws it).  The engine never imports Streamlit, ``ui`` or ``pages``; module-level
 imports between engine modules form no cycle.  A new upward import fails here with the file and the import.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 ENGINE = Path(__file__).resolve().parents[2] / "engine"
 LAYERS = [["core"], ["evaluation", "scores", "quant", "slicing", "dropping", "llamacpp"], ["sensitivity", "optimize"],
-          ["export"], ["runs"], ["viz"], ["cli", "__main__"]]
+          ["export"], ["runs", "methods"], ["viz"], ["cli", "__main__"]]
 LEVEL = {package: i for i, group in enumerate(LAYERS) for package in group}
 
 
