@@ -27,8 +27,9 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=16, help="llama-perplexity chunks of 256 tokens")
     args = parser.parse_args()
     from bench.common import report
+    from engine.core.builtins import builtin_gguf_path
     from engine.core.data import DataSpec, split_text, token_windows
-    from engine.core.models import builtin_gguf_path, load_model
+    from engine.core.models import load_model
     from engine.export.gguf_llamacpp import write_float_gguf, write_llamacpp_gguf
     from engine.llamacpp.agreement import agreement
     from engine.llamacpp.protocol import inapp_perplexity, llama_perplexity

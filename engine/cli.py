@@ -14,8 +14,9 @@ import json
 import sys
 from collections.abc import Sequence
 
+from engine.core.builtins import BUILTIN_NAME, BUILTINS
 from engine.core.data import SOURCES, DataSpec
-from engine.core.models import BUILTIN_NAME, BUILTINS, load_model
+from engine.core.models import load_model
 from engine.core.paths import atomic_file
 from engine.dropping.choose import RANKINGS
 from engine.optimize.bit_budget import DEFAULT_LEVELS, GRANULARITIES, BitBudget

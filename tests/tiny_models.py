@@ -53,7 +53,7 @@ def tiny_model_folder(folder) -> str:
 
     from transformers import AutoTokenizer
 
-    from engine.core.models import builtin_model_dir
+    from engine.core.builtins import builtin_model_dir
 
     folder = Path(folder)
     if (folder / "config.json").exists():

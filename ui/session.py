@@ -11,7 +11,8 @@ import os
 
 import streamlit as st
 
-from engine.core.models import BUILTIN_NAME, LoadedModel, ModelLoadError, load_model
+from engine.core.builtins import BUILTIN_NAME
+from engine.core.models import LoadedModel, ModelLoadError, load_model
 from engine.runs.store import ResultsStore
 
 DEFAULT_MODEL_ENV = "LAYERLAB_DEFAULT_MODEL"

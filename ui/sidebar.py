@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from engine.core.models import BUILTINS
+from engine.core.builtins import BUILTINS
 from ui.session import current_model, default_source, request_model
 
 TYPED = "(the id or path above)"

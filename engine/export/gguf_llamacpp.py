@@ -34,7 +34,8 @@ import gguf
 import numpy as np
 
 from engine.core.architectures import get_submodule
-from engine.core.models import BUILTINS, LoadedModel, builtin_gguf_path
+from engine.core.builtins import BUILTINS, builtin_gguf_path
+from engine.core.models import LoadedModel
 from engine.core.paths import atomic_folder
 from engine.export.gguf_file import (
     GGUF_FAMILIES,

@@ -20,6 +20,7 @@ from torch import nn
 
 from engine.core.architectures import get_submodule
 from engine.llamacpp import ggml
+from engine.quant.ggml_activations import as_llamacpp_input
 from engine.quant.ggml_types import TypeChoice, output_type, type_for_level
 
 METHOD = "llama.cpp"
@@ -104,7 +105,9 @@ def with_output_type(model: nn.Module, loaded, spec) -> nn.Module:
     """``model`` (a variant: its own module tree) with its embedding and head holding llama.cpp's
     dequantization of their output type (``spec.output_type``), as the GGUF file will hold them.
 
-    A tied head stays tied.  The base model's tensors are not touched: the variant gets new ones.
+    A tied head stays tied, and its input is quantized as llama.cpp quantizes it for that type
+    (:func:`~engine.quant.ggml_activations.as_llamacpp_input`).  The base model's tensors and modules are not
+    touched: the variant gets new ones.
     """
     arch = loaded.architecture
     embedding = get_submodule(model, arch.embedding)
@@ -114,6 +117,9 @@ def with_output_type(model: nn.Module, loaded, spec) -> nn.Module:
         stored = output_weight(module.weight, spec.output_type)
         module.weight = nn.Parameter(stored.dequantize(module.weight.dtype).to(module.weight.device),
                                      requires_grad=False)
+        if module is head or tied:
+            qtype = stored.qtype
+            head.register_forward_pre_hook(lambda _module, args: (as_llamacpp_input(args[0], qtype), *args[1:]))
     if tied:
         head.weight = embedding.weight
     return model

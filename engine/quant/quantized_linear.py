@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from engine.core.architectures import Architecture, get_submodule
 from engine.core.sharing import shell_copy
+from engine.quant.ggml_activations import as_llamacpp_input
 from engine.quant.ggml_weight import GgmlWeight
 from engine.quant.grid import QuantizedWeight
 
@@ -84,7 +85,8 @@ class QuantizedLinear(nn.Module):
 
 class GgmlLinear(nn.Module):
     """A linear layer whose weight is held as llama.cpp blocks (:class:`~engine.quant.ggml_weight.GgmlWeight`):
-    ``x @ to_float(blocks).T + bias``, dequantized by llama.cpp's own code in every forward."""
+    ``x' @ to_float(blocks).T + bias``, dequantized by llama.cpp's own code in every forward, with ``x'`` the
+    input quantized as llama.cpp's CPU matmul quantizes it (:mod:`engine.quant.ggml_activations`)."""
 
     def __init__(self, stored: GgmlWeight, bias: torch.Tensor | None, weight_dtype: torch.dtype,
                  device: torch.device) -> None:
@@ -102,7 +104,7 @@ class GgmlLinear(nn.Module):
         return self.held.dequantize(self.weight_dtype).to(self.device_)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(as_llamacpp_input(x, self.held.qtype), self.weight, self.bias)
 
     def held_bytes(self) -> int:
         return self.held.nbytes_in_memory()

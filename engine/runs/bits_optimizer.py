@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 import pandas as pd
 
 from engine.core.data import DataError, DataSpec, token_windows
-from engine.core.keys import cache_key
+from engine.core.keys import StoredKind
 from engine.core.models import LoadedModel
 from engine.core.out_of_memory import explain_out_of_memory
 from engine.core.progress import StageProgress, stage_callback
@@ -64,6 +64,7 @@ from engine.sensitivity.errors import ScanCancelled
 from engine.sensitivity.scan import StopCheck
 
 OPTIMIZER_VERSION = 3  # 3: candidates by the blended damage (were by KL; 2 was a reverted experiment)
+OPTIMIZATIONS = StoredKind("bits_optimizer", OPTIMIZER_VERSION)
 DEFAULT_CANDIDATES = 5
 # with 4, the held-out choice disagreed with evaluation text (bench/optimize.py, docs/benchmarks.md)
 DEFAULT_HELD_OUT = 8
@@ -250,8 +251,7 @@ def _key(loaded: LoadedModel, plan: BitsOptimizerPlan, calibration: DataSpec) ->
     for name, default in (("imatrix", False), ("output_type", "auto")):
         if fields[name] == default:
             del fields[name]  # keys of plans without them are what they were
-    return cache_key(kind="bits_optimizer", version=OPTIMIZER_VERSION, fingerprint=loaded.fingerprint,
-                     plan=fields, data=calibration.to_dict())
+    return OPTIMIZATIONS.key(fingerprint=loaded.fingerprint, plan=fields, data=calibration.to_dict())
 
 
 def plan_costs(loaded: LoadedModel, plan: BitsOptimizerPlan) -> LayerCosts:
@@ -282,7 +282,7 @@ def check_plan(loaded: LoadedModel, plan: BitsOptimizerPlan) -> int:
 def optimization_if_cached(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerPlan,
                            calibration: DataSpec) -> BitsOptimization | None:
     """A stored result for exactly these inputs, else None (nothing runs)."""
-    payload = store.get_cached(_key(loaded, plan, calibration))
+    payload = OPTIMIZATIONS.get(store, _key(loaded, plan, calibration))
     return None if payload is None else BitsOptimization.from_dict(payload)
 
 
@@ -413,5 +413,5 @@ def optimize_bits(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerP
     chosen = min(range(len(candidates)), key=lambda i: (candidates[i].measured_ppl, i))
     outcome = BitsOptimization(plan, candidates, chosen, dense.ppl, matrix.data_label, held_out.label(),
                                budget_bits, solution.exact, solve_seconds, time.perf_counter() - start)
-    store.put_cached(_key(loaded, plan, calibration), "bits_optimizer", outcome.to_dict())
+    OPTIMIZATIONS.put(store, _key(loaded, plan, calibration), outcome.to_dict())
     return outcome

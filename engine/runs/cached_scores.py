@@ -12,7 +12,7 @@ import torch
 
 from engine.core.architectures import Architecture
 from engine.core.data import DataSpec, TokenWindows, token_windows
-from engine.core.keys import cache_key
+from engine.core.keys import StoredKind
 from engine.core.models import LoadedModel
 from engine.core.out_of_memory import explain_out_of_memory
 from engine.core.progress import ProgressFn, StageProgress, stage_callback
@@ -21,6 +21,8 @@ from engine.scores.outliers import WeightOutliers, weight_outliers
 from engine.scores.redundancy import LayerRedundancy, layer_redundancy
 
 SCORES_VERSION = 2  # 2: outlier statistics carry module sizes
+LR_SCORES = StoredKind("layer_redundancy", SCORES_VERSION)
+ZD_SCORES = StoredKind("weight_outliers", SCORES_VERSION)
 
 
 def cached_layer_redundancy(
@@ -36,15 +38,15 @@ def cached_layer_redundancy(
 
     ``compute=False`` only looks: ``(None, False)`` when nothing is cached.
     """
-    key = cache_key(kind="layer_redundancy", version=SCORES_VERSION, fingerprint=fingerprint,
-                    data=windows.key(), n_windows=windows.n_windows, seqlen=windows.seqlen)
-    payload = store.get_cached(key)
+    key = LR_SCORES.key(fingerprint=fingerprint, data=windows.key(), n_windows=windows.n_windows,
+                        seqlen=windows.seqlen)
+    payload = LR_SCORES.get(store, key)
     if payload is not None:
         return LayerRedundancy(**payload), True
     if not compute:
         return None, False
     scores = layer_redundancy(model, arch, windows, progress=progress)
-    store.put_cached(key, "layer_redundancy", scores.to_dict())
+    LR_SCORES.put(store, key, scores.to_dict())
     return scores, False
 
 
@@ -52,12 +54,12 @@ def cached_weight_outliers(
     store: ResultsStore, model: torch.nn.Module, arch: Architecture, fingerprint: str, k: float = 3.0
 ) -> tuple[WeightOutliers, bool]:
     """ZD statistics from the store when computed before for this model and k; (scores, hit)."""
-    key = cache_key(kind="weight_outliers", version=SCORES_VERSION, fingerprint=fingerprint, k=k)
-    payload = store.get_cached(key)
+    key = ZD_SCORES.key(fingerprint=fingerprint, k=k)
+    payload = ZD_SCORES.get(store, key)
     if payload is not None:
         return WeightOutliers(**payload), True
     scores = weight_outliers(model, arch, k)
-    store.put_cached(key, "weight_outliers", scores.to_dict())
+    ZD_SCORES.put(store, key, scores.to_dict())
     return scores, False
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from engine.core.data import DataSpec, token_windows
-from engine.core.keys import cache_key
+from engine.core.keys import StoredKind
 from engine.core.models import LoadedModel
 from engine.core.progress import StageProgress
 from engine.dropping.choose import (
@@ -35,6 +35,9 @@ from engine.runs.plans import DropPlan
 from engine.runs.store import ResultsStore
 from engine.sensitivity.actions import Action, check_supported
 from engine.sensitivity.cached import measure_sensitivity, sensitivity_if_cached
+
+ITERATIVE_DROP = StoredKind("iterative_drop")
+"""Layers chosen iteratively, per model, plan and calibration windows (a preview must not redo the drops)."""
 
 
 def dropped_layers(store: ResultsStore, loaded: LoadedModel, plan: DropPlan, calibration: DataSpec,
@@ -64,14 +67,14 @@ def dropped_layers(store: ResultsStore, loaded: LoadedModel, plan: DropPlan, cal
                     estimate=_ranking_estimate(loaded, plan, calibration)) from None
 
         if plan.is_iterative:  # cached: a preview must not re-copy the model once per step on every rerun
-            key = cache_key(kind="iterative_drop", fingerprint=loaded.fingerprint, plan=asdict(plan),
-                            data=token_windows(calibration, loaded.tokenizer, loaded.max_seqlen).key())
-            found = store.get_cached(key)
+            key = ITERATIVE_DROP.key(fingerprint=loaded.fingerprint, plan=asdict(plan),
+                                     data=token_windows(calibration, loaded.tokenizer, loaded.max_seqlen).key())
+            found = ITERATIVE_DROP.get(store, key)
             if found is not None:
                 layers = found["layers"]
             else:
                 layers = choose_iteratively(rank, loaded.num_layers, plan.count, plan.protect_ends)
-                store.put_cached(key, "iterative_drop", {"layers": layers})
+                ITERATIVE_DROP.put(store, key, {"layers": layers})
         else:
             layers = top_ranked(rank([]), candidates, plan.count)
     check_drop(loaded.num_layers, plan.block, layers, plan.protect_ends)

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 import pandas as pd
 
 from engine.core.data import DataSpec, token_windows
-from engine.core.keys import cache_key
+from engine.core.keys import StoredKind
 from engine.core.models import LoadedModel
 from engine.core.out_of_memory import explain_out_of_memory
 from engine.core.progress import StageProgress, stage_callback
@@ -57,6 +57,7 @@ from engine.slicing.schedules import SlicingSchedule, schedule_custom
 from engine.slicing.slice_model import slice_model
 
 SLICING_OPTIMIZER_VERSION = 3
+OPTIMIZATIONS = StoredKind("slicing_optimizer", SLICING_OPTIMIZER_VERSION)
 FRACTION_TOLERANCE = 1e-9
 """Candidates are compared at equal size: an SB schedule whose rounded widths remove less than SP is left out."""
 
@@ -153,13 +154,12 @@ class SlicingOptimization:
 
 
 def _key(loaded: LoadedModel, plan: SlicingOptimizerPlan, calibration: DataSpec) -> str:
-    return cache_key(kind="slicing_optimizer", version=SLICING_OPTIMIZER_VERSION, fingerprint=loaded.fingerprint,
-                     plan=asdict(plan), data=calibration.to_dict())
+    return OPTIMIZATIONS.key(fingerprint=loaded.fingerprint, plan=asdict(plan), data=calibration.to_dict())
 
 
 def slicing_optimization_if_cached(store: ResultsStore, loaded: LoadedModel, plan: SlicingOptimizerPlan,
                                    calibration: DataSpec) -> SlicingOptimization | None:
-    payload = store.get_cached(_key(loaded, plan, calibration))
+    payload = OPTIMIZATIONS.get(store, _key(loaded, plan, calibration))
     return None if payload is None else SlicingOptimization.from_dict(payload)
 
 
@@ -231,5 +231,5 @@ def optimize_slicing(store: ResultsStore, loaded: LoadedModel, plan: SlicingOpti
                                     len(dims)} for sb, _s, dims, d in grid],
                                   dense.ppl, matrix.data_label, held_out.label(), slicings,
                                   time.perf_counter() - start)
-    store.put_cached(_key(loaded, plan, calibration), "slicing_optimizer", outcome.to_dict())
+    OPTIMIZATIONS.put(store, _key(loaded, plan, calibration), outcome.to_dict())
     return outcome

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.core.data import DataSpec, TokenWindows, token_windows
-from engine.core.keys import PayloadCache, cache_key
+from engine.core.keys import PayloadCache, StoredKind
 from engine.core.models import LoadedModel
 from engine.core.out_of_memory import explain_out_of_memory
 from engine.core.progress import StageProgress
@@ -28,6 +28,8 @@ from engine.sensitivity.errors import SensitivityError
 from engine.sensitivity.scan import ActionDamage, StopCheck, scan_action
 
 SENSITIVITY_VERSION = 1
+DAMAGE = StoredKind("sensitivity", SENSITIVITY_VERSION)
+AGREEMENT = StoredKind("sensitivity_agreement", SENSITIVITY_VERSION)
 
 
 def calibration_windows(loaded: LoadedModel, spec: DataSpec) -> TokenWindows:
@@ -49,9 +51,8 @@ def check_actions(loaded: LoadedModel, actions: list[Action]) -> None:
 
 
 def damage_key(loaded: LoadedModel, windows: TokenWindows, action: Action) -> str:
-    return cache_key(kind="sensitivity", version=SENSITIVITY_VERSION, fingerprint=loaded.fingerprint,
-                     data=windows.key(), n_windows=windows.n_windows, seqlen=windows.seqlen,
-                     action=action.key)
+    return DAMAGE.key(fingerprint=loaded.fingerprint, data=windows.key(), n_windows=windows.n_windows,
+                      seqlen=windows.seqlen, action=action.key)
 
 
 @dataclass
@@ -77,7 +78,7 @@ class SensitivityMatrix:
 def _found(store: PayloadCache, keys: list[str]) -> list[ActionDamage | None]:
     found = []
     for key in keys:
-        payload = store.get_cached(key)
+        payload = DAMAGE.get(store, key)
         found.append(None if payload is None else ActionDamage.from_dict(payload))
     return found
 
@@ -124,7 +125,7 @@ def measure_sensitivity(
                 lambda stage, done, total, n=n: progress(f"action {n}/{len(missing)}: {stage}", done, total))
             damage = scan_action(loaded.model, loaded.architecture, dense, actions[index], data_label=windows.label(),
                                  progress=step, should_stop=should_stop)
-            store.put_cached(keys[index], "sensitivity", damage.to_dict())
+            DAMAGE.put(store, keys[index], damage.to_dict())
             found[index] = damage
         del dense
     return SensitivityMatrix(found, cached, keys)
@@ -156,7 +157,7 @@ def scan_estimate(store: PayloadCache, loaded: LoadedModel, spec: DataSpec, acti
     windows = calibration_windows(loaded, spec)
     costs = layer_costs(loaded.model, loaded.architecture)
     per_action = {a.key: action_forward_equivalents(costs, a) for a in actions
-                  if store.get_cached(damage_key(loaded, windows, a)) is None}
+                  if DAMAGE.get(store, damage_key(loaded, windows, a)) is None}
     total = sum(per_action.values()) + (dense_forward_equivalents(costs) if per_action else 0.0)
     tokens = windows.input_ids.numel()
     seconds = estimate_seconds(loaded.model, tokens, total) if per_action else 0.0
@@ -167,14 +168,13 @@ def cached_agreement(store: PayloadCache, loaded: LoadedModel, matrix: Sensitivi
                      outliers: WeightOutliers, top_k: int | None = None,
                      resamples: int = RESAMPLES) -> list[Agreement]:
     """The agreement table of ``matrix`` against the LR / ZD scores, cached per inputs (the bootstrap takes ~1 s)."""
-    key = cache_key(kind="sensitivity_agreement", version=SENSITIVITY_VERSION, damages=matrix.keys,
-                    fingerprint=loaded.fingerprint, scores=lr.data_label, n_windows=lr.n_windows, seqlen=lr.seqlen,
-                    k=outliers.k, top_k=top_k, resamples=resamples)
-    payload = store.get_cached(key)
+    key = AGREEMENT.key(damages=matrix.keys, fingerprint=loaded.fingerprint, scores=lr.data_label,
+                        n_windows=lr.n_windows, seqlen=lr.seqlen, k=outliers.k, top_k=top_k, resamples=resamples)
+    payload = AGREEMENT.get(store, key)
     if payload is not None:
         return [Agreement.from_dict(row) for row in payload["rows"]]
     rows = agreement_table(layer_scores(lr, outliers), matrix.damages, top_k=top_k, resamples=resamples)
-    store.put_cached(key, "sensitivity_agreement", {"rows": [r.to_dict() for r in rows]})
+    AGREEMENT.put(store, key, {"rows": [r.to_dict() for r in rows]})
     return rows
 
 

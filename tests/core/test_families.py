@@ -36,7 +36,7 @@ def _logits(model, ids):
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from engine.core.models import builtin_model_dir
+    from engine.core.builtins import builtin_model_dir
 
     return AutoTokenizer.from_pretrained(builtin_model_dir())
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.core import models
+from engine.core import builtins, models
 from engine.core.data import DataSpec, token_windows
 from engine.evaluation.perplexity import perplexity
 
@@ -12,9 +12,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_conversion_is_cached_and_reused(builtin, monkeypatch):
-    folder = models.builtin_model_dir()
+    folder = builtins.builtin_model_dir()
     assert (folder / "model.safetensors").exists()
-    monkeypatch.setattr(models, "GgufConfig", None)  # a second conversion would now crash
+    monkeypatch.setattr(builtins, "GgufConfig", None)  # a second conversion would now crash
     again = models.load_model("smollm2-135m")
     assert again.fingerprint == builtin.fingerprint
     assert builtin.card["layers"] == 30 and builtin.card["hidden size"] == 576

@@ -79,7 +79,7 @@ def test_lr_findings_and_a_dropping_run_with_a_paired_change(gemma, store):
 def test_llamacpp_measures_the_same_perplexity_on_the_same_gguf_and_windows(gemma):
     """The world's check of LayerLab's protocol: llama.cpp runs the very GGUF file the built-in model came from on
     LayerLab's windows (BOS + 255 tokens each); both perplexities agree within 2%."""
-    from engine.core.models import builtin_gguf_path
+    from engine.core.builtins import builtin_gguf_path
     from engine.llamacpp.agreement import agreement
 
     windows = token_windows(DataSpec(split="evaluation", seqlen=256, n_windows=8), gemma.tokenizer, gemma.max_seqlen)
@@ -92,7 +92,7 @@ def test_llamacpp_measures_the_same_perplexity_on_the_same_gguf_and_windows(gemm
                     reason="llama.cpp is not built here (make llamacpp)")
 def test_llama_perplexity_protocol_reproduced_in_app_within_two_percent(gemma):
     """llama-perplexity's own protocol (its chunking, BOS per chunk, second-half scoring) on the same GGUF and text."""
-    from engine.core.models import builtin_gguf_path
+    from engine.core.builtins import builtin_gguf_path
     from engine.llamacpp.protocol import inapp_perplexity, llama_perplexity
 
     text = split_text(DataSpec(split="evaluation"))
