@@ -22,6 +22,7 @@ from engine.dropping.choose import RANKINGS
 from engine.optimize.bit_budget import DEFAULT_LEVELS, GRANULARITIES, BitBudget
 from engine.quant.ggml_types import OUTPUT_TYPES, TYPE_SETS
 from engine.quant.grid import METHODS, ZERO_POINTS
+from engine.quant.runtimes import DEFAULT_RUNTIME, RUNTIMES
 from engine.runs.bits_optimizer import DEFAULT_CANDIDATES, DEFAULT_HELD_OUT, BitsOptimizerPlan, optimize_bits
 from engine.runs.cached_scores import compute_scores
 from engine.runs.plans import (
@@ -115,7 +116,14 @@ def _llamacpp_options(parser: argparse.ArgumentParser) -> None:
                         help="--quantizer llama.cpp: type of the embedding/output matrix (auto: llama.cpp's rule)")
 
 
+def _runtime_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runtime", choices=list(RUNTIMES), default=DEFAULT_RUNTIME,
+                        help="where the model will run: " + "; ".join(r.summary() for r in RUNTIMES.values())
+                        + " A choice the runtime does not run is refused with what it does run.")
+
+
 def _quant_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
+    _runtime_option(parser)
     parser.add_argument("--quantizer", choices=list(METHODS), default="rtn",
                         help="rtn / gptq: LayerLab's research grid; llama.cpp: llama.cpp's own types and quantizer "
                         "(the run is the GGUF file it exports)")
@@ -203,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--quantizer llama.cpp: the GGUF file's bytes)")
     bits.add_argument("--levels", type=_ints, default=list(DEFAULT_LEVELS), help="allowed levels, e.g. 2,3,4,8")
     bits.add_argument("--quantizer", choices=list(METHODS), default="rtn")
+    _runtime_option(bits)
     bits.add_argument("--group-size", type=int, default=128)
     bits.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
                       help="solver candidates checked on held-out windows")
@@ -310,7 +319,7 @@ PLANS = {
     "quantize": lambda args: QuantPlan(args.quantizer, args.group_size, args.high_bits, args.low_bits,
                                        args.low_fraction, args.target_bits, args.ordering, tuple(args.custom_order),
                                        args.seed, args.zero_point, args.act_order, args.ggml_types, args.imatrix,
-                                       args.output_type),
+                                       args.output_type, args.runtime),
     "drop": lambda args: DropPlan(args.blocks, args.count, args.by, not args.no_protect, tuple(args.layers),
                                   args.iterative),
     "stack": lambda args: StackPlan(SlicingPlan("constant", args.slice, final_rotation=True) if args.slice is not None
@@ -362,7 +371,7 @@ def _sweep_slicing(args, store, loaded, calibration, evaluation) -> None:
 def _sweep_quantization(args, store, loaded, calibration, evaluation) -> None:
     base = QuantPlan(args.quantizer, args.group_size, args.high_bits, seed=args.seed, zero_point=args.zero_point,
                      act_order=args.act_order, ggml_types=args.ggml_types, imatrix=args.imatrix,
-                     output_type=args.output_type)
+                     output_type=args.output_type, runtime=args.runtime)
     plans = quantization_sweep(base, args.low_bits, [o for o in args.orderings.split(",") if o], args.low_fractions)
     _run_sweep(plans, store, loaded, calibration, evaluation)
 
@@ -403,7 +412,7 @@ def _optimize_bits(args, store, loaded, calibration, evaluation) -> None:
     """Optimize (cached), print every candidate, evaluate the chosen allocation (stored), write ``--json``."""
     plan = BitsOptimizerPlan(BitBudget(avg_bits=args.avg_bits, total_bytes=args.bytes), tuple(args.levels),
                              args.quantizer, args.group_size or None, args.candidates, args.held_out,
-                             args.granularity)
+                             args.granularity, runtime=args.runtime)
     result = optimize_bits(store, loaded, plan, calibration, progress=_progress)
     for row in result.table().to_dict("records"):
         print(json.dumps({"candidate": row}, default=float))

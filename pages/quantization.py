@@ -20,6 +20,7 @@ from ui.export_panel import export_section
 from ui.navigation import enter_through_the_router
 from ui.optimizer_panels import bits_optimizer_panel
 from ui.session import require_model, results_store
+from ui.sidebar import target_runtime
 from ui.state import kept
 from ui.widgets import (
     calibration_and_evaluation,
@@ -50,12 +51,18 @@ st.caption(
 )
 if loaded.note:
     st.caption("The built-in model was distributed at 4 bits: 3- and 2-bit levels are the informative ones.")
+runtime = target_runtime()
+own = "" if runtime.key == "research" else f"_{runtime.key}"  # widgets whose options the runtime narrows
+st.info(f"Target runtime: **{runtime.label}** (sidebar). " + (
+    "Only what it runs as it is is offered below; every run records it." if runtime.deployable else
+    "Every setting is offered: results show what compression does, not a file a runtime serves as is."))
 calibration, evaluation, zero_shot = calibration_and_evaluation(loaded)
 choose = st.radio("Choose the bits", ["ordering", "optimizer"], key=kept("quant_choose"), horizontal=True,
                   format_func={"ordering": "by an importance ordering (the paper)",
                                "optimizer": "optimize for a size budget (measured)"}.get)
 cols = st.columns(4)
-quantizer = cols[0].selectbox("Quantizer", list(METHODS), key=kept("quant_method"), format_func=QUANTIZERS.get,
+quantizer = cols[0].selectbox("Quantizer", [q for q in METHODS if q in runtime.quantizers],
+                              key=kept(f"quant_method{own}"), format_func=QUANTIZERS.get,
                               help="round-to-nearest and GPTQ use LayerLab's research grid (group-wise fp16 scales); "
                               "llama.cpp types are llama.cpp's own quantizer and block formats: the run is, bit for "
                               "bit, the GGUF file it exports, and its size is that file's.")
@@ -74,20 +81,22 @@ if quantizer == LLAMACPP:
                                "calibration windows, as llama-quantize --imatrix does.")
     output_type = cols[0].selectbox("Embedding / output type", list(OUTPUT_TYPES), key=kept("quant_output_type"),
                                     help="auto: llama.cpp's rule (Q6_K, or Q8_0 when rows are not a multiple of 256).")
-    level_options = list(TYPE_SETS[ggml_types])
+    level_options = [b for b in TYPE_SETS[ggml_types] if b in runtime.levels]
     level_label = lambda b: f"{b} ({TYPE_SETS[ggml_types][b]})"  # noqa: E731
 else:
-    if quantizer == "gptq":  # round-to-nearest has no column order: no box at all rather than a greyed one
+    if quantizer == "gptq" and runtime.act_order:  # no box at all rather than a greyed one
         act_order = cols[0].checkbox("GPTQ act-order", value=True, key=kept("quant_act_order"),
                                      help="Quantize columns by decreasing activation energy, group scales fixed in "
                                      "the original column order ('static' groups). Helps most on models whose "
                                      "weights were quantized before (like the built-in one).")
-    group_size = cols[0].selectbox("Group size", [32, 64, 128, 256], index=2, key=kept("quant_group"))
-    zero_point = cols[0].radio("Zero point", list(ZERO_POINTS), key=kept("quant_zero"), horizontal=True,
+    groups = [g for g in (32, 64, 128, 256) if g in runtime.group_sizes]
+    group_size = cols[0].selectbox("Group size", groups, index=groups.index(128), key=kept(f"quant_group{own}"))
+    zero_point = cols[0].radio("Zero point", [z for z in ZERO_POINTS if z in runtime.zero_points],
+                               key=kept(f"quant_zero{own}"), horizontal=True,
                                help="integer: GPTQ-style asymmetric grid; float: fp16 group minimum (Q4_1 style); "
                                "symmetric: zero fixed at the middle code, not stored (exports exactly as a "
                                "compressed-tensors folder for transformers / vLLM, and as GGUF Q4_0 / Q5_0 / Q8_0).")
-    level_options = list(range(2, 9))
+    level_options = [b for b in range(2, 9) if b in runtime.levels]
     level_label = str
 if choose == "optimizer":
     if calibration is None or evaluation is None:
@@ -97,15 +106,16 @@ if choose == "optimizer":
                 "to optimize, or allocate the legacy types by an ordering.")
         st.stop()
     bits_optimizer_panel(store, loaded, calibration, EvalPlan(evaluation, **zero_shot), quantizer, group_size,
-                         level_options, imatrix, output_type)
+                         level_options, imatrix, output_type, runtime.key)
     st.subheader("Trade-off")
     method_tradeoff(store, loaded, "quantization", evaluation, "quantization_tradeoff")
     st.subheader("Export")
     export_section(store, loaded, "quantization", "quantization")
     st.stop()
-family = f"_ggml_{ggml_types}" if quantizer == LLAMACPP else ""  # each level set keeps its own sliders
-high_bits = cols[1].select_slider("High bits", level_options, 4, format_func=level_label,
-                                  key=kept(f"quant_high{family}"))
+# each level set keeps its own sliders
+family = f"_ggml_{ggml_types}" if quantizer == LLAMACPP else own
+high_bits = cols[1].select_slider("High bits", level_options, 4 if 4 in level_options else max(level_options),
+                                  format_func=level_label, key=kept(f"quant_high{family}"))
 low_bits = cols[1].select_slider("Low bits", level_options, 2 if 2 in level_options else min(level_options),
                                  format_func=level_label, key=kept(f"quant_low{family}"))
 mode = cols[2].radio("Allocate by", ["fraction", "average"], key=kept("quant_mode"),
@@ -123,7 +133,7 @@ if ordering == "custom":
                            disabled=["position (least important first)"], key="quant_custom", hide_index=True)
     custom = tuple(int(v) for v in table["layer"])
 plan = QuantPlan(quantizer, group_size, high_bits, low_bits, low_fraction, target_bits, ordering, custom, int(seed),
-                 zero_point, act_order, ggml_types, imatrix, output_type)
+                 zero_point, act_order, ggml_types, imatrix, output_type, runtime.key)
 
 if calibration is None or evaluation is None:
     st.stop()

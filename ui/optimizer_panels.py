@@ -9,6 +9,7 @@ from engine.core.models import LoadedModel
 from engine.optimize.bit_budget import DEFAULT_LEVELS, BitBudget
 from engine.quant.grid import LLAMACPP, MAX_BITS, MIN_BITS
 from engine.quant.layer_bits import is_per_module
+from engine.quant.runtimes import DEFAULT_RUNTIME, RUNTIMES, fused_groups
 from engine.runs.bits_optimizer import (
     DEFAULT_CANDIDATES,
     DEFAULT_HELD_OUT,
@@ -28,7 +29,7 @@ from ui.widgets import cancel_button, progress_callback, show_chart, show_outcom
 
 def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, evaluation: EvalPlan, quantizer: str,
                          group_size: int, level_options: list[int] | None = None, imatrix: bool = False,
-                         output_type: str = "auto") -> None:
+                         output_type: str = "auto", runtime: str = DEFAULT_RUNTIME) -> None:
     """Budget, levels, candidates → Optimize (measure, solve, check on held-out) → run on evaluation text."""
     st.subheader("Optimize for budget")
     st.caption(
@@ -41,8 +42,7 @@ def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, eval
         "never worse than what it competes with there. " + (
             "Sizes are the GGUF file's bytes; llama.cpp's own types and quantizer (the levels name their types)."
             if quantizer == LLAMACPP else
-            f"Sizes are honest (scales and zeros included); integer zero points; {quantizer.upper()} with groups of "
-            f"{group_size}."))
+            f"Sizes are honest (scales and zeros included); {quantizer.upper()} with groups of {group_size}."))
     cols = st.columns(4)
     kind = cols[0].radio("Budget as", ["bits", "MiB"], key=kept("opt_budget_kind"), horizontal=True,
                          format_func={"bits": "bits per weight", "MiB": "model MiB"}.get)
@@ -54,23 +54,27 @@ def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, eval
                                                             key=kept("opt_mib")) * 2**20)
     options = level_options or list(range(MIN_BITS, MAX_BITS + 1))
     levels = cols[1].multiselect("Allowed levels", options, [b for b in DEFAULT_LEVELS if b in options],
-                                 key=kept("opt_levels" if quantizer != LLAMACPP else "opt_levels_llamacpp"))
+                                 key=kept("opt_levels_llamacpp" if quantizer == LLAMACPP else
+                                          "opt_levels" + ("" if runtime == DEFAULT_RUNTIME else f"_{runtime}")))
     candidates = cols[2].slider("Solver candidates", 1, 8, DEFAULT_CANDIDATES, key=kept("opt_candidates"),
                                 help="Damage does not add up exactly: the best few allocations by the sum are "
                                 "measured, not only the first.")
     held_out = cols[3].number_input("Held-out windows", 1, 32, DEFAULT_HELD_OUT, key=kept("opt_held_out"),
                                     help="Calibration windows right after the ones measured on.")
     linears = list(loaded.architecture.linears)
+    tied = fused_groups(linears, loaded.architecture.linears) if RUNTIMES[runtime].fused else []
     granularity = st.radio(
         "A level for each", ["layer", "module"], key=kept("opt_granularity"), horizontal=True,
         format_func={"layer": "layer (all its linears)", "module": f"linear ({', '.join(linears)})"}.get,
         help=f"Per linear, each of the {len(linears)} linears of every layer gets its own level: one damage scan "
         f"per linear and level ({len(linears)}× the measurements), a finer choice under the same budget. On the "
         "built-in model at 3.5 bits per weight it beat the best ordering by 12% on evaluation text, a level per "
-        "layer by 5% (docs/benchmarks.md, bench/optimize.py).")
+        "layer by 5% (docs/benchmarks.md, bench/optimize.py)." + (
+            f" For {RUNTIMES[runtime].label}, {' and '.join('/'.join(g) for g in tied)} share one level each (the "
+            "runtime loads them as one module)." if tied else ""))
     try:
         plan = BitsOptimizerPlan(budget, tuple(levels), quantizer, group_size, candidates, int(held_out),
-                                 granularity, imatrix, output_type)
+                                 granularity, imatrix, output_type, runtime)
         check_plan(loaded, plan)
         result = optimization_if_cached(store, loaded, plan, calibration)
         estimate = optimize_estimate(store, loaded, plan, calibration) if result is None else ""

@@ -1,11 +1,13 @@
-"""The shared sidebar: choose and load a model."""
+"""The shared sidebar: choose and load a model, and the runtime it will be deployed with."""
 
 from __future__ import annotations
 
 import streamlit as st
 
 from engine.core.builtins import BUILTINS
+from engine.quant.runtimes import DEFAULT_RUNTIME, RUNTIMES, Runtime
 from ui.session import current_model, default_source, request_model
+from ui.state import kept
 
 TYPED = "(the id or path above)"
 
@@ -39,3 +41,14 @@ def model_sidebar() -> None:
                 f"Loaded **{loaded.source}** ({loaded.card['architecture']}, "
                 f"{loaded.num_layers} layers) on {loaded.device}, {loaded.card['dtype']}."
             )
+        runtime = st.selectbox("Deploy with (target runtime)", list(RUNTIMES), key=kept("runtime"),
+                               format_func=lambda key: RUNTIMES[key].label,
+                               help="Where the compressed model will run. Quantization settings, bit levels and "
+                               "the optimizer offer only what that runtime runs as it is; every run records it. "
+                               "The research grid allows everything, for exploring.")
+        st.caption(RUNTIMES[runtime].summary())
+
+
+def target_runtime() -> Runtime:
+    """The runtime chosen in the sidebar (the research grid until one is chosen)."""
+    return RUNTIMES[st.session_state.get(kept("runtime")) or DEFAULT_RUNTIME]

@@ -6,10 +6,11 @@ import streamlit as st
 
 from engine.core.data import SOURCES, DataError, DataSpec, save_upload, token_windows
 from engine.core.models import LoadedModel
+from engine.quant.runtimes import RUNTIMES
 from engine.runs.plans import DEFAULT_CALIB_SEQLEN, DEFAULT_CALIB_WINDOWS, DEFAULT_EVAL_SEQLEN, DEFAULT_EVAL_WINDOWS
 from engine.runs.record import acc_key, acc_metric_key, acc_n_key, acc_stderr_key, accuracy_tasks
 from engine.runs.summary import COST_THRESHOLD, change_text, run_warnings
-from engine.viz.tradeoff import filter_runs, quality_axes, size_axes, tradeoff_figure
+from engine.viz.tradeoff import filter_runs, quality_axes, run_runtimes, size_axes, tradeoff_figure
 from ui.report_pins import pin_button
 from ui.state import kept
 
@@ -152,6 +153,11 @@ def method_tradeoff(store, loaded: LoadedModel, method: str, evaluation: DataSpe
     label = st.selectbox("Windows shown on the chart", labels, key=f"{method}_tradeoff_data",
                          help="Runs on different windows are never drawn together; previews use fewer windows.")
     shown = filter_runs(runs, methods=[method, "dense"], data_label=label)
+    present = sorted(set(run_runtimes(shown[shown["method"] == method])))
+    if len(present) > 1:  # runs made for other runtimes stay visible, labelled, and can be left out
+        chosen = st.multiselect("Target runtimes shown", present, present, key=f"{method}_runtimes",
+                                format_func=lambda key: RUNTIMES[key].label if key in RUNTIMES else key)
+        shown = shown[(shown["method"] == "dense") | run_runtimes(shown).isin(chosen)]
     axes = size_axes(shown[shown["method"] == method])
     if shown[shown["method"] == method].empty or not axes:
         st.caption(f"No {method} runs evaluated on {label} yet.")

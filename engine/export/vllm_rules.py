@@ -17,9 +17,10 @@ vllm-project/vllm through the code index).  Its rules, as released there:
 
 from __future__ import annotations
 
+from engine.quant.runtimes import FUSED
+
 SUPPORTED_BITS = (4, 8)
 ZERO_POINT_BITS = (4, 8)
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def _scheme_of(config_groups: dict) -> dict[str, tuple]:

@@ -16,6 +16,7 @@ from engine.quant.allocation import Allocation, allocate_average, allocate_fract
 from engine.quant.grid import LLAMACPP, QuantizerSpec
 from engine.quant.layer_bits import normalize_all
 from engine.quant.quantize_model import quantize_model
+from engine.quant.runtimes import DEFAULT_RUNTIME, RuntimeMismatch, runtime_named
 from engine.quant.save import save_quantized
 from engine.runs.cached_scores import scores_for
 from engine.runs.plans import QuantPlan
@@ -69,6 +70,9 @@ class Quantization(Method):
     rebuild_share = 0.2  # per-layer results come back from the quantization cache
 
     def refusal(self, loaded: LoadedModel, plan: QuantPlan, saving: bool = False) -> str | None:
+        problems = plan.runtime_problems()
+        if problems:
+            return runtime_named(plan.runtime).refusal(problems)
         if saving and plan.quantizer == LLAMACPP:
             return ("A run in llama.cpp's types is saved as its GGUF file: run it without saving, then export "
                     "it as GGUF (Export, or `python -m engine export RUN --format gguf`).")
@@ -98,6 +102,9 @@ class Quantization(Method):
     def compress(self, store, loaded, plan: QuantPlan, prepared: Allocation, calibration: DataSpec,
                  progress=None) -> Compressed:
         allocation, spec = prepared, plan.spec()
+        problems = plan.runtime_problems(list(allocation.bits))
+        if problems:
+            raise RuntimeMismatch(runtime_named(plan.runtime).refusal(problems))
         windows: TokenWindows | None = None
         if spec.needs_calibration:
             windows = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen)
@@ -122,6 +129,7 @@ class Quantization(Method):
             "high_bits": plan.high_bits, "low_bits": plan.low_bits,
             "low_fraction": None if allocation.per_module else allocation.low_fraction(plan.low_bits),
             "target_bits": plan.target_bits, "ordering": plan.ordering, "bits": list(allocation.bits),
+            "runtime": plan.runtime,
             "zero_point": plan.zero_point, "act_order": spec.act_order, "warnings": quantized.warnings,
             "calibration": windows.label() if windows is not None else None,
             "quantizer_spec": spec.to_dict(),  # with calibration_spec, lets exports rebuild the same model
@@ -154,5 +162,13 @@ class Quantization(Method):
                   "grid for a compressed-tensors folder.")
         elif loaded is not None:
             ct = ct_unsupported(loaded, spec)
-        return {"hf": "Quantized runs export as GGUF or compressed-tensors (a Hugging Face folder would hold "
-                      "dequantized 16-bit weights).", "gguf": None, "ct": ct}
+        formats = {"hf": "Quantized runs export as GGUF or compressed-tensors (a Hugging Face folder would hold "
+                         "dequantized 16-bit weights).", "gguf": None, "ct": ct}
+        runtime = runtime_named(record.config.get("runtime") or DEFAULT_RUNTIME)
+        if runtime.export is not None:  # made for one runtime: only its format, the others say what to re-run
+            other = {"gguf": "llama.cpp (GGUF)", "ct": "vLLM or transformers (compressed-tensors)"}
+            for fmt in ("gguf", "ct"):
+                if fmt != runtime.export:
+                    formats[fmt] = (f"run {record.id} was made for {runtime.label}; for {other[fmt]} re-run these "
+                                    "settings with that target runtime (sidebar; --runtime on the CLI).")
+        return formats

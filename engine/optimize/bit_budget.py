@@ -28,6 +28,28 @@ from engine.quant.layer_bits import LayerBits
 from engine.quant.size import layer_storage, linear_storage
 
 DEFAULT_LEVELS = (2, 3, 4, 5, 6, 8)
+TIE = "+"
+"""Joins the linears of a tied unit: ``q+k+v`` gets one level for all three."""
+
+
+def tie_units(units: Sequence[tuple[int, str | None]], groups: Sequence[tuple[str, ...]],
+              values: dict[tuple[int, str | None], list[float]]) -> tuple[list, dict]:
+    """Per-linear units with each of ``groups`` (e.g. ``("q", "k", "v")``) joined into one unit per layer, and
+    ``values`` (per unit, per level) summed over a group's linears: what a solver chooses when a runtime loads
+    those linears as one module with one level."""
+    member = {name: group for group in groups for name in group}
+    tied: list = []
+    summed: dict = {}
+    for layer, name in units:
+        group = member.get(name)
+        if group is None:
+            tied.append((layer, name))
+            summed[(layer, name)] = values[(layer, name)]
+        elif name == group[0]:
+            unit = (layer, TIE.join(group))
+            tied.append(unit)
+            summed[unit] = [sum(column) for column in zip(*(values[(layer, part)] for part in group))]
+    return tied, summed
 
 
 class BudgetError(QuantizationError):
@@ -77,9 +99,12 @@ class LayerCosts:
         return [(i, name) for i, names in enumerate(self.module_bits) for name in names]
 
     def unit_bits(self, unit: tuple[int, str | None]) -> list[int]:
-        """Storage bits of one unit at each level."""
+        """Storage bits of one unit at each level (a tied unit ``q+k+v``: its linears together)."""
         layer, name = unit
-        return self.bits[layer] if name is None else self.module_bits[layer][name]
+        if name is None:
+            return self.bits[layer]
+        rows = [self.module_bits[layer][part] for part in name.split(TIE)]
+        return [sum(column) for column in zip(*rows)]
 
     def total_bits(self, per_layer: Sequence[LayerBits]) -> int:
         """Storage bits of an allocation (one level per layer, or a level per linear)."""

@@ -40,12 +40,14 @@ from engine.export.gguf_llamacpp import llamacpp_details
 from engine.optimize.bit_budget import (
     DEFAULT_LEVELS,
     GRANULARITIES,
+    TIE,
     BitBudget,
     BudgetError,
     LayerCosts,
     check_levels,
     layer_costs,
     ordering_bits,
+    tie_units,
     uniform_bits,
 )
 from engine.optimize.damage import blended
@@ -54,6 +56,7 @@ from engine.quant.allocation import Allocation, layer_order
 from engine.quant.grid import LLAMACPP, QuantizationError, QuantizerSpec
 from engine.quant.layer_bits import LayerBits, describe_all, mean_level, normalize
 from engine.quant.quantize_model import quantize_model
+from engine.quant.runtimes import DEFAULT_RUNTIME, fused_groups, runtime_named
 from engine.runs.cached_scores import compute_scores
 from engine.runs.plans import QuantPlan
 from engine.runs.store import ResultsStore
@@ -84,11 +87,28 @@ class BitsOptimizerPlan:
     granularity: str = "layer"
     imatrix: bool = False  # llama.cpp quantizer only: the chosen allocation is quantized with an imatrix
     output_type: str = "auto"  # llama.cpp quantizer only: embedding / output type (and its bytes in the budget)
+    runtime: str = DEFAULT_RUNTIME  # the target runtime: its levels and grid; vLLM ties q/k/v and gate/up
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
             raise BudgetError(f"Unknown granularity '{self.granularity}': choose 'layer' (one level per layer) or "
                               "'module' (one level per linear of each layer).")
+        runtime = runtime_named(self.runtime)
+        problems = runtime.problems(self.quantizer, check_levels(self.levels), self.group_size, self.zero_point,
+                                    act_order=self.quantizer == "gptq")
+        if problems:
+            raise BudgetError(runtime.refusal(problems))
+
+    @property
+    def zero_point(self) -> str:
+        """The grid's zero point: the integer one unless the runtime takes only another (vLLM: symmetric)."""
+        zero_points = runtime_named(self.runtime).zero_points
+        return "integer" if "integer" in zero_points else zero_points[0]
+
+    @property
+    def tied(self) -> bool:
+        """Whether fused linears (q/k/v, gate/up) share one level: the runtime loads them as one module."""
+        return self.granularity == "module" and runtime_named(self.runtime).fused
 
     def spec(self) -> QuantizerSpec:
         """The quantizer at the highest level (GPTQ with static act-order, as the sensitivity lab measures it)."""
@@ -96,14 +116,15 @@ class BitsOptimizerPlan:
             return QuantizerSpec(method=LLAMACPP, bits=max(check_levels(self.levels)), imatrix=self.imatrix,
                                  output_type=self.output_type)
         return QuantizerSpec(method=self.quantizer, bits=max(check_levels(self.levels)), group_size=self.group_size,
-                             act_order=self.quantizer == "gptq")
+                             act_order=self.quantizer == "gptq", zero_point=self.zero_point)
 
     def actions(self, linears: list[str] | None = None) -> list[Action]:
         """The sensitivity actions to measure, level by level (per linear, ``linears`` in layer order, for
         ``granularity="module"``)."""
         modules = [None] if self.granularity == "layer" else list(linears or [])
         group = None if self.quantizer == LLAMACPP else self.group_size
-        return [Action(self.quantizer, bits=b, group_size=group, module=m)
+        zero = None if self.quantizer == LLAMACPP or self.zero_point == "integer" else self.zero_point
+        return [Action(self.quantizer, bits=b, group_size=group, module=m, zero_point=zero)
                 for b in check_levels(self.levels) for m in modules]
 
     def quant_plan(self, ordering: str = "optimizer", bits: list[int] | None = None) -> QuantPlan:
@@ -115,7 +136,8 @@ class BitsOptimizerPlan:
             ordering = "optimizer-module"
         return QuantPlan(quantizer=self.quantizer, group_size=self.group_size, high_bits=max(levels),
                          low_bits=min(levels), low_fraction=low_fraction, ordering=ordering,
-                         act_order=self.quantizer == "gptq", imatrix=self.imatrix, output_type=self.output_type)
+                         act_order=self.quantizer == "gptq", imatrix=self.imatrix, output_type=self.output_type,
+                         zero_point=self.zero_point, runtime=self.runtime)
 
 
 @dataclass
@@ -248,7 +270,7 @@ def _key(loaded: LoadedModel, plan: BitsOptimizerPlan, calibration: DataSpec) ->
     fields = {**asdict(plan), "budget": asdict(plan.budget)}
     if plan.granularity == "layer":
         del fields["granularity"]  # per-layer keys keep the shape they had before module granularity
-    for name, default in (("imatrix", False), ("output_type", "auto")):
+    for name, default in (("imatrix", False), ("output_type", "auto"), ("runtime", DEFAULT_RUNTIME)):
         if fields[name] == default:
             del fields[name]  # keys of plans without them are what they were
     return OPTIMIZATIONS.key(fingerprint=loaded.fingerprint, plan=fields, data=calibration.to_dict())
@@ -323,7 +345,7 @@ def _entries(units: list[Unit], levels: list[int], n_layers: int) -> list[LayerB
         if name is None:
             per_layer[layer] = b
         else:
-            per_layer[layer][name] = b
+            per_layer[layer].update(dict.fromkeys(name.split(TIE), b))  # a tied unit: each of its linears
     return [normalize(entry) for entry in per_layer]
 
 
@@ -375,10 +397,11 @@ def optimize_bits(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerP
     matrix = measure_sensitivity(store, loaded, calibration, plan.actions(linears), progress=progress,
                                  should_stop=should_stop)
     damage = _unit_damage(matrix.damages, costs, plan.granularity, linears)
-    units = costs.units(plan.granularity)
+    units, values = costs.units(plan.granularity), damage["blended"]
+    if plan.tied:  # the runtime loads q/k/v and gate/up as one module each: one level per fused group
+        units, values = tie_units(units, fused_groups(linears, loaded.architecture.linears), values)
     solve_start = time.perf_counter()
-    solution = solve([costs.unit_bits(u) for u in units], [damage["blended"][u] for u in units], budget_bits,
-                     k=plan.candidates)
+    solution = solve([costs.unit_bits(u) for u in units], [values[u] for u in units], budget_bits, k=plan.candidates)
     solve_seconds = time.perf_counter() - solve_start
 
     proposals = {f"optimizer #{n}": _entries(units, [costs.levels[j] for j in s.choice], loaded.num_layers)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from engine.core.data import DataSpec
 from engine.quant.grid import QuantizerSpec
+from engine.quant.layer_bits import all_levels
+from engine.quant.runtimes import DEFAULT_RUNTIME, runtime_named
 
 SCHEDULES = ("dynamic", "constant", "custom")
 ORDERINGS = ("lim", "zd", "random", "reversed-lim", "custom", "optimizer", "optimizer-module")
@@ -75,6 +77,7 @@ class QuantPlan:
     ggml_types: str = "k-quants"  # llama.cpp quantizer only: type set, imatrix, output type
     imatrix: bool = False
     output_type: str = "auto"
+    runtime: str = DEFAULT_RUNTIME  # where the model will run (engine.quant.runtimes): what it may choose
 
     @property
     def top_bits(self) -> int:
@@ -90,12 +93,23 @@ class QuantPlan:
         return f"llama.cpp {self.ggml_types}{'+imatrix' if self.imatrix else ''}{output}"
 
     def series(self) -> str:
-        """Curve label on trade-off charts."""
+        """Curve label on trade-off charts (with the target runtime unless it is the research grid)."""
         if self.ordering == "optimizer":
-            return f"optimizer {self.low_bits}-{self.high_bits}-bit {self.quantizer_label}"
-        if self.ordering == "optimizer-module":
-            return f"optimizer per linear {self.low_bits}-{self.high_bits}-bit {self.quantizer_label}"
-        return f"{self.ordering} {self.high_bits}/{self.low_bits}-bit {self.quantizer_label}"
+            label = f"optimizer {self.low_bits}-{self.high_bits}-bit {self.quantizer_label}"
+        elif self.ordering == "optimizer-module":
+            label = f"optimizer per linear {self.low_bits}-{self.high_bits}-bit {self.quantizer_label}"
+        else:
+            label = f"{self.ordering} {self.high_bits}/{self.low_bits}-bit {self.quantizer_label}"
+        return label if self.runtime == DEFAULT_RUNTIME else f"{label} for {runtime_named(self.runtime).label}"
+
+    def runtime_problems(self, bits=None) -> list[str]:
+        """What the target runtime does not run in this plan (``bits``: the allocation, per layer or linear)."""
+        levels = {self.high_bits, self.low_bits} if bits is None else set(all_levels(bits))
+        modules = [] if bits is None else [b for b in bits if not isinstance(b, int)]
+        spec = self.spec()
+        return runtime_named(self.runtime).problems(
+            self.quantizer, sorted(levels), self.group_size, self.zero_point, spec.act_order,
+            spec.stores_group_index, modules)
 
     def setting(self) -> str:
         """What tells this plan from the others of its series: ``50% of layers at 3 bits`` or ``3.25 bits average``."""

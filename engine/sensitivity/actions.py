@@ -50,6 +50,8 @@ class Action:
     ``fraction`` (slicing only): share of the residual width removed, in (0, 1).
     ``module`` (quantization only): quantize only this linear of the layer (its short name in the
     architecture table, e.g. ``down``); ``None``: every linear of the layer.
+    ``zero_point`` (RTN / GPTQ only): the grid's zero point (:data:`engine.quant.grid.ZERO_POINTS`; ``None``:
+    the quantizer's default, an integer zero point).
     """
 
     kind: str
@@ -57,6 +59,7 @@ class Action:
     fraction: float | None = None
     group_size: int | None = None
     module: str | None = None
+    zero_point: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -92,7 +95,8 @@ class Action:
             return f"ggml-{self.ggml_type}" + (f"-{self.module}" if self.module else "")
         if self.kind in QUANT_KINDS:
             group = "row" if self.group_size is None else self.group_size
-            return f"{self.kind}{self.bits}-g{group}" + (f"-{self.module}" if self.module else "")
+            zero = "" if self.zero_point is None else f"-z{self.zero_point}"
+            return f"{self.kind}{self.bits}-g{group}{zero}" + (f"-{self.module}" if self.module else "")
         if self.kind == "slice":
             return f"slice{self.fraction:g}"
         return self.kind
@@ -104,7 +108,8 @@ class Action:
             return self.ggml_type + (f" {self.module}" if self.module else "")
         if self.kind in QUANT_KINDS:
             group = "" if self.group_size == DEFAULT_GROUP_SIZE else f" g{self.group_size or 'row'}"
-            return f"{self.kind.upper()} {self.bits}-bit{group}" + (f" {self.module}" if self.module else "")
+            zero = "" if self.zero_point is None else f" {self.zero_point}"
+            return f"{self.kind.upper()} {self.bits}-bit{group}{zero}" + (f" {self.module}" if self.module else "")
         if self.kind == "slice":
             return f"slice {100 * self.fraction:g}%"
         return _DROP_LABELS[self.kind]
@@ -136,7 +141,8 @@ class Action:
                 raise ActionSpecError(str(err)) from None
         try:
             return QuantizerSpec(method=self.kind, bits=self.bits, group_size=self.group_size,
-                                 act_order=self.kind == "gptq", propagation="dense")
+                                 act_order=self.kind == "gptq", propagation="dense",
+                                 **({} if self.zero_point is None else {"zero_point": self.zero_point}))
         except QuantizationError as err:
             raise ActionSpecError(str(err)) from None
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pandas as pd
 import plotly.graph_objects as go
 
+from engine.quant.runtimes import DEFAULT_RUNTIME
 from engine.runs.record import ACC_PREFIX
 from engine.viz.style import DENSE_COLOUR, PARETO_COLOUR, log_ticks, padded_range, series_colours, styled, wants_log
 
@@ -53,12 +54,22 @@ def quality_axes(frame: pd.DataFrame) -> dict[str, str]:
     return axes
 
 
+def run_runtimes(frame: pd.DataFrame) -> pd.Series:
+    """Each run's target runtime (``config.runtime``; runs without one, and methods without bits: ``research``)."""
+    if "config.runtime" not in frame:
+        return pd.Series(DEFAULT_RUNTIME, index=frame.index)
+    return frame["config.runtime"].fillna(DEFAULT_RUNTIME).astype(str)
+
+
 def filter_runs(frame: pd.DataFrame, models=None, methods=None, data_label: str | None = None,
-                include_previews: bool = True, fingerprint: str | None = None) -> pd.DataFrame:
-    """Rows of ``frame`` matching the given models, methods, evaluation data and weights (None = any)."""
+                include_previews: bool = True, fingerprint: str | None = None, runtimes=None) -> pd.DataFrame:
+    """Rows of ``frame`` matching the given models, methods, evaluation data, weights and target runtimes
+    (None = any)."""
     if frame.empty:
         return frame
     keep = pd.Series(True, index=frame.index)
+    if runtimes is not None:
+        keep &= run_runtimes(frame).isin(list(runtimes))
     if fingerprint is not None:
         keep &= frame["fingerprint"] == fingerprint
     if models is not None:

@@ -121,3 +121,27 @@ def test_module_granularity_gives_each_linear_a_level_within_the_budget(store, t
     assert outcome.record.series.startswith("optimizer per linear")
     assert outcome.metrics["bits_per_weight"] == pytest.approx(chosen.avg_bits)
     assert outcome.record.config["bits"] == chosen.bits and outcome.record.config["low_fraction"] is None
+
+
+def test_for_vllm_the_per_linear_optimizer_ties_fused_linears_and_uses_its_levels_only(store, tiny_loaded):
+    plan = BitsOptimizerPlan(BitBudget(avg_bits=6.0), levels=(4, 8), group_size=32, candidates=3, held_out_windows=2,
+                             granularity="module", runtime="vllm")
+    assert plan.tied and plan.zero_point == "symmetric" and plan.spec().zero_point == "symmetric"
+    assert all(a.zero_point == "symmetric" for a in plan.actions(list(tiny_loaded.architecture.linears)))
+    result = optimize_bits(store, tiny_loaded, plan, CALIB)
+    solver = [c for c in result.candidates if c.source == "optimizer"]
+    assert solver and any(isinstance(entry, dict) for c in solver for entry in c.bits)  # still per linear
+    for candidate in result.candidates:
+        for entry in candidate.bits:
+            levels = entry if isinstance(entry, dict) else dict.fromkeys(tiny_loaded.architecture.linears, entry)
+            assert set(levels.values()) <= {4, 8}
+            assert levels["q"] == levels["k"] == levels["v"] and levels["gate"] == levels["up"], candidate.name
+    # the chosen allocation runs under vLLM's rules and is stored for vLLM
+    outcome = run_quantization(store, tiny_loaded, plan.quant_plan("optimizer"), CALIB,
+                               EvalPlan(DataSpec("wiki-offline", "evaluation", 32, 2)),
+                               allocation=result.allocation(result.best))
+    assert outcome.record.config["runtime"] == "vllm" and outcome.record.config["zero_point"] == "symmetric"
+    with pytest.raises(BudgetError, match="3-bit weights"):
+        BitsOptimizerPlan(BitBudget(avg_bits=6.0), levels=(3, 4, 8), group_size=32, runtime="vllm")
+    untied = replace(plan, runtime="transformers")
+    assert not untied.tied and optimization_if_cached(store, tiny_loaded, untied, CALIB) is None

@@ -146,3 +146,24 @@ def test_optimizer_under_llamacpp_types_budgets_the_gguf_file_and_refuses_other_
         at.multiselect(key="keep.opt_levels_llamacpp").options == ["2", "3", "4", "5", "6", "8"]
     at.selectbox(key="keep.quant_ggml_types").set_value("legacy").run()
     assert any("choose the k-quants type set" in i.value for i in at.info)
+
+
+def test_the_sidebar_runtime_narrows_every_choice_and_runs_record_it(tiny_app):
+    at = _ready()
+    at.selectbox(key="keep.runtime").set_value("vllm").run()
+    assert not at.exception and not at.error, at.error
+    assert any("Target runtime: **vLLM (compressed-tensors)**" in i.value for i in at.info)
+    assert [o for o in at.selectbox(key="keep.quant_method_vllm").options] == ["round-to-nearest",
+                                                                               "GPTQ (calibrated)"]
+    assert list(at.select_slider(key="keep.quant_high_vllm").options) == ["4", "8"]
+    assert list(at.radio(key="keep.quant_zero_vllm").options) == ["symmetric"]
+    at.select_slider(key="keep.quant_high_vllm").set_value(8).run()
+    at.select_slider(key="keep.quant_low_vllm").set_value(4).run()
+    click(at, "Preview")
+    assert not at.exception and not at.error, at.error
+    stored = ResultsStore().runs(method="quantization")
+    run = stored[0]
+    assert run.config["runtime"] == "vllm" and run.series.endswith("for vLLM (compressed-tensors)")
+    at.selectbox(key="keep.runtime").set_value("llama.cpp").run()  # switching keeps every stored run
+    assert [o for o in at.selectbox(key="keep.quant_method_llama.cpp").options] == ["llama.cpp types (exact GGUF)"]
+    assert len(ResultsStore().runs(method="quantization")) == len(stored)

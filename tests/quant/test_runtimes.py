@@ -1,0 +1,64 @@
+"""Target runtimes: each refuses what it does not run, with what it does; vLLM's fused linears are found in every
+family the optimizer supports; runs record their runtime and export only to its format."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.core.architectures import architecture_of
+from engine.core.data import DataSpec
+from engine.quant.runtimes import RUNTIMES, fused_groups, runtime_named
+from engine.runs.plans import EvalPlan, QuantPlan
+from engine.runs.runner import run
+from tests.tiny_families import CONFIGS, MOE_FAMILIES, tiny_family_model
+
+CALIB = DataSpec("wiki-offline", "calibration", 32, 2)
+EVAL = EvalPlan(DataSpec("wiki-offline", "evaluation", 32, 2))
+VLLM = RUNTIMES["vllm"]
+
+
+def test_each_runtime_refuses_what_it_does_not_run_and_names_what_it_does():
+    assert VLLM.problems("rtn", [4, 8], 128, "symmetric") == []
+    found = VLLM.problems("rtn", [3, 4], 128, "integer")
+    assert any("3-bit weights (it takes 4, 8)" in p for p in found)
+    assert any("zero point 'integer' (it takes symmetric)" in p for p in found)
+    assert VLLM.problems("gptq", [4], 128, "symmetric", act_order=True, dynamic_groups=True) == [
+        "act-order with dynamic groups (it takes static groups only)"]
+    assert VLLM.problems("llama.cpp", [4]) == ["the llama.cpp quantizer (it takes rtn or gptq)"]
+    split = {"q": 4, "k": 8, "v": 4, "o": 4, "gate": 8, "up": 8, "down": 4}
+    assert VLLM.problems("rtn", [4, 8], 128, "symmetric", module_levels=[split]) == [
+        "q/k/v at different levels (vLLM loads them as one module)"]
+    assert RUNTIMES["llama.cpp"].problems("rtn", [4]) == ["the rtn quantizer (it takes llama.cpp)"]
+    assert RUNTIMES["research"].problems("rtn", [2, 3, 5], 64, "integer", act_order=True, dynamic_groups=True) == []
+    assert RUNTIMES["transformers"].problems("rtn", [2, 3], 64, "symmetric") == []
+    message = VLLM.refusal(found)
+    assert message.startswith("vLLM (compressed-tensors) does not run") and "target runtime" in message
+    with pytest.raises(ValueError, match="Unknown target runtime 'tgi'"):
+        runtime_named("tgi")
+
+
+EXPECTED_FUSED = {"phi3": [],  # qkv_proj and gate_up_proj are already one linear each in the checkpoint
+                  "opt": [("q", "k", "v")], "phi": [("q", "k", "v")], "starcoder2": [("q", "k", "v")]}
+
+
+@pytest.mark.parametrize("family", [f for f in CONFIGS if f not in MOE_FAMILIES])
+def test_vllms_fused_groups_are_found_in_every_family(family):
+    arch = architecture_of(tiny_family_model(family))
+    groups = fused_groups(list(arch.linears), arch.linears)
+    expected = EXPECTED_FUSED.get(family, [("q", "k", "v"), ("gate", "up")])
+    assert groups == expected, (family, arch.linears)
+
+
+def test_a_run_records_its_runtime_refuses_what_it_lacks_and_exports_only_its_format(store, tiny_loaded):
+    with pytest.raises(ValueError, match="3-bit weights"):
+        run(store, tiny_loaded, QuantPlan("rtn", 32, 4, 3, 0.5, zero_point="symmetric", runtime="vllm"), CALIB, EVAL)
+    assert store.runs(method="quantization") == []  # refused before any work
+    plan = QuantPlan("rtn", 32, 8, 4, 0.5, zero_point="symmetric", runtime="vllm")
+    record = run(store, tiny_loaded, plan, CALIB, EVAL).record
+    assert record.config["runtime"] == "vllm" and record.series.endswith("for vLLM (compressed-tensors)")
+    from engine.runs.exports import export_formats, export_run
+
+    formats = export_formats(record, tiny_loaded)
+    assert formats["ct"] is None and "made for vLLM" in formats["gguf"] and "re-run" in formats["gguf"]
+    result = export_run(store, tiny_loaded, record, "ct", store.path.parent / "ct")
+    assert result["vllm_problems"] == [] and result["verification"]["passed"]  # vLLM's rules, and exact reload
