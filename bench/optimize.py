@@ -1,7 +1,8 @@
 """One-click optimizers on the built-in model: bits under a budget vs the orderings; solver time.
 
     python -m bench.optimize [--budgets 3.0,3.5] [--levels 2,3,4,5,6,8] [--quantizer rtn] [--candidates 5]
-                             [--held-out 8] [--granularity layer|module] [--part bits|slicing|all] [--store FILE]
+                             [--held-out 8] [--granularity layer|module] [--runtime research|vllm|transformers]
+                             [--part bits|slicing|all] [--store FILE]
 
 Bits: for each budget (honest bits per weight, scales and zeros included),
 ``engine.runs.bits_optimizer.optimize_bits`` measures per-layer KL at every
@@ -38,6 +39,7 @@ from engine.core.models import load_model
 from engine.optimize.bit_budget import GRANULARITIES, BitBudget
 from engine.optimize.knapsack import solve
 from engine.quant.layer_bits import describe_all
+from engine.quant.runtimes import DEFAULT_RUNTIME, RUNTIMES
 from engine.runs.bits_optimizer import DEFAULT_CANDIDATES, DEFAULT_HELD_OUT, BitsOptimizerPlan, optimize_bits
 from engine.runs.plans import EvalPlan, SlicingPlan
 from engine.runs.runner import ensure_dense, run_quantization
@@ -72,12 +74,13 @@ def bits_part(args, store: ResultsStore, loaded, calibration: DataSpec, evaluati
     rows = []
     for budget in [float(b) for b in args.budgets.split(",")]:
         plan = BitsOptimizerPlan(BitBudget(avg_bits=budget), levels=tuple(int(b) for b in args.levels.split(",")),
-                                 quantizer=args.quantizer, candidates=args.candidates,
-                                 held_out_windows=args.held_out, granularity=args.granularity)
+                                 quantizer=args.quantizer, group_size=args.group_size, candidates=args.candidates,
+                                 held_out_windows=args.held_out, granularity=args.granularity, runtime=args.runtime)
         start = time.perf_counter()
         result = optimize_bits(store, loaded, plan, calibration)
         optimize_s = time.perf_counter() - start
         measured = []
+        outcome_bytes: dict[str, float] = {}
         for i, candidate in enumerate(result.candidates):
             is_ordering = candidate.source == "ordering" or any(a.endswith("ordering") for a in candidate.also)
             ppls = []
@@ -85,11 +88,13 @@ def bits_part(args, store: ResultsStore, loaded, calibration: DataSpec, evaluati
                 outcome = run_quantization(store, loaded, plan.quant_plan(candidate.ordering, candidate.bits),
                                            calibration, windows, allocation=result.allocation(candidate))
                 ppls.append(outcome.metrics["ppl"])
+                outcome_bytes[candidate.name] = outcome.metrics["bytes_16bit"] / 1e6  # the checkpoint's, where known
             measured.append((candidate, ppls, i == result.chosen, is_ordering))
         best = [min((p[j] for _, p, _, o in measured if o), default=float("nan")) for j in (0, 1)]
         for candidate, ppls, chosen, _ in measured:
             confirm = ppls[1] if len(ppls) > 1 else None
             rows.append({"budget_bpw": budget, "quantizer": args.quantizer, "granularity": args.granularity,
+                         "runtime": args.runtime, "MB": outcome_bytes.get(candidate.name),
                          "candidate": candidate.name + (f" (= {', '.join(candidate.also)})" if candidate.also else ""),
                          "chosen": chosen, "bpw": round(candidate.avg_bits, 4),
                          "predicted_damage": candidate.predicted_damage, "predicted_kl": candidate.predicted_kl,
@@ -147,6 +152,9 @@ def main() -> None:
     parser.add_argument("--levels", default="2,3,4,5,6,8")
     parser.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn")
     parser.add_argument("--granularity", choices=GRANULARITIES, default="layer")
+    parser.add_argument("--runtime", choices=list(RUNTIMES), default=DEFAULT_RUNTIME,
+                        help="target runtime: its levels and grid (vllm: 4/8 bits, symmetric, q/k/v and gate/up tied)")
+    parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES)
     parser.add_argument("--held-out", type=int, default=DEFAULT_HELD_OUT, help="held-out calibration windows")
     parser.add_argument("--calib-windows", type=int, default=16)
@@ -167,7 +175,8 @@ def main() -> None:
             "calibration": calibration.label()}
     if args.part in ("bits", "all"):
         meta["solver"] = solver_seconds()
-        suffix = "" if args.granularity == "layer" else f"_{args.granularity}"
+        suffix = ("" if args.granularity == "layer" else f"_{args.granularity}") + (
+            "" if args.runtime == DEFAULT_RUNTIME else f"_{args.runtime}")
         report(f"optimize_bits_{args.quantizer}{suffix}", bits_part(args, store, loaded, calibration, evaluation), meta)
     if args.part in ("slicing", "all"):
         report("optimize_slicing", slicing_part(args, store, loaded, calibration, evaluation), meta)

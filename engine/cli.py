@@ -344,7 +344,8 @@ def run(args) -> None:
     elif args.command in PLANS:
         plan = PLANS[args.command](args)
         _print_memory(loaded, plan, calibration, evaluation)
-        _print_run(run_plan(store, loaded, plan, calibration, evaluation, save_to=args.save, progress=_progress))
+        _print_run(run_plan(store, loaded, plan, calibration, evaluation, save_to=getattr(args, "save", None),
+                            progress=_progress))
     elif args.command == "sweep-slicing":
         _sweep_slicing(args, store, loaded, calibration, evaluation)
     elif args.command == "sensitivity":

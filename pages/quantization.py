@@ -153,7 +153,7 @@ if quantizer == LLAMACPP:
                  + f"Types: {types}.")
 show_chart(charts.bit_map_chart(bit_table, f"{loaded.source}; order {ORDER_LABELS[ordering]}"), "bit_map",
            f"Average {allocation.average_bits:.3f} code bits per layer ({allocation.note}); {size_text} "
-           f"Scores from {calibration.label()}.", bit_table)
+           f"Scores from {calibration.label()}. For {runtime.label}.", bit_table)
 
 left, mid, right = st.columns(3)
 with right:

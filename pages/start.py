@@ -38,7 +38,7 @@ st.markdown(f"On **{loaded.source}**, with {EVALUATION.data.n_windows} windows o
 for number, step in enumerate(steps, start=1):
     st.markdown(f"{number}. **{step.title}**: {step.what}")
 if (note := skipped_note(loaded)) is not None:
-    st.caption(f"Slicing is left out: {note}")
+    st.caption(f"Left out for this model: {note}")
 left, right = st.columns(2)
 with right:
     cancel_button("first_run")

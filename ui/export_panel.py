@@ -8,6 +8,7 @@ import streamlit as st
 from engine.core.data import DataError
 from engine.core.models import LoadedModel
 from engine.quant.grid import LLAMACPP
+from engine.quant.runtimes import DEFAULT_RUNTIME, RUNTIMES
 from engine.runs.exports import (
     FORMATS,
     TOLERANCE,
@@ -92,6 +93,11 @@ def export_section(store: ResultsStore, loaded: LoadedModel, method: str | None,
                           key=f"{key}_export_run_{records[0].id}",
                           help="Newest first. The model is rebuilt from the run's record (same layers, dims or bits).")
     record = by_id[chosen]
+    runtime = RUNTIMES.get(record.config.get("target_runtime") or DEFAULT_RUNTIME, RUNTIMES[DEFAULT_RUNTIME])
+    if record.config.get("target_runtime"):
+        st.caption(f"Run {record.id} was made for **{runtime.label}**" + (
+            "." if runtime.deployable else ": LayerLab's free grid, exported as measured; each format says below "
+            "what runs it."))
     reasons = export_formats(record, loaded)
     available = [fmt for fmt, reason in reasons.items() if reason is None]
     for fmt, reason in reasons.items():
@@ -132,7 +138,8 @@ def export_section(store: ResultsStore, loaded: LoadedModel, method: str | None,
         st.caption(REMOTE_CODE_NOTE + f" Promise: perplexity within ±{TOLERANCE['hf']:.1%} of the app's.")
     if fmt in ("hf", "ct"):
         dtype = st.selectbox("Weights" if fmt == "hf" else "Unquantized tensors (embedding, head, norms)",
-                             [None, "bfloat16", "float16"], key=f"{key}_export_dtype",
+                             [None, "bfloat16", "float16"], key=f"{key}_export_dtype_{record.id}",
+                             index=2 if fmt == "ct" and runtime.export == "ct" else 0,  # as its size was shown
                              format_func=lambda d: "as in the app (" + str(
                                  next(loaded.model.parameters()).dtype).removeprefix("torch.") + ")" if d is None
                              else f"{d} (half the bytes)",

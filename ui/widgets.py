@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import streamlit as st
 
 from engine.core.data import SOURCES, DataError, DataSpec, save_upload, token_windows
@@ -74,14 +76,42 @@ def calibration_and_evaluation(loaded: LoadedModel, evaluation: bool = True):
     return calibration, spec, zero_shot
 
 
+RUNNING = "_running"
+"""Session key of the long computation under way (its label, page and start), cleared when the script ends."""
+PAGE = "_page_title"
+"""Session key of the page being shown (the router sets it)."""
+
+
 def progress_callback(label: str):
-    """A Streamlit progress bar and a ``(stage, done, total)`` callback that moves it."""
+    """A Streamlit progress bar and a ``(stage, done, total)`` callback that moves it.
+
+    Marks the computation as under way (:data:`RUNNING`): if the script is interrupted before it ends (the user
+    left the page or clicked another control), the next run of any page says so (:func:`interrupted_notice`).
+    """
+    st.session_state[RUNNING] = {"label": label, "page": st.session_state.get(PAGE, "its page"),
+                                 "started": time.strftime("%H:%M:%S")}
+    st.caption("Stay on this page until it finishes: leaving it, or clicking another control, stops the work, "
+               "and what has not finished is not stored.")
     bar = st.progress(0.0, text=label)
 
     def update(stage: str, done: int, total: int) -> None:
         bar.progress(min(1.0, done / max(total, 1)), text=f"{label} · {stage}: {done}/{total}")
 
     return update
+
+
+def interrupted_notice() -> None:
+    """Say so when the previous script run was interrupted while a computation was under way (and forget it)."""
+    found = st.session_state.pop(RUNNING, None)
+    if found:
+        st.warning(f"**{found['label']}** (started {found['started']} on {found['page']}) stopped before it "
+                   "finished: the page was left, or another control was clicked. What had not finished was not "
+                   "stored (a sweep keeps the runs it completed); start it again there.")
+
+
+def computation_finished() -> None:
+    """The script ended (normally or by ``st.stop()``): whatever ran in it ran to its end."""
+    st.session_state.pop(RUNNING, None)
 
 
 def computed_on(loaded: LoadedModel, data_label: str) -> str:
@@ -155,7 +185,7 @@ def method_tradeoff(store, loaded: LoadedModel, method: str, evaluation: DataSpe
     shown = filter_runs(runs, methods=[method, "dense"], data_label=label)
     present = sorted(set(run_runtimes(shown[shown["method"] == method])))
     if len(present) > 1:  # runs made for other runtimes stay visible, labelled, and can be left out
-        chosen = st.multiselect("Target runtimes shown", present, present, key=f"{method}_runtimes",
+        chosen = st.multiselect("Target runtimes shown", present, present, key=f"{method}_runtimes_{'_'.join(present)}",
                                 format_func=lambda key: RUNTIMES[key].label if key in RUNTIMES else key)
         shown = shown[(shown["method"] == "dense") | run_runtimes(shown).isin(chosen)]
     axes = size_axes(shown[shown["method"] == method])
@@ -185,7 +215,8 @@ def cancel_button(key: str, label: str = "Cancel run") -> None:
     Runs write to the store only when they finish, and no computation restarts on its own, so a
     cancelled run leaves nothing behind and stays stopped.
     """
-    if st.button(label, key=f"cancel_{key}", help="Stops a running job; nothing half-done is stored."):
+    if st.button(label, key=f"cancel_{key}", help="Stops a running job; nothing half-done is stored.",
+                 on_click=computation_finished):  # a cancelled run is not reported as interrupted
         st.info("Cancelled. Nothing from the interrupted run was stored.")
 
 
@@ -239,6 +270,7 @@ def compute_scores_prompt(store, loaded: LoadedModel, calibration: DataSpec, nee
             except (DataError, ValueError) as err:
                 st.error(str(err))
                 st.stop()
+            computation_finished()  # done and stored: the rerun below is not an interruption
             st.rerun()
         st.stop()
     st.info(f"{need} needs LR scores on this calibration text (not computed yet).")
@@ -248,6 +280,7 @@ def compute_scores_prompt(store, loaded: LoadedModel, calibration: DataSpec, nee
         except (DataError, ValueError) as err:
             st.error(str(err))
             st.stop()
+        computation_finished()
         st.rerun()
     st.stop()
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -41,7 +42,7 @@ from torch import nn
 
 from engine.core.models import LoadedModel
 from engine.core.paths import atomic_folder
-from engine.export.hf_folder import WEIGHTS_FILE, ExportError, folder_bytes, tensors_to_save
+from engine.export.hf_folder import WEIGHTS_FILE, ExportError, folder_bytes, saved_tensors, tensors_to_save
 from engine.export.vllm_rules import vllm_problems, vllm_verdict
 from engine.quant.grid import QuantizedWeight, QuantizerSpec, symmetric_zero
 from engine.quant.quantize_model import QuantizedModel
@@ -89,6 +90,38 @@ def _packed(weight: QuantizedWeight) -> dict[str, torch.Tensor]:
     return {"weight_packed": pack_to_int32(signed.cpu(), weight.bits).contiguous(),
             "weight_scale": weight.scales.to(torch.float16).cpu().contiguous(),
             "weight_shape": torch.tensor(weight.shape, dtype=torch.int64)}
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+                       torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def ct_weights_bytes(quantized: QuantizedModel, loaded: LoadedModel, dtype: torch.dtype | None = torch.float16) -> int:
+    """Bytes of the ``model.safetensors`` :func:`write_ct_folder` writes, from shapes alone (nothing is packed):
+    per linear ``ceil(in x bits / 32)`` int32 words per row, fp16 scales and an int64 shape; every other tensor
+    in ``dtype`` (``None``: its own); the safetensors header.  What a vLLM-target run shows as its size."""
+    names = loaded.architecture.linear_paths(len(quantized.bits))
+    entries: dict[str, tuple[str, list[int]]] = {}
+    for name, tensor in saved_tensors(quantized.tensor_source()).items():
+        if name.removesuffix(".weight") not in names:
+            kind = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+            entries[name] = (_SAFETENSORS_DTYPES[kind], list(tensor.shape))
+    for module, (layer, short) in names.items():
+        weight = quantized.weights[layer][short]
+        out, inp = weight.shape
+        entries[f"{module}.weight_packed"] = ("I32", [out, math.ceil(inp * weight.bits / 32)])
+        entries[f"{module}.weight_scale"] = ("F16", list(weight.scales.shape))
+        entries[f"{module}.weight_shape"] = ("I64", [2])
+    size = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
+    rank = ["BOOL", "U8", "I8", "F16", "BF16", "I32", "F32", "I64"]  # safetensors: dtype descending, then name
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, (kind, shape) in sorted(entries.items(), key=lambda item: (-rank.index(item[1][0]), item[0])):
+        end = offset + size[kind] * math.prod(shape)
+        header[name] = {"dtype": kind, "shape": shape, "data_offsets": [offset, end]}
+        offset = end
+    text = len(json.dumps(header, separators=(",", ":")))
+    return 8 + text + (-text) % 8 + offset
 
 
 def write_ct_folder(quantized: QuantizedModel, loaded: LoadedModel, folder: str | Path, *, overwrite: bool = False,

@@ -104,16 +104,24 @@ def modeling_source(model: nn.Module) -> str:
     return text.replace(_FAMILY_LINE, f"from transformers import {family} as FamilyForCausalLM  # family")
 
 
-def tensors_to_save(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Tensors to save (CPU, contiguous, floats cast to ``dtype`` if given); a head tied to the embedding is left
-    for transformers to re-tie."""
+def saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict's tensors a checkpoint holds, as they are: a head tied to the embedding is left out (for
+    transformers to re-tie)."""
     state = {}
-    seen: dict[int, str] = {}
+    seen: set[int] = set()
     for name, tensor in model.state_dict().items():
         key = tensor.data_ptr()
         if key in seen and tensor.numel() > 0:
             continue  # a tied copy (e.g. lm_head.weight = embed_tokens.weight)
-        seen[key] = name
+        seen.add(key)
+        state[name] = tensor
+    return state
+
+
+def tensors_to_save(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Tensors to save (CPU, contiguous, floats cast to ``dtype`` if given), as :func:`saved_tensors` picks them."""
+    state = {}
+    for name, tensor in saved_tensors(model).items():
         tensor = tensor.detach().to("cpu")
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)

@@ -22,6 +22,8 @@ def register(method: Method) -> Method:
     """Add ``method`` to the registry (a plug-in outside this package; the built-in ones are listed above)."""
     if method.name in METHODS or method.name == "dense":
         raise ValueError(f"A method named '{method.name}' is already registered.")
+    if method.plan_type in _BY_PLAN:
+        raise ValueError(f"{_BY_PLAN[method.plan_type].name} already runs {method.plan_type.__name__} plans.")
     METHODS[method.name] = method
     _BY_PLAN[method.plan_type] = method
     return method

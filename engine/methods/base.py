@@ -33,8 +33,12 @@ from engine.export.hf_folder import ExportError
 from engine.runs.record import RunRecord
 from engine.runs.store import ResultsStore
 
-FORMATS = ("hf", "gguf", "ct")
-"""Export formats (:mod:`engine.runs.exports` writes them): Hugging Face folder, GGUF file, compressed-tensors."""
+FORMATS = {
+    "hf": "Hugging Face folder (transformers from_pretrained)",
+    "gguf": "GGUF file (llama.cpp; transformers' GGUF loader)",
+    "ct": "compressed-tensors folder (transformers from_pretrained; vLLM on a GPU)",
+}
+"""Export formats (:mod:`engine.runs.exports` writes them), with what loads each."""
 
 
 NOT_QUANTIZED = {"gguf": "GGUF export is for quantized runs (a tensor type per layer).",

@@ -70,9 +70,16 @@ class Quantization(Method):
     rebuild_share = 0.2  # per-layer results come back from the quantization cache
 
     def refusal(self, loaded: LoadedModel, plan: QuantPlan, saving: bool = False) -> str | None:
+        runtime = runtime_named(plan.runtime)
         problems = plan.runtime_problems()
         if problems:
-            return runtime_named(plan.runtime).refusal(problems)
+            return runtime.refusal(problems)
+        if runtime.export == "ct":  # a run for a compressed-tensors runtime must be exportable to it
+            from engine.export.ct_folder import ct_unsupported
+
+            reason = ct_unsupported(loaded, plan.spec())
+            if reason:
+                return f"{runtime.label} loads this run as a compressed-tensors folder, and {reason}"
         if saving and plan.quantizer == LLAMACPP:
             return ("A run in llama.cpp's types is saved as its GGUF file: run it without saving, then export "
                     "it as GGUF (Export, or `python -m engine export RUN --format gguf`).")
@@ -85,7 +92,7 @@ class Quantization(Method):
         return "quantization-gptq" if plan.quantizer == "gptq" else "quantization-rtn"
 
     def reads_calibration(self, plan: QuantPlan) -> bool:
-        return plan.quantizer == "gptq"
+        return plan.spec().needs_calibration
 
     def code_bits(self, plan: QuantPlan, prepared: Allocation | None = None) -> int:
         return max(prepared.levels) if prepared is not None else plan.top_bits
@@ -114,6 +121,10 @@ class Quantization(Method):
         llamacpp = llamacpp_details(loaded, spec, quantized.bits) if spec.method == LLAMACPP else {}
         if llamacpp.get("file_bytes"):
             size = replace(size, file_bytes=llamacpp["file_bytes"])
+        elif runtime_named(plan.runtime).export == "ct":  # the compressed-tensors checkpoint it will be (16-bit rest)
+            from engine.export.ct_folder import ct_weights_bytes
+
+            size = replace(size, file_bytes=ct_weights_bytes(quantized, loaded))
         metrics = {
             "bytes": size.total_bytes, "bytes_16bit": size.total_bytes_16bit,
             "size_fraction": size.compression_16bit, "params": model_size(loaded.model)["params"],
@@ -129,7 +140,7 @@ class Quantization(Method):
             "high_bits": plan.high_bits, "low_bits": plan.low_bits,
             "low_fraction": None if allocation.per_module else allocation.low_fraction(plan.low_bits),
             "target_bits": plan.target_bits, "ordering": plan.ordering, "bits": list(allocation.bits),
-            "runtime": plan.runtime,
+            "target_runtime": plan.runtime,
             "zero_point": plan.zero_point, "act_order": spec.act_order, "warnings": quantized.warnings,
             "calibration": windows.label() if windows is not None else None,
             "quantizer_spec": spec.to_dict(),  # with calibration_spec, lets exports rebuild the same model
@@ -164,7 +175,7 @@ class Quantization(Method):
             ct = ct_unsupported(loaded, spec)
         formats = {"hf": "Quantized runs export as GGUF or compressed-tensors (a Hugging Face folder would hold "
                          "dequantized 16-bit weights).", "gguf": None, "ct": ct}
-        runtime = runtime_named(record.config.get("runtime") or DEFAULT_RUNTIME)
+        runtime = runtime_named(record.config.get("target_runtime") or DEFAULT_RUNTIME)
         if runtime.export is not None:  # made for one runtime: only its format, the others say what to re-run
             other = {"gguf": "llama.cpp (GGUF)", "ct": "vLLM or transformers (compressed-tensors)"}
             for fmt in ("gguf", "ct"):

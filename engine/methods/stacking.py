@@ -38,7 +38,7 @@ class Stacking(Method):
     def refusal(self, loaded: LoadedModel, plan: StackPlan, saving: bool = False) -> str | None:
         if saving:
             return "Stacked runs are not saved as a model folder: save each stage's own run."
-        return first_stage(plan).refusal(loaded, plan.first)
+        return first_stage(plan).refusal(loaded, plan.first) or Quantization().refusal(loaded, plan.then)
 
     def cost(self, plan: StackPlan) -> RunCost:
         first, then = first_stage(plan).cost(plan.first), Quantization().cost(plan.then)
@@ -48,7 +48,10 @@ class Stacking(Method):
         return first_stage(plan).memory_profile(plan.first)
 
     def reads_calibration(self, plan: StackPlan) -> bool:
-        return first_stage(plan).reads_calibration(plan.first)
+        return first_stage(plan).reads_calibration(plan.first) or Quantization().reads_calibration(plan.then)
+
+    def code_bits(self, plan: StackPlan, prepared=None) -> int:
+        return Quantization().code_bits(plan.then)
 
     def needs_scores(self, plan: StackPlan) -> bool:
         return first_stage(plan).needs_scores(plan.first) or Quantization().needs_scores(plan.then)

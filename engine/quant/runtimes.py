@@ -68,7 +68,7 @@ class Runtime:
         found = []
         if quantizer not in self.quantizers:
             found.append(f"the {quantizer} quantizer (it takes {' or '.join(self.quantizers)})")
-        wrong = sorted({int(b) for b in levels} - set(self.levels))
+        wrong = sorted({int(b) for b in levels} - set(self.levels)) if self.deployable else []  # research: any
         if wrong:
             found.append(f"{', '.join(map(str, wrong))}-bit weights (it takes {', '.join(map(str, self.levels))})")
         if quantizer != LLAMACPP:

@@ -29,6 +29,7 @@ from engine.export.hf_folder import ExportError, load_hf_folder, write_hf_folder
 from engine.export.verify import round_trip
 from engine.llamacpp.runtime import LlamaCppUnavailable
 from engine.methods import method_named
+from engine.methods.base import FORMATS
 from engine.methods.quantization import quantizer_spec_of
 from engine.quant.grid import LLAMACPP
 from engine.quant.layer_bits import normalize_all
@@ -36,11 +37,6 @@ from engine.quant.quantize_model import QuantizedModel
 from engine.runs.record import RunRecord
 from engine.runs.store import ResultsStore
 
-FORMATS = {
-    "hf": "Hugging Face folder (transformers from_pretrained)",
-    "gguf": "GGUF file (llama.cpp; transformers' GGUF loader)",
-    "ct": "compressed-tensors folder (transformers from_pretrained; vLLM on a GPU)",
-}
 # promised |perplexity change| of the round trip (GGUF: exact types; compressed-tensors: always exact)
 TOLERANCE = {"hf": 0.005, "gguf": 0.02, "ct": 0.005}
 TOLERANCE_LLAMACPP = 0.005  # llama.cpp running an exact llama.cpp-type file vs the app (its own arithmetic differs)

@@ -22,7 +22,7 @@ class RunDoesNotFit(ValueError):
 
 
 def run_memory_plan(loaded: LoadedModel, profile: str, calibration: DataSpec, evaluation: EvalPlan,
-                    group_size: int | None = 128, code_bits: int = 8, reads_calibration: bool = True) -> MemoryPlan:
+                    group_size: int | None = 128, code_bits: int = 8, *, reads_calibration: bool) -> MemoryPlan:
     """Memory plan of one run: ``profile`` is one of :data:`engine.core.memory.PROFILES` (a method says which:
     :func:`engine.runs.runner.run_memory`); calibration tokens count only where the method reads them
     (``reads_calibration``); ``code_bits``: the highest bit level of a quantization."""

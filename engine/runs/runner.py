@@ -213,8 +213,9 @@ def run(store: ResultsStore, loaded: LoadedModel, plan, calibration: DataSpec, e
         with Timer() as timer:
             compressed = method.compress(store, loaded, plan, chosen, calibration, progress)
         size = dict(compressed.size)
-        if method.measures_latency:
-            windows = token_windows(evaluation.data, loaded.tokenizer, loaded.max_seqlen)
+        if method.measures_latency:  # on a window of the text the method read (calibration, else evaluation)
+            windows = token_windows(calibration if method.reads_calibration(plan) else evaluation.data,
+                                    loaded.tokenizer, loaded.max_seqlen)
             latency = compare_latency(loaded.model, compressed.model, windows.input_ids[:1], repeats=3)
             size.update({f"latency_{k}": v for k, v in latency.items()})
         config = dict(compressed.config)

@@ -55,10 +55,11 @@ def quality_axes(frame: pd.DataFrame) -> dict[str, str]:
 
 
 def run_runtimes(frame: pd.DataFrame) -> pd.Series:
-    """Each run's target runtime (``config.runtime``; runs without one, and methods without bits: ``research``)."""
-    if "config.runtime" not in frame:
+    """Each run's target runtime (``config.target_runtime``; runs without one, and methods without bits:
+    ``research``)."""
+    if "config.target_runtime" not in frame:
         return pd.Series(DEFAULT_RUNTIME, index=frame.index)
-    return frame["config.runtime"].fillna(DEFAULT_RUNTIME).astype(str)
+    return frame["config.target_runtime"].fillna(DEFAULT_RUNTIME).astype(str)
 
 
 def filter_runs(frame: pd.DataFrame, models=None, methods=None, data_label: str | None = None,

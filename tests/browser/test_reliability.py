@@ -114,6 +114,28 @@ def test_two_sessions_compress_at_once_with_independent_results(browser, server,
     _verify_weights(first, server)
 
 
+def test_leaving_a_page_mid_run_says_the_run_stopped_and_stores_nothing(page, server, steps):
+    """A slicing run started, then another page opened before it finished: that page says which run stopped,
+    where and when, and that nothing was stored; the store is unchanged and the notice shows once."""
+    before = [r.id for r in ResultsStore().runs()]
+    page.goto(f"{server}/slicing")
+    page.get_by_text("Schedule preview").wait_for()
+    _small_data(page, calib_windows=24, calib_seqlen=256)
+    scores_ready(page, "Achieved mean slicing")
+    press(page, page.get_by_role("button", name="Run slicing"), page.get_by_text("Slicing · slicing:"))
+    page.get_by_text("Stay on this page until it finishes").wait_for()
+    page.get_by_role("link", name="Results").click()
+    notice = page.get_by_text("stopped before it finished")
+    notice.wait_for()
+    assert "Slicing" in notice.inner_text() and "not finished was not stored" in notice.inner_text()
+    steps.shot("left-mid-run")
+    page.wait_for_timeout(3000)
+    assert [r.id for r in ResultsStore().runs()] == before
+    page.get_by_role("link", name="Slicing").click()
+    page.get_by_text("Schedule preview").wait_for()
+    assert page.get_by_text("stopped before it finished").count() == 0  # said once
+
+
 def _no_partial_files() -> list[Path]:
     return [p for p in cache_root().rglob("*") if p.suffix == ".tmp" or p.name.startswith(".tmp")]
 

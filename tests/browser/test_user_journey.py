@@ -154,3 +154,32 @@ def test_score_compress_compare_and_report(page, steps, server, tmp_path):
     assert viewer.evaluate("() => document.documentElement.scrollWidth") <= 1200  # no horizontal scrolling
     assert viewer.locator(".js-plotly-plot").count() >= 1
     viewer.close()
+
+
+def test_three_pins_with_one_title_are_three_charts_in_the_report(page, steps, server, tmp_path):
+    """The bit map pinned at three low levels (one title, three charts, a note on the second): the Results page
+    lists three pins and the downloaded report holds three sections with that title and the note."""
+    page.goto(f"{server}/quantization")
+    page.get_by_role("heading", name="Bit map preview").wait_for()
+    scores_ready(page, r"^Average [0-9]")
+    low = page.get_by_role("slider").nth(1)
+    for n, level in enumerate((2, 3, 4)):
+        set_slider(page, low, level)
+        page.get_by_text(f"at {level} bits").first.wait_for()
+        page.get_by_role("button", name="Add to report").first.click()
+        if n == 1:
+            page.get_by_label("Note for the report (optional)").fill("the middle one, with a note")
+        page.get_by_role("button", name="Pin this chart").click()
+        page.get_by_text(f"({n + 1} chart(s) in the report").wait_for()
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(800)
+    page.get_by_role("link", name="Results").click()
+    page.get_by_text("Trade-off curves").wait_for()
+    steps.shot("results-three-pins")
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download HTML report").click()
+    report = tmp_path / "pins.html"
+    download.value.save_as(report)
+    html = report.read_text()
+    assert html.count("<h2>Per-layer bit allocation") == 3, re.findall(r"<h2>[^<]*", html)
+    assert html.count("the middle one, with a note") == 1

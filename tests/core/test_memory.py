@@ -59,7 +59,7 @@ def test_a_run_that_does_not_fit_is_refused_before_any_work(tiny_loaded, monkeyp
     before = [r.id for r in store.runs()]
     weights = {k: v.clone() for k, v in tiny_loaded.model.state_dict().items()}
     monkeypatch.setattr("engine.core.memory.free_bytes", lambda device: 2**20)  # 1 MiB free
-    plan = run_memory_plan(tiny_loaded, "quantization-gptq", CALIB, EVAL, 32)
+    plan = run_memory_plan(tiny_loaded, "quantization-gptq", CALIB, EVAL, 32, reads_calibration=True)
     assert not plan.fits() and "only 1.0 MiB are free" in plan.refusal()
     with pytest.raises(RunDoesNotFit, match="Use a shorter evaluation seqlen|full copy|fewer calibration"):
         run_quantization(store, tiny_loaded, QuantPlan("gptq", 32, 4, 2, 0.5, ordering="random"), CALIB, EVAL)

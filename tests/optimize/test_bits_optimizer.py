@@ -140,7 +140,7 @@ def test_for_vllm_the_per_linear_optimizer_ties_fused_linears_and_uses_its_level
     outcome = run_quantization(store, tiny_loaded, plan.quant_plan("optimizer"), CALIB,
                                EvalPlan(DataSpec("wiki-offline", "evaluation", 32, 2)),
                                allocation=result.allocation(result.best))
-    assert outcome.record.config["runtime"] == "vllm" and outcome.record.config["zero_point"] == "symmetric"
+    assert outcome.record.config["target_runtime"] == "vllm" and outcome.record.config["zero_point"] == "symmetric"
     with pytest.raises(BudgetError, match="3-bit weights"):
         BitsOptimizerPlan(BitBudget(avg_bits=6.0), levels=(3, 4, 8), group_size=32, runtime="vllm")
     untied = replace(plan, runtime="transformers")

@@ -55,10 +55,12 @@ def test_a_run_records_its_runtime_refuses_what_it_lacks_and_exports_only_its_fo
     assert store.runs(method="quantization") == []  # refused before any work
     plan = QuantPlan("rtn", 32, 8, 4, 0.5, zero_point="symmetric", runtime="vllm")
     record = run(store, tiny_loaded, plan, CALIB, EVAL).record
-    assert record.config["runtime"] == "vllm" and record.series.endswith("for vLLM (compressed-tensors)")
+    assert record.config["target_runtime"] == "vllm" and record.series.endswith("for vLLM (compressed-tensors)")
     from engine.runs.exports import export_formats, export_run
 
     formats = export_formats(record, tiny_loaded)
     assert formats["ct"] is None and "made for vLLM" in formats["gguf"] and "re-run" in formats["gguf"]
-    result = export_run(store, tiny_loaded, record, "ct", store.path.parent / "ct")
+    result = export_run(store, tiny_loaded, record, "ct", store.path.parent / "ct", dtype="float16")
     assert result["vllm_problems"] == [] and result["verification"]["passed"]  # vLLM's rules, and exact reload
+    written = (store.path.parent / "ct" / "model.safetensors").stat().st_size
+    assert record.metrics["bytes_16bit"] == written  # the size shown is the checkpoint's, to the byte

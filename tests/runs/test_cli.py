@@ -42,6 +42,9 @@ def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
     (["evaluate", "--model", "/no/such/model"], "Could not find a model"),
     (["evaluate", "--eval-seqlen", "99999"], "longer than this model allows"),
     (["sweep-slicing", "--schedules", "wavy", *TINY], "--schedules"),
+    (["quantize", "--runtime", "vllm", "--zero-point", "symmetric", "--group-size", "32", "--low-bits", "3", *TINY],
+     "vLLM (compressed-tensors) does not run 3-bit weights (it takes 4, 8)"),
+    (["optimize-bits", "--runtime", "vllm", "--avg-bits", "5", "--levels", "2,4,8", *TINY], "2-bit weights"),
 ])
 def test_bad_inputs_exit_2_and_store_nothing(argv, message, capsys, tmp_path, tiny_folder):
     store_path = tmp_path / "cli.sqlite"
