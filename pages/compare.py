@@ -5,8 +5,8 @@ import streamlit as st
 from engine.core.data import DataError, token_windows
 from engine.core.out_of_memory import RunOutOfMemory
 from engine.runs.cached_scores import compute_scores
-from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, SlicingPlan
-from engine.runs.runner import run, run_stacked
+from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, SlicingPlan, StackPlan
+from engine.runs.runner import run, run_estimate, run_stacked, sweep_estimate
 from engine.runs.summary import executive_summary, quantization_vs_dropping
 from engine.runs.sweeps import matched_size_sweep, parse_sizes, run_sweep
 from engine.viz.tradeoff import (
@@ -64,7 +64,8 @@ with st.expander("Sweep every method at matched sizes"):
     left, right = st.columns(2)
     with right:
         cancel_button("compare")
-    if points and left.button(f"Run the sweep ({len(points)} runs)", type="primary"):
+    if points and left.button(f"Run the sweep ({len(points)} runs, "
+                              f"{sweep_estimate(loaded, points, calibration, plan_eval, store)})", type="primary"):
         try:
             compute_scores(store, loaded, calibration, progress=progress_callback("Scores"))
             result = run_sweep(points, lambda p: run(store, loaded, p.plan, calibration, plan_eval),
@@ -92,7 +93,9 @@ with st.expander("Stack two methods: slice or drop, then quantize"):
     low = cols[2].select_slider("low bits", list(range(2, 9)), 4, key=kept("stack_low"))
     fraction = cols[2].slider("layers at low bits %", 0, 100, 0, key=kept("stack_fraction")) / 100
     then = QuantPlan("rtn", 128, high, low, fraction, ordering="lim")
-    if st.button("Run the stack", help="Both stages work on copies; the record stores each stage's plan."):
+    stack_cost = run_estimate(loaded, StackPlan(first, then), calibration, plan_eval, store)
+    if st.button(f"Run the stack ({stack_cost})",
+                 help="Both stages work on copies; the record stores each stage's plan."):
         try:
             outcome = run_stacked(store, loaded, first, then, calibration, plan_eval,
                                   progress=progress_callback("Stack"))

@@ -5,8 +5,9 @@ import streamlit as st
 from engine.core.data import DataError
 from engine.core.models import card_values, weights_fingerprint
 from engine.core.out_of_memory import RunOutOfMemory
+from engine.evaluation.latency import describe_seconds
 from engine.runs.plans import EvalPlan
-from engine.runs.runner import find_dense, run_dense
+from engine.runs.runner import evaluation_seconds, find_dense, run_dense
 from engine.runs.summary import compact_table, run_warnings
 from ui.navigation import enter_through_the_router
 from ui.session import require_model, results_store
@@ -48,7 +49,8 @@ if spec is not None:
     existing = find_dense(store, loaded, plan)
     again = st.checkbox("Measure again", key="baseline_again", disabled=existing is None,
                         help="A baseline on these windows is stored already; tick to store a new measurement.")
-    if st.button("Measure baseline perplexity", type="primary"):
+    cost = "stored" if existing is not None and not again else describe_seconds(evaluation_seconds(loaded, spec))
+    if st.button(f"Measure baseline perplexity ({cost})", type="primary"):
         try:
             if existing is not None and not again:
                 record = existing

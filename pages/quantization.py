@@ -13,7 +13,7 @@ from engine.quant.grid import LLAMACPP, METHODS, ZERO_POINTS
 from engine.quant.size import describe_size, size_report
 from engine.runs.cached_scores import compute_scores
 from engine.runs.plans import PREVIEW_WINDOWS, EvalPlan, QuantPlan
-from engine.runs.runner import run_estimate, run_quantization
+from engine.runs.runner import run_estimate, run_quantization, sweep_estimate
 from engine.runs.sweeps import quantization_sweep, run_sweep
 from engine.viz import charts
 from ui.export_panel import export_section
@@ -180,13 +180,14 @@ with right.popover("Ordering sweep (the paper's chart)"):
     fractions = st.multiselect("Layers at low bits %", [0, 10, 25, 50, 75, 100], [0, 25, 50, 75, 100],
                                key=kept("qs_f"))
     orders = st.multiselect("Orderings", ["lim", "zd", "random"], ["lim", "zd", "random"], key=kept("qs_o"))
-    if st.button("Run sweep", key="qs_run"):
+    plans = quantization_sweep(plan, [low_bits], orders, [f / 100 for f in fractions])
+    if st.button(f"Run sweep ({len(plans)} runs, {sweep_estimate(loaded, plans, calibration, full_plan, store)})",
+                 key="qs_run"):
         try:
             compute_scores(store, loaded, calibration, progress=progress_callback("Importance scores"))
         except (DataError, ValueError) as err:
             st.error(str(err))
             st.stop()
-        plans = quantization_sweep(plan, [low_bits], orders, [f / 100 for f in fractions])
         result = run_sweep(plans, lambda p: run_quantization(store, loaded, p, calibration, full_plan),
                            progress_callback(f"Sweep of {len(plans)} runs"))
         st.success(f"{len(result.outcomes)} runs stored.")

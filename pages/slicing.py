@@ -4,7 +4,7 @@ import streamlit as st
 
 from engine.methods.slicing import slicing_schedule
 from engine.runs.plans import EvalPlan, SlicingPlan
-from engine.runs.runner import default_save_folder, run_estimate, run_slicing
+from engine.runs.runner import default_save_folder, run_estimate, run_slicing, sweep_estimate
 from engine.runs.sweeps import run_sweep, slicing_sweep
 from engine.slicing.schedules import (
     achieved_fraction,
@@ -102,8 +102,9 @@ run_controls(loaded, "slicing", run_estimate(loaded, plan, calibration, plan_eva
 with st.popover("Sweep a grid"):
     targets = st.multiselect("Targets %", [5, 10, 15, 20, 25, 30, 40], [10, 20, 30], key=kept("sweep_targets"))
     bases = st.multiselect("Dynamic bases SB %", [0, 2, 5, 10, 15, 20], [0, 10], key=kept("sweep_bases"))
-    if st.button("Run sweep (constant + dynamic)", key="sweep_run"):
-        plans = slicing_sweep(plan, [t / 100 for t in targets], [b / 100 for b in bases])
+    plans = slicing_sweep(plan, [t / 100 for t in targets], [b / 100 for b in bases])
+    if st.button(f"Run sweep (constant + dynamic: {len(plans)} runs, "
+                 f"{sweep_estimate(loaded, plans, calibration, plan_eval, store)})", key="sweep_run"):
         result = run_sweep(plans, lambda p: run_slicing(store, loaded, p, calibration, plan_eval),
                            progress_callback(f"Sweep of {len(plans)} runs"))
         st.success(f"{len(result.outcomes)} runs stored.")

@@ -80,7 +80,7 @@ class Entry:
 
 
 @lru_cache(maxsize=4)
-def _template(path: Path) -> gguf.GGUFReader:
+def read_template(path: Path) -> gguf.GGUFReader:
     """The template file, read once (its key/values hold a whole vocabulary: seconds to parse for Gemma-3)."""
     return gguf.GGUFReader(str(path))
 
@@ -90,7 +90,7 @@ def source_gguf(loaded: LoadedModel) -> Path | None:
     return builtin_gguf_path(loaded.source) if loaded.source in BUILTINS else None
 
 
-def _gguf_arch(loaded: LoadedModel, template: gguf.GGUFReader | None) -> tuple[str, bool]:
+def gguf_arch_of(loaded: LoadedModel, template: gguf.GGUFReader | None) -> tuple[str, bool]:
     """(GGUF architecture name, q/k rows permuted) for the model."""
     model_type = loaded.model.config.model_type
     if template is not None:
@@ -99,7 +99,7 @@ def _gguf_arch(loaded: LoadedModel, template: gguf.GGUFReader | None) -> tuple[s
     return check_gguf_family(loaded.model)
 
 
-def _linear_names(loaded: LoadedModel, gguf_arch: str) -> dict[str, tuple[int, str]]:
+def linear_tensor_names(loaded: LoadedModel, gguf_arch: str) -> dict[str, tuple[int, str]]:
     """GGUF weight name -> (layer, short linear name) for every decoder linear."""
     arch = loaded.architecture
     n_layers = loaded.num_layers
@@ -120,9 +120,9 @@ def layout(loaded: LoadedModel, spec: QuantizerSpec, bits: tuple[LayerBits, ...]
                           "type holds its weights exactly. Re-run it with the llama.cpp quantizer to export an "
                           "exact GGUF, or use the GGUF export's 'compact' choice (re-rounded).")
     template_path = source_gguf(loaded)
-    template = _template(template_path) if template_path else None
-    gguf_arch, _ = _gguf_arch(loaded, template)
-    linears = _linear_names(loaded, gguf_arch)
+    template = read_template(template_path) if template_path else None
+    gguf_arch, _ = gguf_arch_of(loaded, template)
+    linears = linear_tensor_names(loaded, gguf_arch)
     arch = loaded.architecture
     embedding = get_submodule(loaded.model, arch.embedding).weight
     out_choice = output_type(int(embedding.shape[1]), spec.output_type).qtype
@@ -172,7 +172,7 @@ def _writer(path: Path, loaded: LoadedModel, template_path: Path | None) -> tupl
     """A writer holding the file's key/values; returns it and notes on what the file lacks."""
     notes: list[str] = []
     if template_path is not None:
-        template = _template(template_path)
+        template = read_template(template_path)
         writer = gguf.GGUFWriter(str(path), template.fields["general.architecture"].contents())
         for key, field in template.fields.items():
             if key.startswith("GGUF.") or key in ("general.architecture", *_DROPPED_KEYS):
@@ -244,7 +244,7 @@ def _rows_order(entry: Entry, loaded: LoadedModel, permute: bool) -> int | None:
 def _write_file(loaded: LoadedModel, entries: list[Entry], template_path: Path | None, folder: str | Path,
                 overwrite: bool, tensor_data: Callable[[Entry], np.ndarray], notes: dict) -> tuple[Path, Counter, list]:
     """Write ``entries`` (data from ``tensor_data``; template tensors copied) into ``folder/model.gguf``."""
-    template = _template(template_path) if template_path else None
+    template = read_template(template_path) if template_path else None
     template_data = {t.name: t for t in template.tensors} if template else {}
     types: Counter = Counter()
     folder = Path(folder)
@@ -271,8 +271,8 @@ def write_llamacpp_gguf(quantized: QuantizedModel, loaded: LoadedModel, folder: 
     Returns ``{"folder", "file", "files", "bytes", "types": {type: count}, "exact_fraction": 1.0, "notes"}``.
     """
     entries, template_path = layout(loaded, quantized.spec, quantized.bits)
-    template = _template(template_path) if template_path else None
-    _, permute = _gguf_arch(loaded, template)
+    template = read_template(template_path) if template_path else None
+    _, permute = gguf_arch_of(loaded, template)
 
     def tensor_data(entry: Entry) -> np.ndarray:
         if entry.role == "linear":
@@ -309,8 +309,8 @@ def write_float_gguf(loaded: LoadedModel, folder: str | Path, qtype: str = "F32"
     n = loaded.num_layers
     entries, template_path = layout(loaded, QuantizerSpec(method=LLAMACPP, bits=8), tuple([8] * n))
     entries = [replace(e, qtype=qtype) if e.role in ("linear", "output") else e for e in entries]
-    template = _template(template_path) if template_path else None
-    _, permute = _gguf_arch(loaded, template)
+    template = read_template(template_path) if template_path else None
+    _, permute = gguf_arch_of(loaded, template)
     arch = loaded.architecture
 
     def tensor_data(entry: Entry) -> np.ndarray:

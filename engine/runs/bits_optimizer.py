@@ -13,7 +13,10 @@
    benchmark, where it beat KL alone and ΔNLL alone).
 3. Check: damage is not exactly additive, so every solver candidate, the
    uniform allocation and the LIM / ZD / random orderings at the same budget
-   are quantized and measured on *held-out* calibration windows (the windows
+   (with llama.cpp's types also the largest two llama.cpp presets that fit,
+   :mod:`engine.export.llamacpp_presets`; under vLLM q/k/v and gate/up are
+   solved as one unit each) are quantized and measured on *held-out*
+   calibration windows (the windows
    right after the ones measured on; never evaluation text).  The best
    measured one is returned, whichever produced it: the optimizer is never
    worse than what it competes with on that text.
@@ -54,7 +57,7 @@ from engine.optimize.damage import blended
 from engine.optimize.knapsack import solve
 from engine.quant.allocation import Allocation, layer_order
 from engine.quant.grid import LLAMACPP, QuantizationError, QuantizerSpec
-from engine.quant.layer_bits import LayerBits, describe_all, mean_level, normalize
+from engine.quant.layer_bits import LayerBits, all_levels, describe_all, mean_level, normalize
 from engine.quant.quantize_model import quantize_model
 from engine.quant.runtimes import DEFAULT_RUNTIME, fused_groups, runtime_named
 from engine.runs.cached_scores import compute_scores
@@ -66,7 +69,7 @@ from engine.sensitivity.cached import measure_sensitivity, scan_estimate
 from engine.sensitivity.errors import ScanCancelled
 from engine.sensitivity.scan import StopCheck
 
-OPTIMIZER_VERSION = 3  # 3: candidates by the blended damage (were by KL; 2 was a reverted experiment)
+OPTIMIZER_VERSION = 4  # 4: llama.cpp presets among the candidates; 3: candidates by the blended damage
 OPTIMIZATIONS = StoredKind("bits_optimizer", OPTIMIZER_VERSION)
 DEFAULT_CANDIDATES = 5
 # with 4, the held-out choice disagreed with evaluation text (bench/optimize.py, docs/benchmarks.md)
@@ -151,7 +154,7 @@ class Candidate:
     """
 
     name: str
-    source: str  # "optimizer", "uniform" or "ordering"
+    source: str  # "optimizer", "uniform", "ordering" or "preset" (a llama.cpp stock preset)
     bits: list[LayerBits]
     avg_bits: float
     model_bytes: float
@@ -354,12 +357,36 @@ def _predicted(bits: list[LayerBits], damage: dict[Unit, list[float]], costs: La
     total = 0.0
     for layer, entry in enumerate(bits):
         if (layer, None) in damage:  # layer granularity: entries are levels
+            if not isinstance(entry, int):
+                return float("nan")  # a level per linear (a llama.cpp preset): not predicted per layer
             total += damage[(layer, None)][costs.levels.index(entry)]
             continue
         for name in costs.module_bits[layer]:
             level = entry if isinstance(entry, int) else entry[name]
             total += damage[(layer, name)][costs.levels.index(level)]
     return total
+
+
+PRESETS_CHECKED = 2
+"""llama.cpp presets measured beside the optimizer's candidates: the largest that fit the budget."""
+PRESET_SLACK = 1.001
+"""A preset fits when its bits are within 0.1% of the budget (file padding the per-layer costs do not see)."""
+
+
+def _presets(loaded: LoadedModel, costs: LayerCosts, budget_bits: int) -> dict[str, list[LayerBits]]:
+    """llama.cpp's stock presets that fit the budget, as allocations (the largest :data:`PRESETS_CHECKED`)."""
+    from engine.export.llamacpp_presets import PRESETS, preset_bits
+
+    found = {}
+    for preset in reversed(PRESETS):
+        bits = preset_bits(loaded, preset)
+        if bits is None or not set(all_levels(bits)) <= set(costs.levels):
+            continue
+        if costs.total_bits(bits) <= budget_bits * PRESET_SLACK:
+            found[f"llama.cpp {preset}"] = bits
+        if len(found) == PRESETS_CHECKED:
+            break
+    return found
 
 
 def _competitors(store: ResultsStore, loaded: LoadedModel, calibration: DataSpec, costs, budget_bits: int,
@@ -407,6 +434,8 @@ def optimize_bits(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerP
     proposals = {f"optimizer #{n}": _entries(units, [costs.levels[j] for j in s.choice], loaded.num_layers)
                  for n, s in enumerate(solution.selections, 1)}
     proposals.update(_competitors(store, loaded, calibration, costs, budget_bits, progress))
+    if plan.quantizer == LLAMACPP and plan.runtime in (DEFAULT_RUNTIME, "llama.cpp"):
+        proposals.update(_presets(loaded, costs, budget_bits))  # never worse than a preset that fits
     candidates: list[Candidate] = []
     for name, bits in proposals.items():
         same = next((c for c in candidates if c.bits == bits), None)
@@ -414,8 +443,8 @@ def optimize_bits(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerP
             same.also.append(name)
             continue
         candidates.append(Candidate(
-            name=name, source="optimizer" if name.startswith("optimizer") else
-            ("uniform" if name == "uniform" else "ordering"), bits=list(bits),
+            name=name, source="optimizer" if name.startswith("optimizer") else "preset" if name.startswith(
+                "llama.cpp") else ("uniform" if name == "uniform" else "ordering"), bits=list(bits),
             avg_bits=costs.avg_bits(bits), model_bytes=costs.model_bytes(bits),
             predicted_kl=_predicted(bits, damage["kl"], costs),
             predicted_dnll=_predicted(bits, damage["dnll"], costs),

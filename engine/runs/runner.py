@@ -289,6 +289,17 @@ def run_estimate(loaded: LoadedModel, plan, calibration: DataSpec, evaluation: E
     return describe_seconds(seconds) + (" + zero-shot tasks" if evaluation.tasks else "")
 
 
+def sweep_estimate(loaded: LoadedModel, plans, calibration: DataSpec, evaluation: EvalPlan,
+                   store: ResultsStore | None = None) -> str:
+    """Button text for running ``plans`` one after another (dense counted once, if it is not stored yet)."""
+    plans = [getattr(p, "plan", p) for p in plans]  # matched-size points carry their plan
+    dense = store is None or find_dense(store, loaded, evaluation) is None
+    seconds = sum(estimate_run_seconds(loaded, p, calibration, evaluation, dense_needed=False) for p in plans)
+    if dense and plans:
+        seconds += evaluation_seconds(loaded, evaluation.data)
+    return describe_seconds(seconds) + (" + zero-shot tasks" if evaluation.tasks else "")
+
+
 def evaluation_seconds(loaded: LoadedModel, spec: DataSpec) -> float:
     """Rough wall time (s) of one perplexity evaluation over ``spec``'s windows."""
     return estimate_seconds(loaded.model, token_windows(spec, loaded.tokenizer, loaded.max_seqlen).input_ids.numel())

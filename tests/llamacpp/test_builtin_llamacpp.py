@@ -28,3 +28,28 @@ def test_mixed_allocation_runs_in_llamacpp_as_in_the_app(builtin, tmp_path):
     result = agreement(quantized.model, info["file"], windows)
     assert abs(result.ppl_gap) < 0.005, result.describe()  # the issue's target: within 0.5%
     assert result.same_top > 0.9
+
+
+def test_a_llamacpp_preset_read_off_its_dry_run_is_the_file_llama_quantize_writes(builtin, tmp_path):
+    """Q4_K_M as a LayerLab allocation (types from ``llama-quantize --dry-run``): the same type for every tensor
+    and the same file size as llama-quantize's own Q4_K_M of the same F32 file."""
+    import subprocess
+
+    import gguf
+
+    from engine.export.gguf_llamacpp import gguf_file_bytes, layout, write_float_gguf
+    from engine.export.llamacpp_presets import preset_bits
+    from engine.llamacpp.runtime import tool
+
+    bits = preset_bits(builtin, "Q4_K_M")
+    assert bits[0] == {"q": 4, "k": 4, "v": 8, "o": 4, "gate": 4, "up": 4, "down": 6}  # v: Q6_K -> Q8_0 at 576
+    assert bits[3] == 4  # a layer llama.cpp does not bump: one level
+    spec = QuantizerSpec(method="llama.cpp", bits=8)
+    f32 = write_float_gguf(builtin, tmp_path / "f32")
+    theirs = tmp_path / "q4km.gguf"
+    subprocess.run([str(tool("llama-quantize")), str(f32), str(theirs), "Q4_K_M"], check=True, capture_output=True)
+    written = {t.name: t.tensor_type.name for t in gguf.GGUFReader(theirs).tensors}
+    entries, _ = layout(builtin, spec, tuple(bits))
+    ours = {e.name: e.qtype for e in entries}
+    assert {n: t for n, t in written.items() if n in ours} == ours
+    assert abs(gguf_file_bytes(builtin, spec, tuple(bits)) / theirs.stat().st_size - 1) < 1e-3

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import plotly.io
 import pytest
 
@@ -40,6 +42,8 @@ def test_compare_page_plans_a_sweep_and_draws_every_method(tiny_app):
     planned = next(c.value for c in at.caption if c.value.startswith("Planned:"))
     assert "dropping" in planned and "quantization" in planned
     assert " dropped)" in planned and " of layers at " in planned  # each point says its setting, not only its series
+    sweep = next(b.label for b in at.button if b.label.startswith("Run the sweep"))
+    assert re.search(r"\(\d+ runs, ≈ [\d.]+ (s|min)", sweep), sweep  # how long, before it starts
     click(at, "Run the sweep")
     assert not at.exception and not at.error, at.error
     names = {t.name for t in plotly.io.from_json(at.get("plotly_chart")[0].proto.spec).data}
@@ -52,6 +56,8 @@ def test_compare_page_stacks_drop_then_quantize(tiny_app):
     at = _ready("compare")
     at.radio(key="keep.stack_first").set_value("drop layers").run()
     at.slider(key="keep.stack_drop").set_value(1).run()
+    assert re.search(r"Run the stack \(≈ [\d.]+ (s|min)\)", next(b.label for b in at.button
+                                                                 if b.label.startswith("Run the stack")))
     click(at, "Run the stack")
     assert not at.exception and not at.error, at.error
     run = ResultsStore().runs(method="stacked")[0]
