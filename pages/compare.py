@@ -62,10 +62,10 @@ with st.expander("Sweep every method at matched sizes"):
                + ". Slicing is not planned (on small models sliced models outgrow dense up to ~25%); its stored "
                "runs still appear on the chart.")
     left, right = st.columns(2)
-    with right:
-        cancel_button("compare")
     if points and left.button(f"Run the sweep ({len(points)} runs, "
                               f"{sweep_estimate(loaded, points, calibration, plan_eval, store)})", type="primary"):
+        with right:
+            cancel_button("compare")
         try:
             compute_scores(store, loaded, calibration, progress=progress_callback("Scores"))
             result = run_sweep(points, lambda p: run(store, loaded, p.plan, calibration, plan_eval),

@@ -156,8 +156,6 @@ show_chart(charts.bit_map_chart(bit_table, f"{loaded.source}; order {ORDER_LABEL
            f"Scores from {calibration.label()}. For {runtime.label}.", bit_table)
 
 left, mid, right = st.columns(3)
-with right:
-    cancel_button("quantization")
 full_plan = EvalPlan(evaluation, **zero_shot)
 preview_plan = EvalPlan(replace(evaluation, n_windows=min(PREVIEW_WINDOWS, evaluation.n_windows)), preview=True)
 preview = left.button(f"Preview ({preview_plan.data.n_windows} windows, "
@@ -168,6 +166,8 @@ full = mid.button(f"Full evaluation ({evaluation.n_windows} windows, "
                   f"{run_estimate(loaded, plan, calibration, full_plan, store)})")
 memory_note(loaded, plan, calibration, full_plan, allocation)
 if preview or full:
+    with right:
+        cancel_button("quantization")
     try:
         outcome = run_quantization(store, loaded, plan, calibration, preview_plan if preview else full_plan,
                                    allocation=allocation, progress=progress_callback("Quantizing"))

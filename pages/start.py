@@ -1,5 +1,7 @@
 """Start page: what LayerLab is for, the path through the pages, and a guided first run."""
 
+from pathlib import Path
+
 import streamlit as st
 
 from engine.core.data import DataError
@@ -11,6 +13,7 @@ from ui.session import require_model, results_store
 from ui.widgets import cancel_button, progress_callback, show_chart
 
 enter_through_the_router()  # a page opened by its own URL on a new server goes through app.py
+GLOSSARY = Path(__file__).resolve().parents[1] / "docs" / "glossary.md"
 
 st.title("LayerLab")
 st.markdown(
@@ -22,12 +25,14 @@ st.subheader("The path")
 cols = st.columns(5)
 for col, (path, title, what) in zip(cols, (
         ("pages/model.py", "1 · Model", "load a model and measure its baseline perplexity"),
-        ("pages/redundancy.py", "2 · Layer redundancy", "which layers change their input least"),
+        ("pages/redundancy.py", "2 · Redundancy", "which layers change their input least"),
         ("pages/quantization.py", "3 · A method", "quantization, slicing or dropping (sidebar)"),
         ("pages/results.py", "4 · Results", "every run against dense, at matched sizes"),
         ("pages/results.py", "5 · Report", "pin charts, download one HTML file"))):
     col.page_link(path, label=title)
     col.caption(what)
+with st.expander("Terms used here (glossary)"):
+    st.markdown(GLOSSARY.read_text().split("\n", 3)[-1])  # the list, without its title and link line
 
 loaded = require_model()
 store = results_store()
@@ -40,10 +45,10 @@ for number, step in enumerate(steps, start=1):
 if (note := skipped_note(loaded)) is not None:
     st.caption(f"Left out for this model: {note}")
 left, right = st.columns(2)
-with right:
-    cancel_button("first_run")
 if left.button(f"Start the guided run ({describe_seconds(first_run_seconds(steps))})", type="primary",
                help="Each run is stored like any other: the Results page and the trade-off charts show them."):
+    with right:
+        cancel_button("first_run")
     findings = []
     try:
         for step in steps:

@@ -148,12 +148,12 @@ def export_section(store: ResultsStore, loaded: LoadedModel, method: str | None,
                            key=f"{key}_export_folder_{record.id}_{fmt}")
     overwrite = st.checkbox("Overwrite the folder if it exists", key=f"{key}_export_overwrite")
     left, right = st.columns(2)
-    with right:
-        cancel_button(f"{key}_export", "Cancel export")
     if left.button(f"Export and verify ({export_estimate(loaded, record)})", key=f"{key}_export_go", type="primary",
                    help="Writes to a staging folder renamed at the end (never half-written), reloads it with "
                    "its runtime (llama.cpp for llama.cpp-type runs, else transformers) and compares perplexity "
                    f"with the in-app model on {VERIFY_WINDOWS} evaluation windows."):
+        with right:
+            cancel_button(f"{key}_export", "Cancel export")
         try:
             result = export_run(store, loaded, record, fmt, folder, overwrite=overwrite, dtype=dtype,
                                 gguf_types=gguf_types,

@@ -83,9 +83,9 @@ def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, eval
         return
     if result is None:
         left, right = st.columns(2)
-        with right:
-            cancel_button("optimize_bits")
         if left.button(f"Optimize for budget ({estimate} + checking candidates)", type="primary"):
+            with right:
+                cancel_button("optimize_bits")
             try:
                 result = optimize_bits(store, loaded, plan, calibration, progress=progress_callback("Optimizing"))
             except (DataError, ValueError) as err:
@@ -179,9 +179,9 @@ def slicing_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, e
         return
     if result is None:
         left, right = st.columns(2)
-        with right:
-            cancel_button("optimize_slicing")
         if left.button(f"Find best schedule ({estimate} + {checks + 2} slicings at most)", type="primary"):
+            with right:
+                cancel_button("optimize_slicing")
             try:
                 result = optimize_slicing(store, loaded, plan, calibration,
                                           progress=progress_callback("Finding the schedule"))

@@ -103,7 +103,9 @@ def progress_callback(label: str):
 def interrupted_notice() -> None:
     """Say so when the previous script run was interrupted while a computation was under way (and forget it)."""
     found = st.session_state.pop(RUNNING, None)
-    if found:
+    if found and found.get("cancelled"):
+        st.info(f"Cancelled: {found['label']}. Nothing from the interrupted run was stored.")
+    elif found:
         st.warning(f"**{found['label']}** (started {found['started']} on {found['page']}) stopped before it "
                    "finished: the page was left, or another control was clicked. What had not finished was not "
                    "stored (a sweep keeps the runs it completed); start it again there.")
@@ -210,14 +212,20 @@ def method_tradeoff(store, loaded: LoadedModel, method: str, evaluation: DataSpe
 
 
 def cancel_button(key: str, label: str = "Cancel run") -> None:
-    """A button that stops a running computation: clicking it reruns the page, which interrupts the run.
+    """A button that stops the computation under way: shown only once it has started (call it right after the
+    start button was clicked); clicking it reruns the page, which interrupts the run, and the next run says
+    "Cancelled" (:func:`interrupted_notice`).
 
     Runs write to the store only when they finish, and no computation restarts on its own, so a
     cancelled run leaves nothing behind and stays stopped.
     """
-    if st.button(label, key=f"cancel_{key}", help="Stops a running job; nothing half-done is stored.",
-                 on_click=computation_finished):  # a cancelled run is not reported as interrupted
-        st.info("Cancelled. Nothing from the interrupted run was stored.")
+    st.button(label, key=f"cancel_{key}", help="Stops this job; nothing half-done is stored.", on_click=_cancelled)
+
+
+def _cancelled() -> None:
+    found = st.session_state.get(RUNNING)
+    if found:
+        found["cancelled"] = True
 
 
 def zero_shot_controls() -> dict:
@@ -262,9 +270,9 @@ def compute_scores_prompt(store, loaded: LoadedModel, calibration: DataSpec, nee
     if missing is not None and missing.compute is not None:
         st.info(f"{need} needs the {missing.what} on this calibration text (not computed yet).")
         left, right = st.columns(2)
-        with right:
-            cancel_button("measure")
         if left.button(f"Compute the {missing.what} ({missing.estimate})", type="primary"):
+            with right:
+                cancel_button("measure")
             try:
                 missing.compute(progress_callback(missing.what))
             except (DataError, ValueError) as err:
@@ -322,11 +330,11 @@ def run_controls(loaded: LoadedModel, name: str, estimate: str, save_label: str,
     """
     left, right = st.columns(2)
     save = left.checkbox(save_label, key=kept(f"{name}_save"))
-    with right:
-        cancel_button(name)
     if left.button(f"Run {name} ({estimate})", type="primary",
                    help="Works on a copy (the loaded model is never changed), then measures it and dense on the "
                    "same windows."):
+        with right:
+            cancel_button(name)
         try:
             outcome = run(save)
         except (DataError, ValueError) as err:

@@ -173,7 +173,7 @@ def test_three_pins_with_one_title_are_three_charts_in_the_report(page, steps, s
         page.get_by_text(f"({n + 1} chart(s) in the report").wait_for()
         page.keyboard.press("Escape")
         page.wait_for_timeout(800)
-    page.get_by_role("link", name="Results").click()
+    page.get_by_role("link", name="Results", exact=True).click()
     page.get_by_text("Trade-off curves").wait_for()
     steps.shot("results-three-pins")
     with page.expect_download() as download:

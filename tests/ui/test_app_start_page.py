@@ -11,6 +11,10 @@ def test_start_page_is_the_first_page_and_the_guided_run_stores_runs_and_says_wh
     assert at.title[0].value == "LayerLab"
     steps = [m.value for m in at.markdown if m.value[:2] in ("1.", "2.", "3.", "4.", "5.")]
     assert [s.split("**")[1] for s in steps] == ["Baseline", "Layer scores", "Quantization", "Slicing", "Dropping"]
+    assert at.expander[0].label == "Terms used here (glossary)"  # the terms the pages use, from docs/glossary.md
+    assert any(m.value.lstrip().startswith("- **Dense**") and "**LIM (layer input modification)**" in m.value
+               for m in at.expander[0].markdown)
+    assert not any(b.label.startswith("Cancel") for b in at.button)  # nothing runs yet: nothing to cancel
     button = next(b for b in at.button if b.label.startswith("Start the guided run"))
     assert "(≈" in button.label or "s)" in button.label  # the estimate is on the button
     before = {r.id for r in ResultsStore().runs()}  # the session's store may hold other tests' runs
