@@ -4,6 +4,7 @@ import streamlit as st
 
 from engine.core.data import DataError, token_windows
 from engine.core.out_of_memory import RunOutOfMemory
+from engine.quant.grid import LLAMACPP
 from engine.runs.cached_scores import compute_scores
 from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, SlicingPlan, StackPlan
 from engine.runs.runner import run, run_estimate, run_stacked, sweep_estimate
@@ -17,6 +18,7 @@ from engine.viz.tradeoff import (
 )
 from ui.navigation import enter_through_the_router
 from ui.session import require_model, results_store
+from ui.sidebar import target_runtime
 from ui.state import kept
 from ui.widgets import (
     calibration_and_evaluation,
@@ -45,15 +47,20 @@ calibration, evaluation, zero_shot = calibration_and_evaluation(loaded)
 if calibration is None or evaluation is None:
     st.stop()
 plan_eval = EvalPlan(evaluation, **zero_shot)
+runtime = target_runtime()  # the sweep and the stack quantize only as it runs
+own = "" if not runtime.deployable else f"_{runtime.key}"  # widgets whose options the runtime narrows
+quantizers = [LLAMACPP] if runtime.quantizers == (LLAMACPP,) else ["rtn", "gptq"]
+zero_point = "integer" if "integer" in runtime.zero_points else runtime.zero_points[0]
 
 with st.expander("Sweep every method at matched sizes"):
     text = st.text_input("Sizes (fractions of dense bytes)", ", ".join(f"{s:g}" for s in SIZES),
                          key=kept("cmp_sizes"))
-    quantizer = st.radio("Quantizer", ["rtn", "gptq"], horizontal=True, key=kept("cmp_quantizer"))
+    quantizer = st.radio("Quantizer", quantizers, horizontal=True, key=kept(f"cmp_quantizer{own}"))
     sizes, points = SIZES, []
     try:
         sizes = parse_sizes(text)
-        points = matched_size_sweep(loaded, sizes, QuantPlan(quantizer=quantizer))
+        points = matched_size_sweep(loaded, sizes, QuantPlan(quantizer=quantizer, zero_point=zero_point,
+                                                             runtime=runtime.key))
     except ValueError as err:
         st.error(str(err))
     st.caption("Planned: " + ("; ".join(f"{p.method} {p.plan.series()} ({p.plan.setting()}) → {p.predicted_size:.1%}"
@@ -89,10 +96,13 @@ with st.expander("Stack two methods: slice or drop, then quantize"):
     else:
         first = DropPlan("layer", cols[1].slider("Layers to drop", 1, loaded.num_layers - 2, 4,
                                                  key=kept("stack_drop")))
-    high = cols[2].select_slider("Then quantize: high bits", list(range(2, 9)), 4, key=kept("stack_high"))
-    low = cols[2].select_slider("low bits", list(range(2, 9)), 4, key=kept("stack_low"))
+    levels = [b for b in range(2, 9) if b in runtime.levels]
+    high = cols[2].select_slider("Then quantize: high bits", levels, 4 if 4 in levels else max(levels),
+                                 key=kept(f"stack_high{own}"))
+    low = cols[2].select_slider("low bits", levels, 4 if 4 in levels else min(levels), key=kept(f"stack_low{own}"))
     fraction = cols[2].slider("layers at low bits %", 0, 100, 0, key=kept("stack_fraction")) / 100
-    then = QuantPlan("rtn", 128, high, low, fraction, ordering="lim")
+    then = QuantPlan(quantizers[0], 128, high, low, fraction, ordering="lim", zero_point=zero_point,
+                     runtime=runtime.key)
     stack_cost = run_estimate(loaded, StackPlan(first, then), calibration, plan_eval, store)
     if st.button(f"Run the stack ({stack_cost})",
                  help="Both stages work on copies; the record stores each stage's plan."):

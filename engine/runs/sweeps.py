@@ -118,14 +118,19 @@ def _drop_points(loaded, targets: Sequence[float]) -> list[MatchedPoint]:
 
 
 def _quant_points(loaded, targets: Sequence[float], base: QuantPlan) -> list[MatchedPoint]:
-    """Two-level LIM allocations: for each size, the mix with the most bits that still fits (sizes at 16 bits)."""
+    """Two-level LIM allocations: for each size, the mix with the most bits that still fits (sizes at 16 bits),
+    among the level pairs the plan's target runtime runs."""
     from engine.quant.allocation import allocate_fraction
+    from engine.quant.runtimes import runtime_named
     from engine.quant.size import size_report
 
     n = loaded.num_layers
     order = list(range(n))  # sizes do not depend on which layers are low, only on how many
+    allowed = runtime_named(base.runtime).levels
     candidates = []
     for high, low in ((8, 6), (8, 4), (6, 4), (4, 3), (4, 2), (3, 2)):
+        if not {high, low} <= set(allowed):
+            continue
         for n_low in range(n + 1):
             allocation = allocate_fraction(order, high, low, n_low / n)
             size = size_report(loaded.model, loaded.architecture, allocation.bits, base.spec()).compression_16bit

@@ -84,3 +84,13 @@ def test_dropping_by_measured_sensitivity_iteratively(tiny_app):
     assert not at.exception and not at.error, at.error
     run = ResultsStore().runs(method="dropping")[0]
     assert run.config["iterative"] and run.config["by"] == "sensitivity"
+
+
+def test_compare_page_plans_only_what_the_target_runtime_runs(tiny_app):
+    at = _ready("compare")
+    at.selectbox(key="keep.runtime").set_value("vllm").run()
+    at.text_input(key="keep.cmp_sizes").set_value("0.99, 0.9").run()
+    planned = next(c.value for c in at.caption if c.value.startswith("Planned:"))
+    assert "quantization lim 8/4-bit rtn for vLLM (compressed-tensors)" in planned, planned
+    assert not re.search(r"lim (8/6|6/4|4/3|4/2|3/2)-bit", planned)
+    assert list(at.select_slider(key="keep.stack_high_vllm").options) == ["4", "8"]
