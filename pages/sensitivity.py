@@ -24,6 +24,7 @@ from engine.slicing.slice_model import pca_rank_warning
 from engine.viz import sensitivity_charts as charts
 from ui.navigation import enter_through_the_router
 from ui.session import require_model, results_store
+from ui.sidebar import target_runtime
 from ui.state import kept
 from ui.widgets import (
     cancel_button,
@@ -49,8 +50,13 @@ st.caption(
     "rank that measured cost: Spearman ρ with a bootstrap 95% interval over windows."
 )
 spec = data_spec_controls("calibration", loaded)
+runtime = target_runtime()  # quantization actions as the target runtime runs them
+own = "" if not runtime.deployable else f"_{runtime.key}"
 offered, refused = {}, []
-for kind, name in ACTION_KINDS.items():  # only what this model can do is offered
+for kind, name in ACTION_KINDS.items():  # only what this model (and the target runtime) can do is offered
+    if kind in QUANT_KINDS and kind not in runtime.quantizers:
+        refused.append(f"{name}: {runtime.label} does not run it (sidebar).")
+        continue
     if kind == LLAMACPP and not llamacpp_status().available:
         refused.append(f"{name}: {llamacpp_status().reason}")
         continue
@@ -64,12 +70,14 @@ for kind, name in ACTION_KINDS.items():  # only what this model can do is offere
 if refused:
     st.caption("Not offered for this model: " + " ".join(refused))
 cols = st.columns([3, 2, 2, 2])
-kinds = cols[0].multiselect("Actions (each on one layer at a time)", list(offered),
-                            [k for k in ("rtn", "slice", "drop") if k in offered],
-                            format_func=ACTION_KINDS.get, key=kept("sens_actions"))
-bits = cols[1].multiselect("Bit levels (RTN / GPTQ; llama.cpp: 2→Q2_K … 6→Q6_K, 8→Q8_0)",
-                           list(range(MIN_BITS, MAX_BITS + 1)), [3],
-                           key=kept("sens_bits"), disabled=not set(kinds) & set(QUANT_KINDS))
+chosen = [k for k in ("rtn" if "rtn" in offered else LLAMACPP, "slice", "drop") if k in offered]
+kinds = cols[0].multiselect("Actions (each on one layer at a time)", list(offered), chosen,
+                            format_func=ACTION_KINDS.get, key=kept(f"sens_actions{own}"))
+levels = [b for b in range(MIN_BITS, MAX_BITS + 1) if b in runtime.levels]
+bits = cols[1].multiselect("Bit levels (RTN / GPTQ; llama.cpp: 2→Q2_K … 6→Q6_K, 8→Q8_0)", levels,
+                           [3] if 3 in levels else [min(levels)],
+                           key=kept(f"sens_bits{own}"), disabled=not set(kinds) & set(QUANT_KINDS))
+zero_point = None if "integer" in runtime.zero_points else runtime.zero_points[0]  # vLLM: symmetric
 group_size = cols[1].number_input("Group size", 8, 8192, DEFAULT_GROUP_SIZE, 8, key=kept("sens_group"),
                                   disabled=not set(kinds) & set(QUANT_KINDS))
 WHOLE_LAYER = "whole layer"
@@ -96,7 +104,8 @@ try:
     for kind in kinds:
         if kind in QUANT_KINDS:
             actions += [Action(kind, bits=int(b), group_size=None if kind == LLAMACPP else int(group_size),
-                               module=None if module == WHOLE_LAYER else module)
+                               module=None if module == WHOLE_LAYER else module,
+                               zero_point=None if kind == LLAMACPP else zero_point)
                         for b in sorted(bits) for module in modules]
         else:
             actions.append(Action(kind, fraction=fraction) if kind == "slice" else Action(kind))

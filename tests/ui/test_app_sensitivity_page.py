@@ -65,3 +65,13 @@ def test_one_linear_at_a_time_becomes_its_own_row(tiny_app):
     assert not at.exception and not at.error, [e.value for e in at.error]
     heatmap = next(c.proto.spec for c in at.get("plotly_chart") if "RTN 3-bit down" in c.proto.spec)
     assert '"RTN 3-bit"' in heatmap
+
+
+def test_the_target_runtime_narrows_the_quantization_actions(tiny_app):
+    at = open_app("sensitivity")
+    at.selectbox(key="keep.runtime").set_value("vllm").run()
+    assert not at.exception, at.exception
+    assert list(at.multiselect(key="keep.sens_bits_vllm").options) == ["4", "8"]
+    offered = at.multiselect(key="keep.sens_actions_vllm").options
+    assert "quantize (RTN)" in offered and not any("llama.cpp" in o for o in offered)
+    assert any("vLLM (compressed-tensors) does not run it" in c.value for c in at.caption)
