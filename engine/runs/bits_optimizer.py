@@ -40,6 +40,7 @@ from engine.core.out_of_memory import explain_out_of_memory
 from engine.core.progress import StageProgress, stage_callback
 from engine.evaluation.perplexity import perplexity
 from engine.export.gguf_llamacpp import llamacpp_details
+from engine.methods import method_for
 from engine.optimize.bit_budget import (
     DEFAULT_LEVELS,
     GRANULARITIES,
@@ -298,6 +299,10 @@ def check_plan(loaded: LoadedModel, plan: BitsOptimizerPlan) -> int:
     """The budget in bits for the layers; refuses bad levels and budgets they cannot reach (nothing runs)."""
     if plan.candidates < 1 or plan.held_out_windows < 1:
         raise BudgetError("Check at least one solver candidate on at least one held-out window.")
+    runs_as = plan.quant_plan()
+    refusal = method_for(runs_as).refusal(loaded, runs_as)  # what its runs would refuse, refused before measuring
+    if refusal:
+        raise BudgetError(refusal)
     try:
         return plan.budget.layer_bits(plan_costs(loaded, plan))
     except QuantizationError as err:

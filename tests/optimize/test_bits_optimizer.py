@@ -145,3 +145,10 @@ def test_for_vllm_the_per_linear_optimizer_ties_fused_linears_and_uses_its_level
         BitsOptimizerPlan(BitBudget(avg_bits=6.0), levels=(3, 4, 8), group_size=32, runtime="vllm")
     untied = replace(plan, runtime="transformers")
     assert not untied.tied and optimization_if_cached(store, tiny_loaded, untied, CALIB) is None
+
+
+def test_for_vllm_a_group_size_the_checkpoint_cannot_hold_is_refused_before_measuring(store, tiny_loaded):
+    plan = BitsOptimizerPlan(BitBudget(avg_bits=6.0), levels=(4, 8), group_size=128, runtime="vllm")
+    with pytest.raises(BudgetError, match="multiple of the group size"):  # the tiny model's widths: 64 and 96
+        optimize_bits(store, tiny_loaded, plan, CALIB)
+    assert optimization_if_cached(store, tiny_loaded, plan, CALIB) is None
