@@ -5,6 +5,7 @@ from dataclasses import replace
 import streamlit as st
 
 from engine.core.data import DataError
+from engine.export.ct_folder import ct_group_sizes
 from engine.export.gguf_llamacpp import llamacpp_details
 from engine.llamacpp.runtime import status as llamacpp_status
 from engine.methods.quantization import allocation_for
@@ -84,14 +85,20 @@ if quantizer == LLAMACPP:
     level_options = [b for b in TYPE_SETS[ggml_types] if b in runtime.levels]
     level_label = lambda b: f"{b} ({TYPE_SETS[ggml_types][b]})"  # noqa: E731
 else:
+    advanced = cols[0].expander("Advanced: the grid")  # folded: today's defaults suit a first run
     if quantizer == "gptq" and runtime.act_order:  # no box at all rather than a greyed one
-        act_order = cols[0].checkbox("GPTQ act-order", value=True, key=kept("quant_act_order"),
+        act_order = advanced.checkbox("GPTQ act-order", value=True, key=kept("quant_act_order"),
                                      help="Quantize columns by decreasing activation energy, group scales fixed in "
                                      "the original column order ('static' groups). Helps most on models whose "
                                      "weights were quantized before (like the built-in one).")
     groups = [g for g in (32, 64, 128, 256) if g in runtime.group_sizes]
-    group_size = cols[0].selectbox("Group size", groups, index=groups.index(128), key=kept(f"quant_group{own}"))
-    zero_point = cols[0].radio("Zero point", [z for z in ZERO_POINTS if z in runtime.zero_points],
+    if runtime.export == "ct":  # only group sizes the compressed-tensors checkpoint can hold for this model
+        groups = [g for g in groups if g in ct_group_sizes(loaded)] or groups
+    group_size = advanced.selectbox("Group size", groups, index=groups.index(128) if 128 in groups else
+                                    len(groups) - 1, key=kept(f"quant_group{own}"),
+                                    help="Weights per fp16 scale (and zero point): smaller groups are more "
+                                    "accurate and larger.")
+    zero_point = advanced.radio("Zero point", [z for z in ZERO_POINTS if z in runtime.zero_points],
                                key=kept(f"quant_zero{own}"), horizontal=True,
                                help="integer: GPTQ-style asymmetric grid; float: fp16 group minimum (Q4_1 style); "
                                "symmetric: zero fixed at the middle code, not stored (exports exactly as a "

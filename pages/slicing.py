@@ -54,8 +54,12 @@ target = cols[1].slider("Target average slicing SP %", 0, 50, 25, key=kept("slic
 basis = cols[2].slider("Slicing basis SB % (≤ SP)", 0, 50, 10, key=kept("slicing_basis"),
                        disabled=source not in ("dynamic",),
                        help="The least redundant layer is sliced by SB; SB = SP is constant slicing.") / 100
-round_to = cols[3].number_input("Round dims to a multiple of", 1, 128, 8, key=kept("slicing_round"))
-final_rotation = cols[3].checkbox("Final random rotation", key=kept("slicing_rotation"))
+with cols[3].expander("Advanced"):  # folded: today's defaults suit a first run
+    round_to = st.number_input("Round dims to a multiple of", 1, 128, 8, key=kept("slicing_round"),
+                               help="Sliced widths are rounded to this multiple (faster matrix multiplies).")
+    final_rotation = st.checkbox("Final random rotation", key=kept("slicing_rotation"),
+                                 help="A random rotation of the sliced residual stream, meant to help a later "
+                                 "quantization (stacking).")
 if source == "best":
     if calibration is None or evaluation is None:
         st.stop()

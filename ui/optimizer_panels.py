@@ -32,17 +32,21 @@ def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, eval
                          output_type: str = "auto", runtime: str = DEFAULT_RUNTIME) -> None:
     """Budget, levels, candidates → Optimize (measure, solve, check on held-out) → run on evaluation text."""
     st.subheader("Optimize for budget")
-    st.caption(
-        "Finds the bits per layer (or per linear) with the least measured damage under a size budget: the "
-        "Sensitivity lab's KL and ΔNLL of quantizing each layer (or linear) alone at each level (calibration text), "
-        "blended into one damage (the mean of KL and ΔNLL plus one standard error, never less at fewer bits, so "
-        "a unit whose ΔNLL reads zero by chance is not free), an exact solver for the budget, then the "
-        "solver's best candidates, the uniform allocation and the LIM / ZD / random orderings at the same budget "
-        "are all measured on held-out calibration windows, and the best measured one is chosen: the optimizer is "
-        "never worse than what it competes with there. " + (
-            "Sizes are the GGUF file's bytes; llama.cpp's own types and quantizer (the levels name their types)."
-            if quantizer == LLAMACPP else
-            f"Sizes are honest (scales and zeros included); {quantizer.upper()} with groups of {group_size}."))
+    st.caption("Finds the bits for each layer (or each linear) that lose the least quality within a size "
+               "budget, from measured damage, and checks its picks against the usual orderings on held-out text.")
+    with st.expander("How it works"):
+        st.markdown(
+            "1. **Measure**: the Sensitivity lab's KL and ΔNLL of quantizing each layer (or linear) alone at each "
+            "level, on calibration text, blended into one damage (the mean of KL and ΔNLL plus one standard "
+            "error, never less at fewer bits, so a unit whose ΔNLL reads zero by chance is not free).\n"
+            "2. **Solve**: an exact solver finds the allocations of least summed damage within the budget.\n"
+            "3. **Check**: the solver's best candidates, the uniform allocation and the LIM / ZD / random "
+            "orderings at the same budget (with llama.cpp's types also the llama.cpp presets that fit) are "
+            "measured on held-out calibration windows; the best measured one is chosen, so the optimizer is "
+            "never worse than what it competes with there.\n\n" + (
+                "Sizes are the GGUF file's bytes; llama.cpp's own types and quantizer (the levels name their "
+                "types)." if quantizer == LLAMACPP else
+                f"Sizes are honest (scales and zeros included); {quantizer.upper()} with groups of {group_size}."))
     cols = st.columns(4)
     kind = cols[0].radio("Budget as", ["bits", "MiB"], key=kept("opt_budget_kind"), horizontal=True,
                          format_func={"bits": "bits per weight", "MiB": "model MiB"}.get)

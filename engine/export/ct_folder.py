@@ -50,6 +50,15 @@ from engine.quant.quantize_model import QuantizedModel
 FORMAT = "pack-quantized"
 
 
+def ct_group_sizes(loaded: LoadedModel, candidates=(32, 64, 128, 256)) -> list[int]:
+    """The group sizes of ``candidates`` that divide every decoder linear's row width (what compressed-tensors
+    can hold for this model)."""
+    arch = loaded.architecture
+    widths = {int(linear.weight.shape[1]) for layer in arch.decoder_layers(loaded.model)
+              for linear in arch.layer_linears(layer).values() if isinstance(linear, nn.Linear)}
+    return [g for g in candidates if all(w % g == 0 for w in widths)]
+
+
 def ct_unsupported(loaded: LoadedModel, spec: QuantizerSpec) -> str | None:
     """Why a quantization with ``spec`` of the loaded model cannot be a compressed-tensors folder;
     ``None`` if it can."""
