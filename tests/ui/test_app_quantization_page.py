@@ -140,7 +140,7 @@ def test_optimizer_under_llamacpp_types_budgets_the_gguf_file_and_refuses_other_
     at.number_input(key="keep.opt_avg_bits").set_value(5.0)
     at.number_input(key="keep.calib_windows").set_value(8).run()  # the optimizer's interval needs 4 or more
     assert not at.exception and not at.error, at.error
-    assert any("Sizes are the GGUF file's bytes" in c.value for c in at.caption)
+    assert any("Sizes are the GGUF file's bytes" in m.value for e in at.expander for m in e.markdown)
     assert at.multiselect(key="keep.opt_levels_llamacpp").options == ["2 (Q2_K)", "3 (Q3_K)", "4 (Q4_K)", "5 (Q5_K)",
                                                                         "6 (Q6_K)", "8 (Q8_0)"] or \
         at.multiselect(key="keep.opt_levels_llamacpp").options == ["2", "3", "4", "5", "6", "8"]
