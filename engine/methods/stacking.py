@@ -6,13 +6,17 @@ mix); sizes are against the *dense* model at 16 bits.  Every stage's plan is sto
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from engine.core.data import DataSpec, token_windows
 from engine.core.models import LoadedModel, model_size
 from engine.core.progress import stage_callback
+from engine.export.gguf_llamacpp import llamacpp_details
 from engine.methods.base import Compressed, Method, RunCost
 from engine.methods.dropping import Dropping
 from engine.methods.quantization import Quantization, allocation_for
 from engine.methods.slicing import Slicing
+from engine.quant.grid import LLAMACPP
 from engine.quant.quantize_model import quantize_model
 from engine.runs.plans import QuantPlan, StackPlan
 
@@ -71,6 +75,10 @@ class Stacking(Method):
         quantized = quantize_model(middle, allocation, windows if then.quantizer == "gptq" else None,
                                    spec=then.spec(), use_cache=False, progress=stage_callback(progress, "quantizing"))
         qsize = quantized.size()
+        if then.quantizer == LLAMACPP and method.keeps_layers is False:  # a dropped model: a GGUF file it will be
+            file_bytes = llamacpp_details(middle, then.spec(), quantized.bits)["file_bytes"]
+            if file_bytes:
+                qsize = replace(qsize, file_bytes=file_bytes)
         dense_params = model_size(loaded.model)["params"]
         size = {"params": model_size(middle.model)["params"], "bytes": qsize.total_bytes,
                 "bytes_16bit": qsize.total_bytes_16bit, "size_fraction": qsize.total_bytes_16bit / (2 * dense_params),

@@ -169,3 +169,20 @@ def test_unavailable_llamacpp_is_a_value_error_the_pages_show():
     from engine.llamacpp.runtime import LlamaCppUnavailable
 
     assert issubclass(LlamaCppUnavailable, ValueError)
+
+
+@needs_llamacpp
+def test_a_stack_that_drops_then_quantizes_in_llamacpp_types_is_sized_by_its_gguf_file(store, tiny_loaded):
+    from engine.core.models import LoadedModel
+    from engine.dropping.drop_model import drop_model
+    from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, StackPlan
+    from engine.runs.runner import run
+
+    plan = StackPlan(DropPlan("layer", 1, "custom", custom=(1,)), QuantPlan("llama.cpp", high_bits=8, low_bits=8,
+                                                                         low_fraction=0.0))
+    record = run(store, tiny_loaded, plan, DataSpec(seqlen=32, n_windows=2),
+                 EvalPlan(DataSpec(split="evaluation", seqlen=32, n_windows=2))).record
+    middle = LoadedModel.from_model(drop_model(tiny_loaded, "layer", [1]).model, tiny_loaded.tokenizer,
+                                    source=f"{tiny_loaded.source} ({plan.first.series()})")  # its name is in the file
+    spec = QuantizerSpec(method="llama.cpp", bits=8)
+    assert record.metrics["bytes_16bit"] == gguf_file_bytes(middle, spec, (8,) * middle.num_layers)
