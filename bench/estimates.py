@@ -33,6 +33,7 @@ def main() -> None:
     from engine.core.data import DataSpec
     from engine.core.models import load_model
     from engine.evaluation.latency import estimate_seconds
+    from engine.methods import method_for
     from engine.runs.cached_scores import compute_scores
     from engine.runs.exports import export_estimate, export_run
     from engine.runs.first_run import first_run_seconds, first_run_steps
@@ -95,7 +96,12 @@ def main() -> None:
                  lambda: export_run(store, loaded, made["rtn"].record, "gguf",
                                     Path(tempfile.mkdtemp()) / "export")),
             ]
+            refused = {"slicing 25% dynamic": SLICE, "GPTQ 4/3-bit": GPTQ}
             for label, estimate_of, run_one in runs:
+                plan = refused.get(label)
+                if plan is not None and method_for(plan).refusal(loaded, plan):
+                    print(f"{name}: {label} not offered ({method_for(plan).refusal(loaded, plan)[:80]}...)")
+                    continue
                 estimate = estimate_of()  # what the button shows just before the click
                 start = time.perf_counter()
                 run_one()

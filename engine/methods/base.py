@@ -59,7 +59,8 @@ def calibration_of(record: RunRecord) -> DataSpec:
 class RunCost:
     """What a run costs besides evaluation, for :func:`engine.runs.runner.estimate_run_seconds`.
 
-    ``passes``: forward passes over the calibration tokens (cost that grows with the text); ``fixed_per_hidden``:
+    ``passes``: passes of the decoder layers over the calibration tokens (cost that grows with the text; the
+    output head is not run on them); ``fixed_per_hidden``:
     forward-token equivalents per unit of hidden size (per-layer work that does not: eigendecompositions,
     GPTQ's column loops, quantizing every weight).  Both fitted to measured runs by ``bench/estimates.py``.
     """
