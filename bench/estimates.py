@@ -35,7 +35,7 @@ def main() -> None:
     from engine.evaluation.latency import estimate_seconds
     from engine.methods import method_for
     from engine.runs.cached_scores import compute_scores
-    from engine.runs.exports import export_estimate, export_run
+    from engine.runs.exports import export_estimate, export_formats, export_run
     from engine.runs.first_run import first_run_seconds, first_run_steps
     from engine.runs.plans import PREVIEW_WINDOWS, DropPlan, EvalPlan, QuantPlan, SlicingPlan, StackPlan
     from engine.runs.runner import estimate_run_seconds, evaluation_seconds, run, run_dense, scoring_seconds
@@ -70,6 +70,10 @@ def main() -> None:
                 made[key] = outcome
                 return outcome
 
+            def exported():  # the run the Export panel would offer: GGUF of the RTN run where it can be one
+                rtn = made["rtn"].record
+                return (rtn, "gguf") if export_formats(rtn, loaded)["gguf"] is None else (made["drop"].record, "hf")
+
             runs = [
                 ("baseline (Model)", lambda: evaluation_seconds(loaded, evaluation.data),
                  lambda: run_dense(store, loaded, evaluation)),
@@ -82,7 +86,7 @@ def main() -> None:
                 ("GPTQ 4/3-bit", lambda: estimate_run_seconds(loaded, GPTQ, calibration, evaluation, store),
                  lambda: run(store, loaded, GPTQ, calibration, evaluation)),
                 ("drop 4 layers", lambda: estimate_run_seconds(loaded, DROP, calibration, evaluation, store),
-                 lambda: run(store, loaded, DROP, calibration, evaluation)),
+                 lambda: keep("drop", run(store, loaded, DROP, calibration, evaluation))),
                 ("quantization preview", lambda: estimate_run_seconds(loaded, fresh_preview, calibration, preview,
                                                                       store),
                  lambda: run(store, loaded, fresh_preview, calibration, preview)),
@@ -92,9 +96,9 @@ def main() -> None:
                 ("stack: drop 2, then 4-bit", lambda: estimate_run_seconds(loaded, STACK, calibration, evaluation,
                                                                            store),
                  lambda: run(store, loaded, STACK, calibration, evaluation)),
-                ("export GGUF of the RTN run", lambda: seconds_of(export_estimate(loaded, made["rtn"].record)),
-                 lambda: export_run(store, loaded, made["rtn"].record, "gguf",
-                                    Path(tempfile.mkdtemp()) / "export")),
+                ("export (GGUF of the RTN run, else HF folder of the dropped model)",
+                 lambda: seconds_of(export_estimate(loaded, exported()[0])),
+                 lambda: export_run(store, loaded, *exported(), Path(tempfile.mkdtemp()) / "export")),
             ]
             refused = {"slicing 25% dynamic": SLICE, "GPTQ 4/3-bit": GPTQ}
             for label, estimate_of, run_one in runs:

@@ -61,8 +61,10 @@ class RunCost:
 
     ``passes``: passes of the decoder layers over the calibration tokens (cost that grows with the text; the
     output head is not run on them); ``fixed_per_hidden``:
-    forward-token equivalents per unit of hidden size (per-layer work that does not: eigendecompositions,
-    GPTQ's column loops, quantizing every weight).  Both fitted to measured runs by ``bench/estimates.py``.
+    decoder-token equivalents per unit of hidden size (per-layer work that does not: eigendecompositions,
+    GPTQ's column loops, quantizing every weight).  Both in decoder-layer units (a full forward of SmolLM2 is
+    0.79 of them, of Gemma-3-270M 0.37: the rest is the output head), fitted to measured runs by
+    ``bench/estimates.py``.
     """
 
     passes: float

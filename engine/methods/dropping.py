@@ -29,7 +29,7 @@ class Dropping(Method):
     keeps_layers = False
 
     def cost(self, plan: DropPlan) -> RunCost:
-        return RunCost(passes=0.0, fixed_per_hidden=2.2)
+        return RunCost(passes=0.0, fixed_per_hidden=2.8)
 
     def memory_profile(self, plan: DropPlan) -> str:
         return "dropping"

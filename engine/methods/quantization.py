@@ -86,7 +86,7 @@ class Quantization(Method):
         return loaded.architecture.unavailable_message("gptq" if plan.quantizer == "gptq" else "quantization")
 
     def cost(self, plan: QuantPlan) -> RunCost:
-        return RunCost(0.63, 13.2) if plan.quantizer == "gptq" else RunCost(0.33, 0.7)
+        return RunCost(0.63, 16.7) if plan.quantizer == "gptq" else RunCost(0.33, 0.89)
 
     def memory_profile(self, plan: QuantPlan) -> str:
         return "quantization-gptq" if plan.quantizer == "gptq" else "quantization-rtn"

@@ -42,7 +42,7 @@ class Slicing(Method):
         return loaded.architecture.unavailable_message("slicing")
 
     def cost(self, plan: SlicingPlan) -> RunCost:
-        return RunCost(passes=1.52, fixed_per_hidden=4.6)
+        return RunCost(passes=1.52, fixed_per_hidden=5.8)
 
     def memory_profile(self, plan: SlicingPlan) -> str:
         return "slicing"

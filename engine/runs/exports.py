@@ -160,7 +160,7 @@ def export_estimate(loaded: LoadedModel, record: RunRecord, has_model: bool = Fa
     seqlen = int(record.data.get("seqlen", 256))
     seconds += estimate_seconds(loaded.model, verify_windows * seqlen, forward_passes=2.0)
     params = sum(p.numel() for p in loaded.model.parameters())
-    seconds += 3.0 + params * 4 / 100e6  # write and reload at ~100 MB/s
+    seconds += 6.0 + params * 4 / 100e6  # write, reload (transformers' loaders) at ~100 MB/s, and their set-up
     return describe_seconds(seconds)
 
 

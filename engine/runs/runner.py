@@ -267,10 +267,10 @@ def estimate_run_seconds(loaded: LoadedModel, plan, calibration: DataSpec, evalu
                          store: ResultsStore | None = None, dense_needed: bool | None = None) -> float:
     """Rough wall time (s) of one run of ``plan``: compression, plus dense and compressed evaluation.
 
-    Run time = (passes · calibration tokens · decoder share + evaluations · evaluated tokens + fixed · hidden
-    size) / forward throughput, with the method's :class:`~engine.methods.base.RunCost` (calibration passes run
-    the decoder layers, not the output head: :func:`decoder_share`; evaluations: 2 while dense is not stored on
-    these windows, or as ``dense_needed`` says, else 1).  ``bench/estimates.py`` compares it with
+    Run time = ((passes · calibration tokens + fixed · hidden size) · decoder share + evaluations · evaluated
+    tokens) / forward throughput, with the method's :class:`~engine.methods.base.RunCost` (calibration passes
+    and per-layer work run the decoder layers, not the output head: :func:`decoder_share`; evaluations: 2 while
+    dense is not stored on these windows, or as ``dense_needed`` says, else 1).  ``bench/estimates.py`` compares it with
     measured runs.
     """
     cost = method_for(plan).cost(plan)
@@ -279,7 +279,7 @@ def estimate_run_seconds(loaded: LoadedModel, plan, calibration: DataSpec, evalu
     if dense_needed is None:
         dense_needed = store is None or find_dense(store, loaded, evaluation) is None
     passes_eval = 1 + int(dense_needed)
-    fixed = cost.fixed_per_hidden * loaded.hidden_size
+    fixed = cost.fixed_per_hidden * loaded.hidden_size * decoder_share(loaded)  # per-layer work, not the head
     return estimate_seconds(loaded.model, cost.passes * calib + passes_eval * evaluated + fixed)
 
 
