@@ -23,7 +23,13 @@ from engine.core.models import LoadedModel, dense_size_metrics
 from engine.core.out_of_memory import explain_out_of_memory
 from engine.core.paths import cache_root, unused_folder
 from engine.core.progress import StageProgress, Timer, stage_callback
-from engine.evaluation.divergence import DenseReference, DivergenceMeter, cached_reference, remember
+from engine.evaluation.divergence import (
+    DenseReference,
+    DivergenceMeter,
+    cached_reference,
+    divergence_seconds_per_position,
+    remember,
+)
 from engine.evaluation.latency import compare_latency, describe_seconds, estimate_seconds
 from engine.evaluation.paired import paired_change
 from engine.evaluation.perplexity import perplexity
@@ -267,20 +273,22 @@ def estimate_run_seconds(loaded: LoadedModel, plan, calibration: DataSpec, evalu
                          store: ResultsStore | None = None, dense_needed: bool | None = None) -> float:
     """Rough wall time (s) of one run of ``plan``: compression, plus dense and compressed evaluation.
 
-    Run time = ((passes · calibration tokens + fixed · hidden size) · decoder share + evaluations · evaluated
-    tokens) / forward throughput, with the method's :class:`~engine.methods.base.RunCost` (calibration passes
-    and per-layer work run the decoder layers, not the output head: :func:`decoder_share`; evaluations: 2 while
-    dense is not stored on these windows, or as ``dense_needed`` says, else 1).  ``bench/estimates.py`` compares it with
-    measured runs.
+    Run time = (passes · calibration tokens + fixed · hidden size) · decoder share / forward throughput, with the
+    method's :class:`~engine.methods.base.RunCost` (calibration passes and per-layer work run the decoder
+    layers, not the output head: :func:`decoder_share`), plus the compressed model's evaluation and, while dense
+    is not stored on these windows (or as ``dense_needed`` says), dense's (:func:`evaluation_seconds`).
+    ``bench/estimates.py`` compares it with measured runs.
     """
     cost = method_for(plan).cost(plan)
-    calib = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen).input_ids.numel() * decoder_share(loaded)
-    evaluated = token_windows(evaluation.data, loaded.tokenizer, loaded.max_seqlen).input_ids.numel()
+    calib = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen).input_ids.numel()
     if dense_needed is None:
         dense_needed = store is None or find_dense(store, loaded, evaluation) is None
-    passes_eval = 1 + int(dense_needed)
-    fixed = cost.fixed_per_hidden * loaded.hidden_size * decoder_share(loaded)  # per-layer work, not the head
-    return estimate_seconds(loaded.model, cost.passes * calib + passes_eval * evaluated + fixed)
+    fixed = cost.fixed_per_hidden * loaded.hidden_size  # per-layer work: decoder layers, not the head
+    seconds = estimate_seconds(loaded.model, (cost.passes * calib + fixed) * decoder_share(loaded))
+    seconds += evaluation_seconds(loaded, evaluation.data, dense=False)
+    if dense_needed:
+        seconds += evaluation_seconds(loaded, evaluation.data, dense=True)
+    return seconds
 
 
 def run_estimate(loaded: LoadedModel, plan, calibration: DataSpec, evaluation: EvalPlan,
@@ -301,9 +309,14 @@ def sweep_estimate(loaded: LoadedModel, plans, calibration: DataSpec, evaluation
     return describe_seconds(seconds) + (" + zero-shot tasks" if evaluation.tasks else "")
 
 
-def evaluation_seconds(loaded: LoadedModel, spec: DataSpec) -> float:
-    """Rough wall time (s) of one perplexity evaluation over ``spec``'s windows."""
-    return estimate_seconds(loaded.model, token_windows(spec, loaded.tokenizer, loaded.max_seqlen).input_ids.numel())
+def evaluation_seconds(loaded: LoadedModel, spec: DataSpec, dense: bool = True) -> float:
+    """Rough wall time (s) of one evaluation over ``spec``'s windows: the forward passes, plus recording dense's
+    next-token reference (``dense``) or measuring KL divergence against it (a compressed model), both
+    proportional to the vocabulary (:func:`~engine.evaluation.divergence.divergence_seconds_per_position`)."""
+    windows = token_windows(spec, loaded.tokenizer, loaded.max_seqlen)
+    record, measure = divergence_seconds_per_position(loaded.model.config.vocab_size, loaded.device)
+    positions = windows.n_windows * (windows.seqlen - 1)
+    return estimate_seconds(loaded.model, windows.input_ids.numel()) + positions * (record if dense else measure)
 
 
 def decoder_share(loaded: LoadedModel) -> float:
