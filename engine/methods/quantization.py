@@ -167,14 +167,22 @@ class Quantization(Method):
         from engine.export.ct_folder import ct_unsupported
 
         spec = quantizer_spec_of(record)
-        ct = None
+        ct = gguf = None
+        if spec.method != LLAMACPP and loaded is not None:  # LayerLab's grid: GGUF for the families it maps
+            from engine.export.gguf_file import check_gguf_family
+            from engine.export.hf_folder import ExportError
+
+            try:
+                check_gguf_family(loaded.model)
+            except ExportError as err:
+                gguf = f"{err} (or quantize with llama.cpp's types, which export as GGUF for this model)"
         if spec.method == LLAMACPP:
             ct = ("this run holds llama.cpp's types, which only GGUF stores; quantize with the symmetric research "
                   "grid for a compressed-tensors folder.")
         elif loaded is not None:
             ct = ct_unsupported(loaded, spec)
         formats = {"hf": "Quantized runs export as GGUF or compressed-tensors (a Hugging Face folder would hold "
-                         "dequantized 16-bit weights).", "gguf": None, "ct": ct}
+                         "dequantized 16-bit weights).", "gguf": gguf, "ct": ct}
         runtime = runtime_named(record.config.get("target_runtime") or DEFAULT_RUNTIME)
         if runtime.export is not None:  # made for one runtime: only its format, the others say what to re-run
             other = {"gguf": "llama.cpp (GGUF)", "ct": "vLLM or transformers (compressed-tensors)"}
