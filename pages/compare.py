@@ -70,7 +70,8 @@ with st.expander("Sweep every method at matched sizes"):
                "runs still appear on the chart.")
     left, right = st.columns(2)
     if points and left.button(f"Run the sweep ({len(points)} runs, "
-                              f"{sweep_estimate(loaded, points, calibration, plan_eval, store)})", type="primary"):
+                              f"{sweep_estimate(loaded, points, calibration, plan_eval, store)})", type="primary",
+                              key="compare_sweep"):
         with right:
             cancel_button("compare")
         try:
@@ -104,7 +105,7 @@ with st.expander("Stack two methods: slice or drop, then quantize"):
     then = QuantPlan(quantizers[0], 128, high, low, fraction, ordering="lim", zero_point=zero_point,
                      runtime=runtime.key)
     stack_cost = run_estimate(loaded, StackPlan(first, then), calibration, plan_eval, store)
-    if st.button(f"Run the stack ({stack_cost})",
+    if st.button(f"Run the stack ({stack_cost})", key="compare_stack",
                  help="Both stages work on copies; the record stores each stage's plan."):
         try:
             outcome = run_stacked(store, loaded, first, then, calibration, plan_eval,

@@ -50,7 +50,7 @@ if spec is not None:
     again = st.checkbox("Measure again", key="baseline_again", disabled=existing is None,
                         help="A baseline on these windows is stored already; tick to store a new measurement.")
     cost = "stored" if existing is not None and not again else describe_seconds(evaluation_seconds(loaded, spec))
-    if st.button(f"Measure baseline perplexity ({cost})", type="primary"):
+    if st.button(f"Measure baseline perplexity ({cost})", type="primary", key="measure_baseline"):
         try:
             if existing is not None and not again:
                 record = existing

@@ -167,10 +167,10 @@ full_plan = EvalPlan(evaluation, **zero_shot)
 preview_plan = EvalPlan(replace(evaluation, n_windows=min(PREVIEW_WINDOWS, evaluation.n_windows)), preview=True)
 preview = left.button(f"Preview ({preview_plan.data.n_windows} windows, "
                       f"{run_estimate(loaded, plan, calibration, preview_plan, store)})",
-                      type="primary",
+                      type="primary", key="quant_preview",
                       help="A quick, noisy look: stored and drawn as a preview, with dense on the same windows.")
 full = mid.button(f"Full evaluation ({evaluation.n_windows} windows, "
-                  f"{run_estimate(loaded, plan, calibration, full_plan, store)})")
+                  f"{run_estimate(loaded, plan, calibration, full_plan, store)})", key="quant_full")
 memory_note(loaded, plan, calibration, full_plan, allocation)
 if preview or full:
     with right:

@@ -43,7 +43,7 @@ except DataError as err:
     st.stop()
 if found is None:
     left, right = st.columns([1, 3])
-    if left.button(f"Compute scores ({estimate})", type="primary"):
+    if left.button(f"Compute scores ({estimate})", type="primary", key="compute_scores"):
         with right:
             cancel_button("scores")
         try:

@@ -125,7 +125,7 @@ if matrix is None or scores is None:
                 + (f" Forward-equivalents per action over all {loaded.num_layers} layers (each layer re-runs only "
                    f"the layers after it): {per_action}." if per_action else ""))
     left, right = st.columns([1, 3])
-    if left.button(f"Measure sensitivity ({estimate.text()})", type="primary"):
+    if left.button(f"Measure sensitivity ({estimate.text()})", type="primary", key="measure_sensitivity"):
         with right:
             cancel_button("sensitivity")
         progress = progress_callback("Sensitivity")

@@ -45,7 +45,7 @@ for number, step in enumerate(steps, start=1):
 if (note := skipped_note(loaded)) is not None:
     st.caption(f"Left out for this model: {note}")
 left, right = st.columns(2)
-if left.button(f"Start the guided run ({describe_seconds(first_run_seconds(steps))})", type="primary",
+if left.button(f"Start the guided run ({describe_seconds(first_run_seconds(steps))})", type="primary", key="guided",
                help="Each run is stored like any other: the Results page and the trade-off charts show them."):
     with right:
         cancel_button("first_run")

@@ -87,7 +87,7 @@ def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, eval
         return
     if result is None:
         left, right = st.columns(2)
-        if left.button(f"Optimize for budget ({estimate} + checking candidates)", type="primary"):
+        if left.button(f"Optimize for budget ({estimate} + checking candidates)", type="primary", key="optimize_bits"):
             with right:
                 cancel_button("optimize_bits")
             try:
@@ -118,7 +118,7 @@ def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, eval
     runs = result.comparison_runs()
     cost = run_estimate(loaded, plan.quant_plan(), calibration, evaluation, store)
     if st.button(f"Run the optimizer's allocation and the {len(runs) - 1} orderings on evaluation text "
-                 f"(≈ {len(runs)} × {cost})"):
+                 f"(≈ {len(runs)} × {cost})", key="run_optimizer_allocation"):
         progress = progress_callback("Evaluating")
         try:
             shown = False
@@ -183,7 +183,8 @@ def slicing_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, e
         return
     if result is None:
         left, right = st.columns(2)
-        if left.button(f"Find best schedule ({estimate} + {checks + 2} slicings at most)", type="primary"):
+        if left.button(f"Find best schedule ({estimate} + {checks + 2} slicings at most)", type="primary",
+                       key="optimize_slicing"):
             with right:
                 cancel_button("optimize_slicing")
             try:
@@ -207,7 +208,7 @@ def slicing_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, e
     show_chart(charts.schedule_chart(widths, f"{loaded.source}; {best.name}"), "optimizer_schedule",
                f"The chosen schedule: {best.name}, average {best.fraction:.3f} removed.", widths)
     cost = run_estimate(loaded, best.plan(target, int(round_to), hidden), calibration, evaluation, store)
-    if st.button(f"Run the chosen schedule on evaluation text ({cost})"):
+    if st.button(f"Run the chosen schedule on evaluation text ({cost})", key="run_chosen_schedule"):
         try:
             outcome = run_slicing(store, loaded, best.plan(target, int(round_to), hidden), calibration, evaluation,
                                   schedule=best.schedule(hidden), progress=progress_callback("Slicing"))

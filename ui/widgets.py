@@ -270,7 +270,7 @@ def compute_scores_prompt(store, loaded: LoadedModel, calibration: DataSpec, nee
     if missing is not None and missing.compute is not None:
         st.info(f"{need} needs the {missing.what} on this calibration text (not computed yet).")
         left, right = st.columns(2)
-        if left.button(f"Compute the {missing.what} ({missing.estimate})", type="primary"):
+        if left.button(f"Compute the {missing.what} ({missing.estimate})", type="primary", key="compute_missing"):
             with right:
                 cancel_button("measure")
             try:
@@ -282,7 +282,8 @@ def compute_scores_prompt(store, loaded: LoadedModel, calibration: DataSpec, nee
             st.rerun()
         st.stop()
     st.info(f"{need} needs LR scores on this calibration text (not computed yet).")
-    if st.button(f"Compute LR scores ({scoring_estimate(loaded, calibration)})", type="primary"):
+    if st.button(f"Compute LR scores ({scoring_estimate(loaded, calibration)})", type="primary",
+                 key="compute_lr_scores"):
         try:
             compute_scores(store, loaded, calibration, progress=progress_callback("LR scores"))
         except (DataError, ValueError) as err:
@@ -330,7 +331,7 @@ def run_controls(loaded: LoadedModel, name: str, estimate: str, save_label: str,
     """
     left, right = st.columns(2)
     save = left.checkbox(save_label, key=kept(f"{name}_save"))
-    if left.button(f"Run {name} ({estimate})", type="primary",
+    if left.button(f"Run {name} ({estimate})", type="primary", key=f"run_{name}",
                    help="Works on a copy (the loaded model is never changed), then measures it and dense on the "
                    "same windows."):
         with right:

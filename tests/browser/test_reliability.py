@@ -120,7 +120,7 @@ def test_leaving_a_page_mid_run_says_the_run_stopped_and_stores_nothing(page, se
     before = [r.id for r in ResultsStore().runs()]
     page.goto(f"{server}/slicing")
     page.get_by_text("Schedule preview").wait_for()
-    _small_data(page, calib_windows=24, calib_seqlen=256)
+    _small_data(page, calib_windows=8, calib_seqlen=256)  # a run of some seconds: long enough to leave it
     scores_ready(page, "Achieved mean slicing")
     press(page, page.get_by_role("button", name="Run slicing"), page.get_by_text("Slicing · slicing:"))
     page.get_by_text("Stay on this page until it finishes").wait_for()

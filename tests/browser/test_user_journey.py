@@ -161,6 +161,9 @@ def test_three_pins_with_one_title_are_three_charts_in_the_report(page, steps, s
     lists three pins and the downloaded report holds three sections with that title and the note."""
     page.goto(f"{server}/quantization")
     page.get_by_role("heading", name="Bit map preview").wait_for()
+    _open_data(page)
+    _set_number(page, "Calibration windows", CALIB[0])  # the journey's scores: cached when it ran first
+    _set_number(page, "Calibration seqlen (tokens)", CALIB[1])
     scores_ready(page, r"^Average [0-9]")
     low = page.get_by_role("slider").nth(1)
     for n, level in enumerate((2, 3, 4)):
