@@ -63,14 +63,11 @@ def run_runtimes(frame: pd.DataFrame) -> pd.Series:
 
 
 def filter_runs(frame: pd.DataFrame, models=None, methods=None, data_label: str | None = None,
-                include_previews: bool = True, fingerprint: str | None = None, runtimes=None) -> pd.DataFrame:
-    """Rows of ``frame`` matching the given models, methods, evaluation data, weights and target runtimes
-    (None = any)."""
+                include_previews: bool = True, fingerprint: str | None = None) -> pd.DataFrame:
+    """Rows of ``frame`` matching the given models, methods, evaluation data and weights (None = any)."""
     if frame.empty:
         return frame
     keep = pd.Series(True, index=frame.index)
-    if runtimes is not None:
-        keep &= run_runtimes(frame).isin(list(runtimes))
     if fingerprint is not None:
         keep &= frame["fingerprint"] == fingerprint
     if models is not None:
