@@ -20,7 +20,7 @@ Exports call ``rebuild`` (the model a stored run evaluated, from its record) and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -81,7 +81,6 @@ class Compressed:
     size: dict
     config: dict
     artifact: Any = None
-    notes: list[str] = field(default_factory=list)
 
 
 class Method:
@@ -124,10 +123,6 @@ class Method:
 
     def group_size(self, plan) -> int | None:
         return 128
-
-    def needs_scores(self, plan) -> bool:
-        """Whether ``prepare`` reads LR / ZD scores (computed once per model and calibration, then stored)."""
-        return False
 
     # -------------------------------------------------------------- the run
 

@@ -34,9 +34,6 @@ class Dropping(Method):
     def memory_profile(self, plan: DropPlan) -> str:
         return "dropping"
 
-    def needs_scores(self, plan: DropPlan) -> bool:
-        return plan.by != "custom"
-
     def prepare(self, store, loaded, plan, calibration, progress=None, compute=True) -> list[int]:
         return dropped_layers(store, loaded, plan, calibration, progress, compute=compute)
 

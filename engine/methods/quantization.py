@@ -100,9 +100,6 @@ class Quantization(Method):
     def group_size(self, plan: QuantPlan) -> int | None:
         return plan.group_size
 
-    def needs_scores(self, plan: QuantPlan) -> bool:
-        return plan.ordering in SCORED_ORDERINGS
-
     def prepare(self, store, loaded, plan, calibration, progress=None, compute=True) -> Allocation:
         return allocation_for(store, loaded, plan, calibration, progress, compute)[0]
 

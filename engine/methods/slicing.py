@@ -50,9 +50,6 @@ class Slicing(Method):
     def reads_calibration(self, plan: SlicingPlan) -> bool:
         return True
 
-    def needs_scores(self, plan: SlicingPlan) -> bool:
-        return plan.schedule == "dynamic"
-
     def prepare(self, store, loaded, plan, calibration, progress=None, compute=True) -> SlicingSchedule:
         return slicing_schedule(store, loaded, plan, calibration, progress, compute)
 

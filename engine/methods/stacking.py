@@ -57,9 +57,6 @@ class Stacking(Method):
     def code_bits(self, plan: StackPlan, prepared=None) -> int:
         return Quantization().code_bits(plan.then)
 
-    def needs_scores(self, plan: StackPlan) -> bool:
-        return first_stage(plan).needs_scores(plan.first) or Quantization().needs_scores(plan.then)
-
     def compress(self, store, loaded, plan: StackPlan, prepared, calibration: DataSpec, progress=None) -> Compressed:
         method = first_stage(plan)
         windows = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen)

@@ -186,11 +186,6 @@ def store_compressed(store: ResultsStore, loaded: LoadedModel, model: torch.nn.M
 # ---------------------------------------------------------------- any method
 
 
-def needs_scores(plan) -> bool:
-    """Whether a plan's schedule / ordering / choice is computed from LR or ZD scores."""
-    return method_for(plan).needs_scores(plan)
-
-
 def run_memory(loaded: LoadedModel, plan, calibration: DataSpec, evaluation: EvalPlan,
                prepared=None) -> MemoryPlan:
     """The memory plan of running ``plan`` (``prepared``: its previewed schedule / allocation / layers)."""
