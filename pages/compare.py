@@ -2,6 +2,7 @@
 
 import streamlit as st
 
+from engine.core.architectures import Feature
 from engine.core.data import DataError, token_windows
 from engine.core.out_of_memory import RunOutOfMemory
 from engine.quant.grid import LLAMACPP
@@ -87,7 +88,7 @@ with st.expander("Sweep every method at matched sizes"):
 
 with st.expander("Stack two methods: slice or drop, then quantize"):
     cols = st.columns(3)
-    can_slice = loaded.architecture.reason("slicing") is None
+    can_slice = loaded.architecture.reason(Feature.SLICING) is None
     first_kind = cols[0].radio("First", ["slice", "drop layers"] if can_slice else ["drop layers"],
                                key=kept("stack_first"),
                                help="SliceGPT's final rotation is meant to help later quantization.")

@@ -2,6 +2,7 @@
 
 import streamlit as st
 
+from engine.methods import Dropping
 from engine.runs.cached_scores import scores_if_cached
 from engine.runs.drop_choice import dropped_layers, measured_drop_kl
 from engine.runs.plans import DropPlan, EvalPlan
@@ -22,6 +23,7 @@ from ui.widgets import (
 )
 
 enter_through_the_router()  # a page opened by its own URL on a new server goes through app.py
+METHOD = Dropping.name  # this page's method, as its runs are stored
 
 BLOCKS = {"layer": "whole layers (ShortGPT)", "attention": "attention blocks only (LLM-Drop)",
           "mlp": "MLP blocks only (LLM-Drop)"}
@@ -41,6 +43,7 @@ st.caption(
     "text: by a score, or by the measured damage of dropping each one alone (the Sensitivity lab's KL); at once "
     "from the dense model, or iteratively (drop the top one, rank the rest again on the smaller model, repeat)."
 )
+
 calibration, evaluation, zero_shot = calibration_and_evaluation(loaded)
 cols = st.columns(4)
 block = cols[0].radio("Drop", list(BLOCKS), format_func=BLOCKS.get, key=kept("drop_block"))
@@ -81,14 +84,14 @@ else:
 
 plan_eval = EvalPlan(evaluation, **zero_shot)
 memory_note(loaded, plan, calibration, plan_eval, layers)
-run_controls(loaded, "dropping", run_estimate(loaded, plan, calibration, plan_eval, store),
+run_controls(loaded, METHOD, run_estimate(loaded, plan, calibration, plan_eval, store),
              "Save the dropped model under cache/dropped/",
              lambda save: run_dropping(store, loaded, plan, calibration, plan_eval, layers=layers,
                                        save_to=default_save_folder(loaded, plan) if save else None,
                                        progress=progress_callback("Dropping")))
 
 st.subheader("Trade-off")
-method_tradeoff(store, loaded, "dropping", evaluation, "dropping_tradeoff")
+method_tradeoff(store, loaded, METHOD, evaluation, f"{METHOD}_tradeoff")
 
 st.subheader("Export")
-export_section(store, loaded, "dropping", "dropping")
+export_section(store, loaded, METHOD, METHOD)

@@ -8,6 +8,7 @@ from engine.core.data import DataError
 from engine.export.ct_folder import ct_group_sizes
 from engine.export.gguf_llamacpp import llamacpp_details
 from engine.llamacpp.runtime import status as llamacpp_status
+from engine.methods import Quantization
 from engine.methods.quantization import allocation_for
 from engine.quant.ggml_types import OUTPUT_TYPES, TYPE_SETS
 from engine.quant.grid import LLAMACPP, METHODS, ZERO_POINTS
@@ -35,6 +36,7 @@ from ui.widgets import (
 )
 
 enter_through_the_router()  # a page opened by its own URL on a new server goes through app.py
+METHOD = Quantization.name  # this page's method, as its runs are stored
 
 ORDER_LABELS = {"lim": "LIM (layer input modification)", "zd": "ZD (weight z-scores)", "random": "random (seeded)",
                 "reversed-lim": "reversed LIM", "custom": "custom order"}
@@ -50,6 +52,7 @@ st.caption(
     "Layer-wise mixed precision (docs/methods.md §4): layers are ranked by importance and the least important move "
     "to the low bit level first. Weights are quantized group-wise (fp16 scale, and a zero point unless symmetric)."
 )
+
 if loaded.note:
     st.caption("The built-in model was distributed at 4 bits: 3- and 2-bit levels are the informative ones.")
 runtime = target_runtime()
@@ -115,9 +118,9 @@ if choose == "optimizer":
     bits_optimizer_panel(store, loaded, calibration, EvalPlan(evaluation, **zero_shot), quantizer, group_size,
                          level_options, imatrix, output_type, runtime.key)
     st.subheader("Trade-off")
-    method_tradeoff(store, loaded, "quantization", evaluation, "quantization_tradeoff")
+    method_tradeoff(store, loaded, METHOD, evaluation, f"{METHOD}_tradeoff")
     st.subheader("Export")
-    export_section(store, loaded, "quantization", "quantization")
+    export_section(store, loaded, METHOD, METHOD)
     st.stop()
 # each level set keeps its own sliders
 family = f"_ggml_{ggml_types}" if quantizer == LLAMACPP else own
@@ -174,7 +177,7 @@ full = mid.button(f"Full evaluation ({evaluation.n_windows} windows, "
 memory_note(loaded, plan, calibration, full_plan, allocation)
 if preview or full:
     with right:
-        cancel_button("quantization")
+        cancel_button(METHOD)
     try:
         outcome = run_quantization(store, loaded, plan, calibration, preview_plan if preview else full_plan,
                                    allocation=allocation, progress=progress_callback("Quantizing"))
@@ -202,7 +205,7 @@ with right.popover("Ordering sweep (the paper's chart)"):
             st.warning(f"{failed.series()}: {message}")
 
 st.subheader("Trade-off")
-method_tradeoff(store, loaded, "quantization", evaluation, "quantization_tradeoff")
+method_tradeoff(store, loaded, METHOD, evaluation, f"{METHOD}_tradeoff")
 
 st.subheader("Export")
-export_section(store, loaded, "quantization", "quantization")
+export_section(store, loaded, METHOD, METHOD)

@@ -23,6 +23,15 @@ enter_through_the_router()  # a page opened by its own URL on a new server goes 
 
 store = results_store()
 st.title("Results")
+stopped = store.interrupted()
+if not stopped.empty:
+    with st.expander(f"Interrupted computations ({len(stopped)}): stopped before they finished, not stored as runs"):
+        st.dataframe(stopped.rename(columns={"created_at": "noticed (UTC)", "completed": "got as far as"}),
+                     hide_index=True)
+        if st.button("Forget interrupted computations", key="forget_interrupted",
+                     help="Removes this list only; stored runs are untouched."):
+            store.clear_interrupted()
+            st.rerun()
 runs = store.runs_frame()
 if runs.empty:
     st.info("No stored runs yet. Measure a baseline on the Model page, or run a compression.")

@@ -2,6 +2,8 @@
 
 import streamlit as st
 
+from engine.core.architectures import Feature
+from engine.methods import Slicing
 from engine.methods.slicing import slicing_schedule
 from engine.runs.plans import EvalPlan, SlicingPlan
 from engine.runs.runner import default_save_folder, run_estimate, run_slicing, sweep_estimate
@@ -29,6 +31,7 @@ from ui.widgets import (
 )
 
 enter_through_the_router()  # a page opened by its own URL on a new server goes through app.py
+METHOD = Slicing.name  # this page's method, as its runs are stored
 
 loaded = require_model()
 store = results_store()
@@ -41,7 +44,8 @@ st.caption(
     "calibration text) and drop the least important dimensions. Dynamic slicing gives redundant layers "
     "(high LR) more slicing: FS_i = SB + (SP − SB)·v_i / mean(v), v = min-max normalised LR."
 )
-unavailable = loaded.architecture.unavailable_message("slicing")
+
+unavailable = loaded.architecture.unavailable_message(Feature.SLICING)
 if unavailable:  # before any control: nothing to set up for a run that would be refused
     st.warning(unavailable + " Dropping whole layers works on every model.")
     st.stop()
@@ -65,7 +69,7 @@ if source == "best":
         st.stop()
     slicing_optimizer_panel(store, loaded, calibration, EvalPlan(evaluation, **zero_shot), target, int(round_to))
     st.subheader("Trade-off")
-    method_tradeoff(store, loaded, "slicing", evaluation, "slicing_tradeoff")
+    method_tradeoff(store, loaded, METHOD, evaluation, f"{METHOD}_tradeoff")
     st.stop()
 fractions = ()
 if source == "custom":
@@ -97,7 +101,7 @@ if flat_note:
 
 plan_eval = EvalPlan(evaluation, **zero_shot)
 memory_note(loaded, plan, calibration, plan_eval, schedule)
-run_controls(loaded, "slicing", run_estimate(loaded, plan, calibration, plan_eval, store),
+run_controls(loaded, METHOD, run_estimate(loaded, plan, calibration, plan_eval, store),
              "Save the sliced model under cache/sliced/",
              lambda save: run_slicing(store, loaded, plan, calibration, plan_eval, schedule=schedule,
                                       save_to=default_save_folder(loaded, plan) if save else None,
@@ -116,7 +120,7 @@ with st.popover("Sweep a grid"):
             st.warning(f"{failed.series()} SP={failed.target:.0%}: {message}")
 
 st.subheader("Trade-off")
-method_tradeoff(store, loaded, "slicing", evaluation, "slicing_tradeoff")
+method_tradeoff(store, loaded, METHOD, evaluation, f"{METHOD}_tradeoff")
 
 st.subheader("Export")
-export_section(store, loaded, "slicing", "slicing")
+export_section(store, loaded, METHOD, METHOD)

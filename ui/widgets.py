@@ -14,6 +14,7 @@ from engine.runs.record import acc_key, acc_metric_key, acc_n_key, acc_stderr_ke
 from engine.runs.summary import COST_THRESHOLD, change_text, run_warnings
 from engine.viz.tradeoff import filter_runs, quality_axes, run_runtimes, size_axes, tradeoff_figure
 from ui.report_pins import pin_button
+from ui.session import current_model, results_store
 from ui.state import kept
 
 DEFAULTS = {"calibration": (DEFAULT_CALIB_WINDOWS, DEFAULT_CALIB_SEQLEN),
@@ -77,43 +78,60 @@ def calibration_and_evaluation(loaded: LoadedModel, evaluation: bool = True):
 
 
 RUNNING = "_running"
-"""Session key of the long computation under way (its label, page and start), cleared when the script ends."""
+"""Session key of the long computation under way (its label, page, model, start and progress), cleared when the
+script ends."""
 PAGE = "_page_title"
 """Session key of the page being shown (the router sets it)."""
+_CANCEL_SLOTS = "_cancel_slots"
+"""Session key of the Cancel buttons drawn in this script run (emptied when it ends)."""
 
 
 def progress_callback(label: str):
-    """A Streamlit progress bar and a ``(stage, done, total)`` callback that moves it.
+    """A progress bar on the page and in the sidebar, and a ``(stage, done, total)`` callback that moves both.
 
-    Marks the computation as under way (:data:`RUNNING`): if the script is interrupted before it ends (the user
-    left the page or clicked another control), the next run of any page says so (:func:`interrupted_notice`).
+    Marks the computation as under way (:data:`RUNNING`) with how far it got: if the script is interrupted
+    before it ends (the user left the page or clicked another control), the next run of any page says so and
+    stores it as interrupted (:func:`interrupted_notice`).
     """
-    st.session_state[RUNNING] = {"label": label, "page": st.session_state.get(PAGE, "its page"),
-                                 "started": time.strftime("%H:%M:%S")}
-    st.caption("Stay on this page until it finishes: leaving it, or clicking another control, stops the work, "
-               "and what has not finished is not stored.")
+    loaded = current_model()
+    mark = {"label": label, "page": st.session_state.get(PAGE, "its page"), "started": time.strftime("%H:%M:%S"),
+            "model": loaded.source if loaded is not None else "", "completed": "started"}
+    st.session_state[RUNNING] = mark
+    st.caption("Stay on this page until it finishes: leaving it, or clicking another control, stops the work; "
+               "the Results page then lists it as interrupted, with how far it got.")
     bar = st.progress(0.0, text=label)
+    side = st.sidebar.progress(0.0, text=f"Running: {label}")
 
     def update(stage: str, done: int, total: int) -> None:
-        bar.progress(min(1.0, done / max(total, 1)), text=f"{label} · {stage}: {done}/{total}")
+        fraction = min(1.0, done / max(total, 1))
+        mark["completed"] = f"{stage}: {done}/{total}"
+        bar.progress(fraction, text=f"{label} · {stage}: {done}/{total}")
+        side.progress(fraction, text=f"Running: {label} · {stage} {done}/{total}")
 
     return update
 
 
 def interrupted_notice() -> None:
-    """Say so when the previous script run was interrupted while a computation was under way (and forget it)."""
+    """Say so when the previous script run was interrupted while a computation was under way, store it as
+    interrupted (unless the user cancelled it) and forget it."""
+    st.session_state.pop(_CANCEL_SLOTS, None)  # elements of an earlier script run: never touched again
     found = st.session_state.pop(RUNNING, None)
     if found and found.get("cancelled"):
-        st.info(f"Cancelled: {found['label']}. Nothing from the interrupted run was stored.")
+        st.info(f"Cancelled: {found['label']}. Nothing from the cancelled run was stored.")
     elif found:
+        results_store().add_interrupted(model=found.get("model", ""), label=found["label"], page=found["page"],
+                                        started=found["started"], completed=found.get("completed", "started"))
         st.warning(f"**{found['label']}** (started {found['started']} on {found['page']}) stopped before it "
-                   "finished: the page was left, or another control was clicked. What had not finished was not "
-                   "stored (a sweep keeps the runs it completed); start it again there.")
+                   f"finished, at {found.get('completed', 'its start')}: the page was left, or another control was "
+                   "clicked. The Results page lists it as interrupted; its partial results were not stored as a run "
+                   "(a sweep keeps the runs it completed). Start it again there.")
 
 
 def computation_finished() -> None:
-    """The script ended (normally or by ``st.stop()``): whatever ran in it ran to its end."""
+    """The script ended (normally or by ``st.stop()``): whatever ran in it ran to its end; its Cancel buttons go."""
     st.session_state.pop(RUNNING, None)
+    for slot in st.session_state.pop(_CANCEL_SLOTS, []):
+        slot.empty()
 
 
 def computed_on(loaded: LoadedModel, data_label: str) -> str:
@@ -219,7 +237,10 @@ def cancel_button(key: str, label: str = "Cancel run") -> None:
     Runs write to the store only when they finish, and no computation restarts on its own, so a
     cancelled run leaves nothing behind and stays stopped.
     """
-    st.button(label, key=f"cancel_{key}", help="Stops this job; nothing half-done is stored.", on_click=_cancelled)
+    slot = st.empty()  # emptied when the script ends (computation_finished): no Cancel once nothing runs
+    slot.button(label, key=f"cancel_{key}", help="Stops this job; nothing half-done is stored.",
+                on_click=_cancelled)
+    st.session_state.setdefault(_CANCEL_SLOTS, []).append(slot)
 
 
 def _cancelled() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 
 import torch
 from torch import nn
@@ -27,16 +28,26 @@ class UnsupportedArchitectureError(ValueError):
     """The model has no table entry and its layout cannot be discovered; the message says what was found."""
 
 
-# Feature keys of Architecture.unavailable (feature -> reason shown to the user).
-FEATURES = {
-    "sublayer": "attention / MLP sublayer cosines",
-    "quantization": "layer-wise quantization (RTN)",
-    "gptq": "GPTQ quantization",
-    "drop-attention": "dropping attention blocks",
-    "drop-mlp": "dropping MLP blocks",
-    "slicing": "slicing (SliceGPT)",
+class Feature(StrEnum):
+    """What a model's layout may not support: the keys of :attr:`Architecture.unavailable`."""
+
+    SUBLAYER = "sublayer"
+    QUANTIZATION = "quantization"
+    GPTQ = "gptq"
+    DROP_ATTENTION = "drop-attention"
+    DROP_MLP = "drop-mlp"
+    SLICING = "slicing"
+
+
+FEATURES = {  # feature -> what it is, in the words of the message shown to the user
+    Feature.SUBLAYER: "attention / MLP sublayer cosines",
+    Feature.QUANTIZATION: "layer-wise quantization (RTN)",
+    Feature.GPTQ: "GPTQ quantization",
+    Feature.DROP_ATTENTION: "dropping attention blocks",
+    Feature.DROP_MLP: "dropping MLP blocks",
+    Feature.SLICING: "slicing (SliceGPT)",
 }
-METHOD_FEATURES = ("quantization", "gptq", "slicing", "drop-attention", "drop-mlp")
+METHOD_FEATURES = (Feature.QUANTIZATION, Feature.GPTQ, Feature.SLICING, Feature.DROP_ATTENTION, Feature.DROP_MLP)
 """Features that are compression methods (offered instead when one is unavailable); dropping whole layers
 works on every model."""
 

@@ -34,7 +34,7 @@ import re
 import torch
 from torch import nn
 
-from engine.core.architectures import Architecture, ExpertLinear, UnsupportedArchitectureError, get_submodule
+from engine.core.architectures import Architecture, ExpertLinear, Feature, UnsupportedArchitectureError, get_submodule
 
 # Families whose decoder-layer forward the sliced layer reproduces, verified
 # exact at 0% slicing by tests/slicing/test_families.py.
@@ -386,32 +386,32 @@ def slicing_refusal(model: nn.Module, arch: Architecture) -> str | None:
     return None
 
 
-def feature_refusals(model: nn.Module, arch: Architecture) -> dict[str, str]:
+def feature_refusals(model: nn.Module, arch: Architecture) -> dict[Feature, str]:
     """Feature key -> reason, for every feature this model's layout cannot support."""
     out: dict[str, str] = {}
     layers = arch.decoder_layers(model)
     norms = _norm_children(layers[0])
     if not arch.attention:
-        out["sublayer"] = "no attention submodule was found in the decoder layer, so it cannot be split in two."
-        out["drop-attention"] = "no attention submodule was found in the decoder layer."
+        out[Feature.SUBLAYER] = "no attention submodule was found in the decoder layer, so it cannot be split in two."
+        out[Feature.DROP_ATTENTION] = "no attention submodule was found in the decoder layer."
     elif len(norms) > 2:
-        out["sublayer"] = (f"norms on the block outputs ({', '.join(norms)}): the attention module's output is not "
-                           "what is added to the residual stream.")
+        out[Feature.SUBLAYER] = (f"norms on the block outputs ({', '.join(norms)}): the attention module's output "
+                                 "is not what is added to the residual stream.")
     if not arch.mlp:
-        out["drop-mlp"] = ("the MLP is no submodule of the decoder layer" +
+        out[Feature.DROP_MLP] = ("the MLP is no submodule of the decoder layer" +
                            (f" ({' -> '.join(arch.mlp_steps)} sit on the layer)" if arch.mlp_steps else "") + ".")
     if not arch.attn_norm or (not arch.mlp_norm and arch.mlp):
-        out.setdefault("drop-attention", "the decoder layer's norms were not found.")
-        out.setdefault("drop-mlp", "the decoder layer's norms were not found.")
+        out.setdefault(Feature.DROP_ATTENTION, "the decoder layer's norms were not found.")
+        out.setdefault(Feature.DROP_MLP, "the decoder layer's norms were not found.")
     if not arch.linears:
         found = sorted({type(m).__name__ for m in layers[0].modules() if m is not layers[0]})
-        out["quantization"] = ("no nn.Linear modules were found in the decoder layers (found: "
+        out[Feature.QUANTIZATION] = ("no nn.Linear modules were found in the decoder layers (found: "
                                f"{', '.join(found) or 'nothing'}); e.g. GPT-2's Conv1D stores weights as [in, out].")
-        out["gptq"] = out["quantization"]
+        out[Feature.GPTQ] = out[Feature.QUANTIZATION]
     elif any("[" in p for p in arch.linears.values()):
-        out["gptq"] = ("GPTQ hooks each linear's inputs, and this model's experts are fused 3-D tensors with no "
+        out[Feature.GPTQ] = ("GPTQ hooks each linear's inputs, and this model's experts are fused 3-D tensors with no "
                        "per-expert module; RTN quantizes every expert.")
     reason = slicing_refusal(model, arch)
     if reason:
-        out["slicing"] = reason
+        out[Feature.SLICING] = reason
     return out

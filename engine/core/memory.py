@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import torch
 from torch import nn
@@ -33,8 +34,16 @@ from engine.core.architectures import Architecture
 
 GIB = 2**30
 HEADROOM = 1.10  # the plan must fit with 10% to spare (allocator slack, fragmentation)
-PROFILES = ("dropping", "quantization-rtn", "quantization-gptq", "slicing")
-"""What a run holds, by kind (each method in :mod:`engine.methods` names its profile)."""
+class MemoryProfile(StrEnum):
+    """What a run holds while it builds and evaluates (each method in :mod:`engine.methods` names its profile)."""
+
+    DROPPING = "dropping"  # the base's own tensors, nothing built
+    RTN = "quantization-rtn"  # codes (or a materialised copy)
+    GPTQ = "quantization-gptq"  # codes, plus a working copy, calibration signals and Hessians while building
+    SLICING = "slicing"  # a sliced copy, plus calibration signals and covariances while building
+
+
+PROFILES = tuple(MemoryProfile)
 
 
 @dataclass(frozen=True)
@@ -223,14 +232,14 @@ def plan_memory(shape: ModelShape, method: str, device: torch.device | str, *, c
     s, hidden = shape.element_size, shape.hidden
     held: dict[str, int] = {}  # kept from compression through evaluation
     building: dict[str, int] = {}  # only while the variant is built
-    if method.startswith("quantization"):
+    if method in (MemoryProfile.RTN, MemoryProfile.GPTQ):
         held["codes" if holds_codes else "materialised copy"] = \
             code_bytes(shape, group_size, code_bits) if holds_codes else shape.bytes
-        if method == "quantization-gptq":
+        if method == MemoryProfile.GPTQ:
             building["working copy"] = shape.bytes
             building["calibration signals"] = 2 * calib_tokens * hidden * s
             building["Hessians"] = 2 * 8 * max(i for _, i in shape.linear_shapes) ** 2
-    elif method == "slicing":
+    elif method == MemoryProfile.SLICING:
         held["sliced model"] = shape.bytes  # new tensors over the base's: at most a full copy (0.86 at 25%)
         building["calibration signals"] = 2 * calib_tokens * hidden * 4
         building["covariances"] = 2 * 8 * hidden * hidden

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.core.architectures import Architecture, architecture_of, get_submodule
+from engine.core.architectures import Architecture, Feature, architecture_of, get_submodule
 from engine.core.models import LoadedModel
 from engine.core.paths import atomic_folder
 from engine.core.sharing import shell_copy
@@ -122,7 +122,7 @@ def drop_model(base: LoadedModel, block: str, layers: list[int], protect_ends: b
     ``layers``: decoder-layer indices of the dense model.  Dropping nothing gives an exact copy.
     """
     chosen = check_drop(base.num_layers, block, layers, protect_ends)
-    refusal = base.architecture.reason(f"drop-{block}") if block != "layer" else None
+    refusal = base.architecture.reason(Feature(f"drop-{block}")) if block != "layer" else None
     if refusal and chosen:
         raise DropError(f"{base.architecture.model_type} cannot drop {block} blocks: {refusal}")
     model = shell_copy(base.model).eval()  # the kept layers are the base's own tensors: dropping costs no weights

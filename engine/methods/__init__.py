@@ -43,4 +43,5 @@ def method_named(name: str) -> Method | None:
     return METHODS.get(name)
 
 
-__all__ = ["METHODS", "Compressed", "Method", "RunCost", "method_for", "method_named", "register"]
+__all__ = ["METHODS", "Compressed", "Dropping", "Method", "Quantization", "RunCost", "Slicing", "Stacking",
+           "method_for", "method_named", "register"]

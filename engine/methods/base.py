@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 
 from engine.core.data import DataSpec
+from engine.core.memory import MemoryProfile
 from engine.core.models import LoadedModel
 from engine.core.progress import StageProgress
 from engine.export.hf_folder import ExportError
@@ -93,6 +94,9 @@ class Method:
     """In sentences: ``The {title} run ran out of memory``."""
     folder: ClassVar[str]
     """``cache/<folder>/`` holds saved models of this method."""
+    series_word: ClassVar[str] = ""
+    """The word its series labels start with when not the name (``drop layers by lr``): a legend then needs no
+    ``method, `` prefix."""
     measures_latency: ClassVar[bool] = False
     """The compressed model has other shapes than dense: the runner times both (quantized runs keep dense's)."""
     rebuild_share: ClassVar[float] = 1.0
@@ -109,8 +113,8 @@ class Method:
     def cost(self, plan) -> RunCost:
         raise NotImplementedError
 
-    def memory_profile(self, plan) -> str:
-        """One of :data:`engine.core.memory.PROFILES`: what the run holds while it builds and evaluates."""
+    def memory_profile(self, plan) -> MemoryProfile:
+        """What the run holds while it builds and evaluates."""
         raise NotImplementedError
 
     def reads_calibration(self, plan) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine.core.memory import MemoryProfile
 from engine.core.models import LoadedModel, model_size
 from engine.dropping.drop_model import drop_model, save_dropped
 from engine.methods.base import NOT_QUANTIZED, Compressed, Method, RunCost
@@ -25,14 +26,15 @@ class Dropping(Method):
     plan_type = DropPlan
     title = "dropping"
     folder = "dropped"
+    series_word = "drop"
     measures_latency = True
     keeps_layers = False
 
     def cost(self, plan: DropPlan) -> RunCost:
         return RunCost(passes=0.0, fixed_per_hidden=2.8)
 
-    def memory_profile(self, plan: DropPlan) -> str:
-        return "dropping"
+    def memory_profile(self, plan: DropPlan) -> MemoryProfile:
+        return MemoryProfile.DROPPING
 
     def prepare(self, store, loaded, plan, calibration, progress=None, compute=True) -> list[int]:
         return dropped_layers(store, loaded, plan, calibration, progress, compute=compute)

@@ -7,13 +7,15 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from engine.core.architectures import Feature
 from engine.core.data import DataSpec, TokenWindows, token_windows
+from engine.core.memory import MemoryProfile
 from engine.core.models import LoadedModel, model_size
 from engine.core.progress import StageProgress, stage_callback
 from engine.export.gguf_llamacpp import llamacpp_details
 from engine.methods.base import Compressed, Method, RunCost, calibration_of
 from engine.quant.allocation import Allocation, allocate_average, allocate_fraction, layer_order
-from engine.quant.grid import LLAMACPP, QuantizerSpec
+from engine.quant.grid import GPTQ, LLAMACPP, QuantizerSpec
 from engine.quant.layer_bits import normalize_all
 from engine.quant.quantize_model import quantize_model
 from engine.quant.runtimes import DEFAULT_RUNTIME, RuntimeMismatch, runtime_named
@@ -83,13 +85,13 @@ class Quantization(Method):
         if saving and plan.quantizer == LLAMACPP:
             return ("A run in llama.cpp's types is saved as its GGUF file: run it without saving, then export "
                     "it as GGUF (Export, or `python -m engine export RUN --format gguf`).")
-        return loaded.architecture.unavailable_message("gptq" if plan.quantizer == "gptq" else "quantization")
+        return loaded.architecture.unavailable_message(Feature.GPTQ if plan.quantizer == GPTQ else Feature.QUANTIZATION)
 
     def cost(self, plan: QuantPlan) -> RunCost:
-        return RunCost(0.63, 16.7) if plan.quantizer == "gptq" else RunCost(0.33, 0.89)
+        return RunCost(0.63, 16.7) if plan.quantizer == GPTQ else RunCost(0.33, 0.89)
 
-    def memory_profile(self, plan: QuantPlan) -> str:
-        return "quantization-gptq" if plan.quantizer == "gptq" else "quantization-rtn"
+    def memory_profile(self, plan: QuantPlan) -> MemoryProfile:
+        return MemoryProfile.GPTQ if plan.quantizer == GPTQ else MemoryProfile.RTN
 
     def reads_calibration(self, plan: QuantPlan) -> bool:
         return plan.spec().needs_calibration

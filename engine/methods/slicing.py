@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine.core.architectures import Feature
 from engine.core.data import DataSpec, token_windows
+from engine.core.memory import MemoryProfile
 from engine.core.models import LoadedModel, model_size
 from engine.core.progress import StageProgress, stage_callback
 from engine.methods.base import NOT_QUANTIZED, Compressed, Method, RunCost, calibration_of
@@ -39,13 +41,13 @@ class Slicing(Method):
     measures_latency = True
 
     def refusal(self, loaded: LoadedModel, plan: SlicingPlan, saving: bool = False) -> str | None:
-        return loaded.architecture.unavailable_message("slicing")
+        return loaded.architecture.unavailable_message(Feature.SLICING)
 
     def cost(self, plan: SlicingPlan) -> RunCost:
         return RunCost(passes=1.52, fixed_per_hidden=5.8)
 
-    def memory_profile(self, plan: SlicingPlan) -> str:
-        return "slicing"
+    def memory_profile(self, plan: SlicingPlan) -> MemoryProfile:
+        return MemoryProfile.SLICING
 
     def reads_calibration(self, plan: SlicingPlan) -> bool:
         return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from engine.core.data import DataSpec, token_windows
+from engine.core.memory import MemoryProfile
 from engine.core.models import LoadedModel, model_size
 from engine.core.progress import stage_callback
 from engine.export.gguf_llamacpp import llamacpp_details
@@ -38,6 +39,7 @@ class Stacking(Method):
     plan_type = StackPlan
     title = "stacked"
     folder = "stacked"
+    series_word = "stack"
 
     def refusal(self, loaded: LoadedModel, plan: StackPlan, saving: bool = False) -> str | None:
         if saving:
@@ -48,7 +50,7 @@ class Stacking(Method):
         first, then = first_stage(plan).cost(plan.first), Quantization().cost(plan.then)
         return RunCost(first.passes + then.passes, first.fixed_per_hidden + then.fixed_per_hidden)
 
-    def memory_profile(self, plan: StackPlan) -> str:
+    def memory_profile(self, plan: StackPlan) -> MemoryProfile:
         return first_stage(plan).memory_profile(plan.first)
 
     def reads_calibration(self, plan: StackPlan) -> bool:

@@ -47,8 +47,10 @@ import torch
 
 from engine.quant.packing import pack_rows, unpack_rows
 
-METHODS = ("rtn", "gptq", "llama.cpp")
+RTN = "rtn"  # round to nearest on LayerLab's grid (engine.quant.grid)
+GPTQ = "gptq"  # GPTQ on the same grid (engine.quant.gptq)
 LLAMACPP = "llama.cpp"  # llama.cpp's own types and quantizer (engine.quant.ggml_weight)
+METHODS = (RTN, GPTQ, LLAMACPP)
 ZERO_POINTS = ("integer", "float", "symmetric")
 GROUP_PARAMS = ("static", "dynamic")
 PROPAGATIONS = ("sequential", "dense")

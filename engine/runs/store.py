@@ -33,6 +33,15 @@ CREATE TABLE IF NOT EXISTS runs (
     duration_s REAL NOT NULL,
     versions_json TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS interrupted (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at TEXT NOT NULL,
+    model TEXT NOT NULL,
+    label TEXT NOT NULL,
+    page TEXT NOT NULL,
+    started TEXT NOT NULL,
+    completed TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS cache_entries (
     key TEXT PRIMARY KEY,
     kind TEXT NOT NULL,
@@ -125,6 +134,26 @@ class ResultsStore:
             config["exports"] = [*config.get("exports", []), export]
             conn.execute("UPDATE runs SET config_json = ? WHERE id = ?", (json.dumps(config, sort_keys=True), run_id))
         return self.get_run(run_id)
+
+    def add_interrupted(self, *, model: str, label: str, page: str, started: str, completed: str) -> int:
+        """Record a computation that stopped before it finished (the user left its page): what it was, where and
+        when it started, and how far it got (``completed``, e.g. ``"layer 12/30"``).  Not a run: no metrics."""
+        with closing(self._connect()) as conn, conn:
+            cursor = conn.execute("INSERT INTO interrupted (created_at, model, label, page, started, completed)"
+                                  " VALUES (?,?,?,?,?,?)", (_now(), model, label, page, started, completed))
+            return int(cursor.lastrowid)
+
+    def interrupted(self) -> pd.DataFrame:
+        """Interrupted computations, newest first: id, created_at (when the stop was noticed), model, label, page,
+        started, completed."""
+        with closing(self._connect()) as conn:
+            return pd.read_sql_query("SELECT id, created_at, model, label, page, started, completed"
+                                     " FROM interrupted ORDER BY id DESC", conn)
+
+    def clear_interrupted(self) -> None:
+        """Forget every interrupted computation (stored runs are untouched)."""
+        with closing(self._connect()) as conn, conn:
+            conn.execute("DELETE FROM interrupted")
 
     def runs_frame(self, model: str | None = None, method: str | None = None) -> pd.DataFrame:
         """Runs as a DataFrame; config, data and metrics keys become prefixed columns."""

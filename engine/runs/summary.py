@@ -8,6 +8,7 @@ import math
 import pandas as pd
 
 from engine.evaluation.paired import PairedChange, paired_change
+from engine.methods import Dropping, Quantization
 from engine.runs.record import ACC_PREFIX, CHANGE, CHANGE_HIGH, CHANGE_LOW
 
 
@@ -256,8 +257,8 @@ def quantization_vs_dropping(runs: pd.DataFrame, tolerance: float = MATCH_TOLERA
     (either side); a difference the paired interval cannot tell from 0 counts as a tie.
     """
     final = _final_compressed(runs)
-    dropping = final[final["method"] == "dropping"] if not final.empty else final
-    quant = final[final["method"] == "quantization"] if not final.empty else final
+    dropping = final[final["method"] == Dropping.name] if not final.empty else final
+    quant = final[final["method"] == Quantization.name] if not final.empty else final
     if dropping.empty or quant.empty:
         return "Not enough runs to test the claim: run dropping and quantization at similar sizes."
     wins, losses, ties, two_bit_losses = [], [], [], []

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from engine.core.out_of_memory import RunOutOfMemory
 from engine.core.progress import StageProgress
+from engine.methods import method_for
 from engine.runs.plans import QuantPlan, SlicingPlan
 from engine.runs.runner import RunOutcome
 
@@ -86,12 +87,16 @@ def run_sweep(plans: Sequence, run_one: Callable[[object], RunOutcome],
 
 @dataclass(frozen=True)
 class MatchedPoint:
-    """One planned run of the all-methods sweep: the method, its plan and the size it should land at."""
+    """One planned run of the all-methods sweep: its plan and the size it should land at."""
 
-    method: str
     plan: object
     target: float
     predicted_size: float
+
+    @property
+    def method(self) -> str:
+        """The name of the method that runs the plan (as its runs are stored)."""
+        return method_for(self.plan).name
 
 
 def _drop_points(loaded, targets: Sequence[float]) -> list[MatchedPoint]:
@@ -113,7 +118,7 @@ def _drop_points(loaded, targets: Sequence[float]) -> list[MatchedPoint]:
         for target in targets:
             count = math.ceil((1 - target) * dense / size - 1e-9)
             if 0 < count <= droppable:
-                points.append(MatchedPoint("dropping", DropPlan(block, count, by), target, 1 - count * size / dense))
+                points.append(MatchedPoint(DropPlan(block, count, by), target, 1 - count * size / dense))
     return points
 
 
@@ -142,7 +147,7 @@ def _quant_points(loaded, targets: Sequence[float], base: QuantPlan) -> list[Mat
         if best is not None:
             _bits, high, low, fraction, size = best
             plan = replace(base, high_bits=high, low_bits=low, low_fraction=fraction, target_bits=None, ordering="lim")
-            points.append(MatchedPoint("quantization", plan, target, size))
+            points.append(MatchedPoint(plan, target, size))
     return points
 
 
@@ -164,9 +169,9 @@ def parse_sizes(text: str) -> list[float]:
     return sorted(set(sizes), reverse=True)
 
 
-def matched_size_sweep(loaded, targets: Sequence[float], quant_base: QuantPlan = QuantPlan(quantizer="rtn"),
-                       methods: Sequence[str] = ("dropping", "quantization")) -> list[MatchedPoint]:
-    """Plans that land each method at (or just below) each size target, as a fraction of dense 16-bit bytes.
+def matched_size_sweep(loaded, targets: Sequence[float], quant_base: QuantPlan = QuantPlan()) -> list[MatchedPoint]:
+    """Dropping and quantization plans that land at (or just below) each size target, as a fraction of dense
+    16-bit bytes.
 
     Slicing is not planned here: on small models the shortcut matrices and the untied head make sliced
     models larger than dense up to ~25% slicing, so its sizes cannot be matched; its stored runs still
@@ -174,11 +179,7 @@ def matched_size_sweep(loaded, targets: Sequence[float], quant_base: QuantPlan =
     """
     if not targets or any(not 0 < t < 1 for t in targets):
         raise ValueError(f"Size targets are fractions of the dense model's bytes in (0, 1); got {list(targets)}.")
-    points = []
-    if "dropping" in methods:
-        points += _drop_points(loaded, targets)
-    if "quantization" in methods:
-        points += _quant_points(loaded, targets, quant_base)
+    points = _drop_points(loaded, targets) + _quant_points(loaded, targets, quant_base)
     unique: dict[tuple, MatchedPoint] = {}
     for point in points:  # e.g. 8 bits everywhere is the largest quantized model: several targets share it
         unique.setdefault((point.method, point.plan), point)

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from engine.core.architectures import Architecture
+from engine.core.architectures import Architecture, Feature
 
 
 @dataclass
@@ -45,8 +45,8 @@ def _z_counts(weight: torch.Tensor, mean: float, std: float, k: float) -> tuple[
 @torch.no_grad()
 def weight_outliers(model: torch.nn.Module, arch: Architecture, k: float = 3.0) -> WeightOutliers:
     """ZD fractions and |z| > k outlier counts per layer × module and per layer."""
-    if arch.reason("quantization") and not arch.linears:
-        raise ValueError(f"ZD needs the layers' linear weights: {arch.reason('quantization')}")
+    if arch.reason(Feature.QUANTIZATION) and not arch.linears:
+        raise ValueError(f"ZD needs the layers' linear weights: {arch.reason(Feature.QUANTIZATION)}")
     zd, outliers, zd_layer, outliers_layer, sizes = [], [], [], [], []
     for layer in arch.decoder_layers(model):
         weights = [m.weight.detach() for m in arch.layer_linears(layer).values()]

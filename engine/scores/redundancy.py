@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.core.architectures import Architecture, get_submodule
+from engine.core.architectures import Architecture, Feature, get_submodule
 from engine.core.data import TokenWindows
 from engine.core.progress import ProgressFn
 from engine.evaluation.perplexity import model_device
@@ -114,7 +114,7 @@ class _LayerHooks:
         self.batch_mask: torch.Tensor | None = None
         self.first_window = 0
         self._x = self._attn_out = None
-        self.sublayers = arch.reason("sublayer") is None
+        self.sublayers = arch.reason(Feature.SUBLAYER) is None
         multiplier = arch.residual_multiplier
         self.scale = float(getattr(layer, multiplier)) if multiplier else 1.0  # Granite scales block outputs
         self.handles = [

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from engine.core.architectures import Architecture
+from engine.core.architectures import Architecture, Feature
 from engine.quant.ggml_types import TYPE_SETS
 from engine.quant.grid import LLAMACPP, MAX_BITS, MIN_BITS, QuantizationError, QuantizerSpec
 from engine.sensitivity.errors import ActionSpecError, UnsupportedActionError
@@ -218,10 +218,10 @@ def check_supported(action: Action, architecture: Architecture, hidden_size: int
     divisor), which does not hold for LayerNorm without centring.
     """
     if action.kind == "slice":
-        if architecture.reason("slicing") or architecture.parallel_blocks:
+        if architecture.reason(Feature.SLICING) or architecture.parallel_blocks:
             raise UnsupportedActionError(
                 f"{architecture.model_type} cannot be sliced: "
-                f"{architecture.reason('slicing') or 'parallel attention and MLP blocks (one norm)'}")
+                f"{architecture.reason(Feature.SLICING) or 'parallel attention and MLP blocks (one norm)'}")
         if architecture.norm_kind != "rms":
             raise UnsupportedActionError(
                 f"Slicing needs RMSNorm layers; {architecture.model_type} uses '{architecture.norm_kind}' norms, "
@@ -237,6 +237,6 @@ def check_supported(action: Action, architecture: Architecture, hidden_size: int
             f"{architecture.model_type} layers have no separate attention and MLP blocks to drop one of; "
             "measure 'drop' (the whole layer) instead.")
     block = {"drop-attn": "drop-attention", "drop-mlp": "drop-mlp"}.get(action.kind)
-    reason = architecture.reason(block) or architecture.reason("sublayer") if block else None
+    reason = architecture.reason(block) or architecture.reason(Feature.SUBLAYER) if block else None
     if reason:
         raise UnsupportedActionError(f"{architecture.model_type} cannot {action.kind}: {reason}")

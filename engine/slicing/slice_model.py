@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.core.architectures import Architecture, architecture_of, get_submodule
+from engine.core.architectures import Architecture, Feature, architecture_of, get_submodule
 from engine.core.data import TokenWindows
 from engine.core.models import LoadedModel, model_size
 from engine.core.progress import ProgressFn
@@ -168,7 +168,7 @@ def slice_model(
     is called after each layer.  Raises :class:`ScheduleError` for bad plans.
     """
     model, architecture = base.model, base.architecture
-    refusal = architecture.reason("slicing")
+    refusal = architecture.reason(Feature.SLICING)
     if refusal:
         raise SlicingUnsupportedError(f"{architecture.model_type} cannot be sliced: {refusal}")
     started = time.perf_counter()

@@ -35,8 +35,15 @@ class ReportItem:
     key: str = ""  # what the chart shows (ui.report_pins.pin_key): two pins never share one
 
 
-PERCENT_COLUMNS = ("change vs dense",)
-RATIO_COLUMNS = ("speed vs dense",)  # shown as the app shows them: 0.93×
+COLUMN_FORMATS = {  # one precision per column, whatever the value (1.000 beside 0.947, not 1 beside 0.9474)
+    "size vs dense (16-bit bytes)": "{:.3f}",
+    "perplexity": "{:.2f}",
+    "change vs dense": "{:+.1%}",
+    "KL divergence to dense": "{:.4f}",
+    "same top token": "{:.1%}",
+    "speed vs dense": "{:.2f}×",  # as the app shows it: 0.93×
+}
+ACCURACY_FORMAT = "{:.3f}"
 
 
 def _table_html(frame: pd.DataFrame) -> str:
@@ -50,12 +57,11 @@ def _table_html(frame: pd.DataFrame) -> str:
         return value
 
     shown = frame.copy()
-    for column in PERCENT_COLUMNS:
-        if column in shown:
-            shown[column] = [f"{v:+.1%}" if isinstance(v, float) and v == v else v for v in shown[column]]
-    for column in RATIO_COLUMNS:
-        if column in shown:
-            shown[column] = [f"{v:.2f}×" if isinstance(v, float) and v == v else v for v in shown[column]]
+    for column in shown.columns:
+        pattern = COLUMN_FORMATS.get(column, ACCURACY_FORMAT if column.startswith("accuracy ") else None)
+        if pattern is not None:
+            shown[column] = [pattern.format(v) if isinstance(v, (int, float, np.number)) and not isinstance(
+                v, (bool, np.bool_)) and v == v else v for v in shown[column]]
     shown = shown.map(fmt) if not shown.empty else shown
     return shown.to_html(index=False, border=0, classes="data", na_rep="–")
 

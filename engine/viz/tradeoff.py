@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pandas as pd
 import plotly.graph_objects as go
 
+from engine.methods import method_named
 from engine.quant.runtimes import DEFAULT_RUNTIME
 from engine.runs.record import ACC_PREFIX
 from engine.viz.style import DENSE_COLOUR, PARETO_COLOUR, log_ticks, padded_range, series_colours, styled, wants_log
@@ -141,8 +142,9 @@ def _hover(row: pd.Series, x: str, y: str, same: list[str] | None = None) -> str
 def full_series_name(method: str, series: str) -> str:
     """A series as a reader names it: with its method (``slicing, constant``; ``quantization, lim 4/3-bit rtn``)
     unless the series already says it (``drop layers by lr``, ``stacked: ...``)."""
-    words = {"dropping": "drop", "stacked": "stack"}.get(method, method)
-    return series if series.lower().startswith((method, words)) else f"{method}, {series}"
+    known = method_named(method)
+    words = (method, known.series_word) if known is not None and known.series_word else (method,)
+    return series if series.lower().startswith(words) else f"{method}, {series}"
 
 
 def tradeoff_figure(frame: pd.DataFrame, x: str, y: str, subtitle: str, log_y: bool | None = None) -> go.Figure:

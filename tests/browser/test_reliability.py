@@ -114,10 +114,12 @@ def test_two_sessions_compress_at_once_with_independent_results(browser, server,
     _verify_weights(first, server)
 
 
-def test_leaving_a_page_mid_run_says_the_run_stopped_and_stores_nothing(page, server, steps):
-    """A slicing run started, then another page opened before it finished: that page says which run stopped,
-    where and when, and that nothing was stored; the store is unchanged and the notice shows once."""
+def test_leaving_a_page_mid_run_stores_it_as_interrupted(page, server, steps):
+    """A slicing run started, then the Results page opened before it finished: it says which run stopped, where,
+    when and how far it got, and lists it as interrupted; no run is stored, the notice shows once, and no Cancel
+    button is left once nothing runs."""
     before = [r.id for r in ResultsStore().runs()]
+    stopped_before = len(ResultsStore().interrupted())
     page.goto(f"{server}/slicing")
     page.get_by_text("Schedule preview").wait_for()
     _small_data(page, calib_windows=8, calib_seqlen=256)  # a run of some seconds: long enough to leave it
@@ -128,10 +130,16 @@ def test_leaving_a_page_mid_run_says_the_run_stopped_and_stores_nothing(page, se
     page.get_by_role("link", name="Results", exact=True).click()
     notice = page.get_by_text("stopped before it finished")
     notice.wait_for()
-    assert "Slicing" in notice.inner_text() and "not finished was not stored" in notice.inner_text()
+    assert "Slicing" in notice.inner_text() and "lists it as interrupted" in notice.inner_text()
+    page.get_by_text("Interrupted computations (").click()
+    page.get_by_role("button", name="Forget interrupted computations").wait_for()
     steps.shot("left-mid-run")
     page.wait_for_timeout(3000)
     assert [r.id for r in ResultsStore().runs()] == before
+    stopped = ResultsStore().interrupted()
+    assert len(stopped) == stopped_before + 1
+    assert stopped.iloc[0]["label"].startswith("Slicing") and stopped.iloc[0]["page"] == "Slicing"
+    assert "/" in stopped.iloc[0]["completed"]  # how far it got: "stage: done/total"
     page.get_by_role("link", name="Slicing", exact=True).click()
     page.get_by_text("Schedule preview").wait_for()
     assert page.get_by_text("stopped before it finished").count() == 0  # said once
@@ -164,7 +172,7 @@ def test_cancel_then_kill_mid_run_lose_nothing(browser):
         press(page, run, page.get_by_text("Slicing · slicing:"))
         steps.shot("running")
         page.get_by_role("button", name="Cancel run").click()
-        page.get_by_text("Nothing from the interrupted run was stored.").wait_for()
+        page.get_by_text("Nothing from the cancelled run was stored.").wait_for()
         steps.shot("cancelled")
         page.wait_for_timeout(3000)
         assert [r.id for r in ResultsStore().runs()] == before

@@ -61,3 +61,13 @@ def test_report_tables_read_like_the_app(store):
     assert "134,515,008" in html_text and ">30<" in html_text  # the model card
     assert "0.93×" in html_text and "+52.0%" in html_text and "0.9254" not in html_text
     assert ">no<" in html_text and ">yes<" in html_text and ">False<" not in html_text
+
+
+def test_report_table_keeps_one_precision_per_column(store):
+    runs = _runs(store)
+    html_text = build_report("t", {}, [], runs, compact=compact_table(runs))
+    table = html_text.split("Runs at a glance")[1].split("</table>")[0]
+    cells = re.findall(r"<td>([^<]*)</td>", table)
+    assert "1.000" in cells and "0.900" in cells and "0.300" in cells  # sizes: three decimals, dense too
+    assert "20.00" in cells and "45.00" in cells  # perplexity: two decimals
+    assert "0.9" not in cells and "45" not in cells  # not one precision per value
