@@ -52,6 +52,9 @@ def _assert_inside(plot) -> None:
 
 
 def test_score_compress_compare_and_report(page, steps, server, tmp_path):
+    """Baseline, scores, two slicing runs, the bit map pinned three times (one title; a note on one), a
+    quantization preview and full run, a verified GGUF export, the Results page's scales and the report: four
+    pinned sections, the note with its own chart, no external loads, no horizontal scrolling at 1,200 px."""
     page.goto(f"{server}/model")
     page.get_by_text("Baseline perplexity", exact=True).wait_for()
     page.get_by_text("as a 4-bit (Q4_1").wait_for()
@@ -102,8 +105,17 @@ def test_score_compress_compare_and_report(page, steps, server, tmp_path):
     page.get_by_role("link", name="Quantization").click()
     page.get_by_role("heading", name="Bit map preview").wait_for()
     scores_ready(page, r"^Average [0-9]")
-    set_slider(page, page.get_by_role("slider").nth(1), 3)  # low level 3 bits
-    page.get_by_text("at 3 bits").first.wait_for()
+    low = page.get_by_role("slider").nth(1)
+    for n, level in enumerate((2, 4, 3)):  # the bit map pinned three times: one title, three charts
+        set_slider(page, low, level)
+        page.get_by_text(f"at {level} bits").first.wait_for()
+        page.get_by_role("button", name="Add to report").first.click()
+        if n == 1:
+            page.get_by_label("Note for the report (optional)").fill("the middle one, with a note")
+        page.get_by_role("button", name="Pin this chart").click()
+        page.get_by_text(f"({n + 2} chart(s) in the report").wait_for()  # after the redundancy profile
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(800)
     before = run_ids()
     press(page, page.get_by_role("button", name=re.compile("Preview")), run_started(page, before))
     wait_for_run(page, "quantization", before)
@@ -127,7 +139,7 @@ def test_score_compress_compare_and_report(page, steps, server, tmp_path):
     steps.shot("quantization-exported-gguf")
     assert (tmp_path / "gguf" / "model.gguf").stat().st_size > 0
 
-    page.get_by_role("link", name="Results").click()
+    page.get_by_role("link", name="Results", exact=True).click()
     page.get_by_text("Trade-off curves").wait_for()
     page.locator(".js-plotly-plot").first.wait_for()
     steps.shot("results-auto")  # auto picks log here: the runs span 18-145
@@ -146,6 +158,10 @@ def test_score_compress_compare_and_report(page, steps, server, tmp_path):
     html = report.read_text()
     assert not re.search(r"<(script|link|img|iframe)[^>]+(src|href)\s*=\s*[\"']?(https?:)?//", html)
     assert "Executive summary" in html
+    # four pins: the redundancy profile, then the bit map three times (a pin is keyed by what it shows)
+    assert html.count("<h2>Per-layer bit allocation") == 3, re.findall(r"<h2>[^<]*", html)
+    sections = html.split("<h2>Per-layer bit allocation")
+    assert "the middle one, with a note" in sections[2] and "the middle one, with a note" not in sections[1]
     viewer = page.context.new_page()
     viewer.set_viewport_size({"width": 1200, "height": 900})
     viewer.goto(report.as_uri())
@@ -154,36 +170,3 @@ def test_score_compress_compare_and_report(page, steps, server, tmp_path):
     assert viewer.evaluate("() => document.documentElement.scrollWidth") <= 1200  # no horizontal scrolling
     assert viewer.locator(".js-plotly-plot").count() >= 1
     viewer.close()
-
-
-def test_three_pins_with_one_title_are_three_charts_in_the_report(page, steps, server, tmp_path):
-    """The bit map pinned at three low levels (one title, three charts, a note on the second): the Results page
-    lists three pins and the downloaded report holds three sections with that title and the note."""
-    page.goto(f"{server}/quantization")
-    page.get_by_role("heading", name="Bit map preview").wait_for()
-    _open_data(page)
-    _set_number(page, "Calibration windows", CALIB[0])  # the journey's scores: cached when it ran first
-    _set_number(page, "Calibration seqlen (tokens)", CALIB[1])
-    scores_ready(page, r"^Average [0-9]")
-    low = page.get_by_role("slider").nth(1)
-    for n, level in enumerate((2, 3, 4)):
-        set_slider(page, low, level)
-        page.get_by_text(f"at {level} bits").first.wait_for()
-        page.get_by_role("button", name="Add to report").first.click()
-        if n == 1:
-            page.get_by_label("Note for the report (optional)").fill("the middle one, with a note")
-        page.get_by_role("button", name="Pin this chart").click()
-        page.get_by_text(f"({n + 1} chart(s) in the report").wait_for()
-        page.keyboard.press("Escape")
-        page.wait_for_timeout(800)
-    page.get_by_role("link", name="Results", exact=True).click()
-    page.get_by_role("button", name="Download HTML report").wait_for()
-    steps.shot("results-three-pins")
-    with page.expect_download() as download:
-        page.get_by_role("button", name="Download HTML report").click()
-    report = tmp_path / "pins.html"
-    download.value.save_as(report)
-    html = report.read_text()
-    assert html.count("<h2>Per-layer bit allocation") == 3, re.findall(r"<h2>[^<]*", html)
-    sections = html.split("<h2>Per-layer bit allocation")
-    assert "the middle one, with a note" in sections[2] and "the middle one, with a note" not in sections[1]
