@@ -8,6 +8,7 @@ import streamlit as st
 
 from engine.core.data import SOURCES, DataError, DataSpec, save_upload, token_windows
 from engine.core.models import LoadedModel
+from engine.evaluation.latency import describe_seconds
 from engine.quant.runtimes import RUNTIMES
 from engine.runs.plans import DEFAULT_CALIB_SEQLEN, DEFAULT_CALIB_WINDOWS, DEFAULT_EVAL_SEQLEN, DEFAULT_EVAL_WINDOWS
 from engine.runs.record import acc_key, acc_metric_key, acc_n_key, acc_stderr_key, accuracy_tasks
@@ -87,7 +88,8 @@ _CANCEL_SLOTS = "_cancel_slots"
 
 
 def progress_callback(label: str):
-    """A progress bar on the page and in the sidebar, and a ``(stage, done, total)`` callback that moves both.
+    """A progress bar on the page and in the sidebar (with a Cancel there), and a ``(stage, done, total)``
+    callback that moves both and says the time left, re-estimated at every step from the stage's pace so far.
 
     Marks the computation as under way (:data:`RUNNING`) with how far it got: if the script is interrupted
     before it ends (the user left the page or clicked another control), the next run of any page says so and
@@ -101,12 +103,24 @@ def progress_callback(label: str):
                "the Results page then lists it as interrupted, with how far it got.")
     bar = st.progress(0.0, text=label)
     side = st.sidebar.progress(0.0, text=f"Running: {label}")
+    slots = st.session_state.setdefault(_CANCEL_SLOTS, [])
+    slot = st.sidebar.empty()  # emptied when the script ends (computation_finished)
+    slot.button("Cancel", key=f"sidebar_cancel_{len(slots)}", on_click=_cancelled,
+                help="Stops this job; nothing half-done is stored.")
+    slots.append(slot)
+    first_seen: dict[str, tuple[float, int]] = {}  # stage -> (when, steps done) at its first report
 
     def update(stage: str, done: int, total: int) -> None:
         fraction = min(1.0, done / max(total, 1))
+        now = time.perf_counter()
+        since, done_then = first_seen.setdefault(stage, (now, done))
+        left = ""
+        if done_then < done < total and now - since > 1.0:  # the stage's pace so far, corrected at every step
+            pace = (now - since) / (done - done_then)
+            left = f" · {describe_seconds(pace * (total - done))} left in this stage"
         mark["completed"] = f"{stage}: {done}/{total}"
-        bar.progress(fraction, text=f"{label} · {stage}: {done}/{total}")
-        side.progress(fraction, text=f"Running: {label} · {stage} {done}/{total}")
+        bar.progress(fraction, text=f"{label} · {stage}: {done}/{total}{left}")
+        side.progress(fraction, text=f"Running: {label} · {stage} {done}/{total}{left}")
 
     return update
 

@@ -113,3 +113,27 @@ def _empty_frame():
     import pandas as pd
 
     return pd.DataFrame()
+
+
+def test_a_run_left_mid_way_is_said_once_listed_as_interrupted_and_forgotten_on_request(tiny_app):
+    """The running mark a page left behind (its script stopped mid-run): the next page says so with how far it
+    got and stores it as interrupted (no run); a cancelled one is only said; the list can be cleared."""
+    from ui.widgets import RUNNING
+
+    at = open_app("results")
+    runs = [r.id for r in ResultsStore().runs()]
+    at.session_state[RUNNING] = {"label": "Slicing", "page": "Slicing", "started": "10:00:00", "model": "tiny",
+                                 "completed": "layers: 2/4"}
+    at.run()
+    assert any("stopped before it finished, at layers: 2/4" in w.value for w in at.warning)
+    stopped = ResultsStore().interrupted()
+    assert stopped[["label", "page", "completed"]].values.tolist() == [["Slicing", "Slicing", "layers: 2/4"]]
+    assert [r.id for r in ResultsStore().runs()] == runs
+    assert any(e.label.startswith("Interrupted computations (1)") for e in at.expander)
+    at.run()
+    assert not any("stopped before it finished" in w.value for w in at.warning)  # said once
+    at.session_state[RUNNING] = {"label": "Slicing", "page": "Slicing", "started": "10:01:00", "cancelled": True}
+    at.run()
+    assert any("Cancelled: Slicing" in i.value for i in at.info) and len(ResultsStore().interrupted()) == 1
+    next(b for b in at.button if b.label == "Forget interrupted computations").click().run()
+    assert ResultsStore().interrupted().empty and not any("Cancel" in b.label for b in at.sidebar.button)
