@@ -83,7 +83,7 @@ def bench_model(name: str, presets: list[str], evaluation: tuple[int, int], cali
     from engine.runs.store import ResultsStore
 
     loaded = load_model(name)
-    f32 = write_float_gguf(loaded, work / name / "f32")
+    f32 = write_float_gguf(loaded, work / name / "f32", overwrite=True)
     eval_windows = token_windows(DataSpec(split="evaluation", n_windows=evaluation[0], seqlen=evaluation[1]),
                                  loaded.tokenizer, loaded.max_seqlen)
     calib_spec = DataSpec(split="calibration", n_windows=calibration[0], seqlen=calibration[1])
@@ -114,7 +114,7 @@ def bench_model(name: str, presets: list[str], evaluation: tuple[int, int], cali
             print(row, flush=True)
             started = time.perf_counter()
             plan = BitsOptimizerPlan(BitBudget(total_bytes=float(size)), (2, 3, 4, 5, 6, 8), LLAMACPP,
-                                     candidates=3, held_out_windows=4)
+                                     candidates=3, held_out_windows=4, imatrix=use_imatrix)
             try:
                 result = optimize_bits(store, loaded, plan, calib_spec)
             except ValueError as err:  # a budget the levels cannot reach: say so in the table
@@ -124,7 +124,7 @@ def bench_model(name: str, presets: list[str], evaluation: tuple[int, int], cali
             spec = QuantizerSpec(method=LLAMACPP, bits=8, imatrix=use_imatrix)
             quantized = quantize_model(loaded, result.allocation(), calib_windows if use_imatrix else None,
                                        spec=spec)
-            written = write_llamacpp_gguf(quantized, loaded, work / name / f"layerlab-{out.stem}")
+            written = write_llamacpp_gguf(quantized, loaded, work / name / f"layerlab-{out.stem}", overwrite=True)
             mine = {"model": name, "file": f"LayerLab at {preset}'s size ({result.best.name})",
                     "imatrix": row["imatrix"], "MB": written["bytes"] / 1e6, "bpw": 8 * written["bytes"] / n_weights,
                     **_measure(Path(written["file"]), eval_windows, reference, perplexity_of),
@@ -132,6 +132,7 @@ def bench_model(name: str, presets: list[str], evaluation: tuple[int, int], cali
             mine["vs preset KLD"] = mine["kld_mean"] / row["kld_mean"] - 1.0
             rows.append(mine)
             print(mine, flush=True)
+            print(result.table()[["candidate", "MiB", "held-out ppl", "held-out KLD", "chosen"]].to_string(), flush=True)
     return rows
 
 
@@ -142,15 +143,19 @@ def main() -> None:
     parser.add_argument("--eval", default="8x512", help="evaluation windows x tokens")
     parser.add_argument("--calib", default="8x512", help="calibration windows x tokens (imatrix, optimizer)")
     parser.add_argument("--imatrix", default="off,on", help="off, on or both")
+    parser.add_argument("--work", default="", help="keep files and the store (its damage scans) in this folder "
+                        "instead of a temporary one: a rerun reuses the scans")
     args = parser.parse_args()
     from bench.common import report
 
     settings = [s.strip() == "on" for s in args.imatrix.split(",") if s.strip()]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-llamacpp-") as tmp:
+        work = Path(args.work) if args.work else Path(tmp)
         for name in [m for m in args.models.split(",") if m]:
+            (work / name).mkdir(parents=True, exist_ok=True)
             rows += bench_model(name, [p for p in args.presets.split(",") if p], _size(args.eval),
-                                _size(args.calib), settings, Path(tmp))
+                                _size(args.calib), settings, work)
     report("llamacpp", rows, {"eval": args.eval, "calib": args.calib, "presets": args.presets,
                               "command": "python -m bench.llamacpp " + " ".join(
                                   f"--{k} {v}" for k, v in vars(args).items())})

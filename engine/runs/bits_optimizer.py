@@ -19,7 +19,9 @@
    calibration windows (the windows
    right after the ones measured on; never evaluation text).  The best
    measured one is returned, whichever produced it: the optimizer is never
-   worse than what it competes with on that text.
+   worse than what it competes with on that text.  "Best" is the lowest
+   perplexity, or for llama.cpp's types the lowest KL divergence to dense
+   (what llama.cpp's users compare files by); both are measured and shown.
 
 The result is cached in the store, so a page rerun is instant; running the
 chosen allocation (and the orderings) on evaluation text is
@@ -38,6 +40,7 @@ from engine.core.keys import StoredKind
 from engine.core.models import LoadedModel
 from engine.core.out_of_memory import explain_out_of_memory
 from engine.core.progress import StageProgress, stage_callback
+from engine.evaluation.divergence import DenseReference, DivergenceMeter
 from engine.evaluation.perplexity import perplexity
 from engine.export.gguf_llamacpp import llamacpp_details
 from engine.methods import method_for
@@ -70,7 +73,7 @@ from engine.sensitivity.cached import measure_sensitivity, scan_estimate
 from engine.sensitivity.errors import ScanCancelled
 from engine.sensitivity.scan import StopCheck
 
-OPTIMIZER_VERSION = 4  # 4: llama.cpp presets among the candidates; 3: candidates by the blended damage
+OPTIMIZER_VERSION = 5  # 5: held-out KL divergence (llama.cpp: the choice); 4: llama.cpp presets among the candidates
 OPTIMIZATIONS = StoredKind("bits_optimizer", OPTIMIZER_VERSION)
 DEFAULT_CANDIDATES = 5
 # with 4, the held-out choice disagreed with evaluation text (bench/optimize.py, docs/benchmarks.md)
@@ -108,6 +111,12 @@ class BitsOptimizerPlan:
         """The grid's zero point: the integer one unless the runtime takes only another (vLLM: symmetric)."""
         zero_points = runtime_named(self.runtime).zero_points
         return "integer" if "integer" in zero_points else zero_points[0]
+
+    @property
+    def judged_by(self) -> str:
+        """What picks the candidate on held-out text: ``"kld"`` (KL divergence to dense) for llama.cpp's types,
+        the measure llama.cpp's users compare files by (``llama-perplexity --kl-divergence``), else ``"ppl"``."""
+        return "kld" if self.quantizer == LLAMACPP else "ppl"
 
     @property
     def tied(self) -> bool:
@@ -151,7 +160,8 @@ class Candidate:
     ``bits``: one entry per layer, a level or a level per linear (:mod:`engine.quant.layer_bits`);
     ``predicted_damage``: the sum the solver minimises (:func:`engine.optimize.damage.blended`);
     ``predicted_kl`` / ``predicted_dnll``: sums of the raw per-unit measurements (all nats/token);
-    ``measured_ppl`` / ``measured_dnll``: on the held-out windows (ΔNLL against dense, nats/token).
+    ``measured_ppl`` / ``measured_dnll`` / ``measured_kld``: on the held-out windows (ΔNLL against dense and mean
+    KL divergence to dense, nats/token).
     """
 
     name: str
@@ -164,6 +174,7 @@ class Candidate:
     predicted_damage: float = float("nan")
     measured_ppl: float = float("nan")
     measured_dnll: float = float("nan")
+    measured_kld: float = float("nan")
     also: list[str] = field(default_factory=list)
 
     @property
@@ -191,10 +202,19 @@ class BitsOptimization:
     def best(self) -> Candidate:
         return self.candidates[self.chosen]
 
+    def measured(self, candidate: Candidate) -> float:
+        """What the choice compares: held-out KL divergence or perplexity (:attr:`BitsOptimizerPlan.judged_by`)."""
+        return candidate.measured_kld if self.plan.judged_by == "kld" else candidate.measured_ppl
+
+    def _measured_text(self, candidate: Candidate) -> str:
+        if self.plan.judged_by == "kld":
+            return f"KL divergence {candidate.measured_kld:.4f}"
+        return f"perplexity {candidate.measured_ppl:.2f}"
+
     def comparison_runs(self) -> list[tuple[str, Candidate]]:
         """``(ordering, candidate)`` to evaluate for a fair chart: the solver's best on held-out text (as
         ``optimizer``), then LIM, ZD and random at the same budget; each once."""
-        solver = min((c for c in self.candidates if c.source == "optimizer"), key=lambda c: c.measured_ppl)
+        solver = min((c for c in self.candidates if c.source == "optimizer"), key=self.measured)
         return [("optimizer", solver), *self.competitor_runs()]
 
     def competitor_runs(self) -> list[tuple[str, Candidate]]:
@@ -219,7 +239,7 @@ class BitsOptimization:
                  "bits per weight": round(c.avg_bits, 4), "MiB": round(c.model_bytes / 2**20, 2),
                  "predicted damage": c.predicted_damage, "predicted KL": c.predicted_kl,
                  "predicted ΔNLL": c.predicted_dnll,
-                 "held-out ppl": c.measured_ppl, "measured ΔNLL": c.measured_dnll,
+                 "held-out ppl": c.measured_ppl, "measured ΔNLL": c.measured_dnll, "held-out KLD": c.measured_kld,
                  "chosen": i == self.chosen, "bits": describe_all(c.bits)}
                 for i, c in enumerate(self.candidates)]
         return pd.DataFrame(rows)
@@ -231,15 +251,17 @@ class BitsOptimization:
                   if c.source != "optimizer" or any(not name.startswith("optimizer") for name in c.also)]
         text = (f"Chosen: {best.name} at {best.avg_bits:.3f} bits per weight, held-out perplexity "
                 f"{best.measured_ppl:.2f} (dense {self.dense_ppl:.2f})")
+        if self.plan.judged_by == "kld":
+            text += f", KL divergence to dense {best.measured_kld:.4f} (what chose it)"
         if best.source == "optimizer" and best in rivals:
             text += f"; the solver's choice is also {', '.join(best.also)}"
         elif best.source == "optimizer" and rivals:
-            rival = min(rivals, key=lambda c: c.measured_ppl)
-            text += (f"; {100 * (1 - best.measured_ppl / rival.measured_ppl):.1f}% below the best competitor "
-                     f"({rival.name}, {rival.measured_ppl:.2f})")
+            rival = min(rivals, key=self.measured)
+            text += (f"; {100 * (1 - self.measured(best) / self.measured(rival)):.1f}% below the best competitor "
+                     f"({rival.name}, {self._measured_text(rival)})")
         elif best.source != "optimizer":
-            solver = min((c for c in self.candidates if c.source == "optimizer"), key=lambda c: c.measured_ppl)
-            text += (f"; the solver's best ({solver.name}, {solver.measured_ppl:.2f}) measured worse, so the "
+            solver = min((c for c in self.candidates if c.source == "optimizer"), key=self.measured)
+            text += (f"; the solver's best ({solver.name}, {self._measured_text(solver)}) measured worse, so the "
                      "competitor is returned")
         return text + f". Measured on {self.held_out_on}; damages from {self.measured_on}."
 
@@ -456,7 +478,8 @@ def optimize_bits(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerP
             predicted_damage=_predicted(bits, damage["blended"], costs)))
 
     calibration_windows = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen)
-    dense = perplexity(loaded.model, held_out)
+    reference = DenseReference.empty(held_out.n_windows * (held_out.seqlen - 1))
+    dense = perplexity(loaded.model, held_out, observer=reference.observe)
     for n, candidate in enumerate(candidates, 1):
         if should_stop is not None and should_stop():
             raise ScanCancelled("Optimization cancelled; nothing was stored.")
@@ -464,11 +487,13 @@ def optimize_bits(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerP
         quantized = quantize_model(loaded, candidate.bits,
                                    calibration_windows if plan.quantizer == "gptq" else None, spec=spec,
                                    progress=step)
-        result = perplexity(quantized.model, held_out)
+        meter = DivergenceMeter(reference)
+        result = perplexity(quantized.model, held_out, observer=meter.observe)
         del quantized
         candidate.measured_ppl, candidate.measured_dnll = result.ppl, result.mean_nll - dense.mean_nll
-    chosen = min(range(len(candidates)), key=lambda i: (candidates[i].measured_ppl, i))
-    outcome = BitsOptimization(plan, candidates, chosen, dense.ppl, matrix.data_label, held_out.label(),
+        candidate.measured_kld = meter.result().mean
+    outcome = BitsOptimization(plan, candidates, 0, dense.ppl, matrix.data_label, held_out.label(),
                                budget_bits, solution.exact, solve_seconds, time.perf_counter() - start)
+    outcome.chosen = min(range(len(candidates)), key=lambda i: (outcome.measured(candidates[i]), i))
     OPTIMIZATIONS.put(store, _key(loaded, plan, calibration), outcome.to_dict())
     return outcome
