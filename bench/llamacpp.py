@@ -132,7 +132,8 @@ def bench_model(name: str, presets: list[str], evaluation: tuple[int, int], cali
             mine["vs preset KLD"] = mine["kld_mean"] / row["kld_mean"] - 1.0
             rows.append(mine)
             print(mine, flush=True)
-            print(result.table()[["candidate", "MiB", "held-out ppl", "held-out KLD", "chosen"]].to_string(), flush=True)
+            table = result.table()[["candidate", "MiB", "held-out ppl", "held-out KLD", "chosen"]]
+            print(table.to_string(), flush=True)
     return rows
 
 
