@@ -11,6 +11,7 @@ from engine.viz import charts
 from ui.export_panel import export_section
 from ui.navigation import enter_through_the_router
 from ui.session import require_model, results_store
+from ui.sidebar import target_runtime
 from ui.state import kept
 from ui.widgets import (
     calibration_and_evaluation,
@@ -61,6 +62,8 @@ else:
                           "repeats: 'how many' rankings instead of one. Catches layers that only look redundant "
                           "while their neighbours are there.")
 plan = DropPlan(block, count, by, protect, custom, iterative)
+if (runs_in := Dropping().deployment(plan, target_runtime())) is not None:
+    st.info(runs_in)
 if calibration is None or evaluation is None:
     st.stop()
 

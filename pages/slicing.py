@@ -19,6 +19,7 @@ from ui.export_panel import export_section
 from ui.navigation import enter_through_the_router
 from ui.optimizer_panels import slicing_optimizer_panel
 from ui.session import require_model, results_store
+from ui.sidebar import target_runtime
 from ui.state import kept
 from ui.widgets import (
     calibration_and_evaluation,
@@ -45,6 +46,8 @@ st.caption(
     "(high LR) more slicing: FS_i = SB + (SP − SB)·v_i / mean(v), v = min-max normalised LR."
 )
 
+if (runs_in := Slicing().deployment(SlicingPlan(), target_runtime())) is not None:
+    st.info(runs_in)
 unavailable = loaded.architecture.unavailable_message(Feature.SLICING)
 if unavailable:  # before any control: nothing to set up for a run that would be refused
     st.warning(unavailable + " Dropping whole layers works on every model.")

@@ -31,6 +31,7 @@ from engine.core.memory import MemoryProfile
 from engine.core.models import LoadedModel
 from engine.core.progress import StageProgress
 from engine.export.hf_folder import ExportError
+from engine.quant.runtimes import Runtime
 from engine.runs.record import RunRecord
 from engine.runs.store import ResultsStore
 
@@ -148,6 +149,11 @@ class Method:
     def rebuild(self, loaded: LoadedModel, record: RunRecord, progress: StageProgress | None = None):
         """The model ``record`` evaluated, rebuilt from its config."""
         raise ExportError(f"Run {record.id} ({record.method}) has no model to export.")
+
+    def deployment(self, plan, runtime: Runtime) -> str | None:
+        """Where a model from ``plan`` runs as it is, said for a user who deploys with ``runtime`` (``None``: no
+        more to say than the runtime's own choices; quantization narrows its choices to the runtime instead)."""
+        return None
 
     def export_formats(self, record: RunRecord, loaded: LoadedModel | None = None) -> dict[str, str | None]:
         """Format -> ``None`` if ``record``'s model exports that way, else why not."""

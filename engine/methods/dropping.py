@@ -9,6 +9,8 @@ from engine.core.memory import MemoryProfile
 from engine.core.models import LoadedModel, model_size
 from engine.dropping.drop_model import drop_model, save_dropped
 from engine.methods.base import NOT_QUANTIZED, Compressed, Method, RunCost
+from engine.quant.grid import LLAMACPP
+from engine.quant.runtimes import Runtime
 from engine.runs.drop_choice import dropped_layers
 from engine.runs.plans import DropPlan
 from engine.runs.record import RunRecord
@@ -54,6 +56,21 @@ class Dropping(Method):
     def rebuild(self, loaded: LoadedModel, record: RunRecord, progress=None):
         config = record.config
         return drop_model(loaded, config["block"], list(config["layers"]), bool(config.get("protect_ends"))).model
+
+    def deployment(self, plan: DropPlan, runtime: Runtime) -> str | None:
+        if not runtime.deployable:
+            return None
+        if plan.block != "layer":
+            return (f"Layers without their {plan.block} block need the modelling file LayerLab writes beside the "
+                    "Hugging Face folder (`trust_remote_code=True`): transformers runs it"
+                    + ("." if runtime.key == "transformers" else f"; {runtime.label} does not. To ship to "
+                       f"{runtime.label}, drop whole layers instead."))
+        if runtime.key == LLAMACPP:
+            return ("A model without whole layers is the same architecture with fewer layers. For llama.cpp, drop and "
+                    "quantize in llama.cpp's types in one stack (Compare methods → Stack), which exports a GGUF file, "
+                    "or convert the exported Hugging Face folder with llama.cpp's `convert_hf_to_gguf.py`.")
+        return ("A model without whole layers is the same architecture with fewer layers: its Hugging Face folder "
+                f"runs in {runtime.label.split(' (')[0]} as it is.")
 
     def export_formats(self, record, loaded=None) -> dict[str, str | None]:
         return {"hf": None, **NOT_QUANTIZED}

@@ -11,6 +11,7 @@ from engine.core.memory import MemoryProfile
 from engine.core.models import LoadedModel, model_size
 from engine.core.progress import StageProgress, stage_callback
 from engine.methods.base import NOT_QUANTIZED, Compressed, Method, RunCost, calibration_of
+from engine.quant.runtimes import Runtime
 from engine.runs.cached_scores import scores_for
 from engine.runs.plans import SlicingPlan
 from engine.runs.record import RunRecord
@@ -80,6 +81,17 @@ class Slicing(Method):
         return slice_model(loaded, [int(d) for d in record.config["dims"]], windows,
                            final_rotation=bool(record.config.get("final_rotation")),
                            progress=stage_callback(progress, "slicing")).model
+
+    def deployment(self, plan: SlicingPlan, runtime: Runtime) -> str | None:
+        if not runtime.deployable:
+            return None
+        where = ("Its Hugging Face folder runs in transformers with the modelling file LayerLab writes beside it "
+                 "(`trust_remote_code=True`)")
+        if runtime.key == "transformers":
+            return f"{where}: a sliced model's layers have their own widths and shortcut matrices on the residual path."
+        return (f"{runtime.label} cannot run a sliced model as it is: its layers have their own widths and shortcut "
+                f"matrices on the residual path, which {runtime.label}'s model code lacks. {where}. To ship to "
+                f"{runtime.label}, quantize, or drop whole layers.")
 
     def export_formats(self, record, loaded=None) -> dict[str, str | None]:
         return {"hf": None, **NOT_QUANTIZED}

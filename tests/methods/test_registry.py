@@ -132,3 +132,15 @@ def test_no_module_outside_the_registry_names_a_method():
                  for module in _outside_the_registry()}
     offenders = {module: named for module, named in offenders.items() if named}
     assert len(_outside_the_registry()) > 100 and not offenders, offenders
+
+
+def test_each_method_says_where_its_models_run():
+    from engine.quant.runtimes import RUNTIMES
+
+    slicing, dropping = methods.METHODS["slicing"], methods.METHODS["dropping"]
+    assert slicing.deployment(SlicingPlan(), RUNTIMES["research"]) is None
+    assert "trust_remote_code" in slicing.deployment(SlicingPlan(), RUNTIMES["transformers"])
+    assert "cannot run a sliced model" in slicing.deployment(SlicingPlan(), RUNTIMES["llama.cpp"])
+    assert "as it is" in dropping.deployment(DropPlan(), RUNTIMES["vllm"])
+    assert "vLLM (compressed-tensors) does not" in dropping.deployment(DropPlan("mlp"), RUNTIMES["vllm"])
+    assert methods.METHODS["quantization"].deployment(QuantPlan(), RUNTIMES["vllm"]) is None  # narrows instead

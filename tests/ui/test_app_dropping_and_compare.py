@@ -94,3 +94,16 @@ def test_compare_page_plans_only_what_the_target_runtime_runs(tiny_app):
     assert "quantization lim 8/4-bit rtn for vLLM (compressed-tensors)" in planned, planned
     assert not re.search(r"lim (8/6|6/4|4/3|4/2|3/2)-bit", planned)
     assert list(at.select_slider(key="keep.stack_high_vllm").options) == ["4", "8"]
+
+
+def test_slicing_and_dropping_pages_say_where_their_models_run_for_the_chosen_runtime(tiny_app):
+    at = open_app("slicing")
+    assert not any("sliced model" in i.value for i in at.info)  # the research grid: nothing to say
+    at.selectbox(key="keep.runtime").set_value("vllm").run()
+    assert any("vLLM (compressed-tensors) cannot run a sliced model" in i.value for i in at.info)
+    at.switch_page("pages/dropping.py").run()
+    at.selectbox(key="keep.runtime").set_value("llama.cpp").run()
+    assert any("convert_hf_to_gguf.py" in i.value for i in at.info)
+    at.radio(key="keep.drop_block").set_value("attention").run()
+    assert any("llama.cpp (GGUF) does not" in i.value for i in at.info), [i.value for i in at.info]
+    assert not at.exception
