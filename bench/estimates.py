@@ -97,7 +97,7 @@ def main() -> None:
                                                                            store),
                  lambda: run(store, loaded, STACK, calibration, evaluation)),
                 ("export (GGUF of the RTN run, else HF folder of the dropped model)",
-                 lambda: seconds_of(export_estimate(loaded, exported()[0])),
+                 lambda: seconds_of(export_estimate(loaded, exported()[0], fmt=exported()[1])),
                  lambda: export_run(store, loaded, *exported(), Path(tempfile.mkdtemp()) / "export")),
             ]
             refused = {"slicing 25% dynamic": SLICE, "GPTQ 4/3-bit": GPTQ}

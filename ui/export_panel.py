@@ -149,7 +149,8 @@ def export_section(store: ResultsStore, loaded: LoadedModel, method: str | None,
                            key=f"{key}_export_folder_{record.id}_{fmt}")
     overwrite = st.checkbox("Overwrite the folder if it exists", key=f"{key}_export_overwrite")
     left, right = st.columns(2)
-    if left.button(f"Export and verify ({export_estimate(loaded, record)})", key=f"{key}_export_go", type="primary",
+    estimate = export_estimate(loaded, record, fmt=fmt)
+    if left.button(f"Export and verify ({estimate})", key=f"{key}_export_go", type="primary",
                    help="Writes to a staging folder renamed at the end (never half-written), reloads it with "
                    "its runtime (llama.cpp for llama.cpp-type runs, else transformers) and compares perplexity "
                    f"with the in-app model on {VERIFY_WINDOWS} evaluation windows."):

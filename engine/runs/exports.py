@@ -34,6 +34,7 @@ from engine.methods.quantization import quantizer_spec_of
 from engine.quant.grid import LLAMACPP
 from engine.quant.layer_bits import normalize_all
 from engine.quant.quantize_model import QuantizedModel
+from engine.runs.plans import QuantPlan
 from engine.runs.record import RunRecord
 from engine.runs.store import ResultsStore
 
@@ -148,9 +149,14 @@ def verification_windows(loaded: LoadedModel, record: RunRecord, n_windows: int 
 
 
 def export_estimate(loaded: LoadedModel, record: RunRecord, has_model: bool = False,
-                    verify_windows: int = VERIFY_WINDOWS) -> str:
-    """Rough wall time of an export: rebuilding the model (unless the page holds it), writing, reloading, and
-    perplexity of both models on the verification windows."""
+                    verify_windows: int = VERIFY_WINDOWS, fmt: str = "gguf") -> str:
+    """Rough wall time of an export to ``fmt``: rebuilding the model (unless the page holds it), writing,
+    reloading, and perplexity of both models on the verification windows.
+
+    Writing and reloading a folder (``hf``, ``ct``) runs at disk speed (a 462 MB fp32 folder: 1 s here); a GGUF
+    file is reloaded through transformers' GGUF loader, which dequantizes every tensor in Python (12–24 s for
+    the built-in model: docs/benchmarks.md, export round trips).
+    """
     from engine.evaluation.latency import describe_seconds, estimate_seconds
 
     method = method_named(record.method)
@@ -159,8 +165,15 @@ def export_estimate(loaded: LoadedModel, record: RunRecord, has_model: bool = Fa
         seconds = float(record.metrics.get("compress_s", 0.0)) * method.rebuild_share
     seqlen = int(record.data.get("seqlen", 256))
     seconds += estimate_seconds(loaded.model, verify_windows * seqlen, forward_passes=2.0)
-    params = sum(p.numel() for p in loaded.model.parameters())
-    seconds += 6.0 + params * 4 / 100e6  # write, reload (transformers' loaders) at ~100 MB/s, and their set-up
+    weight_bytes = 4 * sum(p.numel() for p in loaded.model.parameters())
+    in_llamacpp = fmt == "gguf" and method is not None and method.plan_type is QuantPlan \
+        and quantizer_spec_of(record).method == LLAMACPP  # llama.cpp itself runs the file: about one more pass
+    if in_llamacpp:
+        seconds += 1.0 + weight_bytes / 1e9 + estimate_seconds(loaded.model, verify_windows * seqlen)
+    elif fmt == "gguf":
+        seconds += 6.0 + weight_bytes / 100e6  # transformers' GGUF loader: set-up, then ~100 MB/s
+    else:
+        seconds += 0.5 + weight_bytes / 1e9  # safetensors written and read back at ~1 GB/s
     return describe_seconds(seconds)
 
 

@@ -120,6 +120,15 @@ def test_export_run_rebuilds_verifies_and_stores(store, tiny_loaded, tmp_path):
     assert half["verification"]["rel_diff"] != 0.0 and half["verification"]["passed"]  # rounding measured
     with pytest.raises(ExportError, match="Hugging Face and compressed-tensors folders only"):
         check_export(tiny_loaded, dropped.record, "gguf", tmp_path / "g", overwrite=False, dtype="float16")
+    from engine.runs.exports import export_estimate
+
+    def seconds(text: str) -> float:  # "≈ 40 s" / "≈ 3 min"
+        number, unit = text.removeprefix("≈ ").split()
+        return float(number) * {"s": 1, "min": 60, "h": 3600}[unit]
+
+    # a folder is written and read back at disk speed; a GGUF goes through transformers' slow GGUF loader
+    folder, gguf = (seconds(export_estimate(tiny_loaded, dropped.record, fmt=f)) for f in ("hf", "gguf"))
+    assert 0 < folder < gguf
 
 
 def test_refusals_come_before_any_work(store, tiny_loaded, tmp_path):
