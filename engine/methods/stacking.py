@@ -71,8 +71,9 @@ class Stacking(Method):
         ranked_on = loaded if method.keeps_layers else middle
         then = plan.then
         allocation, _ = allocation_for(store, ranked_on, then, calibration, progress)
-        quantized = quantize_model(middle, allocation, windows if then.quantizer == "gptq" else None,
-                                   spec=then.spec(), use_cache=False, progress=stage_callback(progress, "quantizing"))
+        spec = then.spec()
+        quantized = quantize_model(middle, allocation, windows if spec.needs_calibration else None,  # GPTQ, imatrix
+                                   spec=spec, use_cache=False, progress=stage_callback(progress, "quantizing"))
         qsize = quantized.size()
         if then.quantizer == LLAMACPP and method.keeps_layers is False:  # a dropped model: a GGUF file it will be
             file_bytes = llamacpp_details(middle, then.spec(), quantized.bits)["file_bytes"]

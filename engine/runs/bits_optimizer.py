@@ -485,7 +485,7 @@ def optimize_bits(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerP
             raise ScanCancelled("Optimization cancelled; nothing was stored.")
         step = stage_callback(progress, f"checking {candidate.name} ({n}/{len(candidates)})")
         quantized = quantize_model(loaded, candidate.bits,
-                                   calibration_windows if plan.quantizer == "gptq" else None, spec=spec,
+                                   calibration_windows if spec.needs_calibration else None, spec=spec,
                                    progress=step)
         meter = DivergenceMeter(reference)
         result = perplexity(quantized.model, held_out, observer=meter.observe)

@@ -186,3 +186,7 @@ def test_a_stack_that_drops_then_quantizes_in_llamacpp_types_is_sized_by_its_ggu
                                     source=f"{tiny_loaded.source} ({plan.first.series()})")  # its name is in the file
     spec = QuantizerSpec(method="llama.cpp", bits=8)
     assert record.metrics["bytes_16bit"] == gguf_file_bytes(middle, spec, (8,) * middle.num_layers)
+    with_imatrix = StackPlan(plan.first, QuantPlan("llama.cpp", high_bits=4, low_bits=4, low_fraction=0.0,
+                                                   imatrix=True))  # quantized with the calibration text's imatrix
+    assert run(store, tiny_loaded, with_imatrix, DataSpec(seqlen=32, n_windows=2),
+               EvalPlan(DataSpec(split="evaluation", seqlen=32, n_windows=2))).record.metrics["kld_mean"] is not None

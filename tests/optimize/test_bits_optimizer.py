@@ -79,9 +79,10 @@ def test_optimizer_respects_the_budget_reads_no_evaluation_text_and_returns_the_
 
 def test_in_llamacpp_types_the_held_out_kl_divergence_chooses(store, tiny_loaded):
     """llama.cpp's users compare files by KL divergence to the unquantized model: with its types the optimizer
-    measures both on the held-out windows and returns the lowest KL divergence (research grid: perplexity)."""
+    measures both on the held-out windows and returns the lowest KL divergence (research grid: perplexity).
+    With an imatrix, every candidate is quantized with the calibration text's importance (as the run will be)."""
     plan = BitsOptimizerPlan(BitBudget(avg_bits=5.0), levels=(2, 4, 8), quantizer="llama.cpp", candidates=2,
-                             held_out_windows=2)
+                             held_out_windows=2, imatrix=True)  # candidates quantized with the calibration imatrix
     assert plan.judged_by == "kld" and PLAN.judged_by == "ppl"
     result = optimize_bits(store, tiny_loaded, plan, CALIB)
     klds = [c.measured_kld for c in result.candidates]
