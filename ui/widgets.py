@@ -84,7 +84,9 @@ script ends."""
 PAGE = "_page_title"
 """Session key of the page being shown (the router sets it)."""
 _CANCEL_SLOTS = "_cancel_slots"
-"""Session key of the Cancel buttons drawn in this script run (emptied when it ends)."""
+"""Session key of the Cancel buttons (and the sidebar's progress) drawn in this script run: emptied when it ends."""
+_SIDEBAR_PROGRESS = "_sidebar_progress"
+"""Session key of the sidebar's progress place in this script run."""
 
 
 def progress_callback(label: str):
@@ -102,12 +104,7 @@ def progress_callback(label: str):
     st.caption("Stay on this page until it finishes: leaving it, or clicking another control, stops the work; "
                "the Results page then lists it as interrupted, with how far it got.")
     bar = st.progress(0.0, text=label)
-    side = st.sidebar.progress(0.0, text=f"Running: {label}")
-    slots = st.session_state.setdefault(_CANCEL_SLOTS, [])
-    slot = st.sidebar.empty()  # emptied when the script ends (computation_finished)
-    slot.button("Cancel", key=f"sidebar_cancel_{len(slots)}", on_click=_cancelled,
-                help="Stops this job; nothing half-done is stored.")
-    slots.append(slot)
+    side = _sidebar_slot().progress(0.0, text=f"Running: {label}")
     first_seen: dict[str, tuple[float, int]] = {}  # stage -> (when, steps done) at its first report
 
     def update(stage: str, done: int, total: int) -> None:
@@ -125,10 +122,23 @@ def progress_callback(label: str):
     return update
 
 
+def _sidebar_slot():
+    """The sidebar's place for the running computation's progress, with a Cancel below it: made once per script
+    run (a guided run's steps reuse it) and emptied with the Cancel buttons when the script ends."""
+    if _SIDEBAR_PROGRESS not in st.session_state:
+        progress, cancel = st.sidebar.empty(), st.sidebar.empty()
+        cancel.button("Cancel", key="sidebar_cancel", on_click=_cancelled,
+                      help="Stops this job; nothing half-done is stored.")
+        st.session_state[_SIDEBAR_PROGRESS] = progress
+        st.session_state.setdefault(_CANCEL_SLOTS, []).extend([progress, cancel])
+    return st.session_state[_SIDEBAR_PROGRESS]
+
+
 def interrupted_notice() -> None:
     """Say so when the previous script run was interrupted while a computation was under way, store it as
     interrupted (unless the user cancelled it) and forget it."""
-    st.session_state.pop(_CANCEL_SLOTS, None)  # elements of an earlier script run: never touched again
+    for key in (_CANCEL_SLOTS, _SIDEBAR_PROGRESS):  # elements of an earlier script run: never touched again
+        st.session_state.pop(key, None)
     found = st.session_state.pop(RUNNING, None)
     if found and found.get("cancelled"):
         st.info(f"Cancelled: {found['label']}. Nothing from the cancelled run was stored.")
@@ -144,6 +154,7 @@ def interrupted_notice() -> None:
 def computation_finished() -> None:
     """The script ended (normally or by ``st.stop()``): whatever ran in it ran to its end; its Cancel buttons go."""
     st.session_state.pop(RUNNING, None)
+    st.session_state.pop(_SIDEBAR_PROGRESS, None)
     for slot in st.session_state.pop(_CANCEL_SLOTS, []):
         slot.empty()
 
