@@ -24,7 +24,9 @@ LEVEL_OF_TYPE = {"Q2_K": 2, "Q3_K": 3, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6, "Q8_0": 
                  "Q4_0": 3, "Q5_0": 4, "Q5_1": 5}
 """A type llama-quantize wrote -> the level that gives it (k-quant type set; fallbacks map back: Q4_0 is what
 Q2_K and Q3_K fall back to on rows not a multiple of 256, Q5_0 Q4_K's, Q5_1 Q5_K's, Q8_0 Q6_K's and Q8_0's)."""
-_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(?P<name>\S+)\s+-.*->.*\((?P<type>\w+)\)\s*$")
+_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(?P<name>\S+)\s+-.*type =\s*(?P<source>\w+),.*?(\((?P<type>\w+)\))?\s*$")
+"""A dry-run line: ``... type = q6_K, size = 1.03 MiB -> 0.86 MiB (q5_K)`` when the tensor is converted, without the
+arrow when it keeps its type (a source GGUF already in the preset's type for it, e.g. Gemma-3's Q4_K_M file)."""
 
 
 @lru_cache(maxsize=32)
@@ -32,7 +34,7 @@ def preset_tensor_types(gguf: Path, preset: str) -> dict[str, str]:
     """Tensor name -> the type ``llama-quantize --dry-run`` gives it under ``preset`` (quantized tensors only)."""
     done = subprocess.run([str(tool("llama-quantize")), "--allow-requantize", "--dry-run", str(gguf), preset],
                           capture_output=True, text=True, timeout=300)
-    found = {m["name"]: m["type"].upper() for line in (done.stdout + done.stderr).splitlines()
+    found = {m["name"]: (m["type"] or m["source"]).upper() for line in (done.stdout + done.stderr).splitlines()
              if (m := _LINE.match(line))}
     if done.returncode != 0 or not found:
         raise RuntimeError(f"llama-quantize --dry-run {preset} failed: {done.stderr.strip()[-300:]}")

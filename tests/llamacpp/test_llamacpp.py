@@ -190,3 +190,16 @@ def test_a_stack_that_drops_then_quantizes_in_llamacpp_types_is_sized_by_its_ggu
                                                    imatrix=True))  # quantized with the calibration text's imatrix
     assert run(store, tiny_loaded, with_imatrix, DataSpec(seqlen=32, n_windows=2),
                EvalPlan(DataSpec(split="evaluation", seqlen=32, n_windows=2))).record.metrics["kld_mean"] is not None
+
+
+def test_a_dry_run_line_gives_the_new_type_or_the_kept_one():
+    """``llama-quantize --dry-run`` prints ``(new type)`` after an arrow for a converted tensor, and no arrow for one
+    that keeps its type (Gemma-3's Q4_K_M source file under the Q4_K_M preset): both are read."""
+    from engine.export.llamacpp_presets import _LINE
+
+    converted = ("[   3/ 236] blk.0.attn_k.weight                  - [   640,    256,      1,      1], type =   q5_0, "
+                 "size =     0.11 MiB ->     0.09 MiB (q4_0)")
+    kept = ("[  10/ 236] blk.0.ffn_down.weight                - [  2048,    640,      1,      1], type =   q6_K, "
+            "size =    1.025 MiB")
+    assert [(m["name"], m["type"] or m["source"]) for m in map(_LINE.match, (converted, kept))] == [
+        ("blk.0.attn_k.weight", "q4_0"), ("blk.0.ffn_down.weight", "q6_K")]
