@@ -406,7 +406,10 @@ def _presets(loaded: LoadedModel, costs: LayerCosts, budget_bits: int) -> dict[s
 
     found = {}
     for preset in reversed(PRESETS):
-        bits = preset_bits(loaded, preset)
+        try:
+            bits = preset_bits(loaded, preset)
+        except RuntimeError:  # llama-quantize's dry run failed: the solver and orderings still compete
+            bits = None
         if bits is None or not set(all_levels(bits)) <= set(costs.levels):
             continue
         if costs.total_bits(bits) <= budget_bits * PRESET_SLACK:
