@@ -44,6 +44,11 @@ _memory: OrderedDict[str, DenseReference] = OrderedDict()
 _TINY = 1e-12
 
 
+OBSERVE_ROWS = 256
+"""Positions recorded at a time: the ``[rows, V]`` temporaries (softmax, tail, sampling) stay in cache-friendly
+sizes at a 262k-word vocabulary."""
+
+
 @dataclass
 class DenseReference:
     """Dense's next-token distribution per scored position (N = windows × (seqlen − 1)): ``logp`` float32
@@ -64,7 +69,12 @@ class DenseReference:
                    torch.zeros(n_positions, s))
 
     def observe(self, positions: torch.Tensor, logits: torch.Tensor) -> None:
-        """Record dense's ``logits [m, V]`` at the flat ``positions [m]``."""
+        """Record dense's ``logits [m, V]`` at the flat ``positions [m]`` (in blocks of :data:`OBSERVE_ROWS`
+        positions: at 262,144 words a block of 1,020 took 2.6× as long per position as one of 256 here)."""
+        for start in range(0, logits.shape[0], OBSERVE_ROWS):
+            self._observe(positions[start:start + OBSERVE_ROWS], logits[start:start + OBSERVE_ROWS])
+
+    def _observe(self, positions: torch.Tensor, logits: torch.Tensor) -> None:
         logp = torch.log_softmax(logits.float(), dim=-1)
         top, index = torch.topk(logp, self.logp.shape[1], dim=-1)
         tail = torch.exp(logp)
