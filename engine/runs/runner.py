@@ -67,6 +67,10 @@ class RunOutcome:
         return self.record.data
 
 
+LATENCY_REPEATS = 3
+"""Timed forward passes per model when a method changes shapes (after one warm-up)."""
+
+
 # ---------------------------------------------------------------- evaluation
 
 
@@ -217,7 +221,7 @@ def run(store: ResultsStore, loaded: LoadedModel, plan, calibration: DataSpec, e
         if method.measures_latency:  # on a window of the text the method read (calibration, else evaluation)
             windows = token_windows(calibration if method.reads_calibration(plan) else evaluation.data,
                                     loaded.tokenizer, loaded.max_seqlen)
-            latency = compare_latency(loaded.model, compressed.model, windows.input_ids[:1], repeats=3)
+            latency = compare_latency(loaded.model, compressed.model, windows.input_ids[:1], repeats=LATENCY_REPEATS)
             size.update({f"latency_{k}": v for k, v in latency.items()})
         config = dict(compressed.config)
         if save_to:
@@ -274,13 +278,18 @@ def estimate_run_seconds(loaded: LoadedModel, plan, calibration: DataSpec, evalu
     is not stored on these windows (or as ``dense_needed`` says), dense's (:func:`evaluation_seconds`).
     ``bench/estimates.py`` compares it with measured runs.
     """
-    cost = method_for(plan).cost(plan)
+    method = method_for(plan)
+    cost = method.cost(plan)
     calib = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen).input_ids.numel()
     if dense_needed is None:
         dense_needed = store is None or find_dense(store, loaded, evaluation) is None
     fixed = cost.fixed_per_hidden * loaded.hidden_size  # per-layer work: decoder layers, not the head
     seconds = estimate_seconds(loaded.model, (cost.passes * calib + fixed) * decoder_share(loaded))
     seconds += evaluation_seconds(loaded, evaluation.data, dense=False)
+    if method.measures_latency:  # dense and the compressed model timed on one window, each with a warm-up pass
+        spec = calibration if method.reads_calibration(plan) else evaluation.data
+        window = token_windows(spec, loaded.tokenizer, loaded.max_seqlen).seqlen
+        seconds += estimate_seconds(loaded.model, window, forward_passes=2 * (1 + LATENCY_REPEATS))
     if dense_needed:
         seconds += evaluation_seconds(loaded, evaluation.data, dense=True)
     return seconds
