@@ -214,8 +214,9 @@ def executive_summary(runs: pd.DataFrame, data_label: str, tolerance: float = MA
         lines.append(f"Recommended: {_describe(pick)}: the smallest stored run within {threshold:+.0%} perplexity "
                      "that no other run dominates.")
     if beaten:
-        lines.append(f"Not recommended, because another run is smaller and at least as good: "
-                     f"{', '.join(f'run {i}' for i in sorted(beaten))}.")
+        named = ", ".join(f"run {i}" for i in sorted(beaten))
+        lines.append(f"Not recommended: {named}, because another run is smaller and at least as good"
+                     + (" as each." if len(beaten) > 1 else "."))
     noisy = [int(r["id"]) for _, r in compressed.iterrows() if within_noise(r)]
     windows = runs["data.n_windows"].dropna().iloc[0] \
         if "data.n_windows" in runs and runs["data.n_windows"].notna().any() else "?"
