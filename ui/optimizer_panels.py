@@ -14,6 +14,7 @@ from engine.runs.bits_optimizer import (
     DEFAULT_CANDIDATES,
     DEFAULT_HELD_OUT,
     BitsOptimizerPlan,
+    cheaper_settings,
     check_plan,
     optimization_if_cached,
     optimize_bits,
@@ -86,6 +87,8 @@ def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, eval
         st.error(str(err))
         return
     if result is None:
+        if (hint := cheaper_settings(store, loaded, plan, calibration)) is not None:
+            st.info(hint)
         left, right = st.columns(2)
         if left.button(f"Optimize for budget ({estimate} + checking candidates)", type="primary", key="optimize_bits"):
             with right:

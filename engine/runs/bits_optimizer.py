@@ -41,6 +41,7 @@ from engine.core.models import LoadedModel
 from engine.core.out_of_memory import explain_out_of_memory
 from engine.core.progress import StageProgress, stage_callback
 from engine.evaluation.divergence import DenseReference, DivergenceMeter
+from engine.evaluation.latency import describe_seconds
 from engine.evaluation.perplexity import perplexity
 from engine.export.gguf_llamacpp import llamacpp_details
 from engine.methods import method_for
@@ -338,10 +339,33 @@ def optimization_if_cached(store: ResultsStore, loaded: LoadedModel, plan: BitsO
     return None if payload is None else BitsOptimization.from_dict(payload)
 
 
+LONG_SCAN_S = 600
+"""A damage scan longer than this (seconds) gets a hint at the cheaper settings."""
+
+
 def optimize_estimate(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerPlan,
                       calibration: DataSpec) -> str:
     """Rough time of :func:`optimize_bits` now (cached measurements are free), for the button."""
     return scan_estimate(store, loaded, calibration, plan.actions(list(loaded.architecture.linears))).text()
+
+
+def cheaper_settings(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerPlan,
+                     calibration: DataSpec) -> str | None:
+    """When the scan would take more than :data:`LONG_SCAN_S`, a sentence on what costs less (a level per layer
+    instead of per linear; fewer levels: each level is one scan of every unit), with estimates; else ``None``."""
+    linears = list(loaded.architecture.linears)
+
+    def cost(p: BitsOptimizerPlan) -> float:
+        return scan_estimate(store, loaded, calibration, p.actions(linears)).seconds
+
+    seconds = cost(plan)
+    if seconds <= LONG_SCAN_S:
+        return None
+    options = [f"each allowed level costs about {describe_seconds(seconds / len(plan.levels))} of it"]
+    if plan.granularity == "module":
+        options.insert(0, f"a level per layer takes {describe_seconds(cost(replace(plan, granularity='layer')))}")
+    return (f"This scan takes {describe_seconds(seconds)} (once: it is cached). Cheaper: " + "; ".join(options)
+            + "; fewer calibration windows cost less in proportion.")
 
 
 Unit = tuple[int, "str | None"]  # (layer, linear short name or None for the whole layer)

@@ -170,3 +170,12 @@ def test_for_vllm_a_group_size_the_checkpoint_cannot_hold_is_refused_before_meas
     with pytest.raises(BudgetError, match="multiple of the group size"):  # the tiny model's widths: 64 and 96
         optimize_bits(store, tiny_loaded, plan, CALIB)
     assert optimization_if_cached(store, tiny_loaded, plan, CALIB) is None
+
+
+def test_a_long_scan_names_what_costs_less(store, tiny_loaded, monkeypatch):
+    per_linear = BitsOptimizerPlan(BitBudget(avg_bits=3.5), levels=(2, 3, 4, 8), granularity="module")
+    assert bits_optimizer.cheaper_settings(store, tiny_loaded, per_linear, CALIB) is None  # the tiny model: quick
+    monkeypatch.setattr(bits_optimizer, "LONG_SCAN_S", 0.0)
+    hint = bits_optimizer.cheaper_settings(store, tiny_loaded, per_linear, CALIB)
+    assert "a level per layer takes" in hint and "each allowed level costs" in hint
+    assert "a level per layer" not in bits_optimizer.cheaper_settings(store, tiny_loaded, PLAN, CALIB)
