@@ -7,8 +7,7 @@ import streamlit as st
 
 from engine.core.data import DataError
 from engine.core.models import LoadedModel
-from engine.methods import Quantization
-from engine.quant.grid import LLAMACPP
+from engine.methods.quantization import in_llamacpp_types
 from engine.quant.runtimes import DEFAULT_RUNTIME, RUNTIMES
 from engine.runs.exports import (
     FORMATS,
@@ -21,7 +20,6 @@ from engine.runs.exports import (
     export_formats,
     export_run,
     gguf_type_lines,
-    quantizer_spec_of,
 )
 from engine.runs.record import RunRecord
 from engine.runs.store import ResultsStore
@@ -108,7 +106,7 @@ def export_section(store: ResultsStore, loaded: LoadedModel, method: str | None,
         return
     fmt = st.radio("Format", available, format_func=FORMATS.get, horizontal=True, key=f"{key}_export_format")
     gguf_types = "exact"
-    llamacpp_run = record.method == Quantization.name and quantizer_spec_of(record).method == LLAMACPP
+    llamacpp_run = in_llamacpp_types(record)
     if fmt == "gguf" and llamacpp_run:
         lines = gguf_type_lines(loaded, record)
         st.markdown("**Tensor types in the file** (llama.cpp's own, as the run holds them):\n"

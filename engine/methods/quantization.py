@@ -64,6 +64,11 @@ def quantizer_spec_of(record: RunRecord) -> QuantizerSpec:
                          zero_point=config.get("zero_point", "integer"), act_order=bool(config.get("act_order")))
 
 
+def in_llamacpp_types(record: RunRecord) -> bool:
+    """Whether ``record`` is a quantization run in llama.cpp's own types (its GGUF is run by llama.cpp itself)."""
+    return record.method == Quantization.name and quantizer_spec_of(record).method == LLAMACPP
+
+
 class Quantization(Method):
     name = "quantization"
     plan_type = QuantPlan

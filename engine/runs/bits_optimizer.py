@@ -119,6 +119,10 @@ class BitsOptimizerPlan:
         the measure llama.cpp's users compare files by (``llama-perplexity --kl-divergence``), else ``"ppl"``."""
         return "kld" if self.quantizer == LLAMACPP else "ppl"
 
+    def measured(self, candidate: Candidate) -> float:
+        """What the choice compares for ``candidate``: held-out KL divergence or perplexity (:attr:`judged_by`)."""
+        return candidate.measured_kld if self.judged_by == "kld" else candidate.measured_ppl
+
     @property
     def tied(self) -> bool:
         """Whether fused linears (q/k/v, gate/up) share one level: the runtime loads them as one module."""
@@ -205,7 +209,7 @@ class BitsOptimization:
 
     def measured(self, candidate: Candidate) -> float:
         """What the choice compares: held-out KL divergence or perplexity (:attr:`BitsOptimizerPlan.judged_by`)."""
-        return candidate.measured_kld if self.plan.judged_by == "kld" else candidate.measured_ppl
+        return self.plan.measured(candidate)
 
     def _measured_text(self, candidate: Candidate) -> str:
         if self.plan.judged_by == "kld":
@@ -519,8 +523,8 @@ def optimize_bits(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerP
         del quantized
         candidate.measured_ppl, candidate.measured_dnll = result.ppl, result.mean_nll - dense.mean_nll
         candidate.measured_kld = meter.result().mean
-    outcome = BitsOptimization(plan, candidates, 0, dense.ppl, matrix.data_label, held_out.label(),
+    chosen = min(range(len(candidates)), key=lambda i: (plan.measured(candidates[i]), i))
+    outcome = BitsOptimization(plan, candidates, chosen, dense.ppl, matrix.data_label, held_out.label(),
                                budget_bits, solution.exact, solve_seconds, time.perf_counter() - start)
-    outcome.chosen = min(range(len(candidates)), key=lambda i: (outcome.measured(candidates[i]), i))
     OPTIMIZATIONS.put(store, _key(loaded, plan, calibration), outcome.to_dict())
     return outcome

@@ -30,11 +30,10 @@ from engine.export.verify import round_trip
 from engine.llamacpp.runtime import LlamaCppUnavailable
 from engine.methods import method_named
 from engine.methods.base import FORMATS
-from engine.methods.quantization import quantizer_spec_of
+from engine.methods.quantization import in_llamacpp_types, quantizer_spec_of
 from engine.quant.grid import LLAMACPP
 from engine.quant.layer_bits import normalize_all
 from engine.quant.quantize_model import QuantizedModel
-from engine.runs.plans import QuantPlan
 from engine.runs.record import RunRecord
 from engine.runs.store import ResultsStore
 
@@ -166,9 +165,7 @@ def export_estimate(loaded: LoadedModel, record: RunRecord, has_model: bool = Fa
     seqlen = int(record.data.get("seqlen", 256))
     seconds += estimate_seconds(loaded.model, verify_windows * seqlen, forward_passes=2.0)
     weight_bytes = 4 * sum(p.numel() for p in loaded.model.parameters())
-    in_llamacpp = fmt == "gguf" and method is not None and method.plan_type is QuantPlan \
-        and quantizer_spec_of(record).method == LLAMACPP  # llama.cpp itself runs the file: about one more pass
-    if in_llamacpp:
+    if fmt == "gguf" and in_llamacpp_types(record):  # llama.cpp itself runs the file: about one more pass
         seconds += 1.0 + weight_bytes / 1e9 + estimate_seconds(loaded.model, verify_windows * seqlen)
     elif fmt == "gguf":
         seconds += 6.0 + weight_bytes / 100e6  # transformers' GGUF loader: set-up, then ~100 MB/s
