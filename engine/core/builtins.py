@@ -131,3 +131,21 @@ def _convert_builtin(gguf: Path, target: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+
+
+def prepare_all() -> None:
+    """Convert every built-in model whose package is installed (``make install`` runs this once per clone)."""
+    import time
+
+    for name, model in BUILTINS.items():
+        start = time.perf_counter()
+        try:
+            folder = builtin_model_dir(name)
+        except ModelLoadError as error:
+            print(f"{name}: not prepared ({error})")
+            continue
+        print(f"{name}: ready in {folder} ({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    prepare_all()
