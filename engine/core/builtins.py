@@ -137,7 +137,10 @@ def prepare_all() -> None:
     """Convert every built-in model whose package is installed (``make install`` runs this once per clone)."""
     import time
 
-    for name, model in BUILTINS.items():
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one line per model in `make install`'s output
+    for name in BUILTINS:
         start = time.perf_counter()
         try:
             folder = builtin_model_dir(name)

@@ -18,6 +18,14 @@ run the same windows.  :func:`compare_sides` scores any number of *sides*
 :func:`verify_export` the three-side check after an export (dense in-app,
 the compressed in-app model, llama.cpp running the file).
 
+:func:`one_ulp_floor` is how far llama.cpp moves from *itself* when one norm
+weight vector of the file is one ulp larger.  In quantized types llama.cpp
+rounds every matmul's input to 8-bit codes, a discontinuous step: a last-bit
+difference flips some codes and the flips compound through the layers.  Two
+float implementations of the same file (the app and llama.cpp) cannot agree
+more closely than that floor (on the built-in models' 4/3-bit k-quant mixes
+about 0.008 nats, the same as app vs llama.cpp: ``bench/llamacpp_agreement.py``).
+
 Memory: one window's logits of every side at a time (``seqlen x vocab``
 float32 each: 0.25 GiB for 256 positions of Gemma-3's 262,144 words).
 """
@@ -161,6 +169,29 @@ def agreement(model: torch.nn.Module, gguf: str | Path, windows: TokenWindows,
     return Agreement(gguf=str(gguf), windows=found.windows, n_tokens=found.n_tokens,
                      ppl_layerlab=found.ppl["LayerLab"], ppl_llamacpp=found.ppl["llama.cpp"], kld_mean=d.mean,
                      kld_median=d.median, kld_p99=d.p99, same_top=d.same_top)
+
+
+def nudged_copy(gguf: str | Path, target: str | Path, tensor: str = "blk.0.attn_norm.weight") -> Path:
+    """A copy of ``gguf`` at ``target`` with the float32 ``tensor`` one ulp larger (towards +inf)."""
+    import shutil
+
+    import gguf as gguf_lib
+
+    shutil.copy(gguf, target)
+    reader = gguf_lib.GGUFReader(target, "r+")
+    found = [t for t in reader.tensors if t.name == tensor]
+    if not found or found[0].data.dtype != np.float32:
+        raise ValueError(f"{gguf} has no float32 tensor {tensor}.")
+    found[0].data[:] = np.nextafter(found[0].data, np.float32(np.inf))
+    reader.data.flush()
+    return Path(target)
+
+
+def one_ulp_floor(gguf: str | Path, windows: TokenWindows, work: str | Path) -> Divergence:
+    """KL divergence of llama.cpp running ``gguf`` to llama.cpp running it with one norm vector one ulp larger
+    (:func:`nudged_copy`, written into the folder ``work``): the least any other implementation can differ by."""
+    nudged = nudged_copy(gguf, Path(work) / (Path(gguf).stem + "-nudged.gguf"))
+    return compare_sides({"file": gguf, "nudged": nudged}, windows).divergence[("file", "nudged")]
 
 
 def verify_export(dense: torch.nn.Module, compressed: torch.nn.Module, gguf: str | Path, windows: TokenWindows,

@@ -375,11 +375,9 @@ def test_matches_llm_compressor_on_a_tiny_llama(tiny_folder):  # pragma: no cove
 def test_builtin_gptq_beats_rtn_clearly_at_3_bits(builtin):
     """docs/methods.md §10 setup with fewer tokens: sequential static act-order GPTQ at 3 bits, group 128.
 
-    METHODS' 16 × 512 calibration gives 0.56 × RTN's perplexity on 8 evaluation windows (llm-compressor: 0.52);
-    the 32 × 128 used here (half the tokens, a third of the time) measured 0.59 × RTN on 4 × 512 evaluation
-    windows and 0.63 × on the 4 × 256 used here (half the evaluation time).  On the 2026-12-06 machine the same
-    code (the commit before that session's changes too) measured 0.717 × (65.2 vs 91.0), deterministic over thread
-    counts while dense perplexity matched to the digit: the bound is 0.75 × (GPTQ still a quarter better).
+    The methods' 16 × 512 calibration gives 0.56 × RTN's perplexity on 8 evaluation windows (llm-compressor:
+    0.52); the 32 × 128 used here (a third of the time) on 4 × 256 evaluation windows measures 0.717 × (65.2 vs
+    91.0, the same over thread counts): the bound is 0.75 × (GPTQ still a quarter better).
     """
     from engine.core.data import token_windows
     from engine.evaluation.perplexity import perplexity
