@@ -7,7 +7,6 @@ import streamlit as st
 
 from engine.core.data import DataError
 from engine.core.models import LoadedModel
-from engine.methods.quantization import in_llamacpp_types
 from engine.quant.runtimes import DEFAULT_RUNTIME, RUNTIMES
 from engine.runs.exports import (
     FORMATS,
@@ -20,6 +19,7 @@ from engine.runs.exports import (
     export_formats,
     export_run,
     gguf_type_lines,
+    in_llamacpp_types,
 )
 from engine.runs.record import RunRecord
 from engine.runs.store import ResultsStore

@@ -31,6 +31,7 @@ from engine.core.memory import MemoryProfile
 from engine.core.models import LoadedModel
 from engine.core.progress import StageProgress
 from engine.export.hf_folder import ExportError
+from engine.quant.grid import QuantizerSpec
 from engine.quant.runtimes import Runtime
 from engine.runs.record import RunRecord
 from engine.runs.store import ResultsStore
@@ -149,6 +150,15 @@ class Method:
     def rebuild(self, loaded: LoadedModel, record: RunRecord, progress: StageProgress | None = None):
         """The model ``record`` evaluated, rebuilt from its config."""
         raise ExportError(f"Run {record.id} ({record.method}) has no model to export.")
+
+    def quantized_as(self, record: RunRecord) -> tuple[QuantizerSpec, tuple] | None:
+        """The quantizer and per-layer bits (:mod:`engine.quant.layer_bits`) of ``record``'s model; ``None``
+        when its weights are not quantized."""
+        return None
+
+    def written_from(self, loaded: LoadedModel, record: RunRecord) -> LoadedModel:
+        """The model whose config, tokenizer and layer count an export of ``record``'s model is written with."""
+        return loaded
 
     def deployment(self, plan, runtime: Runtime) -> str | None:
         """Where a model from ``plan`` runs as it is, said for a user who deploys with ``runtime`` (``None``: no

@@ -64,11 +64,6 @@ def quantizer_spec_of(record: RunRecord) -> QuantizerSpec:
                          zero_point=config.get("zero_point", "integer"), act_order=bool(config.get("act_order")))
 
 
-def in_llamacpp_types(record: RunRecord) -> bool:
-    """Whether ``record`` is a quantization run in llama.cpp's own types (its GGUF is run by llama.cpp itself)."""
-    return record.method == Quantization.name and quantizer_spec_of(record).method == LLAMACPP
-
-
 class Quantization(Method):
     name = "quantization"
     plan_type = QuantPlan
@@ -155,6 +150,9 @@ class Quantization(Method):
 
     def save(self, compressed: Compressed, folder: str | Path, tokenizer=None) -> Path:
         return save_quantized(compressed.artifact, folder, tokenizer=tokenizer)
+
+    def quantized_as(self, record: RunRecord) -> tuple[QuantizerSpec, tuple]:
+        return quantizer_spec_of(record), normalize_all(record.config["bits"])
 
     def rebuild(self, loaded: LoadedModel, record: RunRecord, progress=None):
         """A :class:`~engine.quant.quantize_model.QuantizedModel` (GGUF / compressed-tensors pack its codes;

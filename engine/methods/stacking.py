@@ -13,11 +13,13 @@ from engine.core.memory import MemoryProfile
 from engine.core.models import LoadedModel, model_size
 from engine.core.progress import stage_callback
 from engine.export.gguf_llamacpp import llamacpp_details
-from engine.methods.base import Compressed, Method, RunCost
+from engine.methods.base import Compressed, Method, RunCost, calibration_of
 from engine.methods.dropping import Dropping
 from engine.methods.quantization import Quantization, allocation_for
 from engine.methods.slicing import Slicing
-from engine.quant.grid import LLAMACPP
+from engine.quant.allocation import Allocation
+from engine.quant.grid import LLAMACPP, QuantizerSpec
+from engine.quant.layer_bits import normalize_all
 from engine.quant.quantize_model import quantize_model
 from engine.runs.plans import QuantPlan, StackPlan
 
@@ -25,6 +27,11 @@ FIRST_STAGES: dict[type, Method] = {method.plan_type: method for method in (Slic
 """The methods a stack may start with, by plan type."""
 STAGE_FIELDS = ("series", "target", "schedule", "dims", "block", "layers")
 """What a first stage's config keeps in the stacked run's record."""
+
+
+def method_of_stage(name: str | None) -> Method | None:
+    """The first-stage method stored under ``name`` in a stacked run's record."""
+    return next((m for m in FIRST_STAGES.values() if m.name == name), None)
 
 
 def first_stage(plan: StackPlan) -> Method:
@@ -75,10 +82,11 @@ class Stacking(Method):
         quantized = quantize_model(middle, allocation, windows if spec.needs_calibration else None,  # GPTQ, imatrix
                                    spec=spec, use_cache=False, progress=stage_callback(progress, "quantizing"))
         qsize = quantized.size()
+        details = {}
         if then.quantizer == LLAMACPP and method.keeps_layers is False:  # a dropped model: a GGUF file it will be
-            file_bytes = llamacpp_details(middle, then.spec(), quantized.bits)["file_bytes"]
-            if file_bytes:
-                qsize = replace(qsize, file_bytes=file_bytes)
+            details = llamacpp_details(middle, then.spec(), quantized.bits)
+            if details["file_bytes"]:
+                qsize = replace(qsize, file_bytes=details["file_bytes"])
         dense_params = model_size(loaded.model)["params"]
         size = {"params": model_size(middle.model)["params"], "bytes": qsize.total_bytes,
                 "bytes_16bit": qsize.total_bytes_16bit, "size_fraction": qsize.total_bytes_16bit / (2 * dense_params),
@@ -86,10 +94,53 @@ class Stacking(Method):
                 "avg_bits": allocation.average_bits, "bits_per_weight": qsize.bits_per_weight}
         quant_config = {"method": Quantization.name, "series": then.series(), "bits": list(allocation.bits),
                         "quantizer": then.quantizer, "group_size": then.group_size, "ordering": then.ordering,
-                        "ranked_on": "dense model" if ranked_on is loaded else "dropped model"}
-        config = {"series": plan.series(), "stages": [stage_config, quant_config], "calibration": windows.label()}
+                        "ranked_on": "dense model" if ranked_on is loaded else "dropped model",
+                        "quantizer_spec": spec.to_dict(),  # with calibration_spec: the export rebuilds this model
+                        "file_bytes": details.get("file_bytes"), "file_note": details.get("file_note")}
+        config = {"series": plan.series(), "stages": [stage_config, quant_config], "calibration": windows.label(),
+                  "calibration_spec": calibration.to_dict(), "target_runtime": then.runtime}
         return Compressed(quantized.model, size, config, artifact=quantized)
 
+    # -------------------------------------------------------------- export: drop whole layers, then llama.cpp types
+
+    def quantized_as(self, record) -> tuple[QuantizerSpec, tuple]:
+        quant = record.config["stages"][1]
+        spec = (QuantizerSpec(**quant["quantizer_spec"]) if quant.get("quantizer_spec")
+                else QuantizerSpec(method=quant["quantizer"], group_size=quant["group_size"]))
+        return spec, normalize_all(quant["bits"])
+
+    def written_from(self, loaded: LoadedModel, record) -> LoadedModel:
+        """The model the stack's second stage quantized: the first stage's result (dropping: no compute)."""
+        stage = record.config["stages"][0]
+        method = method_of_stage(stage["method"])
+        model = method.rebuild(loaded, replace(record, config=stage))
+        return LoadedModel.from_model(model, loaded.tokenizer, source=f"{loaded.source} ({stage['series']})")
+
+    def rebuild(self, loaded: LoadedModel, record, progress=None):
+        """The stacked model as a :class:`~engine.quant.quantize_model.QuantizedModel` of the first stage's result
+        (its GGUF file is written from that model: :meth:`written_from`)."""
+        middle = self.written_from(loaded, record)
+        spec, bits = self.quantized_as(record)
+        windows = None
+        if spec.needs_calibration:
+            windows = token_windows(calibration_of(record), middle.tokenizer, middle.max_seqlen)
+        return quantize_model(middle, Allocation(bits, tuple(range(len(bits)))), windows, spec=spec, use_cache=False,
+                              progress=stage_callback(progress, "quantizing"))
+
     def export_formats(self, record, loaded=None) -> dict[str, str | None]:
-        reason = "Stacked runs cannot be exported yet: export each stage's own run."
-        return {"hf": reason, "gguf": reason, "ct": reason}
+        stages = record.config.get("stages", [{}, {}])
+        first, quant = stages[0], stages[1]
+        folders = "stacked runs export as GGUF files only; export each stage's own run for a folder."
+        if not isinstance(method_of_stage(first.get("method")), Dropping) or first.get("block") != "layer":
+            gguf = ("only a stack that drops whole layers and then quantizes in llama.cpp's types exports (as a GGUF "
+                    "file): this one's first stage changes the layers' shapes, which llama.cpp's model code lacks.")
+        elif quant.get("quantizer") != LLAMACPP:
+            gguf = ("its second stage quantized on LayerLab's research grid; re-run the stack with llama.cpp's types "
+                    "(target runtime llama.cpp) to export it as a GGUF file.")
+        elif not quant.get("quantizer_spec"):
+            gguf = "it was stored before stacks recorded their quantizer: run the same stack again and export that run."
+        elif not quant.get("file_bytes"):
+            gguf = quant.get("file_note") or "LayerLab cannot write this model's family as a GGUF file."
+        else:
+            gguf = None
+        return {"hf": folders, "gguf": gguf, "ct": folders}

@@ -30,9 +30,7 @@ from engine.export.verify import round_trip
 from engine.llamacpp.runtime import LlamaCppUnavailable
 from engine.methods import method_named
 from engine.methods.base import FORMATS
-from engine.methods.quantization import in_llamacpp_types, quantizer_spec_of
-from engine.quant.grid import LLAMACPP
-from engine.quant.layer_bits import normalize_all
+from engine.quant.grid import LLAMACPP, QuantizerSpec
 from engine.quant.quantize_model import QuantizedModel
 from engine.runs.record import RunRecord
 from engine.runs.store import ResultsStore
@@ -80,20 +78,31 @@ def check_export(loaded: LoadedModel, record: RunRecord, fmt: str, out: str | Pa
                                 "'overwrite' to replace it.")
 
 
+def quantized_as(record: RunRecord) -> tuple[QuantizerSpec, tuple] | None:
+    """The quantizer and per-layer bits of ``record``'s model (``None``: its weights are not quantized)."""
+    method = method_named(record.method)
+    return None if method is None else method.quantized_as(record)
+
+
+def in_llamacpp_types(record: RunRecord) -> bool:
+    """Whether ``record``'s model holds llama.cpp's own types (its GGUF file is run by llama.cpp itself)."""
+    quantized = quantized_as(record)
+    return quantized is not None and quantized[0].method == LLAMACPP
+
+
 def gguf_type_lines(loaded: LoadedModel, record: RunRecord, mode: str = "exact") -> list[str]:
-    """What the GGUF file of a quantization run will hold: one line per (bits, type), with the reason."""
+    """What the GGUF file of a quantized run will hold: one line per (bits, type), with the reason."""
     from engine.export.gguf_file import describe_choices, plan_gguf_types
 
-    spec = quantizer_spec_of(record)
+    spec, bits = quantized_as(record)
     if spec.method == LLAMACPP:
-        details = llamacpp_details(loaded, spec, normalize_all(record.config["bits"]))
+        details = llamacpp_details(method_named(record.method).written_from(loaded, record), spec, bits)
         if details["file_bytes"] is None:
             return [details.get("file_note", "")]
         return [f"{count} tensors in {qtype}" for qtype, count in details["tensor_types"].items()] + [
             "exactly as the run measured them (llama.cpp's own quantizer); "
             f"file {details['file_bytes'] / 2**20:.1f} MiB"]
-    return describe_choices(plan_gguf_types(loaded, list(normalize_all(record.config["bits"])),
-                                            quantizer_spec_of(record), mode))
+    return describe_choices(plan_gguf_types(loaded, list(bits), spec, mode))
 
 
 def export_archive(result: dict) -> tuple[bytes, str, str]:
@@ -215,8 +224,9 @@ def export_run(store: ResultsStore, loaded: LoadedModel, record: RunRecord, fmt:
             if not isinstance(built, QuantizedModel):
                 raise ExportError("GGUF export needs the quantized model of a quantization run.")
             torch_model = built.model
-            if built.spec.method == LLAMACPP:
-                written = write_llamacpp_gguf(built, loaded, out, overwrite=overwrite, notes=notes)
+            if built.spec.method == LLAMACPP:  # a stack: written from its first stage's model (fewer layers)
+                base = method_named(record.method).written_from(loaded, record)
+                written = write_llamacpp_gguf(built, base, out, overwrite=overwrite, notes=notes)
                 reloaded = None
             else:
                 written = write_gguf(built, loaded, out, overwrite=overwrite, notes=notes, mode=gguf_types)

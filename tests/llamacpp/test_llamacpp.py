@@ -192,6 +192,32 @@ def test_a_stack_that_drops_then_quantizes_in_llamacpp_types_is_sized_by_its_ggu
                EvalPlan(DataSpec(split="evaluation", seqlen=32, n_windows=2))).record.metrics["kld_mean"] is not None
 
 
+@needs_llamacpp
+def test_a_stack_that_drops_then_quantizes_in_llamacpp_types_exports_the_file_it_was_sized_by(store, tiny_loaded,
+                                                                                           tmp_path):
+    """The path to llama.cpp for a model without whole layers: the stack's GGUF file has one block fewer, is the
+    size the run showed, and llama.cpp runs it as the app did; other stacks say what would export."""
+    from engine.runs.exports import export_formats, export_run, gguf_type_lines
+    from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, StackPlan
+    from engine.runs.runner import run
+
+    drop = DropPlan("layer", 1, "custom", custom=(2,))
+    evaluation = EvalPlan(DataSpec(split="evaluation", seqlen=32, n_windows=2))
+    plan = StackPlan(drop, QuantPlan("llama.cpp", high_bits=8, low_bits=4, low_fraction=0.5, runtime="llama.cpp"))
+    record = run(store, tiny_loaded, plan, DataSpec(seqlen=32, n_windows=2), evaluation).record
+    assert record.config["target_runtime"] == "llama.cpp" and export_formats(record, tiny_loaded)["gguf"] is None
+    assert any("Q8_0" in line for line in gguf_type_lines(tiny_loaded, record))
+    result = export_run(store, tiny_loaded, record, "gguf", tmp_path / "g")
+    reader = gguf.GGUFReader(result["file"])
+    blocks = {int(t.name.split(".")[1]) for t in reader.tensors if t.name.startswith("blk.")}
+    assert blocks == set(range(tiny_loaded.num_layers - 1))
+    assert result["bytes"] == record.metrics["bytes_16bit"] == record.config["stages"][1]["file_bytes"]
+    assert abs(result["llamacpp"]["ppl_gap"]) < 0.005, result["summary"]
+    rtn = run(store, tiny_loaded, StackPlan(drop, QuantPlan("rtn", high_bits=8, low_bits=4, low_fraction=0.5)),
+              DataSpec(seqlen=32, n_windows=2), evaluation).record
+    assert "llama.cpp's types" in export_formats(rtn, tiny_loaded)["gguf"]
+
+
 def test_a_dry_run_line_gives_the_new_type_or_the_kept_one():
     """``llama-quantize --dry-run`` prints ``(new type)`` after an arrow for a converted tensor, and no arrow for one
     that keeps its type (Gemma-3's Q4_K_M source file under the Q4_K_M preset): both are read."""

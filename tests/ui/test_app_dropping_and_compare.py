@@ -107,3 +107,28 @@ def test_slicing_and_dropping_pages_say_where_their_models_run_for_the_chosen_ru
     at.radio(key="keep.drop_block").set_value("attention").run()
     assert any("llama.cpp (GGUF) does not" in i.value for i in at.info), [i.value for i in at.info]
     assert not at.exception
+
+
+@pytest.mark.skipif(not __import__("engine.llamacpp.runtime", fromlist=["status"]).status().available,
+                    reason="llama.cpp is not built here (make llamacpp)")
+def test_a_stack_for_llamacpp_exports_its_gguf_file_from_the_results_page(tiny_app, tmp_path):
+    """The Dropping page's way to llama.cpp: drop whole layers, then quantize in llama.cpp's types in one stack;
+    the Results page exports it as the GGUF file llama.cpp then runs."""
+    at = _ready("compare")
+    at.selectbox(key="keep.runtime").set_value("llama.cpp").run()
+    at.radio(key="keep.stack_first").set_value("drop layers").run()
+    at.slider(key="keep.stack_drop").set_value(1).run()
+    click(at, "Run the stack")
+    assert not at.exception and not at.error, at.error
+    run = ResultsStore().runs(method="stacked")[0]
+    assert run.config["target_runtime"] == "llama.cpp"
+    at.switch_page("pages/results.py").run()
+    at.selectbox(key=f"results_export_run_{ResultsStore().runs()[0].id}").set_value(run.id).run()
+    assert at.radio(key="results_export_format").value == "gguf"
+    assert any("stacked runs export as GGUF files only" in c.value for c in at.caption)  # why no folder formats
+    assert any("Tensor types in the file" in m.value for m in at.markdown)
+    at.text_input(key=f"results_export_folder_{run.id}_gguf").set_value(str(tmp_path / "stack")).run()
+    click(at, "Export and verify")
+    assert not at.exception and not at.error, at.error
+    assert any("llama.cpp ran the file" in s.value for s in at.success)
+    assert ResultsStore().get_run(run.id).config["exports"][0]["bytes"] == run.metrics["bytes_16bit"]
