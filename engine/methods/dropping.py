@@ -67,8 +67,9 @@ class Dropping(Method):
                        f"{runtime.label}, drop whole layers instead."))
         if runtime.key == LLAMACPP:
             return ("A model without whole layers is the same architecture with fewer layers. For llama.cpp, drop and "
-                    "quantize in llama.cpp's types in one stack (Compare methods → Stack; Results → Export as GGUF), "
-                    "or convert the exported Hugging Face folder with llama.cpp's `convert_hf_to_gguf.py`.")
+                    "quantize in llama.cpp's types in one stack (Compare methods → Stack, then Results → Export "
+                    "as GGUF; Llama, Mistral and Qwen2 families), or convert the exported Hugging Face folder "
+                    "with llama.cpp's `convert_hf_to_gguf.py`.")
         return ("A model without whole layers is the same architecture with fewer layers: its Hugging Face folder "
                 f"runs in {runtime.label.split(' (')[0]} as it is.")
 

@@ -140,7 +140,9 @@ class Stacking(Method):
         elif not quant.get("quantizer_spec"):
             gguf = "it was stored before stacks recorded their quantizer: run the same stack again and export that run."
         elif not quant.get("file_bytes"):
-            gguf = quant.get("file_note") or "LayerLab cannot write this model's family as a GGUF file."
+            gguf = ((quant.get("file_note") or "LayerLab cannot write this model's family as a GGUF file").split(". ")[0]
+                    + ": export the dropping run's Hugging Face folder, convert it with llama.cpp's "
+                    "`convert_hf_to_gguf.py` and quantize it with `llama-quantize`.")
         else:
             gguf = None
         return {"hf": folders, "gguf": gguf, "ct": folders}
