@@ -47,6 +47,8 @@ FORMATS = {
 NOT_QUANTIZED = {"gguf": "GGUF export is for quantized runs (a tensor type per layer).",
                  "ct": "compressed-tensors export is for quantized runs."}
 """Why a run without quantized weights has no GGUF / compressed-tensors export."""
+REMOTE_CODE = "transformers + LayerLab's modelling file"
+"""Where a model with other widths or blocks than its family's runs (:meth:`Method.runs_in`)."""
 
 
 def calibration_of(record: RunRecord) -> DataSpec:
@@ -155,6 +157,10 @@ class Method:
         """The quantizer and per-layer bits (:mod:`engine.quant.layer_bits`) of ``record``'s model; ``None``
         when its weights are not quantized."""
         return None
+
+    def runs_in(self, config: dict) -> str:
+        """Where the model of a run stored with ``config`` runs as it is (short, for tables and the report)."""
+        return ""
 
     def written_from(self, loaded: LoadedModel, record: RunRecord) -> LoadedModel:
         """The model whose config, tokenizer and layer count an export of ``record``'s model is written with."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from engine.core.memory import MemoryProfile
 from engine.core.models import LoadedModel, model_size
 from engine.dropping.drop_model import drop_model, save_dropped
-from engine.methods.base import NOT_QUANTIZED, Compressed, Method, RunCost
+from engine.methods.base import NOT_QUANTIZED, REMOTE_CODE, Compressed, Method, RunCost
 from engine.quant.grid import LLAMACPP
 from engine.quant.runtimes import Runtime
 from engine.runs.drop_choice import dropped_layers
@@ -56,6 +56,11 @@ class Dropping(Method):
     def rebuild(self, loaded: LoadedModel, record: RunRecord, progress=None):
         config = record.config
         return drop_model(loaded, config["block"], list(config["layers"]), bool(config.get("protect_ends"))).model
+
+    def runs_in(self, config: dict) -> str:
+        if config.get("block", "layer") != "layer":
+            return REMOTE_CODE
+        return "transformers, vLLM (llama.cpp: through a stack)"
 
     def deployment(self, plan: DropPlan, runtime: Runtime) -> str | None:
         if not runtime.deployable:

@@ -151,6 +151,12 @@ class Quantization(Method):
     def save(self, compressed: Compressed, folder: str | Path, tokenizer=None) -> Path:
         return save_quantized(compressed.artifact, folder, tokenizer=tokenizer)
 
+    def runs_in(self, config: dict) -> str:
+        if config.get("runtime"):  # llama.cpp's own types
+            return config["runtime"]
+        runtime = runtime_named(config.get("target_runtime") or DEFAULT_RUNTIME)
+        return runtime.label if runtime.deployable else f"{runtime.label} (not deployable as is)"
+
     def quantized_as(self, record: RunRecord) -> tuple[QuantizerSpec, tuple]:
         return quantizer_spec_of(record), normalize_all(record.config["bits"])
 

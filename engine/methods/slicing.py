@@ -10,7 +10,7 @@ from engine.core.data import DataSpec, token_windows
 from engine.core.memory import MemoryProfile
 from engine.core.models import LoadedModel, model_size
 from engine.core.progress import StageProgress, stage_callback
-from engine.methods.base import NOT_QUANTIZED, Compressed, Method, RunCost, calibration_of
+from engine.methods.base import NOT_QUANTIZED, REMOTE_CODE, Compressed, Method, RunCost, calibration_of
 from engine.quant.runtimes import Runtime
 from engine.runs.cached_scores import scores_for
 from engine.runs.plans import SlicingPlan
@@ -81,6 +81,9 @@ class Slicing(Method):
         return slice_model(loaded, [int(d) for d in record.config["dims"]], windows,
                            final_rotation=bool(record.config.get("final_rotation")),
                            progress=stage_callback(progress, "slicing")).model
+
+    def runs_in(self, config: dict) -> str:
+        return REMOTE_CODE
 
     def deployment(self, plan: SlicingPlan, runtime: Runtime) -> str | None:
         if not runtime.deployable:

@@ -13,7 +13,7 @@ from engine.core.memory import MemoryProfile
 from engine.core.models import LoadedModel, model_size
 from engine.core.progress import stage_callback
 from engine.export.gguf_llamacpp import llamacpp_details
-from engine.methods.base import Compressed, Method, RunCost, calibration_of
+from engine.methods.base import REMOTE_CODE, Compressed, Method, RunCost, calibration_of
 from engine.methods.dropping import Dropping
 from engine.methods.quantization import Quantization, allocation_for
 from engine.methods.slicing import Slicing
@@ -103,6 +103,14 @@ class Stacking(Method):
 
     # -------------------------------------------------------------- export: drop whole layers, then llama.cpp types
 
+    def runs_in(self, config: dict) -> str:
+        first, quant = config.get("stages", [{}, {}])
+        if not isinstance(method_of_stage(first.get("method")), Dropping) or first.get("block") != "layer":
+            return REMOTE_CODE  # other widths or blocks: LayerLab's modelling file
+        if quant.get("quantizer") == LLAMACPP:
+            return "llama.cpp (GGUF)" if quant.get("file_bytes") else "llama.cpp, once converted (convert_hf_to_gguf)"
+        return "nowhere as one file: export each stage's own run"
+
     def quantized_as(self, record) -> tuple[QuantizerSpec, tuple]:
         quant = record.config["stages"][1]
         spec = (QuantizerSpec(**quant["quantizer_spec"]) if quant.get("quantizer_spec")
@@ -140,9 +148,9 @@ class Stacking(Method):
         elif not quant.get("quantizer_spec"):
             gguf = "it was stored before stacks recorded their quantizer: run the same stack again and export that run."
         elif not quant.get("file_bytes"):
-            gguf = ((quant.get("file_note") or "LayerLab cannot write this model's family as a GGUF file").split(". ")[0]
-                    + ": export the dropping run's Hugging Face folder, convert it with llama.cpp's "
-                    "`convert_hf_to_gguf.py` and quantize it with `llama-quantize`.")
+            note = quant.get("file_note") or "LayerLab cannot write this model's family as a GGUF file"
+            gguf = (note.split(". ")[0] + ": export the dropping run's Hugging Face folder, convert it with "
+                    "llama.cpp's `convert_hf_to_gguf.py` and quantize it with `llama-quantize`.")
         else:
             gguf = None
         return {"hf": folders, "gguf": gguf, "ct": folders}

@@ -224,6 +224,7 @@ def run(store: ResultsStore, loaded: LoadedModel, plan, calibration: DataSpec, e
             latency = compare_latency(loaded.model, compressed.model, windows.input_ids[:1], repeats=LATENCY_REPEATS)
             size.update({f"latency_{k}": v for k, v in latency.items()})
         config = dict(compressed.config)
+        config["runs_in"] = method.runs_in(config)  # where the model runs as it is, for the table and the report
         if save_to:
             config["saved_to"] = str(method.save(compressed, save_to, loaded.tokenizer))
         return store_compressed(store, loaded, compressed.model, method.name, config, size, evaluation,

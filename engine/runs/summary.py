@@ -8,13 +8,13 @@ import math
 import pandas as pd
 
 from engine.evaluation.paired import PairedChange, paired_change
-from engine.methods import Dropping, Quantization
+from engine.methods import Dropping, Quantization, method_named
 from engine.runs.record import ACC_PREFIX, CHANGE, CHANGE_HIGH, CHANGE_LOW
 
 
 def compact_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per run, stakeholder columns only: method, series, size, perplexity and change, KL divergence to
-    dense and top-token agreement, the runtime a run was made for, accuracy, latency."""
+    dense and top-token agreement, where the model runs as it is, accuracy, latency."""
     if runs.empty:
         return pd.DataFrame()
     out = pd.DataFrame({
@@ -29,8 +29,7 @@ def compact_table(runs: pd.DataFrame) -> pd.DataFrame:
     if "metrics.kld_mean" in runs and runs["metrics.kld_mean"].notna().any():
         out["KL divergence to dense"] = runs["metrics.kld_mean"]
         out["same top token"] = runs.get("metrics.same_top")
-    if "config.runtime" in runs and runs["config.runtime"].notna().any():
-        out["runtime"] = runs["config.runtime"].fillna("")
+    out["runs in"] = [runs_in(row) for _, row in runs.iterrows()]
     for column in runs.columns:
         if column.startswith(f"metrics.{ACC_PREFIX}"):
             out[f"accuracy {column.removeprefix(f'metrics.{ACC_PREFIX}')}"] = runs[column]
@@ -44,6 +43,31 @@ def compact_table(runs: pd.DataFrame) -> pd.DataFrame:
     if "speed vs dense" in out:
         out.loc[dense, "speed vs dense"] = out.loc[dense, "speed vs dense"].fillna(1.0)
     return out.sort_values(["method", "size vs dense (16-bit bytes)"], ascending=[True, False])
+
+
+def runs_in(row: pd.Series) -> str:
+    """Where a run's model runs as it is: as recorded, or (runs stored before runs recorded it) as its method
+    says from its config; dense: anywhere its family runs."""
+    recorded = row.get("config.runs_in")
+    if isinstance(recorded, str) and recorded:
+        return recorded
+    method = method_named(row.get("method"))
+    if method is None:
+        return "anywhere its family runs" if row.get("method") == "dense" else ""
+    config = {k.removeprefix("config."): _value(v) for k, v in row.items() if k.startswith("config.")}
+    return method.runs_in({k: v for k, v in config.items() if v is not None})
+
+
+def _value(cell):
+    """A table cell back as its config value (lists and dicts are JSON text in rows; missing ones NaN)."""
+    if isinstance(cell, float) and math.isnan(cell):
+        return None
+    if isinstance(cell, str) and cell[:1] in "[{":
+        try:
+            return json.loads(cell)
+        except ValueError:
+            return cell
+    return cell
 
 
 def _interval(row: pd.Series) -> str:

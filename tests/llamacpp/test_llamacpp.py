@@ -206,6 +206,7 @@ def test_a_stack_that_drops_then_quantizes_in_llamacpp_types_exports_the_file_it
     plan = StackPlan(drop, QuantPlan("llama.cpp", high_bits=8, low_bits=4, low_fraction=0.5, runtime="llama.cpp"))
     record = run(store, tiny_loaded, plan, DataSpec(seqlen=32, n_windows=2), evaluation).record
     assert record.config["target_runtime"] == "llama.cpp" and export_formats(record, tiny_loaded)["gguf"] is None
+    assert record.config["runs_in"] == "llama.cpp (GGUF)"  # recorded with the run
     assert any("Q8_0" in line for line in gguf_type_lines(tiny_loaded, record))
     result = export_run(store, tiny_loaded, record, "gguf", tmp_path / "g")
     reader = gguf.GGUFReader(result["file"])

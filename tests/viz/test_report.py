@@ -71,3 +71,25 @@ def test_report_table_keeps_one_precision_per_column(store):
     assert "1.000" in cells and "0.900" in cells and "0.300" in cells  # sizes: three decimals, dense too
     assert "20.00" in cells and "45.00" in cells  # perplexity: two decimals
     assert "0.9" not in cells and "45" not in cells  # not one precision per value
+
+
+def test_every_run_says_where_its_model_runs(store):
+    """The table's "runs in": recorded by runs (the runner asks the method), read from the config for runs stored
+    before that; a sliced model needs LayerLab's modelling file, a model without whole layers runs as it is, a
+    quantization run where its target runtime runs it (the research grid: nowhere as is)."""
+    for method, config in (("slicing", {"series": "constant"}),
+                           ("dropping", {"series": "drop layers by lr", "block": "layer"}),
+                           ("dropping", {"series": "drop attention by lr", "block": "attention"}),
+                           ("quantization", {"series": "lim 8/4-bit rtn", "target_runtime": "vllm"}),
+                           ("quantization", {"series": "lim 4/2-bit rtn"}),
+                           ("quantization", {"series": "recorded", "runs_in": "somewhere recorded"})):
+        store.add_run(model="m", model_fingerprint="f", method=method, config=config, data=DATA,
+                      metrics={"ppl": 30.0, "size_fraction": 0.5}, duration_s=1.0)
+    table = compact_table(_runs(store)).set_index("series")
+    assert set(table.loc["constant", "runs in"]) == {"transformers + LayerLab's modelling file"}
+    assert table.loc["drop layers by lr", "runs in"].startswith("transformers, vLLM")
+    assert table.loc["drop attention by lr", "runs in"].startswith("transformers + LayerLab's modelling file")
+    assert table.loc["lim 8/4-bit rtn", "runs in"] == "vLLM (compressed-tensors)"
+    assert table.loc["lim 4/2-bit rtn", "runs in"] == "LayerLab research grid (not deployable as is)"
+    assert table.loc["recorded", "runs in"] == "somewhere recorded"
+    assert table.loc["dense", "runs in"] == "anywhere its family runs"
