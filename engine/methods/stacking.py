@@ -54,8 +54,16 @@ class Stacking(Method):
         return first_stage(plan).refusal(loaded, plan.first) or Quantization().refusal(loaded, plan.then)
 
     def cost(self, plan: StackPlan) -> RunCost:
-        first, then = first_stage(plan).cost(plan.first), Quantization().cost(plan.then)
-        return RunCost(first.passes + then.passes, first.fixed_per_hidden + then.fixed_per_hidden)
+        method = first_stage(plan)
+        first, then = method.cost(plan.first), Quantization().cost(plan.then)
+        rescoring = 0.0 if method.keeps_layers else 1.0  # a dropped model's layers are scored anew to order bits
+        return RunCost(first.passes + then.passes + rescoring, first.fixed_per_hidden + then.fixed_per_hidden)
+
+    def prepare(self, store, loaded, plan: StackPlan, calibration: DataSpec, progress=None, compute: bool = True):
+        """The first stage's choice (slicing schedule or layers to drop); the second stage's comes from its
+        result, inside :meth:`compress`."""
+        method = first_stage(plan)
+        return method.prepare(store, loaded, plan.first, calibration, progress, compute=compute)
 
     def memory_profile(self, plan: StackPlan) -> MemoryProfile:
         return first_stage(plan).memory_profile(plan.first)
@@ -69,8 +77,9 @@ class Stacking(Method):
     def compress(self, store, loaded, plan: StackPlan, prepared, calibration: DataSpec, progress=None) -> Compressed:
         method = first_stage(plan)
         windows = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen)
-        stage = method.compress(store, loaded, plan.first,
-                                method.prepare(store, loaded, plan.first, calibration, progress), calibration, progress)
+        if prepared is None:
+            prepared = method.prepare(store, loaded, plan.first, calibration, progress)
+        stage = method.compress(store, loaded, plan.first, prepared, calibration, progress)
         stage_config = {"method": method.name, **{k: stage.config[k] for k in STAGE_FIELDS if k in stage.config}}
         middle = LoadedModel.from_model(stage.model, loaded.tokenizer,
                                         source=f"{loaded.source} ({stage_config['series']})")
@@ -149,8 +158,9 @@ class Stacking(Method):
             gguf = "it was stored before stacks recorded their quantizer: run the same stack again and export that run."
         elif not quant.get("file_bytes"):
             note = quant.get("file_note") or "LayerLab cannot write this model's family as a GGUF file"
-            gguf = (note.split(". ")[0] + ": export the dropping run's Hugging Face folder, convert it with "
-                    "llama.cpp's `convert_hf_to_gguf.py` and quantize it with `llama-quantize`.")
+            gguf = (note.split(". ")[0] + ": drop the same layers on the Dropping page, export that run's Hugging "
+                    "Face folder, convert it with llama.cpp's `convert_hf_to_gguf.py` and quantize it with "
+                    "`llama-quantize`.")
         else:
             gguf = None
         return {"hf": folders, "gguf": gguf, "ct": folders}

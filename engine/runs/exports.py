@@ -27,6 +27,7 @@ from engine.core.progress import StageProgress, stage_callback
 from engine.export.gguf_llamacpp import llamacpp_details, write_llamacpp_gguf
 from engine.export.hf_folder import ExportError, load_hf_folder, write_hf_folder
 from engine.export.verify import round_trip
+from engine.llamacpp.agreement import FLOOR_FACTOR, PPL_PROMISE
 from engine.llamacpp.runtime import LlamaCppUnavailable
 from engine.methods import method_named
 from engine.methods.base import FORMATS
@@ -37,7 +38,8 @@ from engine.runs.store import ResultsStore
 
 # promised |perplexity change| of the round trip (GGUF: exact types; compressed-tensors: always exact)
 TOLERANCE = {"hf": 0.005, "gguf": 0.02, "ct": 0.005}
-TOLERANCE_LLAMACPP = 0.005  # llama.cpp running an exact llama.cpp-type file vs the app (its own arithmetic differs)
+TOLERANCE_LLAMACPP = PPL_PROMISE  # llama.cpp running a llama.cpp-type file vs the app ...
+LLAMACPP_FLOOR_FACTOR = FLOOR_FACTOR  # ... or the app no further from it than this × llama.cpp's one-ulp floor
 VERIFY_WINDOWS = 4
 
 
@@ -174,8 +176,8 @@ def export_estimate(loaded: LoadedModel, record: RunRecord, has_model: bool = Fa
     seqlen = int(record.data.get("seqlen", 256))
     seconds += estimate_seconds(loaded.model, verify_windows * seqlen, forward_passes=2.0)
     weight_bytes = 4 * sum(p.numel() for p in loaded.model.parameters())
-    if fmt == "gguf" and in_llamacpp_types(record):  # llama.cpp itself runs the file: about one more pass
-        seconds += 1.0 + weight_bytes / 1e9 + estimate_seconds(loaded.model, verify_windows * seqlen)
+    if fmt == "gguf" and in_llamacpp_types(record):  # llama.cpp runs the file and its one-ulp copy: two passes
+        seconds += 1.0 + weight_bytes / 1e9 + 2 * estimate_seconds(loaded.model, verify_windows * seqlen)
     elif fmt == "gguf":
         seconds += 6.0 + weight_bytes / 100e6  # transformers' GGUF loader: set-up, then ~100 MB/s
     else:

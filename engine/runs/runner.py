@@ -36,6 +36,7 @@ from engine.evaluation.perplexity import perplexity
 from engine.evaluation.zeroshot import TaskUnavailableError, zero_shot
 from engine.methods import method_for
 from engine.quant.allocation import Allocation
+from engine.runs.cached_scores import ScoresNotComputed
 from engine.runs.memory_check import check_memory, run_memory_plan
 from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, SlicingPlan, StackPlan
 from engine.runs.record import CHANGE, CHANGE_HIGH, CHANGE_LOW, PPL, WINDOW_NLL, RunRecord, task_metrics
@@ -275,17 +276,26 @@ def estimate_run_seconds(loaded: LoadedModel, plan, calibration: DataSpec, evalu
 
     Run time = (passes · calibration tokens + fixed · hidden size) · decoder share / forward throughput, with the
     method's :class:`~engine.methods.base.RunCost` (calibration passes and per-layer work run the decoder
-    layers, not the output head: :func:`decoder_share`), plus the compressed model's evaluation and, while dense
+    layers, not the output head: :func:`decoder_share`), a scoring pass when the scores the run ranks by are not
+    cached (``store`` given), plus the compressed model's evaluation and, while dense
     is not stored on these windows (or as ``dense_needed`` says), dense's (:func:`evaluation_seconds`).
     ``bench/estimates.py`` compares it with measured runs.
     """
     method = method_for(plan)
     cost = method.cost(plan)
     calib = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen).input_ids.numel()
+    seconds = 0.0
+    if store is not None:  # scores the run would compute first (not cached on these calibration windows)
+        try:
+            method.prepare(store, loaded, plan, calibration, compute=False)
+        except ScoresNotComputed:
+            seconds += scoring_seconds(loaded, calibration)
+        except ValueError:  # the run itself will say what is wrong with the plan
+            pass
     if dense_needed is None:
         dense_needed = store is None or find_dense(store, loaded, evaluation) is None
     fixed = cost.fixed_per_hidden * loaded.hidden_size  # per-layer work: decoder layers, not the head
-    seconds = estimate_seconds(loaded.model, (cost.passes * calib + fixed) * decoder_share(loaded))
+    seconds += estimate_seconds(loaded.model, (cost.passes * calib + fixed) * decoder_share(loaded))
     seconds += evaluation_seconds(loaded, evaluation.data, dense=False)
     if method.measures_latency:  # dense and the compressed model timed on one window, each with a warm-up pass
         spec = calibration if method.reads_calibration(plan) else evaluation.data
