@@ -59,8 +59,11 @@ def main() -> None:
             mix_file = files["LayerLab 4/3-bit k-quant mix (exported)"][1]
             for label, sides in _floors(mix.model, loaded.architecture.embedding, mix_file).items():
                 started = time.perf_counter()
-                found = compare_sides(sides, windows).divergence[tuple(sides)]
-                rows.append({"model": name, "check": f"floor: {label}", "KLD mean": found.mean,
+                compared = compare_sides(sides, windows)
+                found = compared.divergence[tuple(sides)]
+                first, second = tuple(sides)
+                rows.append({"model": name, "check": f"floor: {label}",
+                             "gap": compared.ppl[second] / compared.ppl[first] - 1, "KLD mean": found.mean,
                              "KLD 99%": found.p99, "same top": found.same_top,
                              "seconds": time.perf_counter() - started})
                 print(rows[-1], flush=True)

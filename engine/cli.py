@@ -187,7 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     first = stack.add_mutually_exclusive_group(required=True)
     first.add_argument("--slice", type=float, help="constant slicing fraction SP of the first stage")
     first.add_argument("--drop-layers", type=int, help="whole layers (ranked by LR) dropped in the first stage")
-    stack.add_argument("--quantize-bits", type=int, default=4, help="RTN bits of the second stage (group 128)")
+    stack.add_argument("--quantize-bits", type=int, default=4, help="bits of the second stage (group 128)")
+    stack.add_argument("--quantizer", choices=list(METHODS), default="rtn",
+                       help="the second stage's quantizer; llama.cpp after --drop-layers exports as a GGUF file "
+                       "(export RUN_ID --format gguf)")
+    _runtime_option(stack)
+    _llamacpp_options(stack)
     sweep = commands.add_parser("sweep-methods", help="every method at matched sizes (fractions of dense bytes)")
     _common(sweep)
     sweep.add_argument("--sizes", default="0.9,0.75,0.6,0.5", help="fractions of the dense model's 16-bit bytes")
@@ -324,7 +329,9 @@ PLANS = {
                                   args.iterative),
     "stack": lambda args: StackPlan(SlicingPlan("constant", args.slice, final_rotation=True) if args.slice is not None
                                     else DropPlan("layer", args.drop_layers),
-                                    QuantPlan("rtn", 128, args.quantize_bits, args.quantize_bits, 0.0)),
+                                    QuantPlan(args.quantizer, 128, args.quantize_bits, args.quantize_bits, 0.0,
+                                              ggml_types=args.ggml_types, imatrix=args.imatrix,
+                                              output_type=args.output_type, runtime=args.runtime)),
 }
 """Commands that run one plan: how each builds its plan from the arguments (the runner does the rest)."""
 

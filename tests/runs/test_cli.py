@@ -111,3 +111,21 @@ def test_export_command_writes_verifies_and_refuses(capsys, tmp_path, tiny_folde
     assert "zero point 'symmetric'" in capsys.readouterr().err and not (tmp_path / "ct").exists()
     assert main(["export", "9999", "--format", "hf", "--out", str(tmp_path / "x"), *store]) == 2
     assert "no stored run 9999" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not __import__("engine.llamacpp.runtime", fromlist=["status"]).status().available,
+                    reason="llama.cpp is not built here (make llamacpp)")
+def test_stack_in_llamacpp_types_then_export_as_gguf(capsys, tmp_path, tiny_folder):
+    """Headless, the Dropping page's way to llama.cpp: drop whole layers and quantize in llama.cpp's types, then
+    export the GGUF file (the size the run recorded; llama.cpp runs and checks it)."""
+    store = ["--store", str(tmp_path / "cli.sqlite"), "--model", tiny_folder]
+    assert main(["stack", "--drop-layers", "1", "--quantizer", "llama.cpp", "--runtime", "llama.cpp",
+                 *TINY, *store]) == 0
+    stacked = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert stacked["kind"] == "stacked" and "llama.cpp" in stacked["series"]
+    out = tmp_path / "stack"
+    assert main(["export", str(stacked["run"]), "--format", "gguf", "--out", str(out), "--verify-windows", "2",
+                 *store]) == 0
+    printed = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert printed["llamacpp"]["passed"] and (out / "model.gguf").stat().st_size == printed["bytes"]
+    assert printed["bytes"] == ResultsStore(tmp_path / "cli.sqlite").get_run(stacked["run"]).metrics["bytes_16bit"]
