@@ -22,7 +22,7 @@ llamacpp: $(STAMP)
 	-@command -v cmake >/dev/null && command -v ninja >/dev/null || (apt-get update -qq && apt-get install -y -qq cmake ninja-build)
 	-$(PY) -m engine.llamacpp.build
 
-# The built-in models dequantized once into cache/models (~1.2 min on 2 cores); instant when already there.
+# The built-in models dequantized once into cache/models (~1.2 min on 2 cores); a few seconds when already there.
 models: $(STAMP)
 	-$(PY) -m engine.core.builtins
 

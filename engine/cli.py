@@ -312,7 +312,8 @@ def _export(args) -> None:
         print(f"note: {note}", file=sys.stderr)
     print(json.dumps({k: result[k] for k in ("format", "folder", "bytes", "files", "remote_code", "seconds",
                                              "verification", "llamacpp") if k in result}, default=float))
-    if result.get("verification", {}).get("passed") is False or "unavailable" in result.get("llamacpp", {}):
+    llama = result.get("llamacpp", {})
+    if result.get("verification", {}).get("passed") is False or "unavailable" in llama or llama.get("passed") is False:
         print(f"warning: {result['summary']}", file=sys.stderr)
     elif "llamacpp" in result:
         print(result["summary"], file=sys.stderr)
@@ -330,6 +331,7 @@ PLANS = {
     "stack": lambda args: StackPlan(SlicingPlan("constant", args.slice, final_rotation=True) if args.slice is not None
                                     else DropPlan("layer", args.drop_layers),
                                     QuantPlan(args.quantizer, 128, args.quantize_bits, args.quantize_bits, 0.0,
+                                              zero_point=RUNTIMES[args.runtime].default_zero_point,
                                               ggml_types=args.ggml_types, imatrix=args.imatrix,
                                               output_type=args.output_type, runtime=args.runtime)),
 }

@@ -51,7 +51,7 @@ plan_eval = EvalPlan(evaluation, **zero_shot)
 runtime = target_runtime()  # the sweep and the stack quantize only as it runs
 own = "" if not runtime.deployable else f"_{runtime.key}"  # widgets whose options the runtime narrows
 quantizers = [LLAMACPP] if runtime.quantizers == (LLAMACPP,) else ["rtn", "gptq"]
-zero_point = "integer" if "integer" in runtime.zero_points else runtime.zero_points[0]
+zero_point = runtime.default_zero_point
 
 with st.expander("Sweep every method at matched sizes"):
     text = st.text_input("Sizes (fractions of dense bytes)", ", ".join(f"{s:g}" for s in SIZES),

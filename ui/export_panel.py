@@ -7,12 +7,11 @@ import streamlit as st
 
 from engine.core.data import DataError
 from engine.core.models import LoadedModel
+from engine.llamacpp.agreement import FLOOR_FACTOR, PPL_PROMISE
 from engine.quant.runtimes import DEFAULT_RUNTIME, RUNTIMES
 from engine.runs.exports import (
     FORMATS,
-    LLAMACPP_FLOOR_FACTOR,
     TOLERANCE,
-    TOLERANCE_LLAMACPP,
     VERIFY_WINDOWS,
     default_export_folder,
     export_archive,
@@ -60,7 +59,7 @@ def _export_row(e: dict) -> dict:
     kld = llama["kld"]
     return {**row, "checked by": "llama.cpp", "ppl in app": round(llama["ppl"]["LayerLab"], 3),
             "ppl reloaded": round(llama["ppl"]["llama.cpp"], 3), "change": f"{llama['ppl_gap']:+.3%}",
-            "within promise": llama.get("passed", abs(llama["ppl_gap"]) <= TOLERANCE_LLAMACPP),
+            "within promise": llama.get("passed", abs(llama["ppl_gap"]) <= PPL_PROMISE),
             "KLD to dense (app)": round(kld["dense -> LayerLab"]["mean"], 4),
             "KLD to dense (llama.cpp)": round(kld["dense -> llama.cpp"]["mean"], 4)}
 
@@ -116,8 +115,8 @@ def export_section(store: ResultsStore, loaded: LoadedModel, method: str | None,
                    f"{VERIFY_WINDOWS} evaluation windows of the run: perplexity and KL divergence to dense, as "
                    f"llama.cpp computes them, and once more with one norm vector one ulp larger: how far llama.cpp's "
                    "own rounding of activations moves it (about 1% perplexity on 4 windows). Promise: perplexity "
-                   f"within ±{TOLERANCE_LLAMACPP:.1%} of the app's, or the app no further from llama.cpp than "
-                   f"{LLAMACPP_FLOOR_FACTOR}× that floor's KL divergence.")
+                   f"within ±{PPL_PROMISE:.1%} of the app's, or the app no further from llama.cpp than "
+                   f"{FLOOR_FACTOR}× that floor's KL divergence.")
     elif fmt == "gguf":
         gguf_types = st.radio("Tensor types", ["exact", "compact"], horizontal=True, key=f"{key}_export_types",
                               format_func={"exact": "exact (LayerLab's codes kept)",

@@ -18,7 +18,7 @@ from engine.quant.allocation import Allocation, allocate_average, allocate_fract
 from engine.quant.grid import GPTQ, LLAMACPP, QuantizerSpec
 from engine.quant.layer_bits import normalize_all
 from engine.quant.quantize_model import quantize_model
-from engine.quant.runtimes import DEFAULT_RUNTIME, RuntimeMismatch, runtime_named
+from engine.quant.runtimes import DEFAULT_RUNTIME, RUNTIMES, RuntimeMismatch, runtime_named
 from engine.quant.save import save_quantized
 from engine.runs.cached_scores import scores_for
 from engine.runs.plans import QuantPlan
@@ -152,9 +152,9 @@ class Quantization(Method):
         return save_quantized(compressed.artifact, folder, tokenizer=tokenizer)
 
     def runs_in(self, config: dict) -> str:
-        if config.get("runtime"):  # llama.cpp's own types
-            return config["runtime"]
-        runtime = runtime_named(config.get("target_runtime") or DEFAULT_RUNTIME)
+        if config.get("quantizer") == LLAMACPP:  # llama.cpp's own types: the GGUF file, where this family has one
+            return "llama.cpp (GGUF)" if config.get("file_bytes") else "llama.cpp's types (no GGUF writer here)"
+        runtime = RUNTIMES.get(config.get("target_runtime") or DEFAULT_RUNTIME, RUNTIMES[DEFAULT_RUNTIME])
         return runtime.label if runtime.deployable else f"{runtime.label} (not deployable as is)"
 
     def quantized_as(self, record: RunRecord) -> tuple[QuantizerSpec, tuple]:

@@ -13,9 +13,9 @@ from engine.core.memory import MemoryProfile
 from engine.core.models import LoadedModel, model_size
 from engine.core.progress import stage_callback
 from engine.export.gguf_llamacpp import llamacpp_details
-from engine.methods.base import REMOTE_CODE, Compressed, Method, RunCost, calibration_of
+from engine.methods.base import Compressed, Method, RunCost, calibration_of
 from engine.methods.dropping import Dropping
-from engine.methods.quantization import Quantization, allocation_for
+from engine.methods.quantization import SCORED_ORDERINGS, Quantization, allocation_for
 from engine.methods.slicing import Slicing
 from engine.quant.allocation import Allocation
 from engine.quant.grid import LLAMACPP, QuantizerSpec
@@ -56,14 +56,18 @@ class Stacking(Method):
     def cost(self, plan: StackPlan) -> RunCost:
         method = first_stage(plan)
         first, then = method.cost(plan.first), Quantization().cost(plan.then)
-        rescoring = 0.0 if method.keeps_layers else 1.0  # a dropped model's layers are scored anew to order bits
+        # a dropped model's layers are scored anew to order the bits (never cached: a new model)
+        rescoring = 1.0 if not method.keeps_layers and plan.then.ordering in SCORED_ORDERINGS else 0.0
         return RunCost(first.passes + then.passes + rescoring, first.fixed_per_hidden + then.fixed_per_hidden)
 
     def prepare(self, store, loaded, plan: StackPlan, calibration: DataSpec, progress=None, compute: bool = True):
         """The first stage's choice (slicing schedule or layers to drop); the second stage's comes from its
         result, inside :meth:`compress`."""
         method = first_stage(plan)
-        return method.prepare(store, loaded, plan.first, calibration, progress, compute=compute)
+        chosen = method.prepare(store, loaded, plan.first, calibration, progress, compute=compute)
+        if not compute and method.keeps_layers:  # the bits are then ordered by the dense model's scores
+            allocation_for(store, loaded, plan.then, calibration, progress, compute=False)
+        return chosen
 
     def memory_profile(self, plan: StackPlan) -> MemoryProfile:
         return first_stage(plan).memory_profile(plan.first)
@@ -114,10 +118,9 @@ class Stacking(Method):
 
     def runs_in(self, config: dict) -> str:
         first, quant = config.get("stages", [{}, {}])
-        if not isinstance(method_of_stage(first.get("method")), Dropping) or first.get("block") != "layer":
-            return REMOTE_CODE  # other widths or blocks: LayerLab's modelling file
-        if quant.get("quantizer") == LLAMACPP:
-            return "llama.cpp (GGUF)" if quant.get("file_bytes") else "llama.cpp, once converted (convert_hf_to_gguf)"
+        drops_layers = isinstance(method_of_stage(first.get("method")), Dropping) and first.get("block") == "layer"
+        if drops_layers and quant.get("quantizer") == LLAMACPP and quant.get("file_bytes"):
+            return "llama.cpp (GGUF)"
         return "nowhere as one file: export each stage's own run"
 
     def quantized_as(self, record) -> tuple[QuantizerSpec, tuple]:

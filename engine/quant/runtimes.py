@@ -47,6 +47,12 @@ class Runtime:
     deployable: bool = True
     dynamic_groups: bool = False  # act-order GPTQ with a per-column group index (g_idx)
 
+    @property
+    def default_zero_point(self) -> str:
+        """The grid's zero point where a plan does not choose: the integer one unless the runtime takes only
+        another (vLLM: symmetric)."""
+        return "integer" if "integer" in self.zero_points else self.zero_points[0]
+
     def summary(self) -> str:
         """One line for captions: what this runtime takes."""
         if not self.deployable:

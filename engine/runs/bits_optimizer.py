@@ -110,8 +110,7 @@ class BitsOptimizerPlan:
     @property
     def zero_point(self) -> str:
         """The grid's zero point: the integer one unless the runtime takes only another (vLLM: symmetric)."""
-        zero_points = runtime_named(self.runtime).zero_points
-        return "integer" if "integer" in zero_points else zero_points[0]
+        return runtime_named(self.runtime).default_zero_point
 
     @property
     def judged_by(self) -> str:

@@ -27,7 +27,6 @@ from engine.core.progress import StageProgress, stage_callback
 from engine.export.gguf_llamacpp import llamacpp_details, write_llamacpp_gguf
 from engine.export.hf_folder import ExportError, load_hf_folder, write_hf_folder
 from engine.export.verify import round_trip
-from engine.llamacpp.agreement import FLOOR_FACTOR, PPL_PROMISE
 from engine.llamacpp.runtime import LlamaCppUnavailable
 from engine.methods import method_named
 from engine.methods.base import FORMATS
@@ -38,8 +37,6 @@ from engine.runs.store import ResultsStore
 
 # promised |perplexity change| of the round trip (GGUF: exact types; compressed-tensors: always exact)
 TOLERANCE = {"hf": 0.005, "gguf": 0.02, "ct": 0.005}
-TOLERANCE_LLAMACPP = PPL_PROMISE  # llama.cpp running a llama.cpp-type file vs the app ...
-LLAMACPP_FLOOR_FACTOR = FLOOR_FACTOR  # ... or the app no further from it than this × llama.cpp's one-ulp floor
 VERIFY_WINDOWS = 4
 
 
@@ -224,9 +221,9 @@ def export_run(store: ResultsStore, loaded: LoadedModel, record: RunRecord, fmt:
             from engine.export.gguf_file import load_gguf, write_gguf
 
             if not isinstance(built, QuantizedModel):
-                raise ExportError("GGUF export needs the quantized model of a quantization run.")
+                raise ExportError("GGUF export needs the quantized model of a quantized run.")
             torch_model = built.model
-            if built.spec.method == LLAMACPP:  # a stack: written from its first stage's model (fewer layers)
+            if built.spec.method == LLAMACPP:  # written from the model the run quantized (a stack's: fewer layers)
                 base = method_named(record.method).written_from(loaded, record)
                 written = write_llamacpp_gguf(built, base, out, overwrite=overwrite, notes=notes)
                 reloaded = None

@@ -220,6 +220,16 @@ def test_a_stack_that_drops_then_quantizes_in_llamacpp_types_exports_the_file_it
     assert "llama.cpp's types" in export_formats(rtn, tiny_loaded)["gguf"]
 
 
+def test_the_llamacpp_check_passes_within_the_perplexity_promise_or_the_one_ulp_floor():
+    from engine.llamacpp.agreement import check_passes
+
+    floor = {"ppl_gap": -0.009, "kld": 0.008}  # llama.cpp moved 0.9% from itself on a one-ulp change
+    assert check_passes(0.004, 0.5, None)  # within 0.5%: passes whatever the divergence
+    assert check_passes(-0.012, 0.0085, floor)  # 1.2% off, but no further from llama.cpp than its own noise
+    assert not check_passes(-0.012, 0.02, floor)  # more than 1.5x the floor's divergence
+    assert not check_passes(-0.012, 0.0085, None)  # no floor measured: perplexity alone decides
+
+
 def test_a_dry_run_line_gives_the_new_type_or_the_kept_one():
     """``llama-quantize --dry-run`` prints ``(new type)`` after an arrow for a converted tensor, and no arrow for one
     that keeps its type (Gemma-3's Q4_K_M source file under the Q4_K_M preset): both are read."""

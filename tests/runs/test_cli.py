@@ -129,3 +129,14 @@ def test_stack_in_llamacpp_types_then_export_as_gguf(capsys, tmp_path, tiny_fold
     printed = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert printed["llamacpp"]["passed"] and (out / "model.gguf").stat().st_size == printed["bytes"]
     assert printed["bytes"] == ResultsStore(tmp_path / "cli.sqlite").get_run(stacked["run"]).metrics["bytes_16bit"]
+
+
+def test_stack_for_a_runtime_takes_its_zero_point():
+    """vLLM runs only the symmetric grid: a stack made for it quantizes on that grid (the page does the same)."""
+    from engine.cli import PLANS
+
+    args = build_parser().parse_args(["stack", "--drop-layers", "1", "--runtime", "vllm", "--quantize-bits", "8"])
+    plan = PLANS["stack"](args)
+    assert plan.then.zero_point == "symmetric" and plan.then.runtime == "vllm" and not plan.then.runtime_problems()
+    research = PLANS["stack"](build_parser().parse_args(["stack", "--slice", "0.2"]))
+    assert research.then.zero_point == "integer"

@@ -152,3 +152,27 @@ def test_iterative_block_dropping_by_sensitivity_re_measures_the_smaller_model(s
     layers = dropped_layers(store, tiny_loaded, plan, calib)
     assert len(layers) == 2
     assert dropped_layers(store, tiny_loaded, plan, calib, compute=False) == layers  # the choice is cached
+
+
+def test_estimates_count_the_scores_a_run_would_compute_first(store, tiny_loaded):
+    """A run ordered by LR scores that are not cached scores first: its estimate counts one scoring pass, which
+    goes once the scores are stored; a random order needs none.  A stack that drops layers also scores the
+    smaller model anew (never cached), and a slicing-first stack orders its bits by dense's scores."""
+    from engine.runs.cached_scores import scores_for
+    from engine.runs.plans import DropPlan, StackPlan
+    from engine.runs.runner import estimate_run_seconds, scoring_seconds
+
+    lim, random_order = QuantPlan(ordering="lim", low_bits=3), QuantPlan(ordering="random", low_bits=3)
+    before = estimate_run_seconds(tiny_loaded, lim, CALIB, EVAL, store)
+    stack = StackPlan(SlicingPlan("constant", 0.25), lim)
+    stack_before = estimate_run_seconds(tiny_loaded, stack, CALIB, EVAL, store)
+    scores_for(store, tiny_loaded, CALIB, compute=True)
+    after = estimate_run_seconds(tiny_loaded, lim, CALIB, EVAL, store)
+    assert before - after == pytest.approx(scoring_seconds(tiny_loaded, CALIB), rel=1e-6)
+    assert after == pytest.approx(estimate_run_seconds(tiny_loaded, random_order, CALIB, EVAL, store), rel=1e-6)
+    assert stack_before - estimate_run_seconds(tiny_loaded, stack, CALIB, EVAL, store) == pytest.approx(
+        scoring_seconds(tiny_loaded, CALIB), rel=1e-6)
+    dropped_lim = StackPlan(DropPlan("layer", 1), lim)
+    dropped_random = StackPlan(DropPlan("layer", 1), random_order)
+    assert estimate_run_seconds(tiny_loaded, dropped_lim, CALIB, EVAL, store) > estimate_run_seconds(
+        tiny_loaded, dropped_random, CALIB, EVAL, store)  # the dropped model is scored anew to order the bits

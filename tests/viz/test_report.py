@@ -93,3 +93,21 @@ def test_every_run_says_where_its_model_runs(store):
     assert table.loc["lim 4/2-bit rtn", "runs in"] == "LayerLab research grid (not deployable as is)"
     assert table.loc["recorded", "runs in"] == "somewhere recorded"
     assert table.loc["dense", "runs in"] == "anywhere its family runs"
+
+
+def test_runs_in_reads_stacks_and_never_fails_on_odd_configs(store):
+    """Stacked rows keep their stages as JSON text in the table; an unknown runtime key (a run from another
+    version) is shown as the research grid rather than breaking the Results page and the report."""
+    stages = [{"method": "dropping", "block": "layer", "series": "drop 1"},
+              {"method": "quantization", "quantizer": "llama.cpp", "file_bytes": 123, "bits": [4]}]
+    for method, config in (("stacked", {"series": "stack to gguf", "stages": stages}),
+                           ("stacked", {"series": "sliced stack", "stages": [{"method": "slicing"}, stages[1]]}),
+                           ("quantization", {"series": "odd", "target_runtime": "no-such-runtime"}),
+                           ("quantization", {"series": "ggml", "quantizer": "llama.cpp", "file_bytes": None})):
+        store.add_run(model="m", model_fingerprint="f", method=method, config=config, data=DATA,
+                      metrics={"ppl": 30.0, "size_fraction": 0.5}, duration_s=1.0)
+    table = compact_table(store.runs_frame()).set_index("series")["runs in"]
+    assert table["stack to gguf"] == "llama.cpp (GGUF)"
+    assert table["sliced stack"].startswith("nowhere as one file")
+    assert table["odd"] == "LayerLab research grid (not deployable as is)"
+    assert table["ggml"] == "llama.cpp's types (no GGUF writer here)"
