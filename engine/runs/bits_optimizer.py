@@ -74,7 +74,7 @@ from engine.sensitivity.cached import measure_sensitivity, scan_estimate
 from engine.sensitivity.errors import ScanCancelled
 from engine.sensitivity.scan import StopCheck
 
-OPTIMIZER_VERSION = 5  # 5: held-out KL divergence (llama.cpp: the choice); 4: llama.cpp presets among the candidates
+OPTIMIZER_VERSION = 6  # 6: llama.cpp's solver sums KL; 5: held-out KL divergence chooses; 4: presets compete
 OPTIMIZATIONS = StoredKind("bits_optimizer", OPTIMIZER_VERSION)
 DEFAULT_CANDIDATES = 5
 # with 4, the held-out choice disagreed with evaluation text (bench/optimize.py, docs/benchmarks.md)
@@ -481,7 +481,8 @@ def optimize_bits(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerP
     matrix = measure_sensitivity(store, loaded, calibration, plan.actions(linears), progress=progress,
                                  should_stop=should_stop)
     damage = _unit_damage(matrix.damages, costs, plan.granularity, linears)
-    units, values = costs.units(plan.granularity), damage["blended"]
+    # the solver sums what the choice is judged by: KL divergence for llama.cpp's types, else the blended damage
+    units, values = costs.units(plan.granularity), damage["kl" if plan.judged_by == "kld" else "blended"]
     if plan.tied:  # the runtime loads q/k/v and gate/up as one module each: one level per fused group
         units, values = tie_units(units, fused_groups(linears, loaded.architecture.linears), values)
     solve_start = time.perf_counter()
