@@ -10,7 +10,8 @@
    fits the budget (:mod:`engine.optimize.knapsack`, exact).  The damage is
    :func:`engine.optimize.damage.blended`: the mean of KL and a noise-aware
    ΔNLL, monotone in bits (why: that module's docstring and docs/benchmarks.md's
-   benchmark, where it beat KL alone and ΔNLL alone).
+   benchmark, where it beat KL alone and ΔNLL alone); in llama.cpp's types, whose
+   candidates are judged by KL divergence, the summed KL.
 3. Check: damage is not exactly additive, so every solver candidate, the
    uniform allocation and the LIM / ZD / random orderings at the same budget
    (with llama.cpp's types also the largest two llama.cpp presets that fit,
@@ -162,7 +163,8 @@ class Candidate:
     """One allocation tried: where it came from, its size, the damage predicted and measured on held-out text.
 
     ``bits``: one entry per layer, a level or a level per linear (:mod:`engine.quant.layer_bits`);
-    ``predicted_damage``: the sum the solver minimises (:func:`engine.optimize.damage.blended`);
+    ``predicted_damage``: the blended sum (:func:`engine.optimize.damage.blended`; what the solver minimises
+    except in llama.cpp's types, where it minimises ``predicted_kl``);
     ``predicted_kl`` / ``predicted_dnll``: sums of the raw per-unit measurements (all nats/token);
     ``measured_ppl`` / ``measured_dnll`` / ``measured_kld``: on the held-out windows (ΔNLL against dense and mean
     KL divergence to dense, nats/token).
