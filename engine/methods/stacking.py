@@ -117,9 +117,7 @@ class Stacking(Method):
     # -------------------------------------------------------------- export: drop whole layers, then llama.cpp types
 
     def runs_in(self, config: dict) -> str:
-        first, quant = config.get("stages", [{}, {}])
-        drops_layers = isinstance(method_of_stage(first.get("method")), Dropping) and first.get("block") == "layer"
-        if drops_layers and quant.get("quantizer") == LLAMACPP and quant.get("file_bytes"):
+        if gguf_refusal(config) is None:
             return "llama.cpp (GGUF)"
         return "nowhere as one file: export each stage's own run"
 
@@ -148,22 +146,25 @@ class Stacking(Method):
                               progress=stage_callback(progress, "quantizing"))
 
     def export_formats(self, record, loaded=None) -> dict[str, str | None]:
-        stages = record.config.get("stages", [{}, {}])
-        first, quant = stages[0], stages[1]
         folders = "stacked runs export as GGUF files only; export each stage's own run for a folder."
-        if not isinstance(method_of_stage(first.get("method")), Dropping) or first.get("block") != "layer":
-            gguf = ("only a stack that drops whole layers and then quantizes in llama.cpp's types exports (as a GGUF "
-                    "file): this one's first stage changes the layers' shapes, which llama.cpp's model code lacks.")
-        elif quant.get("quantizer") != LLAMACPP:
-            gguf = ("its second stage quantized on LayerLab's research grid; re-run the stack with llama.cpp's types "
-                    "(target runtime llama.cpp) to export it as a GGUF file.")
-        elif not quant.get("quantizer_spec"):
-            gguf = "it was stored before stacks recorded their quantizer: run the same stack again and export that run."
-        elif not quant.get("file_bytes"):
-            note = quant.get("file_note") or "LayerLab cannot write this model's family as a GGUF file"
-            gguf = (note.split(". ")[0] + ": drop the same layers on the Dropping page, export that run's Hugging "
-                    "Face folder, convert it with llama.cpp's `convert_hf_to_gguf.py` and quantize it with "
-                    "`llama-quantize`.")
-        else:
-            gguf = None
-        return {"hf": folders, "gguf": gguf, "ct": folders}
+        return {"hf": folders, "gguf": gguf_refusal(record.config), "ct": folders}
+
+
+def gguf_refusal(config: dict) -> str | None:
+    """Why a stacked run stored with ``config`` has no GGUF file (``None``: it has one, written in llama.cpp's
+    types from the model without the dropped layers)."""
+    first, quant = config.get("stages", [{}, {}])
+    if not isinstance(method_of_stage(first.get("method")), Dropping) or first.get("block") != "layer":
+        return ("only a stack that drops whole layers and then quantizes in llama.cpp's types exports (as a GGUF "
+                "file): this one's first stage changes the layers' shapes, which llama.cpp's model code lacks.")
+    if quant.get("quantizer") != LLAMACPP:
+        return ("its second stage quantized on LayerLab's research grid; re-run the stack with llama.cpp's types "
+                "(target runtime llama.cpp) to export it as a GGUF file.")
+    if not quant.get("quantizer_spec"):
+        return "it was stored before stacks recorded their quantizer: run the same stack again and export that run."
+    if not quant.get("file_bytes"):
+        note = quant.get("file_note") or "LayerLab cannot write this model's family as a GGUF file"
+        return (note.split(". ")[0] + ": drop the same layers on the Dropping page, export that run's Hugging "
+                "Face folder, convert it with llama.cpp's `convert_hf_to_gguf.py` and quantize it with "
+                "`llama-quantize`.")
+    return None

@@ -99,7 +99,8 @@ def test_runs_in_reads_stacks_and_never_fails_on_odd_configs(store):
     """Stacked rows keep their stages as JSON text in the table; an unknown runtime key (a run from another
     version) is shown as the research grid rather than breaking the Results page and the report."""
     stages = [{"method": "dropping", "block": "layer", "series": "drop 1"},
-              {"method": "quantization", "quantizer": "llama.cpp", "file_bytes": 123, "bits": [4]}]
+              {"method": "quantization", "quantizer": "llama.cpp", "file_bytes": 123, "bits": [4],
+               "quantizer_spec": {"method": "llama.cpp", "bits": 4}}]  # as a stack records it
     for method, config in (("stacked", {"series": "stack to gguf", "stages": stages}),
                            ("stacked", {"series": "sliced stack", "stages": [{"method": "slicing"}, stages[1]]}),
                            ("quantization", {"series": "odd", "target_runtime": "no-such-runtime"}),
