@@ -1,4 +1,4 @@
-"""``python -m engine``: the headless CLI (see engine/cli.py)."""
+"""``python -m engine``: the headless CLI (see engine/cli/)."""
 
 import sys
 
