@@ -34,9 +34,11 @@ from engine.evaluation.perplexity import window_nll_sums
 from engine.optimize.bit_budget import BitBudget, layer_costs
 from engine.optimize.damage import blended, monotone_in_bits, upper_dnll
 from engine.optimize.knapsack import solve
+from engine.optimize.unit_damage import allocation_from_units, unit_scans
 from engine.quant.layer_bits import describe_all
 from engine.quant.quantize_model import quantize_model
-from engine.runs.bits_optimizer import BitsOptimizerPlan, _competitors, _entries, held_out_spec, unit_scans
+from engine.runs.bits_competitors import competitors
+from engine.runs.bits_optimizer import BitsOptimizerPlan, held_out_spec
 from engine.runs.store import ResultsStore
 from engine.sensitivity.cached import sensitivity_if_cached
 
@@ -87,9 +89,10 @@ def main() -> None:
             solution = solve([costs.unit_bits(u) for u in units], [per_unit[u][model] for u in units], budget_bits,
                              k=args.k)
             for n, selection in enumerate(solution.selections, 1):
-                proposals[f"{model} #{n}"] = _entries(units, [levels[j] for j in selection.choice], loaded.num_layers)
-        competitors = _competitors(store, loaded, calibration, costs, budget_bits, None)
-        proposals.update({"LIM": competitors["LIM ordering"], "ZD": competitors["ZD ordering"]})
+                proposals[f"{model} #{n}"] = allocation_from_units(units, [levels[j] for j in selection.choice],
+                                                                   loaded.num_layers)
+        rivals = competitors(store, loaded, calibration, costs, budget_bits, None)
+        proposals.update({"LIM": rivals["LIM ordering"], "ZD": rivals["ZD ordering"]})
         for name, bits in proposals.items():
             key = describe_all(bits)
             if key not in measured:

@@ -49,27 +49,23 @@ from engine.methods import method_for
 from engine.optimize.bit_budget import (
     DEFAULT_LEVELS,
     GRANULARITIES,
-    TIE,
     BitBudget,
     BudgetError,
     LayerCosts,
     check_levels,
     layer_costs,
-    ordering_bits,
     tie_units,
-    uniform_bits,
 )
-from engine.optimize.damage import blended
 from engine.optimize.knapsack import solve
-from engine.quant.allocation import Allocation, layer_order
+from engine.optimize.unit_damage import allocation_from_units, summed_damage, unit_damage
+from engine.quant.allocation import Allocation
 from engine.quant.grid import LLAMACPP, QuantizationError, QuantizerSpec
-from engine.quant.layer_bits import LayerBits, all_levels, describe_all, mean_level, normalize
+from engine.quant.layer_bits import LayerBits, describe_all, mean_level, normalize
 from engine.quant.quantize_model import quantize_model
 from engine.quant.runtimes import DEFAULT_RUNTIME, fused_groups, runtime_named
-from engine.runs.cached_scores import compute_scores
+from engine.runs.bits_competitors import competitors, presets_that_fit
 from engine.runs.plans import QuantPlan
 from engine.runs.store import ResultsStore
-from engine.scores.ranking import zd_importance
 from engine.sensitivity.actions import Action
 from engine.sensitivity.cached import measure_sensitivity, scan_estimate
 from engine.sensitivity.errors import ScanCancelled
@@ -373,94 +369,6 @@ def cheaper_settings(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimiz
             + "; fewer calibration windows cost less in proportion.")
 
 
-Unit = tuple[int, "str | None"]  # (layer, linear short name or None for the whole layer)
-
-
-def unit_scans(damages: list, costs: LayerCosts, granularity: str, linears: list[str]) -> dict[Unit, list]:
-    """``{unit: [the scan of its action at each level]}`` from scans in :meth:`BitsOptimizerPlan.actions` order
-    (level-major, then linear); a unit's values are at index ``layer`` of each scan."""
-    modules = [None] if granularity == "layer" else linears
-    return {(layer, name): [damages[j * len(modules) + modules.index(name)] for j in range(len(costs.levels))]
-            for layer, name in costs.units(granularity)}
-
-
-def _unit_damage(damages: list, costs: LayerCosts, granularity: str,
-                 linears: list[str]) -> dict[str, dict[Unit, list[float]]]:
-    """``{"kl": {unit: [damage at each level]}, "dnll": ..., "blended": ...}`` (nats/token) from the scans."""
-    out: dict[str, dict[Unit, list[float]]] = {"kl": {}, "dnll": {}, "blended": {}}
-    for unit, columns in unit_scans(damages, costs, granularity, linears).items():
-        layer = unit[0]
-        out["kl"][unit] = [d.kl[layer] for d in columns]
-        out["dnll"][unit] = [d.delta_nll[layer] for d in columns]
-        out["blended"][unit] = blended(out["kl"][unit], out["dnll"][unit],
-                                       [d.window_delta_nll[layer] for d in columns])
-    return out
-
-
-def _entries(units: list[Unit], levels: list[int], n_layers: int) -> list[LayerBits]:
-    """One entry per layer from one level per unit (a layer whose linears agree becomes one level)."""
-    per_layer: list[dict] = [{} for _ in range(n_layers)]
-    for (layer, name), b in zip(units, levels):
-        if name is None:
-            per_layer[layer] = b
-        else:
-            per_layer[layer].update(dict.fromkeys(name.split(TIE), b))  # a tied unit: each of its linears
-    return [normalize(entry) for entry in per_layer]
-
-
-def _predicted(bits: list[LayerBits], damage: dict[Unit, list[float]], costs: LayerCosts) -> float:
-    """Summed per-unit damage of an allocation; a whole-layer level under module granularity sums its linears."""
-    total = 0.0
-    for layer, entry in enumerate(bits):
-        if (layer, None) in damage:  # layer granularity: entries are levels
-            if not isinstance(entry, int):
-                return float("nan")  # a level per linear (a llama.cpp preset): not predicted per layer
-            total += damage[(layer, None)][costs.levels.index(entry)]
-            continue
-        for name in costs.module_bits[layer]:
-            level = entry if isinstance(entry, int) else entry[name]
-            total += damage[(layer, name)][costs.levels.index(level)]
-    return total
-
-
-PRESETS_CHECKED = 2
-"""llama.cpp presets measured beside the optimizer's candidates: the largest that fit the budget."""
-PRESET_SLACK = 1.001
-"""A preset fits when its bits are within 0.1% of the budget (file padding the per-layer costs do not see)."""
-
-
-def _presets(loaded: LoadedModel, costs: LayerCosts, budget_bits: int) -> dict[str, list[LayerBits]]:
-    """llama.cpp's stock presets that fit the budget, as allocations (the largest :data:`PRESETS_CHECKED`)."""
-    from engine.export.llamacpp_presets import PRESETS, preset_bits
-
-    found = {}
-    for preset in reversed(PRESETS):
-        try:
-            bits = preset_bits(loaded, preset)
-        except RuntimeError:  # llama-quantize's dry run failed: the solver and orderings still compete
-            bits = None
-        if bits is None or not set(all_levels(bits)) <= set(costs.levels):
-            continue
-        if costs.total_bits(bits) <= budget_bits * PRESET_SLACK:
-            found[f"llama.cpp {preset}"] = bits
-        if len(found) == PRESETS_CHECKED:
-            break
-    return found
-
-
-def _competitors(store: ResultsStore, loaded: LoadedModel, calibration: DataSpec, costs, budget_bits: int,
-                 progress: StageProgress | None) -> dict[str, list[int]]:
-    """Uniform and the LIM / ZD / random orderings at the same budget."""
-    lr, zd, _hit = compute_scores(store, loaded, calibration, progress=progress)
-    n = loaded.num_layers
-    orders = {"LIM ordering": layer_order(n, "importance", lr.lim),
-              "ZD ordering": layer_order(n, "importance", zd_importance(zd.zd_layer)),
-              "random ordering": layer_order(n, "random", seed=0)}
-    found = {"uniform": uniform_bits(costs, budget_bits)}
-    found.update({name: ordering_bits(costs, budget_bits, order) for name, order in orders.items()})
-    return found
-
-
 @explain_out_of_memory("Optimizing for the budget")
 def optimize_bits(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerPlan, calibration: DataSpec, *,
                   progress: StageProgress | None = None, should_stop: StopCheck | None = None) -> BitsOptimization:
@@ -482,7 +390,7 @@ def optimize_bits(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerP
     linears = list(loaded.architecture.linears)
     matrix = measure_sensitivity(store, loaded, calibration, plan.actions(linears), progress=progress,
                                  should_stop=should_stop)
-    damage = _unit_damage(matrix.damages, costs, plan.granularity, linears)
+    damage = unit_damage(matrix.damages, costs, plan.granularity, linears)
     # the solver sums what the choice is judged by: KL divergence for llama.cpp's types, else the blended damage
     units, values = costs.units(plan.granularity), damage["kl" if plan.judged_by == "kld" else "blended"]
     if plan.tied:  # the runtime loads q/k/v and gate/up as one module each: one level per fused group
@@ -491,11 +399,11 @@ def optimize_bits(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerP
     solution = solve([costs.unit_bits(u) for u in units], [values[u] for u in units], budget_bits, k=plan.candidates)
     solve_seconds = time.perf_counter() - solve_start
 
-    proposals = {f"optimizer #{n}": _entries(units, [costs.levels[j] for j in s.choice], loaded.num_layers)
+    proposals = {f"optimizer #{n}": allocation_from_units(units, [costs.levels[j] for j in s.choice], loaded.num_layers)
                  for n, s in enumerate(solution.selections, 1)}
-    proposals.update(_competitors(store, loaded, calibration, costs, budget_bits, progress))
+    proposals.update(competitors(store, loaded, calibration, costs, budget_bits, progress))
     if plan.quantizer == LLAMACPP and plan.runtime in (DEFAULT_RUNTIME, "llama.cpp"):
-        proposals.update(_presets(loaded, costs, budget_bits))  # never worse than a preset that fits
+        proposals.update(presets_that_fit(loaded, costs, budget_bits))  # never worse than a preset that fits
     candidates: list[Candidate] = []
     for name, bits in proposals.items():
         same = next((c for c in candidates if c.bits == bits), None)
@@ -506,9 +414,9 @@ def optimize_bits(store: ResultsStore, loaded: LoadedModel, plan: BitsOptimizerP
             name=name, source="optimizer" if name.startswith("optimizer") else "preset" if name.startswith(
                 "llama.cpp") else ("uniform" if name == "uniform" else "ordering"), bits=list(bits),
             avg_bits=costs.avg_bits(bits), model_bytes=costs.model_bytes(bits),
-            predicted_kl=_predicted(bits, damage["kl"], costs),
-            predicted_dnll=_predicted(bits, damage["dnll"], costs),
-            predicted_damage=_predicted(bits, damage["blended"], costs)))
+            predicted_kl=summed_damage(bits, damage["kl"], costs),
+            predicted_dnll=summed_damage(bits, damage["dnll"], costs),
+            predicted_damage=summed_damage(bits, damage["blended"], costs)))
 
     calibration_windows = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen)
     reference = DenseReference.empty(held_out.n_windows * (held_out.seqlen - 1))
