@@ -5,6 +5,7 @@ import streamlit as st
 from engine.core.architectures import Feature
 from engine.core.data import DataError, token_windows
 from engine.core.out_of_memory import RunOutOfMemory
+from engine.export.ct_folder import default_group_size
 from engine.quant.grid import LLAMACPP
 from engine.runs.cached_scores import compute_scores
 from engine.runs.plans import DropPlan, EvalPlan, QuantPlan, SlicingPlan, StackPlan
@@ -52,6 +53,7 @@ runtime = target_runtime()  # the sweep and the stack quantize only as it runs
 own = "" if not runtime.deployable else f"_{runtime.key}"  # widgets whose options the runtime narrows
 quantizers = [LLAMACPP] if runtime.quantizers == (LLAMACPP,) else ["rtn", "gptq"]
 zero_point = runtime.default_zero_point
+group_size = default_group_size(loaded, runtime)  # one its checkpoint can hold for this model's widths
 
 with st.expander("Sweep every method at matched sizes"):
     text = st.text_input("Sizes (fractions of dense bytes)", ", ".join(f"{s:g}" for s in SIZES),
@@ -60,8 +62,8 @@ with st.expander("Sweep every method at matched sizes"):
     sizes, points = SIZES, []
     try:
         sizes = parse_sizes(text)
-        points = matched_size_sweep(loaded, sizes, QuantPlan(quantizer=quantizer, zero_point=zero_point,
-                                                             runtime=runtime.key))
+        points = matched_size_sweep(loaded, sizes, QuantPlan(quantizer=quantizer, group_size=group_size,
+                                                             zero_point=zero_point, runtime=runtime.key))
     except ValueError as err:
         st.error(str(err))
     st.caption("Planned: " + ("; ".join(f"{p.method} {p.plan.series()} ({p.plan.setting()}) → {p.predicted_size:.1%}"
@@ -103,7 +105,7 @@ with st.expander("Stack two methods: slice or drop, then quantize"):
                                  key=kept(f"stack_high{own}"))
     low = cols[2].select_slider("low bits", levels, 4 if 4 in levels else min(levels), key=kept(f"stack_low{own}"))
     fraction = cols[2].slider("layers at low bits %", 0, 100, 0, key=kept("stack_fraction")) / 100
-    then = QuantPlan(quantizers[0], 128, high, low, fraction, ordering="lim", zero_point=zero_point,
+    then = QuantPlan(quantizers[0], group_size, high, low, fraction, ordering="lim", zero_point=zero_point,
                      runtime=runtime.key)
     stack_cost = run_estimate(loaded, StackPlan(first, then), calibration, plan_eval, store)
     if st.button(f"Run the stack ({stack_cost})", key="compare_stack",

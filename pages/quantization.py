@@ -5,7 +5,7 @@ from dataclasses import replace
 import streamlit as st
 
 from engine.core.data import DataError
-from engine.export.ct_folder import ct_group_sizes
+from engine.export.ct_folder import ct_group_sizes, default_group_size
 from engine.export.gguf_llamacpp import llamacpp_details
 from engine.llamacpp.runtime import status as llamacpp_status
 from engine.methods import Quantization
@@ -97,7 +97,8 @@ else:
     groups = [g for g in (32, 64, 128, 256) if g in runtime.group_sizes]
     if runtime.export == "ct":  # only group sizes the compressed-tensors checkpoint can hold for this model
         groups = [g for g in groups if g in ct_group_sizes(loaded)] or groups
-    group_size = advanced.selectbox("Group size", groups, index=groups.index(128) if 128 in groups else
+    start = default_group_size(loaded, runtime)
+    group_size = advanced.selectbox("Group size", groups, index=groups.index(start) if start in groups else
                                     len(groups) - 1, key=kept(f"quant_group{own}"),
                                     help="Weights per fp16 scale (and zero point): smaller groups are more "
                                     "accurate and larger.")

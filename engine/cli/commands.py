@@ -10,6 +10,7 @@ from engine.cli.parser import build_parser
 from engine.core.data import DataSpec
 from engine.core.models import load_model
 from engine.core.paths import atomic_file
+from engine.export.ct_folder import default_group_size
 from engine.optimize.bit_budget import BitBudget
 from engine.quant.runtimes import RUNTIMES
 from engine.runs.bits_optimizer import BitsOptimizerPlan, optimize_bits
@@ -76,7 +77,8 @@ def _export(args) -> None:
     for note in result["notes"]:
         print(f"note: {note}", file=sys.stderr)
     print(json.dumps({k: result[k] for k in ("format", "folder", "bytes", "files", "remote_code", "seconds",
-                                             "verification", "llamacpp") if k in result}, default=float))
+                                             "verification", "llamacpp", "vllm_problems") if k in result},
+                     default=float))
     llama = result.get("llamacpp", {})
     if result.get("verification", {}).get("passed") is False or "unavailable" in llama or llama.get("passed") is False:
         print(f"warning: {result['summary']}", file=sys.stderr)
@@ -95,7 +97,8 @@ PLANS = {
                                   args.iterative),
     "stack": lambda args: StackPlan(SlicingPlan("constant", args.slice, final_rotation=True) if args.slice is not None
                                     else DropPlan("layer", args.drop_layers),
-                                    QuantPlan(args.quantizer, 128, args.quantize_bits, args.quantize_bits, 0.0,
+                                    QuantPlan(args.quantizer, args.group_size, args.quantize_bits,
+                                              args.quantize_bits, 0.0,
                                               zero_point=RUNTIMES[args.runtime].default_zero_point,
                                               ggml_types=args.ggml_types, imatrix=args.imatrix,
                                               output_type=args.output_type, runtime=args.runtime)),
@@ -116,6 +119,8 @@ def run(args) -> None:
     elif args.command == "evaluate":
         _print_run(run_dense(store, loaded, evaluation, _progress))
     elif args.command in PLANS:
+        if getattr(args, "group_size", 0) is None:  # stack: 128, or the largest the runtime's checkpoint holds
+            args.group_size = default_group_size(loaded, RUNTIMES[args.runtime])
         plan = PLANS[args.command](args)
         _print_memory(loaded, plan, calibration, evaluation)
         _print_run(run_plan(store, loaded, plan, calibration, evaluation, save_to=getattr(args, "save", None),

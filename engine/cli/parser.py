@@ -162,10 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     first = stack.add_mutually_exclusive_group(required=True)
     first.add_argument("--slice", type=float, help="constant slicing fraction SP of the first stage")
     first.add_argument("--drop-layers", type=int, help="whole layers (ranked by LR) dropped in the first stage")
-    stack.add_argument("--quantize-bits", type=int, default=4, help="bits of the second stage (group 128)")
+    stack.add_argument("--quantize-bits", type=int, default=4, help="bits of the second stage")
+    stack.add_argument("--group-size", type=int, default=None,
+                       help="weights per scale in the second stage (default 128, or the largest the --runtime's "
+                       "compressed-tensors checkpoint holds for this model's widths); ignored by llama.cpp's types")
     stack.add_argument("--quantizer", choices=list(METHODS), default="rtn",
-                       help="the second stage's quantizer; llama.cpp after --drop-layers exports as a GGUF file "
-                       "(export RUN_ID --format gguf)")
+                       help="the second stage's quantizer; after --drop-layers, llama.cpp's types export as a GGUF "
+                       "file (export RUN_ID --format gguf), --runtime vllm or transformers as a compressed-tensors "
+                       "folder (--format ct)")
     _runtime_option(stack)
     _llamacpp_options(stack)
     sweep = commands.add_parser("sweep-methods", help="every method at matched sizes (fractions of dense bytes)")

@@ -46,6 +46,7 @@ from engine.export.hf_folder import WEIGHTS_FILE, ExportError, folder_bytes, sav
 from engine.export.vllm_rules import vllm_problems, vllm_verdict
 from engine.quant.grid import QuantizedWeight, QuantizerSpec, symmetric_zero
 from engine.quant.quantize_model import QuantizedModel
+from engine.quant.runtimes import Runtime
 
 FORMAT = "pack-quantized"
 
@@ -57,6 +58,19 @@ def ct_group_sizes(loaded: LoadedModel, candidates=(32, 64, 128, 256)) -> list[i
     widths = {int(linear.weight.shape[1]) for layer in arch.decoder_layers(loaded.model)
               for linear in arch.layer_linears(layer).values() if isinstance(linear, nn.Linear)}
     return [g for g in candidates if all(w % g == 0 for w in widths)]
+
+
+def default_group_size(loaded: LoadedModel, runtime: Runtime, preferred: int = 128) -> int | None:
+    """The group size a plan for ``runtime`` starts from on this model: ``preferred`` where the runtime's export
+    can hold it, else the largest the runtime takes that divides every row width (compressed-tensors folders),
+    else one scale per row where the runtime takes that."""
+    if runtime.export != "ct":
+        return preferred
+    fitting = [g for g in ct_group_sizes(loaded) if g in runtime.group_sizes]
+    if preferred in fitting or not fitting:
+        return preferred if preferred in fitting or None not in runtime.group_sizes else None
+    smaller = [g for g in fitting if g < preferred]
+    return max(smaller) if smaller else min(fitting)
 
 
 def ct_unsupported(loaded: LoadedModel, spec: QuantizerSpec) -> str | None:

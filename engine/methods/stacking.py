@@ -12,6 +12,7 @@ from engine.core.data import DataSpec, token_windows
 from engine.core.memory import MemoryProfile
 from engine.core.models import LoadedModel, model_size
 from engine.core.progress import stage_callback
+from engine.export.ct_folder import ct_weights_bytes
 from engine.export.gguf_llamacpp import llamacpp_details
 from engine.methods.base import Compressed, Method, RunCost, calibration_of
 from engine.methods.dropping import Dropping
@@ -21,6 +22,7 @@ from engine.quant.allocation import Allocation
 from engine.quant.grid import LLAMACPP, QuantizerSpec
 from engine.quant.layer_bits import normalize_all
 from engine.quant.quantize_model import quantize_model
+from engine.quant.runtimes import DEFAULT_RUNTIME, RUNTIMES, runtime_named
 from engine.runs.plans import QuantPlan, StackPlan
 
 FIRST_STAGES: dict[type, Method] = {method.plan_type: method for method in (Slicing(), Dropping())}
@@ -100,6 +102,9 @@ class Stacking(Method):
             details = llamacpp_details(middle, then.spec(), quantized.bits)
             if details["file_bytes"]:
                 qsize = replace(qsize, file_bytes=details["file_bytes"])
+        elif runtime_named(then.runtime).export == "ct" and method.keeps_layers is False:  # its checkpoint's bytes
+            details = {"file_bytes": ct_weights_bytes(quantized, middle)}
+            qsize = replace(qsize, file_bytes=details["file_bytes"])
         dense_params = model_size(loaded.model)["params"]
         size = {"params": model_size(middle.model)["params"], "bytes": qsize.total_bytes,
                 "bytes_16bit": qsize.total_bytes_16bit, "size_fraction": qsize.total_bytes_16bit / (2 * dense_params),
@@ -114,11 +119,14 @@ class Stacking(Method):
                   "calibration_spec": calibration.to_dict(), "target_runtime": then.runtime}
         return Compressed(quantized.model, size, config, artifact=quantized)
 
-    # -------------------------------------------------------------- export: drop whole layers, then llama.cpp types
+    # ------------------------------------------- export: drop whole layers, then llama.cpp types or compressed-tensors
 
     def runs_in(self, config: dict) -> str:
-        if gguf_refusal(config) is None:
+        if export_refusal(config, "gguf") is None:
             return "llama.cpp (GGUF)"
+        if export_refusal(config, "ct") is None:
+            runtime = RUNTIMES.get(config.get("target_runtime") or DEFAULT_RUNTIME, RUNTIMES[DEFAULT_RUNTIME])
+            return runtime.label if runtime.export == "ct" else "transformers or vLLM (compressed-tensors)"
         return "nowhere as one file: export each stage's own run"
 
     def quantized_as(self, record) -> tuple[QuantizerSpec, tuple]:
@@ -136,7 +144,7 @@ class Stacking(Method):
 
     def rebuild(self, loaded: LoadedModel, record, progress=None):
         """The stacked model as a :class:`~engine.quant.quantize_model.QuantizedModel` of the first stage's result
-        (its GGUF file is written from that model: :meth:`written_from`)."""
+        (its file or folder is written from that model: :meth:`written_from`)."""
         middle = self.written_from(loaded, record)
         spec, bits = self.quantized_as(record)
         windows = None
@@ -146,22 +154,39 @@ class Stacking(Method):
                               progress=stage_callback(progress, "quantizing"))
 
     def export_formats(self, record, loaded=None) -> dict[str, str | None]:
-        folders = "stacked runs export as GGUF files only; export each stage's own run for a folder."
-        return {"hf": folders, "gguf": gguf_refusal(record.config), "ct": folders}
+        formats = {"hf": "a stack's model is quantized: it exports as a GGUF file or a compressed-tensors folder "
+                         "(a Hugging Face folder would hold dequantized 16-bit weights).",
+                   "gguf": export_refusal(record.config, "gguf"), "ct": export_refusal(record.config, "ct")}
+        if formats["ct"] is None and loaded is not None:  # the model's widths and the group size still decide
+            from engine.export.ct_folder import ct_unsupported
+
+            formats["ct"] = ct_unsupported(loaded, self.quantized_as(record)[0])
+        return formats
 
 
-def gguf_refusal(config: dict) -> str | None:
-    """Why a stacked run stored with ``config`` has no GGUF file (``None``: it has one, written in llama.cpp's
-    types from the model without the dropped layers)."""
+def export_refusal(config: dict, fmt: str) -> str | None:
+    """Why a stacked run stored with ``config`` has no ``fmt`` export (``"gguf"`` or ``"ct"``; ``None``: it has
+    one, written from the model without the dropped layers: in llama.cpp's types as a GGUF file, or on the
+    symmetric grid as a compressed-tensors folder)."""
     first, quant = config.get("stages", [{}, {}])
+    in_llamacpp = quant.get("quantizer") == LLAMACPP
     if not isinstance(method_of_stage(first.get("method")), Dropping) or first.get("block") != "layer":
-        return ("only a stack that drops whole layers and then quantizes in llama.cpp's types exports (as a GGUF "
-                "file): this one's first stage changes the layers' shapes, which llama.cpp's model code lacks.")
-    if quant.get("quantizer") != LLAMACPP:
-        return ("its second stage quantized on LayerLab's research grid; re-run the stack with llama.cpp's types "
-                "(target runtime llama.cpp) to export it as a GGUF file.")
+        return ("only a stack that drops whole layers and then quantizes exports (a GGUF file in llama.cpp's "
+                "types, or a compressed-tensors folder on the symmetric grid): this one's first stage changes the "
+                "layers' shapes, which the runtimes' model code lacks.")
     if not quant.get("quantizer_spec"):
         return "it was stored before stacks recorded their quantizer: run the same stack again and export that run."
+    if fmt == "ct":
+        if in_llamacpp:
+            return ("its second stage holds llama.cpp's types, which only GGUF stores; re-run the stack with target "
+                    "runtime vLLM or transformers for a compressed-tensors folder.")
+        if quant["quantizer_spec"].get("zero_point") != "symmetric":
+            return ("compressed-tensors holds LayerLab's symmetric grid exactly: re-run the stack with zero point "
+                    "'symmetric' (target runtime vLLM or transformers) to export it this way.")
+        return None
+    if not in_llamacpp:
+        return ("its second stage quantized on LayerLab's grid; re-run the stack with llama.cpp's types "
+                "(target runtime llama.cpp) to export it as a GGUF file.")
     if not quant.get("file_bytes"):
         note = quant.get("file_note") or "LayerLab cannot write this model's family as a GGUF file"
         return (note.split(". ")[0] + ": drop the same layers on the Dropping page, export that run's Hugging "

@@ -213,9 +213,9 @@ def export_run(store: ResultsStore, loaded: LoadedModel, record: RunRecord, fmt:
         elif fmt == "ct":
             from engine.export.ct_folder import load_ct_folder, write_ct_folder
 
-            torch_model = built.model
-            written = write_ct_folder(built, loaded, out, overwrite=overwrite, notes=notes,
-                                      dtype=getattr(torch, dtype) if dtype else None)
+            torch_model = built.model  # written from the model the run quantized (a stack's: fewer layers)
+            written = write_ct_folder(built, method_named(record.method).written_from(loaded, record), out,
+                                      overwrite=overwrite, notes=notes, dtype=getattr(torch, dtype) if dtype else None)
             reloaded = load_ct_folder(out)
         else:
             from engine.export.gguf_file import load_gguf, write_gguf

@@ -64,3 +64,27 @@ def test_a_run_records_its_runtime_refuses_what_it_lacks_and_exports_only_its_fo
     assert result["vllm_problems"] == [] and result["verification"]["passed"]  # vLLM's rules, and exact reload
     written = (store.path.parent / "ct" / "model.safetensors").stat().st_size
     assert record.metrics["bytes_16bit"] == written  # the size shown is the checkpoint's, to the byte
+
+
+def test_a_stack_that_drops_then_quantizes_for_vllm_exports_the_checkpoint_it_was_sized_by(store, tiny_loaded):
+    """The path to vLLM for a model without whole layers: the stack is sized as its compressed-tensors checkpoint,
+    exports as that folder (one layer fewer, vLLM's rules kept, reloaded exactly in transformers), not as GGUF."""
+    import json
+
+    from engine.runs.exports import export_formats, export_run
+    from engine.runs.plans import DropPlan, StackPlan
+
+    plan = StackPlan(DropPlan("layer", 1, "custom", custom=(1,)),
+                     QuantPlan("rtn", 32, 8, 4, 0.5, zero_point="symmetric", runtime="vllm"))
+    record = run(store, tiny_loaded, plan, CALIB, EVAL).record
+    assert record.config["runs_in"] == "vLLM (compressed-tensors)"
+    formats = export_formats(record, tiny_loaded)
+    assert formats["ct"] is None and "llama.cpp's types" in formats["gguf"] and "16-bit" in formats["hf"]
+    folder = store.path.parent / "stack-ct"
+    result = export_run(store, tiny_loaded, record, "ct", folder, dtype="float16")
+    assert result["vllm_problems"] == [] and result["verification"]["passed"], result["summary"]
+    assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == tiny_loaded.num_layers - 1
+    assert record.metrics["bytes_16bit"] == (folder / "model.safetensors").stat().st_size  # to the byte
+    integer = run(store, tiny_loaded, StackPlan(plan.first, QuantPlan("rtn", 32, 8, 4, 0.5)), CALIB, EVAL).record
+    assert "symmetric" in export_formats(integer, tiny_loaded)["ct"]  # the research grid's integer zero point
+    assert integer.config["runs_in"].startswith("nowhere as one file")

@@ -131,6 +131,23 @@ def test_stack_in_llamacpp_types_then_export_as_gguf(capsys, tmp_path, tiny_fold
     assert printed["bytes"] == ResultsStore(tmp_path / "cli.sqlite").get_run(stacked["run"]).metrics["bytes_16bit"]
 
 
+def test_stack_for_vllm_then_export_as_compressed_tensors(capsys, tmp_path, tiny_folder):
+    """Headless, the way to vLLM for a model without whole layers: the stack quantizes on vLLM's grid at a group
+    size the checkpoint holds, and exports as the compressed-tensors folder it was sized as (vLLM's rules kept)."""
+    store = ["--store", str(tmp_path / "cli.sqlite"), "--model", tiny_folder]
+    assert main(["stack", "--drop-layers", "1", "--runtime", "vllm", *TINY, *store]) == 0
+    stacked = json.loads(capsys.readouterr().out.splitlines()[-1])
+    out = tmp_path / "stack"
+    assert main(["export", str(stacked["run"]), "--format", "ct", "--out", str(out), "--verify-windows", "2",
+                 "--dtype-out", "float16", *store]) == 0
+    printed = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert printed["vllm_problems"] == [] and printed["verification"]["passed"]
+    record = ResultsStore(tmp_path / "cli.sqlite").get_run(stacked["run"])
+    assert (out / "model.safetensors").stat().st_size == record.metrics["bytes_16bit"]
+    assert main(["export", str(stacked["run"]), "--format", "gguf", "--out", str(tmp_path / "g"), *store]) == 2
+    assert "llama.cpp's types" in capsys.readouterr().err  # one clear line: what to re-run
+
+
 def test_stack_for_a_runtime_takes_its_zero_point():
     """vLLM runs only the symmetric grid: a stack made for it quantizes on that grid (the page does the same)."""
     from engine.cli import PLANS
