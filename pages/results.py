@@ -53,7 +53,7 @@ show_runs_table(compact_table(shown))
 with st.expander(f"Every column ({shown.shape[1]})"):
     st.dataframe(shown, hide_index=True)
 st.download_button("Download runs.csv", shown.to_csv(index=False).encode(), "runs.csv", "text/csv")
-with st.expander("Export a run's model (Hugging Face folder or GGUF)"):
+with st.expander("Export a run's model (GGUF file, compressed-tensors or Hugging Face folder)"):
     if current_model() is None:
         st.caption("Load the run's model in the sidebar to export its runs.")
     else:

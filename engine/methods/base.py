@@ -162,6 +162,10 @@ class Method:
         """Where the model of a run stored with ``config`` runs as it is (short, for tables and the report)."""
         return ""
 
+    def rebuild_seconds(self, record: RunRecord) -> float:
+        """Rough seconds to rebuild ``record``'s model for an export: :attr:`rebuild_share` of its compression."""
+        return float(record.metrics.get("compress_s", 0.0)) * self.rebuild_share
+
     def written_from(self, loaded: LoadedModel, record: RunRecord) -> LoadedModel:
         """The model whose config, tokenizer and layer count an export of ``record``'s model is written with."""
         return loaded

@@ -6,6 +6,7 @@ mix); sizes are against the *dense* model at 16 bits.  Every stage's plan is sto
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 from engine.core.data import DataSpec, token_windows
@@ -94,8 +95,10 @@ class Stacking(Method):
         then = plan.then
         allocation, _ = allocation_for(store, ranked_on, then, calibration, progress)
         spec = then.spec()
+        started = time.perf_counter()
         quantized = quantize_model(middle, allocation, windows if spec.needs_calibration else None,  # GPTQ, imatrix
                                    spec=spec, use_cache=False, progress=stage_callback(progress, "quantizing"))
+        quantize_s = time.perf_counter() - started
         qsize = quantized.size()
         details = {}
         if then.quantizer == LLAMACPP and method.keeps_layers is False:  # a dropped model: a GGUF file it will be
@@ -114,7 +117,8 @@ class Stacking(Method):
                         "quantizer": then.quantizer, "group_size": then.group_size, "ordering": then.ordering,
                         "ranked_on": "dense model" if ranked_on is loaded else "dropped model",
                         "quantizer_spec": spec.to_dict(),  # with calibration_spec: the export rebuilds this model
-                        "file_bytes": details.get("file_bytes"), "file_note": details.get("file_note")}
+                        "file_bytes": details.get("file_bytes"), "file_note": details.get("file_note"),
+                        "quantize_s": quantize_s}  # what an export's rebuild repeats after the first stage
         config = {"series": plan.series(), "stages": [stage_config, quant_config], "calibration": windows.label(),
                   "calibration_spec": calibration.to_dict(), "target_runtime": then.runtime}
         return Compressed(quantized.model, size, config, artifact=quantized)
@@ -128,6 +132,17 @@ class Stacking(Method):
             runtime = RUNTIMES.get(config.get("target_runtime") or DEFAULT_RUNTIME, RUNTIMES[DEFAULT_RUNTIME])
             return runtime.label if runtime.export == "ct" else "transformers or vLLM (compressed-tensors)"
         return "nowhere as one file: export each stage's own run"
+
+    def rebuild_seconds(self, record) -> float:
+        """Dropping again is free; slicing again costs about what it did (the rest of the compression time
+        beside the second stage's quantization, scoring included, so rather more); quantizing again is timed."""
+        quant = record.config.get("stages", [{}, {}])[1]
+        total = float(record.metrics.get("compress_s", 0.0))
+        if "quantize_s" not in quant:  # stored before stacks timed their second stage
+            return total
+        first = method_of_stage(record.config["stages"][0].get("method"))
+        dropped = first is not None and not first.keeps_layers
+        return quant["quantize_s"] + (0.0 if dropped else total - quant["quantize_s"])
 
     def quantized_as(self, record) -> tuple[QuantizerSpec, tuple]:
         quant = record.config["stages"][1]

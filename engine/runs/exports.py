@@ -169,7 +169,7 @@ def export_estimate(loaded: LoadedModel, record: RunRecord, has_model: bool = Fa
     method = method_named(record.method)
     seconds = 0.0
     if not has_model and method is not None:
-        seconds = float(record.metrics.get("compress_s", 0.0)) * method.rebuild_share
+        seconds = method.rebuild_seconds(record)
     seqlen = int(record.data.get("seqlen", 256))
     seconds += estimate_seconds(loaded.model, verify_windows * seqlen, forward_passes=2.0)
     weight_bytes = 4 * sum(p.numel() for p in loaded.model.parameters())

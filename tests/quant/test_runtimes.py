@@ -85,6 +85,10 @@ def test_a_stack_that_drops_then_quantizes_for_vllm_exports_the_checkpoint_it_wa
     assert result["vllm_problems"] == [] and result["verification"]["passed"], result["summary"]
     assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == tiny_loaded.num_layers - 1
     assert record.metrics["bytes_16bit"] == (folder / "model.safetensors").stat().st_size  # to the byte
+    from engine.methods import method_named
+
+    quantize_s = record.config["stages"][1]["quantize_s"]  # the export's estimate: dropping again is free
+    assert method_named("stacked").rebuild_seconds(record) == quantize_s < record.metrics["compress_s"]
     integer = run(store, tiny_loaded, StackPlan(plan.first, QuantPlan("rtn", 32, 8, 4, 0.5)), CALIB, EVAL).record
     assert "symmetric" in export_formats(integer, tiny_loaded)["ct"]  # the research grid's integer zero point
     assert integer.config["runs_in"].startswith("nowhere as one file")
