@@ -130,19 +130,17 @@ class Stacking(Method):
             return "llama.cpp (GGUF)"
         if export_refusal(config, "ct") is None:
             runtime = RUNTIMES.get(config.get("target_runtime") or DEFAULT_RUNTIME, RUNTIMES[DEFAULT_RUNTIME])
-            return runtime.label if runtime.export == "ct" else "transformers or vLLM (compressed-tensors)"
+            return runtime.label if runtime.export == "ct" else RUNTIMES["transformers"].label
         return "nowhere as one file: export each stage's own run"
 
     def rebuild_seconds(self, record) -> float:
-        """Dropping again is free; slicing again costs about what it did (the rest of the compression time
-        beside the second stage's quantization, scoring included, so rather more); quantizing again is timed."""
+        """After dropping, only the second stage's quantization is repeated (timed by the run: the scoring and
+        choosing in its compression time are not); any other stack, its whole compression time."""
         quant = record.config.get("stages", [{}, {}])[1]
-        total = float(record.metrics.get("compress_s", 0.0))
-        if "quantize_s" not in quant:  # stored before stacks timed their second stage
-            return total
-        first = method_of_stage(record.config["stages"][0].get("method"))
-        dropped = first is not None and not first.keeps_layers
-        return quant["quantize_s"] + (0.0 if dropped else total - quant["quantize_s"])
+        first = method_of_stage(record.config.get("stages", [{}])[0].get("method"))
+        if "quantize_s" in quant and first is not None and not first.keeps_layers:
+            return float(quant["quantize_s"])
+        return float(record.metrics.get("compress_s", 0.0))
 
     def quantized_as(self, record) -> tuple[QuantizerSpec, tuple]:
         quant = record.config["stages"][1]
