@@ -12,7 +12,7 @@ from engine.core.models import load_model
 from engine.core.paths import atomic_file
 from engine.export.ct_folder import default_group_size
 from engine.optimize.bit_budget import BitBudget
-from engine.quant.runtimes import RUNTIMES
+from engine.quant.runtimes import DEFAULT_RUNTIME, RUNTIMES, Runtime
 from engine.runs.bits_optimizer import BitsOptimizerPlan, optimize_bits
 from engine.runs.cached_scores import compute_scores
 from engine.runs.plans import (
@@ -41,6 +41,14 @@ def _specs(args) -> tuple[DataSpec | None, EvalPlan | None]:
         evaluation = EvalPlan(DataSpec(args.data, "evaluation", args.eval_seqlen, args.eval_windows, path),
                               tasks, args.limit)
     return calibration, evaluation
+
+
+def group_size(given: int | None, loaded, runtime: Runtime) -> int | None:
+    """``--group-size`` as plans take it: as given, ``0`` for one scale per row (``None``), and when not given
+    128 or the largest below it the runtime's checkpoint holds for the model (:func:`default_group_size`)."""
+    if given is None:
+        return default_group_size(loaded, runtime)
+    return given or None
 
 
 def _print_run(outcome) -> None:
@@ -113,14 +121,14 @@ def run(args) -> None:
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                         device_map=args.device_map)
     calibration, evaluation = _specs(args)
+    if hasattr(args, "group_size"):
+        args.group_size = group_size(args.group_size, loaded, RUNTIMES[getattr(args, "runtime", DEFAULT_RUNTIME)])
     if args.command == "score":
         lr, zd, hit = compute_scores(store, loaded, calibration, args.k, progress=_progress)
         print(json.dumps({"cached": hit, "data": lr.data_label, "lr": lr.lr, "zd": zd.zd_layer}))
     elif args.command == "evaluate":
         _print_run(run_dense(store, loaded, evaluation, _progress))
     elif args.command in PLANS:
-        if getattr(args, "group_size", 0) is None:  # stack: 128, or the largest the runtime's checkpoint holds
-            args.group_size = default_group_size(loaded, RUNTIMES[args.runtime])
         plan = PLANS[args.command](args)
         _print_memory(loaded, plan, calibration, evaluation)
         _print_run(run_plan(store, loaded, plan, calibration, evaluation, save_to=getattr(args, "save", None),
@@ -191,7 +199,7 @@ def _sensitivity(args, store, loaded, calibration) -> None:
 def _optimize_bits(args, store, loaded, calibration, evaluation) -> None:
     """Optimize (cached), print every candidate, evaluate the chosen allocation (stored), write ``--json``."""
     plan = BitsOptimizerPlan(BitBudget(avg_bits=args.avg_bits, total_bytes=args.bytes), tuple(args.levels),
-                             args.quantizer, args.group_size or None, args.candidates, args.held_out,
+                             args.quantizer, args.group_size, args.candidates, args.held_out,
                              args.granularity, runtime=args.runtime)
     result = optimize_bits(store, loaded, plan, calibration, progress=_progress)
     for row in result.table().to_dict("records"):

@@ -23,6 +23,9 @@ from engine.runs.plans import (
 from engine.sensitivity.actions import parse_actions
 from engine.sensitivity.errors import ActionSpecError
 
+GROUP_SIZE_HELP = ("weights per scale (default: 128, or the largest below it that the --runtime's compressed-tensors "
+                   "checkpoint holds for this model's row widths, e.g. 64 for SmolLM2's 576; 0: one scale per row)")
+
 
 def _floats(text: str) -> list[float]:
     try:
@@ -103,7 +106,7 @@ def _quant_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
                         help="rtn / gptq: LayerLab's research grid; llama.cpp: llama.cpp's own types and quantizer "
                         "(the run is the GGUF file it exports)")
     _llamacpp_options(parser)
-    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--group-size", type=int, default=None, help=GROUP_SIZE_HELP)
     parser.add_argument("--zero-point", choices=list(ZERO_POINTS), default="integer",
                         help="integer (GPTQ's asymmetric grid), float (GGUF Q4_1's scale + minimum) or symmetric "
                         "(no zero stored; exports exactly as compressed-tensors and GGUF Q4_0 / Q5_0 / Q8_0)")
@@ -163,9 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     first.add_argument("--slice", type=float, help="constant slicing fraction SP of the first stage")
     first.add_argument("--drop-layers", type=int, help="whole layers (ranked by LR) dropped in the first stage")
     stack.add_argument("--quantize-bits", type=int, default=4, help="bits of the second stage")
-    stack.add_argument("--group-size", type=int, default=None,
-                       help="weights per scale in the second stage (default 128, or the largest the --runtime's "
-                       "compressed-tensors checkpoint holds for this model's widths); ignored by llama.cpp's types")
+    stack.add_argument("--group-size", type=int, default=None, help=GROUP_SIZE_HELP)
     stack.add_argument("--quantizer", choices=list(METHODS), default="rtn",
                        help="the second stage's quantizer; after --drop-layers, llama.cpp's types export as a GGUF "
                        "file (export RUN_ID --format gguf), --runtime vllm or transformers as a compressed-tensors "
@@ -196,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     bits.add_argument("--levels", type=_ints, default=list(DEFAULT_LEVELS), help="allowed levels, e.g. 2,3,4,8")
     bits.add_argument("--quantizer", choices=list(METHODS), default="rtn")
     _runtime_option(bits)
-    bits.add_argument("--group-size", type=int, default=128)
+    bits.add_argument("--group-size", type=int, default=None, help=GROUP_SIZE_HELP)
     bits.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
                       help="solver candidates checked on held-out windows")
     bits.add_argument("--held-out", type=int, default=DEFAULT_HELD_OUT,

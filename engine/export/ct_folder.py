@@ -61,16 +61,16 @@ def ct_group_sizes(loaded: LoadedModel, candidates=(32, 64, 128, 256)) -> list[i
 
 
 def default_group_size(loaded: LoadedModel, runtime: Runtime, preferred: int = 128) -> int | None:
-    """The group size a plan for ``runtime`` starts from on this model: ``preferred`` where the runtime's export
-    can hold it, else the largest the runtime takes that divides every row width (compressed-tensors folders),
-    else one scale per row where the runtime takes that."""
+    """The group size a plan for ``runtime`` starts from on this model: ``preferred``, unless the runtime loads
+    compressed-tensors folders and this model's row widths need another: then the largest size up to
+    ``preferred`` that the runtime takes and the checkpoint holds (SmolLM2's 576: 64), else the smallest above
+    it, else one scale per row (``None``) where the runtime takes that."""
     if runtime.export != "ct":
         return preferred
     fitting = [g for g in ct_group_sizes(loaded) if g in runtime.group_sizes]
-    if preferred in fitting or not fitting:
-        return preferred if preferred in fitting or None not in runtime.group_sizes else None
-    smaller = [g for g in fitting if g < preferred]
-    return max(smaller) if smaller else min(fitting)
+    if not fitting:
+        return None if None in runtime.group_sizes else preferred  # the run's refusal then names what fits
+    return max([g for g in fitting if g <= preferred], default=min(fitting))
 
 
 def ct_unsupported(loaded: LoadedModel, spec: QuantizerSpec) -> str | None:
@@ -122,7 +122,8 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat1
 def ct_weights_bytes(quantized: QuantizedModel, loaded: LoadedModel, dtype: torch.dtype | None = torch.float16) -> int:
     """Bytes of the ``model.safetensors`` :func:`write_ct_folder` writes, from shapes alone (nothing is packed):
     per linear ``ceil(in x bits / 32)`` int32 words per row, fp16 scales and an int64 shape; every other tensor
-    in ``dtype`` (``None``: its own); the safetensors header.  What a vLLM-target run shows as its size."""
+    in ``dtype`` (``None``: its own); the safetensors header.  What a run for a compressed-tensors runtime (vLLM,
+    transformers; a quantization or a stack that drops whole layers) shows as its size."""
     names = loaded.architecture.linear_paths(len(quantized.bits))
     entries: dict[str, tuple[str, list[int]]] = {}
     for name, tensor in saved_tensors(quantized.tensor_source()).items():

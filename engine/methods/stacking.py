@@ -24,7 +24,7 @@ from engine.quant.grid import LLAMACPP, QuantizerSpec
 from engine.quant.layer_bits import normalize_all
 from engine.quant.quantize_model import quantize_model
 from engine.quant.runtimes import DEFAULT_RUNTIME, RUNTIMES, runtime_named
-from engine.runs.plans import QuantPlan, StackPlan
+from engine.runs.plans import DropPlan, QuantPlan, StackPlan
 
 FIRST_STAGES: dict[type, Method] = {method.plan_type: method for method in (Slicing(), Dropping())}
 """The methods a stack may start with, by plan type."""
@@ -101,11 +101,12 @@ class Stacking(Method):
         quantize_s = time.perf_counter() - started
         qsize = quantized.size()
         details = {}
-        if then.quantizer == LLAMACPP and method.keeps_layers is False:  # a dropped model: a GGUF file it will be
+        whole_layers = isinstance(plan.first, DropPlan) and plan.first.block == "layer"  # the runtimes' model code
+        if then.quantizer == LLAMACPP and whole_layers:  # a GGUF file it will be
             details = llamacpp_details(middle, then.spec(), quantized.bits)
             if details["file_bytes"]:
                 qsize = replace(qsize, file_bytes=details["file_bytes"])
-        elif runtime_named(then.runtime).export == "ct" and method.keeps_layers is False:  # its checkpoint's bytes
+        elif runtime_named(then.runtime).export == "ct" and whole_layers:  # the checkpoint it will be
             details = {"file_bytes": ct_weights_bytes(quantized, middle)}
             qsize = replace(qsize, file_bytes=details["file_bytes"])
         dense_params = model_size(loaded.model)["params"]
@@ -128,9 +129,9 @@ class Stacking(Method):
     def runs_in(self, config: dict) -> str:
         if export_refusal(config, "gguf") is None:
             return "llama.cpp (GGUF)"
-        if export_refusal(config, "ct") is None:
+        if export_refusal(config, "ct") is None:  # as a quantization run for the same runtime says
             runtime = RUNTIMES.get(config.get("target_runtime") or DEFAULT_RUNTIME, RUNTIMES[DEFAULT_RUNTIME])
-            return runtime.label if runtime.export == "ct" else RUNTIMES["transformers"].label
+            return runtime.label if runtime.deployable else f"{runtime.label} (not deployable as is)"
         return "nowhere as one file: export each stage's own run"
 
     def rebuild_seconds(self, record) -> float:
@@ -167,13 +168,16 @@ class Stacking(Method):
                               progress=stage_callback(progress, "quantizing"))
 
     def export_formats(self, record, loaded=None) -> dict[str, str | None]:
-        formats = {"hf": "a stack's model is quantized: it exports as a GGUF file or a compressed-tensors folder "
-                         "(a Hugging Face folder would hold dequantized 16-bit weights).",
-                   "gguf": export_refusal(record.config, "gguf"), "ct": export_refusal(record.config, "ct")}
+        formats = {"gguf": export_refusal(record.config, "gguf"), "ct": export_refusal(record.config, "ct")}
         if formats["ct"] is None and loaded is not None:  # the model's widths and the group size still decide
             from engine.export.ct_folder import ct_unsupported
 
             formats["ct"] = ct_unsupported(loaded, self.quantized_as(record)[0])
+        names = {"gguf": "a GGUF file", "ct": "a compressed-tensors folder"}
+        exports = [names[fmt] for fmt, reason in formats.items() if reason is None]
+        formats["hf"] = (f"a stack's model is quantized: it exports as {' or '.join(exports)} (a Hugging Face folder "
+                         "would hold dequantized 16-bit weights)." if exports else
+                         "export each stage's own run for a Hugging Face folder.")
         return formats
 
 
@@ -194,8 +198,12 @@ def export_refusal(config: dict, fmt: str) -> str | None:
             return ("its second stage holds llama.cpp's types, which only GGUF stores; re-run the stack with target "
                     "runtime vLLM or transformers for a compressed-tensors folder.")
         if quant["quantizer_spec"].get("zero_point") != "symmetric":
-            return ("compressed-tensors holds LayerLab's symmetric grid exactly: re-run the stack with zero point "
-                    "'symmetric' (target runtime vLLM or transformers) to export it this way.")
+            return ("compressed-tensors holds LayerLab's symmetric grid exactly: re-run the stack with target "
+                    "runtime vLLM or transformers (they quantize on that grid) to export it this way.")
+        if RUNTIMES.get(config.get("target_runtime") or "", RUNTIMES[DEFAULT_RUNTIME]).export == "ct" and not quant.get(
+                "file_bytes"):
+            return ("it was stored before stacks were sized as their checkpoint: run the same stack again and export "
+                    "that run.")
         return None
     if not in_llamacpp:
         return ("its second stage quantized on LayerLab's grid; re-run the stack with llama.cpp's types "

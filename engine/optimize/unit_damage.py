@@ -23,7 +23,7 @@ def unit_scans(damages: list, costs: LayerCosts, granularity: str, linears: list
 
 
 def unit_damage(damages: list, costs: LayerCosts, granularity: str,
-                 linears: list[str]) -> dict[str, dict[Unit, list[float]]]:
+                linears: list[str]) -> dict[str, dict[Unit, list[float]]]:
     """``{"kl": {unit: [damage at each level]}, "dnll": ..., "blended": ...}`` (nats/token) from the scans."""
     out: dict[str, dict[Unit, list[float]]] = {"kl": {}, "dnll": {}, "blended": {}}
     for unit, columns in unit_scans(damages, costs, granularity, linears).items():

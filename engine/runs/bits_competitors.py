@@ -38,8 +38,8 @@ def presets_that_fit(loaded: LoadedModel, costs: LayerCosts, budget_bits: int) -
     return found
 
 
-def competitors(store: ResultsStore, loaded: LoadedModel, calibration: DataSpec, costs, budget_bits: int,
-                 progress: StageProgress | None) -> dict[str, list[int]]:
+def competitors(store: ResultsStore, loaded: LoadedModel, calibration: DataSpec, costs: LayerCosts,
+                budget_bits: int, progress: StageProgress | None) -> dict[str, list[LayerBits]]:
     """Uniform and the LIM / ZD / random orderings at the same budget."""
     lr, zd, _hit = compute_scores(store, loaded, calibration, progress=progress)
     n = loaded.num_layers

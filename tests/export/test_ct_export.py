@@ -140,14 +140,19 @@ def test_vllm_rules_name_what_vllm_would_refuse(tiny_loaded, tmp_path):
         "g: strategy 'group' with group size None (vLLM takes 'group' with a group size, or 'channel')"]
 
 
-def test_a_plan_for_a_folder_runtime_starts_from_a_group_size_the_model_can_hold(tiny_loaded):
-    """The Compare page's sweep and stack start from 128, except where the model's widths need a smaller group
-    for a compressed-tensors runtime (SmolLM2's 576: 64); runtimes without folders keep 128."""
-    from engine.export.ct_folder import ct_group_sizes, default_group_size
+def test_a_plan_for_a_folder_runtime_starts_from_a_group_size_the_model_can_hold(tiny_loaded, monkeypatch):
+    """The Compare page's sweep and stack and the CLI start from 128, except where the model's widths need a
+    smaller group for a compressed-tensors runtime (SmolLM2's 576: 64); runtimes without folders keep 128."""
+    from engine.export import ct_folder
     from engine.quant.runtimes import RUNTIMES
 
-    fitting = ct_group_sizes(tiny_loaded)
-    expected = 128 if 128 in fitting else max([g for g in fitting if g < 128], default=min(fitting, default=None))
-    assert default_group_size(tiny_loaded, RUNTIMES["vllm"]) == expected
-    assert default_group_size(tiny_loaded, RUNTIMES["llama.cpp"]) == 128
-    assert default_group_size(tiny_loaded, RUNTIMES["vllm"], preferred=48) in fitting  # never one it cannot hold
+    vllm, transformers = RUNTIMES["vllm"], RUNTIMES["transformers"]
+    assert ct_folder.default_group_size(tiny_loaded, vllm) == 32  # widths 64 and 96: only 32 divides both
+    for fitting, runtime, expected in (([32, 64], vllm, 64), ([32, 64, 128, 256], vllm, 128),
+                                       ([256], transformers, 256), ([256], vllm, None)):  # vLLM takes up to 128
+        monkeypatch.setattr(ct_folder, "ct_group_sizes", lambda loaded, fitting=fitting: fitting)
+        assert ct_folder.default_group_size(tiny_loaded, runtime) == expected, (fitting, runtime.key)
+    monkeypatch.setattr(ct_folder, "ct_group_sizes", lambda loaded: [])
+    assert ct_folder.default_group_size(tiny_loaded, transformers) is None  # one scale per row
+    assert ct_folder.default_group_size(tiny_loaded, RUNTIMES["llama.cpp"]) == 128
+    assert ct_folder.default_group_size(tiny_loaded, RUNTIMES["research"]) == 128

@@ -144,6 +144,7 @@ def test_stack_for_vllm_then_export_as_compressed_tensors(capsys, tmp_path, tiny
     assert printed["vllm_problems"] == [] and printed["verification"]["passed"]
     record = ResultsStore(tmp_path / "cli.sqlite").get_run(stacked["run"])
     assert (out / "model.safetensors").stat().st_size == record.metrics["bytes_16bit"]
+    assert record.config["stages"][1]["group_size"] == 32  # not given: the largest the tiny model's widths hold
     assert main(["export", str(stacked["run"]), "--format", "gguf", "--out", str(tmp_path / "g"), *store]) == 2
     assert "llama.cpp's types" in capsys.readouterr().err  # one clear line: what to re-run
 
@@ -152,8 +153,19 @@ def test_stack_for_a_runtime_takes_its_zero_point():
     """vLLM runs only the symmetric grid: a stack made for it quantizes on that grid (the page does the same)."""
     from engine.cli import PLANS
 
-    args = build_parser().parse_args(["stack", "--drop-layers", "1", "--runtime", "vllm", "--quantize-bits", "8"])
+    args = build_parser().parse_args(["stack", "--drop-layers", "1", "--runtime", "vllm", "--quantize-bits", "8",
+                                      "--group-size", "64"])
     plan = PLANS["stack"](args)
     assert plan.then.zero_point == "symmetric" and plan.then.runtime == "vllm" and not plan.then.runtime_problems()
+    assert plan.then.group_size == 64
     research = PLANS["stack"](build_parser().parse_args(["stack", "--slice", "0.2"]))
     assert research.then.zero_point == "integer"
+
+
+def test_group_size_not_given_fits_the_runtime_and_zero_means_one_scale_per_row(tiny_loaded):
+    from engine.cli.commands import group_size
+    from engine.quant.runtimes import RUNTIMES
+
+    assert group_size(None, tiny_loaded, RUNTIMES["vllm"]) == 32  # widths 64 and 96
+    assert group_size(None, tiny_loaded, RUNTIMES["research"]) == 128
+    assert group_size(0, tiny_loaded, RUNTIMES["vllm"]) is None and group_size(64, tiny_loaded, RUNTIMES["vllm"]) == 64
