@@ -6,6 +6,7 @@ import streamlit as st
 
 from engine.core.data import DataError
 from engine.core.out_of_memory import RunOutOfMemory
+from engine.export.ct_folder import default_group_size
 from engine.llamacpp.runtime import status as llamacpp_status
 from engine.quant.grid import LLAMACPP, MAX_BITS, MIN_BITS
 from engine.runs.cached_scores import compute_scores, scores_if_cached
@@ -78,7 +79,8 @@ bits = cols[1].multiselect("Bit levels (RTN / GPTQ; llama.cpp: 2→Q2_K … 6→
                            [3] if 3 in levels else [min(levels)],
                            key=kept(f"sens_bits{own}"), disabled=not set(kinds) & set(QUANT_KINDS))
 zero_point = None if "integer" in runtime.zero_points else runtime.zero_points[0]  # vLLM: symmetric
-group_size = cols[1].number_input("Group size", 8, 8192, DEFAULT_GROUP_SIZE, 8, key=kept("sens_group"),
+start = default_group_size(loaded, runtime) or DEFAULT_GROUP_SIZE  # vLLM on SmolLM2's 576-wide rows: 64
+group_size = cols[1].number_input("Group size", 8, 8192, start, 8, key=kept(f"sens_group{own}"),
                                   disabled=not set(kinds) & set(QUANT_KINDS))
 WHOLE_LAYER = "whole layer"
 modules = cols[1].multiselect("Quantize which linears", [WHOLE_LAYER, *loaded.architecture.linears], [WHOLE_LAYER],
