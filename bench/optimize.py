@@ -176,7 +176,8 @@ def main() -> None:
     if args.part in ("bits", "all"):
         meta["solver"] = solver_seconds()
         suffix = ("" if args.granularity == "layer" else f"_{args.granularity}") + (
-            "" if args.runtime == DEFAULT_RUNTIME else f"_{args.runtime}")
+            "" if args.runtime == DEFAULT_RUNTIME else f"_{args.runtime}") + (
+            "" if args.group_size == 128 else f"_g{args.group_size}")
         report(f"optimize_bits_{args.quantizer}{suffix}", bits_part(args, store, loaded, calibration, evaluation), meta)
     if args.part in ("slicing", "all"):
         report("optimize_slicing", slicing_part(args, store, loaded, calibration, evaluation), meta)

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import math
 import os
+import struct
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -113,6 +115,41 @@ def _log_softmax(rows: np.ndarray) -> np.ndarray:
     return rows - np.log(np.exp(rows).sum(axis=1, keepdims=True))
 
 
+def _compare_rows(logits: dict[str, np.ndarray], targets: np.ndarray, pairs: list[tuple[str, str]]):
+    """For ``[rows, vocab]`` logits of each side and the rows' next tokens: each side's summed NLL (nats), each
+    pair's KL divergence per row and how many rows share their most likely token."""
+    logp = {name: _log_softmax(v) for name, v in logits.items()}
+    index = np.arange(len(targets))
+    nll = {name: -float(lp[index, targets].sum()) for name, lp in logp.items()}
+    kl = {(a, b): (np.exp(logp[a]) * (logp[a] - logp[b])).sum(axis=1) for a, b in pairs}
+    same = {(a, b): int((logp[a].argmax(axis=1) == logp[b].argmax(axis=1)).sum()) for a, b in pairs}
+    return nll, kl, same
+
+
+_COMPARE_COST: dict[tuple[int, int, int], float] = {}
+_TIMED_ROWS = 16
+
+
+def comparison_seconds_per_position(vocab: int, n_sides: int = 4, n_pairs: int = 4) -> float:
+    """Seconds per scored position that :func:`compare_sides` spends beyond the forward passes at this vocabulary
+    size (copying llama.cpp's logits, log-softmax of every side, KL of every pair): measured once on random rows,
+    for time estimates (about 15 s of the export check's 4 windows at Gemma-3's 262,144 words)."""
+    key = (int(vocab), n_sides, n_pairs)
+    if key not in _COMPARE_COST:
+        rng = np.random.default_rng(0)
+        names = [f"side{i}" for i in range(n_sides)]
+        rows = rng.standard_normal((_TIMED_ROWS, int(vocab)), dtype=np.float32)
+        pairs = [(names[i % n_sides], names[(i + 1) % n_sides]) for i in range(n_pairs)]
+        times = []
+        for _ in range(2):  # the first pass also pays for the fresh memory: the faster one is the steady cost
+            start = time.perf_counter()
+            copied = {name: np.array(rows, dtype=np.float32) for name in names}  # llama.cpp's scores as arrays
+            _compare_rows(copied, rng.integers(0, int(vocab), _TIMED_ROWS), pairs)
+            times.append(time.perf_counter() - start)
+        _COMPARE_COST[key] = min(times) / _TIMED_ROWS
+    return _COMPARE_COST[key]
+
+
 @dataclass(frozen=True)
 class Comparison:
     """Perplexity of every side and the divergence of every pair ``(a, b)``, ``a`` before ``b`` in the sides."""
@@ -147,13 +184,13 @@ def compare_sides(sides: dict[str, Side], windows: TokenWindows, progress: Progr
         targets = ids[1:].numpy()
         for start in range(0, len(targets), _ROWS):
             rows = slice(start, start + _ROWS)
-            logp = {name: _log_softmax(v[rows]) for name, v in logits.items()}
-            index = np.arange(len(targets[rows]))
-            for name, lp in logp.items():
-                nll[name] -= float(lp[index, targets[rows]].sum())
-            for a, b in pairs:
-                klds[(a, b)].append((np.exp(logp[a]) * (logp[a] - logp[b])).sum(axis=1))
-                same[(a, b)] += int((logp[a].argmax(axis=1) == logp[b].argmax(axis=1)).sum())
+            chunk_nll, chunk_kl, chunk_same = _compare_rows({name: v[rows] for name, v in logits.items()},
+                                                            targets[rows], pairs)
+            for name in names:
+                nll[name] += chunk_nll[name]
+            for pair in pairs:
+                klds[pair].append(chunk_kl[pair])
+                same[pair] += chunk_same[pair]
         if progress:
             progress(w + 1, windows.n_windows)
     n = windows.n_windows * (windows.seqlen - 1)
@@ -175,19 +212,78 @@ def agreement(model: torch.nn.Module, gguf: str | Path, windows: TokenWindows,
                      kld_median=d.median, kld_p99=d.p99, same_top=d.same_top)
 
 
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+"""Bytes of GGUF's fixed-size metadata value types (8: string, 9: array are sized as they go)."""
+
+
+def _tensor_span(data: bytes | memoryview, name: str) -> tuple[int, int, int]:
+    """``(byte offset, ggml type, elements)`` of tensor ``name`` in a GGUF file's bytes, from its header alone.
+
+    Skips the metadata without decoding it (``gguf.GGUFReader`` decodes every vocabulary entry: 2 s for
+    SmolLM2's 49k tokens, 9 s for Gemma-3's 262k, here).
+    """
+    u32, u64 = struct.Struct("<I"), struct.Struct("<Q")
+    if bytes(data[:4]) != b"GGUF":
+        raise ValueError("not a GGUF file")
+    n_tensors, n_kv = u64.unpack_from(data, 8)[0], u64.unpack_from(data, 16)[0]
+    pos, alignment = 24, 32
+
+    def skip(kind: int, pos: int) -> int:
+        if kind in _SCALAR_BYTES:
+            return pos + _SCALAR_BYTES[kind]
+        if kind == 8:
+            return pos + 8 + u64.unpack_from(data, pos)[0]
+        item, count = u32.unpack_from(data, pos)[0], u64.unpack_from(data, pos + 4)[0]
+        pos += 12
+        if item in _SCALAR_BYTES:
+            return pos + count * _SCALAR_BYTES[item]
+        for _ in range(count):
+            pos = skip(item, pos)
+        return pos
+
+    for _ in range(n_kv):
+        length = u64.unpack_from(data, pos)[0]
+        key = bytes(data[pos + 8:pos + 8 + length])
+        kind = u32.unpack_from(data, pos + 8 + length)[0]
+        pos += 12 + length
+        if key == b"general.alignment":
+            alignment = u32.unpack_from(data, pos)[0]
+        pos = skip(kind, pos)
+    found = None
+    for _ in range(n_tensors):
+        length = u64.unpack_from(data, pos)[0]
+        tensor = bytes(data[pos + 8:pos + 8 + length]).decode()
+        n_dims = u32.unpack_from(data, pos + 8 + length)[0]
+        pos += 12 + length
+        dims = struct.unpack_from(f"<{n_dims}Q", data, pos)
+        pos += 8 * n_dims
+        ggml_type, offset = u32.unpack_from(data, pos)[0], u64.unpack_from(data, pos + 4)[0]
+        pos += 12
+        if tensor == name:
+            found = (offset, ggml_type, math.prod(dims))
+    if found is None:
+        raise ValueError(f"no tensor {name}")
+    start = pos + (-pos) % alignment
+    return start + found[0], found[1], found[2]
+
+
 def nudged_copy(gguf: str | Path, target: str | Path, tensor: str = "blk.0.attn_norm.weight") -> Path:
     """A copy of ``gguf`` at ``target`` with the float32 ``tensor`` one ulp larger (towards +inf)."""
+    import mmap
     import shutil
 
-    import gguf as gguf_lib
-
     shutil.copy(gguf, target)
-    reader = gguf_lib.GGUFReader(target, "r+")
-    found = [t for t in reader.tensors if t.name == tensor]
-    if not found or found[0].data.dtype != np.float32:
-        raise ValueError(f"{gguf} has no float32 tensor {tensor}.")
-    found[0].data[:] = np.nextafter(found[0].data, np.float32(np.inf))
-    reader.data.flush()
+    with open(target, "r+b") as handle, mmap.mmap(handle.fileno(), 0) as data:
+        try:
+            offset, ggml_type, count = _tensor_span(data, tensor)
+        except (ValueError, struct.error) as err:
+            raise ValueError(f"{gguf} has no float32 tensor {tensor} ({err}).") from None
+        if ggml_type != 0:  # GGML_TYPE_F32
+            raise ValueError(f"{gguf} has no float32 tensor {tensor}.")
+        values = np.frombuffer(data, dtype=np.float32, count=count, offset=offset)
+        data[offset:offset + 4 * count] = np.nextafter(values, np.float32(np.inf)).tobytes()
+        del values
+        data.flush()
     return Path(target)
 
 

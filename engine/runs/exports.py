@@ -174,7 +174,11 @@ def export_estimate(loaded: LoadedModel, record: RunRecord, has_model: bool = Fa
     seconds += estimate_seconds(loaded.model, verify_windows * seqlen, forward_passes=2.0)
     weight_bytes = 4 * sum(p.numel() for p in loaded.model.parameters())
     if fmt == "gguf" and in_llamacpp_types(record):  # llama.cpp runs the file and its one-ulp copy: two passes
+        from engine.llamacpp.agreement import comparison_seconds_per_position
+
+        positions = verify_windows * (seqlen - 1)  # four sides' log-softmax and four KL pairs per position
         seconds += 1.0 + weight_bytes / 1e9 + 2 * estimate_seconds(loaded.model, verify_windows * seqlen)
+        seconds += positions * comparison_seconds_per_position(loaded.model.config.vocab_size)
     elif fmt == "gguf":
         seconds += 6.0 + weight_bytes / 100e6  # transformers' GGUF loader: set-up, then ~100 MB/s
     else:

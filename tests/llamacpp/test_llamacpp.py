@@ -241,3 +241,39 @@ def test_a_dry_run_line_gives_the_new_type_or_the_kept_one():
             "size =    1.025 MiB")
     assert [(m["name"], m["type"] or m["source"]) for m in map(_LINE.match, (converted, kept))] == [
         ("blk.0.attn_k.weight", "q4_0"), ("blk.0.ffn_down.weight", "q6_K")]
+
+
+def test_the_one_ulp_copy_finds_its_tensor_from_the_header_as_the_gguf_reader_does(tmp_path):
+    """The floor check's copy skips the metadata (vocabularies included) to reach one tensor, and changes nothing
+    else: every tensor read back by the ``gguf`` package is as written but that one, one ulp larger."""
+    import numpy as np
+
+    from engine.llamacpp.agreement import _tensor_span, nudged_copy
+
+    path = tmp_path / "small.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_array("tokenizer.ggml.tokens", [f"tok{i}" for i in range(300)])
+    writer.add_array("tokenizer.ggml.scores", [float(i) for i in range(300)])
+    writer.add_uint32("general.alignment", 64)
+    writer.add_string("general.name", "small")
+    rng = np.random.default_rng(0)
+    tensors = {"token_embd.weight": rng.standard_normal((8, 16)).astype(np.float16),
+               "blk.0.attn_norm.weight": rng.standard_normal(16).astype(np.float32),
+               "blk.0.ffn_up.weight": rng.standard_normal((4, 16)).astype(np.float32)}
+    for name, value in tensors.items():
+        writer.add_tensor(name, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader = gguf.GGUFReader(str(path))
+    for tensor in reader.tensors:
+        assert _tensor_span(path.read_bytes(), tensor.name)[0] == tensor.data_offset
+    copy = nudged_copy(path, tmp_path / "nudged.gguf")
+    after = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(copy)).tensors}
+    norm = tensors["blk.0.attn_norm.weight"]
+    assert np.array_equal(after["blk.0.attn_norm.weight"], np.nextafter(norm, np.float32(np.inf)))
+    for name in ("token_embd.weight", "blk.0.ffn_up.weight"):
+        assert np.array_equal(after[name].reshape(tensors[name].shape), tensors[name])
+    with pytest.raises(ValueError, match="no float32 tensor"):
+        nudged_copy(path, tmp_path / "other.gguf", tensor="token_embd.weight")  # float16: refused
