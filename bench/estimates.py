@@ -6,7 +6,9 @@ For each built-in model and data size (calibration windows x seqlen / evaluation
 fresh cache (nothing cached: the first run a user makes), each button the pages offer, in the order a user
 meets them: the baseline (Model), LR scores, slicing 25% LR-dynamic, RTN and GPTQ 4/3-bit LIM, dropping 4
 layers by LR, a quantization preview (4 windows), a sweep of two RTN plans, a stack (drop 2, then 4-bit), an
-export (GGUF of the RTN run, verified), and the Start page's guided run on its own small data.  It prints the
+export (GGUF of the RTN run, verified), a run in llama.cpp's types and its GGUF export (checked by llama.cpp,
+when built), a stack for vLLM and its compressed-tensors export, and the Start page's guided run on its own
+small data.  It prints the
 estimate the button shows, the measured wall time of the same call and their ratio (measured / estimated;
 1 is a perfect estimate; the target is 0.67-1.5).
 """
@@ -33,7 +35,10 @@ def main() -> None:
     from engine.core.data import DataSpec
     from engine.core.models import load_model
     from engine.evaluation.latency import estimate_seconds
+    from engine.export.ct_folder import default_group_size
+    from engine.llamacpp.runtime import status as llamacpp_status
     from engine.methods import method_for
+    from engine.quant.runtimes import RUNTIMES
     from engine.runs.cached_scores import compute_scores
     from engine.runs.exports import export_estimate, export_formats, export_run
     from engine.runs.first_run import first_run_seconds, first_run_steps
@@ -50,10 +55,14 @@ def main() -> None:
     RTN = QuantPlan(low_bits=3, low_fraction=0.5)
     GPTQ = QuantPlan(quantizer="gptq", low_bits=3, low_fraction=0.5, act_order=True)
     STACK = StackPlan(DropPlan(count=2), QuantPlan(high_bits=4, low_bits=4, low_fraction=0.0))
+    LLAMACPP = QuantPlan("llama.cpp", high_bits=6, low_bits=4, low_fraction=0.5, runtime="llama.cpp")
     rows = []
     for name in args.models.split(","):
         loaded = load_model(name)
         estimate_seconds(loaded.model, 1)  # the throughput probe every estimate reads, measured once up front
+        vllm_stack = StackPlan(DropPlan(count=2), QuantPlan(group_size=default_group_size(loaded, RUNTIMES["vllm"]),
+                                                            high_bits=4, low_bits=4, low_fraction=0.0,
+                                                            zero_point="symmetric", runtime="vllm"))
         for size in args.sizes.split(","):
             calib_text, eval_text = size.split("/")
             (cw, cs), (ew, es) = (map(int, calib_text.split("x")), map(int, eval_text.split("x")))
@@ -99,12 +108,28 @@ def main() -> None:
                 ("export (GGUF of the RTN run, else HF folder of the dropped model)",
                  lambda: seconds_of(export_estimate(loaded, exported()[0], fmt=exported()[1])),
                  lambda: export_run(store, loaded, *exported(), Path(tempfile.mkdtemp()) / "export")),
+                ("llama.cpp types 6/4-bit", lambda: estimate_run_seconds(loaded, LLAMACPP, calibration, evaluation,
+                                                                         store),
+                 lambda: keep("llamacpp", run(store, loaded, LLAMACPP, calibration, evaluation))),
+                ("its GGUF export (llama.cpp runs it and a one-ulp copy)",
+                 lambda: seconds_of(export_estimate(loaded, made["llamacpp"].record, fmt="gguf")),
+                 lambda: export_run(store, loaded, made["llamacpp"].record, "gguf", Path(tempfile.mkdtemp()) / "g")),
+                ("stack for vLLM: drop 2, then 4-bit", lambda: estimate_run_seconds(loaded, vllm_stack, calibration,
+                                                                                    evaluation, store),
+                 lambda: keep("vllm_stack", run(store, loaded, vllm_stack, calibration, evaluation))),
+                ("its compressed-tensors export", lambda: seconds_of(export_estimate(
+                    loaded, made["vllm_stack"].record, fmt="ct")),
+                 lambda: export_run(store, loaded, made["vllm_stack"].record, "ct", Path(tempfile.mkdtemp()) / "ct",
+                                    dtype="float16")),
             ]
-            refused = {"slicing 25% dynamic": SLICE, "GPTQ 4/3-bit": GPTQ}
+            refused = {"slicing 25% dynamic": SLICE, "GPTQ 4/3-bit": GPTQ, "llama.cpp types 6/4-bit": LLAMACPP}
             for label, estimate_of, run_one in runs:
                 plan = refused.get(label)
                 if plan is not None and method_for(plan).refusal(loaded, plan):
                     print(f"{name}: {label} not offered ({method_for(plan).refusal(loaded, plan)[:80]}...)")
+                    continue
+                if label.startswith("its GGUF") and ("llamacpp" not in made or not llamacpp_status().available):
+                    print(f"{name}: {label} skipped (llama.cpp is not built here)")
                     continue
                 estimate = estimate_of()  # what the button shows just before the click
                 start = time.perf_counter()

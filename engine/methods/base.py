@@ -117,6 +117,11 @@ class Method:
     def cost(self, plan) -> RunCost:
         raise NotImplementedError
 
+    def cached_passes(self, store: ResultsStore, loaded: LoadedModel, plan, calibration: DataSpec) -> float:
+        """Calibration passes counted in :meth:`cost` whose results the store already holds (time estimates);
+        nothing is computed."""
+        return 0.0
+
     def memory_profile(self, plan) -> MemoryProfile:
         """What the run holds while it builds and evaluates."""
         raise NotImplementedError

@@ -24,6 +24,7 @@ from engine.quant.grid import LLAMACPP, QuantizerSpec
 from engine.quant.layer_bits import normalize_all
 from engine.quant.quantize_model import quantize_model
 from engine.quant.runtimes import DEFAULT_RUNTIME, RUNTIMES, runtime_named
+from engine.runs.cached_scores import ScoresNotComputed
 from engine.runs.plans import DropPlan, QuantPlan, StackPlan
 
 FIRST_STAGES: dict[type, Method] = {method.plan_type: method for method in (Slicing(), Dropping())}
@@ -62,6 +63,21 @@ class Stacking(Method):
         # a dropped model's layers are scored anew to order the bits (never cached: a new model)
         rescoring = 1.0 if not method.keeps_layers and plan.then.ordering in SCORED_ORDERINGS else 0.0
         return RunCost(first.passes + then.passes + rescoring, first.fixed_per_hidden + then.fixed_per_hidden)
+
+    def cached_passes(self, store, loaded: LoadedModel, plan: StackPlan, calibration: DataSpec) -> float:
+        """The dropped model's rescoring, when the same layers were dropped before on this calibration text (a
+        second stack with the same first stage): dropping is cheap, so the smaller model is built to ask."""
+        method = first_stage(plan)
+        if method.keeps_layers or plan.then.ordering not in SCORED_ORDERINGS:
+            return 0.0
+        try:
+            chosen = method.prepare(store, loaded, plan.first, calibration, compute=False)
+            middle = method.compress(store, loaded, plan.first, chosen, calibration).model
+            allocation_for(store, LoadedModel.from_model(middle, loaded.tokenizer), plan.then, calibration,
+                           compute=False)
+        except (ScoresNotComputed, ValueError):
+            return 0.0
+        return 1.0
 
     def prepare(self, store, loaded, plan: StackPlan, calibration: DataSpec, progress=None, compute: bool = True):
         """The first stage's choice (slicing schedule or layers to drop); the second stage's comes from its

@@ -295,7 +295,8 @@ def estimate_run_seconds(loaded: LoadedModel, plan, calibration: DataSpec, evalu
     if dense_needed is None:
         dense_needed = store is None or find_dense(store, loaded, evaluation) is None
     fixed = cost.fixed_per_hidden * loaded.hidden_size  # per-layer work: decoder layers, not the head
-    seconds += estimate_seconds(loaded.model, (cost.passes * calib + fixed) * decoder_share(loaded))
+    passes = cost.passes - (method.cached_passes(store, loaded, plan, calibration) if store is not None else 0.0)
+    seconds += estimate_seconds(loaded.model, (passes * calib + fixed) * decoder_share(loaded))
     seconds += evaluation_seconds(loaded, evaluation.data, dense=False)
     if method.measures_latency:  # dense and the compressed model timed on one window, each with a warm-up pass
         spec = calibration if method.reads_calibration(plan) else evaluation.data

@@ -157,7 +157,8 @@ def test_iterative_block_dropping_by_sensitivity_re_measures_the_smaller_model(s
 def test_estimates_count_the_scores_a_run_would_compute_first(store, tiny_loaded):
     """A run ordered by LR scores that are not cached scores first: its estimate counts one scoring pass, which
     goes once the scores are stored; a random order needs none.  A stack that drops layers also scores the
-    smaller model anew (never cached), and a slicing-first stack orders its bits by dense's scores."""
+    smaller model anew (unless the same layers were dropped before), and a slicing-first stack orders its bits by
+    dense's scores."""
     from engine.runs.cached_scores import scores_for
     from engine.runs.plans import DropPlan, StackPlan
     from engine.runs.runner import estimate_run_seconds, scoring_seconds
@@ -174,5 +175,11 @@ def test_estimates_count_the_scores_a_run_would_compute_first(store, tiny_loaded
         scoring_seconds(tiny_loaded, CALIB), rel=1e-6)
     dropped_lim = StackPlan(DropPlan("layer", 1), lim)
     dropped_random = StackPlan(DropPlan("layer", 1), random_order)
-    assert estimate_run_seconds(tiny_loaded, dropped_lim, CALIB, EVAL, store) > estimate_run_seconds(
-        tiny_loaded, dropped_random, CALIB, EVAL, store)  # the dropped model is scored anew to order the bits
+    fresh = estimate_run_seconds(tiny_loaded, dropped_lim, CALIB, EVAL, store, dense_needed=False)
+    assert fresh > estimate_run_seconds(tiny_loaded, dropped_random, CALIB, EVAL, store,
+                                        dense_needed=False)  # the dropped model is scored anew to order the bits
+    from engine.runs.runner import run
+
+    run(store, tiny_loaded, dropped_lim, CALIB, EVAL)  # the same layers dropped again: their scores are stored
+    again = StackPlan(DropPlan("layer", 1), QuantPlan(ordering="lim", low_bits=2))
+    assert estimate_run_seconds(tiny_loaded, again, CALIB, EVAL, store, dense_needed=False) < fresh
