@@ -117,6 +117,11 @@ class Method:
     def cost(self, plan) -> RunCost:
         raise NotImplementedError
 
+    def extra_eval_seconds(self, loaded: LoadedModel, plan, seqlen: int, n_windows: int) -> float:
+        """Seconds the compressed model's evaluation over ``n_windows`` windows of ``seqlen`` tokens takes beyond
+        the dense model's forward passes (a model that computes differently, e.g. in llama.cpp's types)."""
+        return 0.0
+
     def cached_passes(self, store: ResultsStore, loaded: LoadedModel, plan, calibration: DataSpec) -> float:
         """Calibration passes counted in :meth:`cost` whose results the store already holds (time estimates);
         nothing is computed."""

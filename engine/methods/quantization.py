@@ -87,6 +87,14 @@ class Quantization(Method):
                     "it as GGUF (Export, or `python -m engine export RUN --format gguf`).")
         return loaded.architecture.unavailable_message(Feature.GPTQ if plan.quantizer == GPTQ else Feature.QUANTIZATION)
 
+    def extra_eval_seconds(self, loaded: LoadedModel, plan: QuantPlan, seqlen: int, n_windows: int) -> float:
+        if plan.quantizer != LLAMACPP:
+            return 0.0  # LayerLab's grids dequantize in torch: as fast as dense, within the estimate's noise
+        from engine.quant.ggml_weight import extra_model_forward_seconds
+
+        return n_windows * extra_model_forward_seconds(loaded.model, loaded.architecture, plan.high_bits, seqlen,
+                                                       plan.ggml_types)
+
     def cost(self, plan: QuantPlan) -> RunCost:
         return RunCost(0.63, 16.7) if plan.quantizer == GPTQ else RunCost(0.33, 0.89)
 

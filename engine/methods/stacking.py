@@ -64,6 +64,9 @@ class Stacking(Method):
         rescoring = 1.0 if not method.keeps_layers and plan.then.ordering in SCORED_ORDERINGS else 0.0
         return RunCost(first.passes + then.passes + rescoring, first.fixed_per_hidden + then.fixed_per_hidden)
 
+    def extra_eval_seconds(self, loaded: LoadedModel, plan: StackPlan, seqlen: int, n_windows: int) -> float:
+        return Quantization().extra_eval_seconds(loaded, plan.then, seqlen, n_windows)
+
     def cached_passes(self, store, loaded: LoadedModel, plan: StackPlan, calibration: DataSpec) -> float:
         """The dropped model's rescoring, when the same layers were dropped before on this calibration text (a
         second stack with the same first stage): dropping is cheap, so the smaller model is built to ask."""

@@ -123,3 +123,37 @@ def with_output_type(model: nn.Module, loaded, spec) -> nn.Module:
     if tied:
         head.weight = embedding.weight
     return model
+
+
+_FORWARD_COST: dict[tuple[int, int, int, str], float] = {}
+
+
+def extra_forward_seconds(weight: torch.Tensor, level: int, tokens: int, type_set: str = "k-quants") -> float:
+    """Seconds a :class:`GgmlLinear` of ``weight [out, in]`` at ``level`` spends per forward over ``tokens``
+    tokens beyond a float ``nn.Linear`` (llama.cpp's dequantizer runs on every forward, and the input is rounded
+    as llama.cpp's CPU backend rounds it): measured once per shape, level and token count (time estimates)."""
+    import time
+
+    key = (*weight.shape, level, f"{type_set}:{tokens}")
+    if key not in _FORWARD_COST:
+        stored = ggml_quantize(weight, level, type_set)
+        x = torch.randn(1, tokens, weight.shape[1])
+        plain, held = [], []
+        with torch.no_grad():
+            for _ in range(3):  # the fastest of three: the first pays for warming up
+                start = time.perf_counter()
+                nn.functional.linear(x, weight.float())
+                plain.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                nn.functional.linear(as_llamacpp_input(x, stored.qtype), stored.dequantize())
+                held.append(time.perf_counter() - start)
+        _FORWARD_COST[key] = max(0.0, min(held) - min(plain))
+    return _FORWARD_COST[key]
+
+
+def extra_model_forward_seconds(model: nn.Module, arch, level: int, tokens: int, type_set: str = "k-quants") -> float:
+    """:func:`extra_forward_seconds` of every decoder linear of ``model`` in llama.cpp's types at ``level``, per
+    forward over ``tokens`` tokens (the first layer's linears measured, times the layer count)."""
+    layers = arch.decoder_layers(model)
+    linears = [linear for linear in arch.layer_linears(layers[0]).values() if isinstance(linear, nn.Linear)]
+    return len(layers) * sum(extra_forward_seconds(linear.weight, level, tokens, type_set) for linear in linears)

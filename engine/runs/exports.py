@@ -31,6 +31,7 @@ from engine.llamacpp.runtime import LlamaCppUnavailable
 from engine.methods import method_named
 from engine.methods.base import FORMATS
 from engine.quant.grid import LLAMACPP, QuantizerSpec
+from engine.quant.layer_bits import all_levels
 from engine.quant.quantize_model import QuantizedModel
 from engine.runs.record import RunRecord
 from engine.runs.store import ResultsStore
@@ -179,6 +180,11 @@ def export_estimate(loaded: LoadedModel, record: RunRecord, has_model: bool = Fa
         positions = verify_windows * (seqlen - 1)  # four sides' log-softmax and four KL pairs per position
         seconds += 1.0 + weight_bytes / 1e9 + 2 * estimate_seconds(loaded.model, verify_windows * seqlen)
         seconds += positions * comparison_seconds_per_position(loaded.model.config.vocab_size)
+        from engine.quant.ggml_weight import extra_model_forward_seconds
+
+        spec, bits = quantized_as(record)  # the app's model of llama.cpp's types runs the windows too
+        seconds += verify_windows * extra_model_forward_seconds(loaded.model, loaded.architecture, max(
+            all_levels(bits)), seqlen, spec.ggml_types)
     elif fmt == "gguf":
         seconds += 6.0 + weight_bytes / 100e6  # transformers' GGUF loader: set-up, then ~100 MB/s
     else:

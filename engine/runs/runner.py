@@ -298,6 +298,8 @@ def estimate_run_seconds(loaded: LoadedModel, plan, calibration: DataSpec, evalu
     passes = cost.passes - (method.cached_passes(store, loaded, plan, calibration) if store is not None else 0.0)
     seconds += estimate_seconds(loaded.model, (passes * calib + fixed) * decoder_share(loaded))
     seconds += evaluation_seconds(loaded, evaluation.data, dense=False)
+    windows = token_windows(evaluation.data, loaded.tokenizer, loaded.max_seqlen)
+    seconds += method.extra_eval_seconds(loaded, plan, windows.seqlen, windows.n_windows)
     if method.measures_latency:  # dense and the compressed model timed on one window, each with a warm-up pass
         spec = calibration if method.reads_calibration(plan) else evaluation.data
         window = token_windows(spec, loaded.tokenizer, loaded.max_seqlen).seqlen

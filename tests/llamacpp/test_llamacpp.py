@@ -277,3 +277,18 @@ def test_the_one_ulp_copy_finds_its_tensor_from_the_header_as_the_gguf_reader_do
         assert np.array_equal(after[name].reshape(tensors[name].shape), tensors[name])
     with pytest.raises(ValueError, match="no float32 tensor"):
         nudged_copy(path, tmp_path / "other.gguf", tensor="token_embd.weight")  # float16: refused
+
+
+@needs_llamacpp
+def test_estimates_count_the_slower_evaluation_of_llamacpp_types(tiny_loaded):
+    """A model in llama.cpp's types dequantizes every weight on every forward and rounds its inputs as llama.cpp
+    does: its evaluation is estimated longer than dense's (measured on the model's own first layer); LayerLab's
+    grids add nothing."""
+    from engine.methods.quantization import Quantization
+    from engine.runs.plans import QuantPlan
+
+    rtn = QuantPlan("rtn", 32, 4, 4, 0.0, ordering="random")
+    ggml_plan = QuantPlan("llama.cpp", 128, 4, 4, 0.0, ordering="random", runtime="llama.cpp")
+    assert Quantization().extra_eval_seconds(tiny_loaded, rtn, 32, 2) == 0.0
+    one = Quantization().extra_eval_seconds(tiny_loaded, ggml_plan, 32, 1)
+    assert one > 0 and Quantization().extra_eval_seconds(tiny_loaded, ggml_plan, 32, 4) == pytest.approx(4 * one)
