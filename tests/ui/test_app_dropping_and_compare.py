@@ -109,49 +109,51 @@ def test_slicing_and_dropping_pages_say_where_their_models_run_for_the_chosen_ru
     assert not at.exception
 
 
-@pytest.mark.skipif(not __import__("engine.llamacpp.runtime", fromlist=["status"]).status().available,
-                    reason="llama.cpp is not built here (make llamacpp)")
-def test_a_stack_for_llamacpp_exports_its_gguf_file_from_the_results_page(tiny_app, tmp_path):
-    """The Dropping page's way to llama.cpp: drop whole layers, then quantize in llama.cpp's types in one stack;
-    the Results page exports it as the GGUF file llama.cpp then runs."""
+def _stack_then_results(runtime: str):
+    """Compare methods with ``runtime`` as the target: drop one layer, then quantize (the stack); then the Results
+    page with that run chosen for export.  Returns the page and the stored run."""
     at = _ready("compare")
-    at.selectbox(key="keep.runtime").set_value("llama.cpp").run()
+    at.selectbox(key="keep.runtime").set_value(runtime).run()
     at.radio(key="keep.stack_first").set_value("drop layers").run()
     at.slider(key="keep.stack_drop").set_value(1).run()
     click(at, "Run the stack")
     assert not at.exception and not at.error, at.error
     run = ResultsStore().runs(method="stacked")[0]
-    assert run.config["target_runtime"] == "llama.cpp"
     at.switch_page("pages/results.py").run()
     at.selectbox(key=f"results_export_run_{ResultsStore().runs()[0].id}").set_value(run.id).run()
+    return at, run
+
+
+def _export(at, run, fmt: str, folder) -> dict:
+    """Export ``run`` as ``fmt`` into ``folder`` from the Results page; the export stored with the run."""
+    at.text_input(key=f"results_export_folder_{run.id}_{fmt}").set_value(str(folder)).run()
+    click(at, "Export and verify")
+    assert not at.exception and not at.error, at.error
+    return ResultsStore().get_run(run.id).config["exports"][0]
+
+
+@pytest.mark.skipif(not __import__("engine.llamacpp.runtime", fromlist=["status"]).status().available,
+                    reason="llama.cpp is not built here (make llamacpp)")
+def test_a_stack_for_llamacpp_exports_its_gguf_file_from_the_results_page(tiny_app, tmp_path):
+    """The Dropping page's way to llama.cpp: drop whole layers, then quantize in llama.cpp's types in one stack;
+    the Results page exports it as the GGUF file llama.cpp then runs."""
+    at, run = _stack_then_results("llama.cpp")
+    assert run.config["target_runtime"] == "llama.cpp"
     assert at.radio(key="results_export_format").value == "gguf"
     assert any("only GGUF stores" in c.value for c in at.caption)  # why no compressed-tensors folder
     assert any("Tensor types in the file" in m.value for m in at.markdown)
-    at.text_input(key=f"results_export_folder_{run.id}_gguf").set_value(str(tmp_path / "stack")).run()
-    click(at, "Export and verify")
-    assert not at.exception and not at.error, at.error
+    export = _export(at, run, "gguf", tmp_path / "stack")
     assert any("llama.cpp ran the file" in s.value for s in at.success)
-    assert ResultsStore().get_run(run.id).config["exports"][0]["bytes"] == run.metrics["bytes_16bit"]
+    assert export["bytes"] == run.metrics["bytes_16bit"]
 
 
 @pytest.mark.slow  # ~10 s
 def test_a_stack_for_vllm_exports_its_checkpoint_from_the_results_page(tiny_app, tmp_path):
     """With vLLM as the target, the stack quantizes on vLLM's grid and exports as the compressed-tensors folder
     vLLM loads (its rules checked), sized as the run showed it; GGUF says what to re-run."""
-    at = _ready("compare")
-    at.selectbox(key="keep.runtime").set_value("vllm").run()
-    at.radio(key="keep.stack_first").set_value("drop layers").run()
-    at.slider(key="keep.stack_drop").set_value(1).run()
-    click(at, "Run the stack")
-    assert not at.exception and not at.error, at.error
-    run = ResultsStore().runs(method="stacked")[0]
+    at, run = _stack_then_results("vllm")
     assert run.config["target_runtime"] == "vllm" and run.config["runs_in"] == "vLLM (compressed-tensors)"
-    at.switch_page("pages/results.py").run()
-    at.selectbox(key=f"results_export_run_{ResultsStore().runs()[0].id}").set_value(run.id).run()
     assert at.radio(key="results_export_format").value == "ct"
     assert any("re-run the stack with llama.cpp's types" in c.value for c in at.caption)  # why no GGUF file
-    at.text_input(key=f"results_export_folder_{run.id}_ct").set_value(str(tmp_path / "stack")).run()
-    click(at, "Export and verify")
-    assert not at.exception and not at.error, at.error
-    export = ResultsStore().get_run(run.id).config["exports"][0]
+    export = _export(at, run, "ct", tmp_path / "stack")
     assert export["vllm_problems"] == [] and export["verification"]["passed"]
