@@ -128,7 +128,8 @@ def main() -> None:
                 if plan is not None and method_for(plan).refusal(loaded, plan):
                     print(f"{name}: {label} not offered ({method_for(plan).refusal(loaded, plan)[:80]}...)")
                     continue
-                if label.startswith("its GGUF") and ("llamacpp" not in made or not llamacpp_status().available):
+                if "llama.cpp" in label and not llamacpp_status().available or label.startswith("its GGUF") and (
+                        "llamacpp" not in made):
                     print(f"{name}: {label} skipped (llama.cpp is not built here)")
                     continue
                 estimate = estimate_of()  # what the button shows just before the click

@@ -223,8 +223,8 @@ def _tensor_span(data: bytes | memoryview, name: str) -> tuple[int, int, int]:
     SmolLM2's 49k tokens, 9 s for Gemma-3's 262k, here).
     """
     u32, u64 = struct.Struct("<I"), struct.Struct("<Q")
-    if bytes(data[:4]) != b"GGUF":
-        raise ValueError("not a GGUF file")
+    if bytes(data[:4]) != b"GGUF" or len(data) < 24 or u32.unpack_from(data, 4)[0] not in (2, 3):
+        raise ValueError("not a little-endian GGUF file of version 2 or 3")
     n_tensors, n_kv = u64.unpack_from(data, 8)[0], u64.unpack_from(data, 16)[0]
     pos, alignment = 24, 32
 
@@ -263,8 +263,12 @@ def _tensor_span(data: bytes | memoryview, name: str) -> tuple[int, int, int]:
             found = (offset, ggml_type, math.prod(dims))
     if found is None:
         raise ValueError(f"no tensor {name}")
-    start = pos + (-pos) % alignment
-    return start + found[0], found[1], found[2]
+    if alignment < 1:
+        raise ValueError(f"general.alignment is {alignment}")
+    start = pos + (-pos) % alignment + found[0]
+    if start + 4 * found[2] > len(data) and found[1] == 0:
+        raise ValueError("the file is shorter than its header says (truncated?)")
+    return start, found[1], found[2]
 
 
 def nudged_copy(gguf: str | Path, target: str | Path, tensor: str = "blk.0.attn_norm.weight") -> Path:
@@ -276,13 +280,13 @@ def nudged_copy(gguf: str | Path, target: str | Path, tensor: str = "blk.0.attn_
     with open(target, "r+b") as handle, mmap.mmap(handle.fileno(), 0) as data:
         try:
             offset, ggml_type, count = _tensor_span(data, tensor)
-        except (ValueError, struct.error) as err:
+        except (ValueError, struct.error, OverflowError) as err:
             raise ValueError(f"{gguf} has no float32 tensor {tensor} ({err}).") from None
         if ggml_type != 0:  # GGML_TYPE_F32
             raise ValueError(f"{gguf} has no float32 tensor {tensor}.")
-        values = np.frombuffer(data, dtype=np.float32, count=count, offset=offset)
-        data[offset:offset + 4 * count] = np.nextafter(values, np.float32(np.inf)).tobytes()
-        del values
+        nudged = np.nextafter(np.frombuffer(data, dtype=np.float32, count=count, offset=offset).copy(),
+                              np.float32(np.inf))  # a copy: no view of the map outlives it
+        data[offset:offset + 4 * count] = nudged.tobytes()
         data.flush()
     return Path(target)
 

@@ -92,8 +92,11 @@ class Quantization(Method):
             return 0.0  # LayerLab's grids dequantize in torch: as fast as dense, within the estimate's noise
         from engine.quant.ggml_weight import extra_model_forward_seconds
 
-        return n_windows * extra_model_forward_seconds(loaded.model, loaded.architecture, plan.high_bits, seqlen,
-                                                       plan.ggml_types)
+        try:
+            return n_windows * extra_model_forward_seconds(loaded.model, loaded.architecture, plan.high_bits, seqlen,
+                                                           plan.ggml_types)
+        except ValueError:  # a level the type set lacks: the run itself refuses it, with what to choose
+            return 0.0
 
     def cost(self, plan: QuantPlan) -> RunCost:
         return RunCost(0.63, 16.7) if plan.quantizer == GPTQ else RunCost(0.33, 0.89)

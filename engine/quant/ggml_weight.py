@@ -125,35 +125,50 @@ def with_output_type(model: nn.Module, loaded, spec) -> nn.Module:
     return model
 
 
-_FORWARD_COST: dict[tuple[int, int, int, str], float] = {}
+_FORWARD_COST: dict[tuple, float] = {}
+_TIMED_TOKENS = 128
 
 
 def extra_forward_seconds(weight: torch.Tensor, level: int, tokens: int, type_set: str = "k-quants") -> float:
     """Seconds a :class:`GgmlLinear` of ``weight [out, in]`` at ``level`` spends per forward over ``tokens``
-    tokens beyond a float ``nn.Linear`` (llama.cpp's dequantizer runs on every forward, and the input is rounded
-    as llama.cpp's CPU backend rounds it): measured once per shape, level and token count (time estimates)."""
+    tokens beyond a float ``nn.Linear`` (llama.cpp's dequantizer runs on every forward, on the CPU, and the input
+    is rounded as llama.cpp's CPU backend rounds it): measured once per shape, llama.cpp type and device on
+    128 tokens, scaled to ``tokens`` (time estimates)."""
     import time
 
-    key = (*weight.shape, level, f"{type_set}:{tokens}")
+    qtype = type_for_level(level, int(weight.shape[1]), type_set).qtype
+    key = (*weight.shape, qtype, str(weight.device))
     if key not in _FORWARD_COST:
         stored = ggml_quantize(weight, level, type_set)
-        x = torch.randn(1, tokens, weight.shape[1])
+        x = torch.randn(1, _TIMED_TOKENS, weight.shape[1], device=weight.device, dtype=weight.dtype)
+
+        def timed(run) -> float:
+            start = time.perf_counter()
+            run()
+            if weight.device.type == "cuda":
+                torch.cuda.synchronize(weight.device)
+            return time.perf_counter() - start
+
         plain, held = [], []
         with torch.no_grad():
             for _ in range(3):  # the fastest of three: the first pays for warming up
-                start = time.perf_counter()
-                nn.functional.linear(x, weight.float())
-                plain.append(time.perf_counter() - start)
-                start = time.perf_counter()
-                nn.functional.linear(as_llamacpp_input(x, stored.qtype), stored.dequantize())
-                held.append(time.perf_counter() - start)
-        _FORWARD_COST[key] = max(0.0, min(held) - min(plain))
-    return _FORWARD_COST[key]
+                plain.append(timed(lambda: nn.functional.linear(x, weight)))
+                held.append(timed(lambda: nn.functional.linear(
+                    as_llamacpp_input(x, stored.qtype), stored.dequantize(weight.dtype).to(weight.device))))
+        _FORWARD_COST[key] = max(0.0, min(held) - min(plain)) / _TIMED_TOKENS
+    return _FORWARD_COST[key] * tokens
 
 
 def extra_model_forward_seconds(model: nn.Module, arch, level: int, tokens: int, type_set: str = "k-quants") -> float:
     """:func:`extra_forward_seconds` of every decoder linear of ``model`` in llama.cpp's types at ``level``, per
-    forward over ``tokens`` tokens (the first layer's linears measured, times the layer count)."""
+    forward over ``tokens`` tokens (the first layer's linears measured, times the layer count); 0 for models whose
+    linears are not all ``nn.Linear`` (fused experts, Conv1D: they are materialised, not dequantized per forward)
+    and where llama.cpp is not built (nothing of llama.cpp's types runs there)."""
+    from engine.llamacpp.runtime import status
+    from engine.quant.quantized_linear import can_hold_codes
+
+    if not status().available or not can_hold_codes(model, arch):
+        return 0.0
     layers = arch.decoder_layers(model)
-    linears = [linear for linear in arch.layer_linears(layers[0]).values() if isinstance(linear, nn.Linear)]
+    linears = list(arch.layer_linears(layers[0]).values())
     return len(layers) * sum(extra_forward_seconds(linear.weight, level, tokens, type_set) for linear in linears)

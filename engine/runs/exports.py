@@ -183,8 +183,11 @@ def export_estimate(loaded: LoadedModel, record: RunRecord, has_model: bool = Fa
         from engine.quant.ggml_weight import extra_model_forward_seconds
 
         spec, bits = quantized_as(record)  # the app's model of llama.cpp's types runs the windows too
-        seconds += verify_windows * extra_model_forward_seconds(loaded.model, loaded.architecture, max(
-            all_levels(bits)), seqlen, spec.ggml_types)
+        try:
+            seconds += verify_windows * extra_model_forward_seconds(loaded.model, loaded.architecture, max(
+                all_levels(bits)), seqlen, spec.ggml_types)
+        except ValueError:  # llama.cpp not built, or a type set this version lacks: the export says which
+            pass
     elif fmt == "gguf":
         seconds += 6.0 + weight_bytes / 100e6  # transformers' GGUF loader: set-up, then ~100 MB/s
     else:

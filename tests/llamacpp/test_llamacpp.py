@@ -254,7 +254,7 @@ def test_the_one_ulp_copy_finds_its_tensor_from_the_header_as_the_gguf_reader_do
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_array("tokenizer.ggml.tokens", [f"tok{i}" for i in range(300)])
     writer.add_array("tokenizer.ggml.scores", [float(i) for i in range(300)])
-    writer.add_uint32("general.alignment", 64)
+    writer.add_custom_alignment(64)
     writer.add_string("general.name", "small")
     rng = np.random.default_rng(0)
     tensors = {"token_embd.weight": rng.standard_normal((8, 16)).astype(np.float16),
@@ -277,6 +277,12 @@ def test_the_one_ulp_copy_finds_its_tensor_from_the_header_as_the_gguf_reader_do
         assert np.array_equal(after[name].reshape(tensors[name].shape), tensors[name])
     with pytest.raises(ValueError, match="no float32 tensor"):
         nudged_copy(path, tmp_path / "other.gguf", tensor="token_embd.weight")  # float16: refused
+    (tmp_path / "short.gguf").write_bytes(path.read_bytes()[:-64])
+    with pytest.raises(ValueError, match="truncated"):
+        nudged_copy(tmp_path / "short.gguf", tmp_path / "cut.gguf", tensor="blk.0.ffn_up.weight")
+    (tmp_path / "text.gguf").write_bytes(b"not a model at all, but long enough to read a header from")
+    with pytest.raises(ValueError, match="not a little-endian GGUF"):
+        nudged_copy(tmp_path / "text.gguf", tmp_path / "t.gguf")
 
 
 @needs_llamacpp
