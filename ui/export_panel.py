@@ -8,7 +8,7 @@ import streamlit as st
 from engine.core.data import DataError
 from engine.core.models import LoadedModel
 from engine.llamacpp.agreement import FLOOR_FACTOR, PPL_PROMISE
-from engine.quant.runtimes import DEFAULT_RUNTIME, RUNTIMES
+from engine.quant.runtimes import runtime_of
 from engine.runs.exports import (
     FORMATS,
     TOLERANCE,
@@ -92,7 +92,7 @@ def export_section(store: ResultsStore, loaded: LoadedModel, method: str | None,
                           key=f"{key}_export_run_{records[0].id}",
                           help="Newest first. The model is rebuilt from the run's record (same layers, dims or bits).")
     record = by_id[chosen]
-    runtime = RUNTIMES.get(record.config.get("target_runtime") or DEFAULT_RUNTIME, RUNTIMES[DEFAULT_RUNTIME])
+    runtime = runtime_of(record.config)
     if record.config.get("target_runtime"):
         st.caption(f"Run {record.id} was made for **{runtime.label}**" + (
             "." if runtime.deployable else ": LayerLab's free grid, exported as measured; each format says below "

@@ -18,7 +18,7 @@ from engine.quant.allocation import Allocation, allocate_average, allocate_fract
 from engine.quant.grid import GPTQ, LLAMACPP, QuantizerSpec
 from engine.quant.layer_bits import normalize_all
 from engine.quant.quantize_model import quantize_model
-from engine.quant.runtimes import DEFAULT_RUNTIME, RUNTIMES, RuntimeMismatch, runtime_named
+from engine.quant.runtimes import RuntimeMismatch, runtime_named, runtime_of
 from engine.quant.save import save_quantized
 from engine.runs.cached_scores import scores_for
 from engine.runs.plans import QuantPlan
@@ -92,11 +92,8 @@ class Quantization(Method):
             return 0.0  # LayerLab's grids dequantize in torch: as fast as dense, within the estimate's noise
         from engine.quant.ggml_weight import extra_model_forward_seconds
 
-        try:
-            return n_windows * extra_model_forward_seconds(loaded.model, loaded.architecture, plan.high_bits, seqlen,
-                                                           plan.ggml_types)
-        except ValueError:  # a level the type set lacks: the run itself refuses it, with what to choose
-            return 0.0
+        return n_windows * extra_model_forward_seconds(loaded.model, loaded.architecture, plan.high_bits, seqlen,
+                                                       plan.ggml_types)
 
     def cost(self, plan: QuantPlan) -> RunCost:
         return RunCost(0.63, 16.7) if plan.quantizer == GPTQ else RunCost(0.33, 0.89)
@@ -165,8 +162,7 @@ class Quantization(Method):
     def runs_in(self, config: dict) -> str:
         if config.get("quantizer") == LLAMACPP:  # llama.cpp's own types: the GGUF file, where this family has one
             return "llama.cpp (GGUF)" if config.get("file_bytes") else "llama.cpp's types (no GGUF writer here)"
-        runtime = RUNTIMES.get(config.get("target_runtime") or DEFAULT_RUNTIME, RUNTIMES[DEFAULT_RUNTIME])
-        return runtime.label if runtime.deployable else f"{runtime.label} (not deployable as is)"
+        return runtime_of(config).runs_as
 
     def quantized_as(self, record: RunRecord) -> tuple[QuantizerSpec, tuple]:
         return quantizer_spec_of(record), normalize_all(record.config["bits"])
@@ -202,7 +198,7 @@ class Quantization(Method):
             ct = ct_unsupported(loaded, spec)
         formats = {"hf": "Quantized runs export as GGUF or compressed-tensors (a Hugging Face folder would hold "
                          "dequantized 16-bit weights).", "gguf": gguf, "ct": ct}
-        runtime = runtime_named(record.config.get("target_runtime") or DEFAULT_RUNTIME)
+        runtime = runtime_of(record.config)
         if runtime.export is not None:  # made for one runtime: only its format, the others say what to re-run
             other = {"gguf": "llama.cpp (GGUF)", "ct": "vLLM or transformers (compressed-tensors)"}
             for fmt in ("gguf", "ct"):

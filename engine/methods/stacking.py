@@ -13,7 +13,7 @@ from engine.core.data import DataSpec, token_windows
 from engine.core.memory import MemoryProfile
 from engine.core.models import LoadedModel, model_size
 from engine.core.progress import stage_callback
-from engine.export.ct_folder import ct_weights_bytes
+from engine.export.ct_folder import ct_unsupported, ct_weights_bytes
 from engine.export.gguf_llamacpp import llamacpp_details
 from engine.methods.base import Compressed, Method, RunCost, calibration_of
 from engine.methods.dropping import Dropping
@@ -23,9 +23,9 @@ from engine.quant.allocation import Allocation
 from engine.quant.grid import LLAMACPP, QuantizerSpec
 from engine.quant.layer_bits import normalize_all
 from engine.quant.quantize_model import quantize_model
-from engine.quant.runtimes import DEFAULT_RUNTIME, RUNTIMES, runtime_named
+from engine.quant.runtimes import runtime_named, runtime_of
 from engine.runs.cached_scores import ScoresNotComputed
-from engine.runs.plans import DropPlan, QuantPlan, StackPlan
+from engine.runs.plans import QuantPlan, StackPlan
 
 FIRST_STAGES: dict[type, Method] = {method.plan_type: method for method in (Slicing(), Dropping())}
 """The methods a stack may start with, by plan type."""
@@ -60,7 +60,7 @@ class Stacking(Method):
     def cost(self, plan: StackPlan) -> RunCost:
         method = first_stage(plan)
         first, then = method.cost(plan.first), Quantization().cost(plan.then)
-        # a dropped model's layers are scored anew to order the bits (never cached: a new model)
+        # a dropped model's layers are scored anew to order the bits (unless cached: cached_passes)
         rescoring = 1.0 if not method.keeps_layers and plan.then.ordering in SCORED_ORDERINGS else 0.0
         return RunCost(first.passes + then.passes + rescoring, first.fixed_per_hidden + then.fixed_per_hidden)
 
@@ -120,7 +120,7 @@ class Stacking(Method):
         quantize_s = time.perf_counter() - started
         qsize = quantized.size()
         details = {}
-        whole_layers = isinstance(plan.first, DropPlan) and plan.first.block == "layer"  # the runtimes' model code
+        whole_layers = drops_whole_layers(stage_config)  # the runtimes' own model code runs it
         if then.quantizer == LLAMACPP and whole_layers:  # a GGUF file it will be
             details = llamacpp_details(middle, then.spec(), quantized.bits)
             if details["file_bytes"]:
@@ -149,8 +149,7 @@ class Stacking(Method):
         if export_refusal(config, "gguf") is None:
             return "llama.cpp (GGUF)"
         if export_refusal(config, "ct") is None:  # as a quantization run for the same runtime says
-            runtime = RUNTIMES.get(config.get("target_runtime") or DEFAULT_RUNTIME, RUNTIMES[DEFAULT_RUNTIME])
-            return runtime.label if runtime.deployable else f"{runtime.label} (not deployable as is)"
+            return runtime_of(config).runs_as
         return "nowhere as one file: export each stage's own run"
 
     def rebuild_seconds(self, record) -> float:
@@ -189,8 +188,6 @@ class Stacking(Method):
     def export_formats(self, record, loaded=None) -> dict[str, str | None]:
         formats = {"gguf": export_refusal(record.config, "gguf"), "ct": export_refusal(record.config, "ct")}
         if formats["ct"] is None and loaded is not None:  # the model's widths and the group size still decide
-            from engine.export.ct_folder import ct_unsupported
-
             formats["ct"] = ct_unsupported(loaded, self.quantized_as(record)[0])
         names = {"gguf": "a GGUF file", "ct": "a compressed-tensors folder"}
         exports = [names[fmt] for fmt, reason in formats.items() if reason is None]
@@ -200,13 +197,19 @@ class Stacking(Method):
         return formats
 
 
+def drops_whole_layers(stage: dict) -> bool:
+    """Whether a stack's first stage (its stored config) dropped whole decoder layers: the only first stage
+    whose result the runtimes' own model code runs (the same architecture with fewer layers)."""
+    return isinstance(method_of_stage(stage.get("method")), Dropping) and stage.get("block") == "layer"
+
+
 def export_refusal(config: dict, fmt: str) -> str | None:
     """Why a stacked run stored with ``config`` has no ``fmt`` export (``"gguf"`` or ``"ct"``; ``None``: it has
     one, written from the model without the dropped layers: in llama.cpp's types as a GGUF file, or on the
     symmetric grid as a compressed-tensors folder)."""
     first, quant = config.get("stages", [{}, {}])
     in_llamacpp = quant.get("quantizer") == LLAMACPP
-    if not isinstance(method_of_stage(first.get("method")), Dropping) or first.get("block") != "layer":
+    if not drops_whole_layers(first):
         return ("only a stack that drops whole layers and then quantizes exports (a GGUF file in llama.cpp's "
                 "types, or a compressed-tensors folder on the symmetric grid): this one's first stage changes the "
                 "layers' shapes, which the runtimes' model code lacks.")
@@ -219,8 +222,7 @@ def export_refusal(config: dict, fmt: str) -> str | None:
         if quant["quantizer_spec"].get("zero_point") != "symmetric":
             return ("compressed-tensors holds LayerLab's symmetric grid exactly: re-run the stack with target "
                     "runtime vLLM or transformers (they quantize on that grid) to export it this way.")
-        if RUNTIMES.get(config.get("target_runtime") or "", RUNTIMES[DEFAULT_RUNTIME]).export == "ct" and not quant.get(
-                "file_bytes"):
+        if runtime_of(config).export == "ct" and not quant.get("file_bytes"):
             return ("it was stored before stacks were sized as their checkpoint: run the same stack again and export "
                     "that run.")
         return None

@@ -171,4 +171,7 @@ def extra_model_forward_seconds(model: nn.Module, arch, level: int, tokens: int,
         return 0.0
     layers = arch.decoder_layers(model)
     linears = list(arch.layer_linears(layers[0]).values())
-    return len(layers) * sum(extra_forward_seconds(linear.weight, level, tokens, type_set) for linear in linears)
+    try:
+        return len(layers) * sum(extra_forward_seconds(linear.weight, level, tokens, type_set) for linear in linears)
+    except ValueError:  # a level or type set llama.cpp lacks: the run itself refuses it, saying what to choose
+        return 0.0

@@ -53,6 +53,11 @@ class Runtime:
         another (vLLM: symmetric)."""
         return "integer" if "integer" in self.zero_points else self.zero_points[0]
 
+    @property
+    def runs_as(self) -> str:
+        """Where a model quantized for this runtime runs as it is, for tables and the report."""
+        return self.label if self.deployable else f"{self.label} (not deployable as is)"
+
     def summary(self) -> str:
         """One line for captions: what this runtime takes."""
         if not self.deployable:
@@ -119,6 +124,12 @@ def runtime_named(key: str) -> Runtime:
     if key not in RUNTIMES:
         raise RuntimeMismatch(f"Unknown target runtime '{key}': choose one of {', '.join(RUNTIMES)}.")
     return RUNTIMES[key]
+
+
+def runtime_of(config: Mapping) -> Runtime:
+    """The runtime a stored run was made for (``config["target_runtime"]``); runs stored before runs recorded
+    one, or under a key this version lacks, read as the research grid (never an error on a stored run)."""
+    return RUNTIMES.get(config.get("target_runtime") or DEFAULT_RUNTIME, RUNTIMES[DEFAULT_RUNTIME])
 
 
 def fused_groups(linears: Sequence[str], paths: Mapping[str, str] | None = None) -> list[tuple[str, ...]]:

@@ -27,9 +27,11 @@ from engine.core.progress import StageProgress, stage_callback
 from engine.export.gguf_llamacpp import llamacpp_details, write_llamacpp_gguf
 from engine.export.hf_folder import ExportError, load_hf_folder, write_hf_folder
 from engine.export.verify import round_trip
+from engine.llamacpp.agreement import comparison_seconds_per_position
 from engine.llamacpp.runtime import LlamaCppUnavailable
 from engine.methods import method_named
 from engine.methods.base import FORMATS
+from engine.quant.ggml_weight import extra_model_forward_seconds
 from engine.quant.grid import LLAMACPP, QuantizerSpec
 from engine.quant.layer_bits import all_levels
 from engine.quant.quantize_model import QuantizedModel
@@ -175,19 +177,12 @@ def export_estimate(loaded: LoadedModel, record: RunRecord, has_model: bool = Fa
     seconds += estimate_seconds(loaded.model, verify_windows * seqlen, forward_passes=2.0)
     weight_bytes = 4 * sum(p.numel() for p in loaded.model.parameters())
     if fmt == "gguf" and in_llamacpp_types(record):  # llama.cpp runs the file and its one-ulp copy: two passes
-        from engine.llamacpp.agreement import comparison_seconds_per_position
-
         positions = verify_windows * (seqlen - 1)  # four sides' log-softmax and four KL pairs per position
         seconds += 1.0 + weight_bytes / 1e9 + 2 * estimate_seconds(loaded.model, verify_windows * seqlen)
         seconds += positions * comparison_seconds_per_position(loaded.model.config.vocab_size)
-        from engine.quant.ggml_weight import extra_model_forward_seconds
-
         spec, bits = quantized_as(record)  # the app's model of llama.cpp's types runs the windows too
-        try:
-            seconds += verify_windows * extra_model_forward_seconds(loaded.model, loaded.architecture, max(
-                all_levels(bits)), seqlen, spec.ggml_types)
-        except ValueError:  # llama.cpp not built, or a type set this version lacks: the export says which
-            pass
+        seconds += verify_windows * extra_model_forward_seconds(loaded.model, loaded.architecture,
+                                                                max(all_levels(bits)), seqlen, spec.ggml_types)
     elif fmt == "gguf":
         seconds += 6.0 + weight_bytes / 100e6  # transformers' GGUF loader: set-up, then ~100 MB/s
     else:
