@@ -84,13 +84,29 @@ def padded_range(values: Iterable[float], log: bool = False, pad: float = 0.08,
     return [low - pad * span, high + pad * span]
 
 
+LOG_TICK_STEPS = ((1,), (1, 2, 5), (1, 2, 3, 5, 7), (1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9))
+"""Mantissas of log-axis ticks, sparsest first: a narrow range gets the denser steps."""
+MIN_LOG_TICKS = 4
+
+
 def log_ticks(axis_range: list[float]) -> tuple[list[float], list[str]]:
-    """Clean tick values on a log axis whose range is in log10 units: 1-2-5 steps (1-10 steps past 3 decades)."""
+    """Clean tick values on a log axis whose range is in log10 units: 1-2-5 steps (1-10 steps past 3 decades),
+    denser steps (1-2-3-5-7, then every integer mantissa) when the range holds fewer than
+    :data:`MIN_LOG_TICKS` of those, so a value such as a dense perplexity of 24 has a labelled tick near it."""
     low, high = axis_range
-    steps = (1,) if high - low > 3 else (1, 2, 5)
-    values = [m * 10**e for e in range(math.floor(low), math.ceil(high) + 1) for m in steps]
-    shown = [v for v in values if low <= math.log10(v) <= high]
-    return shown, [f"{v:,.0f}" if v >= 1 else f"{v:g}" for v in shown]
+    candidates = LOG_TICK_STEPS if high - low > 3 else LOG_TICK_STEPS[1:]
+    shown: list[float] = []
+    for steps in candidates:
+        values = [round(m * 10**e, 12) for e in range(math.floor(low), math.ceil(high) + 1) for m in steps]
+        shown = [v for v in values if low <= math.log10(v) <= high]
+        if len(shown) >= MIN_LOG_TICKS:
+            break
+    if len(shown) < 2:  # under a fifth of a decade: evenly spaced round values, as a linear axis would have
+        lo, hi = 10**low, 10**high
+        step = 10 ** math.floor(math.log10((hi - lo) / 2))
+        step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (m * step) <= 5)
+        shown = [round(k * step, 12) for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+    return shown, [f"{v:,.0f}" if v >= 1 and v == round(v) else f"{v:g}" for v in shown]
 
 
 def styled(fig: go.Figure, title: str, subtitle: str, height: int = 460, **layout) -> go.Figure:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from engine.viz.style import series_colour, series_colours
+from engine.viz.style import log_ticks, padded_range, series_colour, series_colours
 from engine.viz.tradeoff import pareto_mask, quality_axes, tradeoff_figure
 
 DATA = {"source": "wiki-offline", "split": "evaluation", "n_windows": 4, "seqlen": 128,
@@ -128,6 +128,18 @@ def test_log_axis_ticks_are_clean_1_2_5_values_inside_the_range(store):
     values = list(fig.layout.yaxis.tickvals)
     assert values == [20, 50, 100, 200] and list(fig.layout.yaxis.ticktext) == ["20", "50", "100", "200"]
     assert all(low <= math.log10(v) <= high for v in values)
+
+
+@pytest.mark.parametrize("low, high", [(23.75, 120.0), (23.75, 30.0), (23.5, 24.1), (0.0007, 0.0009)])
+def test_log_axis_labels_a_tick_near_every_value_even_in_a_narrow_range(low, high):
+    """Gemma-3's dense perplexity (23.75) on an axis up to 120 had only 50 and 100 labelled: a narrow log range
+    now gets denser round ticks (at least two inside the range, one within 30% of its lowest value)."""
+    axis = padded_range([low, high], log=True)
+    values, labels = log_ticks(axis)
+    assert len(values) >= 2 and len(labels) == len(values)
+    assert all(axis[0] <= math.log10(v) <= axis[1] for v in values)
+    assert min(abs(math.log10(v / low)) for v in values) <= math.log10(1.3)
+    assert values == sorted(values) and len(set(labels)) == len(labels)
 
 
 def test_runs_with_the_same_numbers_stay_visible_and_name_each_other(store):
