@@ -130,10 +130,12 @@ def test_log_axis_ticks_are_clean_1_2_5_values_inside_the_range(store):
     assert all(low <= math.log10(v) <= high for v in values)
 
 
-@pytest.mark.parametrize("low, high", [(23.75, 120.0), (23.75, 30.0), (23.5, 24.1), (0.0007, 0.0009)])
+@pytest.mark.parametrize("low, high", [(23.75, 120.0), (34.37, 344.0), (23.75, 30.0), (23.5, 24.1),
+                                       (0.0007, 0.0009)])
 def test_log_axis_labels_a_tick_near_every_value_even_in_a_narrow_range(low, high):
-    """Gemma-3's dense perplexity (23.75) on an axis up to 120 had only 50 and 100 labelled: a narrow log range
-    now gets denser round ticks (at least two inside the range, one within 30% of its lowest value)."""
+    """Gemma-3's dense perplexity (23.75) on an axis up to 120 had only 50 and 100 labelled, SmolLM2's (34.37)
+    under a 2-bit run's 344 only 50 and up: a log range now gets denser round ticks where 1-2-5 leaves its ends
+    bare (at least two inside the range, one within 30% of its lowest value)."""
     axis = padded_range([low, high], log=True)
     values, labels = log_ticks(axis)
     assert len(values) >= 2 and len(labels) == len(values)
