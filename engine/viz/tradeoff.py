@@ -214,7 +214,8 @@ def tradeoff_figure(frame: pd.DataFrame, x: str, y: str, subtitle: str, log_y: b
             line={"color": PARETO_COLOUR, "width": 6, "shape": "hv" if axis.larger_is_bigger else "vh"},
             opacity=0.25, hoverinfo="skip",
         ))
-    quality = "KL divergence to dense" if y == KLD else y.removeprefix("metrics.").replace(ACC_PREFIX, "accuracy: ")
+    quality = {KLD: "KL divergence to dense", "metrics.ppl": "perplexity"}.get(
+        y, y.removeprefix("metrics.").replace(ACC_PREFIX, "accuracy: "))
     styled(fig, f"{quality} vs {axis.label}", subtitle, xaxis_title=axis.label,
            yaxis_title=quality + (" (log scale)" if log else ""))
     fig.update_xaxes(range=padded_range(xs), zeroline=False)

@@ -84,7 +84,7 @@ def test_sensitivity_dropping_compare_and_optimizers(page, steps, server):
     steps.shot("slicing-find-best")
 
     page.get_by_role("link", name="Compare").click()  # every run above on one chart (the sweep is AppTested)
-    page.get_by_text("ppl vs size").first.wait_for()
+    page.get_by_text("perplexity vs size").first.wait_for()
     page.wait_for_timeout(1500)
     steps.shot("compare-methods")
     names = [t["name"] for t in _plot_data(page, 0)["data"]]

@@ -93,7 +93,7 @@ def test_score_compress_compare_and_report(page, steps, server, tmp_path):
     before = run_ids()
     press(page, page.get_by_role("button", name="Run slicing"), run_started(page, before))
     wait_for_run(page, "slicing", before)
-    page.get_by_text("ppl vs size").first.wait_for()
+    page.get_by_text("perplexity vs size").first.wait_for()
     steps.shot("slicing-run")
     tradeoff = _plot_data(page, -1)
     names = [t["name"] for t in tradeoff["data"]]

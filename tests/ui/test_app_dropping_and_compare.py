@@ -31,7 +31,7 @@ def test_dropping_preview_refusals_and_run(tiny_app):
     assert not at.exception and not at.error, at.error
     run = ResultsStore().runs()[0]
     assert run.method == "dropping" and run.config["block"] == "attention" and run.metrics["param_fraction"] < 1
-    assert any("ppl vs size" in c.proto.spec for c in at.get("plotly_chart"))
+    assert any("perplexity vs size" in c.proto.spec for c in at.get("plotly_chart"))
 
 
 def test_compare_page_plans_a_sweep_and_draws_every_method(tiny_app):

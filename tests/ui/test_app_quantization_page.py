@@ -46,7 +46,7 @@ def test_preview_run_is_stored_marked_and_charted(tiny_app):
     run = ResultsStore().runs()[0]
     assert run.is_preview and run.metrics["dense_ppl"] > 1
     specs = [c.proto.spec for c in at.get("plotly_chart")]
-    assert any("(preview)" in spec and "ppl vs size" in spec for spec in specs)
+    assert any("(preview)" in spec and "perplexity vs size" in spec for spec in specs)
 
 
 @pytest.mark.slow

@@ -49,7 +49,7 @@ def test_run_slicing_stores_against_dense_and_charts_the_result(tiny_app):
     assert sliced.method == "slicing" and dense.method == "dense" and dense.data_label == sliced.data_label
     assert any("larger than dense" in w.value for w in at.warning)  # tiny model: shortcuts outweigh 10%
     charts = [c.proto.spec for c in at.get("plotly_chart")]
-    assert any("ppl vs size (fraction of dense bytes at 16 bits)" in spec for spec in charts)
+    assert any("perplexity vs size (fraction of dense bytes at 16 bits)" in spec for spec in charts)
 
 
 @pytest.mark.slow

@@ -28,4 +28,4 @@ def test_start_page_is_the_first_page_and_the_guided_run_stores_runs_and_says_wh
     assert any(f.startswith("**Quantization.**") and "vs dense (95% interval" in f for f in found)
     assert any("KL divergence to dense" in f for f in found)
     specs = [c.proto.spec for c in at.get("plotly_chart")]
-    assert any("ppl vs size" in spec and "dense model" in spec for spec in specs)  # with dense as the star
+    assert any("perplexity vs size" in spec and "dense model" in spec for spec in specs)  # with dense as the star
