@@ -206,8 +206,10 @@ def show_outcome(outcome, loaded: LoadedModel) -> None:
         cols[0].metric("KL divergence to dense", f"{m['kld_mean']:.4f}",
                        help="Mean over scored positions (nats per token) of KL(dense ‖ this model)'s next-token "
                        "distributions on the same windows, as llama.cpp's --kl-divergence reports it.")
-        cols[1].metric("KLD median / 99%", f"{m['kld_median']:.4f} / {m['kld_p99']:.3f}")
-        cols[2].metric("Same top token as dense", f"{m['same_top']:.1%}")
+        cols[1].metric("KLD median", f"{m['kld_median']:.4f}", help="Median over the same positions.")
+        cols[2].metric("KLD 99th percentile", f"{m['kld_p99']:.3f}",
+                       help="1% of positions diverge more than this (the tail a mean hides).")
+        cols[3].metric("Same top token as dense", f"{m['same_top']:.1%}")
     show_accuracies(m)
     for warning in run_warnings(record):
         st.warning(warning)

@@ -42,6 +42,9 @@ def test_preview_run_is_stored_marked_and_charted(tiny_app):
     click(at, "Preview")
     assert not at.exception and not at.error, at.error
     assert at.metric[0].label == "Perplexity" and float(at.metric[0].value) > 1
+    labels = {m.label: m.value for m in at.metric}  # each KL statistic in its own tile: none cut short
+    assert {"KLD median", "KLD 99th percentile"} <= set(labels) and float(labels["KLD 99th percentile"]) >= float(
+        labels["KLD median"]) >= 0
     assert any("Preview on 2 windows" in w.value for w in at.warning)
     run = ResultsStore().runs()[0]
     assert run.is_preview and run.metrics["dense_ppl"] > 1
