@@ -33,19 +33,24 @@ def compare_latency(dense: nn.Module, sliced: nn.Module, input_ids: torch.Tensor
     return {"dense_s": dense_s, "sliced_s": sliced_s, "speedup": dense_s / sliced_s}
 
 
-_THROUGHPUT: dict[tuple[int, str], float] = {}
+_THROUGHPUT: dict[tuple[int, str], tuple[float, float]] = {}  # (model, device) -> (tokens/s, when measured)
+THROUGHPUT_TTL_S = 300.0
+"""Seconds a throughput measurement is trusted: one taken while the machine was busy (another job, a test
+run) would otherwise skew every estimate for the rest of the session."""
 
 
 @torch.no_grad()
 def tokens_per_second(model: nn.Module, seqlen: int = 128) -> float:
-    """Forward throughput (tokens/s) of ``model`` on one window, measured once per model and device."""
+    """Forward throughput (tokens/s) of ``model`` on one window (median of 3 passes after a warm-up), measured
+    again once the last measurement is older than :data:`THROUGHPUT_TTL_S` (about 1 s on a 135M model)."""
     device = model_device(model)
     key = (id(model), str(device))
-    if key not in _THROUGHPUT:
+    cached = _THROUGHPUT.get(key)
+    if cached is None or time.monotonic() - cached[1] > THROUGHPUT_TTL_S:
         vocab = int(getattr(model.config, "vocab_size", 100))
         ids = torch.randint(0, vocab, (1, seqlen), generator=torch.Generator().manual_seed(0))
-        _THROUGHPUT[key] = seqlen / forward_latency(model, ids, repeats=2, warmup=1)
-    return _THROUGHPUT[key]
+        _THROUGHPUT[key] = seqlen / forward_latency(model, ids, repeats=3, warmup=1), time.monotonic()
+    return _THROUGHPUT[key][0]
 
 
 def estimate_seconds(model: nn.Module, tokens: int, forward_passes: float = 1.0) -> float:

@@ -1,0 +1,28 @@
+"""Forward throughput for time estimates: measured once, trusted for a while, then measured again."""
+
+from __future__ import annotations
+
+import engine.evaluation.latency as latency
+from tests.tiny_models import TINY_FACTORIES
+
+
+def _counted(model):
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_throughput_is_reused_within_its_lifetime_and_measured_again_after(monkeypatch):
+    """A measurement taken while the machine was busy must not skew every estimate for the rest of a session."""
+    model = TINY_FACTORIES["llama"]()
+    calls = _counted(model)
+    now = [1000.0]
+    monkeypatch.setattr(latency.time, "monotonic", lambda: now[0])
+    first = latency.tokens_per_second(model)
+    assert first > 0 and len(calls) == 4  # a warm-up and three timed passes
+    now[0] += latency.THROUGHPUT_TTL_S / 2
+    assert latency.tokens_per_second(model) == first and len(calls) == 4  # cached
+    now[0] += latency.THROUGHPUT_TTL_S
+    latency.tokens_per_second(model)
+    assert len(calls) == 8  # measured again
+    assert latency.estimate_seconds(model, 1000, forward_passes=2) == 2000 / latency.tokens_per_second(model)
