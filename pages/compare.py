@@ -27,6 +27,7 @@ from ui.widgets import (
     cancel_button,
     cost_threshold,
     progress_callback,
+    runs_on_other_windows,
     show_chart,
     show_outcome,
 )
@@ -119,10 +120,11 @@ with st.expander("Stack two methods: slice or drop, then quantize"):
             show_outcome(outcome, loaded)
 
 label = token_windows(evaluation, loaded.tokenizer, loaded.max_seqlen).label()
-runs = store.runs_frame(model=loaded.source)
-runs = filter_runs(runs, data_label=label, fingerprint=loaded.fingerprint)
+every = filter_runs(store.runs_frame(model=loaded.source), fingerprint=loaded.fingerprint)
+runs = filter_runs(every, data_label=label)
 if runs.empty or runs[runs["method"] != "dense"].empty:
-    st.info(f"No compressed runs on {label} yet: run the sweep above, or compress on the method pages.")
+    st.info(f"No compressed runs on {label} yet: run the sweep above, or compress on the method pages."
+            + runs_on_other_windows(every, label))
     st.stop()
 runs = with_method_series(runs)
 quality = quality_axes(runs)

@@ -5,6 +5,7 @@ import streamlit as st
 from engine.core.data import BOS_LABEL, DataError
 from engine.core.out_of_memory import RunOutOfMemory
 from engine.runs.cached_scores import compute_scores, scores_if_cached
+from engine.runs.first_run import CALIBRATION
 from engine.runs.runner import scoring_estimate
 from engine.scores.findings import redundancy_findings
 from engine.viz import charts
@@ -52,8 +53,12 @@ if found is None:
             st.error(str(err))
             st.stop()
     else:
+        guided = ""
+        if spec != CALIBRATION and scores_if_cached(store, loaded, CALIBRATION, k) is not None:
+            guided = (f" The guided run's scores ({CALIBRATION.n_windows} windows × {CALIBRATION.seqlen} tokens) "
+                      "are cached: choose those windows above to see them.")
         st.info("Scores for these windows are not computed yet. Press **Compute scores** "
-                "(one forward pass; cached per model, data, windows and seqlen).")
+                "(one forward pass; cached per model, data, windows and seqlen)." + guided)
         st.stop()
 else:
     lr, zd = found

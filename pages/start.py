@@ -6,13 +6,25 @@ import streamlit as st
 
 from engine.core.data import DataError
 from engine.evaluation.latency import describe_seconds
-from engine.runs.first_run import EVALUATION, first_run_seconds, first_run_steps, skipped_note
+from engine.runs.first_run import CALIBRATION, EVALUATION, first_run_seconds, first_run_steps, skipped_note
+from engine.runs.plans import DEFAULT_EVAL_SEQLEN, DEFAULT_EVAL_WINDOWS
 from engine.viz.tradeoff import filter_runs, tradeoff_figure
 from ui.navigation import enter_through_the_router
 from ui.session import require_model, results_store
+from ui.state import keep_setting
 from ui.widgets import cancel_button, progress_callback, show_chart
 
 enter_through_the_router()  # a page opened by its own URL on a new server goes through app.py
+
+
+def use_guided_windows() -> None:
+    """Every page's data settings become the guided run's windows (wiki-offline, as it used)."""
+    for prefix, spec in (("calib", CALIBRATION), ("eval", EVALUATION.data)):
+        keep_setting(f"{prefix}_source", spec.source)
+        keep_setting(f"{prefix}_windows", spec.n_windows)
+        keep_setting(f"{prefix}_seqlen", spec.seqlen)
+
+
 GLOSSARY = Path(__file__).resolve().parents[1] / "docs" / "glossary.md"
 
 st.title("LayerLab")
@@ -76,5 +88,16 @@ if findings:
         show_chart(tradeoff_figure(shown, "metrics.size_fraction", "metrics.ppl", subtitle), "first_run_tradeoff",
                    f"Computed on: {subtitle}. Dense is the black star; lower and further left is better.",
                    shown[["id", "method", "series", "metrics.size_fraction", "metrics.ppl"]])
-    st.markdown("Next: open **Quantization**, **Slicing** or **Dropping** to try other settings, **Compare methods** "
+    methods = [f"**{step.title}**" for step in steps if step.key not in ("baseline", "scores")]
+    st.markdown(f"Next: open {', '.join(methods[:-1])} or {methods[-1]} to try other settings, **Compare methods** "
                 "to put them side by side at matched sizes, and **Results** for the table and the report.")
+    guided = f"{EVALUATION.data.n_windows} windows × {EVALUATION.data.seqlen} tokens"
+    pages = f"{DEFAULT_EVAL_WINDOWS} windows × {DEFAULT_EVAL_SEQLEN} tokens"
+    left, right = st.columns([2, 3])
+    left.button(f"Use {guided} on every page", key="use_guided_windows", on_click=use_guided_windows,
+                help="Sets the shared calibration and evaluation data (each page's 'Calibration and evaluation "
+                "data') to the guided run's, so its runs and scores show there; change it back there.")
+    right.caption(f"The guided run measured on {guided} of calibration and evaluation text; the other pages start on "
+                  f"{pages} of evaluation text, and runs are compared only on the same windows, so its runs and "
+                  "scores show there once you choose its windows (the button, or each page's data settings). "
+                  "Results lists every set of windows under 'Evaluation data'.")

@@ -36,3 +36,10 @@ def save_widget_state() -> None:
 def kept(name: str) -> str:
     """The widget key of a setting that survives page changes."""
     return f"{KEEP}{name}"
+
+
+def keep_setting(name: str, value) -> None:
+    """Set a kept setting from code (e.g. a button's callback): every page's widget ``kept(name)`` shows
+    ``value`` from the next run on."""
+    st.session_state[KEEP + name] = value
+    st.session_state[SAVED + name] = value

@@ -29,3 +29,28 @@ def test_start_page_is_the_first_page_and_the_guided_run_stores_runs_and_says_wh
     assert any("KL divergence to dense" in f for f in found)
     specs = [c.proto.spec for c in at.get("plotly_chart")]
     assert any("perplexity vs size" in spec and "dense model" in spec for spec in specs)  # with dense as the star
+
+
+def test_after_the_guided_run_its_windows_can_be_chosen_for_every_page_and_the_pages_say_where_runs_are(tiny_app):
+    """The pages start on 16 × 256 evaluation windows, the guided run measures on 8 × 128: a newcomer following
+    its "Next" found no runs on Compare methods and no scores on Layer redundancy, with nothing saying why."""
+    at = open_app(page=None)
+    click(at, "Start the guided run")
+    assert not at.exception and not at.error, at.error
+    nxt = next(m.value for m in at.markdown if m.value.startswith("Next: open"))
+    assert "**Quantization**, **Slicing** or **Dropping**" in nxt  # the methods it ran (Slicing where it can)
+    assert any("runs are compared only on the same windows" in c.value for c in at.caption)
+
+    at.switch_page("pages/compare.py").run()  # still on the pages' default windows
+    info = " ".join(i.value for i in at.info)
+    assert "No compressed runs on" in info and "8 windows × 128 tokens" in info and "choose those windows" in info
+    at.switch_page("pages/redundancy.py").run()
+    assert any("The guided run's scores (8 windows × 128 tokens) are cached" in i.value for i in at.info)
+
+    at.switch_page("pages/start.py").run()
+    click(at, "Use 8 windows × 128 tokens on every page")
+    at.switch_page("pages/compare.py").run()
+    assert not at.exception and not any("No compressed runs" in i.value for i in at.info)
+    assert at.number_input(key="keep.eval_windows").value == 8 and at.number_input(key="keep.eval_seqlen").value == 128
+    at.switch_page("pages/redundancy.py").run()
+    assert not at.exception and any("Scores loaded from the cache" in c.value for c in at.caption)
