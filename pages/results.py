@@ -49,8 +49,12 @@ if not data_choices:
 chosen_data = cols[2].selectbox("Evaluation data (charts never mix windows)", data_choices, key="results_data",
                                 help="Listed by how many compressed runs each holds; runs on different windows or "
                                 "different files are never drawn together.")
-show_runs_table(compact_table(shown))
-with st.expander(f"Every column ({shown.shape[1]})"):
+on_windows = filter_runs(shown, data_label=chosen_data)
+show_runs_table(compact_table(on_windows))
+if len(on_windows) < len(shown):
+    st.caption(f"Runs on {chosen_data} ({len(on_windows)} of {len(shown)}): every run, on every set of windows, "
+               "is in 'Every column' and runs.csv.")
+with st.expander(f"Every column ({shown.shape[1]}), every run"):
     st.dataframe(shown, hide_index=True)
 st.download_button("Download runs.csv", shown.to_csv(index=False).encode(), "runs.csv", "text/csv")
 with st.expander("Export a run's model (GGUF file, compressed-tensors or Hugging Face folder)"):

@@ -68,6 +68,9 @@ def test_runs_on_two_uploaded_files_are_never_one_series(tiny_app, tmp_path):
     fig = _figure(at)
     points = [float(y) for t in fig.data if t.name == "slicing, constant" for y in _values(t.y)]
     assert sorted(points) == [30.0, 36.0]  # only the first file's runs
+    table = next(d.value for d in at.dataframe if "perplexity" in d.value.columns)  # the table follows the windows
+    assert sorted(table["perplexity"]) == [30.0, 36.0]
+    assert any(f"Runs on {labels[0]} (2 of " in c.value for c in at.caption)
 
 
 def test_results_summary_compares_only_matched_sizes_and_calls_out_costly_options(tiny_app):
