@@ -10,15 +10,16 @@ On the loaded model, with 8 calibration and 8 evaluation windows of 128 tokens:
 5. **dropping**: the 2 layers with the highest LR (first and last protected).
 
 Each step returns one sentence of what it found; the runs are stored like any other (the Results page and
-the trade-off charts show them).  :func:`first_run_seconds` is the estimate the button shows.
+the trade-off charts show them), once: a second guided run on the same model shows the runs the first stored.  :func:`first_run_seconds` is the estimate the button shows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from engine.core.data import DataSpec
+from engine.core.keys import StoredKind
 from engine.core.models import LoadedModel
 from engine.core.progress import StageProgress
 from engine.methods import method_for
@@ -67,6 +68,9 @@ def run_sentence(record: RunRecord) -> str:
     if m.get("kld_mean") is not None:
         parts.append(f"KL divergence to dense {m['kld_mean']:.3f}, same top token as dense {m['same_top']:.0%}")
     sentence = f"{record.series}: " + "; ".join(parts) + "."
+    if record.method == "quantization" and m.get("unquantized_fraction", 0) > 0.3:
+        sentence += (f" Its size stays high because the tensors left at 16 bits (embedding, output head, norms) are "
+                     f"{m['unquantized_fraction']:.0%} of this model's parameters.")
     if m.get("param_fraction", 0) > 1.0:
         sentence += (" The sliced model is bigger than dense: SliceGPT adds a small matrix at every residual "
                      "connection and unties the embeddings, which a model this small does not win back. Slicing "
@@ -96,14 +100,39 @@ def first_run_steps(store: ResultsStore, loaded: LoadedModel) -> list[Step]:
         method = method_for(plan)
         if method.refusal(loaded, plan) is None:
             # the baseline step measures dense once, so a method's estimate leaves it out
-            seconds = estimate_run_seconds(loaded, plan, CALIBRATION, EVALUATION, dense_needed=False)
+            seconds = 0.0 if earlier_guided_run(store, loaded, plan) is not None else estimate_run_seconds(
+                loaded, plan, CALIBRATION, EVALUATION, dense_needed=False)
             steps.append(Step(method.name, method.title.capitalize(), what, seconds, _runner(store, loaded, plan)))
     return steps
 
 
+GUIDED_RUNS = StoredKind("guided_run", 1)
+"""Which stored run each guided step made (by model, plan and windows): a second guided run shows it again instead
+of storing the same run twice."""
+
+
+def _guided_key(loaded: LoadedModel, plan) -> str:
+    return GUIDED_RUNS.key(fingerprint=loaded.fingerprint, plan=asdict(plan), calibration=CALIBRATION.to_dict(),
+                           evaluation=EVALUATION.data.to_dict())
+
+
+def earlier_guided_run(store: ResultsStore, loaded: LoadedModel, plan) -> RunRecord | None:
+    """The run an earlier guided run stored for ``plan`` on this model, while it is still stored, else ``None``."""
+    payload = GUIDED_RUNS.get(store, _guided_key(loaded, plan))
+    try:
+        return None if payload is None else store.get_run(int(payload["run"]))
+    except KeyError:
+        return None
+
+
 def _runner(store: ResultsStore, loaded: LoadedModel, plan) -> Callable[[StageProgress | None], str]:
     def run_step(progress: StageProgress | None) -> str:
-        return run_sentence(run(store, loaded, plan, CALIBRATION, EVALUATION, progress=progress).record)
+        earlier = earlier_guided_run(store, loaded, plan)
+        if earlier is not None:  # the same model, plan and windows give the same run: shown, not stored again
+            return run_sentence(earlier) + f" (Stored by an earlier guided run as run {earlier.id}.)"
+        record = run(store, loaded, plan, CALIBRATION, EVALUATION, progress=progress).record
+        GUIDED_RUNS.put(store, _guided_key(loaded, plan), {"run": record.id})
+        return run_sentence(record)
 
     return run_step
 

@@ -154,3 +154,16 @@ def test_the_recommendation_shows_kl_divergence_when_the_run_has_it(dense_store)
     frame.loc[frame["id"] == run, "metrics.kld_mean"] = 0.0421
     recommended = next(line for line in executive_summary(frame, LABEL) if line.startswith("Recommended"))
     assert f"run {run}" in recommended and "KL divergence to dense 0.042" in recommended
+
+
+def test_the_guided_runs_sentence_says_why_a_quantized_model_stays_large():
+    """Gemma-3-270M quantized to 4/3 bits is 71% of dense's bytes (SmolLM2: 40%): its 262k-row embedding, 63% of
+    the parameters, stays at 16 bits; the sentence says so, and only where that share is large."""
+    from engine.runs.first_run import run_sentence
+
+    metrics = {"ppl": 99.0, "ppl_change": 3.17, "size_fraction": 0.71, "unquantized_fraction": 0.626}
+    record = RunRecord(id=3, created_at="", model="m", model_fingerprint="f", method="quantization",
+                       config={"series": "lim 4/3-bit rtn"}, data=DATA, duration_s=1.0, metrics=metrics)
+    assert "63% of this model's parameters" in run_sentence(record)
+    small = RunRecord(**{**record.__dict__, "metrics": {**metrics, "unquantized_fraction": 0.21}})
+    assert "stay at 16 bits" not in run_sentence(small) and "stays high" not in run_sentence(small)

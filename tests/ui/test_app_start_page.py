@@ -30,6 +30,15 @@ def test_start_page_is_the_first_page_and_the_guided_run_stores_runs_and_says_wh
     specs = [c.proto.spec for c in at.get("plotly_chart")]
     assert any("perplexity vs size" in spec and "dense model" in spec for spec in specs)  # with dense as the star
 
+    # a second guided run shows the same runs again instead of storing copies (the summary then named "run 3,
+    # run 6" as two options that were one)
+    stored = len(ResultsStore().runs())
+    click(at, "Start the guided run")
+    assert not at.exception and not at.error, at.error
+    assert len(ResultsStore().runs()) == stored
+    again = [m.value for m in at.markdown if m.value.startswith("**Quantization.**")]
+    assert again and "Stored by an earlier guided run as run" in again[0]
+
 
 def test_after_the_guided_run_its_windows_can_be_chosen_for_every_page_and_the_pages_say_where_runs_are(tiny_app):
     """The pages start on 16 × 256 evaluation windows, the guided run measures on 8 × 128: a newcomer following
