@@ -88,6 +88,12 @@ if "config.saved_to" in shown and shown["config.saved_to"].notna().any():
 
 st.subheader("Report")
 summary = executive_summary(on_data, chosen_data, threshold=cost_threshold())
+loaded = current_model()
+cards = {}
+if loaded is not None and loaded.source in models:
+    cards = {loaded.source: {**loaded.card, **({"weights as loaded": loaded.note} if loaded.note else {})}}
+    if loaded.note:  # a built-in model came quantized: every number in the report is damage on top of that
+        summary.append(f"About {loaded.source}: {loaded.note}")
 st.markdown("\n".join(f"- {line}" for line in summary))
 items = pinned()
 st.caption(f"{len(items)} pinned chart(s): pin any chart with its **Add to report** button on any page. "
@@ -103,8 +109,6 @@ for number, item in enumerate(items):
     if right.button("Remove", key=f"unpin_{number}"):
         st.session_state[PINS] = [i for i in items if i is not item]
         st.rerun()
-loaded = current_model()
-cards = {loaded.source: loaded.card} if loaded is not None and loaded.source in models else {}
 report_items = items or [ReportItem(figure.layout.title.text.split("<br>")[0], figure, subtitle,
                                     on_data[["id", "method", "series", x, y]])]
 st.download_button(  # built only when clicked: inlining plotly.js is too heavy for every rerun

@@ -44,6 +44,20 @@ COLUMN_FORMATS = {  # one precision per column, whatever the value (1.000 beside
     "speed vs dense": "{:.2f}×",  # as the app shows it: 0.93×
 }
 ACCURACY_FORMAT = "{:.3f}"
+SERIES_KEY = (
+    "How to read the table: <b>series</b> names the settings. Quantization: <i>ordering high/low-bit quantizer</i>, "
+    "e.g. <i>lim 4/3-bit rtn</i> = layers ranked by LIM (how much a layer changes its input; zd: by weight "
+    "outliers, random: at random), the less important ones at the low bits, the rest at the high bits, rounded "
+    "to nearest (rtn) or by GPTQ; <i>optimizer</i> = bits chosen per layer or per linear to fit a size budget; "
+    "<i>for vLLM</i> and the like = made for that runtime's formats. Slicing: SliceGPT, <i>constant</i> (every "
+    "layer sliced alike) or <i>dynamic SB=…</i> (slicing spread by LR). Dropping: <i>drop layers by lr</i> = "
+    "whole layers removed, the most redundant by LR first. <b>size vs dense</b>: bytes against the same model "
+    "at 16 bits. <b>change vs dense</b>: perplexity change on the same windows, with its paired 95% interval. "
+    "<b>runs in</b>: where the compressed model runs as it is. <b>speed vs dense</b>: forward-pass time on the "
+    "machine that measured it, for methods that change shapes (slicing, dropping); – for quantization, whose "
+    "speed depends on the runtime's kernels (LayerLab runs dequantized weights).")
+REPORT_HIDDEN_CARD_ROWS = ("layout",)
+"""Model-card rows the page shows and the report leaves out (how LayerLab found the layers: not a model fact)."""
 
 
 def _table_html(frame: pd.DataFrame) -> str:
@@ -92,14 +106,16 @@ def build_report(title: str, model_cards: dict[str, dict], items: list[ReportIte
         parts.append("<h2>Executive summary</h2><ul class='summary'>"
                      + "".join(f"<li>{html.escape(line)}</li>" for line in summary) + "</ul>")
     if compact is not None and not compact.empty:
-        parts.append(f"<h2>Runs at a glance</h2><div class='scroll'>{_table_html(compact)}</div>")
+        parts.append(f"<h2>Runs at a glance</h2><div class='scroll'>{_table_html(compact)}</div>"
+                     f"<p class='meta'>{SERIES_KEY}</p>")
     for number, item in enumerate(items):
         figure = go.Figure(item.figure)
         figure.update_layout(autosize=True, width=None)
         chart = figure.to_html(full_html=False, include_plotlyjs=number == 0, default_width="100%",
                                config={"responsive": True, "displaylogo": False,
                                        "toImageButtonOptions": {"format": "png", "filename": f"chart-{number + 1}"}})
-        parts += [f"<h2>{html.escape(item.title)}</h2>"]
+        if not (figure.layout.title.text or "").startswith(item.title):  # the chart says its own title
+            parts += [f"<h2>{html.escape(item.title)}</h2>"]
         if item.note:
             parts.append(f"<p class='note'>{html.escape(item.note)}</p>")
         parts += [
@@ -109,6 +125,7 @@ def build_report(title: str, model_cards: dict[str, dict], items: list[ReportIte
             "</div></details>",
         ]
     for source, card in model_cards.items():
+        card = {key: value for key, value in card.items() if key not in REPORT_HIDDEN_CARD_ROWS}
         card_frame = pd.DataFrame({"property": list(card), "value": card_values(card)})
         parts.append(f"<h2>Model: {html.escape(source)}</h2>{_table_html(card_frame)}")
     parts += [f"<h2>All runs</h2><p>{len(runs)} runs with every setting and metric: "

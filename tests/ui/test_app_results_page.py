@@ -109,7 +109,11 @@ def test_pins_with_equal_titles_are_kept_apart_and_can_be_reordered(tiny_app):
     items = [ReportItem("ppl vs size", f, "Computed on: data", _empty_frame(), note=f"note {i}", key=pin_key(f, "d"))
              for i, f in enumerate(figures)]
     text = build_report("LayerLab report: m (2026-12-06)", {}, items, _empty_frame())
-    assert text.count("<h2>ppl vs size</h2>") == 3 and all(f"note {i}" in text for i in range(3))
+    assert text.count("<div class='chart'>") == 3 and all(f"note {i}" in text for i in range(3))
+    assert "<h2>ppl vs size</h2>" not in text  # each chart draws its own title: no heading repeating it
+    untitled = build_report("r", {}, [ReportItem("a pinned table chart", go.Figure(), "Computed on: data",
+                                                 _empty_frame())], _empty_frame())
+    assert "<h2>a pinned table chart</h2>" in untitled
     assert "Computed on: Computed on:" not in text
 
 
@@ -142,3 +146,31 @@ def test_a_run_left_mid_way_is_said_once_listed_as_interrupted_and_forgotten_on_
     assert any("Cancelled: Slicing" in i.value for i in at.info) and len(ResultsStore().interrupted()) == 1
     next(b for b in at.button if b.label == "Forget interrupted computations").click().run()
     assert ResultsStore().interrupted().empty and not any("Cancel" in b.label for b in at.sidebar.button)
+
+
+def test_a_model_that_came_quantized_says_so_in_the_summary_the_report_carries(tiny_app, monkeypatch):
+    """The built-in models were 4-bit before LayerLab got them: the Model page said so, the report did not."""
+    import ui.session as session
+
+    real = session.load_model
+
+    def noted(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        loaded.note = "Its weights were already 4-bit before LayerLab loaded them."
+        return loaded
+
+    monkeypatch.setattr(session, "load_model", noted)
+    session._cached_model.clear()
+    try:
+        store = ResultsStore()
+        for method, series, fraction, ppl in (("dense", "dense", 1.0, 20.0), ("slicing", "constant", 0.8, 30.0)):
+            store.add_run(model=str(tiny_app), model_fingerprint="x", method=method,
+                          config={"series": series, "preview": False}, data=DATA,
+                          metrics={"ppl": ppl, "size_fraction": fraction}, duration_s=0.5)
+        at = open_app("results")
+        at.selectbox(key="results_data").set_value(DATA["label"]).run()
+        assert not at.exception
+        summary = next(m.value for m in at.markdown if m.value.startswith("- Dense model"))
+        assert f"About {tiny_app}: Its weights were already 4-bit" in summary
+    finally:
+        session._cached_model.clear()  # later tests load the model without the note

@@ -112,3 +112,16 @@ def test_runs_in_reads_stacks_and_never_fails_on_odd_configs(store):
     assert table["sliced stack"].startswith("nowhere as one file")
     assert table["odd"] == "LayerLab research grid (not deployable as is)"
     assert table["ggml"] == "llama.cpp's types (no GGUF writer here)"
+
+
+def test_report_explains_its_series_names_and_columns_and_leaves_out_internal_card_rows(store):
+    """A stakeholder read "lim 4/3-bit rtn", "speed vs dense –" and "layout: table: a family LayerLab knows" with no
+    key: the report now says how to read them, and leaves the layout row (how LayerLab found the layers) out."""
+    runs = _runs(store)
+    card = {"source": "m", "layout": "table: a family LayerLab knows (its architecture table)", "layers": 30,
+            "weights as loaded": "already 4-bit"}
+    html = build_report("Report", {"m": card}, [], runs, [], compact_table(runs))
+    key = html.split("Runs at a glance")[1].split("</p>")[0]
+    assert "lim 4/3-bit rtn" in key and "speed vs dense" in key and "runs in" in key
+    model = html.split("Model: m")[1]
+    assert "layout" not in model and "already 4-bit" in model and ">30<" in model
