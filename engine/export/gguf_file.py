@@ -40,9 +40,11 @@ from torch import nn
 from engine.core.models import LoadedModel
 from engine.core.paths import atomic_folder
 from engine.export.hf_folder import ExportError
+from engine.quant.ggml_types import tensor_bytes
 from engine.quant.grid import QuantizedWeight, QuantizerSpec, effective_group_size
 from engine.quant.layer_bits import LayerBits, linear_bits
 from engine.quant.quantize_model import QuantizedModel
+from engine.quant.size import linear_storage
 
 GGUF_NAME = "model.gguf"
 T = gguf.GGMLQuantizationType
@@ -160,6 +162,33 @@ def describe_choices(choices: list[TensorChoice]) -> list[str]:
         lines.append(f"{bits}-bit → {qtype}{' (exact)' if exact else ''}: {len(members)} tensors in "
                      f"{len(layers)} layer{'s' if len(layers) != 1 else ''} ({', '.join(linears)}); {reason}.")
     return lines
+
+
+def quantized_bytes(loaded: LoadedModel, bits: list[LayerBits], spec: QuantizerSpec,
+                    choices: list[TensorChoice]) -> tuple[float, float]:
+    """Bytes of the quantized linears in the file's types (``choices``) and on the run's grid (``spec``)."""
+    arch = loaded.architecture
+    layers = list(arch.decoder_layers(loaded.model))
+    in_file = in_run = 0.0
+    for c in choices:
+        linear = arch.layer_linears(layers[c.layer])[c.linear]
+        out, inp = (int(n) for n in linear.weight.shape)
+        in_file += tensor_bytes(c.qtype, out, inp)
+        in_run += linear_storage(linear, linear_bits(bits[c.layer], c.linear), spec) / 8
+    return in_file, in_run
+
+
+def size_against_run(loaded: LoadedModel, bits: list[LayerBits], spec: QuantizerSpec,
+                     choices: list[TensorChoice]) -> str | None:
+    """A line for the export dialog when the file's types take more room than the run's grid (a 2-bit layer held
+    as Q4_1): the quantized weights' MiB in the file against the run's, or ``None`` within 1%."""
+    in_file, in_run = quantized_bytes(loaded, bits, spec, choices)
+    if in_file <= 1.01 * in_run:
+        return None
+    return (f"The quantized weights take {in_file / 2**20:.1f} MiB in these types against {in_run / 2**20:.1f} MiB "
+            f"on the run's grid: the file is about {(in_file - in_run) / 2**20:.1f} MiB larger than the size this "
+            "run shows. For a file of the size a run shows, choose the target runtime llama.cpp (GGUF) in the "
+            "sidebar and run again: its levels are llama.cpp's own types.")
 
 
 def check_gguf_family(model: nn.Module) -> tuple[str, bool]:

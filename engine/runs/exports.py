@@ -94,7 +94,7 @@ def in_llamacpp_types(record: RunRecord) -> bool:
 
 def gguf_type_lines(loaded: LoadedModel, record: RunRecord, mode: str = "exact") -> list[str]:
     """What the GGUF file of a quantized run will hold: one line per (bits, type), with the reason."""
-    from engine.export.gguf_file import describe_choices, plan_gguf_types
+    from engine.export.gguf_file import describe_choices, plan_gguf_types, size_against_run
 
     spec, bits = quantized_as(record)
     if spec.method == LLAMACPP:
@@ -104,7 +104,9 @@ def gguf_type_lines(loaded: LoadedModel, record: RunRecord, mode: str = "exact")
         return [f"{count} tensors in {qtype}" for qtype, count in details["tensor_types"].items()] + [
             "exactly as the run measured them (llama.cpp's own quantizer); "
             f"file {details['file_bytes'] / 2**20:.1f} MiB"]
-    return describe_choices(plan_gguf_types(loaded, list(bits), spec, mode))
+    choices = plan_gguf_types(loaded, list(bits), spec, mode)
+    larger = size_against_run(loaded, list(bits), spec, choices)
+    return describe_choices(choices) + ([larger] if larger else [])
 
 
 def export_archive(result: dict) -> tuple[bytes, str, str]:

@@ -10,7 +10,8 @@ On the loaded model, with 8 calibration and 8 evaluation windows of 128 tokens:
 5. **dropping**: the 2 layers with the highest LR (first and last protected).
 
 Each step returns one sentence of what it found; the runs are stored like any other (the Results page and
-the trade-off charts show them), once: a second guided run on the same model shows the runs the first stored.  :func:`first_run_seconds` is the estimate the button shows.
+the trade-off charts show them), once: a second guided run on the same model shows the runs the first stored.
+:func:`first_run_seconds` is the estimate the button shows.
 """
 
 from __future__ import annotations

@@ -94,9 +94,9 @@ bottom of the range, often dense, has a labelled value within a factor 1.5."""
 
 def log_ticks(axis_range: list[float]) -> tuple[list[float], list[str]]:
     """Clean tick values on a log axis whose range is in log10 units: powers of 10 past 3 decades, else the
-    sparsest of 1-2-5, 1-2-3-5-7 and every mantissa that puts at least :data:`MIN_LOG_TICKS` ticks inside the range and one
-    within :data:`MAX_END_GAP` of each end (a dense perplexity of 34 on an axis up to 500 gets 30, not only 50);
-    round linear steps under a fifth of a decade."""
+    sparsest of 1-2-5, 1-2-3-5-7 and every mantissa that puts at least :data:`MIN_LOG_TICKS` ticks inside the
+    range and one within :data:`MAX_END_GAP` of each end (a dense perplexity of 34 on an axis up to 500 gets 30,
+    not only 50); round linear steps under a fifth of a decade."""
     low, high = axis_range
     candidates = LOG_TICK_STEPS[:1] if high - low > 3 else LOG_TICK_STEPS[1:]  # past 3 decades: powers of 10
     shown: list[float] = []

@@ -10,7 +10,15 @@ import torch
 
 from engine.core.data import DataSpec, token_windows
 from engine.core.models import LoadedModel
-from engine.export.gguf_file import choose_type, describe_choices, load_gguf, plan_gguf_types, write_gguf
+from engine.export.gguf_file import (
+    choose_type,
+    describe_choices,
+    load_gguf,
+    plan_gguf_types,
+    quantized_bytes,
+    size_against_run,
+    write_gguf,
+)
 from engine.export.hf_folder import ExportError
 from engine.quant.grid import QuantizerSpec
 from engine.quant.quantize_model import quantize_model
@@ -119,6 +127,25 @@ def test_the_dialog_lines_name_layers_types_and_reasons(tiny_loaded):
     assert lines[1].startswith("4-bit → Q4_1: 14 tensors in 2 layers") and "Q4_K needs rows" in lines[1]
     exact = describe_choices(plan_gguf_types(tiny_loaded, [2, 4, 4, 8], spec))
     assert exact[0].startswith("2-bit → Q4_1 (exact)") and exact[-1].startswith("8-bit → Q8_0:")
+
+
+def test_the_dialog_says_when_the_file_is_larger_than_the_run_shows(untokenized, tmp_path):
+    """A research-grid run with 2-bit layers exports them as Q4_1: the dialog says by how much the file is larger
+    than the run's size, checked against the bytes the written file's quantized tensors take."""
+    spec = QuantizerSpec(bits=4, group_size=128)
+    bits = [2, 2, 4, 8]
+    choices = plan_gguf_types(untokenized, bits, spec)
+    line = size_against_run(untokenized, bits, spec, choices)
+    assert line is not None and "larger than the size this run shows" in line and "llama.cpp (GGUF)" in line
+    in_file, in_run = quantized_bytes(untokenized, bits, spec, choices)
+    assert in_file > 1.2 * in_run
+    written = gguf.GGUFReader(write_gguf(quantize_model(untokenized, bits, spec=spec), untokenized,
+                                         tmp_path / "g")["file"])
+    quantized = sum(int(t.n_bytes) for t in written.tensors if "blk." in t.name and t.name.endswith(".weight")
+                    and t.tensor_type != gguf.GGMLQuantizationType.F32)
+    assert quantized == in_file
+    exact = QuantizerSpec(bits=4, group_size=32, zero_point="float")  # Q4_1 itself: the file is the run's size
+    assert size_against_run(untokenized, [4] * 4, exact, plan_gguf_types(untokenized, [4] * 4, exact)) is None
 
 
 def test_families_without_a_gguf_mapping_are_refused(tmp_path):
