@@ -73,16 +73,18 @@ st.markdown("\n".join(f"- {line}" for line in redundancy_findings(lr, zd)) + f"\
 
 left, right = st.columns(2)
 with left:
-    robust = st.toggle("Robust colour scale (from the 10th percentile; hover for exact values)", value=True,
-                       key=kept("scores_robust"))
+    robust = st.toggle("Robust colour scale", value=True, key=kept("scores_robust"),
+                       help="The colours start at the 10th percentile, so one outlying layer does not wash out the "
+                       "rest; hover for exact values.")
     show_chart(charts.lr_position_heatmap(lr, lr.data_label, robust), "lr_by_position", on_data,
                charts.position_table(lr))
 with right:
     show_chart(charts.outlier_heatmap(zd, "weights only"), "weight_outliers", on_weights, charts.outlier_table(zd))
 left, right = st.columns(2)
 with left:
-    zoom = st.toggle("Zoom to the bulk of the layers (outliers named on the chart)", value=True,
-                     key=kept("scores_zoom"))
+    zoom = st.toggle("Zoom to the bulk of the layers", value=True, key=kept("scores_zoom"),
+                     help="The axis leaves out outlying layers (layer 0 often rewrites its input); the chart names "
+                     "them with their values.")
     show_chart(charts.lr_profile_chart(lr, lr.data_label, zoom), "lr_per_layer", on_data, charts.lr_table(lr))
 with right:
     show_chart(charts.zd_chart(zd, "weights only"), "zd_per_layer", on_weights, charts.outlier_table(zd))

@@ -94,7 +94,7 @@ def lr_profile_chart(scores: LayerRedundancy, subtitle: str, zoom: bool = True) 
         fig.add_trace(go.Scatter(x=layers, y=values, mode="lines+markers", name=name, line={"color": colour},
                                  marker={"color": colour},
                                  hovertemplate="layer %{x}<br>%{y:.4f}<extra>" + name + "</extra>"))
-    _titled(fig, "Layer redundancy: cosine(input, output) per layer", subtitle,
+    _titled(fig, "LR per layer: cosine(input, output)", subtitle,
             xaxis_title="layer", yaxis_title="mean cosine (1 = layer changes nothing)")
     if zoom:
         y_range, below = robust_range([v for _name, values in series for v in values])
@@ -103,9 +103,11 @@ def lr_profile_chart(scores: LayerRedundancy, subtitle: str, zoom: bool = True) 
         if shown:
             parts = []
             for i in shown:  # every series of that layer the axis leaves out, not only LR
-                values = ", ".join(f"{name} {values[i]:.3f}" for name, values in series if values[i] < y_range[0])
-                parts.append(f"layer {i} ({values})")
-            fig.add_annotation(x=shown[0], y=y_range[0], text="below the axis: " + "; ".join(parts),
+                values = "<br>".join(f"  {name} {values[i]:.3f}" for name, values in series
+                                     if values[i] < y_range[0])
+                parts.append(f"layer {i}:<br>{values}")
+            # one value per line: the chart often sits in half the page, where one long line is cut off
+            fig.add_annotation(x=shown[0], y=y_range[0], text="below the axis, " + "<br>".join(parts), align="left",
                                showarrow=True, arrowhead=2, ax=40, ay=-30, xanchor="left", font={"size": 11},
                                bgcolor="rgba(255,255,255,0.8)")
     fig.update_xaxes(range=padded_range(layers, pad=0.02))
@@ -144,7 +146,7 @@ def outlier_heatmap(outliers: WeightOutliers, subtitle: str) -> go.Figure:
         hovertemplate="layer %{y} · %{x}<br>|z| > " + f"{outliers.k:g}" +
         ": %{z:.3f}% of weights (%{customdata} weights)<extra></extra>",
     ))
-    return _titled(fig, f"Weight outliers: % of each module's weights with |z| > {outliers.k:g}", subtitle,
+    return _titled(fig, f"Weight outliers: % with |z| > {outliers.k:g} per module", subtitle,
                    xaxis_title="module", yaxis_title="layer", height=520)
 
 
@@ -156,7 +158,7 @@ def zd_chart(outliers: WeightOutliers, subtitle: str) -> go.Figure:
         line={"color": PALETTE[3]}, marker={"color": PALETTE[3], "size": 8},
         hovertemplate="layer %{x}<br>ZD %{y:.4f}<extra></extra>",
     ))
-    _titled(fig, "ZD score per layer (smaller = more important)", subtitle,
+    _titled(fig, "ZD per layer (smaller = more important)", subtitle,
             xaxis_title="layer", yaxis_title="fraction of weights with z > 1 (axis not from 0)")
     fig.update_yaxes(range=padded_range(outliers.zd_layer, pad=0.15))
     fig.update_xaxes(range=padded_range(layers, pad=0.02))

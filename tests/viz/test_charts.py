@@ -51,6 +51,7 @@ def test_lr_profile_zooms_to_the_bulk_and_names_the_outlier_inside_the_axes():
     (note,) = [a for a in fig.layout.annotations if "layer 0" in a.text]
     assert low <= note.y <= high and "0.004" in note.text
     assert "attention 0.014" in note.text and "MLP -0.006" in note.text  # every series the axis leaves out
+    assert max(len(line) for line in note.text.split("<br>")) <= 32  # short lines: fits a half-page chart
     full = charts.lr_profile_chart(_scores(lr), "t", zoom=False)
     assert full.layout.yaxis.range is None  # the unzoomed view is Plotly's full autorange
 
