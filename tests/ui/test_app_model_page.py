@@ -52,6 +52,12 @@ def test_bad_model_source_keeps_the_loaded_model(tiny_app):
     assert "Could not find a model" in at.error[0].value
     assert at.title[0].value == f"Page for {tiny_app}"  # still the loaded model
     assert f"Still using {tiny_app}." in [c.value for c in at.caption]
+    assert at.sidebar.text_input[0].value == "/no/such/model"  # left to fix
+    at.sidebar.text_input[0].set_value(f"  {tiny_app} ")
+    at.sidebar.button[0].click().run()
+    assert not at.exception and not at.error
+    assert at.sidebar.text_input[0].value == str(tiny_app)  # the field names what is loaded
+    assert at.sidebar.selectbox(key="model_builtin").value == "(the id or path above)"
 
 
 def test_seqlen_beyond_model_maximum_is_refused(tiny_app):
