@@ -88,14 +88,14 @@ LOG_TICK_STEPS = ((1,), (1, 2, 5), (1, 2, 3, 5, 7), (1, 1.5, 2, 3, 4, 5, 6, 7, 8
 """Mantissas of log-axis ticks, sparsest first: a narrow range gets the denser steps."""
 MIN_LOG_TICKS = 4
 MAX_END_GAP = math.log10(1.5)
-"""The most (log10 units) between either end of a log axis and its nearest labelled tick: a point near the
-bottom of the range, often dense, has a labelled value within a factor 1.5."""
+"""The most (log10 units) between the bottom of a log axis and its lowest labelled tick: the lowest point, often
+dense, has a labelled value within a factor 1.5."""
 
 
 def log_ticks(axis_range: list[float]) -> tuple[list[float], list[str]]:
     """Clean tick values on a log axis whose range is in log10 units: powers of 10 past 3 decades, else the
     sparsest of 1-2-5, 1-2-3-5-7 and every mantissa that puts at least :data:`MIN_LOG_TICKS` ticks inside the
-    range and one within :data:`MAX_END_GAP` of each end (a dense perplexity of 34 on an axis up to 500 gets 30,
+    range and one within :data:`MAX_END_GAP` of its bottom (a dense perplexity of 34 on an axis up to 500 gets 30,
     not only 50); round linear steps under a fifth of a decade."""
     low, high = axis_range
     candidates = LOG_TICK_STEPS[:1] if high - low > 3 else LOG_TICK_STEPS[1:]  # past 3 decades: powers of 10
@@ -103,8 +103,7 @@ def log_ticks(axis_range: list[float]) -> tuple[list[float], list[str]]:
     for steps in candidates:
         values = [round(m * 10**e, 12) for e in range(math.floor(low), math.ceil(high) + 1) for m in steps]
         shown = [v for v in values if low <= math.log10(v) <= high]
-        if (len(shown) >= MIN_LOG_TICKS and math.log10(shown[0]) - low <= MAX_END_GAP
-                and high - math.log10(shown[-1]) <= MAX_END_GAP):
+        if len(shown) >= MIN_LOG_TICKS and math.log10(shown[0]) - low <= MAX_END_GAP:
             break
     if len(shown) < 2:  # under a fifth of a decade: evenly spaced round values, as a linear axis would have
         lo, hi = 10**low, 10**high
