@@ -114,8 +114,7 @@ def build_report(title: str, model_cards: dict[str, dict], items: list[ReportIte
         chart = figure.to_html(full_html=False, include_plotlyjs=number == 0, default_width="100%",
                                config={"responsive": True, "displaylogo": False,
                                        "toImageButtonOptions": {"format": "png", "filename": f"chart-{number + 1}"}})
-        if not (figure.layout.title.text or "").startswith(item.title):  # the chart says its own title
-            parts += [f"<h2>{html.escape(item.title)}</h2>"]
+        parts += [f"<h2>{html.escape(item.title)}</h2>"]  # a heading per chart: the report's outline
         if item.note:
             parts.append(f"<p class='note'>{html.escape(item.note)}</p>")
         parts += [
