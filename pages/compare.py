@@ -15,6 +15,7 @@ from engine.runs.sweeps import matched_size_sweep, parse_sizes, run_sweep
 from engine.viz.tradeoff import (
     filter_runs,
     quality_axes,
+    runs_on_other_windows,
     tradeoff_figure,
     with_method_series,
 )
@@ -27,7 +28,6 @@ from ui.widgets import (
     cancel_button,
     cost_threshold,
     progress_callback,
-    runs_on_other_windows,
     show_chart,
     show_outcome,
 )

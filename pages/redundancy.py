@@ -4,7 +4,7 @@ import streamlit as st
 
 from engine.core.data import BOS_LABEL, DataError
 from engine.core.out_of_memory import RunOutOfMemory
-from engine.runs.cached_scores import compute_scores, scores_if_cached
+from engine.runs.cached_scores import compute_scores, lr_scores_cached, scores_if_cached
 from engine.runs.first_run import CALIBRATION
 from engine.runs.runner import scoring_estimate
 from engine.scores.findings import redundancy_findings
@@ -54,7 +54,7 @@ if found is None:
             st.stop()
     else:
         guided = ""
-        if spec != CALIBRATION and scores_if_cached(store, loaded, CALIBRATION, k) is not None:
+        if spec != CALIBRATION and lr_scores_cached(store, loaded, CALIBRATION):
             guided = (f" The guided run's scores ({CALIBRATION.n_windows} windows × {CALIBRATION.seqlen} tokens) "
                       "are cached: choose those windows above to see them.")
         st.info("Scores for these windows are not computed yet. Press **Compute scores** "

@@ -49,10 +49,10 @@ if not data_choices:
 chosen_data = cols[2].selectbox("Evaluation data (charts never mix windows)", data_choices, key="results_data",
                                 help="Listed by how many compressed runs each holds; runs on different windows or "
                                 "different files are never drawn together.")
-on_windows = filter_runs(shown, data_label=chosen_data)
-show_runs_table(compact_table(on_windows))
-if len(on_windows) < len(shown):
-    st.caption(f"Runs on {chosen_data} ({len(on_windows)} of {len(shown)}): every run, on every set of windows, "
+on_data = filter_runs(shown, data_label=chosen_data)  # the table and the charts: one set of windows
+show_runs_table(compact_table(on_data))
+if len(on_data) < len(shown):
+    st.caption(f"Runs on {chosen_data} ({len(on_data)} of {len(shown)}): every run, on every set of windows, "
                "is in 'Every column' and runs.csv.")
 with st.expander(f"Every column ({shown.shape[1]}), every run"):
     st.dataframe(shown, hide_index=True)
@@ -64,7 +64,6 @@ with st.expander("Export a run's model (GGUF file, compressed-tensors or Hugging
         export_section(store, current_model(), None, "results")
 
 st.subheader("Trade-off curves")
-on_data = filter_runs(shown, data_label=chosen_data)
 x_axes, quality = size_axes(on_data[on_data["method"] != "dense"]), quality_axes(on_data)
 if not x_axes or not quality:
     st.info("No compressed runs with both a size and a quality metric on this data yet.")

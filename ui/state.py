@@ -43,3 +43,8 @@ def keep_setting(name: str, value) -> None:
     ``value`` from the next run on."""
     st.session_state[KEEP + name] = value
     st.session_state[SAVED + name] = value
+
+
+def kept_value(name: str):
+    """A kept setting's value (``None`` until a page has shown its widget or code set it)."""
+    return st.session_state.get(KEEP + name, st.session_state.get(SAVED + name))

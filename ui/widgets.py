@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import pandas as pd
 import streamlit as st
 
 from engine.core.data import SOURCES, DataError, DataSpec, save_upload, token_windows
@@ -218,18 +217,6 @@ def show_outcome(outcome, loaded: LoadedModel) -> None:
         st.warning(warning)
     kind = "Preview" if record.is_preview else "Run"
     st.caption(computed_on(loaded, record.data_label) + f" {kind} stored as run {record.id}.")
-
-
-def runs_on_other_windows(runs: pd.DataFrame, label: str) -> str:
-    """A sentence naming the other evaluation windows this model's compressed ``runs`` were measured on (runs
-    are compared only on the same windows), or ``""``."""
-    compressed = runs[(runs["method"] != "dense") & (runs["data_label"] != label)] if not runs.empty else runs
-    if compressed.empty:
-        return ""
-    counts = compressed["data_label"].value_counts()
-    listed = "; ".join(f"{n} on {other}" for other, n in counts.items())
-    return (f" Compressed runs of this model on other windows: {listed} (choose those windows under "
-            "'Calibration and evaluation data' to compare them here).")
 
 
 def method_tradeoff(store, loaded: LoadedModel, method: str, evaluation: DataSpec, name: str) -> None:

@@ -187,8 +187,9 @@ def size_against_run(loaded: LoadedModel, bits: list[LayerBits], spec: Quantizer
         return None
     return (f"The quantized weights take {in_file / 2**20:.1f} MiB in these types against {in_run / 2**20:.1f} MiB "
             f"on the run's grid: the file is about {(in_file - in_run) / 2**20:.1f} MiB larger than the size this "
-            "run shows. For a file of the size a run shows, choose the target runtime llama.cpp (GGUF) in the "
-            "sidebar and run again: its levels are llama.cpp's own types.")
+            "run shows. Smaller: the compact tensor types (k-quants, re-quantized), or, for a file of the size a run "
+            "shows, the target runtime llama.cpp (GGUF) in the sidebar and a new run: its levels are llama.cpp's "
+            "own types.")
 
 
 def check_gguf_family(model: nn.Module) -> tuple[str, bool]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from engine.core.architectures import Architecture
-from engine.core.data import DataSpec, TokenWindows, token_windows
+from engine.core.data import DataError, DataSpec, TokenWindows, token_windows
 from engine.core.keys import StoredKind
 from engine.core.models import LoadedModel
 from engine.core.out_of_memory import explain_out_of_memory
@@ -86,6 +86,16 @@ def scores_if_cached(store: ResultsStore, loaded: LoadedModel, spec: DataSpec,
         return None
     zd, _ = cached_weight_outliers(store, loaded.model, loaded.architecture, loaded.fingerprint, k)
     return lr, zd
+
+
+def lr_scores_cached(store: ResultsStore, loaded: LoadedModel, spec: DataSpec) -> bool:
+    """Whether LR scores on ``spec``'s windows are stored (only looks; ``False`` when the windows cannot be cut)."""
+    try:
+        windows = token_windows(spec, loaded.tokenizer, loaded.max_seqlen)
+    except DataError:
+        return False
+    return cached_layer_redundancy(store, loaded.model, loaded.architecture, loaded.fingerprint, windows,
+                                   compute=False)[0] is not None
 
 
 class ScoresNotComputed(LookupError):

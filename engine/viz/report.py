@@ -46,16 +46,18 @@ COLUMN_FORMATS = {  # one precision per column, whatever the value (1.000 beside
 ACCURACY_FORMAT = "{:.3f}"
 SERIES_KEY = (
     "How to read the table: <b>series</b> names the settings. Quantization: <i>ordering high/low-bit quantizer</i>, "
-    "e.g. <i>lim 4/3-bit rtn</i> = layers ranked by LIM (how much a layer changes its input; zd: by weight "
-    "outliers, random: at random), the less important ones at the low bits, the rest at the high bits, rounded "
-    "to nearest (rtn) or by GPTQ; <i>optimizer</i> = bits chosen per layer or per linear to fit a size budget; "
-    "<i>for vLLM</i> and the like = made for that runtime's formats. Slicing: SliceGPT, <i>constant</i> (every "
-    "layer sliced alike) or <i>dynamic SB=…</i> (slicing spread by LR). Dropping: <i>drop layers by lr</i> = "
-    "whole layers removed, the most redundant by LR first. <b>size vs dense</b>: bytes against the same model "
-    "at 16 bits. <b>change vs dense</b>: perplexity change on the same windows, with its paired 95% interval. "
-    "<b>runs in</b>: where the compressed model runs as it is. <b>speed vs dense</b>: forward-pass time on the "
-    "machine that measured it, for methods that change shapes (slicing, dropping); – for quantization, whose "
-    "speed depends on the runtime's kernels (LayerLab runs dequantized weights).")
+    "e.g. <i>lim 4/3-bit rtn</i> = layers ranked by LIM (how much a layer changes its input; reversed-lim the "
+    "opposite, zd by weight outliers, random at random, custom as typed), the less important ones at the low bits, "
+    "the rest at the high bits, rounded to nearest (rtn) or by GPTQ; <i>optimizer</i> (<i>per linear</i>) = bits "
+    "chosen per layer (per linear) to fit a size budget; <i>for vLLM</i> and the like = made for that runtime's "
+    "formats. Slicing: SliceGPT, <i>constant</i> (every layer sliced alike), <i>dynamic SB=…</i> (slicing spread "
+    "by LR) or <i>custom</i>. Dropping: <i>drop layers / attention blocks / MLP blocks by …</i> = those removed, "
+    "ranked by LR (lr), by a block's own cosine (attention, mlp), by measured sensitivity or as typed (custom); "
+    "<i>iterative</i> = re-ranked after each drop. <i>A + B</i> = a stack: A first, then B. <b>size vs dense</b>: "
+    "bytes against the same model at 16 bits. <b>change vs dense</b>: perplexity change on the same windows, with "
+    "its paired 95% interval. <b>runs in</b>: where the compressed model runs as it is. <b>speed vs dense</b>: "
+    "forward-pass time on the machine that measured it, for methods that change shapes (slicing, dropping); – for "
+    "quantization, whose speed depends on the runtime's kernels (LayerLab runs dequantized weights).")
 REPORT_HIDDEN_CARD_ROWS = ("layout",)
 """Model-card rows the page shows and the report leaves out (how LayerLab found the layers: not a model fact)."""
 

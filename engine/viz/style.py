@@ -93,18 +93,27 @@ dense, has a labelled value within a factor 1.5."""
 
 
 def log_ticks(axis_range: list[float]) -> tuple[list[float], list[str]]:
-    """Clean tick values on a log axis whose range is in log10 units: powers of 10 past 3 decades, else the
-    sparsest of 1-2-5, 1-2-3-5-7 and every mantissa that puts at least :data:`MIN_LOG_TICKS` ticks inside the
-    range and one within :data:`MAX_END_GAP` of its bottom (a dense perplexity of 34 on an axis up to 500 gets 30,
-    not only 50); round linear steps under a fifth of a decade."""
+    """Clean tick values on a log axis whose range is in log10 units: powers of 10 past 3 decades; else the
+    sparsest of 1-2-5, 1-2-3-5-7 (and, within one decade, every mantissa) that puts at least
+    :data:`MIN_LOG_TICKS` ticks inside the range and one within :data:`MAX_END_GAP` of its bottom, else 1-2-5
+    with one round value added just above the bottom (a dense perplexity of 34 on an axis up to 500 gets 30, not only
+    50); round linear steps under a fifth of a decade."""
     low, high = axis_range
-    candidates = LOG_TICK_STEPS[:1] if high - low > 3 else LOG_TICK_STEPS[1:]  # past 3 decades: powers of 10
+    span = high - low
+    candidates = LOG_TICK_STEPS[:1] if span > 3 else LOG_TICK_STEPS[1:] if span <= 1 else LOG_TICK_STEPS[1:3]
     shown: list[float] = []
     for steps in candidates:
         values = [round(m * 10**e, 12) for e in range(math.floor(low), math.ceil(high) + 1) for m in steps]
         shown = [v for v in values if low <= math.log10(v) <= high]
         if len(shown) >= MIN_LOG_TICKS and math.log10(shown[0]) - low <= MAX_END_GAP:
             break
+    else:
+        if 1 < span <= 3:  # the bottom is still bare: 1-2-5, and one round value just above the bottom
+            values = [round(m * 10**e, 12) for e in range(math.floor(low), math.ceil(high) + 1) for m in (1, 2, 5)]
+            bottom = 10**low
+            half = 10 ** math.floor(math.log10(bottom)) / 2  # half a unit of the leading digit
+            first = round(math.ceil(bottom / half) * half, 12)
+            shown = [first, *(v for v in values if low <= math.log10(v) <= high and v > first)]
     if len(shown) < 2:  # under a fifth of a decade: evenly spaced round values, as a linear axis would have
         lo, hi = 10**low, 10**high
         step = 10 ** math.floor(math.log10((hi - lo) / 2))

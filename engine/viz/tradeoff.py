@@ -88,6 +88,17 @@ def data_labels_by_use(frame: pd.DataFrame) -> list[str]:
     return list(counts.index) + sorted(set(frame["data_label"]) - set(counts.index))
 
 
+def runs_on_other_windows(frame: pd.DataFrame, label: str) -> str:
+    """A sentence naming the other evaluation windows ``frame``'s compressed runs were measured on (runs are
+    compared only on the same windows), or ``""``."""
+    compressed = frame[(frame["method"] != "dense") & (frame["data_label"] != label)] if not frame.empty else frame
+    if compressed.empty:
+        return ""
+    listed = "; ".join(f"{n} on {other}" for other, n in compressed["data_label"].value_counts().items())
+    return (f" Compressed runs of this model on other windows: {listed} (choose those windows under "
+            "'Calibration and evaluation data' to compare them here).")
+
+
 def with_method_series(frame: pd.DataFrame) -> pd.DataFrame:
     """Series named ``"<method> · <series>"`` so runs of different methods never share a curve."""
     def name(method: str, series: str) -> str:

@@ -166,4 +166,4 @@ def test_the_guided_runs_sentence_says_why_a_quantized_model_stays_large():
                        config={"series": "lim 4/3-bit rtn"}, data=DATA, duration_s=1.0, metrics=metrics)
     assert "63% of this model's parameters" in run_sentence(record)
     small = RunRecord(**{**record.__dict__, "metrics": {**metrics, "unquantized_fraction": 0.21}})
-    assert "stay at 16 bits" not in run_sentence(small) and "stays high" not in run_sentence(small)
+    assert "left at 16 bits" not in run_sentence(small) and "stays high" not in run_sentence(small)

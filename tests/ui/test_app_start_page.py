@@ -58,6 +58,8 @@ def test_after_the_guided_run_its_windows_can_be_chosen_for_every_page_and_the_p
 
     at.switch_page("pages/start.py").run()
     click(at, "Use 8 windows × 128 tokens on every page")
+    assert any("Every page now measures on the guided run's 8 windows × 128 tokens" in c.value for c in at.caption)
+    assert not any(b.label.startswith("Use 8 windows") for b in at.button)
     at.switch_page("pages/compare.py").run()
     assert not at.exception and not any("No compressed runs" in i.value for i in at.info)
     assert at.number_input(key="keep.eval_windows").value == 8 and at.number_input(key="keep.eval_seqlen").value == 128
