@@ -2,7 +2,7 @@
 
     python -m bench.optimize [--budgets 3.0,3.5] [--levels 2,3,4,5,6,8] [--quantizer rtn] [--candidates 5]
                              [--held-out 8] [--granularity layer|module] [--runtime research|vllm|transformers]
-                             [--part bits|slicing|all] [--store FILE]
+                             [--part bits|slicing|groups|all] [--store FILE] [--group-sizes 32,64]
 
 Bits: for each budget (honest bits per weight, scales and zeros included),
 ``engine.runs.bits_optimizer.optimize_bits`` measures per-layer KL at every
@@ -21,6 +21,9 @@ Solver time: 30 layers × 7 modules × 6 levels (the built-in model's module
 shapes, random damages), exact k-best DP, median of 5.
 
 Slicing (``--part slicing``): see ``engine.runs.slicing_optimizer``.
+
+Group sizes (``--part groups``): the solver's predicted damage with one group size for the whole model against a
+(level, group size) choice per unit, from the damage scans the ``--part bits`` runs cached in ``--store``.
 """
 
 from __future__ import annotations
@@ -106,6 +109,46 @@ def bits_part(args, store: ResultsStore, loaded, calibration: DataSpec, evaluati
     return rows
 
 
+def groups_part(args, store: ResultsStore, loaded, calibration: DataSpec) -> list[dict]:
+    """What letting the solver pick a group size per unit would be worth, predicted from the damage scans of each
+    group size (cached by the ``--part bits`` runs with the same store): the summed damage the solver minimises, one
+    group size for the whole model against a (level, group size) choice per unit at the same checkpoint bytes.
+    Predicted only: LayerLab's allocations hold one group size per run, so the joint choice is not run."""
+    from engine.optimize.bit_budget import tie_units
+    from engine.optimize.unit_damage import unit_damage
+    from engine.quant.runtimes import fused_groups
+    from engine.runs.bits_optimizer import plan_costs
+    from engine.sensitivity.cached import measure_sensitivity
+
+    linears = list(loaded.architecture.linears)
+    groups = [int(g) for g in args.group_sizes.split(",")]
+    rows = []
+    for budget in [float(b) for b in args.budgets.split(",")]:
+        menus = {}
+        for group in groups:
+            plan = BitsOptimizerPlan(BitBudget(avg_bits=budget), levels=tuple(int(b) for b in args.levels.split(",")),
+                                     quantizer=args.quantizer, group_size=group, candidates=args.candidates,
+                                     held_out_windows=args.held_out, granularity=args.granularity,
+                                     runtime=args.runtime)
+            costs = plan_costs(loaded, plan)
+            damage = unit_damage(measure_sensitivity(store, loaded, calibration, plan.actions(linears)).damages,
+                                 costs, plan.granularity, linears)["blended"]
+            units, values = costs.units(plan.granularity), damage
+            if plan.tied:
+                units, values = tie_units(units, fused_groups(linears, loaded.architecture.linears), values)
+            menus[group] = (costs, units, values)
+        base_costs, units, _ = menus[groups[-1]]
+        budget_bits = BitBudget(avg_bits=budget).layer_bits(base_costs)  # the last group size's checkpoint bytes
+        for name, chosen in [(f"group {g}", [g]) for g in groups] + [("group per unit", groups)]:
+            solution = solve([[c for g in chosen for c in menus[g][0].unit_bits(u)] for u in units],
+                             [[v for g in chosen for v in menus[g][2][u]] for u in units], budget_bits)
+            rows.append({"budget_bpw": budget, "group_size": name, "predicted_damage": solution.best.value,
+                         "linears_MB": solution.best.cost / 8e6})
+        single = min(r["predicted_damage"] for r in rows[-len(groups) - 1:-1])
+        rows[-1]["vs_best_single"] = rows[-1]["predicted_damage"] / single
+    return rows
+
+
 def slicing_part(args, store: ResultsStore, loaded, calibration: DataSpec, evaluation: EvalPlan) -> list[dict]:
     """Auto schedule (SB search + measured widths, chosen on held-out calibration windows) vs the manual SB grid,
     all on evaluation windows; the grid's best is picked *on evaluation text* (an oracle the optimizer lacks)."""
@@ -147,7 +190,7 @@ def slicing_part(args, store: ResultsStore, loaded, calibration: DataSpec, evalu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["bits", "slicing", "all"], default="all")
+    parser.add_argument("--part", choices=["bits", "slicing", "groups", "all"], default="all")
     parser.add_argument("--budgets", default="3.0,3.5")
     parser.add_argument("--levels", default="2,3,4,5,6,8")
     parser.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn")
@@ -155,6 +198,8 @@ def main() -> None:
     parser.add_argument("--runtime", choices=list(RUNTIMES), default=DEFAULT_RUNTIME,
                         help="target runtime: its levels and grid (vllm: 4/8 bits, symmetric, q/k/v and gate/up tied)")
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--group-sizes", default="32,64",
+                        help="--part groups: group sizes whose damage scans the store holds (budget bytes: the last)")
     parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES)
     parser.add_argument("--held-out", type=int, default=DEFAULT_HELD_OUT, help="held-out calibration windows")
     parser.add_argument("--calib-windows", type=int, default=16)
@@ -179,6 +224,8 @@ def main() -> None:
             "" if args.runtime == DEFAULT_RUNTIME else f"_{args.runtime}") + (
             "" if args.group_size == 128 else f"_g{args.group_size}")
         report(f"optimize_bits_{args.quantizer}{suffix}", bits_part(args, store, loaded, calibration, evaluation), meta)
+    if args.part == "groups":
+        report(f"optimize_groups_{args.quantizer}_{args.runtime}", groups_part(args, store, loaded, calibration), meta)
     if args.part in ("slicing", "all"):
         report("optimize_slicing", slicing_part(args, store, loaded, calibration, evaluation), meta)
 
