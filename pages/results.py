@@ -37,7 +37,7 @@ if runs.empty:
     st.info("No stored runs yet. Measure a baseline on the Model page, or run a compression.")
     st.stop()
 
-cols = st.columns([2, 3, 3])  # the methods' chips need the room
+cols = st.columns(3)
 all_models, all_methods = sorted(runs["model"].unique()), sorted(runs["method"].unique())
 models = cols[0].multiselect("Models", all_models, default=all_models)
 methods = cols[1].multiselect("Methods", all_methods, default=all_methods)

@@ -305,8 +305,11 @@ def show_accuracies(metrics: dict) -> None:
 def show_runs_table(table) -> None:
     """The compact run table (``engine.runs.summary.compact_table``) with readable number formats."""
     number = st.column_config.NumberColumn
-    st.dataframe(table, hide_index=True, column_config={
-        "size vs dense (16-bit bytes)": number(format="%.3f"), "perplexity": number(format="%.2f"),
+    st.dataframe(table, hide_index=True, column_config={  # narrow id columns: the change vs dense fits at 1200 px
+        "run": number(width="small"), "preview": st.column_config.CheckboxColumn(width="small"),
+        "size vs dense (16-bit bytes)": number("size vs dense", format="%.3f",
+                                               help="bytes against the same model at 16 bits"),
+        "perplexity": number(format="%.2f"),
         "change vs dense": number(format="percent"), "speed vs dense": number(format="%.2f×"),
     })
 
