@@ -11,27 +11,9 @@ from engine.runs.plans import DEFAULT_EVAL_SEQLEN, DEFAULT_EVAL_WINDOWS
 from engine.viz.tradeoff import filter_runs, tradeoff_figure
 from ui.navigation import enter_through_the_router
 from ui.session import require_model, results_store
-from ui.state import keep_setting, kept_value
-from ui.widgets import cancel_button, progress_callback, show_chart
+from ui.widgets import cancel_button, progress_callback, show_chart, use_data, uses_data
 
 enter_through_the_router()  # a page opened by its own URL on a new server goes through app.py
-
-
-GUIDED_SETTINGS = {f"{prefix}_{field}": getattr(spec, attr)
-                   for prefix, spec in (("calib", CALIBRATION), ("eval", EVALUATION.data))
-                   for field, attr in (("source", "source"), ("windows", "n_windows"), ("seqlen", "seqlen"))}
-"""The shared data settings (``kept`` names) that measure on the guided run's windows."""
-
-
-def use_guided_windows() -> None:
-    """Every page's data settings become the guided run's windows (wiki-offline, as it used)."""
-    for name, value in GUIDED_SETTINGS.items():
-        keep_setting(name, value)
-
-
-def uses_guided_windows() -> bool:
-    """Whether every page already measures on the guided run's windows."""
-    return all(kept_value(name) == value for name, value in GUIDED_SETTINGS.items())
 
 
 GLOSSARY = Path(__file__).resolve().parents[1] / "docs" / "glossary.md"
@@ -102,12 +84,13 @@ if findings:
     st.markdown(f"Next: open {pages} to try other settings, **Compare methods** to put them side by side at "
                 "matched sizes, and **Results** for the table and the report.")
     guided = f"{EVALUATION.data.n_windows} windows × {EVALUATION.data.seqlen} tokens"
-    if uses_guided_windows():
+    if uses_data(CALIBRATION, EVALUATION.data):
         st.caption(f"Every page now measures on the guided run's {guided} (change it under each page's "
                    "'Calibration and evaluation data').")
     else:
         left, right = st.columns([2, 3])
-        left.button(f"Use {guided} on every page", key="use_guided_windows", on_click=use_guided_windows,
+        left.button(f"Use {guided} on every page", key="use_guided_windows", on_click=use_data,
+                    args=(CALIBRATION, EVALUATION.data),
                     help="Sets the shared calibration and evaluation data (each page's 'Calibration and evaluation "
                     "data') to the guided run's, so its runs and scores show there; change it back there.")
         right.caption(f"The guided run measured on {guided} of calibration and evaluation text; the other pages "

@@ -16,7 +16,7 @@ from engine.runs.summary import COST_THRESHOLD, change_text, run_warnings
 from engine.viz.tradeoff import filter_runs, quality_axes, run_runtimes, size_axes, tradeoff_figure
 from ui.report_pins import pin_button
 from ui.session import current_model, results_store
-from ui.state import kept
+from ui.state import keep_setting, kept, kept_value
 
 DEFAULTS = {"calibration": (DEFAULT_CALIB_WINDOWS, DEFAULT_CALIB_SEQLEN),
             "evaluation": (DEFAULT_EVAL_WINDOWS, DEFAULT_EVAL_SEQLEN)}
@@ -66,6 +66,23 @@ def data_spec_controls(split: str, loaded: LoadedModel) -> DataSpec | None:
     if cut.note:
         st.warning(cut.note)
     return spec
+
+
+def _data_settings(calibration: DataSpec, evaluation: DataSpec) -> dict[str, object]:
+    """The kept settings (names without ``keep.``) that :func:`data_spec_controls` reads, for these data specs."""
+    return {f"{PREFIX[spec.split]}_{field}": value for spec in (calibration, evaluation)
+            for field, value in (("source", spec.source), ("windows", spec.n_windows), ("seqlen", spec.seqlen))}
+
+
+def use_data(calibration: DataSpec, evaluation: DataSpec) -> None:
+    """Every page's calibration and evaluation settings become these specs' (a button's callback)."""
+    for name, value in _data_settings(calibration, evaluation).items():
+        keep_setting(name, value)
+
+
+def uses_data(calibration: DataSpec, evaluation: DataSpec) -> bool:
+    """Whether every page's calibration and evaluation settings already are these specs'."""
+    return all(kept_value(name) == value for name, value in _data_settings(calibration, evaluation).items())
 
 
 def calibration_and_evaluation(loaded: LoadedModel, evaluation: bool = True):

@@ -14,6 +14,8 @@ the weight llama.cpp reads from the exported file.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from torch import nn
@@ -134,8 +136,6 @@ def extra_forward_seconds(weight: torch.Tensor, level: int, tokens: int, type_se
     tokens beyond a float ``nn.Linear`` (llama.cpp's dequantizer runs on every forward, on the CPU, and the input
     is rounded as llama.cpp's CPU backend rounds it): measured once per shape, llama.cpp type and device on
     128 tokens, scaled to ``tokens`` (time estimates)."""
-    import time
-
     qtype = type_for_level(level, int(weight.shape[1]), type_set).qtype
     key = (*weight.shape, qtype, str(weight.device))
     if key not in _FORWARD_COST:

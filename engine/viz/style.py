@@ -92,6 +92,12 @@ MAX_END_GAP = math.log10(1.5)
 dense, has a labelled value within a factor 1.5."""
 
 
+def _mantissa_ticks(low: float, high: float, steps: tuple) -> list[float]:
+    """``m · 10^e`` for every mantissa ``m`` in ``steps`` inside ``[low, high]`` (log10 units)."""
+    values = [round(m * 10**e, 12) for e in range(math.floor(low), math.ceil(high) + 1) for m in steps]
+    return [v for v in values if low <= math.log10(v) <= high]
+
+
 def log_ticks(axis_range: list[float]) -> tuple[list[float], list[str]]:
     """Clean tick values on a log axis whose range is in log10 units: powers of 10 past 3 decades; else the
     sparsest of 1-2-5, 1-2-3-5-7 (and, within one decade, every mantissa) that puts at least
@@ -103,17 +109,15 @@ def log_ticks(axis_range: list[float]) -> tuple[list[float], list[str]]:
     candidates = LOG_TICK_STEPS[:1] if span > 3 else LOG_TICK_STEPS[1:] if span <= 1 else LOG_TICK_STEPS[1:3]
     shown: list[float] = []
     for steps in candidates:
-        values = [round(m * 10**e, 12) for e in range(math.floor(low), math.ceil(high) + 1) for m in steps]
-        shown = [v for v in values if low <= math.log10(v) <= high]
+        shown = _mantissa_ticks(low, high, steps)
         if len(shown) >= MIN_LOG_TICKS and math.log10(shown[0]) - low <= MAX_END_GAP:
             break
     else:
         if 1 < span <= 3:  # the bottom is still bare: 1-2-5, and one round value just above the bottom
-            values = [round(m * 10**e, 12) for e in range(math.floor(low), math.ceil(high) + 1) for m in (1, 2, 5)]
             bottom = 10**low
             half = 10 ** math.floor(math.log10(bottom)) / 2  # half a unit of the leading digit
             first = round(math.ceil(bottom / half) * half, 12)
-            shown = [first, *(v for v in values if low <= math.log10(v) <= high and v > first)]
+            shown = [first, *(v for v in _mantissa_ticks(low, high, (1, 2, 5)) if v > first)]
     if len(shown) < 2:  # under a fifth of a decade: evenly spaced round values, as a linear axis would have
         lo, hi = 10**low, 10**high
         step = 10 ** math.floor(math.log10((hi - lo) / 2))
