@@ -104,9 +104,11 @@ else:
                                     "accurate and larger.")
     zero_point = advanced.radio("Zero point", [z for z in ZERO_POINTS if z in runtime.zero_points],
                                key=kept(f"quant_zero{own}"), horizontal=True,
-                               help="integer: GPTQ-style asymmetric grid; float: fp16 group minimum (Q4_1 style); "
-                               "symmetric: zero fixed at the middle code, not stored (exports exactly as a "
-                               "compressed-tensors folder for transformers / vLLM, and as GGUF Q4_0 / Q5_0 / Q8_0).")
+                               help="integer: GPTQ-style asymmetric grid, a zero point per group (the lower error; "
+                               "exports exactly as a compressed-tensors folder for vLLM); float: fp16 group minimum "
+                               "(Q4_1 style); symmetric: zero fixed at the middle code, not stored (exports exactly "
+                               "as a compressed-tensors folder for transformers / vLLM, and as GGUF Q4_0 / Q5_0 / "
+                               "Q8_0).")
     level_options = [b for b in range(2, 9) if b in runtime.levels]
     level_label = str
 if choose == "optimizer":

@@ -78,7 +78,7 @@ levels = [b for b in range(MIN_BITS, MAX_BITS + 1) if b in runtime.levels]
 bits = cols[1].multiselect("Bit levels (RTN / GPTQ; llama.cpp: 2→Q2_K … 6→Q6_K, 8→Q8_0)", levels,
                            [3] if 3 in levels else [min(levels)],
                            key=kept(f"sens_bits{own}"), disabled=not set(kinds) & set(QUANT_KINDS))
-zero_point = None if runtime.default_zero_point == "integer" else runtime.default_zero_point  # vLLM: symmetric
+zero_point = None if runtime.default_zero_point == "integer" else runtime.default_zero_point  # transformers: symmetric
 start = default_group_size(loaded, runtime) or DEFAULT_GROUP_SIZE  # vLLM on SmolLM2's 576-wide rows: 64
 group_size = cols[1].number_input("Group size", 8, 8192, start, 8, key=kept(f"sens_group{own}"),
                                   disabled=not set(kinds) & set(QUANT_KINDS))

@@ -9,21 +9,23 @@ file holds
 - ``weight_scale``: fp16 ``[out, groups]`` (LayerLab's scales as they are);
 - ``weight_shape``: int64 ``[2]``, the dense shape;
 
+- ``weight_zero_point`` (zero-point grid only): int32 ``[ceil(out * bits / 32), groups]``, the signed zero
+  points ``zero - 2**(bits-1)`` packed along the output dimension (compressed-tensors' and vLLM's layout);
+
 and ``config.json``'s ``quantization_config`` has one config group per bit
 level whose targets are that level's linears by name, so each layer keeps
-its own width.  compressed-tensors dequantizes ``q * scale``: that is
-exactly LayerLab's *symmetric* grid (``(code - 2**(bits-1)) * scale``), so
-only runs quantized with ``zero_point="symmetric"`` export this way, and
-they export exactly.  LayerLab's grids with a zero point per group would
-need the format's asymmetric variant, which transformers 5.23 with
-compressed-tensors 0.20 cannot load for mixed bit widths (it reads the
-packed zero points with the wrong shape, or decompresses every layer with
-the first group's width); it is not written rather than written broken.
+its own width.  compressed-tensors dequantizes ``(q - zero_point) * scale``:
+with ``symmetric: true`` (no zero point) that is exactly LayerLab's *symmetric*
+grid, with ``symmetric: false`` exactly its *integer* zero-point grid (codes
+and zeros both shifted by ``2**(bits-1)``); both export exactly, the float
+zero point (an fp16 group minimum) does not.
 
-Loading: ``AutoModelForCausalLM.from_pretrained(folder)`` with the
-``compressed-tensors`` package installed; transformers decompresses the
-weights into the model's dtype on load (on CPU too).  vLLM runs the packed
-weights with its int kernels on a GPU.  Loading in bf16 rounds the fp16
+Loading: vLLM runs the packed weights with its int kernels on a GPU (zero points at 4 and 8 bits).
+``AutoModelForCausalLM.from_pretrained(folder)`` with the ``compressed-tensors`` package installed
+decompresses symmetric folders into the model's dtype on load (on CPU too); transformers 5.23 with
+compressed-tensors 0.20 refuses folders with zero points (it makes the zero-point parameters unpacked,
+``[out, groups]``, then meets the packed checkpoint tensors: "size mismatch"; llm-compressor #1618), so
+:func:`load_ct_folder` reads those with compressed-tensors' own decompressor instead.  Loading in bf16 rounds the fp16
 scales to bf16; load in fp16 or fp32 to compute exactly what LayerLab
 measured.
 """
@@ -49,6 +51,8 @@ from engine.quant.quantize_model import QuantizedModel
 from engine.quant.runtimes import Runtime
 
 FORMAT = "pack-quantized"
+CT_ZERO_POINTS = ("symmetric", "integer")
+"""LayerLab's grids a compressed-tensors folder holds exactly (``symmetric: true`` / ``false``)."""
 
 
 def ct_group_sizes(loaded: LoadedModel, candidates=(32, 64, 128, 256)) -> list[int]:
@@ -78,9 +82,10 @@ def ct_unsupported(loaded: LoadedModel, spec: QuantizerSpec) -> str | None:
     ``None`` if it can."""
     if importlib.util.find_spec("compressed_tensors") is None:
         return "the compressed-tensors package is not installed here: `pip install compressed-tensors`."
-    if spec.zero_point != "symmetric":
-        return ("compressed-tensors holds LayerLab's symmetric grid exactly; its zero-point variant does not load "
-                "in transformers for mixed bit widths. Quantize with zero point 'symmetric' to export this way.")
+    if spec.zero_point not in CT_ZERO_POINTS:
+        return ("compressed-tensors holds LayerLab's symmetric and integer zero-point grids exactly, not the float "
+                "zero point (an fp16 group minimum). Quantize with zero point 'integer' or 'symmetric' to export "
+                "this way.")
     if spec.stores_group_index:
         return "act-order GPTQ with dynamic groups stores a group index; use static groups to export this way."
     arch = loaded.architecture
@@ -100,19 +105,32 @@ def ct_unsupported(loaded: LoadedModel, spec: QuantizerSpec) -> str | None:
 def _scheme(bits: int, spec: QuantizerSpec, targets: list[str]) -> dict:
     grouped = spec.group_size is not None
     return {"targets": targets, "format": FORMAT, "input_activations": None, "output_activations": None,
-            "weights": {"num_bits": bits, "type": "int", "symmetric": True, "dynamic": False,
+            "weights": {"num_bits": bits, "type": "int", "symmetric": spec.zero_point == "symmetric",
+                        "dynamic": False,
                         "strategy": "group" if grouped else "channel",
                         "group_size": spec.group_size if grouped else None}}
 
 
 def _packed(weight: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """``weight_packed`` / ``weight_scale`` / ``weight_shape`` of one linear (codes signed, then packed)."""
+    """``weight_packed`` / ``weight_scale`` / ``weight_shape`` (+ ``weight_zero_point`` on the integer grid) of one
+    linear: codes and zeros made signed (``- 2**(bits-1)``), then packed by compressed-tensors' own packer."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    signed = (weight.codes.to(torch.int16) - symmetric_zero(weight.bits)).to(torch.int8)
-    return {"weight_packed": pack_to_int32(signed.cpu(), weight.bits).contiguous(),
-            "weight_scale": weight.scales.to(torch.float16).cpu().contiguous(),
-            "weight_shape": torch.tensor(weight.shape, dtype=torch.int64)}
+    half = symmetric_zero(weight.bits)
+    signed = (weight.codes.to(torch.int16) - half).to(torch.int8)
+    packed = {"weight_packed": pack_to_int32(signed.cpu(), weight.bits).contiguous(),
+              "weight_scale": weight.scales.to(torch.float16).cpu().contiguous(),
+              "weight_shape": torch.tensor(weight.shape, dtype=torch.int64)}
+    if weight.zero_point == "integer":
+        zeros = (weight.zeros.float().round().to(torch.int16) - half).to(torch.int8).cpu()
+        packed["weight_zero_point"] = pack_to_int32(zeros, weight.bits, packed_dim=0).contiguous()
+    return packed
+
+
+def _zero_point_shape(out: int, groups: int, bits: int) -> list[int]:
+    """Shape of a packed ``weight_zero_point``: ``groups`` columns of ``out`` zeros at ``bits`` bits, packed
+    densely along the output dimension (compressed-tensors' ``pack_to_int32(..., packed_dim=0)``)."""
+    return [math.ceil(out * bits / 32), groups]
 
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
@@ -121,7 +139,8 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat1
 
 def ct_weights_bytes(quantized: QuantizedModel, loaded: LoadedModel, dtype: torch.dtype | None = torch.float16) -> int:
     """Bytes of the ``model.safetensors`` :func:`write_ct_folder` writes, from shapes alone (nothing is packed):
-    per linear ``ceil(in x bits / 32)`` int32 words per row, fp16 scales and an int64 shape; every other tensor
+    per linear ``ceil(in x bits / 32)`` int32 words per row, fp16 scales, packed zero points (integer grid) and an
+    int64 shape; every other tensor
     in ``dtype`` (``None``: its own); the safetensors header.  What a run for a compressed-tensors runtime (vLLM,
     transformers; a quantization or a stack that drops whole layers) shows as its size."""
     names = loaded.architecture.linear_paths(len(quantized.bits))
@@ -136,6 +155,9 @@ def ct_weights_bytes(quantized: QuantizedModel, loaded: LoadedModel, dtype: torc
         entries[f"{module}.weight_packed"] = ("I32", [out, math.ceil(inp * weight.bits / 32)])
         entries[f"{module}.weight_scale"] = ("F16", list(weight.scales.shape))
         entries[f"{module}.weight_shape"] = ("I64", [2])
+        if weight.zero_point == "integer":
+            entries[f"{module}.weight_zero_point"] = ("I32", _zero_point_shape(out, weight.scales.shape[1],
+                                                                               weight.bits))
     size = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
     rank = ["BOOL", "U8", "I8", "F16", "BF16", "I32", "F32", "I64"]  # safetensors: dtype descending, then name
     header: dict = {"__metadata__": {"format": "pt"}}
@@ -181,11 +203,12 @@ def write_ct_folder(quantized: QuantizedModel, loaded: LoadedModel, folder: str 
                           for bits, modules in sorted(by_bits.items())},
         "ignore": [loaded.architecture.head], "kv_cache_scheme": None, "sparsity_config": {},
         "transform_config": {}, "global_compression_ratio": None, "version": compressed_tensors.__version__}
-    lines = [f"{len(modules)} linears at {bits} bits (pack-quantized int{bits}, symmetric, "
+    grid = "symmetric" if quantized.spec.zero_point == "symmetric" else "a zero point per group"
+    lines = [f"{len(modules)} linears at {bits} bits (pack-quantized int{bits}, {grid}, "
              f"{'group ' + str(quantized.spec.group_size) if quantized.spec.group_size else 'per row'})"
              for bits, modules in sorted(by_bits.items())]
     lines.append(vllm_verdict(config.quantization_config))
-    lines.append("codes and fp16 scales copied as they are" + (
+    lines.append("codes, fp16 scales" + (" and zero points" if grid != "symmetric" else "") + " copied as they are" + (
         f"; the unquantized tensors rounded to {str(dtype).removeprefix('torch.')}" if dtype is not None else
         ": the folder computes what the app measured"))
     folder = Path(folder)
@@ -204,8 +227,45 @@ def write_ct_folder(quantized: QuantizedModel, loaded: LoadedModel, folder: str 
 
 
 def load_ct_folder(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The folder read back the way a user would (transformers with compressed-tensors), weights decompressed."""
+    """The folder read back the way a user would, weights decompressed: transformers with compressed-tensors;
+    for folders with zero points (which transformers 5.23 refuses, see the module docstring) the model built from
+    its config with every quantized linear decompressed by compressed-tensors' own ``PackedQuantizationCompressor``
+    (not LayerLab's code)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+    groups = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config", {}).get(
+        "config_groups", {})
+    if all((group.get("weights") or {}).get("symmetric", True) for group in groups.values()):
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+    return _decompressed_by_compressed_tensors(Path(folder), groups, dtype)
 
+
+def _decompressed_by_compressed_tensors(folder: Path, groups: dict, dtype: torch.dtype) -> nn.Module:
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    schemes = {target: QuantizationScheme(targets=group["targets"], weights=group["weights"])
+               for group in groups.values() for target in group["targets"]}
+    config = AutoConfig.from_pretrained(folder)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state: dict[str, torch.Tensor] = {}
+    tensors = load_file(folder / WEIGHTS_FILE)
+    packed_keys = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+    for name, tensor in tensors.items():
+        module, _, key = name.rpartition(".")
+        if module not in schemes or key not in packed_keys:  # unquantized tensors, biases of quantized linears
+            state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        elif key == "weight_packed":  # scales in the load dtype, as transformers decompresses (fp32: exact)
+            parts = {k: tensors[f"{module}.{k}"] for k in packed_keys if f"{module}.{k}" in tensors}
+            parts["weight_scale"] = parts["weight_scale"].to(dtype)
+            state[f"{module}.weight"] = PackedQuantizationCompressor.decompress(parts, schemes[module])["weight"].to(
+                dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    untied = [m for m in missing if not (config.tie_word_embeddings and m.endswith("lm_head.weight"))]
+    if untied or unexpected:
+        raise ExportError(f"The folder does not match its config: missing {untied[:3]}, unexpected {unexpected[:3]}.")
+    model.tie_weights()
+    return model.eval()

@@ -65,9 +65,15 @@ def vllm_problems(quantization_config: dict) -> list[str]:
 
 
 def vllm_verdict(quantization_config: dict) -> str:
-    """One line for the export dialog: vLLM serves it, or why not and what would."""
+    """One line for the export dialog: vLLM serves it, or why not and what would; and whether transformers loads it
+    (not with zero points: transformers 5.23 with compressed-tensors 0.20 refuses them, see
+    :mod:`engine.export.ct_folder`)."""
     problems = vllm_problems(quantization_config)
+    zero_points = any(not (group.get("weights") or {}).get("symmetric", True)
+                      for group in quantization_config.get("config_groups", {}).values())
+    transformers = ("transformers 5.23 does not load its zero points (LayerLab checks it with compressed-tensors' "
+                    "own decompressor)" if zero_points else "transformers loads it")
     if not problems:
-        return "vLLM (compressed-tensors WNA16): loads as written."
-    return ("vLLM would refuse this folder: " + "; ".join(problems) + ". transformers loads it; for vLLM quantize "
-            "at 4 and 8 bits only, with q/k/v and gate/up at one level each.")
+        return f"vLLM (compressed-tensors WNA16): loads as written; {transformers}."
+    return ("vLLM would refuse this folder: " + "; ".join(problems) + f". {transformers[0].upper()}{transformers[1:]}; "
+            "for vLLM quantize at 4 and 8 bits only, with q/k/v and gate/up at one level each.")

@@ -124,11 +124,12 @@ class Quantization(Method):
             windows = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen)
         quantized = quantize_model(loaded, allocation, windows, spec=spec,
                                    progress=stage_callback(progress, "quantizing"))
-        size = quantized.size()
+        in_ct = runtime_named(plan.runtime).export == "ct"  # sized as its compressed-tensors checkpoint
+        size = quantized.size(packed_zeros=in_ct)
         llamacpp = llamacpp_details(loaded, spec, quantized.bits) if spec.method == LLAMACPP else {}
         if llamacpp.get("file_bytes"):
             size = replace(size, file_bytes=llamacpp["file_bytes"])
-        elif runtime_named(plan.runtime).export == "ct":  # the compressed-tensors checkpoint it will be (16-bit rest)
+        elif in_ct:  # the compressed-tensors checkpoint's bytes (16-bit rest)
             from engine.export.ct_folder import ct_weights_bytes
 
             size = replace(size, file_bytes=ct_weights_bytes(quantized, loaded))
@@ -192,8 +193,8 @@ class Quantization(Method):
             except ExportError as err:
                 gguf = f"{err} (or quantize with llama.cpp's types, which export as GGUF for this model)"
         if spec.method == LLAMACPP:
-            ct = ("this run holds llama.cpp's types, which only GGUF stores; quantize with the symmetric research "
-                  "grid for a compressed-tensors folder.")
+            ct = ("this run holds llama.cpp's types, which only GGUF stores; quantize with RTN or GPTQ (target "
+                  "runtime vLLM or transformers) for a compressed-tensors folder.")
         elif loaded is not None:
             ct = ct_unsupported(loaded, spec)
         formats = {"hf": "Quantized runs export as GGUF or compressed-tensors (a Hugging Face folder would hold "

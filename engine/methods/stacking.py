@@ -13,7 +13,7 @@ from engine.core.data import DataSpec, token_windows
 from engine.core.memory import MemoryProfile
 from engine.core.models import LoadedModel, model_size
 from engine.core.progress import stage_callback
-from engine.export.ct_folder import ct_unsupported, ct_weights_bytes
+from engine.export.ct_folder import CT_ZERO_POINTS, ct_unsupported, ct_weights_bytes
 from engine.export.gguf_llamacpp import llamacpp_details
 from engine.methods.base import Compressed, Method, RunCost, calibration_of
 from engine.methods.dropping import Dropping
@@ -118,14 +118,15 @@ class Stacking(Method):
         quantized = quantize_model(middle, allocation, windows if spec.needs_calibration else None,  # GPTQ, imatrix
                                    spec=spec, use_cache=False, progress=stage_callback(progress, "quantizing"))
         quantize_s = time.perf_counter() - started
-        qsize = quantized.size()
-        details = {}
         whole_layers = drops_whole_layers(stage_config)  # the runtimes' own model code runs it
+        in_ct = runtime_named(then.runtime).export == "ct" and whole_layers
+        qsize = quantized.size(packed_zeros=in_ct)
+        details = {}
         if then.quantizer == LLAMACPP and whole_layers:  # a GGUF file it will be
             details = llamacpp_details(middle, then.spec(), quantized.bits)
             if details["file_bytes"]:
                 qsize = replace(qsize, file_bytes=details["file_bytes"])
-        elif runtime_named(then.runtime).export == "ct" and whole_layers:  # the checkpoint it will be
+        elif in_ct:  # the checkpoint it will be
             details = {"file_bytes": ct_weights_bytes(quantized, middle)}
             qsize = replace(qsize, file_bytes=details["file_bytes"])
         dense_params = model_size(loaded.model)["params"]
@@ -206,12 +207,12 @@ def drops_whole_layers(stage: dict) -> bool:
 def export_refusal(config: dict, fmt: str) -> str | None:
     """Why a stacked run stored with ``config`` has no ``fmt`` export (``"gguf"`` or ``"ct"``; ``None``: it has
     one, written from the model without the dropped layers: in llama.cpp's types as a GGUF file, or on the
-    symmetric grid as a compressed-tensors folder)."""
+    symmetric or integer grid as a compressed-tensors folder)."""
     first, quant = config.get("stages", [{}, {}])
     in_llamacpp = quant.get("quantizer") == LLAMACPP
     if not drops_whole_layers(first):
         return ("only a stack that drops whole layers and then quantizes exports (a GGUF file in llama.cpp's "
-                "types, or a compressed-tensors folder on the symmetric grid): this one's first stage changes the "
+                "types, or a compressed-tensors folder): this one's first stage changes the "
                 "layers' shapes, which the runtimes' model code lacks.")
     if not quant.get("quantizer_spec"):
         return "it was stored before stacks recorded their quantizer: run the same stack again and export that run."
@@ -219,9 +220,9 @@ def export_refusal(config: dict, fmt: str) -> str | None:
         if in_llamacpp:
             return ("its second stage holds llama.cpp's types, which only GGUF stores; re-run the stack with target "
                     "runtime vLLM or transformers for a compressed-tensors folder.")
-        if quant["quantizer_spec"].get("zero_point") != "symmetric":
-            return ("compressed-tensors holds LayerLab's symmetric grid exactly: re-run the stack with target "
-                    "runtime vLLM or transformers (they quantize on that grid) to export it this way.")
+        if quant["quantizer_spec"].get("zero_point") not in CT_ZERO_POINTS:
+            return ("compressed-tensors holds LayerLab's symmetric and integer grids exactly, not the float zero "
+                    "point: re-run the stack with target runtime vLLM or transformers to export it this way.")
         if runtime_of(config).export == "ct" and not quant.get("file_bytes"):
             return ("it was stored before stacks were sized as their checkpoint: run the same stack again and export "
                     "that run.")

@@ -125,17 +125,19 @@ class LayerCosts:
         return self.total_bits(per_layer) / 8 + self.fixed
 
 
-def layer_costs(model: nn.Module, arch: Architecture, levels: Sequence[int], spec: QuantizerSpec) -> LayerCosts:
+def layer_costs(model: nn.Module, arch: Architecture, levels: Sequence[int], spec: QuantizerSpec,
+                packed_zeros: bool = False) -> LayerCosts:
     """Honest storage of each layer of ``model``, and of each of its linears, at each of ``levels`` with
-    ``spec``'s grid (group size, g_idx)."""
+    ``spec``'s grid (group size, g_idx; ``packed_zeros``: integer zero points as a compressed-tensors checkpoint
+    stores them)."""
     levels = check_levels(levels)
     bits, weights, modules, quantized = [], [], [], set()
     for layer in arch.decoder_layers(model):
-        per_linear = {name: [linear_storage(linear, b, spec) for b in levels]
+        per_linear = {name: [linear_storage(linear, b, spec, packed_zeros) for b in levels]
                       for name, linear in arch.layer_linears(layer).items()}
         modules.append(per_linear)
         bits.append([sum(row[j] for row in per_linear.values()) for j in range(len(levels))])  # the layer's sum
-        _bits, n_weights, ids = layer_storage(arch, layer, levels[0], spec)
+        _bits, n_weights, ids = layer_storage(arch, layer, levels[0], spec, packed_zeros)
         weights.append(n_weights)
         quantized.update(ids)
     unquantized = sum(p.numel() for p in model.parameters() if id(p) not in quantized)

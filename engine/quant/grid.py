@@ -187,15 +187,18 @@ def symmetric_zero(bits: int) -> int:
 
 
 def weight_storage_bits(out_features: int, in_features: int, bits: int, group_size: int | None,
-                        group_index: bool = False, zero_point: str = "integer") -> int:
+                        group_index: bool = False, zero_point: str = "integer", packed_zeros: bool = False) -> int:
     """Bits needed to store one quantized ``[out, in]`` weight.
 
     Codes ``out·in·bits`` + fp16 scale and fp16 zero per group and row (no zero for the symmetric grid)
     (+ int32 ``g_idx`` per input column when ``group_index``: dynamic-group
     act-order GPTQ).  4 bits with group 128 gives 4 + 32/128 = 4.25 bits per weight.
+    ``packed_zeros``: integer zero points stored at the code width, as a compressed-tensors checkpoint packs them
+    (4 bits with group 64: 4 + 20/64 = 4.3125 bits per weight).
     """
     groups = 1 if group_size is None else math.ceil(in_features / group_size)
-    per_group = FP16_BITS if zero_point == "symmetric" else 2 * FP16_BITS
+    zero_bits = 0 if zero_point == "symmetric" else bits if packed_zeros and zero_point == "integer" else FP16_BITS
+    per_group = FP16_BITS + zero_bits
     total = out_features * in_features * bits + out_features * groups * per_group
     if group_index and groups > 1:
         total += in_features * GIDX_BITS

@@ -118,9 +118,10 @@ class QuantizedModel:
         weights are not the quantized ones: read those from ``weights``."""
         return self.dense if self.dense is not None else self.model
 
-    def size(self) -> SizeReport:
-        """Bytes of the quantized model as stored (counted on :meth:`tensor_source`: same shapes)."""
-        return size_report(self.tensor_source(), self.architecture, self.bits, self.spec)
+    def size(self, packed_zeros: bool = False) -> SizeReport:
+        """Bytes of the quantized model as stored (counted on :meth:`tensor_source`: same shapes; ``packed_zeros``:
+        as a compressed-tensors checkpoint stores integer zero points)."""
+        return size_report(self.tensor_source(), self.architecture, self.bits, self.spec, packed_zeros)
 
 
 # --- the linears of a layer -------------------------------------------------------

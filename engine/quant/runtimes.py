@@ -5,11 +5,13 @@ only what that runtime runs, and a run records its runtime:
 
 - ``llama.cpp`` (GGUF): llama.cpp's own types (:mod:`engine.quant.ggml_types`), exported bit for bit;
 - ``vllm`` (compressed-tensors): ``CompressedTensorsWNA16``'s rules (:mod:`engine.export.vllm_rules`, read in
-  vllm-project/vllm): 4- and 8-bit integer weights, LayerLab's symmetric grid (the zero-point form it also
-  accepts is not one LayerLab's compressed-tensors writer holds exactly), group-wise or per-row scales,
-  act-order only with static groups, and q/k/v and gate/up at one level each (vLLM fuses them into
-  ``qkv_proj`` / ``gate_up_proj``; a checkpoint whose fused parts differ does not load);
-- ``transformers`` (compressed-tensors, dequantized on load): any level from 2 to 8 on the symmetric grid;
+  vllm-project/vllm): 4- and 8-bit integer weights with a zero point per group (LayerLab's integer grid, vLLM's
+  ``uint4`` / ``uint8``; the default: a third less KL than the symmetric grid at 4 bits on SmolLM2 for 0.06
+  bits per weight more) or on the symmetric grid, group-wise or per-row scales, act-order only with static
+  groups, and q/k/v and gate/up at one level each (vLLM fuses them into ``qkv_proj`` / ``gate_up_proj``; a
+  checkpoint whose fused parts differ does not load);
+- ``transformers`` (compressed-tensors, dequantized on load): any level from 2 to 8 on the symmetric grid
+  (transformers 5.23 cannot load compressed-tensors zero points: :mod:`engine.export.ct_folder`);
 - ``research``: LayerLab's free grid (any level, group size, zero point): for exploring, not deployable as is.
 """
 
@@ -50,7 +52,7 @@ class Runtime:
     @property
     def default_zero_point(self) -> str:
         """The grid's zero point where a plan does not choose: the integer one unless the runtime takes only
-        another (vLLM: symmetric)."""
+        another (transformers: symmetric)."""
         return "integer" if "integer" in self.zero_points else self.zero_points[0]
 
     @property
@@ -111,8 +113,8 @@ RUNTIMES: dict[str, Runtime] = {r.key: r for r in (
             (None, *GROUP_SIZES), act_order=True, fused=False, export=None, deployable=False, dynamic_groups=True),
     Runtime("llama.cpp", "llama.cpp (GGUF)", (LLAMACPP,), (2, 3, 4, 5, 6, 8), ZERO_POINTS, (None,),
             act_order=False, fused=False, export="gguf"),
-    Runtime("vllm", "vLLM (compressed-tensors)", ("rtn", "gptq"), (4, 8), ("symmetric",), (None, 32, 64, 128),
-            act_order=True, fused=True, export="ct"),
+    Runtime("vllm", "vLLM (compressed-tensors)", ("rtn", "gptq"), (4, 8), ("integer", "symmetric"),
+            (None, 32, 64, 128), act_order=True, fused=True, export="ct"),
     Runtime("transformers", "transformers (compressed-tensors)", ("rtn", "gptq"), ALL_LEVELS, ("symmetric",),
             (None, *GROUP_SIZES), act_order=True, fused=False, export="ct"),
 )}

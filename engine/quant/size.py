@@ -78,16 +78,18 @@ class SizeReport:
                 "unquantized_fractions": {k: v / self.dense_bytes for k, v in self.unquantized.items()}}
 
 
-def linear_storage(linear: nn.Module, bits: int, spec: QuantizerSpec) -> int:
-    """Storage bits of one linear's weight at ``bits`` (codes, scales, zeros)."""
+def linear_storage(linear: nn.Module, bits: int, spec: QuantizerSpec, packed_zeros: bool = False) -> int:
+    """Storage bits of one linear's weight at ``bits`` (codes, scales, zeros; ``packed_zeros``: integer zero points
+    at the code width, as in a compressed-tensors checkpoint)."""
     out, inp = linear.weight.shape
     if spec.method == LLAMACPP:
         return 8 * tensor_bytes(type_for_level(bits, int(inp), spec.ggml_types).qtype, int(out), int(inp))
-    return weight_storage_bits(out, inp, bits, spec.group_size, spec.stores_group_index, spec.zero_point)
+    return weight_storage_bits(out, inp, bits, spec.group_size, spec.stores_group_index, spec.zero_point,
+                               packed_zeros)
 
 
-def layer_storage(arch: Architecture, layer: nn.Module, bits: LayerBits,
-                  spec: QuantizerSpec) -> tuple[int, int, set[int]]:
+def layer_storage(arch: Architecture, layer: nn.Module, bits: LayerBits, spec: QuantizerSpec,
+                  packed_zeros: bool = False) -> tuple[int, int, set[int]]:
     """Storage bits and weight count of one decoder layer's linears at ``bits`` (one level, or one per linear:
     :mod:`engine.quant.layer_bits`), and the ids of the parameters they quantize (fused experts: the 3-D
     tensor)."""
@@ -95,20 +97,22 @@ def layer_storage(arch: Architecture, layer: nn.Module, bits: LayerBits,
     ids = set()
     for name, linear in arch.layer_linears(layer).items():
         out, inp = linear.weight.shape
-        layer_bits += linear_storage(linear, linear_bits(bits, name), spec)
+        layer_bits += linear_storage(linear, linear_bits(bits, name), spec, packed_zeros)
         layer_weights += out * inp
         ids.add(id(getattr(linear, "parameter", linear.weight)))
     return layer_bits, layer_weights, ids
 
 
-def size_report(model: nn.Module, arch: Architecture, bits: Sequence[LayerBits], spec: QuantizerSpec) -> SizeReport:
+def size_report(model: nn.Module, arch: Architecture, bits: Sequence[LayerBits], spec: QuantizerSpec,
+                packed_zeros: bool = False) -> SizeReport:
     """Bytes of ``model`` with layer ``i``'s linears at ``bits[i]`` (one level, or one per linear; tied weights
-    counted once)."""
+    counted once; ``packed_zeros``: integer zero points at the code width, as a compressed-tensors checkpoint
+    holds them)."""
     layers = arch.decoder_layers(model)
     bits = check_bits(bits, len(layers), list(arch.linears))
     quantized_ids, per_layer, q_bits, code_bits, n_weights = set(), [], 0, 0, 0
     for layer, b in zip(layers, bits):
-        layer_bits, layer_weights, ids = layer_storage(arch, layer, b, spec)
+        layer_bits, layer_weights, ids = layer_storage(arch, layer, b, spec, packed_zeros)
         codes = sum(linear_bits(b, name) * linear.weight.numel() for name, linear in arch.layer_linears(layer).items())
         quantized_ids.update(ids)
         per_layer.append(layer_bits / layer_weights)
@@ -140,7 +144,8 @@ def size_report(model: nn.Module, arch: Architecture, bits: Sequence[LayerBits],
                           bits_per_weight=q_bits / n_weights, code_bits_per_weight=code_bits / n_weights,
                           unquantized=unquantized, per_layer_bits_per_weight=per_layer, notes=notes,
                           dense_params=dense_params, unquantized_params=unquantized_params)
-    zero_note = {"integer": "zero points are integers stored as fp16 and counted at 16 bits",
+    zero_note = {"integer": "zero points are integers packed at the code width, as compressed-tensors stores them"
+                 if packed_zeros else "zero points are integers stored as fp16 and counted at 16 bits",
                  "float": "each group stores its fp16 minimum as the zero point (16 bits)",
                  "symmetric": "symmetric grid: the zero point is fixed at 2^(bits-1) and not stored"}[spec.zero_point]
     notes = ["codes are bit-packed at every width (3-bit included)", zero_note,

@@ -106,7 +106,7 @@ class BitsOptimizerPlan:
 
     @property
     def zero_point(self) -> str:
-        """The grid's zero point: the integer one unless the runtime takes only another (vLLM: symmetric)."""
+        """The grid's zero point: the integer one unless the runtime takes only another (transformers: symmetric)."""
         return runtime_named(self.runtime).default_zero_point
 
     @property
@@ -305,11 +305,12 @@ def _key(loaded: LoadedModel, plan: BitsOptimizerPlan, calibration: DataSpec) ->
 
 
 def plan_costs(loaded: LoadedModel, plan: BitsOptimizerPlan) -> LayerCosts:
-    """Storage of every layer and linear at the plan's levels; for llama.cpp's types the rest of the model is
-    counted as the GGUF file holds it (embedding/output in the output type, norms, metadata), so a budget in
-    bytes is a budget on the file."""
+    """Storage of every layer and linear at the plan's levels (for a compressed-tensors runtime as its checkpoint
+    packs them); for llama.cpp's types the rest of the model is counted as the GGUF file holds it
+    (embedding/output in the output type, norms, metadata), so a budget in bytes is a budget on the file."""
     spec = plan.spec()
-    costs = layer_costs(loaded.model, loaded.architecture, plan.levels, spec)
+    costs = layer_costs(loaded.model, loaded.architecture, plan.levels, spec,
+                        packed_zeros=runtime_named(plan.runtime).export == "ct")
     if spec.method != LLAMACPP:
         return costs
     lowest = tuple([min(plan.levels)] * loaded.num_layers)

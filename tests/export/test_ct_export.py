@@ -18,6 +18,7 @@ from engine.export.ct_folder import ct_unsupported, write_ct_folder
 from engine.export.hf_folder import ExportError
 from engine.quant.grid import QuantizerSpec
 from engine.quant.quantize_model import clear_memory_cache, quantize_model
+from engine.quant.runtimes import RUNTIMES
 from engine.runs.exports import check_export, export_formats, export_run
 from engine.runs.plans import EvalPlan, QuantPlan
 from engine.runs.runner import run_quantization
@@ -91,15 +92,16 @@ def test_a_missing_package_is_named(tiny_loaded, monkeypatch):
 
 
 def test_grids_the_format_cannot_hold_are_refused_with_what_to_do(tiny_loaded, tmp_path):
-    assert "zero point 'symmetric'" in ct_unsupported(tiny_loaded, QuantizerSpec())
+    assert ct_unsupported(tiny_loaded, QuantizerSpec(group_size=32)) is None  # the integer grid: zero points
+    assert "zero point 'integer' or 'symmetric'" in ct_unsupported(tiny_loaded, QuantizerSpec(zero_point="float"))
     wide = ct_unsupported(tiny_loaded, QuantizerSpec(group_size=48, zero_point="symmetric"))
     assert "multiple of the group size" in wide and "group size 32" in wide  # names the sizes that fit
     assert ct_unsupported(tiny_loaded, QuantizerSpec(group_size=None, zero_point="symmetric")) is None
     dynamic = QuantizerSpec(method="gptq", act_order=True, group_params="dynamic", zero_point="symmetric")
     assert "static groups" in ct_unsupported(tiny_loaded, dynamic)
-    with pytest.raises(ExportError, match="symmetric"):
-        write_ct_folder(quantize_model(tiny_loaded, [4] * 4, spec=QuantizerSpec(group_size=32)), tiny_loaded,
-                        tmp_path / "no")
+    with pytest.raises(ExportError, match="float"):
+        write_ct_folder(quantize_model(tiny_loaded, [4] * 4, spec=QuantizerSpec(group_size=32, zero_point="float")),
+                        tiny_loaded, tmp_path / "no")
     assert not (tmp_path / "no").exists()
 
 
@@ -115,10 +117,49 @@ def test_a_symmetric_run_exports_and_verifies_exactly(store, tiny_loaded, tmp_pa
     half = export_run(store, tiny_loaded, run.record, "ct", tmp_path / "ct16", dtype="float16")
     assert half["bytes"] < result["bytes"] and half["dtype"] == "float16" and half["verification"]["passed"]
     assert any("rounded to float16" in note for note in half["notes"])
-    integer = run_quantization(store, tiny_loaded, QuantPlan(group_size=32, ordering="random"), CALIB, EVAL)
-    with pytest.raises(ExportError, match="cannot be exported as ct.*symmetric"):
-        check_export(tiny_loaded, integer.record, "ct", tmp_path / "x", overwrite=False)
+    floating = run_quantization(store, tiny_loaded, QuantPlan(group_size=32, ordering="random", zero_point="float"),
+                                CALIB, EVAL)
+    with pytest.raises(ExportError, match="cannot be exported as ct.*float zero point"):
+        check_export(tiny_loaded, floating.record, "ct", tmp_path / "x", overwrite=False)
     assert not Path(tmp_path / "x").exists()
+
+
+def test_an_integer_zero_point_run_exports_with_packed_zero_points_and_verifies_exactly(store, tiny_loaded, tmp_path):
+    """The integer grid is compressed-tensors' asymmetric scheme: vLLM's layout, read back by compressed-tensors'
+    own decompressor (transformers 5.23 refuses the zero points) and computing exactly what the run measured."""
+    plan = QuantPlan(group_size=32, high_bits=8, low_bits=4, low_fraction=0.5, ordering="random", runtime="vllm")
+    assert plan.zero_point == "integer" == RUNTIMES["vllm"].default_zero_point
+    run = run_quantization(store, tiny_loaded, plan, CALIB, EVAL)
+    exact = export_run(store, tiny_loaded, run.record, "ct", tmp_path / "ct32")["verification"]
+    assert exact["passed"] and exact["rel_diff"] == pytest.approx(0.0, abs=1e-9)
+    result = export_run(store, tiny_loaded, run.record, "ct", tmp_path / "ct", dtype="float16")
+    assert any("loads as written; transformers 5.23 does not load its zero points" in n for n in result["notes"])
+    assert result["verification"]["passed"] and result["vllm_problems"] == []
+    written = (tmp_path / "ct" / "model.safetensors").stat().st_size
+    assert written == run.record.metrics["bytes_16bit"]  # the run's size is the checkpoint's, to the byte
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert {g["weights"]["symmetric"] for g in config["config_groups"].values()} == {False}
+    with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:
+        zeros = f.get_tensor("model.layers.0.mlp.down_proj.weight_zero_point")
+        scales = f.get_tensor("model.layers.0.mlp.down_proj.weight_scale")
+    bits = run.record.config["bits"][0]
+    assert zeros.dtype == torch.int32 and list(zeros.shape) == [-(-64 * bits // 32), scales.shape[1]]  # vLLM's
+
+
+@pytest.mark.parametrize("group_size", [32, None])
+def test_integer_grid_folders_of_every_family_reload_exactly(tmp_path, group_size):
+    from engine.export.ct_folder import ct_weights_bytes, load_ct_folder
+
+    probe = torch.randint(0, 100, (2, 12))
+    for family in CT_FAMILIES:
+        loaded = LoadedModel.from_model(tiny_family_model(family))
+        quantized = quantize_model(loaded, _allocation(loaded),
+                                   spec=QuantizerSpec(group_size=group_size, zero_point="integer"))
+        write_ct_folder(quantized, loaded, tmp_path / family)
+        assert (tmp_path / family / "model.safetensors").stat().st_size == ct_weights_bytes(quantized, loaded, None)
+        with torch.no_grad():
+            want, got = quantized.model(probe).logits, load_ct_folder(tmp_path / family)(probe).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=family)
 
 
 def test_vllm_rules_name_what_vllm_would_refuse(tiny_loaded, tmp_path):

@@ -148,8 +148,11 @@ def test_module_granularity_gives_each_linear_a_level_within_the_budget(store, t
 def test_for_vllm_the_per_linear_optimizer_ties_fused_linears_and_uses_its_levels_only(store, tiny_loaded):
     plan = BitsOptimizerPlan(BitBudget(avg_bits=6.0), levels=(4, 8), group_size=32, candidates=3, held_out_windows=2,
                              granularity="module", runtime="vllm")
-    assert plan.tied and plan.zero_point == "symmetric" and plan.spec().zero_point == "symmetric"
-    assert all(a.zero_point == "symmetric" for a in plan.actions(list(tiny_loaded.architecture.linears)))
+    assert plan.tied and plan.zero_point == "integer" and plan.spec().zero_point == "integer"  # vLLM's uint4/uint8
+    assert all(a.zero_point is None for a in plan.actions(list(tiny_loaded.architecture.linears)))  # the default grid
+    for_transformers = replace(plan, runtime="transformers")
+    assert for_transformers.spec().zero_point == "symmetric"
+    assert all(a.zero_point == "symmetric" for a in for_transformers.actions(list(tiny_loaded.architecture.linears)))
     result = optimize_bits(store, tiny_loaded, plan, CALIB)
     solver = [c for c in result.candidates if c.source == "optimizer"]
     assert solver and any(isinstance(entry, dict) for c in solver for entry in c.bits)  # still per linear
@@ -162,7 +165,7 @@ def test_for_vllm_the_per_linear_optimizer_ties_fused_linears_and_uses_its_level
     outcome = run_quantization(store, tiny_loaded, plan.quant_plan("optimizer"), CALIB,
                                EvalPlan(DataSpec("wiki-offline", "evaluation", 32, 2)),
                                allocation=result.allocation(result.best))
-    assert outcome.record.config["target_runtime"] == "vllm" and outcome.record.config["zero_point"] == "symmetric"
+    assert outcome.record.config["target_runtime"] == "vllm" and outcome.record.config["zero_point"] == "integer"
     with pytest.raises(BudgetError, match="3-bit weights"):
         BitsOptimizerPlan(BitBudget(avg_bits=6.0), levels=(3, 4, 8), group_size=32, runtime="vllm")
     untied = replace(plan, runtime="transformers")

@@ -19,9 +19,12 @@ VLLM = RUNTIMES["vllm"]
 
 def test_each_runtime_refuses_what_it_does_not_run_and_names_what_it_does():
     assert VLLM.problems("rtn", [4, 8], 128, "symmetric") == []
-    found = VLLM.problems("rtn", [3, 4], 128, "integer")
+    assert VLLM.problems("rtn", [4, 8], 64, "integer") == []  # vLLM's uint4 / uint8 with zero points
+    found = VLLM.problems("rtn", [3, 4], 128, "float")
     assert any("3-bit weights (it takes 4, 8)" in p for p in found)
-    assert any("zero point 'integer' (it takes symmetric)" in p for p in found)
+    assert any("zero point 'float' (it takes integer or symmetric)" in p for p in found)
+    assert RUNTIMES["transformers"].problems("rtn", [4], 64, "integer") == [
+        "zero point 'integer' (it takes symmetric)"]  # transformers 5.23 cannot load the zero points
     assert VLLM.problems("gptq", [4], 128, "symmetric", act_order=True, dynamic_groups=True) == [
         "act-order with dynamic groups (it takes static groups only)"]
     assert VLLM.problems("llama.cpp", [4]) == ["the llama.cpp quantizer (it takes rtn or gptq)"]
@@ -89,6 +92,25 @@ def test_a_stack_that_drops_then_quantizes_for_vllm_exports_the_checkpoint_it_wa
 
     quantize_s = record.config["stages"][1]["quantize_s"]  # the export's estimate: dropping again is free
     assert method_named("stacked").rebuild_seconds(record) == quantize_s < record.metrics["compress_s"]
-    integer = run(store, tiny_loaded, StackPlan(plan.first, QuantPlan("rtn", 32, 8, 4, 0.5)), CALIB, EVAL).record
-    assert "symmetric" in export_formats(integer, tiny_loaded)["ct"]  # the research grid's integer zero point
-    assert integer.config["runs_in"].startswith("nowhere as one file")
+    floating = run(store, tiny_loaded, StackPlan(plan.first, QuantPlan("rtn", 32, 8, 4, 0.5, zero_point="float")),
+                   CALIB, EVAL).record
+    assert "float zero point" in export_formats(floating, tiny_loaded)["ct"]  # an fp16 minimum: no ct form
+    assert floating.config["runs_in"].startswith("nowhere as one file")
+
+
+def test_compressed_tensors_runtimes_count_integer_zero_points_as_their_checkpoint_packs_them(tiny_loaded):
+    """A zero point per group is an fp16 number in LayerLab's own files but ``bits`` bits in a compressed-tensors
+    checkpoint: vLLM's sizes, and the budgets its optimizer solves, count it as the checkpoint does."""
+    from engine.optimize.bit_budget import BitBudget
+    from engine.quant.grid import weight_storage_bits
+    from engine.runs.bits_optimizer import BitsOptimizerPlan, plan_costs
+
+    assert weight_storage_bits(576, 576, 4, 64, zero_point="integer", packed_zeros=True) / 576**2 == 4 + 20 / 64
+    assert weight_storage_bits(576, 576, 4, 64, zero_point="integer") / 576**2 == 4 + 32 / 64
+    assert weight_storage_bits(576, 576, 4, 64, zero_point="symmetric", packed_zeros=True) / 576**2 == 4 + 16 / 64
+    vllm = BitsOptimizerPlan(BitBudget(avg_bits=6.0), levels=(4, 8), group_size=32, runtime="vllm")
+    research = BitsOptimizerPlan(BitBudget(avg_bits=6.0), levels=(4, 8), group_size=32, runtime="research")
+    packed, own = plan_costs(tiny_loaded, vllm), plan_costs(tiny_loaded, research)
+    weights = sum(packed.weights)
+    assert [sum(row[j] for row in packed.bits) / weights for j in range(2)] == [4 + 20 / 32, 8 + 24 / 32]
+    assert [sum(row[j] for row in own.bits) / weights for j in range(2)] == [4 + 32 / 32, 8 + 32 / 32]

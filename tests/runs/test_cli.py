@@ -108,7 +108,7 @@ def test_export_command_writes_verifies_and_refuses(capsys, tmp_path, tiny_folde
     assert main(["export", str(run_id), "--format", "hf", "--out", str(tmp_path / "hf"), *store]) == 2
     assert "GGUF" in capsys.readouterr().err
     assert main(["export", str(run_id), "--format", "ct", "--out", str(tmp_path / "ct"), *store]) == 2
-    assert "zero point 'symmetric'" in capsys.readouterr().err and not (tmp_path / "ct").exists()
+    assert "zero point 'integer' or 'symmetric'" in capsys.readouterr().err and not (tmp_path / "ct").exists()
     assert main(["export", "9999", "--format", "hf", "--out", str(tmp_path / "x"), *store]) == 2
     assert "no stored run 9999" in capsys.readouterr().err
 
@@ -150,14 +150,18 @@ def test_stack_for_vllm_then_export_as_compressed_tensors(capsys, tmp_path, tiny
 
 
 def test_stack_for_a_runtime_takes_its_zero_point():
-    """vLLM runs only the symmetric grid: a stack made for it quantizes on that grid (the page does the same)."""
+    """A stack made for a runtime quantizes on its default grid (vLLM: a zero point per group; transformers, which
+    cannot load compressed-tensors zero points: symmetric); the page does the same."""
     from engine.cli import PLANS
 
     args = build_parser().parse_args(["stack", "--drop-layers", "1", "--runtime", "vllm", "--quantize-bits", "8",
                                       "--group-size", "64"])
     plan = PLANS["stack"](args)
-    assert plan.then.zero_point == "symmetric" and plan.then.runtime == "vllm" and not plan.then.runtime_problems()
+    assert plan.then.zero_point == "integer" and plan.then.runtime == "vllm" and not plan.then.runtime_problems()
     assert plan.then.group_size == 64
+    transformers = PLANS["stack"](build_parser().parse_args(["stack", "--drop-layers", "1", "--runtime",
+                                                             "transformers", "--group-size", "64"]))
+    assert transformers.then.zero_point == "symmetric" and not transformers.then.runtime_problems()
     research = PLANS["stack"](build_parser().parse_args(["stack", "--slice", "0.2"]))
     assert research.then.zero_point == "integer"
 

@@ -159,7 +159,7 @@ def test_the_sidebar_runtime_narrows_every_choice_and_runs_record_it(tiny_app):
     assert [o for o in at.selectbox(key="keep.quant_method_vllm").options] == ["round-to-nearest",
                                                                                "GPTQ (calibrated)"]
     assert list(at.select_slider(key="keep.quant_high_vllm").options) == ["4", "8"]
-    assert list(at.radio(key="keep.quant_zero_vllm").options) == ["symmetric"]
+    assert list(at.radio(key="keep.quant_zero_vllm").options) == ["integer", "symmetric"]
     at.select_slider(key="keep.quant_high_vllm").set_value(8).run()
     at.select_slider(key="keep.quant_low_vllm").set_value(4).run()
     # only group sizes the checkpoint can hold for this model (its widths are 64 and 96)
@@ -169,6 +169,7 @@ def test_the_sidebar_runtime_narrows_every_choice_and_runs_record_it(tiny_app):
     stored = ResultsStore().runs(method="quantization")
     run = stored[0]
     assert run.config["target_runtime"] == "vllm" and run.series.endswith("for vLLM (compressed-tensors)")
+    assert run.config["zero_point"] == "integer"  # vLLM's default grid: a zero point per group
     at.selectbox(key="keep.runtime").set_value("llama.cpp").run()  # switching keeps every stored run
     assert [o for o in at.selectbox(key="keep.quant_method_llama.cpp").options] == ["llama.cpp types (exact GGUF)"]
     assert len(ResultsStore().runs(method="quantization")) == len(stored)
