@@ -155,7 +155,7 @@ allocation, importance = preview_or_stop(lambda: allocation_for(store, loaded, p
                                          store, loaded, calibration, "This ordering")
 spec = preview_or_stop(plan.spec, store, loaded, calibration, "")
 bit_table = charts.bit_map_table(list(allocation.bits), importance, "−ZD" if ordering == "zd" else "LIM")
-size = size_report(loaded.model, loaded.architecture, allocation.bits, spec)
+size = size_report(loaded.model, loaded.architecture, allocation.bits, spec, runtime.packs_zero_points)
 size_text = describe_size(size)
 if quantizer == LLAMACPP:
     details = llamacpp_details(loaded, spec, allocation.bits)

@@ -56,6 +56,12 @@ class Runtime:
         return "integer" if "integer" in self.zero_points else self.zero_points[0]
 
     @property
+    def packs_zero_points(self) -> bool:
+        """Whether its files hold integer zero points at the code width (a compressed-tensors checkpoint), not as
+        fp16 numbers (LayerLab's own files): the sizes shown and the budgets solved count them so."""
+        return self.export == "ct"
+
+    @property
     def runs_as(self) -> str:
         """Where a model quantized for this runtime runs as it is, for tables and the report."""
         return self.label if self.deployable else f"{self.label} (not deployable as is)"

@@ -310,7 +310,7 @@ def plan_costs(loaded: LoadedModel, plan: BitsOptimizerPlan) -> LayerCosts:
     (embedding/output in the output type, norms, metadata), so a budget in bytes is a budget on the file."""
     spec = plan.spec()
     costs = layer_costs(loaded.model, loaded.architecture, plan.levels, spec,
-                        packed_zeros=runtime_named(plan.runtime).export == "ct")
+                        packed_zeros=runtime_named(plan.runtime).packs_zero_points)
     if spec.method != LLAMACPP:
         return costs
     lowest = tuple([min(plan.levels)] * loaded.num_layers)

@@ -138,7 +138,8 @@ def _quant_points(loaded, targets: Sequence[float], base: QuantPlan) -> list[Mat
             continue
         for n_low in range(n + 1):
             allocation = allocate_fraction(order, high, low, n_low / n)
-            size = size_report(loaded.model, loaded.architecture, allocation.bits, base.spec()).compression_16bit
+            size = size_report(loaded.model, loaded.architecture, allocation.bits, base.spec(),
+                               runtime_named(base.runtime).packs_zero_points).compression_16bit
             candidates.append((allocation.average_bits, high, low, n_low / n, size))
     points = []
     for target in targets:
