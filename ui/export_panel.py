@@ -20,6 +20,7 @@ from engine.runs.exports import (
     export_run,
     gguf_type_lines,
     in_llamacpp_types,
+    quantized_as,
 )
 from engine.runs.record import RunRecord
 from engine.runs.store import ResultsStore
@@ -37,6 +38,12 @@ CT_NOTE = (
     "its own width with fp16 scales. Load with `AutoModelForCausalLM.from_pretrained(folder)` once "
     "`pip install compressed-tensors` is done (transformers decompresses the weights on load), or serve it with "
     "vLLM on a GPU. No remote code."
+)
+CT_ZERO_POINT_NOTE = (
+    "compressed-tensors `pack-quantized` (the format llm-compressor writes), asymmetric: each layer's codes and zero "
+    "points packed at its own width with fp16 scales. Serve it with vLLM on a GPU (its `uint4` / `uint8` kernels). "
+    "transformers 5.23 does not load compressed-tensors zero points, so the check reads the folder with "
+    "compressed-tensors' own decompressor. No remote code."
 )
 
 
@@ -134,7 +141,9 @@ def export_section(store: ResultsStore, loaded: LoadedModel, method: str | None,
                    "bit (an integer one is rounded to an fp16 minimum). Re-quantized tensors round a second time: "
                    f"the check below shows the difference (promise: ±{TOLERANCE['gguf']:.0%} for exact types).")
     if fmt == "ct":
-        st.caption(CT_NOTE + f" Promise: perplexity within ±{TOLERANCE['ct']:.1%} of the app's.")
+        quantized = quantized_as(record)
+        note = CT_ZERO_POINT_NOTE if quantized and quantized[0].zero_point == "integer" else CT_NOTE
+        st.caption(note + f" Promise: perplexity within ±{TOLERANCE['ct']:.1%} of the app's.")
     dtype = None
     if fmt == "hf":
         st.caption(REMOTE_CODE_NOTE + f" Promise: perplexity within ±{TOLERANCE['hf']:.1%} of the app's.")

@@ -155,5 +155,7 @@ def test_a_stack_for_vllm_exports_its_checkpoint_from_the_results_page(tiny_app,
     assert run.config["target_runtime"] == "vllm" and run.config["runs_in"] == "vLLM (compressed-tensors)"
     assert at.radio(key="results_export_format").value == "ct"
     assert any("re-run the stack with llama.cpp's types" in c.value for c in at.caption)  # why no GGUF file
+    assert run.config["stages"][1]["quantizer_spec"]["zero_point"] == "integer"  # vLLM's default grid
+    assert any("asymmetric" in c.value and "compressed-tensors' own decompressor" in c.value for c in at.caption)
     export = _export(at, run, "ct", tmp_path / "stack")
     assert export["vllm_problems"] == [] and export["verification"]["passed"]
