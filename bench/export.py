@@ -60,6 +60,10 @@ CASES = [  # (label, method, plan, format[, weights dtype of a Hugging Face fold
      QuantPlan("gptq", 64, 4, 3, 0.5, zero_point="symmetric", act_order=True), "ct"),
     ("RTN 8/5-bit per-row symmetric (50% at 5, LIM)", "quantization",
      QuantPlan("rtn", None, 8, 5, 0.5, zero_point="symmetric"), "ct"),
+    ("RTN 8/4-bit g64 integer zero for vLLM (50% at 4, LIM)", "quantization",
+     QuantPlan("rtn", 64, 8, 4, 0.5, runtime="vllm"), "ct", "float16"),
+    ("GPTQ 8/4-bit g64 integer zero for vLLM, act-order (50% at 4, LIM)", "quantization",
+     QuantPlan("gptq", 64, 8, 4, 0.5, act_order=True, runtime="vllm"), "ct", "float16"),
 ]
 RUNNERS = {"dropping": run_dropping, "slicing": run_slicing, "quantization": run_quantization}
 
@@ -79,7 +83,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = ResultsStore(Path(tmp) / "bench.sqlite")
         for number, (label, method, plan, fmt, *option) in enumerate(CASES, 1):
-            dtype = option if fmt == "hf" else []
+            dtype = option if fmt in ("hf", "ct") else []
             types = option[0] if fmt == "gguf" and option else "exact"
             if chosen and number not in chosen:
                 continue

@@ -53,9 +53,9 @@ st.caption(
     "to the low bit level first. Weights are quantized group-wise (fp16 scale, and a zero point unless symmetric)."
 )
 
-if loaded.note:
-    st.caption("The built-in model was distributed at 4 bits: 3- and 2-bit levels are the informative ones.")
 runtime = target_runtime()
+if loaded.note and min(runtime.levels) < 4:
+    st.caption("The built-in model was distributed at 4 bits: 3- and 2-bit levels are the informative ones.")
 own = "" if runtime.key == "research" else f"_{runtime.key}"  # widgets whose options the runtime narrows
 st.info(f"Target runtime: **{runtime.label}** (sidebar). " + (
     "Only what it runs as it is is offered below; every run records it." if runtime.deployable else
@@ -127,10 +127,12 @@ if choose == "optimizer":
     st.stop()
 # each level set keeps its own sliders
 family = f"_ggml_{ggml_types}" if quantizer == LLAMACPP else own
-high_bits = cols[1].select_slider("High bits", level_options, 4 if 4 in level_options else max(level_options),
-                                  format_func=level_label, key=kept(f"quant_high{family}"))
-low_bits = cols[1].select_slider("Low bits", level_options, 2 if 2 in level_options else min(level_options),
-                                 format_func=level_label, key=kept(f"quant_low{family}"))
+low_start = 2 if 2 in level_options else min(level_options)  # 4/2 bits; vLLM's 8/4
+high_start = min([b for b in level_options if b > low_start and b >= 4], default=max(level_options))
+high_bits = cols[1].select_slider("High bits", level_options, high_start, format_func=level_label,
+                                  key=kept(f"quant_high{family}"))
+low_bits = cols[1].select_slider("Low bits", level_options, low_start, format_func=level_label,
+                                 key=kept(f"quant_low{family}"))
 mode = cols[2].radio("Allocate by", ["fraction", "average"], key=kept("quant_mode"),
                      format_func={"fraction": "fraction of layers at low bits", "average": "target average bits"}.get)
 low_fraction = target_bits = None
