@@ -57,7 +57,7 @@ def _export_row(e: dict) -> dict:
            "folder": e["folder"], "MiB on disk": round(e["bytes"] / 2**20, 2)}
     check = e.get("verification")
     if check is not None:
-        return {**row, "checked by": "transformers", "ppl in app": round(check["ppl_in_app"], 3),
+        return {**row, "checked by": e.get("reader", "transformers"), "ppl in app": round(check["ppl_in_app"], 3),
                 "ppl reloaded": round(check["ppl_export"], 3), "change": f"{check['rel_diff']:+.3%}",
                 "within promise": check["passed"]}
     llama = e.get("llamacpp", {})

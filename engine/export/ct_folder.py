@@ -8,8 +8,7 @@ file holds
   ``q = code - 2**(bits-1)`` packed by compressed-tensors' own packer;
 - ``weight_scale``: fp16 ``[out, groups]`` (LayerLab's scales as they are);
 - ``weight_shape``: int64 ``[2]``, the dense shape;
-
-- ``weight_zero_point`` (zero-point grid only): int32 ``[ceil(out * bits / 32), groups]``, the signed zero
+- ``weight_zero_point`` (integer grid only): int32 ``[ceil(out * bits / 32), groups]``, the signed zero
   points ``zero - 2**(bits-1)`` packed along the output dimension (compressed-tensors' and vLLM's layout);
 
 and ``config.json``'s ``quantization_config`` has one config group per bit
@@ -25,9 +24,8 @@ Loading: vLLM runs the packed weights with its int kernels on a GPU (zero points
 decompresses symmetric folders into the model's dtype on load (on CPU too); transformers 5.23 with
 compressed-tensors 0.20 refuses folders with zero points (it makes the zero-point parameters unpacked,
 ``[out, groups]``, then meets the packed checkpoint tensors: "size mismatch"; llm-compressor #1618), so
-:func:`load_ct_folder` reads those with compressed-tensors' own decompressor instead.  Loading in bf16 rounds the fp16
-scales to bf16; load in fp16 or fp32 to compute exactly what LayerLab
-measured.
+:func:`load_ct_folder` reads those with compressed-tensors' own decompressor instead.  Loading in bf16 rounds
+the fp16 scales to bf16; load in fp16 or fp32 to compute exactly what LayerLab measured.
 """
 
 from __future__ import annotations
@@ -139,10 +137,10 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat1
 
 def ct_weights_bytes(quantized: QuantizedModel, loaded: LoadedModel, dtype: torch.dtype | None = torch.float16) -> int:
     """Bytes of the ``model.safetensors`` :func:`write_ct_folder` writes, from shapes alone (nothing is packed):
-    per linear ``ceil(in x bits / 32)`` int32 words per row, fp16 scales, packed zero points (integer grid) and an
-    int64 shape; every other tensor
-    in ``dtype`` (``None``: its own); the safetensors header.  What a run for a compressed-tensors runtime (vLLM,
-    transformers; a quantization or a stack that drops whole layers) shows as its size."""
+    per linear ``ceil(in x bits / 32)`` int32 words per row, fp16 scales, packed zero points (integer grid) and
+    an int64 shape; every other tensor in ``dtype`` (``None``: its own); the safetensors header.  What a run for a
+    compressed-tensors runtime (vLLM, transformers; a quantization or a stack that drops whole layers) shows as
+    its size."""
     names = loaded.architecture.linear_paths(len(quantized.bits))
     entries: dict[str, tuple[str, list[int]]] = {}
     for name, tensor in saved_tensors(quantized.tensor_source()).items():
@@ -177,7 +175,9 @@ def write_ct_folder(quantized: QuantizedModel, loaded: LoadedModel, folder: str 
     ``dtype``: the unquantized tensors (embedding, head, norms) in this dtype instead of the model's own
     (16 bits halve the embedding; the codes and fp16 scales are written as they are either way).
 
-    Returns ``{"folder", "files", "bytes", "remote_code": False, "exact_fraction": 1.0, "notes": [str]}``.
+    Returns ``{"folder", "files", "bytes", "remote_code": False, "exact_fraction": 1.0, "notes": [str],
+    "reader"`` (what reads it back: transformers, or compressed-tensors' decompressor for zero points)``,
+    "vllm_problems": [str]}``.
     Raises :class:`ExportError` (nothing written) when :func:`ct_unsupported` names a reason.
     """
     reason = ct_unsupported(loaded, quantized.spec)
@@ -208,7 +208,8 @@ def write_ct_folder(quantized: QuantizedModel, loaded: LoadedModel, folder: str 
              f"{'group ' + str(quantized.spec.group_size) if quantized.spec.group_size else 'per row'})"
              for bits, modules in sorted(by_bits.items())]
     lines.append(vllm_verdict(config.quantization_config))
-    lines.append("codes, fp16 scales" + (" and zero points" if grid != "symmetric" else "") + " copied as they are" + (
+    copied = "codes and fp16 scales" if grid == "symmetric" else "codes, fp16 scales and zero points"
+    lines.append(f"{copied} copied as they are" + (
         f"; the unquantized tensors rounded to {str(dtype).removeprefix('torch.')}" if dtype is not None else
         ": the folder computes what the app measured"))
     folder = Path(folder)
@@ -223,6 +224,7 @@ def write_ct_folder(quantized: QuantizedModel, loaded: LoadedModel, folder: str 
                                                                  default=str))
     return {"folder": str(folder), "files": sorted(p.name for p in folder.iterdir()), "bytes": folder_bytes(folder),
             "remote_code": False, "exact_fraction": 1.0, "notes": lines,
+            "reader": "transformers" if grid == "symmetric" else "compressed-tensors",  # what load_ct_folder uses
             "vllm_problems": vllm_problems(config.quantization_config)}
 
 

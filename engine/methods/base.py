@@ -39,7 +39,7 @@ from engine.runs.store import ResultsStore
 FORMATS = {
     "hf": "Hugging Face folder (transformers from_pretrained)",
     "gguf": "GGUF file (llama.cpp; transformers' GGUF loader)",
-    "ct": "compressed-tensors folder (transformers from_pretrained; vLLM on a GPU)",
+    "ct": "compressed-tensors folder (vLLM on a GPU; transformers from_pretrained for the symmetric grid)",
 }
 """Export formats (:mod:`engine.runs.exports` writes them), with what loads each."""
 

@@ -112,7 +112,7 @@ def test_a_symmetric_run_exports_and_verifies_exactly(store, tiny_loaded, tmp_pa
     clear_memory_cache()  # as in a new process (the CLI): the layers come back from the disk cache
     result = export_run(store, tiny_loaded, run.record, "ct", tmp_path / "ct")
     check = result["verification"]
-    assert check["passed"] and check["rel_diff"] == pytest.approx(0.0, abs=1e-9)
+    assert check["passed"] and check["rel_diff"] == pytest.approx(0.0, abs=1e-9) and result["reader"] == "transformers"
     assert store.get_run(run.run_id).config["exports"][0]["format"] == "ct"
     half = export_run(store, tiny_loaded, run.record, "ct", tmp_path / "ct16", dtype="float16")
     assert half["bytes"] < result["bytes"] and half["dtype"] == "float16" and half["verification"]["passed"]
@@ -130,10 +130,12 @@ def test_an_integer_zero_point_run_exports_with_packed_zero_points_and_verifies_
     plan = QuantPlan(group_size=32, high_bits=8, low_bits=4, low_fraction=0.5, ordering="random", runtime="vllm")
     assert plan.zero_point == "integer" == RUNTIMES["vllm"].default_zero_point
     run = run_quantization(store, tiny_loaded, plan, CALIB, EVAL)
-    exact = export_run(store, tiny_loaded, run.record, "ct", tmp_path / "ct32")["verification"]
+    first = export_run(store, tiny_loaded, run.record, "ct", tmp_path / "ct32")
+    exact, exact_reader = first["verification"], first["reader"]
     assert exact["passed"] and exact["rel_diff"] == pytest.approx(0.0, abs=1e-9)
     result = export_run(store, tiny_loaded, run.record, "ct", tmp_path / "ct", dtype="float16")
     assert any("loads as written; transformers 5.23 does not load its zero points" in n for n in result["notes"])
+    assert result["reader"] == "compressed-tensors" and exact_reader == "compressed-tensors"
     assert result["verification"]["passed"] and result["vllm_problems"] == []
     written = (tmp_path / "ct" / "model.safetensors").stat().st_size
     assert written == run.record.metrics["bytes_16bit"]  # the run's size is the checkpoint's, to the byte
