@@ -21,11 +21,16 @@ def test_throughput_is_reused_within_its_lifetime_and_measured_again_after(monke
     monkeypatch.setattr(latency.time, "monotonic", lambda: now[0])
     first = latency.tokens_per_second(model)
     assert first > 0 and len(calls) == 4  # a warm-up and three timed passes
-    now[0] += latency.THROUGHPUT_TTL_S / 2
+    now[0] += latency.FIRST_RECHECK_S / 2
     assert latency.tokens_per_second(model) == first and len(calls) == 4  # cached
+    now[0] += latency.FIRST_RECHECK_S
+    first = latency.tokens_per_second(model)
+    assert len(calls) == 8  # the start-up reading is checked once, soon
+    now[0] += latency.THROUGHPUT_TTL_S / 2
+    assert latency.tokens_per_second(model) == first and len(calls) == 8  # then trusted for longer
     now[0] += latency.THROUGHPUT_TTL_S
     latency.tokens_per_second(model)
-    assert len(calls) == 8  # measured again
+    assert len(calls) == 12  # measured again
     assert latency.estimate_seconds(model, 1000, forward_passes=2) == 2000 / latency.tokens_per_second(model)
 
 
@@ -35,8 +40,10 @@ def test_a_slow_reading_never_replaces_a_faster_one(monkeypatch):
     now = [1000.0]
     monkeypatch.setattr(latency, "_THROUGHPUT", {})
     monkeypatch.setattr(latency.time, "monotonic", lambda: now[0])
-    seconds = iter([0.1, 1.0, 0.05])
+    seconds = iter([0.2, 0.1, 1.0, 0.05])
     monkeypatch.setattr(latency, "forward_latency", lambda *a, **k: next(seconds))
+    assert latency.tokens_per_second(model) == 640  # 128 tokens in 0.2 s, as the app starts
+    now[0] += latency.FIRST_RECHECK_S + 1
     assert latency.tokens_per_second(model) == 1280  # 128 tokens in 0.1 s
     now[0] += latency.THROUGHPUT_TTL_S + 1
     assert latency.tokens_per_second(model) == 1280  # the busy reading (128 tokens/s) is not kept
