@@ -93,13 +93,17 @@ class QuantPlan:
         return f"llama.cpp {self.ggml_types}{'+imatrix' if self.imatrix else ''}{output}"
 
     def series(self) -> str:
-        """Curve label on trade-off charts (with the target runtime unless it is the research grid)."""
+        """Curve label on trade-off charts (with the grid where it is not the runtime's default, and the target
+        runtime unless it is the research grid): runs on different grids never share a curve."""
+        quantizer = self.quantizer_label
+        if self.quantizer != "llama.cpp" and self.zero_point != runtime_named(self.runtime).default_zero_point:
+            quantizer += {"symmetric": ", symmetric", "float": ", float zero"}.get(self.zero_point, ", integer zero")
         if self.ordering == "optimizer":
-            label = f"optimizer {self.low_bits}-{self.high_bits}-bit {self.quantizer_label}"
+            label = f"optimizer {self.low_bits}-{self.high_bits}-bit {quantizer}"
         elif self.ordering == "optimizer-module":
-            label = f"optimizer per linear {self.low_bits}-{self.high_bits}-bit {self.quantizer_label}"
+            label = f"optimizer per linear {self.low_bits}-{self.high_bits}-bit {quantizer}"
         else:
-            label = f"{self.ordering} {self.high_bits}/{self.low_bits}-bit {self.quantizer_label}"
+            label = f"{self.ordering} {self.high_bits}/{self.low_bits}-bit {quantizer}"
         return label if self.runtime == DEFAULT_RUNTIME else f"{label} for {runtime_named(self.runtime).label}"
 
     def runtime_problems(self, bits=None) -> list[str]:

@@ -58,7 +58,10 @@ def test_a_run_records_its_runtime_refuses_what_it_lacks_and_exports_only_its_fo
     assert store.runs(method="quantization") == []  # refused before any work
     plan = QuantPlan("rtn", 32, 8, 4, 0.5, zero_point="symmetric", runtime="vllm")
     record = run(store, tiny_loaded, plan, CALIB, EVAL).record
-    assert record.config["target_runtime"] == "vllm" and record.series.endswith("for vLLM (compressed-tensors)")
+    assert record.config["target_runtime"] == "vllm"
+    assert record.series == "lim 8/4-bit rtn, symmetric for vLLM (compressed-tensors)"  # not vLLM's default grid
+    assert QuantPlan("rtn", 32, 8, 4, 0.5, runtime="vllm").series() == "lim 8/4-bit rtn for vLLM (compressed-tensors)"
+    assert QuantPlan("rtn", 32, 4, 2, 0.5, zero_point="float").series() == "lim 4/2-bit rtn, float zero"
     from engine.runs.exports import export_formats, export_run
 
     formats = export_formats(record, tiny_loaded)
