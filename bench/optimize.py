@@ -1,7 +1,7 @@
 """One-click optimizers on the built-in model: bits under a budget vs the orderings; solver time.
 
-    python -m bench.optimize [--budgets 3.0,3.5] [--levels 2,3,4,5,6,8] [--quantizer rtn] [--candidates 5]
-                             [--held-out 8] [--granularity layer|module] [--runtime research|vllm|transformers]
+    python -m bench.optimize [--model smollm2-135m] [--budgets 3.0,3.5] [--levels 2,3,4,5,6,8] [--quantizer rtn]
+                             [--candidates 5] [--held-out 8] [--granularity layer|module] [--runtime research|vllm|transformers]
                              [--part bits|slicing|groups|all] [--store FILE] [--group-sizes 32,64]
 
 Bits: for each budget (honest bits per weight, scales and zeros included),
@@ -196,7 +196,9 @@ def main() -> None:
     parser.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn")
     parser.add_argument("--granularity", choices=GRANULARITIES, default="layer")
     parser.add_argument("--runtime", choices=list(RUNTIMES), default=DEFAULT_RUNTIME,
-                        help="target runtime: its levels and grid (vllm: 4/8 bits, symmetric, q/k/v and gate/up tied)")
+                        help="target runtime: its levels and grid (vllm: 4/8 bits, a zero point per group, q/k/v and "
+                        "gate/up tied)")
+    parser.add_argument("--model", default="smollm2-135m", help="a built-in model or a local folder")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--group-sizes", default="32,64",
                         help="--part groups: group sizes whose damage scans the store holds (budget bytes: the last)")
@@ -210,7 +212,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.25, help="slicing target SP (--part slicing)")
     parser.add_argument("--store", default=None, help="results store to reuse (default: a throw-away one)")
     args = parser.parse_args()
-    loaded = load_model("smollm2-135m")
+    loaded = load_model(args.model)
     store = ResultsStore(Path(args.store) if args.store else
                          Path(tempfile.mkdtemp(prefix="bench-optimize-")) / "runs.sqlite")
     calibration = DataSpec("wiki-offline", "calibration", args.seqlen, args.calib_windows)
@@ -222,7 +224,8 @@ def main() -> None:
         meta["solver"] = solver_seconds()
         suffix = ("" if args.granularity == "layer" else f"_{args.granularity}") + (
             "" if args.runtime == DEFAULT_RUNTIME else f"_{args.runtime}") + (
-            "" if args.group_size == 128 else f"_g{args.group_size}")
+            "" if args.group_size == 128 else f"_g{args.group_size}") + (
+            "" if args.model == "smollm2-135m" else f"_{Path(args.model).name}")
         report(f"optimize_bits_{args.quantizer}{suffix}", bits_part(args, store, loaded, calibration, evaluation), meta)
     if args.part == "groups":
         report(f"optimize_groups_{args.quantizer}_{args.runtime}", groups_part(args, store, loaded, calibration), meta)
