@@ -1,8 +1,9 @@
 """One-click optimizers on the built-in model: bits under a budget vs the orderings; solver time.
 
     python -m bench.optimize [--model smollm2-135m] [--budgets 3.0,3.5] [--levels 2,3,4,5,6,8] [--quantizer rtn]
-                             [--candidates 5] [--held-out 8] [--granularity layer|module] [--runtime research|vllm|transformers]
-                             [--part bits|slicing|groups|all] [--store FILE] [--group-sizes 32,64]
+                             [--candidates 5] [--held-out 8] [--granularity layer|module]
+                             [--runtime research|vllm|transformers] [--part bits|slicing|groups|all] [--store FILE]
+                             [--group-sizes 32,64]
 
 Bits: for each budget (honest bits per weight, scales and zeros included),
 ``engine.runs.bits_optimizer.optimize_bits`` measures per-layer KL at every
