@@ -78,7 +78,6 @@ levels = [b for b in range(MIN_BITS, MAX_BITS + 1) if b in runtime.levels]
 bits = cols[1].multiselect("Bit levels (RTN / GPTQ; llama.cpp: 2→Q2_K … 6→Q6_K, 8→Q8_0)", levels,
                            [3] if 3 in levels else [min(levels)],
                            key=kept(f"sens_bits{own}"), disabled=not set(kinds) & set(QUANT_KINDS))
-zero_point = None if runtime.default_zero_point == "integer" else runtime.default_zero_point  # transformers: symmetric
 start = default_group_size(loaded, runtime) or DEFAULT_GROUP_SIZE  # vLLM on SmolLM2's 576-wide rows: 64
 group_size = cols[1].number_input("Group size", 8, 8192, start, 8, key=kept(f"sens_group{own}"),
                                   disabled=not set(kinds) & set(QUANT_KINDS))
@@ -107,7 +106,8 @@ try:
         if kind in QUANT_KINDS:
             actions += [Action(kind, bits=int(b), group_size=None if kind == LLAMACPP else int(group_size),
                                module=None if module == WHOLE_LAYER else module,
-                               zero_point=None if kind == LLAMACPP else zero_point)
+                               zero_point=None if kind == LLAMACPP or runtime.zero_point_at(int(b)) == "integer"
+                               else runtime.zero_point_at(int(b)))  # transformers, vLLM's 8 bits: symmetric
                         for b in sorted(bits) for module in modules]
         else:
             actions.append(Action(kind, fraction=fraction) if kind == "slice" else Action(kind))

@@ -43,7 +43,7 @@ from torch import nn
 from engine.core.models import LoadedModel
 from engine.core.paths import atomic_folder
 from engine.export.hf_folder import WEIGHTS_FILE, ExportError, folder_bytes, saved_tensors, tensors_to_save
-from engine.export.vllm_rules import vllm_problems, vllm_verdict
+from engine.export.vllm_rules import has_zero_points, vllm_problems, vllm_verdict
 from engine.quant.grid import QuantizedWeight, QuantizerSpec, symmetric_zero
 from engine.quant.quantize_model import QuantizedModel
 from engine.quant.runtimes import Runtime
@@ -103,7 +103,7 @@ def ct_unsupported(loaded: LoadedModel, spec: QuantizerSpec) -> str | None:
 def _scheme(bits: int, spec: QuantizerSpec, targets: list[str]) -> dict:
     grouped = spec.group_size is not None
     return {"targets": targets, "format": FORMAT, "input_activations": None, "output_activations": None,
-            "weights": {"num_bits": bits, "type": "int", "symmetric": spec.zero_point == "symmetric",
+            "weights": {"num_bits": bits, "type": "int", "symmetric": spec.zero_point_at(bits) == "symmetric",
                         "dynamic": False,
                         "strategy": "group" if grouped else "channel",
                         "group_size": spec.group_size if grouped else None}}
@@ -203,12 +203,14 @@ def write_ct_folder(quantized: QuantizedModel, loaded: LoadedModel, folder: str 
                           for bits, modules in sorted(by_bits.items())},
         "ignore": [loaded.architecture.head], "kv_cache_scheme": None, "sparsity_config": {},
         "transform_config": {}, "global_compression_ratio": None, "version": compressed_tensors.__version__}
-    grid = "symmetric" if quantized.spec.zero_point == "symmetric" else "a zero point per group"
-    lines = [f"{len(modules)} linears at {bits} bits (pack-quantized int{bits}, {grid}, "
-             f"{'group ' + str(quantized.spec.group_size) if quantized.spec.group_size else 'per row'})"
+    spec = quantized.spec
+    lines = [f"{len(modules)} linears at {bits} bits (pack-quantized int{bits}, "
+             f"{'symmetric' if spec.zero_point_at(bits) == 'symmetric' else 'a zero point per group'}, "
+             f"{'group ' + str(spec.group_size) if spec.group_size else 'per row'})"
              for bits, modules in sorted(by_bits.items())]
     lines.append(vllm_verdict(config.quantization_config))
-    copied = "codes and fp16 scales" if grid == "symmetric" else "codes, fp16 scales and zero points"
+    zero_points = has_zero_points(config.quantization_config)
+    copied = "codes, fp16 scales and zero points" if zero_points else "codes and fp16 scales"
     lines.append(f"{copied} copied as they are" + (
         f"; the unquantized tensors rounded to {str(dtype).removeprefix('torch.')}" if dtype is not None else
         ": the folder computes what the app measured"))
@@ -224,7 +226,7 @@ def write_ct_folder(quantized: QuantizedModel, loaded: LoadedModel, folder: str 
                                                                  default=str))
     return {"folder": str(folder), "files": sorted(p.name for p in folder.iterdir()), "bytes": folder_bytes(folder),
             "remote_code": False, "exact_fraction": 1.0, "notes": lines,
-            "reader": "transformers" if grid == "symmetric" else "compressed-tensors",  # what load_ct_folder uses
+            "reader": "compressed-tensors" if zero_points else "transformers",  # what load_ct_folder reads it with
             "vllm_problems": vllm_problems(config.quantization_config)}
 
 
@@ -235,14 +237,15 @@ def load_ct_folder(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn
     (not LayerLab's code)."""
     from transformers import AutoModelForCausalLM
 
-    groups = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config", {}).get(
-        "config_groups", {})
-    if all((group.get("weights") or {}).get("symmetric", True) for group in groups.values()):
+    quantization_config = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config", {})
+    if not has_zero_points(quantization_config):
         return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
-    return _decompressed_by_compressed_tensors(Path(folder), groups, dtype)
+    return _decompressed_by_compressed_tensors(Path(folder), quantization_config.get("config_groups", {}), dtype)
 
 
 def _decompressed_by_compressed_tensors(folder: Path, groups: dict, dtype: torch.dtype) -> nn.Module:
+    """The model of ``config.json`` with ``model.safetensors`` loaded into it, each quantized linear (the targets of
+    ``groups``, the config's ``config_groups``) decompressed by compressed-tensors into ``weight`` (``dtype``)."""
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationScheme
     from safetensors.torch import load_file
@@ -266,7 +269,9 @@ def _decompressed_by_compressed_tensors(folder: Path, groups: dict, dtype: torch
             state[f"{module}.weight"] = PackedQuantizationCompressor.decompress(parts, schemes[module])["weight"].to(
                 dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    untied = [m for m in missing if not (config.tie_word_embeddings and m.endswith("lm_head.weight"))]
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {}) | (
+        {"lm_head.weight"} if getattr(config.get_text_config(), "tie_word_embeddings", False) else set())
+    untied = [m for m in missing if m not in tied]
     if untied or unexpected:
         raise ExportError(f"The folder does not match its config: missing {untied[:3]}, unexpected {unexpected[:3]}.")
     model.tie_weights()

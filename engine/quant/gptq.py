@@ -239,8 +239,8 @@ def _check_shared(weights: Sequence[torch.Tensor], specs: Sequence[QuantizerSpec
         if weight.dim() != 2 or weight.shape[1] != inp:
             raise QuantizationError(f"Expected 2-D linear weights with {inp} inputs, got {tuple(weight.shape)}.")
     first = specs[0]
-    if any((s.group_size, s.zero_point, s.act_order, s.group_params) !=
-           (first.group_size, first.zero_point, first.act_order, first.group_params) for s in specs):
+    if any((s.group_size, s.grid, s.act_order, s.group_params) !=
+           (first.group_size, first.grid, first.act_order, first.group_params) for s in specs):
         raise QuantizationError("Weights quantized together may differ in bits only.")
 
 
@@ -293,7 +293,7 @@ def _make_grid(weights, specs, gs: int, device, dtype, perm: torch.Tensor | None
     if spec.group_params == "dynamic":
         groups = math.ceil(weights[0].shape[1] / gs)
         empty = torch.empty(groups, sum(rows), dtype=torch.float16, device=device)
-        return _Grid(bits, segments, spec.zero_point, gs, static=False, group_scales=empty,
+        return _Grid(bits, segments, spec.grid, gs, static=False, group_scales=empty,
                      group_zeros=torch.empty_like(empty))
     rtn = [rtn_quantize(weight.detach().to(device), s) for weight, s in zip(weights, specs)]
     group_scales = torch.cat([q.scales for q in rtn]).t().contiguous()  # [groups, rows] fp16
@@ -301,7 +301,7 @@ def _make_grid(weights, specs, gs: int, device, dtype, perm: torch.Tensor | None
     column_group = torch.arange(weights[0].shape[1], device=device) // gs
     if perm is not None:
         column_group = column_group[perm]
-    return _Grid(bits, segments, spec.zero_point, gs, static=True, scale=group_scales.to(dtype)[column_group],
+    return _Grid(bits, segments, spec.grid, gs, static=True, scale=group_scales.to(dtype)[column_group],
                  zero=group_zeros.to(dtype)[column_group], group_scales=group_scales, group_zeros=group_zeros)
 
 
@@ -319,7 +319,7 @@ def _split(codes: torch.Tensor, grid: _Grid, weights, specs, gs: int,
     for (start, end, bits), spec in zip(grid.segments, specs):
         out.append(QuantizedWeight(codes=codes[start:end].to(torch.uint8).contiguous(),
                                    scales=scales[start:end].contiguous(), zeros=zeros[start:end].contiguous(),
-                                   bits=bits, group_size=gs, method="gptq", g_idx=g_idx, zero_point=spec.zero_point))
+                                   bits=bits, group_size=gs, method="gptq", g_idx=g_idx, zero_point=spec.grid))
     return out
 
 

@@ -82,6 +82,9 @@ class QuantizerSpec:
       the permuted order and a per-column ``g_idx`` is stored).
       ``QuantizerSpec(method="gptq", act_order=True)`` is static act-order.
     - ``damp``: fraction of ``mean(diag H)`` added to the Hessian diagonal.
+    ``zero_point_bits``: the code widths that carry ``zero_point``; the others use the symmetric grid (``None``:
+    every width).  vLLM's kernels take zero points at 4 bits only (Marlin's ``uint4``): its plans hold ``(4,)``.
+
     - ``propagation``: ``sequential`` (default) calibrates every linear on the
       signals of the already-quantized model (earlier layers, and within a layer
       q/k/v -> o -> gate/up -> down), so a layer's result depends on the bits of
@@ -101,6 +104,7 @@ class QuantizerSpec:
     ggml_types: str = "k-quants"
     imatrix: bool = False
     output_type: str = "auto"
+    zero_point_bits: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -133,6 +137,8 @@ class QuantizerSpec:
             raise QuantizationError("Activation ordering only applies to GPTQ; turn it off for RTN.")
         if self.zero_point not in ZERO_POINTS:
             raise QuantizationError(f"Unknown zero point '{self.zero_point}'. Choose one of {', '.join(ZERO_POINTS)}.")
+        if self.zero_point_bits is not None:  # a stored spec holds a list
+            object.__setattr__(self, "zero_point_bits", tuple(int(b) for b in self.zero_point_bits))
         if not 0.0 < float(self.damp) <= 1.0:
             raise QuantizationError(f"GPTQ damping {self.damp!r} must be in (0, 1]; 0.01 is usual.")
         if self.group_params not in GROUP_PARAMS:
@@ -159,12 +165,28 @@ class QuantizerSpec:
         """The same quantizer at another bit width (validated)."""
         return replace(self, bits=bits)
 
+    def zero_point_at(self, bits: int) -> str:
+        """The grid weights of ``bits`` bits are quantized on: ``zero_point``, or symmetric where
+        ``zero_point_bits`` leaves that width out."""
+        if self.zero_point_bits is not None and bits not in self.zero_point_bits:
+            return "symmetric"
+        return self.zero_point
+
+    @property
+    def grid(self) -> str:
+        """The zero point of this spec's own width (:meth:`zero_point_at`): what the quantizers use."""
+        return self.zero_point_at(self.bits)
+
     def to_dict(self) -> dict:
         """The fields; the llama.cpp-only ones only for llama.cpp specs (other specs' cache keys stay as they were)."""
         fields = asdict(self)
         if self.method != LLAMACPP:
             for name in ("ggml_types", "imatrix", "output_type"):
                 fields.pop(name)
+        if self.zero_point_bits is None:
+            fields.pop("zero_point_bits")  # the keys of specs without it stay as they were
+        else:
+            fields["zero_point_bits"] = list(self.zero_point_bits)
         return fields
 
     def label(self) -> str:
@@ -177,7 +199,7 @@ class QuantizerSpec:
             extra += (", act-order" if self.act_order else "") + (", dynamic groups" if self.group_params == "dynamic"
                                                                   else "")
             extra += ", dense signals" if self.propagation == "dense" else ""
-        extra += {"float": ", float zero", "symmetric": ", symmetric"}.get(self.zero_point, "")
+        extra += {"float": ", float zero", "symmetric": ", symmetric"}.get(self.grid, "")
         return f"{self.method.upper()} {self.bits}-bit {group}{extra}"
 
 
@@ -403,9 +425,9 @@ def rtn_quantize(weight: torch.Tensor, spec: QuantizerSpec) -> QuantizedWeight:
     w = weight.detach().float()
     padded = torch.cat([w, w[:, -1:].expand(out, groups * gs - inp)], dim=1)  # repeats stay in range
     grouped = padded.reshape(out * groups, gs)
-    scale, zero = grid_params(grouped, spec.bits, spec.zero_point)
-    codes = quantize_to_grid(grouped, scale[:, None], zero[:, None], spec.bits, spec.zero_point)
+    scale, zero = grid_params(grouped, spec.bits, spec.grid)
+    codes = quantize_to_grid(grouped, scale[:, None], zero[:, None], spec.bits, spec.grid)
     codes = codes.reshape(out, groups * gs)[:, :inp].to(torch.uint8)
     return QuantizedWeight(codes=codes.contiguous(), scales=scale.reshape(out, groups),
                            zeros=zero.reshape(out, groups), bits=spec.bits, group_size=gs, method="rtn",
-                           zero_point=spec.zero_point)
+                           zero_point=spec.grid)

@@ -5,11 +5,12 @@ only what that runtime runs, and a run records its runtime:
 
 - ``llama.cpp`` (GGUF): llama.cpp's own types (:mod:`engine.quant.ggml_types`), exported bit for bit;
 - ``vllm`` (compressed-tensors): ``CompressedTensorsWNA16``'s rules (:mod:`engine.export.vllm_rules`, read in
-  vllm-project/vllm): 4- and 8-bit integer weights with a zero point per group (LayerLab's integer grid, vLLM's
-  ``uint4`` / ``uint8``; the default: a third less KL than the symmetric grid at 4 bits on SmolLM2 for 0.06
-  bits per weight more) or on the symmetric grid, group-wise or per-row scales, act-order only with static
-  groups, and q/k/v and gate/up at one level each (vLLM fuses them into ``qkv_proj`` / ``gate_up_proj``; a
-  checkpoint whose fused parts differ does not load);
+  vllm-project/vllm): 4- and 8-bit integer weights; 4-bit ones with a zero point per group (LayerLab's integer
+  grid, vLLM's ``uint4``, which Marlin runs; the default: a third less KL than the symmetric grid at 4 bits on
+  SmolLM2 for 0.06 bits per weight more) or symmetric, 8-bit ones symmetric (``uint8b128``: the scheme table
+  also lists ``uint8`` with zero points, but Marlin's zero-point kernels take ``uint4`` only), group-wise or
+  per-row scales, act-order only with static groups, and q/k/v and gate/up at one level each (vLLM fuses them
+  into ``qkv_proj`` / ``gate_up_proj``; a checkpoint whose fused parts differ does not load);
 - ``transformers`` (compressed-tensors, dequantized on load): any level from 2 to 8 on the symmetric grid
   (transformers 5.23 cannot load compressed-tensors zero points: :mod:`engine.export.ct_folder`);
 - ``research``: LayerLab's free grid (any level, group size, zero point): for exploring, not deployable as is.
@@ -48,6 +49,18 @@ class Runtime:
     export: str | None
     deployable: bool = True
     dynamic_groups: bool = False  # act-order GPTQ with a per-column group index (g_idx)
+    zero_point_bits: tuple[int, ...] | None = None  # widths its kernels take zero points at (None: every width)
+
+    def grid_spec(self, zero_point: str) -> tuple[int, ...] | None:
+        """``QuantizerSpec.zero_point_bits`` for a plan on ``zero_point``: the widths that keep it here (vLLM: 4;
+        8-bit weights then go on the symmetric grid)."""
+        return None if zero_point == "symmetric" else self.zero_point_bits
+
+    def zero_point_at(self, bits: int, zero_point: str | None = None) -> str:
+        """The grid ``bits``-bit weights go on here (``zero_point``: a plan's, else :attr:`default_zero_point`)."""
+        zero_point = zero_point or self.default_zero_point
+        widths = self.grid_spec(zero_point)
+        return "symmetric" if widths is not None and bits not in widths else zero_point
 
     @property
     def default_zero_point(self) -> str:
@@ -120,7 +133,7 @@ RUNTIMES: dict[str, Runtime] = {r.key: r for r in (
     Runtime("llama.cpp", "llama.cpp (GGUF)", (LLAMACPP,), (2, 3, 4, 5, 6, 8), ZERO_POINTS, (None,),
             act_order=False, fused=False, export="gguf"),
     Runtime("vllm", "vLLM (compressed-tensors)", ("rtn", "gptq"), (4, 8), ("integer", "symmetric"),
-            (None, 32, 64, 128), act_order=True, fused=True, export="ct"),
+            (None, 32, 64, 128), act_order=True, fused=True, export="ct", zero_point_bits=(4,)),
     Runtime("transformers", "transformers (compressed-tensors)", ("rtn", "gptq"), ALL_LEVELS, ("symmetric",),
             (None, *GROUP_SIZES), act_order=True, fused=False, export="ct"),
 )}

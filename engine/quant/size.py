@@ -84,7 +84,7 @@ def linear_storage(linear: nn.Module, bits: int, spec: QuantizerSpec, packed_zer
     out, inp = linear.weight.shape
     if spec.method == LLAMACPP:
         return 8 * tensor_bytes(type_for_level(bits, int(inp), spec.ggml_types).qtype, int(out), int(inp))
-    return weight_storage_bits(out, inp, bits, spec.group_size, spec.stores_group_index, spec.zero_point,
+    return weight_storage_bits(out, inp, bits, spec.group_size, spec.stores_group_index, spec.zero_point_at(bits),
                                packed_zeros)
 
 
@@ -148,6 +148,9 @@ def size_report(model: nn.Module, arch: Architecture, bits: Sequence[LayerBits],
                  if packed_zeros else "zero points are integers stored as fp16 and counted at 16 bits",
                  "float": "each group stores its fp16 minimum as the zero point (16 bits)",
                  "symmetric": "symmetric grid: the zero point is fixed at 2^(bits-1) and not stored"}[spec.zero_point]
+    if spec.zero_point_bits is not None and spec.zero_point != "symmetric":
+        zero_note += (f" at {'/'.join(map(str, spec.zero_point_bits))} bits; other widths on the symmetric grid "
+                      "(no zero point)")
     notes = ["codes are bit-packed at every width (3-bit included)", zero_note,
              f"unquantized parameters stay {str(next(model.parameters()).dtype).replace('torch.', '')}"]
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False):

@@ -71,7 +71,8 @@ from engine.sensitivity.cached import measure_sensitivity, scan_estimate
 from engine.sensitivity.errors import ScanCancelled
 from engine.sensitivity.scan import StopCheck
 
-OPTIMIZER_VERSION = 6  # 6: llama.cpp's solver sums KL; 5: held-out KL divergence chooses; 4: presets compete
+OPTIMIZER_VERSION = 7  # 7: vLLM on the integer grid, 8-bit symmetric
+# earlier: 6: llama.cpp's solver sums KL; 5: held-out KL divergence chooses; 4: presets compete
 OPTIMIZATIONS = StoredKind("bits_optimizer", OPTIMIZER_VERSION)
 DEFAULT_CANDIDATES = 5
 # with 4, the held-out choice disagreed with evaluation text (bench/optimize.py, docs/benchmarks.md)
@@ -130,15 +131,21 @@ class BitsOptimizerPlan:
             return QuantizerSpec(method=LLAMACPP, bits=max(check_levels(self.levels)), imatrix=self.imatrix,
                                  output_type=self.output_type)
         return QuantizerSpec(method=self.quantizer, bits=max(check_levels(self.levels)), group_size=self.group_size,
-                             act_order=self.quantizer == "gptq", zero_point=self.zero_point)
+                             act_order=self.quantizer == "gptq", zero_point=self.zero_point,
+                             zero_point_bits=runtime_named(self.runtime).grid_spec(self.zero_point))
 
     def actions(self, linears: list[str] | None = None) -> list[Action]:
         """The sensitivity actions to measure, level by level (per linear, ``linears`` in layer order, for
         ``granularity="module"``)."""
         modules = [None] if self.granularity == "layer" else list(linears or [])
         group = None if self.quantizer == LLAMACPP else self.group_size
-        zero = None if self.quantizer == LLAMACPP or self.zero_point == "integer" else self.zero_point
-        return [Action(self.quantizer, bits=b, group_size=group, module=m, zero_point=zero)
+        runtime = runtime_named(self.runtime)
+
+        def zero(bits: int) -> str | None:  # the grid each level is quantized on (vLLM: 8-bit symmetric)
+            grid = runtime.zero_point_at(bits, self.zero_point)
+            return None if self.quantizer == LLAMACPP or grid == "integer" else grid
+
+        return [Action(self.quantizer, bits=b, group_size=group, module=m, zero_point=zero(b))
                 for b in check_levels(self.levels) for m in modules]
 
     def quant_plan(self, ordering: str = "optimizer", bits: list[int] | None = None) -> QuantPlan:

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -140,12 +141,18 @@ def test_an_integer_zero_point_run_exports_with_packed_zero_points_and_verifies_
     written = (tmp_path / "ct" / "model.safetensors").stat().st_size
     assert written == run.record.metrics["bytes_16bit"]  # the run's size is the checkpoint's, to the byte
     config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
-    assert {g["weights"]["symmetric"] for g in config["config_groups"].values()} == {False}
+    symmetric = {g["weights"]["num_bits"]: g["weights"]["symmetric"] for g in config["config_groups"].values()}
+    assert symmetric == {4: False, 8: True}  # zero points at 4 bits (Marlin's uint4); 8-bit weights symmetric
+    layer = run.record.config["bits"].index(4)
     with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:
-        zeros = f.get_tensor("model.layers.0.mlp.down_proj.weight_zero_point")
-        scales = f.get_tensor("model.layers.0.mlp.down_proj.weight_scale")
-    bits = run.record.config["bits"][0]
-    assert zeros.dtype == torch.int32 and list(zeros.shape) == [-(-64 * bits // 32), scales.shape[1]]  # vLLM's
+        zeros = f.get_tensor(f"model.layers.{layer}.mlp.down_proj.weight_zero_point")
+        scales = f.get_tensor(f"model.layers.{layer}.mlp.down_proj.weight_scale")
+        assert f"model.layers.{run.record.config['bits'].index(8)}.mlp.down_proj.weight_zero_point" not in f.keys()
+    assert zeros.dtype == torch.int32 and list(zeros.shape) == [64 * 4 // 32, scales.shape[1]]  # vLLM's layout
+    research = run_quantization(store, tiny_loaded, replace(plan, runtime="research"), CALIB, EVAL)
+    folder = export_run(store, tiny_loaded, research.record, "ct", tmp_path / "research")
+    assert folder["vllm_problems"] == ["group_8bit: a zero point at 8 bits (vLLM's kernels take zero points at 4 bits "
+                                       "only)"] and folder["verification"]["passed"]
 
 
 @pytest.mark.parametrize("group_size", [32, None])
@@ -180,6 +187,7 @@ def test_vllm_rules_name_what_vllm_would_refuse(tiny_loaded, tmp_path):
     assert any(n.startswith("vLLM would refuse this folder") for n in info["notes"])
     assert vllm_problems({"config_groups": {"g": {"targets": ["x"], "weights": {
         "num_bits": 8, "symmetric": False, "strategy": "group", "group_size": None}}}}) == [
+        "g: a zero point at 8 bits (vLLM's kernels take zero points at 4 bits only)",
         "g: strategy 'group' with group size None (vLLM takes 'group' with a group size, or 'channel')"]
 
 

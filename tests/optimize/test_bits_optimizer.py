@@ -148,8 +148,10 @@ def test_module_granularity_gives_each_linear_a_level_within_the_budget(store, t
 def test_for_vllm_the_per_linear_optimizer_ties_fused_linears_and_uses_its_levels_only(store, tiny_loaded):
     plan = BitsOptimizerPlan(BitBudget(avg_bits=6.0), levels=(4, 8), group_size=32, candidates=3, held_out_windows=2,
                              granularity="module", runtime="vllm")
-    assert plan.tied and plan.zero_point == "integer" and plan.spec().zero_point == "integer"  # vLLM's uint4/uint8
-    assert all(a.zero_point is None for a in plan.actions(list(tiny_loaded.architecture.linears)))  # the default grid
+    assert plan.tied and plan.zero_point == "integer" and plan.spec().zero_point_at(4) == "integer"  # vLLM's uint4
+    # each level measured on the grid it runs on: 4 bits with zero points (the default grid), 8 bits symmetric
+    assert {(a.bits, a.zero_point) for a in plan.actions(list(tiny_loaded.architecture.linears))} == {
+        (4, None), (8, "symmetric")}
     for_transformers = replace(plan, runtime="transformers")
     assert for_transformers.spec().zero_point == "symmetric"
     assert all(a.zero_point == "symmetric" for a in for_transformers.actions(list(tiny_loaded.architecture.linears)))

@@ -103,7 +103,15 @@ def test_a_stack_that_drops_then_quantizes_for_vllm_exports_the_checkpoint_it_wa
 
 def test_compressed_tensors_runtimes_count_integer_zero_points_as_their_checkpoint_packs_them(tiny_loaded):
     """A zero point per group is an fp16 number in LayerLab's own files but ``bits`` bits in a compressed-tensors
-    checkpoint: vLLM's sizes, and the budgets its optimizer solves, count it as the checkpoint does."""
+    checkpoint: vLLM's sizes, and the budgets its optimizer solves, count it as the checkpoint does (and vLLM's 8-bit
+    weights are symmetric: Marlin's zero-point kernels take 4 bits only)."""
+    spec = QuantPlan("rtn", 32, 8, 4, 0.5, runtime="vllm").spec()
+    assert (spec.zero_point_at(4), spec.zero_point_at(8), spec.grid) == ("integer", "symmetric", "symmetric")
+    assert QuantPlan("rtn", 32, 8, 4, 0.5).spec().zero_point_at(8) == "integer"  # the research grid: every width
+    assert [VLLM.zero_point_at(4), VLLM.zero_point_at(8), VLLM.zero_point_at(4, "symmetric")] == [
+        "integer", "symmetric", "symmetric"]  # what the Sensitivity page and the optimizer measure at each level
+    assert RUNTIMES["transformers"].zero_point_at(4) == "symmetric"
+    assert RUNTIMES["research"].zero_point_at(8) == "integer"
     from engine.optimize.bit_budget import BitBudget
     from engine.quant.grid import weight_storage_bits
     from engine.runs.bits_optimizer import BitsOptimizerPlan, plan_costs
@@ -115,5 +123,5 @@ def test_compressed_tensors_runtimes_count_integer_zero_points_as_their_checkpoi
     research = BitsOptimizerPlan(BitBudget(avg_bits=6.0), levels=(4, 8), group_size=32, runtime="research")
     packed, own = plan_costs(tiny_loaded, vllm), plan_costs(tiny_loaded, research)
     weights = sum(packed.weights)
-    assert [sum(row[j] for row in packed.bits) / weights for j in range(2)] == [4 + 20 / 32, 8 + 24 / 32]
+    assert [sum(row[j] for row in packed.bits) / weights for j in range(2)] == [4 + 20 / 32, 8 + 16 / 32]
     assert [sum(row[j] for row in own.bits) / weights for j in range(2)] == [4 + 32 / 32, 8 + 32 / 32]
