@@ -140,6 +140,16 @@ RUNTIMES: dict[str, Runtime] = {r.key: r for r in (
 DEFAULT_RUNTIME = "research"
 
 
+def grid_label(quantizer: str | None, zero_point: str | None, runtime: str | None) -> str:
+    """What a quantization run's series says of its grid: ``", symmetric"``, ``", float zero"`` or
+    ``", integer zero"`` where ``zero_point`` is not ``runtime``'s default (llama.cpp's types: nothing)."""
+    if quantizer in (None, LLAMACPP) or zero_point is None:
+        return ""
+    if zero_point == RUNTIMES.get(runtime or DEFAULT_RUNTIME, RUNTIMES[DEFAULT_RUNTIME]).default_zero_point:
+        return ""
+    return {"symmetric": ", symmetric", "float": ", float zero"}.get(zero_point, ", integer zero")
+
+
 def runtime_named(key: str) -> Runtime:
     """The runtime ``key`` (refused with the choices when unknown)."""
     if key not in RUNTIMES:

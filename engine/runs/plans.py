@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from engine.core.data import DataSpec
 from engine.quant.grid import QuantizerSpec
 from engine.quant.layer_bits import all_levels
-from engine.quant.runtimes import DEFAULT_RUNTIME, runtime_named
+from engine.quant.runtimes import DEFAULT_RUNTIME, grid_label, runtime_named
 
 SCHEDULES = ("dynamic", "constant", "custom")
 ORDERINGS = ("lim", "zd", "random", "reversed-lim", "custom", "optimizer", "optimizer-module")
@@ -95,9 +95,7 @@ class QuantPlan:
     def series(self) -> str:
         """Curve label on trade-off charts (with the grid where it is not the runtime's default, and the target
         runtime unless it is the research grid): runs on different grids never share a curve."""
-        quantizer = self.quantizer_label
-        if self.quantizer != "llama.cpp" and self.zero_point != runtime_named(self.runtime).default_zero_point:
-            quantizer += {"symmetric": ", symmetric", "float": ", float zero"}.get(self.zero_point, ", integer zero")
+        quantizer = self.quantizer_label + grid_label(self.quantizer, self.zero_point, self.runtime)
         if self.ordering == "optimizer":
             label = f"optimizer {self.low_bits}-{self.high_bits}-bit {quantizer}"
         elif self.ordering == "optimizer-module":

@@ -21,6 +21,7 @@ import json
 from dataclasses import dataclass, field
 
 from engine.core.data import describe_data
+from engine.quant.runtimes import grid_label
 
 PPL = "ppl"
 CI_LOW, CI_HIGH = "ci_low", "ci_high"
@@ -83,9 +84,18 @@ class RunRecord:
 
     @property
     def series(self) -> str:
-        """The curve this run belongs to on trade-off charts."""
+        """The curve this run belongs to on trade-off charts.  A quantization run stored before series named a
+        grid that is not its runtime's default gets that name here (``", symmetric"`` before ``" for <runtime>"``),
+        so it never shares a curve with runs on another grid."""
         series = self.config.get("series")
-        return series if isinstance(series, str) else self.method
+        if not isinstance(series, str):
+            return self.method
+        grid = grid_label(self.config.get("quantizer"), self.config.get("zero_point"),
+                          self.config.get("target_runtime")) if self.method == "quantization" else ""
+        if not grid or grid in series:
+            return series
+        label, runs_for, runtime = series.partition(" for ")
+        return f"{label}{grid}{runs_for}{runtime}"
 
     @property
     def data_label(self) -> str:

@@ -125,3 +125,19 @@ def test_compressed_tensors_runtimes_count_integer_zero_points_as_their_checkpoi
     weights = sum(packed.weights)
     assert [sum(row[j] for row in packed.bits) / weights for j in range(2)] == [4 + 20 / 32, 8 + 16 / 32]
     assert [sum(row[j] for row in own.bits) / weights for j in range(2)] == [4 + 32 / 32, 8 + 32 / 32]
+
+
+def test_runs_stored_before_series_named_their_grid_never_share_a_curve_with_another_grid():
+    from engine.runs.record import RunRecord
+
+    def stored(series: str, zero_point: str, runtime: str, method: str = "quantization") -> str:
+        config = {"series": series, "quantizer": "rtn", "zero_point": zero_point, "target_runtime": runtime}
+        return RunRecord(1, "", "m", "f", method, config, {}, {}, 0.0).series
+
+    assert stored("lim 8/4-bit rtn for vLLM (compressed-tensors)", "symmetric", "vllm") == \
+        "lim 8/4-bit rtn, symmetric for vLLM (compressed-tensors)"  # vLLM's grid before the integer one
+    assert stored("lim 8/4-bit rtn for vLLM (compressed-tensors)", "integer", "vllm") == \
+        "lim 8/4-bit rtn for vLLM (compressed-tensors)"
+    assert stored("lim 4/3-bit rtn", "float", "research") == "lim 4/3-bit rtn, float zero"
+    assert stored("lim 4/3-bit rtn, float zero", "float", "research") == "lim 4/3-bit rtn, float zero"  # once
+    assert stored("drop 2 then 4-bit", "symmetric", "vllm", method="stacked") == "drop 2 then 4-bit"
