@@ -99,7 +99,8 @@ PLANS = {
                                       args.final_rotation),
     "quantize": lambda args: QuantPlan(args.quantizer, args.group_size, args.high_bits, args.low_bits,
                                        args.low_fraction, args.target_bits, args.ordering, tuple(args.custom_order),
-                                       args.seed, args.zero_point, args.act_order, args.ggml_types, args.imatrix,
+                                       args.seed, args.zero_point or RUNTIMES[args.runtime].default_zero_point,
+                                       args.act_order, args.ggml_types, args.imatrix,
                                        args.output_type, args.runtime),
     "drop": lambda args: DropPlan(args.blocks, args.count, args.by, not args.no_protect, tuple(args.layers),
                                   args.iterative),
@@ -157,7 +158,8 @@ def _sweep_slicing(args, store, loaded, calibration, evaluation) -> None:
 
 
 def _sweep_quantization(args, store, loaded, calibration, evaluation) -> None:
-    base = QuantPlan(args.quantizer, args.group_size, args.high_bits, seed=args.seed, zero_point=args.zero_point,
+    base = QuantPlan(args.quantizer, args.group_size, args.high_bits, seed=args.seed,
+                     zero_point=args.zero_point or RUNTIMES[args.runtime].default_zero_point,
                      act_order=args.act_order, ggml_types=args.ggml_types, imatrix=args.imatrix,
                      output_type=args.output_type, runtime=args.runtime)
     plans = quantization_sweep(base, args.low_bits, [o for o in args.orderings.split(",") if o], args.low_fractions)

@@ -107,9 +107,11 @@ def _quant_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
                         "(the run is the GGUF file it exports)")
     _llamacpp_options(parser)
     parser.add_argument("--group-size", type=int, default=None, help=GROUP_SIZE_HELP)
-    parser.add_argument("--zero-point", choices=list(ZERO_POINTS), default="integer",
-                        help="integer (GPTQ's asymmetric grid), float (GGUF Q4_1's scale + minimum) or symmetric "
-                        "(no zero stored; exports exactly as compressed-tensors and GGUF Q4_0 / Q5_0 / Q8_0)")
+    parser.add_argument("--zero-point", choices=list(ZERO_POINTS), default=None,
+                        help="integer (GPTQ's asymmetric grid; exports exactly as compressed-tensors with zero "
+                        "points, which vLLM runs at 4 bits), float (GGUF Q4_1's scale + minimum) or symmetric (no zero "
+                        "stored; exports exactly as compressed-tensors and GGUF Q4_0 / Q5_0 / Q8_0). Not given: the "
+                        "target runtime's default (integer; transformers: symmetric)")
     parser.add_argument("--act-order", action="store_true", help="GPTQ: process columns by decreasing activation")
     parser.add_argument("--high-bits", type=int, default=4)
     if sweep:
@@ -227,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the run id (every command prints it as \"run\"; the Results page lists them)")
     export.add_argument("--format", choices=["hf", "gguf", "ct"], required=True,
                         help="hf: Hugging Face folder; gguf: GGUF file; ct: compressed-tensors folder (runs "
-                        "quantized with --zero-point symmetric)")
+                        "quantized with --zero-point integer or symmetric)")
     export.add_argument("--out", required=True, help="folder to write (refused if it exists and is not empty)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     export.add_argument("--dtype-out", default=None, choices=["float16", "bfloat16", "float32"],

@@ -1,4 +1,4 @@
-"""compressed-tensors folders: mixed-bit quantized models that transformers loads and vLLM serves on a GPU.
+"""compressed-tensors folders: mixed-bit quantized models that vLLM serves on a GPU (and transformers loads, symmetric).
 
 The format is compressed-tensors' ``pack-quantized`` (what llm-compressor
 writes for GPTQ / RTN int weights).  Per quantized linear the safetensors

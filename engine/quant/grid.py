@@ -219,7 +219,12 @@ def weight_storage_bits(out_features: int, in_features: int, bits: int, group_si
     (4 bits with group 64: 4 + 20/64 = 4.3125 bits per weight).
     """
     groups = 1 if group_size is None else math.ceil(in_features / group_size)
-    zero_bits = 0 if zero_point == "symmetric" else bits if packed_zeros and zero_point == "integer" else FP16_BITS
+    if zero_point == "symmetric":
+        zero_bits = 0  # fixed at the middle code, not stored
+    elif zero_point == "integer" and packed_zeros:
+        zero_bits = bits  # packed at the code width (compressed-tensors)
+    else:
+        zero_bits = FP16_BITS  # an fp16 number (LayerLab's files; the float grid's minimum)
     per_group = FP16_BITS + zero_bits
     total = out_features * in_features * bits + out_features * groups * per_group
     if group_index and groups > 1:

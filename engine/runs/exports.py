@@ -204,7 +204,8 @@ def export_run(store: ResultsStore, loaded: LoadedModel, record: RunRecord, fmt:
     the model's own (compressed-tensors: the unquantized tensors; codes and fp16 scales are kept).
     Returns (and appends to the run's ``config["exports"]``) ``{"format", "dtype", "folder", "bytes", "files",
     "remote_code", "seconds" (writing and reloading), "rebuild_s" (rebuilding the model from the record),
-    "verification": RoundTrip dict, "summary", "notes": [str]}``.
+    "verification": RoundTrip dict, "summary", "notes": [str]}`` (compressed-tensors folders add "reader": what
+    read the folder back for the check, and "vllm_problems").
     """
     check_export(loaded, record, fmt, out, overwrite, dtype)
     started = time.perf_counter()

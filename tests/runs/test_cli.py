@@ -164,6 +164,10 @@ def test_stack_for_a_runtime_takes_its_zero_point():
     assert transformers.then.zero_point == "symmetric" and not transformers.then.runtime_problems()
     research = PLANS["stack"](build_parser().parse_args(["stack", "--slice", "0.2"]))
     assert research.then.zero_point == "integer"
+    quantize = build_parser().parse_args(["quantize", "--runtime", "transformers", "--group-size", "64"])
+    assert PLANS["quantize"](quantize).zero_point == "symmetric"  # --zero-point not given: the runtime's default
+    chosen = build_parser().parse_args(["quantize", "--runtime", "vllm", "--zero-point", "symmetric"])
+    assert PLANS["quantize"](chosen).zero_point == "symmetric"
 
 
 def test_group_size_not_given_fits_the_runtime_and_zero_means_one_scale_per_row(tiny_loaded):
