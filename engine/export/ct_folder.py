@@ -19,7 +19,7 @@ grid, with ``symmetric: false`` exactly its *integer* zero-point grid (codes
 and zeros both shifted by ``2**(bits-1)``); both export exactly, the float
 zero point (an fp16 group minimum) does not.
 
-Loading: vLLM runs the packed weights with its int kernels on a GPU (zero points at 4 and 8 bits).
+Loading: vLLM runs the packed weights with its int kernels on a GPU (zero points at 4 bits only).
 ``AutoModelForCausalLM.from_pretrained(folder)`` with the ``compressed-tensors`` package installed
 decompresses symmetric folders into the model's dtype on load (on CPU too); transformers 5.23 with
 compressed-tensors 0.20 refuses folders with zero points (it makes the zero-point parameters unpacked,
