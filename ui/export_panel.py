@@ -41,9 +41,9 @@ CT_NOTE = (
 )
 CT_ZERO_POINT_NOTE = (
     "compressed-tensors `pack-quantized` (the format llm-compressor writes), asymmetric: each layer's codes and zero "
-    "points packed at its own width with fp16 scales. Serve it with vLLM on a GPU (zero points at 4 bits: its `uint4` kernels). "
-    "transformers 5.23 does not load compressed-tensors zero points, so the check reads the folder with "
-    "compressed-tensors' own decompressor. No remote code."
+    "points packed at its own width with fp16 scales. Serve it with vLLM on a GPU (zero points at 4 bits: its "
+    "`uint4` kernels). transformers 5.23 does not load compressed-tensors zero points, so the check reads the "
+    "folder with compressed-tensors' own decompressor. No remote code."
 )
 
 
