@@ -8,6 +8,7 @@ import streamlit as st
 from engine.core.data import DataError
 from engine.core.models import LoadedModel
 from engine.llamacpp.agreement import FLOOR_FACTOR, PPL_PROMISE
+from engine.quant.layer_bits import all_levels
 from engine.quant.runtimes import runtime_of
 from engine.runs.exports import (
     FORMATS,
@@ -141,8 +142,9 @@ def export_section(store: ResultsStore, loaded: LoadedModel, method: str | None,
                    "bit (an integer one is rounded to an fp16 minimum). Re-quantized tensors round a second time: "
                    f"the check below shows the difference (promise: ±{TOLERANCE['gguf']:.0%} for exact types).")
     if fmt == "ct":
-        quantized = quantized_as(record)
-        note = CT_ZERO_POINT_NOTE if quantized and quantized[0].zero_point == "integer" else CT_NOTE
+        spec, bits = quantized_as(record) or (None, ())
+        zero_points = spec is not None and any(spec.zero_point_at(b) == "integer" for b in all_levels(bits))
+        note = CT_ZERO_POINT_NOTE if zero_points else CT_NOTE
         st.caption(note + f" Promise: perplexity within ±{TOLERANCE['ct']:.1%} of the app's.")
     dtype = None
     if fmt == "hf":
