@@ -90,8 +90,8 @@ class RunRecord:
         series = self.config.get("series")
         if not isinstance(series, str):
             return self.method
-        grid = grid_label(self.config.get("quantizer"), self.config.get("zero_point"),
-                          self.config.get("target_runtime")) if self.method == "quantization" else ""
+        grid = grid_label(self.config.get("quantizer"), self.config.get("zero_point"),  # quantization runs hold them
+                          self.config.get("target_runtime"))
         if not grid or grid in series:
             return series
         label, runs_for, runtime = series.partition(" for ")

@@ -130,9 +130,9 @@ def test_compressed_tensors_runtimes_count_integer_zero_points_as_their_checkpoi
 def test_runs_stored_before_series_named_their_grid_never_share_a_curve_with_another_grid():
     from engine.runs.record import RunRecord
 
-    def stored(series: str, zero_point: str, runtime: str, method: str = "quantization") -> str:
+    def stored(series: str, zero_point: str, runtime: str) -> str:
         config = {"series": series, "quantizer": "rtn", "zero_point": zero_point, "target_runtime": runtime}
-        return RunRecord(1, "", "m", "f", method, config, {}, {}, 0.0).series
+        return RunRecord(1, "", "m", "f", "quantization", config, {}, {}, 0.0).series
 
     assert stored("lim 8/4-bit rtn for vLLM (compressed-tensors)", "symmetric", "vllm") == \
         "lim 8/4-bit rtn, symmetric for vLLM (compressed-tensors)"  # vLLM's grid before the integer one
@@ -140,4 +140,5 @@ def test_runs_stored_before_series_named_their_grid_never_share_a_curve_with_ano
         "lim 8/4-bit rtn for vLLM (compressed-tensors)"
     assert stored("lim 4/3-bit rtn", "float", "research") == "lim 4/3-bit rtn, float zero"
     assert stored("lim 4/3-bit rtn, float zero", "float", "research") == "lim 4/3-bit rtn, float zero"  # once
-    assert stored("drop 2 then 4-bit", "symmetric", "vllm", method="stacked") == "drop 2 then 4-bit"
+    stack = {"series": "drop 2 then 4-bit", "stages": [{}, {"quantizer": "rtn", "zero_point": "symmetric"}]}
+    assert RunRecord(2, "", "m", "f", "stacked", stack, {}, {}, 0.0).series == "drop 2 then 4-bit"  # its own series
