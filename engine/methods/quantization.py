@@ -124,8 +124,8 @@ class Quantization(Method):
             windows = token_windows(calibration, loaded.tokenizer, loaded.max_seqlen)
         quantized = quantize_model(loaded, allocation, windows, spec=spec,
                                    progress=stage_callback(progress, "quantizing"))
-        in_ct = runtime_named(plan.runtime).export == "ct"  # sized as its compressed-tensors checkpoint
-        size = quantized.size(packed_zeros=runtime_named(plan.runtime).packs_zero_points)
+        in_ct = runtime_named(plan.runtime).packs_zero_points  # sized as its compressed-tensors checkpoint
+        size = quantized.size(packed_zeros=in_ct)
         llamacpp = llamacpp_details(loaded, spec, quantized.bits) if spec.method == LLAMACPP else {}
         if llamacpp.get("file_bytes"):
             size = replace(size, file_bytes=llamacpp["file_bytes"])

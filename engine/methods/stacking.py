@@ -119,7 +119,7 @@ class Stacking(Method):
                                    spec=spec, use_cache=False, progress=stage_callback(progress, "quantizing"))
         quantize_s = time.perf_counter() - started
         whole_layers = drops_whole_layers(stage_config)  # the runtimes' own model code runs it
-        in_ct = runtime_named(then.runtime).export == "ct" and whole_layers
+        in_ct = runtime_named(then.runtime).packs_zero_points and whole_layers  # a compressed-tensors checkpoint
         qsize = quantized.size(packed_zeros=in_ct)  # zero points as the checkpoint packs them
         details = {}
         if then.quantizer == LLAMACPP and whole_layers:  # a GGUF file it will be

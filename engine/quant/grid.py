@@ -70,7 +70,9 @@ class QuantizerSpec:
     ``bits``: code width, 2-8.  ``group_size``: input columns sharing one scale
     and zero (``None`` = one group per output row).  ``zero_point``:
     ``integer`` (GPTQ convention), ``float`` (fp16 group minimum) or
-    ``symmetric`` (zero fixed at ``2**(bits-1)``, not stored).
+    ``symmetric`` (zero fixed at ``2**(bits-1)``, not stored).  ``zero_point_bits``: the code widths that carry
+    ``zero_point``; the others use the symmetric grid (``None``: every width).  vLLM's kernels take zero points at
+    4 bits only (Marlin's ``uint4``): its plans hold ``(4,)``.
 
     GPTQ only:
     - ``act_order``: quantize columns by decreasing ``diag(H)`` (activation energy).
@@ -82,9 +84,6 @@ class QuantizerSpec:
       the permuted order and a per-column ``g_idx`` is stored).
       ``QuantizerSpec(method="gptq", act_order=True)`` is static act-order.
     - ``damp``: fraction of ``mean(diag H)`` added to the Hessian diagonal.
-    ``zero_point_bits``: the code widths that carry ``zero_point``; the others use the symmetric grid (``None``:
-    every width).  vLLM's kernels take zero points at 4 bits only (Marlin's ``uint4``): its plans hold ``(4,)``.
-
     - ``propagation``: ``sequential`` (default) calibrates every linear on the
       signals of the already-quantized model (earlier layers, and within a layer
       q/k/v -> o -> gate/up -> down), so a layer's result depends on the bits of

@@ -51,7 +51,7 @@ class Runtime:
     dynamic_groups: bool = False  # act-order GPTQ with a per-column group index (g_idx)
     zero_point_bits: tuple[int, ...] | None = None  # widths its kernels take zero points at (None: every width)
 
-    def grid_spec(self, zero_point: str) -> tuple[int, ...] | None:
+    def zero_point_widths(self, zero_point: str) -> tuple[int, ...] | None:
         """``QuantizerSpec.zero_point_bits`` for a plan on ``zero_point``: the widths that keep it here (vLLM: 4;
         8-bit weights then go on the symmetric grid)."""
         return None if zero_point == "symmetric" else self.zero_point_bits
@@ -59,7 +59,7 @@ class Runtime:
     def zero_point_at(self, bits: int, zero_point: str | None = None) -> str:
         """The grid ``bits``-bit weights go on here (``zero_point``: a plan's, else :attr:`default_zero_point`)."""
         zero_point = zero_point or self.default_zero_point
-        widths = self.grid_spec(zero_point)
+        widths = self.zero_point_widths(zero_point)
         return "symmetric" if widths is not None and bits not in widths else zero_point
 
     @property

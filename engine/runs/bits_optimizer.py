@@ -132,7 +132,7 @@ class BitsOptimizerPlan:
                                  output_type=self.output_type)
         return QuantizerSpec(method=self.quantizer, bits=max(check_levels(self.levels)), group_size=self.group_size,
                              act_order=self.quantizer == "gptq", zero_point=self.zero_point,
-                             zero_point_bits=runtime_named(self.runtime).grid_spec(self.zero_point))
+                             zero_point_bits=runtime_named(self.runtime).zero_point_widths(self.zero_point))
 
     def actions(self, linears: list[str] | None = None) -> list[Action]:
         """The sensitivity actions to measure, level by level (per linear, ``linears`` in layer order, for

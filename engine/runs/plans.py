@@ -130,7 +130,7 @@ class QuantPlan:
                                  imatrix=self.imatrix, output_type=self.output_type)
         return QuantizerSpec(method=self.quantizer, bits=self.high_bits, group_size=self.group_size,
                              zero_point=self.zero_point, act_order=self.act_order and self.quantizer == "gptq",
-                             zero_point_bits=runtime_named(self.runtime).grid_spec(self.zero_point))
+                             zero_point_bits=runtime_named(self.runtime).zero_point_widths(self.zero_point))
 
 
 @dataclass(frozen=True)
