@@ -52,6 +52,8 @@ GPTQ = "gptq"  # GPTQ on the same grid (engine.quant.gptq)
 LLAMACPP = "llama.cpp"  # llama.cpp's own types and quantizer (engine.quant.ggml_weight)
 METHODS = (RTN, GPTQ, LLAMACPP)
 ZERO_POINTS = ("integer", "float", "symmetric")
+ZERO_POINT_LABELS = {"integer": ", integer zero", "float": ", float zero", "symmetric": ", symmetric"}
+"""How labels and series name a grid (the integer one only where it is not the default)."""
 GROUP_PARAMS = ("static", "dynamic")
 PROPAGATIONS = ("sequential", "dense")
 MIN_BITS, MAX_BITS = 2, 8
@@ -165,11 +167,8 @@ class QuantizerSpec:
         return replace(self, bits=bits)
 
     def zero_point_at(self, bits: int) -> str:
-        """The grid weights of ``bits`` bits are quantized on: ``zero_point``, or symmetric where
-        ``zero_point_bits`` leaves that width out."""
-        if self.zero_point_bits is not None and bits not in self.zero_point_bits:
-            return "symmetric"
-        return self.zero_point
+        """The grid weights of ``bits`` bits are quantized on (:func:`zero_point_at`)."""
+        return zero_point_at(bits, self.zero_point, self.zero_point_bits)
 
     @property
     def grid(self) -> str:
@@ -198,8 +197,14 @@ class QuantizerSpec:
             extra += (", act-order" if self.act_order else "") + (", dynamic groups" if self.group_params == "dynamic"
                                                                   else "")
             extra += ", dense signals" if self.propagation == "dense" else ""
-        extra += {"float": ", float zero", "symmetric": ", symmetric"}.get(self.grid, "")
+        extra += ZERO_POINT_LABELS[self.grid] if self.grid != "integer" else ""
         return f"{self.method.upper()} {self.bits}-bit {group}{extra}"
+
+
+def zero_point_at(bits: int, zero_point: str, zero_point_bits: tuple[int, ...] | None) -> str:
+    """The grid ``bits``-bit weights go on: ``zero_point``, or symmetric where ``zero_point_bits`` (the widths that
+    carry it; ``None``: all) leaves ``bits`` out."""
+    return "symmetric" if zero_point_bits is not None and bits not in zero_point_bits else zero_point
 
 
 def symmetric_zero(bits: int) -> int:

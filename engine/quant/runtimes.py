@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from engine.quant.grid import LLAMACPP, MAX_BITS, MIN_BITS, ZERO_POINTS
+from engine.quant.grid import LLAMACPP, MAX_BITS, MIN_BITS, ZERO_POINT_LABELS, ZERO_POINTS, zero_point_at
 
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 """vLLM's fused modules and the checkpoint linears each one loads."""
@@ -59,8 +59,7 @@ class Runtime:
     def zero_point_at(self, bits: int, zero_point: str | None = None) -> str:
         """The grid ``bits``-bit weights go on here (``zero_point``: a plan's, else :attr:`default_zero_point`)."""
         zero_point = zero_point or self.default_zero_point
-        widths = self.zero_point_widths(zero_point)
-        return "symmetric" if widths is not None and bits not in widths else zero_point
+        return zero_point_at(bits, zero_point, self.zero_point_widths(zero_point))
 
     @property
     def default_zero_point(self) -> str:
@@ -147,7 +146,7 @@ def grid_label(quantizer: str | None, zero_point: str | None, runtime: str | Non
         return ""
     if zero_point == RUNTIMES.get(runtime or DEFAULT_RUNTIME, RUNTIMES[DEFAULT_RUNTIME]).default_zero_point:
         return ""
-    return {"symmetric": ", symmetric", "float": ", float zero"}.get(zero_point, ", integer zero")
+    return ZERO_POINT_LABELS[zero_point]
 
 
 def runtime_named(key: str) -> Runtime:
