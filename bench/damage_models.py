@@ -31,14 +31,14 @@ from bench.common import report
 from engine.core.data import DataSpec, token_windows
 from engine.core.models import load_model
 from engine.evaluation.perplexity import window_nll_sums
-from engine.optimize.bit_budget import BitBudget, layer_costs
+from engine.optimize.bit_budget import BitBudget
 from engine.optimize.damage import blended, monotone_in_bits, upper_dnll
 from engine.optimize.knapsack import solve
 from engine.optimize.unit_damage import allocation_from_units, unit_scans
 from engine.quant.layer_bits import describe_all
 from engine.quant.quantize_model import quantize_model
 from engine.runs.bits_competitors import competitors
-from engine.runs.bits_optimizer import BitsOptimizerPlan, held_out_spec
+from engine.runs.bits_optimizer import BitsOptimizerPlan, held_out_spec, plan_costs
 from engine.runs.store import ResultsStore
 from engine.sensitivity.cached import sensitivity_if_cached
 
@@ -78,7 +78,7 @@ def main() -> None:
         matrix = sensitivity_if_cached(store, loaded, calibration, plan.actions(linears))
         if matrix is None:
             raise SystemExit("The scans are not in this store: run bench.optimize with the same --store first.")
-        costs = layer_costs(loaded.model, loaded.architecture, levels, plan.spec())
+        costs = plan_costs(loaded, plan)  # the optimizer's own sizes
         units = costs.units(args.granularity)
         per_unit = {(layer, name): damage_models([d.kl[layer] for d in columns], [d.delta_nll[layer] for d in columns],
                                                  [d.window_delta_nll[layer] for d in columns])
