@@ -38,10 +38,16 @@ if runs.empty:
     st.stop()
 
 cols = st.columns(3)
-all_models, all_methods = sorted(runs["model"].unique()), sorted(runs["method"].unique())
-models = cols[0].multiselect("Models", all_models, default=all_models)
+all_models = sorted(runs["model"].unique())
+loaded = current_model()
+latest = str(runs.sort_values("id")["model"].iloc[-1])
+opened_on = loaded.source if loaded is not None and loaded.source in all_models else latest
+model = cols[0].selectbox("Model", all_models, index=all_models.index(opened_on), key="results_model",
+                          help="One model at a time: its dense baseline is the reference of every number on this "
+                          "page and in the report. Opens on the loaded model (else the latest run's).")
+all_methods = sorted(runs.loc[runs["model"] == model, "method"].unique())
 methods = cols[1].multiselect("Methods", all_methods, default=all_methods)
-shown = filter_runs(runs, models, methods)
+shown = filter_runs(runs, [model], methods)
 data_choices = data_labels_by_use(shown) if not shown.empty else []
 if not data_choices:
     st.info("No runs match these filters.")
@@ -73,7 +79,7 @@ x = cols[0].selectbox("Size axis", list(x_axes), format_func=x_axes.get, key=kep
 y = cols[1].selectbox("Quality axis", list(quality), format_func=quality.get, key=kept("results_y"))
 scale = cols[2].radio("Quality scale", ["auto", "linear", "log"], horizontal=True, key=kept("results_scale"),
                       help="auto: log only when the values span a decade.")
-subtitle = f"models {', '.join(models)}; evaluated on {chosen_data}"
+subtitle = f"model {model}; evaluated on {chosen_data}"
 figure = tradeoff_figure(on_data, x, y, subtitle, log_y=None if scale == "auto" else scale == "log")
 show_chart(figure, "results_tradeoff",
            f"Computed on: {subtitle}. Dense (black star, dotted line) on the same windows; previews hollow and "
@@ -87,9 +93,8 @@ if "config.saved_to" in shown and shown["config.saved_to"].notna().any():
 
 st.subheader("Report")
 summary = executive_summary(on_data, chosen_data, threshold=cost_threshold())
-loaded = current_model()
 cards = {}
-if loaded is not None and loaded.source in models:
+if loaded is not None and loaded.source == model:
     cards = {loaded.source: {**loaded.card, **({"weights as loaded": loaded.note} if loaded.note else {})}}
     if loaded.note:  # a built-in model came quantized: every number in the report is damage on top of that
         summary.append(f"About {loaded.source}: {loaded.note}")
@@ -112,7 +117,7 @@ report_items = items or [ReportItem(figure.layout.title.text.split("<br>")[0], f
                                     on_data[["id", "method", "series", x, y]])]
 st.download_button(  # built only when clicked: inlining plotly.js is too heavy for every rerun
     "Download HTML report",
-    lambda: build_report(f"LayerLab report: {', '.join(models)} ({pd.Timestamp.now(tz='UTC'):%Y-%m-%d})", cards,
+    lambda: build_report(f"LayerLab report: {model} ({pd.Timestamp.now(tz='UTC'):%Y-%m-%d})", cards,
                          report_items, shown, summary,
                          compact_table(on_data)).encode(),
     "layerlab-report.html", "text/html",

@@ -37,6 +37,8 @@ from engine.core.out_of_memory import is_allocation_failure, release_memory
 
 LAYOUT_SOURCES = {"table": "table: a family LayerLab knows (its architecture table)",
                   "discovered": "discovered: read off the module tree"}
+LOCAL_FILES_ROW = "license files (this machine)"
+"""Model-card row naming files on this machine: shown in the app, left out of reports sent elsewhere."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -357,7 +359,8 @@ def load_model(
     )
     loaded.card = model_card(loaded)
     if is_builtin and BUILTINS[source].license:
+        loaded.card["license"] = BUILTINS[source].license
         files = BUILTINS[source].licenses()
-        loaded.card["license"] = BUILTINS[source].license + (
-            f"; full text in {', '.join(str(f) for f in files)}" if files else "")
+        if files:
+            loaded.card[LOCAL_FILES_ROW] = ", ".join(str(f) for f in files)
     return loaded

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from engine.core.models import card_values
+from engine.core.models import LOCAL_FILES_ROW, card_values
 
 MAX_WIDTH_PX = 1100
 
@@ -58,11 +58,12 @@ SERIES_KEY = (
     "its paired 95% interval. <b>runs in</b>: where the compressed model runs as it is. <b>speed vs dense</b>: "
     "forward-pass time on the machine that measured it, for methods that change shapes (slicing, dropping); – for "
     "quantization, whose speed depends on the runtime's kernels (LayerLab runs dequantized weights).")
-REPORT_HIDDEN_CARD_ROWS = ("layout",)
-"""Model-card rows the page shows and the report leaves out (how LayerLab found the layers: not a model fact)."""
+REPORT_HIDDEN_CARD_ROWS = ("layout", LOCAL_FILES_ROW)
+"""Model-card rows the page shows and the report leaves out: how LayerLab found the layers (not a model fact) and
+paths on this machine (meaningless to a reader elsewhere)."""
 
 
-def _table_html(frame: pd.DataFrame) -> str:
+def _table_html(frame: pd.DataFrame, classes: str = "data") -> str:
     def fmt(value):
         if isinstance(value, (bool, np.bool_)):
             return "yes" if value else "no"
@@ -79,7 +80,7 @@ def _table_html(frame: pd.DataFrame) -> str:
             shown[column] = [pattern.format(v) if isinstance(v, (int, float, np.number)) and not isinstance(
                 v, (bool, np.bool_)) and v == v else v for v in shown[column]]
     shown = shown.map(fmt) if not shown.empty else shown
-    return shown.to_html(index=False, border=0, classes="data", na_rep="–")
+    return shown.to_html(index=False, border=0, classes=classes, na_rep="–")
 
 
 def _csv_link(frame: pd.DataFrame, name: str) -> str:
@@ -99,6 +100,7 @@ def build_report(title: str, model_cards: dict[str, dict], items: list[ReportIte
         "padding:0 1em;color:#222;line-height:1.45}"
         "table.data{border-collapse:collapse;font-size:12px;margin:1em 0;max-width:100%}"
         "table.data td,table.data th{border-bottom:1px solid #ddd;padding:3px 8px;text-align:right}"
+        "table.card td,table.card th{text-align:left}"
         ".scroll{overflow-x:auto;max-width:100%}.meta{color:#555;font-size:13px}.note{background:#f5f7fa;"
         "border-left:3px solid #0072B2;padding:.5em 1em}ul.summary li{margin:.3em 0}"
         ".chart{width:100%}details{margin-bottom:2em}</style></head><body>",
@@ -113,6 +115,9 @@ def build_report(title: str, model_cards: dict[str, dict], items: list[ReportIte
     for number, item in enumerate(items):
         figure = go.Figure(item.figure)
         figure.update_layout(autosize=True, width=None)
+        title = figure.layout.title.text or ""
+        if title.split("<br>")[0] == item.title:  # the heading above says it: keep only the chart's subtitle
+            figure.update_layout(title_text=title.partition("<br>")[2] or None)
         chart = figure.to_html(full_html=False, include_plotlyjs=number == 0, default_width="100%",
                                config={"responsive": True, "displaylogo": False,
                                        "toImageButtonOptions": {"format": "png", "filename": f"chart-{number + 1}"}})
@@ -128,7 +133,7 @@ def build_report(title: str, model_cards: dict[str, dict], items: list[ReportIte
     for source, card in model_cards.items():
         card = {key: value for key, value in card.items() if key not in REPORT_HIDDEN_CARD_ROWS}
         card_frame = pd.DataFrame({"property": list(card), "value": card_values(card)})
-        parts.append(f"<h2>Model: {html.escape(source)}</h2>{_table_html(card_frame)}")
+        parts.append(f"<h2>Model: {html.escape(source)}</h2>{_table_html(card_frame, 'data card')}")
     parts += [f"<h2>All runs</h2><p>{len(runs)} runs with every setting and metric: "
               f"{_csv_link(runs, 'layerlab-runs.csv')} (CSV attachment).</p>", "</body></html>"]
     return "\n".join(parts)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.core.data import BOS_LABEL, DataSpec, split_text, token_windows
-from engine.core.models import load_model
+from engine.core.models import LOCAL_FILES_ROW, load_model
 from engine.runs.plans import DropPlan, EvalPlan
 from engine.runs.runner import run_dropping
 from engine.runs.summary import executive_summary, run_warnings
@@ -28,7 +28,7 @@ def gemma():
 def test_gemma_loads_as_a_built_in_with_its_terms_and_says_what_it_cannot_do(gemma):
     assert gemma.card["architecture"] == "gemma3_text" and gemma.card["layers"] == 18
     assert gemma.card["hidden size"] == 640 and gemma.card["vocabulary"] == 262144
-    assert "Gemma Terms of Use" in gemma.card["license"] and "GEMMA_TERMS.html" in gemma.card["license"]
+    assert "Gemma Terms of Use" in gemma.card["license"] and "GEMMA_TERMS.html" in gemma.card[LOCAL_FILES_ROW]
     assert "Q4_K_M" in gemma.note
     message = gemma.architecture.unavailable_message("slicing")
     assert message.startswith("Slicing (SliceGPT) is not available") and "layer-wise quantization" in message

@@ -170,3 +170,37 @@ def test_a_model_that_came_quantized_says_so_in_the_summary_the_report_carries(t
         assert f"About {tiny_app}: Its weights were already 4-bit" in summary
     finally:
         session._cached_model.clear()  # later tests load the model without the note
+
+
+def test_results_show_one_model_at_a_time_opening_on_the_loaded_one(tiny_app):
+    """A trial loaded Gemma-3 after a SmolLM2 run: Results opened on both models' runs, the summary quoted
+    SmolLM2's dense perplexity beside "About gemma3-270m", and the report's title named both. Now one model is
+    shown at a time, the loaded one first, even when another model has the latest run."""
+    store = ResultsStore()
+    for model, dense, sliced in ((str(tiny_app), 20.0, 26.0), ("other-model", 50.0, 70.0)):
+        _add_for(store, model, "dense", 1.0, dense)
+        _add_for(store, model, "slicing", 0.8, sliced)
+    at = open_app("results")
+    at.selectbox(key="results_data").set_value(OWN["label"]).run()
+    assert not at.exception
+    assert at.selectbox(key="results_model").value == str(tiny_app)
+    assert {str(tiny_app), "other-model"} <= set(at.selectbox(key="results_model").options)
+    summary = " ".join(m.value for m in at.markdown)
+    assert "Dense model: perplexity 20.00" in summary and "50.00" not in summary
+    assert "other-model" not in _figure(at).layout.title.text
+    runs_table = next(d.value for d in at.dataframe if "method" in d.value.columns)
+    assert sorted(runs_table["perplexity"]) == [20.0, 26.0]
+    at.selectbox(key="results_model").set_value("other-model").run()
+    at.selectbox(key="results_data").set_value(OWN["label"]).run()
+    summary = " ".join(m.value for m in at.markdown)
+    assert "Dense model: perplexity 50.00" in summary and "20.00" not in summary
+
+
+OWN = {**DATA, "n_windows": 5, "label": "wiki-offline evaluation, 5 windows × 48 tokens"}  # this test's runs only
+
+
+def _add_for(store, model, method, fraction, ppl):
+    store.add_run(model=model, model_fingerprint="x", method=method,
+                  config={"series": method if method == "dense" else "constant", "preview": False}, data=OWN,
+                  metrics={"ppl": ppl, "ci_low": ppl * 0.9, "ci_high": ppl * 1.1, "size_fraction": fraction,
+                           "param_fraction": fraction}, duration_s=0.5)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from html import escape
 
 import pandas as pd
 
+from engine.core.models import LOCAL_FILES_ROW
 from engine.runs.summary import compact_table, executive_summary
 from engine.viz.report import MAX_WIDTH_PX, ReportItem, build_report
 from engine.viz.tradeoff import tradeoff_figure
@@ -125,3 +127,18 @@ def test_report_explains_its_series_names_and_columns_and_leaves_out_internal_ca
     assert "lim 4/3-bit rtn" in key and "speed vs dense" in key and "runs in" in key
     model = html.split("Model: m")[1]
     assert "layout" not in model and "already 4-bit" in model and ">30<" in model
+
+
+def test_report_leaves_out_paths_on_this_machine_and_says_a_chart_title_once(store):
+    """A trial's report showed the licence row's local path (/work/.../GEMMA_TERMS.html) and every chart's title
+    twice (the heading, then the chart's own): paths stay in the app, and the chart keeps only its subtitle."""
+    runs = _runs(store)
+    card = {"license": "Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+            LOCAL_FILES_ROW: "/somewhere/site-packages/pkg/data/GEMMA_TERMS.html"}
+    figure = tradeoff_figure(runs, "metrics.size_fraction", "metrics.ppl", "test data")
+    heading = figure.layout.title.text.split("<br>")[0]
+    html = build_report("Report", {"m": card}, [ReportItem(heading, figure, "test data", pd.DataFrame())], runs)
+    model = html.split("Model: m")[1]
+    assert "ai.google.dev/gemma/terms" in model and "/somewhere" not in html and LOCAL_FILES_ROW not in html
+    assert "data card\"" in model  # text rows, left-aligned (table.card)
+    assert html.count(escape(heading)) == 1 and "test data" in html.split("<h2>")[1]  # heading; chart: subtitle
