@@ -101,7 +101,8 @@ script ends."""
 PAGE = "_page_title"
 """Session key of the page being shown (the router sets it)."""
 _CANCEL_SLOTS = "_cancel_slots"
-"""Session key of the Cancel buttons (and the sidebar's progress) drawn in this script run: emptied when it ends."""
+"""Session key of the Cancel buttons and progress bars (page and sidebar) drawn in this script run: emptied when it
+ends."""
 _SIDEBAR_PROGRESS = "_sidebar_progress"
 """Session key of the sidebar's progress place in this script run."""
 
@@ -118,9 +119,12 @@ def progress_callback(label: str):
     mark = {"label": label, "page": st.session_state.get(PAGE, "its page"), "started": time.strftime("%H:%M:%S"),
             "model": loaded.source if loaded is not None else "", "completed": "started"}
     st.session_state[RUNNING] = mark
-    st.caption("Stay on this page until it finishes: leaving it, or clicking another control, stops the work; "
-               "the Results page then lists it as interrupted, with how far it got.")
-    bar = st.progress(0.0, text=label)
+    holder = st.empty()  # emptied when the script ends (computation_finished): no "stay on this page" once done
+    with holder.container():
+        st.caption("Stay on this page until it finishes: leaving it, or clicking another control, stops the work; "
+                   "the Results page then lists it as interrupted, with how far it got.")
+        bar = st.progress(0.0, text=label)
+    st.session_state.setdefault(_CANCEL_SLOTS, []).append(holder)
     side = _sidebar_slot().progress(0.0, text=f"Running: {label}")
     first_seen: dict[str, tuple[float, int]] = {}  # stage -> (when, steps done) at its first report
 

@@ -50,6 +50,8 @@ def test_preview_run_is_stored_marked_and_charted(tiny_app):
     assert run.is_preview and run.metrics["dense_ppl"] > 1
     specs = [c.proto.spec for c in at.get("plotly_chart")]
     assert any("(preview)" in spec and "perplexity vs size" in spec for spec in specs)
+    # a trial saw "Stay on this page until it finishes" and a full bar left on the page after the run had ended
+    assert not any("Stay on this page" in c.value for c in at.caption) and not at.get("progress")
 
 
 @pytest.mark.slow
