@@ -28,6 +28,13 @@ from ui.state import kept
 from ui.widgets import cancel_button, progress_callback, show_chart, show_outcome
 
 
+def default_avg_bits(levels: list[int]) -> float:
+    """The budget the page starts at: 3.5 bits per weight where the levels reach below it, else halfway between
+    the lowest and the highest level (vLLM's 4 and 8: 6), so the first view is a budget the levels can meet."""
+    low, high = min(levels), max(levels)
+    return 3.5 if low < 3.5 else round((low + high) / 2 * 8) / 8
+
+
 def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, evaluation: EvalPlan, quantizer: str,
                          group_size: int, level_options: list[int] | None = None, imatrix: bool = False,
                          output_type: str = "auto", runtime: str = DEFAULT_RUNTIME) -> None:
@@ -51,16 +58,17 @@ def bits_optimizer_panel(store, loaded: LoadedModel, calibration: DataSpec, eval
     cols = st.columns(4)
     kind = cols[0].radio("Budget as", ["bits", "MiB"], key=kept("opt_budget_kind"), horizontal=True,
                          format_func={"bits": "bits per weight", "MiB": "model MiB"}.get)
+    options = level_options or list(range(MIN_BITS, MAX_BITS + 1))
+    per_runtime = "" if runtime == DEFAULT_RUNTIME else f"_{runtime}"  # each runtime keeps its own choices
     if kind == "bits":
-        budget = BitBudget(avg_bits=cols[0].number_input("Average bits per weight", 2.0, 8.5, 3.5, 0.125,
-                                                         key=kept("opt_avg_bits")))
+        budget = BitBudget(avg_bits=cols[0].number_input("Average bits per weight", 2.0, 8.5, default_avg_bits(options),
+                                                         0.125, key=kept("opt_avg_bits" + per_runtime)))
     else:
         budget = BitBudget(total_bytes=cols[0].number_input("Model size (MiB)", 1.0, 1e6, 100.0, 1.0,
                                                             key=kept("opt_mib")) * 2**20)
-    options = level_options or list(range(MIN_BITS, MAX_BITS + 1))
+    levels_key = "opt_levels_llamacpp" if quantizer == LLAMACPP else "opt_levels" + per_runtime
     levels = cols[1].multiselect("Allowed levels", options, [b for b in DEFAULT_LEVELS if b in options],
-                                 key=kept("opt_levels_llamacpp" if quantizer == LLAMACPP else
-                                          "opt_levels" + ("" if runtime == DEFAULT_RUNTIME else f"_{runtime}")))
+                                 key=kept(levels_key))
     candidates = cols[2].slider("Solver candidates", 1, 8, DEFAULT_CANDIDATES, key=kept("opt_candidates"),
                                 help="Damage does not add up exactly: the best few allocations by the sum are "
                                 "measured, not only the first.")

@@ -175,3 +175,17 @@ def test_the_sidebar_runtime_narrows_every_choice_and_runs_record_it(tiny_app):
     at.selectbox(key="keep.runtime").set_value("llama.cpp").run()  # switching keeps every stored run
     assert [o for o in at.selectbox(key="keep.quant_method_llama.cpp").options] == ["llama.cpp types (exact GGUF)"]
     assert len(ResultsStore().runs(method="quantization")) == len(stored)
+
+
+def test_the_optimizer_opens_on_a_budget_the_runtime_levels_can_meet(tiny_app):
+    """Under vLLM (levels 4 and 8) a trial's optimizer opened on 3.5 bits per weight, below what 4-bit weights
+    cost, so the first thing it showed was an error: it now starts halfway between the levels."""
+    from ui.optimizer_panels import default_avg_bits
+
+    assert default_avg_bits([2, 3, 4, 5, 6, 8]) == 3.5 and default_avg_bits([4, 8]) == 6.0
+    at = _ready()
+    at.selectbox(key="keep.runtime").set_value("vllm").run()
+    at.radio(key="keep.quant_choose").set_value("optimizer")
+    at.number_input(key="keep.calib_windows").set_value(8).run()  # the optimizer's interval needs 4 or more
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.number_input(key="keep.opt_avg_bits_vllm").value == 6.0
