@@ -60,6 +60,18 @@ def test_bad_model_source_keeps_the_loaded_model(tiny_app):
     assert at.sidebar.selectbox(key="model_builtin").value == "(the id or path above)"
 
 
+def test_a_bad_model_source_is_said_in_the_sidebar_on_every_page(tiny_app):
+    """A trial typed a nonsense id on the Results page and clicked Load twice: nothing said anything until the
+    Model page was opened. The sidebar, where the id was typed, now says it on any page."""
+    at = open_app("results")
+    at.sidebar.text_input[0].set_value("nonsense/not-a-model-xyz")
+    at.sidebar.button[0].click().run()
+    assert not at.exception
+    said = [e.value for e in at.sidebar.error]
+    assert said and "Could not find a model at 'nonsense/not-a-model-xyz'" in said[0], said
+    assert f"Still using {tiny_app}." in said[0]
+
+
 def test_seqlen_beyond_model_maximum_is_refused(tiny_app):
     at = open_app()
     at.number_input(key="keep.eval_seqlen").set_value(9000)
