@@ -76,10 +76,20 @@ def _exports_table(record: RunRecord) -> pd.DataFrame:
     return pd.DataFrame([_export_row(e) for e in record.config.get("exports", [])])
 
 
+def _bytes_text(result: dict) -> str:
+    """``"404.1 MiB of weights; 435.9 MiB on disk with the tokenizer and config"``: the weights are what the run's
+    size counts; a GGUF file holds everything."""
+    weights = result.get("weights_bytes")
+    if weights is None or weights == result["bytes"]:
+        return f"{result['bytes'] / 2**20:.1f} MiB on disk"
+    return (f"{weights / 2**20:.1f} MiB of weights; {result['bytes'] / 2**20:.1f} MiB on disk with the tokenizer "
+            "and config")
+
+
 def _show_result(result: dict) -> None:
     passed = _export_row(result).get("within promise")
     (st.warning if passed is False or "unavailable" in result.get("llamacpp", {}) else st.success)(
-        f"Exported to `{result['folder']}` ({result['bytes'] / 2**20:.1f} MiB on disk, {result['seconds']:.1f} s). "
+        f"Exported to `{result['folder']}` ({_bytes_text(result)}, {result['seconds']:.1f} s). "
         + result["summary"])
     for note in result.get("notes", []):
         st.caption(note)

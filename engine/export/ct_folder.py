@@ -175,7 +175,8 @@ def write_ct_folder(quantized: QuantizedModel, loaded: LoadedModel, folder: str 
     ``dtype``: the unquantized tensors (embedding, head, norms) in this dtype instead of the model's own
     (16 bits halve the embedding; the codes and fp16 scales are written as they are either way).
 
-    Returns ``{"folder", "files", "bytes", "remote_code": False, "exact_fraction": 1.0, "notes": [str],
+    Returns ``{"folder", "files", "bytes", "weights_bytes" (its safetensors), "remote_code": False,
+    "exact_fraction": 1.0, "notes": [str],
     "reader"`` (what reads it back: transformers, or compressed-tensors' decompressor for zero points)``,
     "vllm_problems": [str]}``.
     Raises :class:`ExportError` (nothing written) when :func:`ct_unsupported` names a reason.
@@ -225,7 +226,8 @@ def write_ct_folder(quantized: QuantizedModel, loaded: LoadedModel, folder: str 
         (staging / "layerlab_export.json").write_text(json.dumps({**(notes or {}), "types": lines}, indent=2,
                                                                  default=str))
     return {"folder": str(folder), "files": sorted(p.name for p in folder.iterdir()), "bytes": folder_bytes(folder),
-            "remote_code": False, "exact_fraction": 1.0, "notes": lines,
+            "weights_bytes": folder_bytes(folder, "*.safetensors"), "remote_code": False, "exact_fraction": 1.0,
+            "notes": lines,
             "reader": "compressed-tensors" if zero_points else "transformers",  # what load_ct_folder reads it with
             "vllm_problems": vllm_problems(config.quantization_config)}
 

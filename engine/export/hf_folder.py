@@ -133,7 +133,8 @@ def write_hf_folder(model: nn.Module, architecture: Architecture, folder: str | 
                     overwrite: bool = False, notes: dict | None = None, dtype: torch.dtype | None = None) -> dict:
     """Write ``model`` as a Hugging Face folder (weights in ``dtype``, default: the model's); returns what was written.
 
-    Returns ``{"folder", "remote_code" (bool), "files": [names], "bytes"}``.
+    Returns ``{"folder", "remote_code" (bool), "files": [names], "bytes", "weights_bytes"}`` (the whole folder;
+    its ``*.safetensors`` files).
     The folder is staged and renamed at the end (never half-written);
     ``notes`` (JSON) is kept as ``layerlab_export.json``.
     """
@@ -161,12 +162,14 @@ def write_hf_folder(model: nn.Module, architecture: Architecture, folder: str | 
             tokenizer.save_pretrained(staging)
         (staging / "layerlab_export.json").write_text(json.dumps(notes or {}, indent=2, default=str))
     files = sorted(p.name for p in folder.iterdir())
-    return {"folder": str(folder), "remote_code": remote, "files": files, "bytes": folder_bytes(folder)}
+    return {"folder": str(folder), "remote_code": remote, "files": files, "bytes": folder_bytes(folder),
+            "weights_bytes": folder_bytes(folder, "*.safetensors")}
 
 
-def folder_bytes(folder: str | Path) -> int:
-    """Bytes on disk of every file under ``folder``."""
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+def folder_bytes(folder: str | Path, pattern: str = "*") -> int:
+    """Bytes on disk of every file under ``folder`` (``pattern``: only those, e.g. ``"*.safetensors"``: the
+    weights, without the tokenizer and config)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob(pattern) if p.is_file())
 
 
 def load_hf_folder(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -52,6 +52,7 @@ def test_mixed_bits_reload_exactly_in_a_fresh_process_without_layerlab(tmp_path)
         quantized = quantize_model(loaded, _allocation(loaded), spec=SYMMETRIC)
         info = write_ct_folder(quantized, loaded, tmp_path / family)
         assert not info["remote_code"] and info["exact_fraction"] == 1.0
+        assert info["weights_bytes"] == (tmp_path / family / "model.safetensors").stat().st_size < info["bytes"]
         config = json.loads((tmp_path / family / "config.json").read_text())["quantization_config"]
         widths = {g["weights"]["num_bits"] for g in config["config_groups"].values()}
         levels = {w.bits for layer in quantized.weights for w in layer.values()}

@@ -48,6 +48,9 @@ def test_dropping_page_exports_a_run_and_refuses_a_full_folder(tiny_app, tmp_pat
     click(at, "Export and verify")
     assert not at.exception and not at.error, at.error
     assert "Exported to" in at.success[-1].value and "within ±0.5%" in at.success[-1].value
+    # the run's size counts the weights; the folder also holds the tokenizer (a trial read 435.9 for 404.0 MiB)
+    said = at.success[-1].value
+    assert "MiB of weights; " in said and "on disk with the tokenizer and config" in said
     assert any(b.label.startswith("Download out.zip") for b in at.get("download_button"))
     exports = ResultsStore().get_run(run.id).config["exports"]
     assert len(exports) == 1 and exports[0]["verification"]["passed"] and (tmp_path / "out" / "config.json").exists()
