@@ -213,7 +213,7 @@ def executive_summary(runs: pd.DataFrame, data_label: str, tolerance: float = MA
     groups = matched_groups(compressed, tolerance)
     if not groups:
         lines.append(f"No matched sizes yet: no two methods have runs within ±{tolerance * 100:.0f} points of dense "
-                     "bytes of each other, so methods are not compared. Run the matched-size sweep (Compare page).")
+                     "bytes of each other, so methods are not compared here (runs at matched sizes would let them be).")
     for group in groups:
         best_per_method = group.sort_values("metrics.ppl").groupby("method", sort=False).head(1)
         low, high = group["metrics.size_fraction"].min(), group["metrics.size_fraction"].max()
