@@ -32,7 +32,7 @@ def model_sidebar() -> None:
                 "Hugging Face id or local path", key="model_source",
                 help=f"Built-in offline models: {', '.join(BUILTINS)} (type the name, or pick it below).",
             )
-            st.selectbox("…or a built-in model", [TYPED, *BUILTINS], key="model_builtin",
+            st.selectbox("…or a built-in model (then Load model)", [TYPED, *BUILTINS], key="model_builtin",
                          help="Offline models shipped on PyPI (both were quantized before LayerLab got them: see the "
                          "Model page). Picked here, it replaces the field above on Load.")
             st.selectbox("Device", ["auto", "cpu", "cuda", "mps"], key="model_device")
