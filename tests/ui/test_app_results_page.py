@@ -16,6 +16,13 @@ def _figure(at):
     return plotly.io.from_json(at.get("plotly_chart")[0].proto.spec)
 
 
+def _results_of_tiny(model: str = "tiny"):
+    """The Results page on ``model``'s runs (:func:`_add` stores "tiny"'s; the page opens on the loaded model)."""
+    at = open_app("results")
+    at.selectbox(key="results_model").set_value(model).run()
+    return at
+
+
 def _add(store, method, series, data, fraction, ppl):
     store.add_run(model="tiny", model_fingerprint="x", method=method,
                   config={"series": series, "preview": False}, data=data,
@@ -28,7 +35,7 @@ def test_results_page_lists_runs_draws_tradeoff_and_builds_the_report(tiny_app):
     _add(store, "dense", "dense", DATA, 1.0, 20.0)
     for fraction, ppl in ((0.9, 26.0), (0.8, 35.0)):
         _add(store, "slicing", "constant", DATA, fraction, ppl)
-    at = open_app("results")
+    at = _results_of_tiny()
     assert not at.exception
     at.selectbox(key="results_data").set_value(DATA["label"]).run()
     assert not at.exception
@@ -62,7 +69,7 @@ def test_runs_on_two_uploaded_files_are_never_one_series(tiny_app, tmp_path):
     assert labels[0] != labels[1] and "notes.txt#" in labels[0]
     frame = store.runs_frame()
     assert set(labels) <= set(frame["data_label"].unique())
-    at = open_app("results")
+    at = _results_of_tiny()
     assert set(labels) <= set(at.selectbox(key="results_data").options)
     at.selectbox(key="results_data").set_value(labels[0]).run()
     fig = _figure(at)
@@ -81,7 +88,7 @@ def test_results_summary_compares_only_matched_sizes_and_calls_out_costly_option
     add_paired(store, "dense", "dense", 1.0, 0.0)
     add_paired(store, "quantization", "lim 4/3-bit rtn", 0.40, 0.30)  # +35%: sizes 40% and 89% are not matched
     add_paired(store, "dropping", "drop 2 layers by LR", 0.89, 0.60)
-    at = open_app("results")
+    at = _results_of_tiny("m")  # test_summary's runs
     at.selectbox(key="results_data").set_value(LABEL).run()
     assert not at.exception
     summary = " ".join(m.value for m in at.markdown)
