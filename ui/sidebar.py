@@ -45,9 +45,8 @@ def model_sidebar() -> None:
         if trust:
             st.warning("Remote code will run with your permissions when this model loads.")
         loaded = current_model()
-        if LOAD_ERROR in st.session_state:  # said here, on every page, where the user typed it
-            st.error(f"Not loaded: {st.session_state[LOAD_ERROR]}" + (
-                f" Still using {loaded.source}." if loaded is not None else ""))
+        if LOAD_ERROR in st.session_state:  # said here, on every page, where the user typed it; the line below
+            st.error(f"Not loaded: {st.session_state[LOAD_ERROR]}")  # says which model is still in use
         if loaded is not None:
             st.caption(
                 f"Loaded **{loaded.source}** ({loaded.card['architecture']}, "
