@@ -42,9 +42,10 @@ all_models = sorted(runs["model"].unique())
 loaded = current_model()
 latest = str(runs.sort_values("id")["model"].iloc[-1])
 opened_on = loaded.source if loaded is not None and loaded.source in all_models else latest
-model = cols[0].selectbox("Model", all_models, index=all_models.index(opened_on), key="results_model",
+model = cols[0].selectbox("Model", all_models, index=all_models.index(opened_on), key=f"results_model_{opened_on}",
                           help="One model at a time: its dense baseline is the reference of every number on this "
-                          "page and in the report. Opens on the loaded model (else the latest run's).")
+                          "page and in the report. Opens on the loaded model (else the latest run's), and follows "
+                          "the sidebar when another model is loaded.")
 all_methods = sorted(runs.loc[runs["model"] == model, "method"].unique())
 methods = cols[1].multiselect("Methods", all_methods, default=all_methods)
 shown = filter_runs(runs, [model], methods)

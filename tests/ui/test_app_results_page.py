@@ -16,10 +16,15 @@ def _figure(at):
     return plotly.io.from_json(at.get("plotly_chart")[0].proto.spec)
 
 
+def _model_box(at):
+    """The page's Model selectbox (its key names the model it opened on)."""
+    return next(box for box in at.selectbox if box.label == "Model")
+
+
 def _results_of_tiny(model: str = "tiny"):
     """The Results page on ``model``'s runs (:func:`_add` stores "tiny"'s; the page opens on the loaded model)."""
     at = open_app("results")
-    at.selectbox(key="results_model").set_value(model).run()
+    _model_box(at).set_value(model).run()
     return at
 
 
@@ -190,14 +195,14 @@ def test_results_show_one_model_at_a_time_opening_on_the_loaded_one(tiny_app):
     at = open_app("results")
     at.selectbox(key="results_data").set_value(OWN["label"]).run()
     assert not at.exception
-    assert at.selectbox(key="results_model").value == str(tiny_app)
-    assert {str(tiny_app), "other-model"} <= set(at.selectbox(key="results_model").options)
+    assert _model_box(at).value == str(tiny_app)
+    assert {str(tiny_app), "other-model"} <= set(_model_box(at).options)
     summary = " ".join(m.value for m in at.markdown)
     assert "Dense model: perplexity 20.00" in summary and "50.00" not in summary
     assert "other-model" not in _figure(at).layout.title.text
     runs_table = next(d.value for d in at.dataframe if "method" in d.value.columns)
     assert sorted(runs_table["perplexity"]) == [20.0, 26.0]
-    at.selectbox(key="results_model").set_value("other-model").run()
+    _model_box(at).set_value("other-model").run()
     at.selectbox(key="results_data").set_value(OWN["label"]).run()
     summary = " ".join(m.value for m in at.markdown)
     assert "Dense model: perplexity 50.00" in summary and "20.00" not in summary
@@ -211,3 +216,20 @@ def _add_for(store, model, method, fraction, ppl):
                   config={"series": method if method == "dense" else "constant", "preview": False}, data=OWN,
                   metrics={"ppl": ppl, "ci_low": ppl * 0.9, "ci_high": ppl * 1.1, "size_fraction": fraction,
                            "param_fraction": fraction}, duration_s=0.5)
+
+
+def test_results_follow_the_sidebar_when_another_model_is_loaded(tiny_app, tmp_path):
+    import shutil
+
+    other = str(shutil.copytree(tiny_app, tmp_path / "second-model"))
+    store = ResultsStore()
+    for model, dense in ((str(tiny_app), 20.0), (other, 60.0)):
+        _add_for(store, model, "dense", 1.0, dense)
+        _add_for(store, model, "slicing", 0.8, dense * 1.3)
+    at = open_app("results")
+    assert _model_box(at).value == str(tiny_app)
+    at.sidebar.text_input[0].set_value(other)
+    at.sidebar.button[0].click().run()
+    assert not at.exception and _model_box(at).value == other
+    at.selectbox(key="results_data").set_value(OWN["label"]).run()
+    assert "Dense model: perplexity 60.00" in " ".join(m.value for m in at.markdown)
