@@ -20,8 +20,10 @@ SmolLM2 under vLLM (30 layers × 4 fused units), about 10 min per base here.  Gr
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from bench.common import report
 from engine.core.data import DataSpec, token_windows
@@ -84,7 +86,8 @@ def main() -> None:
     args = parser.parse_args()
 
     loaded = load_model(args.model)
-    store = ResultsStore(args.store) if args.store else ResultsStore(f"/tmp/layerlab-in-context-{time.time_ns()}.db")
+    store = ResultsStore(Path(args.store) if args.store else
+                         Path(tempfile.mkdtemp(prefix="bench-in-context-")) / "runs.sqlite")
     calibration = DataSpec("wiki-offline", "calibration", args.seqlen, args.calib_windows)
     evaluation = DataSpec("wiki-offline", "evaluation", args.seqlen, args.eval_windows)
     confirmation = replace(evaluation, offset=args.eval_windows, n_windows=args.confirm_windows)

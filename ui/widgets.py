@@ -100,9 +100,9 @@ RUNNING = "_running"
 script ends."""
 PAGE = "_page_title"
 """Session key of the page being shown (the router sets it)."""
-_CANCEL_SLOTS = "_cancel_slots"
-"""Session key of the Cancel buttons and progress bars (page and sidebar) drawn in this script run: emptied when it
-ends."""
+_WORK_SLOTS = "_work_slots"
+"""Session key of what is shown only while work runs (Cancel buttons, progress bars on the page and in the
+sidebar), drawn in this script run: emptied when it ends (:func:`computation_finished`)."""
 _SIDEBAR_PROGRESS = "_sidebar_progress"
 """Session key of the sidebar's progress place in this script run."""
 
@@ -124,7 +124,7 @@ def progress_callback(label: str):
         st.caption("Stay on this page until it finishes: leaving it, or clicking another control, stops the work; "
                    "the Results page then lists it as interrupted, with how far it got.")
         bar = st.progress(0.0, text=label)
-    st.session_state.setdefault(_CANCEL_SLOTS, []).append(holder)
+    _until_the_script_ends(holder)
     side = _sidebar_slot().progress(0.0, text=f"Running: {label}")
     first_seen: dict[str, tuple[float, int]] = {}  # stage -> (when, steps done) at its first report
 
@@ -143,6 +143,11 @@ def progress_callback(label: str):
     return update
 
 
+def _until_the_script_ends(*slots) -> None:
+    """Empty these ``st.empty()`` slots when this script run ends: they belong to the work under way."""
+    st.session_state.setdefault(_WORK_SLOTS, []).extend(slots)
+
+
 def _sidebar_slot():
     """The sidebar's place for the running computation's progress, with a Cancel below it: made once per script
     run (a guided run's steps reuse it) and emptied with the Cancel buttons when the script ends."""
@@ -151,14 +156,14 @@ def _sidebar_slot():
         cancel.button("Cancel", key="sidebar_cancel", on_click=_cancelled,
                       help="Stops this job; nothing half-done is stored.")
         st.session_state[_SIDEBAR_PROGRESS] = progress
-        st.session_state.setdefault(_CANCEL_SLOTS, []).extend([progress, cancel])
+        _until_the_script_ends(progress, cancel)
     return st.session_state[_SIDEBAR_PROGRESS]
 
 
 def interrupted_notice() -> None:
     """Say so when the previous script run was interrupted while a computation was under way, store it as
     interrupted (unless the user cancelled it) and forget it."""
-    for key in (_CANCEL_SLOTS, _SIDEBAR_PROGRESS):  # elements of an earlier script run: never touched again
+    for key in (_WORK_SLOTS, _SIDEBAR_PROGRESS):  # elements of an earlier script run: never touched again
         st.session_state.pop(key, None)
     found = st.session_state.pop(RUNNING, None)
     if found and found.get("cancelled"):
@@ -176,7 +181,7 @@ def computation_finished() -> None:
     """The script ended (normally or by ``st.stop()``): whatever ran in it ran to its end; its Cancel buttons go."""
     st.session_state.pop(RUNNING, None)
     st.session_state.pop(_SIDEBAR_PROGRESS, None)
-    for slot in st.session_state.pop(_CANCEL_SLOTS, []):
+    for slot in st.session_state.pop(_WORK_SLOTS, []):
         slot.empty()
 
 
@@ -290,7 +295,7 @@ def cancel_button(key: str, label: str = "Cancel run") -> None:
     slot = st.empty()  # emptied when the script ends (computation_finished): no Cancel once nothing runs
     slot.button(label, key=f"cancel_{key}", help="Stops this job; nothing half-done is stored.",
                 on_click=_cancelled)
-    st.session_state.setdefault(_CANCEL_SLOTS, []).append(slot)
+    _until_the_script_ends(slot)
 
 
 def _cancelled() -> None:
